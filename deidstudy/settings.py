@@ -1,0 +1,139 @@
+"""Django settings for deidstudy, driven by environment variables.
+
+Every setting a deployment changes is read from the environment (12-factor
+style, as healthchecks does); the defaults give a working single-machine
+set-up with SQLite under ``var/``.
+
+Environment variables
+---------------------
+DEIDSTUDY_SECRET_KEY   Django secret key (required when DEBUG is off).
+DEIDSTUDY_DEBUG        "1" for development (default "0").
+DEIDSTUDY_ALLOWED_HOSTS comma-separated host names (default "localhost,127.0.0.1").
+DATABASE_URL           e.g. postgres://user:pass@host/db (default: SQLite in var/).
+REDIS_URL              e.g. redis://127.0.0.1:6379/0 for RQ.
+DEIDSTUDY_VAR_DIR      state folder (database, originals, outputs); default ./var.
+DEIDSTUDY_PROJECT_SECRET secret for UID hashing and pseudonymisation.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_bool(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_list(name: str, default: str) -> list[str]:
+    return [v.strip() for v in os.environ.get(name, default).split(",") if v.strip()]
+
+
+VAR_DIR = Path(os.environ.get("DEIDSTUDY_VAR_DIR", BASE_DIR / "var")).resolve()
+
+DEBUG = env_bool("DEIDSTUDY_DEBUG", False)
+SECRET_KEY = os.environ.get("DEIDSTUDY_SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG and env_bool("DEIDSTUDY_PRODUCTION", False):
+        raise RuntimeError("DEIDSTUDY_SECRET_KEY must be set in production")
+    SECRET_KEY = "dev-insecure-key-change-me-" + "x" * 30
+
+# Secret used for HMAC of DICOM UIDs and pseudonyms. Must stay the same for the
+# life of a project so that re-runs map the same input UID to the same output UID.
+PROJECT_SECRET = os.environ.get("DEIDSTUDY_PROJECT_SECRET", "deidstudy-default-project-secret")
+
+ALLOWED_HOSTS = env_list("DEIDSTUDY_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "surveys",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "deidstudy.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+WSGI_APPLICATION = "deidstudy.wsgi.application"
+
+DATABASES = {
+    "default": dj_database_url.parse(
+        os.environ.get("DATABASE_URL", f"sqlite:///{VAR_DIR / 'deidstudy.sqlite3'}"),
+        conn_max_age=int(os.environ.get("DEIDSTUDY_DB_CONN_MAX_AGE", "0")),
+    )
+}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = VAR_DIR / "staticfiles"
+
+# Originals and derived data live under VAR_DIR, never in a web-served folder.
+DATA_DIR = Path(os.environ.get("DEIDSTUDY_DATA_DIR", VAR_DIR / "data")).resolve()
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+SESSION_COOKIE_HTTPONLY = True
+CSRF_COOKIE_HTTPONLY = False
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+if env_bool("DEIDSTUDY_PRODUCTION", False):
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_SSL_REDIRECT = env_bool("DEIDSTUDY_SSL_REDIRECT", True)
+    SECURE_HSTS_SECONDS = int(os.environ.get("DEIDSTUDY_HSTS_SECONDS", "31536000"))
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = True
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("DEIDSTUDY_LOG_LEVEL", "WARNING")},
+}

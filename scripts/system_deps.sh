@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install the Debian packages deidstudy needs, when they are missing.
+# As root this runs apt-get; otherwise it prints what to install and continues
+# (the parts of the test-suite that need a missing package then say so).
+set -u
+want=(libosmesa6 redis-server)
+missing=()
+for p in "${want[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" = "0" ]; then
+  echo "Installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null && apt-get install -y -qq "${missing[@]}" >/dev/null \
+    || { echo "apt-get failed to install: ${missing[*]}" >&2; exit 1; }
+else
+  echo "NOTE: missing Debian packages: ${missing[*]}" >&2
+  echo "      run as root: apt-get install ${missing[*]}" >&2
+fi

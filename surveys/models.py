@@ -1,0 +1,1 @@
+"""Models of the surveys app (cohorts, runs, studies) arrive with the web issue."""
