@@ -483,7 +483,8 @@ def validate_responses(
         for col in optional:
             rec[col] = _parse_optional(row.get(col), col, where, errors)
         if rec["rater_group"] == ALL_GROUPS:
-            errors.append(f"{where}: the group name '{ALL_GROUPS}' is reserved for the pooled results")
+            errors.append(f"{where}: the group name '{ALL_GROUPS}' is reserved for the pooled "
+                          "results")
         if rec["rater_id"] and rec["rater_group"]:
             group = rater_group.setdefault(rec["rater_id"], rec["rater_group"])
             if group != rec["rater_group"]:
@@ -500,7 +501,9 @@ def validate_responses(
         out.append(rec)
     if errors:
         more = len(errors) - _MAX_LISTED_ERRORS
-        msg = "; ".join(errors[:_MAX_LISTED_ERRORS]) + (f"; and {more} more problem(s)" if more > 0 else "")
+        msg = "; ".join(errors[:_MAX_LISTED_ERRORS])
+        if more > 0:
+            msg += f"; and {more} more problem(s)"
         raise ResponsesError(f"invalid responses: {msg}")
     return out
 
@@ -542,7 +545,8 @@ def read_responses_csv(path: str | Path) -> list[dict[str, Any]]:
     except csv.Error as exc:
         raise ResponsesError(f"the responses file is not valid CSV ({_one_line(exc)})") from None
     except OSError as exc:
-        raise ResponsesError(f"cannot read the responses file ({exc.strerror or 'I/O error'})") from None
+        reason = exc.strerror or "I/O error"
+        raise ResponsesError(f"cannot read the responses file ({reason})") from None
     if not rows:
         raise ResponsesError("no responses: the file has a header but no data rows")
     return validate_responses(rows, first_row_number=2, row_label="line")
@@ -693,8 +697,8 @@ def analyze(
     by_group[ALL_GROUPS] = rows
 
     result: dict[str, Any] = {
-        "groups": {g: {c: _accuracy_cell([r for r in rs if r["condition"] == c]) for c in conditions}
-                   for g, rs in by_group.items()},
+        "groups": {g: {c: _accuracy_cell([r for r in rs if r["condition"] == c])
+                       for c in conditions} for g, rs in by_group.items()},
         "mcnemar": {g: _mcnemar_cell(rs, pair) for g, rs in by_group.items()},
         "between_groups": {c: _between_cell(rows, groups, c) for c in conditions},
         "mixed_model": (fit_mixed_model(rows, pair[0] if pair else _default_reference(conditions),
@@ -782,8 +786,10 @@ def _mcnemar_cell(rows: list[dict[str, Any]], pair: tuple[str, str] | None) -> d
         return {"b": 0, "c": 0, "n_pairs": 0, "p_value": None,
                 "note": "no pair of conditions to compare"}
     a_name, b_name = pair
-    first = {(r["rater_id"], r["subject_id"]): r["correct"] for r in rows if r["condition"] == a_name}
-    second = {(r["rater_id"], r["subject_id"]): r["correct"] for r in rows if r["condition"] == b_name}
+    first = {(r["rater_id"], r["subject_id"]): r["correct"]
+             for r in rows if r["condition"] == a_name}
+    second = {(r["rater_id"], r["subject_id"]): r["correct"]
+              for r in rows if r["condition"] == b_name}
     keys = first.keys() & second.keys()
     b = sum(1 for key in keys if first[key] and not second[key])
     c = sum(1 for key in keys if second[key] and not first[key])

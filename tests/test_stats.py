@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 from pathlib import Path
@@ -194,7 +193,8 @@ def test_fleiss_unbalanced_matches_pairwise_agreement():
     items.append([True])  # one rating: ignored
     # Independent definition: mean over items of the share of agreeing rater pairs,
     # chance agreement from the pooled category proportions.
-    agree = [np.mean([a == b for a, b in itertools.combinations(v, 2)]) for v in items if len(v) > 1]
+    agree = [np.mean([a == b for a, b in itertools.combinations(v, 2)])
+             for v in items if len(v) > 1]
     pooled = np.concatenate([v for v in items if len(v) > 1])
     p_e = pooled.mean() ** 2 + (1 - pooled.mean()) ** 2
     expected = (np.mean(agree) - p_e) / (1 - p_e)
@@ -338,7 +338,8 @@ def test_hundred_percent_accuracy_group_and_all_correct():
         spec[(f"A{r}", "general")] = {(f"S{s}", c): True for s in range(8)
                                       for c in ("control", "deidentified")}
         spec[(f"B{r}", "plastic surgeon")] = {(f"S{s}", c): bool(rng.random() < 0.6)
-                                              for s in range(8) for c in ("control", "deidentified")}
+                                              for s in range(8)
+                                              for c in ("control", "deidentified")}
     res = analyze(make_rows(spec))
     assert res["groups"]["general"]["deidentified"]["ci_high"] == 1.0
     model = res["mixed_model"]
@@ -374,7 +375,8 @@ def test_varying_n_choices_uses_poisson_binomial():
     assert cell["chance"] == pytest.approx(np.mean([1 / k for k in ks]))
     # independent: brute-force enumeration of the Poisson-binomial tail
     tail = sum(np.prod([1 / k if o else 1 - 1 / k for o, k in zip(out, ks)])
-               for out in itertools.product([0, 1], repeat=len(ks)) if sum(out) >= cell["n_correct"])
+               for out in itertools.product([0, 1], repeat=len(ks))
+               if sum(out) >= cell["n_correct"])
     assert cell["chance_p"] == pytest.approx(tail, rel=1e-10)
     assert res["meta"]["n_choices"] == [2, 3, 4, 5, 6]
 
@@ -457,10 +459,12 @@ HEADER = "rater_id,rater_group,subject_id,condition,correct,n_choices"
     (HEADER + f"\nR1,g,{SECRET},control,1,2.5\n", "n_choices"),
     (HEADER + f"\nR1,g,{SECRET},control,1,four\n", "n_choices"),
     (HEADER + f"\nR1,g,,control,1,4\n", "subject_id is empty"),
-    (HEADER + f"\nR1,g,{SECRET},control,1,4\nR1,g,{SECRET},control,0,4\n", "repeats the answer of line 2"),
+    (HEADER + f"\nR1,g,{SECRET},control,1,4\nR1,g,{SECRET},control,0,4\n",
+     "repeats the answer of line 2"),
     (HEADER + f"\nR1,g,{SECRET},control,1,4\nR1,h,{SECRET},deidentified,0,4\n", "two groups"),
     (HEADER + f"\nR1,all,{SECRET},control,1,4\n", "reserved"),
-    (HEADER + f",confidence\nR1,g,{SECRET},control,1,4,6\n", "confidence must be a number from 1 to 5"),
+    (HEADER + f",confidence\nR1,g,{SECRET},control,1,4,6\n",
+     "confidence must be a number from 1 to 5"),
     (HEADER + f",response_time_ms\nR1,g,{SECRET},control,1,4,-3\n", "response_time_ms"),
     (HEADER + f"\nR1,g,{SECRET},control,1,4,extra\n", "more fields"),
 ])
