@@ -1,0 +1,162 @@
+"""Rendering: pyrender/OSMesa vs embree ray casting, camera geometry, timeout, fork safety."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+
+import numpy as np
+import pytest
+import trimesh
+
+from pipeline import render as rmod
+from pipeline.render import (
+    RenderError,
+    RenderSettings,
+    RenderTimeout,
+    camera_pose,
+    canonical_face_box,
+    project_points,
+    raycast_view,
+    render_view,
+    render_views,
+    save_png,
+)
+
+SMALL = RenderSettings(width_px=128, height_px=128)
+
+
+def toy_head_mesh() -> trimesh.Trimesh:
+    """Canonical-frame toy head: ellipsoid skull + nose (anterior, -y) + left ear (+x)."""
+    head = trimesh.creation.icosphere(subdivisions=4, radius=1.0)
+    head.apply_scale([75.0, 95.0, 105.0])
+    nose = trimesh.creation.icosphere(subdivisions=3, radius=18.0)
+    nose.apply_translation([0.0, -95.0, -20.0])
+    ear = trimesh.creation.icosphere(subdivisions=3, radius=15.0)
+    ear.apply_translation([75.0, 0.0, 0.0])
+    return trimesh.util.concatenate([head, nose, ear])
+
+
+@pytest.fixture(scope="module")
+def gl_ok() -> bool:
+    if not rmod.opengl_available():
+        pytest.fail("OSMesa OpenGL is not available (install libosmesa6): "
+                    f"{rmod._GL_STATUS}")
+    return True
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def test_pyrender_mask_matches_raycast(gl_ok):
+    mesh = toy_head_mesh()
+    yaws = (0.0, 30.0, -60.0)
+    gl = render_views(mesh, yaws, SMALL, backend="pyrender")
+    rc = render_views(mesh, yaws, SMALL, backend="raycast")
+    for g, r in zip(gl, rc):
+        assert g.backend == "pyrender" and r.backend == "raycast"
+        assert g.image.dtype == np.uint8 and g.image.shape == (128, 128)
+        assert 0.05 < g.mask.mean() < 0.95
+        assert _iou(g.mask, r.mask) >= 0.98
+        both = g.mask & r.mask
+        assert np.median(np.abs(g.depth[both] - r.depth[both])) < 0.5
+        # both backends light the surface and leave the background at its grey level
+        assert g.image[~g.mask].max() == SMALL.background == r.image[~r.mask].max()
+        assert g.image[both].mean() > 60 and r.image[both].mean() > 60
+
+
+def test_sphere_silhouette_matches_pinhole_geometry():
+    radius, dist = 80.0, 600.0
+    s = RenderSettings(width_px=160, height_px=160, target=(0.0, 0.0, 0.0), camera_distance=dist)
+    sphere = trimesh.creation.icosphere(subdivisions=5, radius=radius)
+    res = raycast_view(sphere, 0.0, s)
+    f = 0.5 * s.height_px / np.tan(np.deg2rad(s.yfov_deg) / 2)
+    r_px = f * radius / np.sqrt(dist**2 - radius**2)  # tangent-cone silhouette radius
+    assert res.mask.sum() == pytest.approx(np.pi * r_px**2, rel=0.03)
+    # nearest depth is at the centre pixel: distance minus radius
+    c = s.height_px // 2
+    assert res.depth[c - 1:c + 1, c - 1:c + 1].min() == pytest.approx(dist - radius, abs=0.5)
+
+
+def test_view_orientation_conventions():
+    mesh = toy_head_mesh()
+    front = raycast_view(mesh, 0.0, SMALL)
+    # the subject's left ear (+x) is on the image's right; the nose projects where it is
+    ear_uv = project_points(np.array([[82.0, 0.0, 0.0]]), 0.0, SMALL)[0]
+    assert ear_uv[0] > SMALL.width_px / 2
+    assert front.mask[int(ear_uv[1]), int(ear_uv[0])]
+    nose_uv = project_points(np.array([[0.0, -113.0, -20.0]]), 0.0, SMALL)[0]
+    r, c = int(round(nose_uv[1])), int(round(nose_uv[0]))
+    local = front.depth[r - 2:r + 3, c - 2:c + 3]
+    assert local[local > 0].min() < front.depth[front.mask].mean() - 20  # nose is nearest
+    # positive yaw moves the camera to the subject's left: the ear comes towards the camera
+    pose = camera_pose(30.0, SMALL)
+    assert pose[0, 3] > 0 and pose[1, 3] < 0
+    left = raycast_view(mesh, 30.0, SMALL)
+    right = raycast_view(mesh, -30.0, SMALL)
+    assert left.mask.sum() > right.mask.sum()  # ear only visible from the left
+
+
+def test_renders_are_deterministic_and_settings_checked(gl_ok):
+    mesh = toy_head_mesh()
+    a = render_view(mesh, 0.0, SMALL)
+    b = render_view(mesh, 0.0, SMALL)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.depth, b.depth)
+    with pytest.raises(RenderError, match="empty"):
+        render_view(trimesh.Trimesh(), 0.0, SMALL)
+    with pytest.raises(RenderError, match="yaw"):
+        render_views(mesh, [95.0], SMALL)
+    with pytest.raises(RenderError, match="backend"):
+        render_views(mesh, [0.0], SMALL, backend="vulkan")
+    with pytest.raises(RenderError, match="z_near"):
+        RenderSettings(camera_distance=50.0)
+
+
+def test_face_box_is_inside_the_image_and_on_the_face():
+    box = canonical_face_box(0.0, RenderSettings())
+    left, top, right, bottom = box
+    s = RenderSettings()
+    assert 0 <= left < right < s.width_px and 0 <= top < bottom < s.height_px
+    hx, y0, y1, z0, z1 = s.face_box
+    centre = project_points(np.array([[0.0, y0, (z0 + z1) / 2]]), 0.0, s)[0]
+    assert left < centre[0] < right and top < centre[1] < bottom
+    assert abs((left + right) / 2 - s.width_px / 2) <= 1  # frontal box is centred in x
+
+
+def test_gl_hang_raises_timeout_then_recovers(gl_ok):
+    t0 = time.monotonic()
+    with pytest.raises(RenderTimeout):
+        rmod._run_in_gl_thread(lambda w: time.sleep(3.0), timeout_s=0.2)
+    assert time.monotonic() - t0 < 1.5
+    res = render_view(toy_head_mesh(), 0.0, SMALL, backend="pyrender")
+    assert res.mask.any()
+
+
+def _render_in_child(q) -> None:
+    try:
+        res = render_view(toy_head_mesh(), 0.0, SMALL, backend="pyrender", timeout_s=60)
+        q.put(res.image)
+    except BaseException as exc:  # pragma: no cover — reported to the parent
+        q.put(repr(exc))
+
+
+def test_render_in_forked_child_after_parent_rendered(gl_ok):
+    parent = render_view(toy_head_mesh(), 0.0, SMALL, backend="pyrender")
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_render_in_child, args=(q,))
+    p.start()
+    out = q.get(timeout=90)
+    p.join(timeout=30)
+    assert not isinstance(out, str), out
+    assert np.array_equal(out, parent.image)
+
+
+def test_save_png_roundtrip(tmp_path):
+    from PIL import Image
+
+    img = (np.arange(64 * 48) % 256).astype(np.uint8).reshape(48, 64)
+    path = save_png(img, tmp_path / "sub" / "view.png")
+    assert np.array_equal(np.asarray(Image.open(path)), img)
+    with pytest.raises(RenderError):
+        save_png(img.astype(float), tmp_path / "x.png")
