@@ -12,10 +12,16 @@ content.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import secrets
 import shutil
-from collections.abc import Sequence
+import struct
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -37,6 +43,13 @@ from .volume import Volume
 __all__ = [
     "CT_IMAGE_STORAGE",
     "DicomWriteError",
+    "FileProblem",
+    "LoadedSeries",
+    "ScanResult",
+    "SeriesError",
+    "SeriesRef",
+    "load_series",
+    "scan_folder",
     "set_pixel_hu",
     "volume_to_datasets",
     "write_datasets",
@@ -365,3 +378,701 @@ def write_datasets(
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return [out_dir / name for name in names]
+
+
+# =========================================================================== reading
+
+#: SOP Class UIDs that are never images.
+_MEDIA_DIRECTORY_STORAGE = "1.2.840.10008.1.3.10"  # DICOMDIR
+_CT_SOP_CLASSES = frozenset(
+    {
+        CT_IMAGE_STORAGE,
+        "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image Storage
+        "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT Image Storage
+    }
+)
+_PIXEL_DATA_TAG = 0x7FE00010
+_FLOAT_PIXEL_TAGS = (0x7FE00008, 0x7FE00009)
+_ITEM_TAG = 0xFFFEE000
+_SEQUENCE_DELIMITER_TAG = 0xFFFEE0DD
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+# Tolerances used by load_series' validation.
+_ORIENTATION_TOLERANCE = 1e-3  # absolute, per direction-cosine component
+_SPACING_RTOL = 1e-3  # relative, PixelSpacing
+_DUPLICATE_MM = 0.01  # slices closer than this along the normal are duplicates
+_GAP_FACTOR = 1.5  # a step > 1.5 × median step means missing slices
+_IRREGULAR_RTOL = 0.1  # a step deviating > 10 % from the mean step is irregular
+
+
+class SeriesError(ValueError):
+    """A series cannot be loaded as a CT volume.
+
+    Messages name the series by its scan index and number of files only; they
+    never contain paths or header values that may identify a patient.
+    """
+
+
+@dataclass(frozen=True)
+class FileProblem:
+    """A file below the scanned root that is not part of any loadable series.
+
+    ``path`` is relative to the scanned root; ``reason`` is a short,
+    non-identifying explanation such as ``"not a DICOM file"``.
+    """
+
+    path: Path
+    reason: str
+
+
+@dataclass(frozen=True)
+class SeriesRef:
+    """The files of one DICOM series found by :func:`scan_folder` (headers only).
+
+    ``files`` are the paths (below ``root``) sorted by name; slice order is
+    established by :func:`load_series`. ``index`` is the 1-based position of
+    the series in its :class:`ScanResult` (0 if constructed by hand) and is
+    what error messages use to name the series.
+    """
+
+    root: Path = field(repr=False)  # paths may contain patient names: keep out of repr
+    files: tuple[Path, ...] = field(repr=False)
+    series_uid: str = field(repr=False)
+    modality: str
+    index: int = 0
+    series_number: int | None = None
+    rows: int | None = None
+    columns: int | None = None
+    sop_class_uid: str = ""
+
+    @property
+    def n_files(self) -> int:
+        """Number of files in the series."""
+        return len(self.files)
+
+    @property
+    def description(self) -> str:
+        """A non-identifying summary, e.g. ``"series 2: CT, 300 files, 512×512, #3"``.
+
+        Built only from modality, file count, matrix size and SeriesNumber —
+        never from free-text fields that may contain names.
+        """
+        parts = [self.modality or "unknown modality", f"{self.n_files} files"]
+        if self.rows and self.columns:
+            parts.append(f"{self.rows}×{self.columns}")
+        if self.series_number is not None:
+            parts.append(f"#{self.series_number}")
+        prefix = f"series {self.index}" if self.index else "series"
+        return f"{prefix}: " + ", ".join(parts)
+
+
+@dataclass
+class ScanResult:
+    """Everything found below a root folder: series and problem files.
+
+    Every regular file below the root appears exactly once, either in one
+    ``series[i].files`` or in ``problems``.
+    """
+
+    root: Path = field(repr=False)
+    series: list[SeriesRef]
+    problems: list[FileProblem]
+
+
+@dataclass
+class LoadedSeries:
+    """A CT series loaded by :func:`load_series`.
+
+    * ``volume`` — HU volume ``[k, j, i]`` with LPS geometry. ``hu`` is int16
+      when every slice has an integral RescaleSlope and RescaleIntercept and
+      the HU range fits int16 (the usual case for CT), otherwise float32.
+    * ``datasets`` — one header per slice, in slice order (k = 0 first), with
+      the PixelData element removed to save memory; use :func:`set_pixel_hu`
+      to put (modified) pixels back before writing. For multi-frame (Enhanced
+      CT) files the same header object appears once per frame it holds.
+    * ``files`` — the file of each slice, in slice order (repeated for
+      multi-frame files).
+    * ``frame_numbers`` — 1-based frame number of each slice in its file
+      (all 1 for single-frame files).
+    * ``gantry_tilt_deg`` — angle between the slice stack direction and the
+      slice-plane normal; 0 for an ordinary stack. For tilted (sheared) stacks
+      ``volume.normal`` is the exact slice-to-slice step divided by
+      ``spacing_mm[0]`` (the spacing measured along the true plane normal),
+      so it has length ``1 / cos(tilt)``: ``affine()``,
+      ``slice_position_lps_mm`` and ``voxel_volume_ml`` stay exact.
+    """
+
+    volume: Volume = field(repr=False)
+    datasets: list[Dataset] = field(repr=False)  # headers hold patient data: keep out of repr
+    files: list[Path] = field(repr=False)
+    frame_numbers: list[int] = field(repr=False)
+    gantry_tilt_deg: float = 0.0
+
+
+class _NamelessFile:
+    """File wrapper without ``.name``, so pydicom warnings cannot contain the path."""
+
+    def __init__(self, fileobj: Any) -> None:
+        self._f = fileobj
+        self.read = fileobj.read
+        self.seek = fileobj.seek
+        self.tell = fileobj.tell
+
+
+_QUIET = threading.local()
+
+
+class _QuietPydicomLog(logging.Filter):
+    """Drop pydicom log records emitted while this thread is inside :func:`_quiet_pydicom`.
+
+    pydicom's reading warnings quote header values (e.g. "Invalid value for VR
+    PN: '...'") and file names, which may identify a patient.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_QUIET, "depth", 0)
+
+
+if not any(isinstance(f, _QuietPydicomLog) for f in logging.getLogger("pydicom").filters):
+    logging.getLogger("pydicom").addFilter(_QuietPydicomLog())
+
+
+@contextlib.contextmanager
+def _quiet_pydicom() -> Iterator[list[warnings.WarningMessage]]:
+    """Capture pydicom warnings and silence its log in this thread; yields the warnings."""
+    _QUIET.depth = getattr(_QUIET, "depth", 0) + 1
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield caught
+    finally:
+        _QUIET.depth -= 1
+
+
+def _read_quietly(fileobj: Any, **kwargs: Any) -> tuple[Dataset, list[str]]:
+    """``dcmread`` without a file name, with warnings captured (they may quote values)."""
+    with _quiet_pydicom() as caught:
+        ds = pydicom.dcmread(_NamelessFile(fileobj), **kwargs)
+    return ds, [str(w.message) for w in caught]
+
+
+def _looks_like_dicom_without_preamble(head: bytes) -> bool:
+    """True if a file without the 128-byte preamble + "DICM" starts like a dataset."""
+    if len(head) < 8:
+        return False
+    group = int.from_bytes(head[0:2], "little")
+    element = int.from_bytes(head[2:4], "little")
+    return group in (0x0002, 0x0008) and element < 0x0100
+
+
+def _element_header(
+    fileobj: Any, implicit_vr: bool, little_endian: bool
+) -> tuple[int, int, int] | None:
+    """Read a data element header at the current position: (tag, length, header bytes)."""
+    order = "little" if little_endian else "big"
+    raw = fileobj.read(8)
+    if len(raw) < 8:
+        return None
+    tag = (int.from_bytes(raw[0:2], order) << 16) | int.from_bytes(raw[2:4], order)
+    if implicit_vr or tag >> 16 == 0xFFFE:
+        return tag, int.from_bytes(raw[4:8], order), 8
+    vr = raw[4:6]
+    if vr in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UN", b"UC", b"UR", b"UT", b"SV", b"UV"):
+        extra = fileobj.read(4)
+        if len(extra) < 4:
+            return None
+        return tag, int.from_bytes(extra, order), 12
+    return tag, int.from_bytes(raw[6:8], order), 8
+
+
+def _pixel_data_problem(ds: Dataset, fileobj: Any, size: int) -> str | None:
+    """Check the PixelData element at the current position against the file size.
+
+    Returns a problem reason or ``None`` if the element is complete. The file
+    position must be at the start of the pixel data element (where
+    ``dcmread(stop_before_pixels=True)`` leaves it).
+    """
+    implicit_vr, little_endian = getattr(ds, "original_encoding", (False, True))
+    if implicit_vr is None:
+        implicit_vr, little_endian = False, True
+    header = _element_header(fileobj, bool(implicit_vr), bool(little_endian))
+    if header is None:
+        return "truncated DICOM file"
+    tag, length, _ = header
+    if tag in _FLOAT_PIXEL_TAGS:
+        return "float pixel data is not supported"
+    if tag != _PIXEL_DATA_TAG:
+        return "no pixel data"
+    value_start = fileobj.tell()
+    if length != _UNDEFINED_LENGTH:
+        if value_start + length > size:
+            return "truncated DICOM file"
+        try:
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            expected_bits = (
+                int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
+                * int(ds.BitsAllocated) * frames
+            )
+        except (AttributeError, TypeError, ValueError):
+            return "image attributes (Rows, Columns, BitsAllocated) missing or invalid"
+        if length * 8 < expected_bits:
+            return "pixel data shorter than Rows×Columns×BitsAllocated require"
+        return None
+    # Encapsulated (compressed): walk the items to the sequence delimiter.
+    while True:
+        item = _element_header(fileobj, True, little_endian)
+        if item is None:
+            return "truncated DICOM file"
+        item_tag, item_length, _ = item
+        if item_tag == _SEQUENCE_DELIMITER_TAG:
+            return None
+        if item_tag != _ITEM_TAG or item_length == _UNDEFINED_LENGTH:
+            return "corrupt encapsulated pixel data"
+        end = fileobj.tell() + item_length
+        if end > size:
+            return "truncated DICOM file"
+        fileobj.seek(end)
+
+
+def _header_truncated(ds: Dataset, has_preamble: bool, size: int) -> bool:
+    """True if a header read to the end of the file stops inside the file meta or an element.
+
+    pydicom silently stops at a partial element; we compare the end of the last
+    element it read with the file size.
+    """
+    meta = ds.file_meta
+    if has_preamble and "FileMetaInformationGroupLength" in meta:
+        try:
+            meta_end = 132 + 12 + int(meta.FileMetaInformationGroupLength)
+        except (TypeError, ValueError):
+            return True  # the file ends inside the group length element
+        if meta_end >= size:
+            return True  # the file ends inside (or right after) the file meta
+    elements = [e for e in ds._dict.values() if getattr(e, "value_tell", None) is not None]
+    if not elements:
+        return not ds._dict
+    for elem in elements:  # any raw value shorter than its declared length
+        if (
+            isinstance(elem.value, bytes)
+            and elem.length != _UNDEFINED_LENGTH
+            and len(elem.value) < elem.length
+        ):
+            return True
+    last = max(elements, key=lambda e: e.value_tell)
+    if last.length == _UNDEFINED_LENGTH:
+        return False  # sequences: truncation raises EOFError inside pydicom
+    return last.value_tell + last.length != size
+
+
+def _scan_file(path: Path) -> tuple[Dataset | None, str | None]:
+    """Read the header of one file. Returns (header, None) or (None, problem reason)."""
+    with _quiet_pydicom():
+        return _scan_file_unquiet(path)
+
+
+def _scan_file_unquiet(path: Path) -> tuple[Dataset | None, str | None]:
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return None, "cannot be read"
+    if size == 0:
+        return None, "empty file (0 bytes)"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+            has_preamble = len(head) >= 132 and head[128:132] == b"DICM"
+            if not has_preamble and not _looks_like_dicom_without_preamble(head):
+                return None, "not a DICOM file"
+            f.seek(0)
+            try:
+                ds, messages = _read_quietly(f, stop_before_pixels=True, force=not has_preamble)
+            except (EOFError, struct.error, pydicom.errors.BytesLengthException):
+                return None, "truncated DICOM file"
+            except pydicom.errors.InvalidDicomError:
+                return None, "not a DICOM file"
+            except Exception as exc:  # noqa: BLE001 - any parser failure is a problem
+                return None, f"unreadable DICOM header ({type(exc).__name__})"
+            if any("end of file" in m.lower() or "eof" in m.lower() for m in messages):
+                return None, "truncated DICOM file"
+            if not has_preamble and "SOPClassUID" not in ds:
+                return None, "not a DICOM file"
+            sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
+            if sop_class == _MEDIA_DIRECTORY_STORAGE or "DirectoryRecordSequence" in ds:
+                return None, "DICOMDIR (media directory, not an image)"
+            tsu = ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian)
+            if tsu == pydicom.uid.DeflatedExplicitVRLittleEndian:
+                # The stream position is inside inflated data: check with a full read.
+                f.seek(0)
+                full, _ = _read_quietly(f, force=not has_preamble)
+                if "PixelData" not in full:
+                    return None, "no pixel data"
+            elif f.tell() >= size:  # no pixel data element before the end of the file
+                if _header_truncated(ds, has_preamble, size):
+                    return None, "truncated DICOM file"
+                return None, "no pixel data"
+            else:
+                problem = _pixel_data_problem(ds, f, size)
+                if problem is not None:
+                    return None, problem
+    except OSError:
+        return None, "cannot be read"
+    if not ds.get("SeriesInstanceUID"):
+        return None, "no SeriesInstanceUID"
+    return ds, None
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def scan_folder(root: Path) -> ScanResult:
+    """Find every DICOM image file below ``root`` (any depth, any names) and group by series.
+
+    Only headers are read (``stop_before_pixels``), but the pixel data element
+    is checked against the file size so truncated files are reported. Every
+    regular file ends up either in a :class:`SeriesRef` or in
+    :class:`ScanResult.problems` with a reason (``"not a DICOM file"``,
+    ``"empty file (0 bytes)"``, ``"truncated DICOM file"``, ``"no pixel
+    data"``, ``"DICOMDIR (media directory, not an image)"``, ...); problem
+    paths are relative to ``root``. Symbolic links to directories are not
+    followed. Series are ordered by the path of their first file.
+    """
+    with _quiet_pydicom():
+        return _scan_folder(Path(root))
+
+
+def _scan_folder(root: Path) -> ScanResult:
+    if not root.is_dir():
+        raise ValueError("scan root is not a directory")
+    groups: dict[str, list[tuple[Path, Dataset]]] = {}
+    problems: list[FileProblem] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if path.is_symlink() and not path.exists():
+                problems.append(FileProblem(path.relative_to(root), "broken symbolic link"))
+                continue
+            if not path.is_file():
+                problems.append(FileProblem(path.relative_to(root), "not a regular file"))
+                continue
+            ds, reason = _scan_file(path)
+            if ds is None:
+                problems.append(FileProblem(path.relative_to(root), reason or "unknown problem"))
+            else:
+                groups.setdefault(str(ds.SeriesInstanceUID), []).append((path, ds))
+
+    ordered = sorted(groups.items(), key=lambda item: str(min(p for p, _ in item[1])))
+    series: list[SeriesRef] = []
+    for index, (uid, members) in enumerate(ordered, start=1):
+        members.sort(key=lambda m: str(m[0]))
+        first = members[0][1]
+        series.append(
+            SeriesRef(
+                root=root,
+                files=tuple(p for p, _ in members),
+                series_uid=uid,
+                modality=str(first.get("Modality", "") or ""),
+                index=index,
+                series_number=_int_or_none(first.get("SeriesNumber")),
+                rows=_int_or_none(first.get("Rows")),
+                columns=_int_or_none(first.get("Columns")),
+                sop_class_uid=str(first.get("SOPClassUID", "") or ""),
+            )
+        )
+    problems.sort(key=lambda p: str(p.path))
+    return ScanResult(root=root, series=series, problems=problems)
+
+
+@dataclass
+class _Frame:
+    """One 2D image of a series: where it came from and its geometry."""
+
+    file_index: int
+    frame_number: int  # 1-based
+    position: np.ndarray  # ImagePositionPatient, LPS mm
+    orientation: np.ndarray  # ImageOrientationPatient (6,)
+    pixel_spacing: np.ndarray  # (row spacing, column spacing) mm
+    slope: float
+    intercept: float
+    stored: np.ndarray | None  # stored pixel values [row, column]
+
+
+def _series_label(ref: SeriesRef) -> str:
+    if ref.index:
+        return f"series {ref.index} ({ref.n_files} files)"
+    return f"series of {ref.n_files} files"
+
+
+def _functional_group_value(ds: Dataset, frame_index: int, sequence: str, keyword: str) -> Any:
+    """Look ``sequence[0].keyword`` up in the per-frame, then the shared functional groups."""
+    for groups, index in (
+        (ds.get("PerFrameFunctionalGroupsSequence"), frame_index),
+        (ds.get("SharedFunctionalGroupsSequence"), 0),
+    ):
+        if groups is None or len(groups) <= index:
+            continue
+        inner = groups[index].get(sequence)
+        if inner and keyword in inner[0]:
+            return inner[0][keyword].value
+    return None
+
+
+def _frame_attributes(ds: Dataset, frame_index: int, enhanced: bool) -> dict[str, Any]:
+    if not enhanced:
+        return {
+            "position": ds.get("ImagePositionPatient"),
+            "orientation": ds.get("ImageOrientationPatient"),
+            "pixel_spacing": ds.get("PixelSpacing"),
+            "slope": ds.get("RescaleSlope"),
+            "intercept": ds.get("RescaleIntercept"),
+        }
+    fg = _functional_group_value
+    return {
+        "position": fg(ds, frame_index, "PlanePositionSequence", "ImagePositionPatient"),
+        "orientation": fg(ds, frame_index, "PlaneOrientationSequence", "ImageOrientationPatient"),
+        "pixel_spacing": fg(ds, frame_index, "PixelMeasuresSequence", "PixelSpacing"),
+        "slope": fg(ds, frame_index, "PixelValueTransformationSequence", "RescaleSlope")
+        or ds.get("RescaleSlope"),
+        "intercept": fg(ds, frame_index, "PixelValueTransformationSequence", "RescaleIntercept")
+        or ds.get("RescaleIntercept"),
+    }
+
+
+def _as_floats(value: Any, n: int, what: str, label: str) -> np.ndarray:
+    if value is None:
+        raise SeriesError(f"{label}: a slice has no {what}")
+    try:
+        arr = np.array([float(v) for v in value], dtype=float)
+    except (TypeError, ValueError):
+        raise SeriesError(f"{label}: a slice has an invalid {what}") from None
+    if arr.shape != (n,) or not np.all(np.isfinite(arr)):
+        raise SeriesError(f"{label}: a slice has an invalid {what}")
+    return arr
+
+
+def _read_file_frames(path: Path, file_index: int, label: str) -> tuple[Dataset, list[_Frame]]:
+    """Read one file fully (single read), decode its pixels and return its frames."""
+    try:
+        with open(path, "rb") as f:
+            ds, _ = _read_quietly(f, force=True)
+    except Exception as exc:  # noqa: BLE001
+        raise SeriesError(f"{label}: a file could not be read ({type(exc).__name__})") from exc
+    modality = str(ds.get("Modality", "") or "")
+    if modality != "CT":
+        shown = modality if modality.isalnum() and len(modality) <= 4 else "missing/invalid"
+        raise SeriesError(f"{label}: modality is {shown}, only CT is supported")
+    if "PixelData" not in ds:
+        raise SeriesError(f"{label}: a file has no pixel data")
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise SeriesError(f"{label}: only greyscale (SamplesPerPixel = 1) images are supported")
+    if "TransferSyntaxUID" not in ds.file_meta:  # legacy file without file meta
+        implicit_vr, little_endian = getattr(ds, "original_encoding", (True, True))
+        ds.file_meta.TransferSyntaxUID = (
+            pydicom.uid.ImplicitVRLittleEndian
+            if implicit_vr
+            else ExplicitVRLittleEndian if little_endian is not False
+            else pydicom.uid.ExplicitVRBigEndian
+        )
+    tsu = ds.file_meta.get("TransferSyntaxUID")
+    tsu_name = tsu.name if tsu is not None and tsu.is_transfer_syntax else "unknown"
+    if tsu is not None and not tsu.is_transfer_syntax:
+        raise SeriesError(f"{label}: unsupported transfer syntax ({tsu_name})")
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001
+        raise SeriesError(
+            f"{label}: pixel data could not be decoded (transfer syntax {tsu_name}; "
+            f"{type(exc).__name__})"
+        ) from exc
+    enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if n_frames > 1 and not enhanced:
+        raise SeriesError(f"{label}: multi-frame file without functional groups is not supported")
+    pixels = pixels.reshape((n_frames, *pixels.shape[-2:]))
+    del ds.PixelData  # keep only headers in LoadedSeries.datasets
+    frames = []
+    for fi in range(n_frames):
+        attrs = _frame_attributes(ds, fi, enhanced)
+        slope = float(attrs["slope"]) if attrs["slope"] not in (None, "") else 1.0
+        intercept = float(attrs["intercept"]) if attrs["intercept"] not in (None, "") else 0.0
+        if slope == 0 or not np.isfinite(slope) or not np.isfinite(intercept):
+            raise SeriesError(f"{label}: a slice has an invalid RescaleSlope/RescaleIntercept")
+        frames.append(
+            _Frame(
+                file_index=file_index,
+                frame_number=fi + 1,
+                position=_as_floats(attrs["position"], 3, "ImagePositionPatient", label),
+                orientation=_as_floats(attrs["orientation"], 6, "ImageOrientationPatient", label),
+                pixel_spacing=_as_floats(attrs["pixel_spacing"], 2, "PixelSpacing", label),
+                slope=slope,
+                intercept=intercept,
+                stored=pixels[fi],
+            )
+        )
+    return ds, frames
+
+
+def _format_positions(values: Sequence[float], limit: int = 5) -> str:
+    shown = ", ".join(f"{v:.2f}" for v in values[:limit])
+    if len(values) > limit:
+        shown += f" and {len(values) - limit} more"
+    return shown
+
+
+def _validate_geometry(frames: list[_Frame], label: str) -> tuple[np.ndarray, np.ndarray]:
+    """Check consistency; return (sort order, positions along the plane normal in mm)."""
+    if len(frames) < 2:
+        raise SeriesError(f"{label}: a single slice is not a volume (need at least 2 slices)")
+    shapes = {f.stored.shape for f in frames if f.stored is not None}
+    if len(shapes) != 1:
+        raise SeriesError(f"{label}: slices have different Rows×Columns ({len(shapes)} sizes)")
+    orientations = np.array([f.orientation for f in frames])
+    if np.max(np.abs(orientations - orientations[0])) > _ORIENTATION_TOLERANCE:
+        raise SeriesError(f"{label}: slices have different ImageOrientationPatient")
+    row, col = orientations[0, :3], orientations[0, 3:]
+    if (
+        abs(np.linalg.norm(row) - 1) > 1e-2
+        or abs(np.linalg.norm(col) - 1) > 1e-2
+        or abs(np.dot(row, col)) > 1e-2
+    ):
+        raise SeriesError(f"{label}: ImageOrientationPatient is not two orthogonal unit vectors")
+    spacings = np.array([f.pixel_spacing for f in frames])
+    if np.any(spacings <= 0):
+        raise SeriesError(f"{label}: PixelSpacing must be positive")
+    if np.max(np.abs(spacings / spacings[0] - 1)) > _SPACING_RTOL:
+        raise SeriesError(f"{label}: slices have different PixelSpacing")
+
+    normal = np.cross(row, col)
+    normal /= np.linalg.norm(normal)
+    along = np.array([f.position for f in frames]) @ normal
+    order = np.argsort(along, kind="stable")
+    along_sorted = along[order]
+    steps = np.diff(along_sorted)
+    duplicates = np.flatnonzero(steps < _DUPLICATE_MM)
+    if duplicates.size:
+        where = sorted({float(along_sorted[i]) for i in duplicates})
+        raise SeriesError(
+            f"{label}: duplicate slice positions at {_format_positions(where)} mm "
+            "along the slice normal"
+        )
+    median = float(np.median(steps))
+    gaps = np.flatnonzero(steps > _GAP_FACTOR * median)
+    if gaps.size:
+        where = [
+            f"{along_sorted[i]:.2f}–{along_sorted[i + 1]:.2f}" for i in gaps[:5]
+        ]
+        more = f" and {gaps.size - 5} more" if gaps.size > 5 else ""
+        raise SeriesError(
+            f"{label}: missing slices: gaps between positions {', '.join(where)}{more} mm "
+            f"along the slice normal (median spacing {median:.2f} mm)"
+        )
+    return order, along_sorted
+
+
+def load_series(ref: SeriesRef) -> LoadedSeries:
+    """Read, validate and convert a series found by :func:`scan_folder` into HU.
+
+    Each file is read once, fully. Slices are sorted by their position along
+    the slice-plane normal ``cross(row_cosine, col_cosine)`` (ImagePositionPatient
+    · normal), never by InstanceNumber or file name. HU = stored ×
+    RescaleSlope + RescaleIntercept, per slice. ``volume.spacing_mm[0]`` is the
+    mean distance between neighbouring slices measured along that normal
+    (from positions, not SliceThickness); in-plane spacing from PixelSpacing.
+    ``volume.origin_lps_mm`` is the position of slice 0 (most inferior for a
+    standard axial stack). Enhanced / Legacy Converted Enhanced CT
+    multi-frame files are supported through their functional groups.
+    Compressed transfer syntaxes decode through pydicom's pixel handlers
+    (RLE, JPEG Lossless, JPEG-LS, JPEG 2000 via pylibjpeg plugins).
+
+    Raises :class:`SeriesError` (a ``ValueError``) for: non-CT modality,
+    unreadable or undecodable files, missing geometry, inconsistent
+    orientation / PixelSpacing / Rows×Columns, a single slice, duplicate
+    positions, missing slices (gap > 1.5 × median spacing) and irregular slice
+    steps (> 10 % from the mean). Messages name the series only by index and
+    file count.
+
+    See :class:`LoadedSeries` for the result's fields and dtype rule.
+    """
+    with _quiet_pydicom():
+        return _load_series(ref)
+
+
+def _load_series(ref: SeriesRef) -> LoadedSeries:
+    label = _series_label(ref)
+    if ref.n_files == 0:
+        raise SeriesError(f"{label}: no files")
+    datasets: list[Dataset] = []
+    frames: list[_Frame] = []
+    for file_index, path in enumerate(ref.files):
+        ds, file_frames = _read_file_frames(Path(path), file_index, label)
+        datasets.append(ds)
+        frames.extend(file_frames)
+    order, along_sorted = _validate_geometry(frames, label)
+
+    n = len(frames)
+    positions = np.array([frames[i].position for i in order])
+    mean_step = (positions[-1] - positions[0]) / (n - 1)
+    step_vectors = np.diff(positions, axis=0)
+    deviation = np.linalg.norm(step_vectors - mean_step, axis=1)
+    if np.any(deviation > _IRREGULAR_RTOL * np.linalg.norm(mean_step)):
+        raise SeriesError(
+            f"{label}: irregular slice spacing (steps differ by more than "
+            f"{_IRREGULAR_RTOL:.0%} from the mean step of {np.linalg.norm(mean_step):.2f} mm)"
+        )
+    orientation = frames[order[0]].orientation
+    row_cosine = orientation[:3] / np.linalg.norm(orientation[:3])
+    col_cosine = orientation[3:] / np.linalg.norm(orientation[3:])
+    plane_normal = np.cross(row_cosine, col_cosine)
+    plane_normal /= np.linalg.norm(plane_normal)
+    dk = float(along_sorted[-1] - along_sorted[0]) / (n - 1)
+    cos_tilt = float(np.clip(np.dot(mean_step, plane_normal) / np.linalg.norm(mean_step), -1, 1))
+    tilt_deg = float(np.degrees(np.arccos(cos_tilt)))
+    normal = plane_normal if tilt_deg < 0.01 else mean_step / dk
+    if tilt_deg < 0.01:
+        tilt_deg = 0.0
+    dj, di = (float(v) for v in frames[order[0]].pixel_spacing)
+
+    # HU dtype: int16 when exact and in range, else float32.
+    slopes = np.array([f.slope for f in frames])
+    intercepts = np.array([f.intercept for f in frames])
+    integral = bool(np.all(slopes == np.round(slopes)) and np.all(intercepts == np.round(intercepts)))
+    if integral:
+        lo = hi = 0.0
+        for f in frames:
+            smin, smax = float(f.stored.min()), float(f.stored.max())
+            ends = (smin * f.slope + f.intercept, smax * f.slope + f.intercept)
+            lo, hi = min(lo, *ends), max(hi, *ends)
+        integral = lo >= -32768 and hi <= 32767
+    rows, cols = frames[0].stored.shape
+    hu = np.empty((n, rows, cols), dtype=np.int16 if integral else np.float32)
+    for k, i in enumerate(order):
+        f = frames[i]
+        if integral:
+            if f.slope == 1 and f.intercept == 0:
+                hu[k] = f.stored
+            else:
+                hu[k] = f.stored.astype(np.int32) * int(f.slope) + int(f.intercept)
+        else:
+            hu[k] = f.stored.astype(np.float32) * np.float32(f.slope) + np.float32(f.intercept)
+        f.stored = None  # free decoded pixels as we go
+
+    volume = Volume(
+        hu=hu,
+        spacing_mm=(dk, dj, di),
+        origin_lps_mm=positions[0],
+        row_cosine=row_cosine,
+        col_cosine=col_cosine,
+        normal=normal,
+    )
+    sorted_frames = [frames[i] for i in order]
+    return LoadedSeries(
+        volume=volume,
+        datasets=[datasets[f.file_index] for f in sorted_frames],
+        files=[Path(ref.files[f.file_index]) for f in sorted_frames],
+        frame_numbers=[f.frame_number for f in sorted_frames],
+        gantry_tilt_deg=tilt_deg,
+    )

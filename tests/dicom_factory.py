@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from pipeline.volume import Volume
+
+if TYPE_CHECKING:
+    import pydicom
 
 
 def rotation_matrix(axis: str, degrees: float) -> np.ndarray:
@@ -51,3 +58,100 @@ def synthetic_volume(
         row_cosine=rot @ np.array([1.0, 0.0, 0.0]),
         col_cosine=rot @ np.array([0.0, 1.0, 0.0]),
     )
+
+
+def jpeg_lossless_sv1(ds: "pydicom.Dataset", tmp_dir: Path) -> None:
+    """Re-encode ``ds``'s int16 pixels as JPEG Lossless SV1 (1.2.840.10008.1.2.4.70), in place.
+
+    pydicom and the pylibjpeg plugins cannot *encode* JPEG Lossless, so the
+    codestream is produced by GDCM (through SimpleITK's GDCMImageIO with the
+    "JPEG" compressor, which is Process 14 SV1) and transplanted into ``ds``.
+    """
+    import pydicom
+    import SimpleITK as sitk
+
+    arr = ds.pixel_array.astype(np.int16)[None]
+    path = tmp_dir / f"jpegls-{ds.SOPInstanceUID[-12:]}.dcm"
+    writer = sitk.ImageFileWriter()
+    writer.SetImageIO("GDCMImageIO")
+    writer.SetFileName(str(path))
+    writer.SetUseCompression(True)
+    writer.SetCompressor("JPEG")
+    writer.Execute(sitk.GetImageFromArray(arr))
+    encoded = pydicom.dcmread(path)
+    path.unlink()
+    if encoded.file_meta.TransferSyntaxUID != pydicom.uid.JPEGLosslessSV1:
+        raise RuntimeError("GDCM did not produce JPEG Lossless SV1")
+    if (encoded.BitsStored, encoded.PixelRepresentation) != (ds.BitsStored, ds.PixelRepresentation):
+        raise RuntimeError("GDCM changed the pixel representation")
+    ds["PixelData"] = encoded["PixelData"]
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGLosslessSV1
+
+
+def enhanced_ct_dataset(volume: Volume, *, frame_order: Sequence[int] | None = None,
+                        intercept: int = -1024) -> "pydicom.Dataset":
+    """One Enhanced CT Image Storage (multi-frame) dataset holding ``volume``.
+
+    Geometry and rescale live in the functional groups: PixelMeasures,
+    PlaneOrientation and PixelValueTransformation in the shared group,
+    PlanePosition per frame. Frames are stored in ``frame_order`` (slice
+    indices, default 0..n-1) so readers must sort by position.
+    """
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence as Seq
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    n = volume.shape[0]
+    order = list(range(n)) if frame_order is None else list(frame_order)
+    sop_class = "1.2.840.10008.5.1.4.1.1.2.1"
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = sop_class
+    ds.Modality = "CT"
+    ds.PatientName = "DOE^JANE"
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    ds.NumberOfFrames = len(order)
+    ds.Rows, ds.Columns = volume.shape[1:]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+
+    def item(**kwargs: object) -> Dataset:
+        d = Dataset()
+        for k, v in kwargs.items():
+            setattr(d, k, v)
+        return d
+
+    dk, dj, di = volume.spacing_mm
+    shared = item(
+        PixelMeasuresSequence=Seq([item(PixelSpacing=[dj, di], SliceThickness=dk)]),
+        PlaneOrientationSequence=Seq(
+            [item(ImageOrientationPatient=[*map(float, volume.row_cosine), *map(float, volume.col_cosine)])]
+        ),
+        PixelValueTransformationSequence=Seq(
+            [item(RescaleIntercept=intercept, RescaleSlope=1, RescaleType="HU")]
+        ),
+    )
+    ds.SharedFunctionalGroupsSequence = Seq([shared])
+    ds.PerFrameFunctionalGroupsSequence = Seq(
+        [
+            item(
+                PlanePositionSequence=Seq(
+                    [item(ImagePositionPatient=[float(v) for v in volume.slice_position_lps_mm(k)])]
+                ),
+                FrameContentSequence=Seq([item(InStackPositionNumber=k + 1)]),
+            )
+            for k in order
+        ]
+    )
+    stored = (volume.hu[order].astype(np.int32) - intercept).astype("<i2")
+    ds.PixelData = stored.tobytes()
+    ds["PixelData"].VR = "OW"
+    return ds

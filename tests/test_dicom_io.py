@@ -8,17 +8,33 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLosslessSV1,
+    RLELossless,
+    generate_uid,
+)
 
 from pipeline import dicom_io
 from pipeline.dicom_io import (
     DicomWriteError,
+    FileProblem,
+    SeriesError,
+    SeriesRef,
+    load_series,
+    scan_folder,
     set_pixel_hu,
     volume_to_datasets,
     write_datasets,
 )
 from pipeline.volume import Volume
-from tests.dicom_factory import synthetic_volume
+from tests.dicom_factory import enhanced_ct_dataset, jpeg_lossless_sv1, synthetic_volume
+
+PATIENT_NAME = "DOE^JOHN"
+PATIENT_FOLDER = "DOE_JOHN_1970"  # folder names often carry patient names
 
 
 def sitk_read_series(folder: Path) -> tuple[np.ndarray, sitk.Image]:
@@ -195,3 +211,373 @@ def test_write_rejects_bad_filenames(tmp_path: Path) -> None:
     with pytest.raises(DicomWriteError, match="2 datasets"):
         write_datasets(datasets, tmp_path / "o", filenames=["a"])
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- scanning and loading
+
+
+def write_scattered(
+    datasets: list[pydicom.Dataset], root: Path, rng: np.random.Generator
+) -> list[Path]:
+    """Write datasets under ``root`` with shuffled names in nested folders, any extension.
+
+    File name order, folder and InstanceNumber are all unrelated to slice order.
+    """
+    n = len(datasets)
+    styles = [
+        lambda i: f"IM{i:04d}",
+        lambda i: f"1.2.3.{i}",
+        lambda i: f"slice_{i}.dcm",
+    ]
+    perm = rng.permutation(n)
+    paths = []
+    for k, ds in enumerate(datasets):
+        ds.InstanceNumber = int(rng.integers(1, 1000))
+        ds.PatientName = PATIENT_NAME
+        sub = root / PATIENT_FOLDER / ("a" if perm[k] % 2 else "b/c")
+        sub.mkdir(parents=True, exist_ok=True)
+        path = sub / styles[k % 3](int(perm[k]))
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("tilt_deg", [0.0, 23.0])
+def test_scattered_series_loads_like_simpleitk(tmp_path: Path, tilt_deg: float) -> None:
+    rng = np.random.default_rng(5)
+    volume = synthetic_volume(tilt_deg=tilt_deg)
+    write_scattered(volume_to_datasets(volume), tmp_path, rng)
+
+    scan = scan_folder(tmp_path)
+    assert scan.problems == []
+    assert len(scan.series) == 1
+    ref = scan.series[0]
+    assert ref.n_files == 20 and ref.modality == "CT" and (ref.rows, ref.columns) == (64, 64)
+    assert PATIENT_NAME not in ref.description and PATIENT_FOLDER not in repr(ref)
+    loaded = load_series(ref)
+
+    # independent reader: GDCM via SimpleITK
+    reader = sitk.ImageSeriesReader()
+    files = reader.GetGDCMSeriesFileNames(str(tmp_path), "", False, True)
+    reader.SetFileNames(files)
+    image = reader.Execute()
+    array = sitk.GetArrayFromImage(image)
+    assert_matches_sitk(loaded.volume, image, array)
+    # ... and ground truth
+    assert loaded.volume.hu.dtype == np.int16
+    np.testing.assert_array_equal(loaded.volume.hu, volume.hu)
+    np.testing.assert_allclose(loaded.volume.affine(), volume.affine(), atol=1e-5)
+    assert loaded.gantry_tilt_deg == 0.0
+    # headers in slice order, pixel data dropped
+    assert len(loaded.datasets) == len(loaded.files) == 20
+    for k, ds in enumerate(loaded.datasets):
+        assert "PixelData" not in ds
+        np.testing.assert_allclose(
+            [float(v) for v in ds.ImagePositionPatient], volume.slice_position_lps_mm(k), atol=1e-4
+        )
+
+
+def test_scan_reports_every_non_image_file(tmp_path: Path) -> None:
+    volume = synthetic_volume(shape=(4, 16, 16))
+    datasets = volume_to_datasets(volume)
+    paths = write_datasets(datasets, tmp_path / "series")
+    # a valid second series of another modality
+    mr = volume_to_datasets(synthetic_volume(shape=(3, 8, 8)), series_meta={"Modality": "MR"})
+    write_datasets(mr, tmp_path / "mr")
+
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("not dicom, but long enough to have a preamble" * 5)
+    (junk / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + b"\x00" * 200)
+    (junk / "empty.dcm").write_bytes(b"")
+    data = paths[0].read_bytes()
+    (junk / "truncated.dcm").write_bytes(data[: len(data) - 100])
+    (junk / "truncated_header").write_bytes(data[:300])
+    no_pixels = pydicom.dcmread(paths[1])
+    del no_pixels.PixelData
+    no_pixels.SOPInstanceUID = no_pixels.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    no_pixels.save_as(junk / "no_pixels", enforce_file_format=True)
+    rle = pydicom.dcmread(paths[2])
+    rle.compress(RLELossless)
+    rle.SeriesInstanceUID = generate_uid()
+    rle_bytes = rle.save_as(junk / "rle_ok.dcm", enforce_file_format=True) or (
+        junk / "rle_ok.dcm"
+    ).read_bytes()
+    (junk / "rle_truncated.dcm").write_bytes(rle_bytes[:-40])
+    # a DICOMDIR written by pydicom's FileSet (with its own copy of one image)
+    from pydicom.fileset import FileSet
+
+    fs = FileSet()
+    member = pydicom.dcmread(paths[3])
+    member.PatientID = "P1"
+    member.StudyID = "S1"
+    fs.add(member)
+    fs.write(tmp_path / "media")
+
+    scan = scan_folder(tmp_path)
+    reasons = {str(p.path): p.reason for p in scan.problems}
+    assert reasons == {
+        "junk/notes.txt": "not a DICOM file",
+        "junk/.DS_Store": "not a DICOM file",
+        "junk/empty.dcm": "empty file (0 bytes)",
+        "junk/truncated.dcm": "truncated DICOM file",
+        "junk/truncated_header": "truncated DICOM file",
+        "junk/no_pixels": "no pixel data",
+        "junk/rle_truncated.dcm": "truncated DICOM file",
+        "media/DICOMDIR": "DICOMDIR (media directory, not an image)",
+    }
+    # nothing silently skipped: every file is in a series or a problem
+    all_files = {p for p in tmp_path.rglob("*") if p.is_file()}
+    in_series = {p for s in scan.series for p in s.files}
+    assert in_series | {tmp_path / p.path for p in scan.problems} == all_files
+    assert not in_series & {tmp_path / p.path for p in scan.problems}
+    by_uid = {s.series_uid: s for s in scan.series}
+    # the FileSet copy shares the CT series UID: 4 + 1 files
+    assert by_uid[datasets[0].SeriesInstanceUID].n_files == 5
+    assert by_uid[mr[0].SeriesInstanceUID].modality == "MR"
+    assert by_uid[rle.SeriesInstanceUID].n_files == 1
+    assert sorted(s.index for s in scan.series) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, RLELossless])
+def test_every_truncation_is_reported(tmp_path: Path, syntax: str) -> None:
+    ds = volume_to_datasets(synthetic_volume(shape=(1, 6, 6)))[0]
+    if syntax != ExplicitVRLittleEndian:
+        ds.compress(syntax)
+    full = tmp_path / "full.dcm"
+    ds.save_as(full, enforce_file_format=True)
+    data = full.read_bytes()
+    pixel_start = data.rindex(b"\xe0\x7f\x10\x00")  # (7FE0,0010) tag
+    meta_end = 132 + 12 + int(pydicom.dcmread(full).file_meta.FileMetaInformationGroupLength)
+    cut_file = tmp_path / "cut" / "f"
+    cut_file.parent.mkdir()
+    for cut in range(1, len(data)):
+        cut_file.write_bytes(data[:cut])
+        scan = scan_folder(cut_file.parent)
+        assert scan.series == [], cut
+        (problem,) = scan.problems
+        if cut < 132:
+            assert problem.reason == "not a DICOM file", cut
+        elif cut <= meta_end or cut > pixel_start:
+            assert problem.reason == "truncated DICOM file", cut
+        else:  # inside the dataset: truncated, or "no pixel data" at an element boundary
+            assert problem.reason in ("truncated DICOM file", "no pixel data"), cut
+    assert scan_folder(tmp_path).series[0].n_files == 1  # the complete file is fine
+
+
+def test_scan_accepts_files_without_preamble(tmp_path: Path) -> None:
+    volume = synthetic_volume(shape=(3, 8, 8))
+    for k, ds in enumerate(volume_to_datasets(volume)):
+        # legacy files: no 128-byte preamble, no "DICM", no file meta, implicit VR
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.save_as(tmp_path / f"raw{k}", implicit_vr=True, little_endian=True)
+    assert (tmp_path / "raw0").read_bytes()[128:132] != b"DICM"
+    scan = scan_folder(tmp_path)
+    assert scan.problems == []
+    np.testing.assert_array_equal(load_series(scan.series[0]).volume.hu, volume.hu)
+
+
+def _compress(ds: pydicom.Dataset, syntax: str, tmp_path: Path) -> None:
+    if syntax == JPEGLosslessSV1:
+        jpeg_lossless_sv1(ds, tmp_path)
+    else:
+        ds.compress(syntax, generate_instance_uid=False)
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEGLosslessSV1, JPEG2000Lossless])
+def test_compressed_series_round_trip(tmp_path: Path, syntax: str) -> None:
+    volume = synthetic_volume(shape=(5, 32, 32), tilt_deg=10)
+    datasets = volume_to_datasets(volume)
+    for ds in datasets:
+        _compress(ds, syntax, tmp_path)
+    write_datasets(datasets, tmp_path / "in")
+    assert pydicom.dcmread(tmp_path / "in" / "IM00001.dcm").file_meta.TransferSyntaxUID == syntax
+
+    loaded = load_series(scan_folder(tmp_path / "in").series[0])
+    np.testing.assert_array_equal(loaded.volume.hu, volume.hu)
+    np.testing.assert_allclose(loaded.volume.affine(), volume.affine(), atol=1e-5)
+
+    # the de-identification write path: modified pixels go back, uncompressed
+    defaced = loaded.volume.hu.copy()
+    defaced[:, :8, :] = -1000
+    for k, ds in enumerate(loaded.datasets):
+        set_pixel_hu(ds, defaced[k])
+    write_datasets(loaded.datasets, tmp_path / "out")
+    again = load_series(scan_folder(tmp_path / "out").series[0])
+    np.testing.assert_array_equal(again.volume.hu, defaced)
+    assert all(ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian for ds in again.datasets)
+
+
+def test_non_integral_slope_gives_float32(tmp_path: Path) -> None:
+    volume = synthetic_volume(shape=(3, 8, 8))
+    datasets = volume_to_datasets(volume)
+    for ds in datasets:
+        ds.RescaleSlope = "0.5"
+        ds.RescaleIntercept = "-1024.25"
+    write_datasets(datasets, tmp_path / "s")
+    hu = load_series(scan_folder(tmp_path / "s").series[0]).volume.hu
+    assert hu.dtype == np.float32
+    np.testing.assert_allclose(hu, volume.hu * 0.5 - 1024.25, rtol=0, atol=1e-3)
+
+
+def test_enhanced_ct_multiframe(tmp_path: Path) -> None:
+    volume = synthetic_volume(shape=(6, 16, 20), tilt_deg=30)
+    order = [3, 0, 5, 1, 4, 2]
+    ds = enhanced_ct_dataset(volume, frame_order=order)
+    (tmp_path / "e").mkdir()
+    ds.save_as(tmp_path / "e" / "enhanced", enforce_file_format=True)
+    scan = scan_folder(tmp_path)
+    assert scan.problems == [] and scan.series[0].n_files == 1
+    loaded = load_series(scan.series[0])
+    np.testing.assert_array_equal(loaded.volume.hu, volume.hu)
+    np.testing.assert_allclose(loaded.volume.affine(), volume.affine(), atol=1e-6)
+    assert loaded.frame_numbers == [order.index(k) + 1 for k in range(6)]
+
+
+def test_gantry_tilt_sheared_stack(tmp_path: Path) -> None:
+    # Axial slices, but each slice shifted posteriorly: a tilted gantry.
+    volume = synthetic_volume(shape=(8, 16, 16), spacing_mm=(3.0, 0.5, 0.5))
+    tilt = np.deg2rad(20.0)
+    datasets = volume_to_datasets(volume)
+    for k, ds in enumerate(datasets):
+        x, y, z = volume.slice_position_lps_mm(k)
+        ds.ImagePositionPatient = [x, y + k * 3.0 * np.tan(tilt), z]
+    write_datasets(datasets, tmp_path / "t")
+    loaded = load_series(scan_folder(tmp_path / "t").series[0])
+    assert loaded.gantry_tilt_deg == pytest.approx(20.0, abs=1e-3)
+    assert loaded.volume.spacing_mm[0] == pytest.approx(3.0)
+    affine = loaded.volume.affine()
+    for k, ds in enumerate(datasets):
+        np.testing.assert_allclose(affine @ [0, 0, k, 1], [*map(float, ds.ImagePositionPatient), 1], atol=1e-4)
+    assert loaded.volume.voxel_volume_ml == pytest.approx(abs(np.linalg.det(affine[:3, :3])) / 1000)
+
+
+# --------------------------------------------------------------------------- validation errors
+
+
+def _bad_series(tmp_path: Path, mutate) -> SeriesRef:
+    """Write a 6-slice series, let ``mutate(datasets)`` break it, scan it."""
+    volume = synthetic_volume(shape=(6, 16, 16), spacing_mm=(2.0, 0.8, 0.8))
+    datasets = volume_to_datasets(volume, series_meta={"PatientName": PATIENT_NAME})
+    datasets = mutate(datasets) or datasets
+    root = tmp_path / PATIENT_FOLDER
+    write_datasets(datasets, root)
+    scan = scan_folder(root)
+    assert scan.problems == []
+    assert len(scan.series) == 1
+    return scan.series[0]
+
+
+def _set(keyword: str, value, index: int = 2):
+    def mutate(datasets):
+        setattr(datasets[index], keyword, value)
+    return mutate
+
+
+def _set_all(keyword: str, value):
+    def mutate(datasets):
+        for ds in datasets:
+            setattr(ds, keyword, value)
+    return mutate
+
+
+def _duplicate(datasets):
+    copy = pydicom.Dataset(datasets[3])
+    copy.file_meta = pydicom.dataset.FileMetaDataset(datasets[3].file_meta)
+    copy.SOPInstanceUID = copy.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    return [*datasets, copy]
+
+
+def _other_size(datasets):
+    other = volume_to_datasets(
+        synthetic_volume(shape=(1, 12, 16)),
+        series_meta={"SeriesInstanceUID": datasets[0].SeriesInstanceUID},
+    )[0]
+    other.ImagePositionPatient = [0, 0, 100]
+    return [*datasets, other]
+
+
+def _undecodable(datasets):
+    ds = datasets[1]
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xdb this is not a JPEG stream \xff\xd9"])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+
+
+def _irregular(datasets):
+    z = float(datasets[4].ImagePositionPatient[2])
+    datasets[4].ImagePositionPatient = [*datasets[4].ImagePositionPatient[:2], z - 0.6]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (_set("Modality", "MR", 0), r"modality is MR, only CT"),
+        (_set("ImageOrientationPatient", [1, 0, 0, 0, 0.9, 0.43589]), "different ImageOrientation"),
+        (_set("PixelSpacing", [0.8, 0.9]), "different PixelSpacing"),
+        (_other_size, r"different Rows×Columns"),
+        (lambda d: [d[0], d[1], d[4], d[5]], r"missing slices: gaps between positions .*2\.00–8\.00"),
+        (_duplicate, r"duplicate slice positions at .*6\.00 mm"),
+        (lambda d: [d[0]], "single slice"),
+        (_undecodable, r"could not be decoded \(transfer syntax JPEG Baseline"),
+        (_irregular, "irregular slice spacing"),
+        (_set_all("ImageOrientationPatient", [1, 0, 0, 1, 0, 0]), "not two orthogonal"),
+    ],
+    ids=["mr", "orientation", "spacing", "size", "gap", "duplicate", "single", "undecodable",
+         "irregular", "degenerate-orientation"],
+)
+def test_bad_series_raise_clear_errors(tmp_path: Path, mutate, message: str) -> None:
+    def shift_origin(datasets):
+        for ds in datasets:  # positions 0, 2, 4, ... mm along z
+            x, y, _ = (float(v) for v in ds.ImagePositionPatient)
+            ds.ImagePositionPatient = [x, y, 2.0 * (ds.InstanceNumber - 1)]
+        return mutate(datasets)
+
+    ref = _bad_series(tmp_path, shift_origin)
+    with pytest.raises(SeriesError, match=message) as info:
+        load_series(ref)
+    text = str(info.value)
+    assert text.startswith(f"series 1 ({ref.n_files} files): ")
+    assert PATIENT_NAME not in text and "DOE" not in text and str(tmp_path) not in text
+    assert isinstance(info.value, ValueError)
+
+
+def test_file_that_disappears_after_scan(tmp_path: Path) -> None:
+    ref = _bad_series(tmp_path, lambda d: None)
+    ref.files[2].write_bytes(b"garbage" * 10)
+    with pytest.raises(SeriesError, match="could not be read|no pixel data|modality") as info:
+        load_series(ref)
+    assert PATIENT_FOLDER not in str(info.value)
+
+
+def test_problem_paths_are_relative(tmp_path: Path) -> None:
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "y.txt").write_text("hi")
+    assert scan_folder(tmp_path).problems == [FileProblem(Path("x/y.txt"), "not a DICOM file")]
+    with pytest.raises(ValueError, match="not a directory"):
+        scan_folder(tmp_path / "missing")
+
+
+def test_reading_logs_and_warns_nothing_identifying(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    datasets = volume_to_datasets(synthetic_volume(shape=(3, 8, 8)))
+    with pytest.warns(UserWarning):  # pydicom complains while we build the bad headers
+        for ds in datasets:
+            ds.AccessionNumber = "DOE^JOHN_" * 3  # too long for SH: pydicom warns on read
+            ds.PatientName = "DOE^JOHN^" + "X" * 70  # too long for PN
+            ds.SeriesInstanceUID = "1.2.840.DOE.1"  # invalid UI, read by scan_folder itself
+    write_datasets(datasets, tmp_path / PATIENT_FOLDER)
+    caplog.set_level("DEBUG")
+    caplog.clear()
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scan = scan_folder(tmp_path)
+        loaded = load_series(scan.series[0])
+    assert loaded.volume.shape == (3, 8, 8)
+    texts = [r.getMessage() for r in caplog.records] + [str(w.message) for w in caught]
+    assert not [t for t in texts if "DOE" in t or PATIENT_FOLDER in t]
+    assert "DOE" not in repr(scan) + repr(loaded)
