@@ -1,0 +1,1 @@
+"""Data files shipped with the pipeline (confidentiality profile table)."""
