@@ -1,0 +1,456 @@
+"""De-identify every CT series below a folder: header (PS3.15 basic profile) and face.
+
+This module orchestrates the pieces of :mod:`pipeline`:
+
+1. :func:`pipeline.dicom_io.scan_folder` finds every series below ``input_dir``;
+2. each patient gets a pseudonym (``SUBJ-0001`` …) from a registry keyed by an
+   HMAC of the patient ID (never the ID itself);
+3. per series: :func:`pipeline.dicom_io.load_series` → :func:`pipeline.deface.deface`
+   (facial soft tissue → air, bone kept) → header de-identification
+   (:class:`pipeline.deid_header.HeaderDeidentifier`) →
+   :func:`pipeline.dicom_io.write_datasets` into ``output_dir/<pseudonym>/<Snn>``,
+   written to a temporary folder and renamed, so a failing series leaves nothing;
+4. a summary JSON without identifiers (``deid-summary.json``) in ``output_dir``
+   and, only when asked for, a mapping file pseudonym → identity that must lie
+   outside ``output_dir``.
+
+Messages and log lines never contain patient identifiers or input paths (input
+folder names often hold patient names): a failing input series is named by its
+index (``input series #3``); its location is written only to the mapping file.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+
+from pipeline import dicom_io
+from pipeline.deid_header import HeaderDeidentifier, date_offset_days_for, pseudonym_key
+
+log = logging.getLogger(__name__)
+
+SUMMARY_NAME = "deid-summary.json"
+METHODS = ("auto", "anatomical", "model", "none")
+DATE_MODES = ("shift", "remove")
+
+
+class DeidentifyError(ValueError):
+    """A problem with the arguments of a run (not with one series)."""
+
+
+class FaceNotFoundError(ValueError):
+    """The face-region method found no face: the series is not written, since its
+    header would otherwise claim that recognizable features were removed."""
+
+
+@dataclass
+class DeidOptions:
+    """Options of a de-identification run.
+
+    ``method``: how the face region is found — ``auto`` (best available),
+    ``anatomical`` (no trained model), ``model`` (YOLOv8 detector, needs
+    ``weights`` or the bundled model) or ``none`` (header only, face kept).
+    ``dates``: ``shift`` (per-patient offset, keeps intervals) or ``remove``.
+    """
+
+    project_secret: str
+    method: str = "auto"
+    weights: Path | None = None
+    dates: str = "shift"
+    pseudonym_prefix: str = "SUBJ"
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise DeidentifyError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.dates not in DATE_MODES:
+            raise DeidentifyError(f"unknown dates mode {self.dates!r}; choose shift or remove")
+        if not self.project_secret:
+            raise DeidentifyError("a project secret is required for consistent UIDs")
+        if self.workers < 1:
+            raise DeidentifyError("--workers must be at least 1")
+
+
+@dataclass
+class SeriesOutcome:
+    """What happened to one input series. Contains no identifier."""
+
+    index: int
+    n_files: int
+    status: str  # "written" | "failed"
+    pseudonym: str | None = None
+    output: str | None = None  # relative to output_dir
+    slices: int = 0
+    method: str | None = None
+    removed_ml: float | None = None
+    bone_dice: float | None = None
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+    qa: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunSummary:
+    """Result of :func:`deidentify_folder`."""
+
+    series: list[SeriesOutcome]
+    skipped_files: list[dict[str, str]]  # {"reason": ...}; paths only in the mapping file
+    summary_path: Path
+
+    @property
+    def ok(self) -> bool:
+        """True when every series was written and no DICOM data was lost."""
+        return all(s.status == "written" for s in self.series) and not any(
+            f.get("lost_data") for f in self.skipped_files
+        )
+
+    @property
+    def failures(self) -> list[SeriesOutcome]:
+        return [s for s in self.series if s.status != "written"]
+
+
+# ---------------------------------------------------------------- pseudonyms
+
+
+class PseudonymRegistry:
+    """Stable pseudonyms: HMAC(patient key) → ``PREFIX-0001``.
+
+    Stored as JSON ``{"<hmac hex>": "SUBJ-0001"}``; the HMAC is keyed with the
+    project secret, so the file holds no identifier. Keep it outside the output.
+    """
+
+    def __init__(self, path: Path | None, prefix: str = "SUBJ") -> None:
+        self.path = path
+        self.prefix = prefix
+        self._map: dict[str, str] = {}
+        if path is not None and path.exists():
+            try:
+                self._map = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise DeidentifyError(f"pseudonym registry is unreadable: {exc.__class__.__name__}") from None
+
+    def get(self, key: str) -> str:
+        """Return the pseudonym of a patient key, allocating the next free one."""
+        if key not in self._map:
+            used = {v for v in self._map.values() if v.startswith(self.prefix + "-")}
+            n = len(used) + 1
+            while f"{self.prefix}-{n:04d}" in used:
+                n += 1
+            self._map[key] = f"{self.prefix}-{n:04d}"
+        return self._map[key]
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        _atomic_write_text(self.path, json.dumps(self._map, indent=1, sort_keys=True))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _patient_identity(first_file: Path) -> dict[str, str]:
+    """PatientID/PatientName/BirthDate of a series (for pseudonymisation only)."""
+    ds = pydicom.dcmread(
+        first_file,
+        stop_before_pixels=True,
+        specific_tags=["PatientID", "PatientName", "PatientBirthDate", "SeriesNumber"],
+    )
+    return {
+        "PatientID": str(ds.get("PatientID", "") or ""),
+        "PatientName": str(ds.get("PatientName", "") or ""),
+        "PatientBirthDate": str(ds.get("PatientBirthDate", "") or ""),
+        "SeriesNumber": str(ds.get("SeriesNumber", "") or ""),
+    }
+
+
+# ---------------------------------------------------------------- face methods
+
+
+def make_face_method(method: str, weights: Path | None = None) -> tuple[Any | None, list[str]]:
+    """Return ``(FaceRegionMethod or None, warnings)`` for a method name.
+
+    ``none`` returns ``None`` (header-only). ``auto`` uses the detector when a
+    model is available and falls back to the anatomical method otherwise.
+    """
+    from pipeline import deface
+
+    if method == "none":
+        return None, []
+    if method == "anatomical":
+        return deface.AnatomicalFaceRegion(), []
+    model_factory = getattr(deface, "make_model_method", None)
+    if method == "model":
+        if model_factory is None:
+            raise DeidentifyError(
+                "the detector method is not available in this installation; use --method anatomical"
+            )
+        return model_factory(weights), []
+    # auto
+    if model_factory is not None:
+        try:
+            return model_factory(weights, auto=True), []
+        except (OSError, ValueError) as exc:
+            return deface.AnatomicalFaceRegion(), [f"detector unavailable ({exc}); used anatomical method"]
+    return deface.AnatomicalFaceRegion(), []
+
+
+# ---------------------------------------------------------------- one series
+
+
+@dataclass
+class _SeriesJob:
+    index: int
+    ref: Any  # dicom_io.SeriesRef
+    pseudonym: str
+    date_offset_days: int
+    out_dir: Path
+    output_rel: str
+    options: DeidOptions
+
+
+def _qa_dict(qa: Any) -> dict[str, Any]:
+    if is_dataclass(qa):
+        return asdict(qa)
+    return dict(qa)
+
+
+def _process_series(job: _SeriesJob) -> SeriesOutcome:
+    """Load, deface, de-identify and write one series. Never raises."""
+    outcome = SeriesOutcome(index=job.index, n_files=len(job.ref.files), status="failed",
+                            pseudonym=job.pseudonym)
+    try:
+        loaded = dicom_io.load_series(job.ref)
+        method, warnings = make_face_method(job.options.method, job.options.weights)
+        volume = loaded.volume
+        if method is not None:
+            from pipeline.deface import deface
+
+            result = deface(volume, method)
+            hu = result.hu
+            qa = _qa_dict(result.qa)
+            warnings = warnings + list(qa.get("warnings", []))
+            outcome.method = str(qa.get("method", getattr(method, "name", job.options.method)))
+            outcome.removed_ml = _round(qa.get("removed_ml"))
+            outcome.bone_dice = _round(qa.get("bone_dice"), 5)
+            outcome.qa = {k: v for k, v in qa.items() if _jsonable(v)}
+            if not qa.get("region_voxels"):
+                reason = "; ".join(qa.get("warnings", [])) or "no facial region found"
+                raise FaceNotFoundError(
+                    f"face not removed ({reason}); nothing written — check the series, or use "
+                    "--method none to de-identify the header only")
+        else:
+            hu = volume.hu
+            outcome.method = "none"
+        deid = HeaderDeidentifier(job.options.project_secret, dates=job.options.dates)
+        datasets = _single_frame_datasets(loaded)
+        for k, ds in enumerate(datasets):
+            dicom_io.set_pixel_hu(ds, hu[k])
+            deid.deidentify(ds, pseudonym=job.pseudonym, date_offset_days=job.date_offset_days,
+                            face_removed=method is not None)
+        dicom_io.write_datasets(datasets, job.out_dir)
+        outcome.status = "written"
+        outcome.output = job.output_rel
+        outcome.slices = len(datasets)
+        outcome.warnings = warnings
+    except (ValueError, OSError, pydicom.errors.InvalidDicomError) as exc:
+        outcome.error = _safe_message(exc)
+    except Exception as exc:  # noqa: BLE001 — one bad series must not stop the others
+        log.exception("unexpected failure in input series #%d", job.index)
+        outcome.error = f"internal error ({exc.__class__.__name__}); please report it"
+    return outcome
+
+
+# Attributes of an Enhanced (multi-frame) CT header that do not carry over to
+# classic single-frame slices: geometry and pixel description come from the Volume.
+_MULTIFRAME_ONLY = {
+    "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence", "NumberOfFrames",
+    "PixelData", "SOPClassUID", "SOPInstanceUID", "InstanceNumber", "Rows", "Columns",
+    "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
+    "RescaleSlope", "RescaleIntercept", "RescaleType", "BitsAllocated", "BitsStored", "HighBit",
+    "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation", "DimensionIndexSequence",
+    "DimensionOrganizationSequence", "FrameIncrementPointer", "ImageType", "ContentQualification",
+}
+
+
+def _single_frame_datasets(loaded: Any) -> list[pydicom.Dataset]:
+    """One header per slice. Single-frame input: the loaded headers as they are.
+
+    Enhanced (multi-frame) CT input is converted to classic CT Image Storage
+    slices: geometry and pixel attributes from the volume
+    (:func:`pipeline.dicom_io.volume_to_datasets`), the remaining top-level
+    attributes (patient, study, series, equipment …) copied from the
+    multi-frame header so that header de-identification treats them alike.
+    SOPInstanceUIDs derive from the source instance and frame number, so re-runs
+    are reproducible after UID hashing.
+    """
+    if all(n == 1 for n in loaded.frame_numbers) and len({id(d) for d in loaded.datasets}) == len(
+        loaded.datasets
+    ):
+        return loaded.datasets
+    classic = dicom_io.volume_to_datasets(loaded.volume)
+    for ds, src, frame in zip(classic, loaded.datasets, loaded.frame_numbers):
+        for elem in src:
+            if elem.keyword in _MULTIFRAME_ONLY or elem.tag.group == 0x0002:
+                continue
+            ds[elem.tag] = copy.deepcopy(elem)
+        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+        ds.SOPInstanceUID = pydicom.uid.generate_uid(
+            prefix=None, entropy_srcs=[str(src.get("SOPInstanceUID", "")), str(frame)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return classic
+
+
+def _safe_message(exc: BaseException) -> str:
+    """Exception text for users. pipeline errors are written without identifiers;
+    OS errors carry paths, so only their reason is kept."""
+    if isinstance(exc, OSError):
+        return f"file system error: {exc.strerror or exc.__class__.__name__}"
+    if isinstance(exc, pydicom.errors.InvalidDicomError):
+        return "invalid DICOM file in series"
+    return str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+
+
+def _round(x: Any, nd: int = 3) -> float | None:
+    return None if x is None else round(float(x), nd)
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except TypeError:
+        return False
+
+
+# ---------------------------------------------------------------- whole folder
+
+
+def _check_paths(input_dir: Path, output_dir: Path, mapping_path: Path | None) -> None:
+    if not input_dir.is_dir():
+        raise DeidentifyError("the input folder does not exist or is not a folder")
+    inp, out = input_dir.resolve(), output_dir.resolve()
+    if out == inp or inp in out.parents:
+        raise DeidentifyError("the output folder must not lie inside the input folder")
+    if out in inp.parents:
+        raise DeidentifyError("the input folder must not lie inside the output folder")
+    if mapping_path is not None:
+        m = mapping_path.resolve()
+        if m == out or out in m.parents:
+            raise DeidentifyError("the mapping file must not be written inside the output folder")
+
+
+def deidentify_folder(
+    input_dir: Path,
+    output_dir: Path,
+    options: DeidOptions,
+    *,
+    mapping_path: Path | None = None,
+    registry_path: Path | None = None,
+    progress: Callable[[Iterable[Any], int], Iterable[Any]] | None = None,
+) -> RunSummary:
+    """De-identify every CT series below ``input_dir`` into ``output_dir``.
+
+    Returns a :class:`RunSummary`; a failing series is reported in it (never
+    raised), and leaves nothing in ``output_dir``. Raises :class:`DeidentifyError`
+    for unusable arguments. ``progress(iterable, total)`` may wrap the per-series
+    loop (e.g. tqdm).
+    """
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    _check_paths(input_dir, output_dir, mapping_path)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    scan = dicom_io.scan_folder(input_dir)
+    registry = PseudonymRegistry(registry_path, options.pseudonym_prefix)
+    secret = options.project_secret
+
+    jobs: list[_SeriesJob] = []
+    mapping_rows: list[dict[str, Any]] = []
+    per_patient_count: dict[str, int] = {}
+    outcomes: list[SeriesOutcome] = []
+    # Order by hashed series UID so labels are stable and leak nothing about order.
+    refs = sorted(scan.series, key=lambda r: pseudonym_key(str(r.series_uid), secret))
+    for index, ref in enumerate(refs, start=1):
+        try:
+            ident = _patient_identity(ref.files[0])
+        except Exception as exc:  # noqa: BLE001
+            outcomes.append(SeriesOutcome(index=index, n_files=len(ref.files), status="failed",
+                                          error=f"cannot read the header ({exc.__class__.__name__})"))
+            mapping_rows.append({"input_series": index, "input_folder": _rel(ref.files[0].parent, input_dir),
+                                 "error": outcomes[-1].error})
+            continue
+        patient = ident["PatientID"] or f"{ident['PatientName']}|{ident['PatientBirthDate']}"
+        key = pseudonym_key(patient, secret)
+        pseudonym = registry.get(key)
+        per_patient_count[pseudonym] = per_patient_count.get(pseudonym, 0) + 1
+        label = f"S{per_patient_count[pseudonym]:02d}"
+        out_dir = output_dir / pseudonym / label
+        jobs.append(_SeriesJob(index, ref, pseudonym, date_offset_days_for(key, secret), out_dir,
+                               f"{pseudonym}/{label}", options))
+        mapping_rows.append({
+            "pseudonym": pseudonym, "output": f"{pseudonym}/{label}", "input_series": index,
+            "input_folder": _rel(ref.files[0].parent, input_dir), "n_files": len(ref.files),
+            "PatientID": ident["PatientID"], "PatientName": ident["PatientName"],
+            "PatientBirthDate": ident["PatientBirthDate"],
+            "date_offset_days": date_offset_days_for(key, secret) if options.dates == "shift" else None,
+        })
+
+    wrap = progress or (lambda it, total: it)
+    if options.workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=min(options.workers, len(jobs))) as pool:
+            results = list(wrap(pool.map(_process_series, jobs), len(jobs)))
+    else:
+        results = [_process_series(j) for j in wrap(jobs, len(jobs))]
+    outcomes.extend(results)
+    outcomes.sort(key=lambda o: o.index)
+
+    skipped = [
+        {"reason": p.reason, "lost_data": bool(getattr(p, "lost_data", False))} for p in scan.problems
+    ]
+    registry.save()
+    summary_path = output_dir / SUMMARY_NAME
+    doc = {
+        "tool": "deidstudy",
+        "options": {"method": options.method, "dates": options.dates},
+        "series": [asdict(o) for o in outcomes],
+        "skipped_files": skipped,
+        "n_written": sum(o.status == "written" for o in outcomes),
+        "n_failed": sum(o.status != "written" for o in outcomes),
+    }
+    _atomic_write_text(summary_path, json.dumps(doc, indent=2))
+    if mapping_path is not None:
+        by_index = {o.index: o for o in outcomes}
+        for row in mapping_rows:
+            o = by_index.get(row["input_series"])
+            if o is not None and o.status != "written":
+                row["error"] = o.error
+                row.pop("output", None)
+        problems = [{"path": str(p.path), "reason": p.reason} for p in scan.problems]
+        _atomic_write_text(Path(mapping_path), json.dumps(
+            {"series": mapping_rows, "skipped_files": problems}, indent=2, ensure_ascii=False))
+    return RunSummary(series=outcomes, skipped_files=skipped, summary_path=summary_path)
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
