@@ -1,5 +1,13 @@
 """DICOM CT series: build, write (atomically), scan, load and validate.
 
+Writing: :func:`volume_to_datasets` (Volume → CT Image Storage datasets),
+:func:`set_pixel_hu` (put modified HU back into an existing header, output
+uncompressed) and :func:`write_datasets` (atomic folder write).
+
+Reading: :func:`scan_folder` (headers only; every file is either in a
+:class:`SeriesRef` or a :class:`FileProblem`) then :func:`load_series`
+(one full read per file, validation, HU volume; raises :class:`SeriesError`).
+
 Conventions (see :mod:`pipeline.volume`): volumes are ``hu[k, j, i]`` =
 ``[slice, row, column]``; patient coordinates are DICOM LPS in millimetres;
 intensities are Hounsfield units (HU) after RescaleSlope/RescaleIntercept.
@@ -133,7 +141,9 @@ def _file_meta(sop_instance_uid: str, sop_class_uid: str = CT_IMAGE_STORAGE) -> 
     return meta
 
 
-def volume_to_datasets(volume: Volume, *, series_meta: dict[str, Any] | None = None) -> list[Dataset]:
+def volume_to_datasets(
+    volume: Volume, *, series_meta: dict[str, Any] | None = None
+) -> list[Dataset]:
     """Build one CT Image Storage dataset per slice of ``volume``.
 
     Geometry: slice ``k`` gets ImagePositionPatient
@@ -357,7 +367,7 @@ def write_datasets(
     tmp_dir = parent / f".{out_dir.name}.tmp-{secrets.token_hex(8)}"
     tmp_dir.mkdir()
     try:
-        for ds, name in zip(datasets, names):
+        for ds, name in zip(datasets, names, strict=True):
             _ensure_file_meta(ds)
             pydicom.dcmwrite(tmp_dir / name, ds, enforce_file_format=True)
         if out_dir.exists() or out_dir.is_symlink():
@@ -382,15 +392,10 @@ def write_datasets(
 
 # =========================================================================== reading
 
-#: SOP Class UIDs that are never images.
-_MEDIA_DIRECTORY_STORAGE = "1.2.840.10008.1.3.10"  # DICOMDIR
-_CT_SOP_CLASSES = frozenset(
-    {
-        CT_IMAGE_STORAGE,
-        "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image Storage
-        "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT Image Storage
-    }
-)
+_MEDIA_DIRECTORY_STORAGE = "1.2.840.10008.1.3.10"  # DICOMDIR's SOP Class
+_LONG_LENGTH_VRS = frozenset(
+    (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UN", b"UC", b"UR", b"UT", b"SV", b"UV")
+)  # explicit-VR elements with a 4-byte length after 2 reserved bytes
 _PIXEL_DATA_TAG = 0x7FE00010
 _FLOAT_PIXEL_TAGS = (0x7FE00008, 0x7FE00009)
 _ITEM_TAG = 0xFFFEE000
@@ -577,7 +582,7 @@ def _element_header(
     if implicit_vr or tag >> 16 == 0xFFFE:
         return tag, int.from_bytes(raw[4:8], order), 8
     vr = raw[4:6]
-    if vr in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UN", b"UC", b"UR", b"UT", b"SV", b"UV"):
+    if vr in _LONG_LENGTH_VRS:
         extra = fileobj.read(4)
         if len(extra) < 4:
             return None
@@ -696,7 +701,9 @@ def _scan_file_unquiet(path: Path) -> tuple[Dataset | None, str | None]:
                 return None, "truncated DICOM file"
             if not has_preamble and "SOPClassUID" not in ds:
                 return None, "not a DICOM file"
-            sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
+            sop_class = str(
+                ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", "")
+            )
             if sop_class == _MEDIA_DIRECTORY_STORAGE or "DirectoryRecordSequence" in ds:
                 return None, "DICOMDIR (media directory, not an image)"
             tsu = ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian)
@@ -1039,7 +1046,9 @@ def _load_series(ref: SeriesRef) -> LoadedSeries:
     # HU dtype: int16 when exact and in range, else float32.
     slopes = np.array([f.slope for f in frames])
     intercepts = np.array([f.intercept for f in frames])
-    integral = bool(np.all(slopes == np.round(slopes)) and np.all(intercepts == np.round(intercepts)))
+    integral = bool(
+        np.all(slopes == np.round(slopes)) and np.all(intercepts == np.round(intercepts))
+    )
     if integral:
         lo = hi = 0.0
         for f in frames:

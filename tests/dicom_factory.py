@@ -60,7 +60,7 @@ def synthetic_volume(
     )
 
 
-def jpeg_lossless_sv1(ds: "pydicom.Dataset", tmp_dir: Path) -> None:
+def jpeg_lossless_sv1(ds: pydicom.Dataset, tmp_dir: Path) -> None:
     """Re-encode ``ds``'s int16 pixels as JPEG Lossless SV1 (1.2.840.10008.1.2.4.70), in place.
 
     pydicom and the pylibjpeg plugins cannot *encode* JPEG Lossless, so the
@@ -89,7 +89,7 @@ def jpeg_lossless_sv1(ds: "pydicom.Dataset", tmp_dir: Path) -> None:
 
 
 def enhanced_ct_dataset(volume: Volume, *, frame_order: Sequence[int] | None = None,
-                        intercept: int = -1024) -> "pydicom.Dataset":
+                        intercept: int = -1024) -> pydicom.Dataset:
     """One Enhanced CT Image Storage (multi-frame) dataset holding ``volume``.
 
     Geometry and rescale live in the functional groups: PixelMeasures,
@@ -97,7 +97,6 @@ def enhanced_ct_dataset(volume: Volume, *, frame_order: Sequence[int] | None = N
     PlanePosition per frame. Frames are stored in ``frame_order`` (slice
     indices, default 0..n-1) so readers must sort by position.
     """
-    import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence as Seq
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -130,10 +129,11 @@ def enhanced_ct_dataset(volume: Volume, *, frame_order: Sequence[int] | None = N
         return d
 
     dk, dj, di = volume.spacing_mm
+    iop = [*volume.row_cosine.tolist(), *volume.col_cosine.tolist()]
     shared = item(
         PixelMeasuresSequence=Seq([item(PixelSpacing=[dj, di], SliceThickness=dk)]),
         PlaneOrientationSequence=Seq(
-            [item(ImageOrientationPatient=[*map(float, volume.row_cosine), *map(float, volume.col_cosine)])]
+            [item(ImageOrientationPatient=iop)]
         ),
         PixelValueTransformationSequence=Seq(
             [item(RescaleIntercept=intercept, RescaleSlope=1, RescaleType="HU")]
