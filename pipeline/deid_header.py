@@ -41,7 +41,7 @@ Overrides and extensions of the table
 * Safety net for attributes *not* in the table (and not private): PN → ``ANONYMOUS``;
   DA/DT → shifted (``dates="shift"``) or emptied (``dates="remove"``); LO, SH, UC, LT,
   ST, UT → cleaned like descriptors (below); elements whose VR is unknown (implicit VR
-  and not in the data dictionary) → removed; everything else (CS, numbers, geometry,
+  or UN, and not in the data dictionary) → removed; everything else (CS, numbers, geometry,
   UIDs such as SOP Class UIDs, pixel data) is kept.
 * File meta: MediaStorageSOPInstanceUID follows the new SOPInstanceUID;
   ImplementationClassUID/ImplementationVersionName name this writer; source/sending/
@@ -568,11 +568,10 @@ class HeaderDeidentifier:
                 ) from None
 
     def _vr(self, tag: int, elem: DataElement | RawDataElement) -> str | None:
+        """VR of an element; None when unknown (implicit or UN, and not in the dictionary)."""
         vr = elem.VR
         if vr is None or vr == "UN":
-            known = _dictionary_vr(tag)
-            if known is not None:
-                return known
+            return _dictionary_vr(tag)
         return vr
 
     def _collect(self, elem: DataElement, run: _Run) -> None:

@@ -646,3 +646,29 @@ def test_invalid_values_are_not_logged_or_warned(shifter, caplog, recwarn):
     assert "doe" not in said.lower()
     assert pydicom.config.settings.reading_validation_mode != pydicom.config.IGNORE  # restored
     assert "doe" not in str(raw.StudyDescription).lower()
+
+
+def test_retain_patient_characteristics_option():
+    deid = HeaderDeidentifier(SECRET, dates="shift", retain_patient_characteristics=True)
+    ds = make_phi_dataset()
+    ds.PatientWeight = "81.5"
+    ds.Allergies = "Penicillin, reported by Doe"  # C: cleaned
+    deid.deidentify(ds, pseudonym=PSEUDONYM, date_offset_days=OFFSET)
+    assert (ds.PatientAge, ds.PatientSex, ds.PatientWeight) == ("057Y", "M", 81.5)
+    assert ds.Allergies == "Penicillin, reported by"
+    assert "113108" in [i.CodeValue for i in ds.DeidentificationMethodCodeSequence]
+    default = deidentified(HeaderDeidentifier(SECRET, dates="shift"))
+    assert "PatientAge" not in default and default.PatientSex == ""
+
+
+def test_unknown_elements_removed_and_preamble_zeroed(shifter):
+    ds = make_phi_dataset()
+    ds.add_new(0x00431234, "UN", b"Doe^John")  # odd group: private
+    ds.add_new(0x00441234, "UN", b"Doe^John")  # even group, unknown to the dictionary
+    raw = pydicom.dcmread(io.BytesIO(serialise(ds)))
+    raw.preamble = b"Doe^John".ljust(128, b"\x00")
+    shifter.deidentify(raw, pseudonym=PSEUDONYM, date_offset_days=OFFSET)
+    assert 0x00441234 not in raw and 0x00431234 not in raw
+    buf = io.BytesIO()
+    raw.save_as(buf)
+    assert b"doe" not in buf.getvalue().lower()
