@@ -354,10 +354,19 @@ def write_datasets(
     of ``datasets``; never derived from header content. ``filenames`` must be
     plain, unique names. Datasets lacking File Meta Information get it added
     in place (Explicit VR Little Endian unless a TransferSyntaxUID is already
-    set). Returns the final file paths, in the order of ``datasets``.
+    set). Image datasets without pixel data (e.g. :attr:`LoadedSeries.datasets`
+    before :func:`set_pixel_hu`) are rejected with :class:`DicomWriteError`
+    before anything is written. Returns the final file paths, in the order of
+    ``datasets``.
     """
     out_dir = Path(out_dir)
     n = len(datasets)
+    for k, ds in enumerate(datasets):
+        if "Rows" in ds and not any(t in ds for t in (0x7FE00010, 0x7FE00008, 0x7FE00009)):
+            raise DicomWriteError(
+                f"dataset {k} is an image without pixel data (headers from load_series need "
+                "set_pixel_hu before writing)"
+            )
     if filenames is None:
         names = [f"IM{i + 1:05d}.dcm" for i in range(n)]
     else:
@@ -393,6 +402,17 @@ def write_datasets(
 # =========================================================================== reading
 
 _MEDIA_DIRECTORY_STORAGE = "1.2.840.10008.1.3.10"  # DICOMDIR's SOP Class
+#: FileProblem reasons for files that hold no image (so no image data is lost).
+_NO_IMAGE_REASONS = frozenset(
+    {
+        "not a DICOM file",
+        "empty file (0 bytes)",
+        "no pixel data",
+        "DICOMDIR (media directory, not an image)",
+        "broken symbolic link",
+        "not a regular file",
+    }
+)
 _LONG_LENGTH_VRS = frozenset(
     (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UN", b"UC", b"UR", b"UT", b"SV", b"UV")
 )  # explicit-VR elements with a 4-byte length after 2 reserved bytes
@@ -424,10 +444,16 @@ class FileProblem:
 
     ``path`` is relative to the scanned root; ``reason`` is a short,
     non-identifying explanation such as ``"not a DICOM file"``.
+    ``lost_data`` is True when the file is (or looks like) a DICOM image whose
+    pixels will therefore be missing from the output (truncated, corrupt,
+    unreadable, no SeriesInstanceUID, unsupported pixel format), and False for
+    files that hold no image: non-DICOM files, empty files, DICOMDIR, DICOM
+    objects without pixel data.
     """
 
     path: Path
     reason: str
+    lost_data: bool = False
 
 
 @dataclass(frozen=True)
@@ -760,15 +786,18 @@ def _scan_folder(root: Path) -> ScanResult:
         dirnames.sort()
         for name in sorted(filenames):
             path = Path(dirpath) / name
+            reason: str | None
             if path.is_symlink() and not path.exists():
-                problems.append(FileProblem(path.relative_to(root), "broken symbolic link"))
-                continue
-            if not path.is_file():
-                problems.append(FileProblem(path.relative_to(root), "not a regular file"))
-                continue
-            ds, reason = _scan_file(path)
+                ds, reason = None, "broken symbolic link"
+            elif not path.is_file():
+                ds, reason = None, "not a regular file"
+            else:
+                ds, reason = _scan_file(path)
             if ds is None:
-                problems.append(FileProblem(path.relative_to(root), reason or "unknown problem"))
+                reason = reason or "unreadable file"
+                problems.append(
+                    FileProblem(path.relative_to(root), reason, reason not in _NO_IMAGE_REASONS)
+                )
             else:
                 groups.setdefault(str(ds.SeriesInstanceUID), []).append((path, ds))
 

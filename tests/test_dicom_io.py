@@ -210,6 +210,9 @@ def test_write_rejects_bad_filenames(tmp_path: Path) -> None:
         write_datasets(datasets, tmp_path / "o", filenames=["a", "../b"])
     with pytest.raises(DicomWriteError, match="2 datasets"):
         write_datasets(datasets, tmp_path / "o", filenames=["a"])
+    del datasets[1].PixelData
+    with pytest.raises(DicomWriteError, match="dataset 1 .* without pixel data"):
+        write_datasets(datasets, tmp_path / "o")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -317,6 +320,8 @@ def test_scan_reports_every_non_image_file(tmp_path: Path) -> None:
 
     scan = scan_folder(tmp_path)
     reasons = {str(p.path): p.reason for p in scan.problems}
+    lost = {str(p.path) for p in scan.problems if p.lost_data}
+    assert lost == {"junk/truncated.dcm", "junk/truncated_header", "junk/rle_truncated.dcm"}
     assert reasons == {
         "junk/notes.txt": "not a DICOM file",
         "junk/.DS_Store": "not a DICOM file",

@@ -1,1 +1,0 @@
-"""Models of the surveys app (cohorts, runs, studies) arrive with the web issue."""
