@@ -11,6 +11,11 @@ DEIDSTUDY_DEBUG        "1" for development (default "0").
 DEIDSTUDY_ALLOWED_HOSTS comma-separated host names (default "localhost,127.0.0.1").
 DATABASE_URL           e.g. postgres://user:pass@host/db (default: SQLite in var/).
 REDIS_URL              e.g. redis://127.0.0.1:6379/0 for RQ.
+DEIDSTUDY_DATA_DIR     originals + derived data (default VAR_DIR/data); share it (NFS…) between
+                       worker machines when scaling out.
+DEIDSTUDY_UPLOAD_MAX_BYTES   largest accepted upload / unpacked archive (default 8 GiB).
+DEIDSTUDY_ZIP_MAX_RATIO      largest accepted compression ratio of a zip member (default 200).
+DEIDSTUDY_RQ_QUEUE     name of the pipeline queue (default "pipeline").
 DEIDSTUDY_VAR_DIR      state folder (database, originals, outputs); default ./var.
 DEIDSTUDY_PROJECT_SECRET secret for UID hashing and pseudonymisation.
 """
@@ -58,6 +63,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "django_rq",
     "surveys",
 ]
 
@@ -96,6 +102,14 @@ DATABASES = {
         conn_max_age=int(os.environ.get("DEIDSTUDY_DB_CONN_MAX_AGE", "0")),
     )
 }
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Web server and RQ workers share one SQLite file: WAL lets readers run while a
+    # worker writes; IMMEDIATE transactions + a busy timeout avoid "database is locked".
+    DATABASES["default"].setdefault("OPTIONS", {}).update({
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 30,
+    })
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -117,6 +131,27 @@ DATA_DIR = Path(os.environ.get("DEIDSTUDY_DATA_DIR", VAR_DIR / "data")).resolve(
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+PIPELINE_QUEUE = os.environ.get("DEIDSTUDY_RQ_QUEUE", "pipeline")
+RQ_QUEUES = {
+    PIPELINE_QUEUE: {"URL": REDIS_URL, "DEFAULT_TIMEOUT": 3600},
+    "default": {"URL": REDIS_URL, "DEFAULT_TIMEOUT": 3600},
+}
+RQ_SHOW_ADMIN_LINK = True
+
+# Uploads stream to a temporary file on disk, never into memory.
+FILE_UPLOAD_HANDLERS = ["django.core.files.uploadhandler.TemporaryFileUploadHandler"]
+FILE_UPLOAD_TEMP_DIR = os.environ.get("DEIDSTUDY_UPLOAD_TMP") or None
+DATA_UPLOAD_MAX_NUMBER_FILES = int(os.environ.get("DEIDSTUDY_UPLOAD_MAX_FILES", "20000"))
+UPLOAD_MAX_BYTES = int(os.environ.get("DEIDSTUDY_UPLOAD_MAX_BYTES", str(8 * 1024**3)))
+ZIP_MAX_RATIO = float(os.environ.get("DEIDSTUDY_ZIP_MAX_RATIO", "200"))
+ZIP_MAX_MEMBERS = int(os.environ.get("DEIDSTUDY_ZIP_MAX_MEMBERS", "200000"))
+# Face method of the web pipeline (see pipeline.deidentify.METHODS).
+PIPELINE_FACE_METHOD = os.environ.get("DEIDSTUDY_FACE_METHOD", "auto")
+PIPELINE_RENDER_BACKEND = os.environ.get("DEIDSTUDY_RENDER_BACKEND", "auto")
+
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "surveys:cohort_list"
+LOGOUT_REDIRECT_URL = "login"
 
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = False

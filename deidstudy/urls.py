@@ -1,7 +1,18 @@
-"""URL configuration for deidstudy."""
+"""URL configuration for deidstudy.
+
+``/`` → the researcher's cohorts; ``/cohorts/…`` researcher dashboard (surveys app);
+``/accounts/…`` login/logout; ``/admin/`` Django admin; ``/django-rq/`` RQ dashboard
+(staff only, django-rq's own views).
+"""
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
+
+from surveys import views as survey_views
 
 urlpatterns = [
+    path("", survey_views.home, name="home"),
+    path("", include("surveys.urls")),
+    path("accounts/", include("django.contrib.auth.urls")),
     path("admin/", admin.site.urls),
+    path("django-rq/", include("django_rq.urls")),
 ]

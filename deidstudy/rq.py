@@ -1,0 +1,45 @@
+"""RQ worker class for deidstudy: recovers stages abandoned by dead workers.
+
+Start workers with::
+
+    python manage.py rqworker pipeline --worker-class deidstudy.rq.RecoveringWorker
+
+At start-up and at every maintenance pass (``--maintenance-interval`` seconds,
+rq's default 600) the worker calls :func:`surveys.jobs.recover_stale_stages`, which
+re-enqueues stages whose worker process died (same host) or whose heartbeat is
+stale (any host). Database connections are closed before the worker forks a work
+horse, so parent and child never share a connection.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from rq.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+class RecoveringWorker(Worker):
+    """An :class:`rq.Worker` that re-queues abandoned pipeline stages during maintenance."""
+
+    def run_maintenance_tasks(self) -> None:
+        """rq's maintenance, then :func:`surveys.jobs.recover_stale_stages`."""
+        super().run_maintenance_tasks()
+        from django.db import connections
+
+        from surveys.jobs import recover_stale_stages
+
+        try:
+            recover_stale_stages()
+        except Exception:  # noqa: BLE001 — maintenance must not kill the worker
+            log.exception("stage recovery failed")
+        finally:
+            connections.close_all()
+
+    def fork_work_horse(self, job, queue) -> None:  # type: ignore[override]
+        """Close Django DB connections before forking (each process opens its own)."""
+        from django.db import connections
+
+        connections.close_all()
+        super().fork_work_horse(job, queue)

@@ -1,0 +1,212 @@
+"""RQ jobs of the per-subject pipeline: enqueue, claim, run, chain, retry and recover.
+
+State lives in :class:`surveys.models.StageRun` (one row per subject and stage);
+Redis only carries "run stage row #N with token T". A job first *claims* its row
+with a conditional UPDATE (``status=queued`` and the row's current job id), so a
+duplicate or stale job — e.g. re-delivered after a worker died — does nothing, and
+two workers on one queue never process the same stage twice. On success the next
+stage of the subject is enqueued; on failure the row gets a readable error and the
+other subjects carry on. :func:`recover_stale_stages` puts stages whose worker
+died back in the queue (run by :class:`deidstudy.rq.RecoveringWorker` at start-up
+and at every maintenance pass).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import time
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from .models import Cohort, StageRun, Subject
+from .stages import STAGE_BY_NAME, StageContext
+
+log = logging.getLogger(__name__)
+
+#: A running stage whose heartbeat is older than this (seconds) counts as abandoned.
+STALE_SECONDS = int(getattr(settings, "PIPELINE_STALE_SECONDS", 1800))
+
+
+def get_pipeline_queue():
+    """The RQ queue of the pipeline (``settings.PIPELINE_QUEUE`` via django-rq)."""
+    import django_rq
+
+    return django_rq.get_queue(settings.PIPELINE_QUEUE)
+
+
+def _safe_error(exc: BaseException) -> str:
+    """A one-line reason for the dashboard; OS errors lose their paths."""
+    if isinstance(exc, OSError):
+        return f"file system error: {exc.strerror or exc.__class__.__name__}"
+    if isinstance(exc, ValueError) and str(exc):
+        return str(exc).splitlines()[0][:500]
+    return f"internal error ({exc.__class__.__name__}); see the worker log"
+
+
+def enqueue_stage(run: StageRun, queue=None) -> str:
+    """Mark ``run`` queued with a fresh job id and enqueue it after the transaction commits.
+
+    Returns the job id. Any older job of this row becomes stale (its claim fails).
+    """
+    job_id = f"stage-{run.pk}-{secrets.token_hex(6)}"
+    StageRun.objects.filter(pk=run.pk).update(
+        status="queued", rq_job_id=job_id, progress=0.0, error="", queued_at=timezone.now(),
+        started=None, finished=None, worker_pid=None, worker_host="")
+    run.status, run.rq_job_id = "queued", job_id
+
+    def push() -> None:
+        q = queue if queue is not None else get_pipeline_queue()
+        q.enqueue("surveys.jobs.run_stage", run.pk, job_id, job_id=job_id,
+                  job_timeout=int(getattr(settings, "PIPELINE_JOB_TIMEOUT", 3600)),
+                  result_ttl=3600, failure_ttl=7 * 86400)
+
+    transaction.on_commit(push)
+    return job_id
+
+
+def next_stage(subject: Subject) -> StageRun | None:
+    """The first stage of ``subject`` that is not done (None when all are done)."""
+    return subject.stages.exclude(status="done").order_by("order").first()
+
+
+def enqueue_subject(subject: Subject, queue=None) -> StageRun | None:
+    """Enqueue the subject's first unfinished stage unless one is already queued/running."""
+    if subject.stages.filter(status__in=("queued", "running")).exists():
+        return None
+    run = next_stage(subject)
+    if run is not None:
+        enqueue_stage(run, queue)
+    return run
+
+
+def enqueue_cohort(cohort: Cohort, queue=None) -> int:
+    """Enqueue every subject of ``cohort`` that has pending work; returns how many."""
+    n = 0
+    for subject in cohort.subjects.all():
+        if subject.stages.filter(status="failed").exists():
+            continue  # failed subjects wait for an explicit retry
+        if enqueue_subject(subject, queue) is not None:
+            n += 1
+    return n
+
+
+def retry_stage(run: StageRun, queue=None) -> None:
+    """Reset ``run`` and every later stage of its subject to pending, then enqueue ``run``."""
+    with transaction.atomic():
+        StageRun.objects.filter(subject=run.subject, order__gt=run.order).update(
+            status="pending", progress=0.0, error="", rq_job_id="")
+        enqueue_stage(run, queue)
+
+
+def _claim(run_id: int, job_id: str) -> bool:
+    now = timezone.now()
+    n = StageRun.objects.filter(pk=run_id, status="queued", rq_job_id=job_id).update(
+        status="running", attempts=F("attempts") + 1, started=now, heartbeat=now,
+        finished=None, progress=0.0, worker_pid=os.getpid(), worker_host=socket.gethostname()[:255])
+    return n == 1
+
+
+def run_stage(run_id: int, job_id: str) -> str:
+    """RQ entry point: claim stage row ``run_id`` for ``job_id``, run it, chain the next.
+
+    Returns ``"done"``, ``"failed"`` or ``"skipped"`` (the row was not waiting for
+    this job: duplicate delivery, superseded by a retry or already recovered).
+    """
+    from django.db import close_old_connections
+
+    close_old_connections()
+    if not _claim(run_id, job_id):
+        log.info("stage row %s: job is stale, skipped", run_id)
+        return "skipped"
+    run = StageRun.objects.select_related("subject__cohort").get(pk=run_id)
+    stage = STAGE_BY_NAME.get(run.stage)
+    last = [0.0]
+
+    def progress(fraction: float) -> None:
+        t = time.monotonic()
+        if t - last[0] < 0.5 and fraction < 1.0:
+            return
+        last[0] = t
+        StageRun.objects.filter(pk=run_id, rq_job_id=job_id).update(
+            progress=max(0.0, min(1.0, float(fraction))), heartbeat=timezone.now())
+
+    try:
+        if stage is None:
+            raise ValueError(f"unknown stage {run.stage!r}")
+        stage.fn(run.subject, StageContext(progress=progress))
+    except Exception as exc:  # noqa: BLE001 — a failing subject must not stop the others
+        msg = _safe_error(exc)
+        log.warning("subject %s stage %s failed: %s", run.subject.pseudonym, run.stage, msg)
+        StageRun.objects.filter(pk=run_id, rq_job_id=job_id).update(
+            status="failed", error=msg, finished=timezone.now())
+        return "failed"
+    with transaction.atomic():
+        n = StageRun.objects.filter(pk=run_id, rq_job_id=job_id, status="running").update(
+            status="done", progress=1.0, finished=timezone.now(), error="")
+        if n == 1:
+            nxt = next_stage(run.subject)
+            if nxt is not None and nxt.status in ("pending", "failed"):
+                enqueue_stage(nxt)
+    return "done"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_stale_stages(stale_seconds: int | None = None, queue=None) -> list[int]:
+    """Re-enqueue running stages whose worker is gone; returns the row ids.
+
+    A stage is abandoned when its worker ran on this host and its process no
+    longer exists, or (any host) when its heartbeat is older than
+    ``stale_seconds`` (default :data:`STALE_SECONDS`).
+    """
+    stale_seconds = STALE_SECONDS if stale_seconds is None else stale_seconds
+    host = socket.gethostname()[:255]
+    cutoff = timezone.now() - timedelta(seconds=stale_seconds)
+    recovered = []
+    for run in StageRun.objects.filter(status="running").filter(
+            Q(worker_host=host) | Q(heartbeat__lt=cutoff)).select_related("subject"):
+        dead = run.worker_host == host and run.worker_pid and not _pid_alive(run.worker_pid)
+        if dead or (run.heartbeat is not None and run.heartbeat < cutoff):
+            old = run.rq_job_id
+            with transaction.atomic():
+                # only if nobody touched the row since we read it
+                if StageRun.objects.filter(pk=run.pk, status="running", rq_job_id=old).exists():
+                    enqueue_stage(run, queue)
+                    recovered.append(run.pk)
+                    log.warning("stage row %s (%s of %s) was abandoned by its worker; re-queued",
+                                run.pk, run.stage, run.subject.pseudonym)
+    return recovered
+
+
+def cohort_progress(cohort: Cohort) -> dict[str, object]:
+    """Counts of stage statuses and per-subject rows for the dashboard / terminal."""
+    rows = []
+    counts = {s: 0 for s in ("pending", "queued", "running", "done", "failed")}
+    for subject in cohort.subjects.prefetch_related("stages"):
+        stages = sorted(subject.stages.all(), key=lambda r: r.order)
+        for r in stages:
+            counts[r.status] = counts.get(r.status, 0) + 1
+        rows.append({
+            "pseudonym": subject.pseudonym,
+            "stages": [{"stage": r.stage, "status": r.status, "progress": round(r.progress, 2),
+                        "attempts": r.attempts, "error": r.error, "id": r.pk} for r in stages],
+        })
+    total = sum(counts.values())
+    return {"counts": counts, "total": total, "subjects": rows,
+            "complete": total > 0 and counts["done"] == total,
+            "settled": counts["queued"] == 0 and counts["running"] == 0}

@@ -1,0 +1,266 @@
+"""Researcher dashboard: cohorts, upload, pipeline status, subjects, images and downloads.
+
+No view puts an identifier in a URL: cohorts are addressed by their id, subjects by
+pseudonym, images by their row id. Files are served only by these permission-checked
+views (``FileResponse`` from ``settings.DATA_DIR``), never from a static/media URL.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import tempfile
+import zipfile
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.db import transaction
+from django.http import (FileResponse, Http404, HttpRequest, HttpResponse, HttpResponseForbidden,
+                         JsonResponse)
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_GET, require_POST
+
+from . import jobs
+from .access import cohort_view, cohorts_for, is_researcher
+from .forms import CohortForm
+from .importing import ImportRejected, import_uploaded_files, tmp_root
+from .models import Cohort, RenderImage, StageRun, Subject
+from .stages import STAGES, data_path
+
+log = logging.getLogger(__name__)
+
+
+def _wants_json(request: HttpRequest) -> bool:
+    return (request.headers.get("x-requested-with") == "XMLHttpRequest"
+            or "application/json" in request.headers.get("accept", ""))
+
+
+@login_required
+def cohort_list(request: HttpRequest) -> HttpResponse:
+    """Cohorts of the user; researchers can create one (POST)."""
+    if not is_researcher(request.user):
+        return HttpResponseForbidden("only researchers can manage cohorts")
+    form = CohortForm()
+    if request.method == "POST":
+        form = CohortForm(request.POST)
+        if form.is_valid():
+            cohort = form.save(commit=False)
+            cohort.owner = request.user
+            cohort.save()
+            cohort.researchers.add(request.user)
+            return redirect("surveys:cohort_detail", cohort_id=cohort.pk)
+    cohorts = cohorts_for(request.user).prefetch_related("subjects")
+    return render(request, "surveys/cohort_list.html", {"cohorts": cohorts, "form": form})
+
+
+@require_GET
+@cohort_view("page")
+def cohort_detail(request: HttpRequest, cohort: Cohort) -> HttpResponse:
+    """Subjects with per-stage status (polled), upload, QA summary and re-id summary."""
+    subjects = cohort.subjects.prefetch_related("stages", "series")
+    reid = getattr(cohort, "reid", None) if hasattr(cohort, "reid") else None
+    return render(request, "surveys/cohort_detail.html", {
+        "cohort": cohort, "subjects": subjects, "stages": STAGES, "reid": reid,
+        "progress": jobs.cohort_progress(cohort)})
+
+
+@require_GET
+@cohort_view("file")
+def cohort_status(request: HttpRequest, cohort: Cohort) -> JsonResponse:
+    """JSON status of every subject's stages (polled by the dashboard)."""
+    data = jobs.cohort_progress(cohort)
+    reid = getattr(cohort, "reid", None) if hasattr(cohort, "reid") else None
+    data["reid"] = None if reid is None else {"rank1": reid.rank1, "auc": reid.auc,
+                                              "n": reid.n_subjects}
+    return JsonResponse(data)
+
+
+@require_POST
+@cohort_view("file")
+def cohort_upload(request: HttpRequest, cohort: Cohort) -> HttpResponse:
+    """Import uploaded zip archive(s) or DICOM files (streamed to disk), then enqueue."""
+    files = request.FILES.getlist("files")
+    try:
+        result = import_uploaded_files(cohort, files)
+    except ImportRejected as exc:
+        if _wants_json(request):
+            return JsonResponse({"ok": False, "error": str(exc)}, status=400)
+        messages.error(request, str(exc))
+        return redirect("surveys:cohort_detail", cohort_id=cohort.pk)
+    with transaction.atomic():
+        for subject in cohort.subjects.filter(pseudonym__in=result.subjects):
+            jobs.enqueue_subject(subject)
+    msg = (f"imported {len(result.subjects)} subject(s), {result.n_series} series, "
+           f"{result.n_files} files; processing started")
+    if _wants_json(request):
+        return JsonResponse({"ok": True, "message": msg, "subjects": result.subjects})
+    messages.success(request, msg)
+    return redirect("surveys:cohort_detail", cohort_id=cohort.pk)
+
+
+@require_POST
+@cohort_view("file")
+def cohort_run(request: HttpRequest, cohort: Cohort) -> HttpResponse:
+    """Enqueue every subject with unfinished (not failed) stages."""
+    with transaction.atomic():
+        n = jobs.enqueue_cohort(cohort)
+    messages.info(request, f"{n} subject(s) queued")
+    return redirect("surveys:cohort_detail", cohort_id=cohort.pk)
+
+
+@require_POST
+@cohort_view("file")
+def stage_retry(request: HttpRequest, cohort: Cohort, run_id: int) -> HttpResponse:
+    """Retry one stage (and reset the later ones) of a subject of this cohort."""
+    run = get_object_or_404(StageRun, pk=run_id, subject__cohort=cohort)
+    if run.status in ("queued", "running"):
+        messages.warning(request, f"{run.subject.pseudonym}: {run.stage} is already {run.status}")
+    else:
+        jobs.retry_stage(run)
+        messages.info(request, f"{run.subject.pseudonym}: {run.stage} queued again")
+    if _wants_json(request):
+        return JsonResponse({"ok": True})
+    return redirect(request.POST.get("next") or f"/cohorts/{cohort.pk}/")
+
+
+@require_GET
+@cohort_view("page")
+def subject_detail(request: HttpRequest, cohort: Cohort, pseudonym: str) -> HttpResponse:
+    """QA figures, original vs de-identified slices and renders of one subject."""
+    subject = get_object_or_404(Subject, cohort=cohort, pseudonym=pseudonym)
+    images = {(i.kind, i.view, i.variant): i for i in subject.images.all()}
+    slices = [(view, images.get(("slice", view, "original")), images.get(("slice", view, "deid")))
+              for view in ("axial", "sagittal")]
+    yaws = sorted({i.view for i in subject.images.all() if i.kind == "render"})
+    renders = [(view, images.get(("render", view, "original")), images.get(("render", view, "deid")))
+               for view in yaws]
+    return render(request, "surveys/subject_detail.html", {
+        "cohort": cohort, "subject": subject, "series": subject.series.all(),
+        "stages": subject.stages.order_by("order"), "slices": slices, "renders": renders,
+        "qa_image": images.get(("qa", "deface", "both"))})
+
+
+def _file_response(rel: str, content_type: str, filename: str | None = None) -> FileResponse:
+    try:
+        path = data_path(rel)
+        fh = open(path, "rb")
+    except (OSError, ValueError):
+        raise Http404("file not available") from None
+    resp = FileResponse(fh, content_type=content_type, as_attachment=filename is not None,
+                        filename=filename)
+    resp["Cache-Control"] = "private, no-store"
+    return resp
+
+
+@require_GET
+@cohort_view("file")
+def image(request: HttpRequest, cohort: Cohort, image_id: int) -> FileResponse:
+    """A pipeline PNG of a subject of this cohort."""
+    img = get_object_or_404(RenderImage, pk=image_id, subject__cohort=cohort)
+    return _file_response(img.path, "image/png")
+
+
+@require_GET
+@cohort_view("file")
+def reid_plot(request: HttpRequest, cohort: Cohort) -> FileResponse:
+    """CMC plot of the cohort's re-identification summary."""
+    reid = getattr(cohort, "reid", None) if hasattr(cohort, "reid") else None
+    if reid is None or not reid.plot_path:
+        raise Http404("no re-identification summary yet")
+    return _file_response(reid.plot_path, "image/png")
+
+
+QA_COLUMNS = ["subject", "series", "slices", "method", "removed_ml", "bone_dice", "warnings",
+              "deid_status"]
+
+
+def qa_rows(cohort: Cohort) -> list[dict[str, object]]:
+    """One row per series: pseudonym, series label, QA figures (no identifiers)."""
+    rows = []
+    for subject in cohort.subjects.prefetch_related("series", "stages"):
+        deid = next((r.status for r in subject.stages.all() if r.stage == "deidentify"), "")
+        for s in subject.series.all():
+            rows.append({"subject": subject.pseudonym, "series": s.label, "slices": s.n_slices,
+                         "method": s.method, "removed_ml": s.removed_ml, "bone_dice": s.bone_dice,
+                         "warnings": " | ".join(s.warnings or []), "deid_status": deid})
+    return rows
+
+
+@require_GET
+@cohort_view("file")
+def download_qa(request: HttpRequest, cohort: Cohort) -> HttpResponse:
+    """QA table of the cohort as CSV."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=QA_COLUMNS)
+    w.writeheader()
+    w.writerows(qa_rows(cohort))
+    resp = HttpResponse(buf.getvalue(), content_type="text/csv")
+    resp["Content-Disposition"] = f'attachment; filename="cohort-{cohort.pk}-qa.csv"'
+    return resp
+
+
+@require_GET
+@cohort_view("file")
+def download_deid(request: HttpRequest, cohort: Cohort) -> FileResponse:
+    """Zip of every de-identified series (``<pseudonym>/<Snn>/IM*.dcm``) plus ``qa.csv``.
+
+    Only series whose de-identification finished are included. Built in a
+    temporary file (unlinked at once) and streamed.
+    """
+    fh = tempfile.TemporaryFile(dir=tmp_root())
+    n = 0
+    with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+        for subject in cohort.subjects.prefetch_related("series", "stages"):
+            done = any(r.stage == "deidentify" and r.status == "done" for r in subject.stages.all())
+            if not done:
+                continue
+            for s in subject.series.all():
+                if not s.deid_dir:
+                    continue
+                folder = data_path(s.deid_dir)
+                for f in sorted(folder.glob("*.dcm")):
+                    zf.write(f, f"{subject.pseudonym}/{s.label}/{f.name}")
+                    n += 1
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=QA_COLUMNS)
+        w.writeheader()
+        w.writerows(qa_rows(cohort))
+        zf.writestr("qa.csv", buf.getvalue())
+    fh.seek(0)
+    resp = FileResponse(fh, content_type="application/zip", as_attachment=True,
+                        filename=f"cohort-{cohort.pk}-deidentified.zip")
+    resp["Cache-Control"] = "private, no-store"
+    return resp
+
+
+@cohort_view("page")
+def identity_mapping(request: HttpRequest, cohort: Cohort) -> HttpResponse:
+    """Pseudonym → identity table, only if the cohort kept it; shown on explicit POST."""
+    if not cohort.keep_mapping:
+        raise Http404("this cohort does not keep an identity mapping")
+    if request.method != "POST":
+        return render(request, "surveys/mapping_confirm.html", {"cohort": cohort})
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["pseudonym", "PatientID", "PatientName", "PatientBirthDate"])
+    for subject in cohort.subjects.select_related("identity"):
+        ident = getattr(subject, "identity", None)
+        w.writerow([subject.pseudonym, getattr(ident, "patient_id", ""),
+                    getattr(ident, "patient_name", ""), getattr(ident, "birth_date", "")])
+    log.info("identity mapping of cohort %s shown to user %s", cohort.pk, request.user.pk)
+    resp = HttpResponse(buf.getvalue(), content_type="text/csv")
+    resp["Content-Disposition"] = f'attachment; filename="cohort-{cohort.pk}-mapping.csv"'
+    resp["Cache-Control"] = "private, no-store"
+    return resp
+
+
+def home(request: HttpRequest) -> HttpResponse:
+    """Researchers land on their cohorts; everyone else on the login page."""
+    if request.user.is_authenticated and is_researcher(request.user):
+        return redirect("surveys:cohort_list")
+    if request.user.is_authenticated:
+        return render(request, "surveys/not_researcher.html", status=403)
+    return redirect("login")
+
+
