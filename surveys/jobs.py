@@ -119,9 +119,10 @@ def run_stage(run_id: int, job_id: str) -> str:
     Returns ``"done"``, ``"failed"`` or ``"skipped"`` (the row was not waiting for
     this job: duplicate delivery, superseded by a retry or already recovered).
     """
-    from django.db import close_old_connections
+    from django.db import close_old_connections, connection
 
-    close_old_connections()
+    if not connection.in_atomic_block:  # (tests run jobs inside a transaction)
+        close_old_connections()
     if not _claim(run_id, job_id):
         log.info("stage row %s: job is stale, skipped", run_id)
         return "skipped"
