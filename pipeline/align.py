@@ -5,38 +5,43 @@ computed from bone alone gives an original scan and its de-identified copy
 exactly the same transform (the bone mask is identical, and everything below
 is deterministic).
 
-Canonical frame ("canonical mm"): a right-handed frame with the same axis
-meaning as DICOM LPS but attached to the head instead of the scanner::
+Canonical frame ("canonical mm"): the head-local frame of a bone TEMPLATE,
+by default the average synthetic head of :mod:`pipeline.synth` (pose 0)::
 
     x → subject Left   (normal of the mid-sagittal symmetry plane)
-    y → Posterior      (in the symmetry plane)
-    z → Superior       (z = x × y)
+    y → Posterior
+    z → Superior       (right-handed, same axis meaning as DICOM LPS)
 
-origin on the mid-sagittal plane at the bone centroid, and a scale that maps
-the bone's left–right RMS half-width to :data:`REFERENCE_HALF_WIDTH_MM`
-(so canonical units are close to millimetres for an adult head).
+origin between the template's pupils; a subject is scaled so that its
+maximum cranial half-breadth equals the template's (canonical units ≈ mm).
 
 Algorithm (:func:`canonical_alignment`):
 
-1. oriented bone surface samples ``P`` (LPS mm; :func:`bone_cloud` meshes the
+1. oriented bone surface samples (LPS mm; :func:`bone_cloud` meshes the
    block-averaged, smoothed mask ``hu >= 300``);
-2. mid-sagittal plane by mirror ICP: reflect ``P`` across the current plane
-   (starting with the scanner's sagittal plane, i.e. a small-tilt prior),
-   match each mirrored point to its nearest neighbour with a compatible
-   normal and move the plane by Gauss–Newton on the point-to-plane residuals
-   (trimmed); the normal is signed to point towards patient Left;
-3. pitch: principal axes of ``P`` projected on the symmetry plane; the one
-   nearer to patient Posterior becomes +y (signed posterior), the other +z;
-4. centre = centroid of ``P`` projected on the plane; scale from the RMS of
-   the left–right coordinate.
+2. mid-sagittal plane by mirror ICP (:func:`symmetry_plane`): reflect the
+   points across the current plane (starting with the scanner's sagittal
+   plane, a small-tilt prior), match each mirrored point to its nearest
+   neighbour with a compatible normal, move the plane by Gauss–Newton on the
+   trimmed point-to-plane residuals; the normal (towards Left) fixes yaw and
+   roll;
+3. scale = template / subject maximum cranial half-breadth (99th percentile
+   of ``|x|`` within ``VAULT_SEARCH_MM`` of the vertex);
+4. pitch and the in-plane translation by point-to-plane ICP of the scaled
+   bone onto the template, rotating only about the symmetry normal
+   (trimmed, normal-compatible matches), starting from the scanner's pitch.
 
-Steps 2–4 are rotation-equivariant, so rotating a head by a few degrees
-(yaw/pitch/roll) rotates the recovered frame with it.
+Every step is rotation-equivariant, so rotating a head by a few degrees
+(yaw/pitch/roll) rotates the recovered frame with it. Principal axes are not
+used for pitch: a skull vault is too round for them to be stable. Needs the
+skull vault in the field of view (facial CTs that stop below the vertex are
+not supported yet).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 import trimesh
@@ -45,20 +50,23 @@ from scipy.spatial import cKDTree
 from .volume import Volume
 
 __all__ = [
-    "REFERENCE_HALF_WIDTH_MM",
+    "VAULT_SEARCH_MM",
     "Alignment",
     "AlignmentError",
-    "alignment_from_volume",
     "BoneCloud",
+    "BoneTemplate",
+    "alignment_from_volume",
     "bone_cloud",
     "canonical_alignment",
+    "default_template",
+    "make_template",
     "rotation_angle_deg",
     "rotation_from_euler_deg",
     "symmetry_plane",
 ]
 
-#: Target left–right RMS half-width of the bone point cloud, canonical mm.
-REFERENCE_HALF_WIDTH_MM = 55.0
+#: The maximum cranial breadth is searched this far (mm) below the vertex.
+VAULT_SEARCH_MM = 110.0
 
 
 class AlignmentError(ValueError):
@@ -77,10 +85,12 @@ class Alignment:
     rotation: np.ndarray
     centre_lps_mm: np.ndarray
     scale: float
-    #: ratio of the two in-plane principal variances (≥ 1); near 1 the pitch is ill-defined
-    pitch_eigen_ratio: float = float("nan")
-    #: RMS distance (mm) between mirrored bone points and their matches, after ICP
+    #: RMS point-to-plane residual (mm) of the mirror matches after the symmetry fit
     symmetry_rms_mm: float = float("nan")
+    #: RMS point-to-plane residual (canonical mm) of the template fit
+    template_rms_mm: float = float("nan")
+    #: fraction of bone points with a normal-compatible template match within reach
+    template_match_fraction: float = float("nan")
 
     def matrix(self) -> np.ndarray:
         """4×4 homogeneous matrix mapping LPS mm to canonical units."""
@@ -154,7 +164,7 @@ def bone_cloud(
     from scipy.ndimage import gaussian_filter
     from skimage.measure import marching_cubes
 
-    blocks = tuple(max(1, int(round(grid_mm / s))) for s in volume.spacing_mm)
+    blocks = tuple(max(1, round(grid_mm / s)) for s in volume.spacing_mm)
     mask = volume.hu >= threshold_hu
     if not mask.any():
         raise AlignmentError(f"no voxel at or above {threshold_hu:g} HU: no bone to align on")
@@ -203,10 +213,10 @@ def symmetry_plane(
     cloud: BoneCloud,
     *,
     initial_normal: np.ndarray | None = None,
-    max_iterations: int = 50,
+    max_iterations: int = 40,
     trim_fraction: float = 0.8,
     max_match_mm: float = 12.0,
-    tolerance_deg: float = 1e-3,
+    tolerance_deg: float = 0.005,
     max_points: int = 10_000,
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, float]:
@@ -270,7 +280,7 @@ def symmetry_plane(
         n = n + step[0] * u + step[1] * v
         n /= np.linalg.norm(n)
         d += step[2]
-        if np.degrees(np.hypot(step[0], step[1])) < tolerance_deg and abs(step[2]) < 1e-4:
+        if np.degrees(np.hypot(step[0], step[1])) < tolerance_deg and abs(step[2]) < 0.005:
             break
     if n[0] < 0:
         n, d = -n, -d
@@ -278,64 +288,162 @@ def symmetry_plane(
     return n, on_plane, rms
 
 
+@dataclass(frozen=True, eq=False)
+class BoneTemplate:
+    """A bone cloud in canonical coordinates (symmetric about ``x = 0``) to register onto."""
+
+    cloud: BoneCloud
+    half_breadth_mm: float
+    tree: cKDTree = field(repr=False)
+
+
+def _half_breadth_and_top(q_x: np.ndarray, q_z: np.ndarray) -> tuple[float, float]:
+    z_top = float(np.quantile(q_z, 0.998))
+    upper = q_z >= z_top - VAULT_SEARCH_MM
+    if upper.sum() < 30:
+        raise AlignmentError("too few bone points near the vertex")
+    return float(np.quantile(np.abs(q_x[upper]), 0.99)), z_top
+
+
+def make_template(cloud: BoneCloud) -> BoneTemplate:
+    """Template from a bone cloud already in the canonical frame (mm, symmetric about x = 0)."""
+    p = np.asarray(cloud.points_lps_mm, dtype=float)
+    if len(p) < 100:
+        raise AlignmentError("a template needs at least 100 bone points")
+    half_breadth, _top = _half_breadth_and_top(p[:, 0], p[:, 2])
+    return BoneTemplate(cloud=cloud, half_breadth_mm=half_breadth, tree=cKDTree(p))
+
+
+@lru_cache(maxsize=1)
+def default_template() -> BoneTemplate:
+    """Bone template of the average synthetic head (``SubjectParams()``, pose 0), head-local mm.
+
+    Built on first use (≈0.5 s) and cached per process; origin between the
+    pupils, axes Left/Posterior/Superior.
+    """
+    from .synth import SubjectParams, generate_head
+
+    head = generate_head(SubjectParams(), shape=(84, 100, 100), spacing_mm=(3.0, 2.5, 2.5),
+                         pose_deg=(0.0, 0.0, 0.0), noise_hu=0.0, couch=False)
+    cloud = bone_cloud(head.volume)
+    local = cloud.points_lps_mm - head.head_centre_lps_mm  # pose 0: local axes = LPS axes
+    return make_template(BoneCloud(local, cloud.normals, cloud.weights_mm2))
+
+
+def _rot_x(theta: float) -> np.ndarray:
+    c, s = np.cos(theta), np.sin(theta)
+    return np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+
+
 def canonical_alignment(
     cloud: BoneCloud,
+    template: BoneTemplate | None = None,
     *,
-    reference_half_width_mm: float = REFERENCE_HALF_WIDTH_MM,
-    min_pitch_eigen_ratio: float = 1.05,
+    max_iterations: int = 40,
+    trim_fraction: float = 0.8,
+    max_match_mm: float = 15.0,
+    max_points: int = 8_000,
+    seed: int = 0,
+    tolerance_deg: float = 0.02,
+    tolerance_mm: float = 0.02,
+    min_match_fraction: float = 0.6,
 ) -> Alignment:
     """Canonical pose + scale of a head from its oriented bone cloud (LPS mm).
 
-    See the module docstring for the frame. Raises :class:`AlignmentError`
-    when the in-plane principal axes are too close to call (variance ratio
-    below ``min_pitch_eigen_ratio``), because the pitch would be arbitrary.
+    See the module docstring. ``template`` defaults to :func:`default_template`.
+    ICP uses at most ``max_points`` subject points (seeded draw), the
+    ``trim_fraction`` best normal-compatible matches closer than
+    ``max_match_mm`` (canonical mm); it stops when a step is below
+    ``tolerance_deg`` and ``tolerance_mm`` (matches can flip between two sets
+    that differ by less). Raises :class:`AlignmentError` when the
+    bone is unusable or the fit fails (fewer than ``min_match_fraction`` of
+    the points matched at the end).
     """
-    p = np.asarray(cloud.points_lps_mm, dtype=float)
-    if p.ndim != 2 or p.shape[1] != 3:
-        raise AlignmentError(f"bone points must be an (N, 3) array, got shape {p.shape}")
-    if not np.all(np.isfinite(p)):
+    p_all = np.asarray(cloud.points_lps_mm, dtype=float)
+    if p_all.ndim != 2 or p_all.shape[1] != 3:
+        raise AlignmentError(f"bone points must be an (N, 3) array, got shape {p_all.shape}")
+    if not np.all(np.isfinite(p_all)):
         raise AlignmentError("bone points contain NaN or infinite coordinates")
-    w = np.asarray(cloud.weights_mm2, dtype=float)
-    normal, centre, rms = symmetry_plane(cloud)
-    # in-plane basis: start from patient P projected into the plane
-    e_p = np.array([0.0, 1.0, 0.0]) - normal[1] * normal
+    template = default_template() if template is None else template
+    normal, on_plane, sym_rms = symmetry_plane(cloud)
+    e_p = np.array([0.0, 1.0, 0.0]) - normal[1] * normal  # scanner posterior, in the plane
     if np.linalg.norm(e_p) < 0.5:
         raise AlignmentError("symmetry plane is far from sagittal: head orientation not supported")
     e_p /= np.linalg.norm(e_p)
-    e_s = np.cross(normal, e_p)
-    q = p - centre
-    uv = np.column_stack([q @ e_p, q @ e_s])
-    cov = np.cov(uv.T, aweights=w)
-    ev, vec = np.linalg.eigh(cov)
-    ratio = float(ev[1] / max(ev[0], 1e-12))
-    if ratio < min_pitch_eigen_ratio:
-        raise AlignmentError(
-            f"bone principal axes in the mid-sagittal plane are nearly equal (ratio {ratio:.3f}); "
-            "pitch is ill-defined"
-        )
-    # the principal axis closer to patient Posterior becomes y
-    cand = [vec[0, k] * e_p + vec[1, k] * e_s for k in range(2)]
-    k_ap = int(np.argmax([abs(c[1]) for c in cand]))
-    y_axis = cand[k_ap] / np.linalg.norm(cand[k_ap])
-    if y_axis[1] < 0:
-        y_axis = -y_axis
-    z_axis = np.cross(normal, y_axis)
-    rotation = np.vstack([normal, y_axis, z_axis])
-    half_width = float(np.sqrt(np.average((q @ normal) ** 2, weights=w)))
-    if half_width <= 0:
+    r0 = np.vstack([normal, e_p, np.cross(normal, e_p)])  # rows: initial canonical axes
+    q_all = (p_all - on_plane) @ r0.T
+    half_breadth, z_top = _half_breadth_and_top(q_all[:, 0], q_all[:, 2])
+    if not half_breadth > 0:
         raise AlignmentError("bone has no left-right extent")
-    return Alignment(
-        rotation=rotation, centre_lps_mm=centre, scale=reference_half_width_mm / half_width,
-        pitch_eigen_ratio=ratio, symmetry_rms_mm=rms,
-    )
+    scale = template.half_breadth_mm / half_breadth
+
+    tp = template.cloud.points_lps_mm
+    tn = template.cloud.normals
+    _t_half, t_top = _half_breadth_and_top(tp[:, 0], tp[:, 2])
+    # initial translation: match the centroids of the vault regions (top VAULT_SEARCH_MM)
+    up_s = q_all[:, 2] >= z_top - VAULT_SEARCH_MM / scale
+    up_t = tp[:, 2] >= t_top - VAULT_SEARCH_MM
+    shift = tp[up_t].mean(axis=0) - scale * q_all[up_s].mean(axis=0)
+    shift[0] = 0.0  # both planes of symmetry are x = 0
+
+    if len(p_all) > max_points:
+        pick = np.sort(np.random.default_rng(seed).choice(len(p_all), max_points, replace=False))
+    else:
+        pick = np.arange(len(p_all))
+    q0 = scale * q_all[pick]
+    n0 = np.asarray(cloud.normals, dtype=float)[pick] @ r0.T
+    w0 = np.asarray(cloud.weights_mm2, dtype=float)[pick]
+    rot = np.eye(3)  # accumulated rotation about x (canonical frame)
+    t = shift.copy()
+    rows = np.arange(len(q0))
+    rms = float("nan")
+    for _ in range(max_iterations):
+        m = q0 @ rot.T + t
+        mn = n0 @ rot.T
+        dist, idx = template.tree.query(m, k=4, workers=1)
+        agree = np.einsum("ikc,ic->ik", tn[idx], mn) > 0.5
+        first = np.argmax(agree, axis=1)
+        ok = agree[rows, first] & (dist[rows, first] <= max_match_mm)
+        if ok.sum() < 50:
+            raise AlignmentError("bone does not match the head template (too few matches); "
+                                 "is the skull vault in the field of view?")
+        j = idx[rows, first][ok]
+        mi, qn, wi = m[ok], tn[j], w0[ok]
+        r = np.einsum("ic,ic->i", mi - tp[j], qn)
+        keep = np.abs(r) <= np.quantile(np.abs(r), trim_fraction)
+        mi, qn, wi, r = mi[keep], qn[keep], wi[keep], r[keep]
+        rms = float(np.sqrt(np.average(r**2, weights=wi)))
+        # parameters: rotation angle about x through the template origin, then ty, tz
+        d_angle = np.einsum("ic,ic->i", np.cross(np.array([1.0, 0.0, 0.0]), mi), qn)
+        jac = np.column_stack([d_angle, qn[:, 1], qn[:, 2]])
+        jw = jac * wi[:, None]
+        step = np.linalg.solve(jw.T @ jac + 1e-9 * np.eye(3), -jw.T @ r)
+        d_rot = _rot_x(step[0])
+        rot = d_rot @ rot
+        t = d_rot @ t + np.array([0.0, step[1], step[2]])
+        if np.degrees(abs(step[0])) < tolerance_deg and np.hypot(step[1], step[2]) < tolerance_mm:
+            break
+    match_fraction = float(ok.mean())
+    if match_fraction < min_match_fraction:
+        raise AlignmentError(
+            f"bone does not match the head template: only {100 * match_fraction:.0f}% of the "
+            "bone surface lies near it (is this a head CT with the skull vault in view?)"
+        )
+    # canonical = rot @ (scale * r0 @ (p - on_plane)) + t = scale * R @ (p - centre)
+    rotation = rot @ r0
+    centre = on_plane - rotation.T @ t / scale
+    return Alignment(rotation=rotation, centre_lps_mm=centre, scale=float(scale),
+                     symmetry_rms_mm=sym_rms, template_rms_mm=rms,
+                     template_match_fraction=match_fraction)
 
 
 def alignment_from_volume(
     volume: Volume,
+    template: BoneTemplate | None = None,
     *,
     bone_threshold_hu: float = 300.0,
     grid_mm: float = 2.0,
 ) -> Alignment:
     """Canonical :class:`Alignment` of the head in ``volume`` (HU), from the bone mask only."""
     cloud = bone_cloud(volume, threshold_hu=bone_threshold_hu, grid_mm=grid_mm)
-    return canonical_alignment(cloud)
+    return canonical_alignment(cloud, template)

@@ -12,8 +12,9 @@ canonical mm). The camera looks at ``RenderSettings.target`` from
 ``camera_distance`` away; ``yaw_deg = 0`` is the frontal view (camera on the
 anterior side, subject's left on the image's right, superior up); positive
 yaw moves the camera towards the subject's LEFT (showing the left cheek);
-``elevation_deg`` raises the camera. Light is a headlight (directional light
-along the viewing direction) plus ambient light; material is a matte grey.
+``elevation_deg`` raises the camera. Light: one directional light from behind
+the camera raised by ``light_elevation_deg`` (so brows and nose shade the
+surface below them), plus ambient light; material is a matte grey.
 The same :class:`RenderSettings` are used for original and de-identified
 surfaces, so differences between their renders come from the surfaces only.
 
@@ -40,17 +41,17 @@ import os
 os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
 os.environ.setdefault("LP_NUM_THREADS", "0")
 
-import queue  # noqa: E402
-import threading  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
-from concurrent.futures import Future  # noqa: E402
-from concurrent.futures import TimeoutError as FutureTimeout  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-import numpy as np  # noqa: E402
-import trimesh  # noqa: E402
+import numpy as np
+import trimesh
 
 __all__ = [
     "BACKENDS",
@@ -60,6 +61,7 @@ __all__ = [
     "RenderTimeout",
     "camera_pose",
     "canonical_face_box",
+    "light_direction",
     "opengl_available",
     "project_points",
     "raycast_view",
@@ -90,17 +92,18 @@ class RenderSettings:
 
     width_px: int = 256
     height_px: int = 256
-    yfov_deg: float = 24.0
+    yfov_deg: float = 18.0
     camera_distance: float = 600.0
-    target: tuple[float, float, float] = (0.0, -60.0, -25.0)
+    target: tuple[float, float, float] = (0.0, -80.0, -30.0)
     elevation_deg: float = 0.0
-    light_intensity: float = 3.0
-    ambient: float = 0.25
+    light_intensity: float = 3.5
+    light_elevation_deg: float = 35.0
+    ambient: float = 0.12
     grey: float = 0.75
     background: int = 0
     z_near: float = 100.0
     z_far: float = 2000.0
-    face_box: tuple[float, float, float, float, float] = (50.0, -120.0, -40.0, -95.0, 30.0)
+    face_box: tuple[float, float, float, float, float] = (55.0, -110.0, -60.0, -95.0, 25.0)
 
     def __post_init__(self) -> None:
         if self.width_px < 16 or self.height_px < 16:
@@ -141,6 +144,26 @@ def camera_pose(yaw_deg: float, settings: RenderSettings) -> np.ndarray:
     pose = np.eye(4)
     pose[:3, 0], pose[:3, 1], pose[:3, 2], pose[:3, 3] = x_cam, y_cam, z_cam, pos
     return pose
+
+
+def light_direction(yaw_deg: float, settings: RenderSettings) -> np.ndarray:
+    """Unit vector (canonical frame) pointing from the head TOWARDS the directional light.
+
+    The light sits behind the camera, raised by ``light_elevation_deg`` about
+    the camera's horizontal axis, so brows, nose and lips cast shading below.
+    """
+    pose = camera_pose(yaw_deg, settings)
+    e = np.deg2rad(settings.light_elevation_deg)
+    return np.cos(e) * pose[:3, 2] + np.sin(e) * pose[:3, 1]
+
+
+def _light_pose(yaw_deg: float, settings: RenderSettings) -> np.ndarray:
+    pose = camera_pose(yaw_deg, settings)
+    z = light_direction(yaw_deg, settings)
+    x = pose[:3, 0]
+    out = np.eye(4)
+    out[:3, 0], out[:3, 1], out[:3, 2], out[:3, 3] = x, np.cross(z, x), z, pose[:3, 3]
+    return out
 
 
 def project_points(points: np.ndarray, yaw_deg: float, settings: RenderSettings) -> np.ndarray:
@@ -278,7 +301,7 @@ def _pyrender_views(worker: _GLWorker, mesh: trimesh.Trimesh, yaws: Sequence[flo
         for yaw in yaws:
             pose = camera_pose(yaw, settings)
             scene.set_pose(cam_node, pose)
-            scene.set_pose(light_node, pose)
+            scene.set_pose(light_node, _light_pose(yaw, settings))
             color, depth = r.render(scene)
             out.append((np.asarray(color)[..., :3].mean(axis=2).round().astype(np.uint8),
                         np.asarray(depth, dtype=np.float32).copy()))
@@ -309,9 +332,9 @@ def raycast_view(mesh: trimesh.Trimesh, yaw_deg: float = 0.0,
                  intersector: Any = None) -> RenderResult:
     """Render one view by ray casting (no OpenGL); same camera as :func:`render_view`.
 
-    Shading: ``grey * (ambient + light_intensity/π · max(0, n·v))`` with
-    smooth (barycentric vertex-normal) normals ``n`` and ``v`` the direction to
-    the camera axis (headlight), clipped to [0, 1] and scaled to 8 bits.
+    Shading: ``grey * (ambient + light_intensity/π · max(0, n·l))`` with
+    smooth (barycentric vertex-normal) normals ``n`` and ``l`` from
+    :func:`light_direction`, clipped to [0, 1] and scaled to 8 bits.
     """
     settings = settings or RenderSettings()
     _check_mesh(mesh)
@@ -339,7 +362,7 @@ def raycast_view(mesh: trimesh.Trimesh, yaw_deg: float = 0.0,
         vn = mesh.vertex_normals[mesh.faces[tri_idx]]
         n = np.einsum("ij,ijk->ik", bary, vn)
         n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
-        lam = np.clip(n @ pose[:3, 2], 0.0, 1.0)
+        lam = np.clip(n @ light_direction(yaw_deg, settings), 0.0, 1.0)
         shade = settings.grey * (settings.ambient + settings.light_intensity / np.pi * lam)
         image[ray_idx] = np.clip(shade, 0.0, 1.0) * 255.0
     return RenderResult(image=image.reshape(h, w).round().astype(np.uint8),

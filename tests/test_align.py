@@ -7,11 +7,14 @@ import pytest
 from pipeline.align import (
     Alignment,
     AlignmentError,
+    BoneCloud,
     alignment_from_volume,
     bone_cloud,
-    canonical_alignment,
+    default_template,
+    make_template,
     rotation_angle_deg,
     rotation_from_euler_deg,
+    symmetry_plane,
 )
 from pipeline.surface import skin_surface
 from pipeline.volume import Volume
@@ -28,9 +31,12 @@ def _volume_centre_lps(shape=SHAPE, spacing=SPACING) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def reference() -> tuple[Volume, Alignment]:
+def toy() -> tuple[Volume, object]:
+    """Untilted toy head and a template made from its own bone (head frame = LPS - centre)."""
     vol = make_head_volume(SHAPE, SPACING)
-    return vol, alignment_from_volume(vol)
+    cloud = bone_cloud(vol)
+    local = BoneCloud(cloud.points_lps_mm - _volume_centre_lps(), cloud.normals, cloud.weights_mm2)
+    return vol, make_template(local)
 
 
 def test_euler_helper_is_a_rotation_about_the_named_axes():
@@ -41,58 +47,66 @@ def test_euler_helper_is_a_rotation_about_the_named_axes():
     assert rotation_angle_deg(rotation_from_euler_deg(pitch_deg=7)) == pytest.approx(7.0)
 
 
-def test_untilted_head_frame_is_anatomical(reference):
-    vol, a = reference
-    assert np.allclose(a.rotation @ a.rotation.T, np.eye(3), atol=1e-9)
-    assert np.linalg.det(a.rotation) == pytest.approx(1.0)
-    # the toy head is exactly symmetric about the scanner's sagittal plane through its centre
-    assert np.degrees(np.arccos(a.rotation[0, 0])) < 0.5
-    assert abs(a.centre_lps_mm[0] - _volume_centre_lps()[0]) < 0.5
-    assert a.rotation[1, 1] > 0.7 and a.rotation[2, 2] > 0.7  # y posterior, z superior
-    skin = a.apply_mesh(skin_surface(vol, target_faces=20_000))
-    nose_tip = skin.vertices[np.argmin(skin.vertices[:, 1])]
-    assert abs(nose_tip[0]) < 3.0  # on the mid-sagittal plane
-    assert nose_tip[1] < -80  # anterior = negative canonical y
-    hom = np.column_stack([vol.affine()[:3, 3][None, :], [[1.0]]])
-    assert np.allclose((a.matrix() @ hom.T).T[:, :3], a.apply(vol.affine()[:3, 3][None, :]))
-
-
-@pytest.mark.parametrize("angles", [(5, -4, 3), (-6, 5, -4), (0, 6, 0), (4, 0, -5)])
-def test_recovered_transform_undoes_known_rotation(reference, angles):
-    _vol, a0 = reference
+@pytest.mark.parametrize("angles", [(0, 0, 0), (5, -4, 3), (-6, 5, -4), (0, 6, 0), (4, 0, -5)])
+def test_recovered_transform_undoes_known_rotation(toy, angles):
+    _vol, template = toy
     g = rotation_from_euler_deg(*angles)
     vol = make_head_volume(SHAPE, SPACING, pose=g)
-    a = alignment_from_volume(vol)
-    # a maps the rotated head onto the same canonical frame: a.R @ g == a0.R
-    assert rotation_angle_deg(a.rotation @ g @ a0.rotation.T) < 2.0
-    c = _volume_centre_lps()
-    assert np.linalg.norm(a.centre_lps_mm - (g @ (a0.centre_lps_mm - c) + c)) < 2.0
-    assert a.scale == pytest.approx(a0.scale, rel=0.01)
-    # and the same skin point lands at the same canonical position (≤ 2 mm-ish)
-    tip0 = a0.apply(np.array([[c[0], c[1] - 114.0, c[2] - 10.0]]))
-    tip = a.apply((g @ (np.array([c[0], c[1] - 114.0, c[2] - 10.0]) - c) + c)[None, :])
-    assert np.linalg.norm(tip - tip0) < 2.5
+    a = alignment_from_volume(vol, template)
+    assert np.allclose(a.rotation @ a.rotation.T, np.eye(3), atol=1e-9)
+    assert np.linalg.det(a.rotation) == pytest.approx(1.0)
+    # the head frame is LPS rotated by g: the alignment must be g⁻¹
+    assert rotation_angle_deg(a.rotation @ g) < 2.0
+    # the head centre (template origin) maps to the canonical origin
+    assert np.linalg.norm(a.apply(_volume_centre_lps()[None, :])) < 2.0
+    assert a.scale == pytest.approx(1.0, rel=0.01)
+    # a skin point (the nose tip) lands where it belongs in the head frame
+    tip_head = np.array([0.0, -114.0, -10.0])
+    tip_lps = g @ tip_head + _volume_centre_lps()
+    assert np.linalg.norm(a.apply(tip_lps[None, :])[0] - tip_head) < 3.0
 
 
-def test_original_and_defaced_get_identical_transform(reference):
-    vol, a0 = reference
+def test_symmetry_plane_of_rotated_head(toy):
+    g = rotation_from_euler_deg(6, 0, -4)
+    vol = make_head_volume(SHAPE, SPACING, pose=g)
+    normal, point, rms = symmetry_plane(bone_cloud(vol))
+    assert np.degrees(np.arccos(normal @ g[:, 0])) < 0.5
+    assert abs((point - _volume_centre_lps()) @ normal) < 0.5
+    assert rms < 1.0
+
+
+def test_original_and_defaced_get_identical_transform(toy):
+    vol, template = toy
     defaced = make_head_volume(SHAPE, SPACING, deface=True)
     assert not np.array_equal(defaced.hu, vol.hu)
-    a = alignment_from_volume(defaced)
+    a0, a = alignment_from_volume(vol, template), alignment_from_volume(defaced, template)
     assert np.array_equal(a.rotation, a0.rotation)
     assert np.array_equal(a.centre_lps_mm, a0.centre_lps_mm)
     assert a.scale == a0.scale
 
 
-def test_scale_normalises_head_size(reference):
-    _vol, a0 = reference
+def test_scale_normalises_head_size(toy):
+    _vol, template = toy
     big = make_head_volume((90, 100, 90), SPACING, scale=1.1)
-    a = alignment_from_volume(big)
-    assert a.scale == pytest.approx(a0.scale / 1.1, rel=0.01)
+    a = alignment_from_volume(big, template)
+    assert a.scale == pytest.approx(1 / 1.1, rel=0.02)
+    assert rotation_angle_deg(a.rotation) < 1.0
 
 
-def test_bone_cloud_normals_point_outwards(reference):
-    vol, _a = reference
+def test_canonical_frame_and_mesh_mapping(toy):
+    vol, template = toy
+    a = alignment_from_volume(vol, template)
+    skin = a.apply_mesh(skin_surface(vol, target_faces=20_000))
+    assert skin.volume > 0  # winding preserved by a proper similarity
+    nose_tip = skin.vertices[np.argmin(skin.vertices[:, 1])]
+    assert abs(nose_tip[0]) < 3.0 and nose_tip[1] < -100  # anterior = negative canonical y
+    p = np.array([[10.0, -20.0, 30.0]])
+    hom = np.column_stack([p, [[1.0]]])
+    assert np.allclose((a.matrix() @ hom.T).T[:, :3], a.apply(p))
+
+
+def test_bone_cloud_normals_point_outwards(toy):
+    vol, _t = toy
     cloud = bone_cloud(vol)
     c = np.average(cloud.points_lps_mm, axis=0, weights=cloud.weights_mm2)
     r = cloud.points_lps_mm - c
@@ -101,15 +115,38 @@ def test_bone_cloud_normals_point_outwards(reference):
     assert (np.einsum("ij,ij->i", cloud.normals[far], r[far]) > 0).mean() > 0.95
 
 
+@pytest.mark.slow
+def test_synthetic_head_pose_is_recovered_with_default_template():
+    """Same synthetic subject at two poses: the relative rotation is undone (< 2°)."""
+    synth = pytest.importorskip("pipeline.synth")
+    params = synth.SubjectParams.random(11)
+    kw = {"shape": (84, 100, 100), "spacing_mm": (3.0, 2.5, 2.5)}
+    poses = [(0.0, 0.0, 0.0), (4.0, -3.0, 3.0)]
+    heads = [synth.generate_head(params, pose_deg=p, noise_seed=i, **kw)
+             for i, p in enumerate(poses)]
+    al = [alignment_from_volume(h.volume) for h in heads]
+    g = [rotation_from_euler_deg(*p) for p in poses]  # head-local → LPS
+    # both recover the same head-fixed frame: a_i.R @ g_i is the same matrix
+    assert rotation_angle_deg((al[1].rotation @ g[1]) @ (al[0].rotation @ g[0]).T) < 2.0
+    # yaw and roll are anatomical (symmetry plane): canonical x = head-local x
+    for a, gi in zip(al, g):
+        assert np.degrees(np.arccos(np.clip(a.rotation[0] @ gi[:, 0], -1, 1))) < 1.0
+    # the default template's origin sits between the pupils: within 15 mm of it
+    for a, h in zip(al, heads):
+        assert np.linalg.norm(a.apply(h.head_centre_lps_mm[None, :])) < 15.0
+    assert default_template() is default_template()
+
+
 def test_bad_input_raises():
     empty = Volume(hu=np.full((10, 10, 10), -1000.0, dtype=np.float32), spacing_mm=(2, 2, 2))
     with pytest.raises(AlignmentError, match="no voxel"):
         alignment_from_volume(empty)
-    # a bone sphere: symmetric but its pitch is undefined
-    k, j, i = np.meshgrid(*(np.arange(40) * 3.0,) * 3, indexing="ij")
-    r = np.sqrt((i - 58.5) ** 2 + (j - 58.5) ** 2 + (k - 58.5) ** 2)
-    sphere = Volume(hu=np.where((r < 50) & (r > 42), 700.0, 0.0).astype(np.float32),
-                    spacing_mm=(3, 3, 3))
-    with pytest.raises(AlignmentError, match="pitch is ill-defined"):
-        alignment_from_volume(sphere)
+    # a bone slab far from any head: symmetric plane fine, template fit impossible
+    hu = np.full((30, 30, 30), -1000.0, dtype=np.float32)
+    hu[10:12, 5:25, 5:25] = 700.0
+    with pytest.raises(AlignmentError):
+        alignment_from_volume(Volume(hu=hu, spacing_mm=(3, 3, 3)))
+    with pytest.raises(AlignmentError, match="at least 50"):
+        symmetry_plane(BoneCloud(np.zeros((10, 3)), np.ones((10, 3)), np.ones(10)))
     assert issubclass(AlignmentError, ValueError)
+    _ = Alignment(np.eye(3), np.zeros(3), 1.0)

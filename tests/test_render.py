@@ -22,7 +22,7 @@ from pipeline.render import (
     save_png,
 )
 
-SMALL = RenderSettings(width_px=128, height_px=128)
+SMALL = RenderSettings(width_px=128, height_px=128, yfov_deg=28.0, target=(0.0, 0.0, 0.0))
 
 
 def toy_head_mesh() -> trimesh.Trimesh:
@@ -86,7 +86,7 @@ def test_view_orientation_conventions():
     assert ear_uv[0] > SMALL.width_px / 2
     assert front.mask[int(ear_uv[1]), int(ear_uv[0])]
     nose_uv = project_points(np.array([[0.0, -113.0, -20.0]]), 0.0, SMALL)[0]
-    r, c = int(round(nose_uv[1])), int(round(nose_uv[0]))
+    r, c = round(nose_uv[1]), round(nose_uv[0])
     local = front.depth[r - 2:r + 3, c - 2:c + 3]
     assert local[local > 0].min() < front.depth[front.mask].mean() - 20  # nose is nearest
     # positive yaw moves the camera to the subject's left: the ear comes towards the camera
@@ -117,7 +117,7 @@ def test_face_box_is_inside_the_image_and_on_the_face():
     left, top, right, bottom = box
     s = RenderSettings()
     assert 0 <= left < right < s.width_px and 0 <= top < bottom < s.height_px
-    hx, y0, y1, z0, z1 = s.face_box
+    _hx, y0, _y1, z0, z1 = s.face_box
     centre = project_points(np.array([[0.0, y0, (z0 + z1) / 2]]), 0.0, s)[0]
     assert left < centre[0] < right and top < centre[1] < bottom
     assert abs((left + right) / 2 - s.width_px / 2) <= 1  # frontal box is centred in x
@@ -136,7 +136,7 @@ def _render_in_child(q) -> None:
     try:
         res = render_view(toy_head_mesh(), 0.0, SMALL, backend="pyrender", timeout_s=60)
         q.put(res.image)
-    except BaseException as exc:  # pragma: no cover — reported to the parent
+    except Exception as exc:  # noqa: BLE001 — reported to the parent
         q.put(repr(exc))
 
 
