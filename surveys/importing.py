@@ -135,7 +135,7 @@ def safe_extract_zip(zip_path: Path, dest: Path, limits: ZipLimits | None = None
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
                 raise ImportRejected(f"archive member #{index} is a symbolic link; refused")
-            if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):  # 0: no type recorded
                 raise ImportRejected(f"archive member #{index} is a special file; refused")
             if info.flag_bits & 0x1:
                 raise ImportRejected(f"archive member #{index} is encrypted; refused")
@@ -279,12 +279,6 @@ def import_folder(
         ident = _identity(ref.files[0])
         planned.append(_PlannedSeries(ref, pseudonym_key(str(ref.series_uid), secret), ident))
 
-    existing_series = set(Series.objects.filter(subject__cohort=cohort)
-                          .values_list("series_key", flat=True))
-    for p in planned:
-        if p.series_key in existing_series:
-            raise ImportRejected(f"series #{p.ref.index} is already in this cohort; nothing was imported")
-
     by_patient: dict[str, list[_PlannedSeries]] = {}
     for p in planned:
         ident = p.patient
@@ -296,6 +290,12 @@ def import_folder(
             raise ImportRejected(
                 f"a subject in this upload is already in the cohort as {existing_subjects[key]}; "
                 "a second upload of the same subject is refused; nothing was imported")
+
+    existing_series = set(Series.objects.filter(subject__cohort=cohort)
+                          .values_list("series_key", flat=True))
+    for p in planned:
+        if p.series_key in existing_series:
+            raise ImportRejected(f"series #{p.ref.index} is already in this cohort; nothing was imported")
 
     # order subjects by their key so pseudonyms do not follow the upload's (name) order
     keys = sorted(by_patient)
