@@ -1,0 +1,1348 @@
+"""Synthetic head CT with ground truth: anatomy from smooth implicit shapes.
+
+Every structure is a signed-distance-like field (negative inside, roughly in
+millimetres) built from ellipsoids and capsules combined with smooth unions
+(``smin``) and smooth subtractions, in *head-local* patient coordinates
+(LPS axes, mm): ``x`` → patient Left, ``y`` → Posterior, ``z`` → Superior,
+origin midway between the pupils. The head is then rotated by a small pose
+and voxelised onto a standard axial grid, so the same subject can be produced
+at any size and spacing.
+
+Array conventions follow :mod:`pipeline.volume`: ``hu[k, j, i]`` = [slice,
+row, column]; ImageOrientationPatient ``1,0,0,0,1,0`` so column ``i`` runs to
+patient Left, row ``j`` to Posterior (the face is at small ``j``) and slice
+``k`` to Superior.
+
+Tissue labels (``SynthHead.labels``, uint8) — nominal HU in brackets:
+
+====  ==================  ===============================================
+code  name                meaning
+====  ==================  ===============================================
+0     air                 outside the body (−1000)
+1     skin                outer 2 mm of the body (+45)
+2     fat                 subcutaneous / orbital / buccal fat (−100)
+3     muscle              muscle and deep soft tissue, tongue, neck (+50)
+4     soft_tissue         sclera, turbinates, cartilage, cord, discs (+35)
+5     cortical_bone       outer/inner tables, facial bone walls (+1450)
+6     cancellous_bone     diploe, bone marrow spaces (+450)
+7     teeth               tooth crowns (+2300)
+8     grey_matter         cortex, 3 mm rim of the brain (+40)
+9     white_matter        (+30)
+10    csf                 subarachnoid space, ventricles, falx gap (+6)
+11    vitreous            eye vitreous (+10)
+12    lens                eye lens (+80)
+13    internal_air        sinuses, nasal airway, pharynx, ear canal (−990)
+14    couch               scanner head-rest (+150); not part of the patient
+====  ==================  ===============================================
+
+Facial-feature ground truth: ``SynthHead.feature_masks`` has soft-tissue
+masks ``"eyes"`` (eyeballs and lids), ``"nose"``, ``"lips"``, ``"brow"``,
+``"chin"`` and ``"ears"``; they are disjoint (priority in that order).
+``SynthHead.feature_boxes[k]`` lists ``(class_name, i0, j0, i1, j1)`` pixel
+boxes (column/row, inclusive–exclusive) of the features present on slice
+``k``; eyes and ears get one box per side.
+
+``SynthHead.face_soft_tissue_mask`` is the ground truth a defacer should
+remove: every soft-tissue voxel (skin, fat, muscle, soft tissue, eyes) with
+no bone or tooth anterior to it along the row direction (−j), within 40 mm
+of the skin surface, between 30 mm above the brow centre and 15 mm below the
+menton, within the bizygomatic width, excluding the ears and the
+nasal-cavity lining. It is disjoint from bone, teeth and brain.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
+from typing import Any, Callable
+
+import numpy as np
+
+from .volume import Volume
+
+__all__ = [
+    "FEATURE_CLASSES",
+    "LABELS",
+    "LABEL_HU",
+    "LABEL_HU_RANGE",
+    "SoftTissueLabels",
+    "SynthError",
+    "SynthHead",
+    "SubjectParams",
+    "generate_head",
+    "head_local_to_lps",
+    "render_skin_frontal",
+]
+
+
+class SynthError(ValueError):
+    """Invalid input to the synthetic-head generator."""
+
+
+# ----------------------------------------------------------------------------- labels
+
+LABELS: dict[str, int] = {
+    "air": 0,
+    "skin": 1,
+    "fat": 2,
+    "muscle": 3,
+    "soft_tissue": 4,
+    "cortical_bone": 5,
+    "cancellous_bone": 6,
+    "teeth": 7,
+    "grey_matter": 8,
+    "white_matter": 9,
+    "csf": 10,
+    "vitreous": 11,
+    "lens": 12,
+    "internal_air": 13,
+    "couch": 14,
+}
+_L = LABELS
+
+#: Nominal (noise-free, blur-free) HU per label code.
+LABEL_HU: dict[int, float] = {
+    0: -1000.0, 1: 45.0, 2: -100.0, 3: 50.0, 4: 35.0, 5: 1450.0, 6: 450.0,
+    7: 2300.0, 8: 40.0, 9: 30.0, 10: 6.0, 11: 10.0, 12: 80.0, 13: -990.0, 14: 150.0,
+}
+
+#: Documented plausible HU range per label (what a radiologist would accept).
+LABEL_HU_RANGE: dict[int, tuple[float, float]] = {
+    0: (-1024.0, -950.0), 1: (10.0, 80.0), 2: (-130.0, -70.0), 3: (20.0, 80.0),
+    4: (10.0, 70.0), 5: (1000.0, 1800.0), 6: (300.0, 600.0), 7: (2000.0, 2500.0),
+    8: (32.0, 48.0), 9: (22.0, 38.0), 10: (-5.0, 15.0), 11: (0.0, 20.0), 12: (60.0, 100.0),
+    13: (-1024.0, -900.0), 14: (50.0, 250.0),
+}
+
+#: Label codes counted as (non-bone, non-brain) soft tissue of the patient.
+SoftTissueLabels = (1, 2, 3, 4, 11, 12)
+_BONE_LABELS = (5, 6, 7)
+_BRAIN_LABELS = (8, 9)
+
+FEATURE_CLASSES: tuple[str, ...] = ("eyes", "nose", "lips", "brow", "chin", "ears")
+# feature-id codes: (class, side) ; 0 = none
+_FEATURE_CODES: dict[int, str] = {
+    1: "eyes", 2: "eyes", 3: "nose", 4: "lips", 5: "brow", 6: "chin", 7: "ears", 8: "ears",
+}
+
+_BIG = np.float32(1.0e4)
+_LUT = np.full(256, -1000.0, np.float32)
+for _code, _v in LABEL_HU.items():
+    _LUT[_code] = _v
+
+
+# ----------------------------------------------------------------------------- params
+
+def _p(lo: float, hi: float, doc: str) -> Any:
+    """A SubjectParams field with its sampling range in metadata; default = midpoint."""
+    return field(default=(lo + hi) / 2.0, metadata={"range": (lo, hi), "doc": doc})
+
+
+@dataclass
+class SubjectParams:
+    """Identity of a synthetic subject. Lengths in mm, angles in degrees.
+
+    Every field has a sampling range (``SubjectParams.ranges()``);
+    :meth:`random` draws each uniformly from its range, so two seeds give
+    visibly different faces. The default instance is the mid-range "average"
+    head.
+    """
+
+    skull_length_mm: float = _p(174.0, 194.0, "glabella–opisthocranion skin length")
+    skull_width_mm: float = _p(138.0, 158.0, "maximum head breadth (skin)")
+    vertex_height_mm: float = _p(110.0, 126.0, "vertex above the pupils")
+    forehead_slope: float = _p(0.0, 0.28, "recession of the forehead (tan of angle)")
+    face_width_mm: float = _p(120.0, 146.0, "bizygomatic width (skin)")
+    chin_height_mm: float = _p(40.0, 54.0, "stomion–menton height")
+    jaw_width_mm: float = _p(88.0, 122.0, "bigonial width (skin)")
+    chin_projection_mm: float = _p(-8.0, 8.0, "forward projection of the chin")
+    chin_width_mm: float = _p(26.0, 46.0, "width of the chin pad")
+    nose_length_mm: float = _p(42.0, 60.0, "nasion–subnasale height")
+    nose_projection_mm: float = _p(14.0, 28.0, "subnasale–pronasale depth")
+    nose_width_mm: float = _p(28.0, 42.0, "alar width")
+    nose_bridge_mm: float = _p(3.0, 12.0, "height of the nasal bridge in front of the eyes")
+    nose_tip_radius_mm: float = _p(6.5, 11.0, "radius of the nasal tip")
+    eye_spacing_mm: float = _p(56.0, 70.0, "inter-pupillary distance")
+    eye_opening_mm: float = _p(7.0, 12.0, "palpebral fissure height")
+    orbit_depth_mm: float = _p(4.0, 13.0, "depth of the cornea behind the brow")
+    brow_prominence_mm: float = _p(0.0, 9.0, "forward projection of the brow ridge")
+    brow_height_mm: float = _p(15.0, 23.0, "brow ridge above the pupils")
+    lip_fullness_mm: float = _p(3.0, 10.0, "lip thickness/projection")
+    mouth_width_mm: float = _p(42.0, 60.0, "mouth width")
+    philtrum_mm: float = _p(16.0, 24.0, "subnasale–stomion height")
+    cheek_fullness_mm: float = _p(2.0, 16.0, "cheek subcutaneous fat")
+    cheekbone_mm: float = _p(0.0, 8.0, "zygoma prominence")
+    ear_length_mm: float = _p(54.0, 70.0, "ear length")
+    ear_height_mm: float = _p(-8.0, 6.0, "vertical offset of the ears")
+    ear_protrusion_deg: float = _p(10.0, 35.0, "angle of the pinna from the head")
+    neck_radius_mm: float = _p(50.0, 62.0, "neck radius")
+    scalp_mm: float = _p(4.0, 7.0, "scalp soft-tissue thickness")
+    canthal_tilt_deg: float = _p(-5.0, 9.0, "upward tilt of the lateral eye corners")
+    nose_hump_mm: float = _p(-3.0, 4.0, "convexity (+) or concavity (−) of the nasal dorsum")
+    nose_tip_lift_mm: float = _p(-4.0, 5.0, "upturn of the nasal tip")
+    lower_lip_ratio: float = _p(0.7, 1.35, "lower/upper lip thickness")
+    brow_arch_deg: float = _p(0.0, 16.0, "arch of the brows (lateral ends lower)")
+    detail_seed: int = field(default=-1, metadata={
+        "doc": "seed of small idiosyncratic shape jitter (±1–2 mm) of soft-tissue shapes; -1: none"})
+    seed: int | None = field(default=None, metadata={"doc": "seed used by random(), if any"})
+
+    @classmethod
+    def ranges(cls) -> dict[str, tuple[float, float]]:
+        """Sampling range ``(lo, hi)`` of every numeric field."""
+        return {f.name: f.metadata["range"] for f in fields(cls) if "range" in f.metadata}
+
+    @classmethod
+    def random(cls, seed: int) -> SubjectParams:
+        """Draw every parameter uniformly from its range with ``numpy.random.default_rng(seed)``."""
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+            raise SynthError(f"seed must be an int, got {type(seed).__name__}")
+        rng = np.random.default_rng([int(seed), 0x5E1F])
+        values = {name: float(rng.uniform(lo, hi)) for name, (lo, hi) in cls.ranges().items()}
+        return cls(**values, detail_seed=int(rng.integers(0, 2**31 - 1)), seed=int(seed))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-serialisable)."""
+        return asdict(self)
+
+    def validate(self) -> None:
+        """Raise :class:`SynthError` if a value is outside 1.5× its sampling range."""
+        for name, (lo, hi) in self.ranges().items():
+            v = getattr(self, name)
+            if not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v):
+                raise SynthError(f"parameter {name} must be a finite number")
+            pad = 0.25 * (hi - lo)
+            if not (lo - pad <= v <= hi + pad):
+                raise SynthError(
+                    f"parameter {name}={v:.3g} outside the supported range "
+                    f"[{lo - pad:.3g}, {hi + pad:.3g}]"
+                )
+
+
+# ----------------------------------------------------------------------------- primitives
+
+def _smin(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
+    """Polynomial smooth minimum (smooth union) of two fields, blend width ``k`` mm."""
+    if k <= 0:
+        return np.minimum(a, b)
+    h = (b - a) * (0.5 / k)
+    h += 0.5
+    np.clip(h, 0.0, 1.0, out=h)
+    out = a - b
+    out *= h
+    out += b  # b + (a-b) h  = mix(b, a, h)
+    h *= 1.0 - h
+    h *= k
+    out -= h
+    return out
+
+
+def _smax(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
+    """Smooth maximum (smooth intersection)."""
+    return -_smin(-a, -b, k)
+
+
+class _Prim:
+    """A signed-distance-like field with a local-coordinate bounding box (lo, hi)."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+
+    def sdf(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError
+
+
+class _Ellipsoid(_Prim):
+    """Ellipsoid (Quilez' distance bound), optional rotation, x-taper along z and y-shear."""
+
+    def __init__(self, c, r, rot=None, taper=0.0, shear=0.0, margin=0.0) -> None:
+        self.c = np.asarray(c, float)
+        self.r = np.asarray(r, float)
+        if np.any(self.r <= 0):
+            raise SynthError("ellipsoid radii must be positive")
+        self.rot = None if rot is None else np.asarray(rot, float)  # rows: ellipsoid axes in local
+        self.taper = float(taper)
+        self.shear = float(shear)
+        ext = self.r.copy()
+        ext[0] *= 1.0 + abs(self.taper)
+        if self.rot is not None:
+            ext = np.sqrt((self.rot.T ** 2) @ (ext ** 2))
+        ext[1] += abs(self.shear) * self.r[2]
+        ext += margin
+        self.lo, self.hi = self.c - ext, self.c + ext
+
+    def sdf(self, x, y, z):
+        cx, cy, cz = self.c
+        dx = x - np.float32(cx - 1e-4)
+        dy = y - np.float32(cy)
+        dz = z - np.float32(cz)
+        if self.shear:
+            dy -= np.float32(self.shear) * dz
+        if self.rot is not None:
+            m = self.rot.astype(np.float32)
+            dx, dy, dz = (m[0, 0] * dx + m[0, 1] * dy + m[0, 2] * dz,
+                          m[1, 0] * dx + m[1, 1] * dy + m[1, 2] * dz,
+                          m[2, 0] * dx + m[2, 1] * dy + m[2, 2] * dz)
+        rx, ry, rz = (np.float32(v) for v in self.r)
+        if self.taper:
+            sx = 1.0 + np.float32(self.taper / self.r[2]) * dz
+            np.maximum(sx, np.float32(0.2), out=sx)
+            dx = dx / sx
+        u = dx * (1.0 / rx)
+        v = dy * (1.0 / ry)
+        w = dz * (1.0 / rz)
+        k0 = u * u
+        k0 += v * v
+        k0 += w * w
+        np.sqrt(k0, out=k0)
+        u *= 1.0 / rx
+        v *= 1.0 / ry
+        w *= 1.0 / rz
+        k1 = u * u
+        k1 += v * v
+        k1 += w * w
+        np.sqrt(k1, out=k1)
+        k1 += np.float32(1e-9)
+        out = k0 - 1.0
+        out *= k0
+        out /= k1
+        return out
+
+
+class _Sphere(_Prim):
+    def __init__(self, c, r, margin=0.0) -> None:
+        self.c = np.asarray(c, float)
+        self.r = float(r)
+        self.lo, self.hi = self.c - r - margin, self.c + r + margin
+
+    def sdf(self, x, y, z):
+        cx, cy, cz = (np.float32(v) for v in self.c)
+        d = (x - cx) ** 2
+        d += (y - cy) ** 2
+        d += (z - cz) ** 2
+        np.sqrt(d, out=d)
+        d -= np.float32(self.r)
+        return d
+
+
+class _Capsule(_Prim):
+    """Segment a→b with radius linearly varying ra→rb; optional scale of the z axis."""
+
+    def __init__(self, a, b, ra, rb=None, margin=0.0) -> None:
+        self.a = np.asarray(a, float)
+        self.b = np.asarray(b, float)
+        self.ra = float(ra)
+        self.rb = float(ra if rb is None else rb)
+        r = max(self.ra, self.rb) + margin
+        self.lo = np.minimum(self.a, self.b) - r
+        self.hi = np.maximum(self.a, self.b) + r
+
+    def sdf(self, x, y, z):
+        ax, ay, az = (np.float32(v) for v in self.a)
+        ba = (self.b - self.a)
+        bb = float(ba @ ba) or 1e-9
+        bx, by, bz = (np.float32(v / bb) for v in ba)
+        px = x - ax
+        py = y - ay
+        pz = z - az
+        h = px * bx
+        h += py * by
+        h += pz * bz
+        np.clip(h, 0.0, 1.0, out=h)
+        px -= h * np.float32(ba[0])
+        py -= h * np.float32(ba[1])
+        pz -= h * np.float32(ba[2])
+        d = px * px
+        d += py * py
+        d += pz * pz
+        np.sqrt(d, out=d)
+        h *= np.float32(self.rb - self.ra)
+        d -= h
+        d -= np.float32(self.ra)
+        return d
+
+
+class _Offset(_Prim):
+    """``prim`` grown (t < 0) or shrunk (t > 0) by ``t`` mm."""
+
+    def __init__(self, prim: _Prim, t: float) -> None:
+        self.prim = prim
+        self.t = float(t)
+        grow = max(0.0, -self.t)
+        self.lo, self.hi = prim.lo - grow, prim.hi + grow
+
+    def sdf(self, x, y, z):
+        d = self.prim.sdf(x, y, z)
+        d += np.float32(self.t)
+        return d
+
+
+class _Clip(_Prim):
+    """Intersection of ``prim`` with the half-space ``sign*(coord - value) <= 0`` (hard)."""
+
+    def __init__(self, prim: _Prim, axis: int, value: float, keep_below: bool) -> None:
+        self.prim, self.axis, self.value, self.keep_below = prim, axis, float(value), keep_below
+        self.lo, self.hi = prim.lo.copy(), prim.hi.copy()
+        if keep_below:
+            self.hi[axis] = min(self.hi[axis], value + 2.0)
+        else:
+            self.lo[axis] = max(self.lo[axis], value - 2.0)
+
+    def sdf(self, x, y, z):
+        d = self.prim.sdf(x, y, z)
+        c = (x, y, z)[self.axis] - np.float32(self.value)
+        if not self.keep_below:
+            c = -c
+        return np.maximum(d, c, out=d)
+
+
+class _Lid(_Prim):
+    """Eyelid: spherical shell of radius r around an eye, outside an almond-shaped opening."""
+
+    def __init__(self, c, r, half_w, half_h, margin=0.0, tilt_deg=0.0) -> None:
+        self.c = np.asarray(c, float)
+        self.r, self.half_w, self.half_h = float(r), float(half_w), float(half_h)
+        self.tilt = math.radians(tilt_deg)
+        self.lo, self.hi = self.c - r - margin, self.c + r + margin
+
+    def sdf(self, x, y, z):
+        cx, cy, cz = (np.float32(v) for v in self.c)
+        dx = x - cx
+        dz = z - cz
+        d = dx * dx
+        d += (y - cy) ** 2
+        d += dz * dz
+        np.sqrt(d, out=d)
+        d -= np.float32(self.r)
+        # almond opening: ellipse in (x, z), pointed at the canthi
+        if self.tilt:
+            ct, st = np.float32(math.cos(self.tilt)), np.float32(math.sin(self.tilt))
+            dx, dz = ct * dx + st * dz, ct * dz - st * dx
+        u = dx * np.float32(1.0 / self.half_w)
+        w = dz * np.float32(1.0 / self.half_h)
+        e = u * u
+        e = np.sqrt(e, out=e)  # |u|
+        e = 1.0 - e
+        np.maximum(e, np.float32(0.0), out=e)
+        # opening test: |w| < (1-|u|)^0.8  ->  field  = |w| - (1-|u|)^0.8  (scaled to mm)
+        np.power(e, np.float32(0.8), out=e)
+        np.abs(w, out=w)
+        w -= e
+        w *= np.float32(self.half_h)
+        return np.maximum(d, w, out=d)
+
+
+# ----------------------------------------------------------------------------- model
+
+def _rotmat(yaw_deg: float = 0.0, roll_deg: float = 0.0) -> np.ndarray:
+    """Rows = ellipsoid axes in head-local coordinates: the ellipsoid turned by ``yaw_deg``
+    about +z (its +x axis towards +y) and then tilted by ``roll_deg`` about +y."""
+    a, b = math.radians(yaw_deg), math.radians(roll_deg)
+    rz = np.array([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0], [0.0, 0.0, 1.0]])
+    ry = np.array([[math.cos(b), 0.0, math.sin(b)], [0.0, 1.0, 0.0], [-math.sin(b), 0.0, math.cos(b)]])
+    return (rz @ ry).T
+
+
+@dataclass
+class _Op:
+    kind: str  # "u" union, "s" subtract, "i" intersect
+    prim: _Prim
+    k: float
+
+
+class _Group(_Prim):
+    """A list of operations applied left to right, starting from 'empty' (+BIG)."""
+
+    def __init__(self, name: str, ops: list[_Op], margin: float = 0.0) -> None:
+        self.name = name
+        self.ops = ops
+        unions = [o for o in ops if o.kind == "u"]
+        if not unions:
+            raise SynthError("a group needs at least one union")
+        kmax = max(o.k for o in ops)
+        if margin:
+            # members must be evaluated far enough out for offsets/blends of the whole group
+            for o in ops:
+                o.prim.lo = o.prim.lo - margin
+                o.prim.hi = o.prim.hi + margin
+        self.lo = np.min([o.prim.lo for o in unions], axis=0) - kmax
+        self.hi = np.max([o.prim.hi for o in unions], axis=0) + kmax
+
+
+def _u(prim: _Prim, k: float = 0.0) -> _Op:
+    return _Op("u", prim, k)
+
+
+def _s(prim: _Prim, k: float = 0.0) -> _Op:
+    return _Op("s", prim, k)
+
+
+class _HeadModel:
+    """All groups of one subject, in head-local coordinates."""
+
+    def __init__(self, p: SubjectParams) -> None:
+        self.p = p
+        self._build()
+
+    # ------------------------------------------------------------------ layout
+    def _build(self) -> None:  # noqa: C901 - one long but linear anatomical recipe
+        p = self.p
+        m = 3.0  # bbox margin (mm)
+        xe = p.eye_spacing_mm / 2.0
+        fw = p.face_width_mm / 2.0
+        jw = p.jaw_width_mm / 2.0
+        t_soft = 6.0  # facial soft tissue over bone
+        self.t_soft = t_soft
+        rng = np.random.default_rng([int(p.detail_seed), 0xD7A1]) if p.detail_seed >= 0 else None
+
+        def jc(c, amt: float = 1.5):
+            """Idiosyncratic jitter of a centre (mm) — none without a detail seed."""
+            return c if rng is None else tuple(np.asarray(c, float) + rng.normal(0.0, amt, 3))
+
+        def jr(r, rel: float = 0.07):
+            """Idiosyncratic relative jitter of radii."""
+            return r if rng is None else tuple(np.asarray(r, float) * np.clip(1 + rng.normal(0.0, rel, 3),
+                                                                              0.8, 1.2))
+        # ---------------------------------------------------------------- landmarks
+        a_cr, b_cr = p.skull_width_mm / 2.0, p.skull_length_mm / 2.0
+        zc_cr = 30.0
+        c_cr = p.vertex_height_mm - zc_cr
+        yc_cr = -86.0 + b_cr
+        self.yc_cr, self.zc_cr = yc_cr, zc_cr
+        brow_front = -89.0 - p.brow_prominence_mm  # skin over the glabella
+        zb = p.brow_height_mm
+        brow_r = (50.0, 24.0, 10.0)
+        y_bb = brow_front + t_soft  # front of the brow-ridge bone
+        brow_at_eye = y_bb + brow_r[1] * (1 - math.sqrt(1 - (xe / brow_r[0]) ** 2)) - t_soft
+        y_cornea = brow_at_eye + p.orbit_depth_mm
+        ye = y_cornea + 13.5
+        self.eye_c = [(-xe, ye, 0.0), (xe, ye, 0.0)]
+        self.ye, self.xe = ye, xe
+        zn = zb - 11.0
+        yn = y_cornea - 5.0 - p.nose_bridge_mm
+        z_sn = zn - p.nose_length_mm
+        y_sn = y_cornea - 13.0
+        y_tip = y_sn - p.nose_projection_mm
+        rt = p.nose_tip_radius_mm
+        z_tip = z_sn + 4.0 + 0.25 * p.nose_projection_mm + p.nose_tip_lift_mm
+        z_st = z_sn - p.philtrum_mm
+        z_occ = z_st - 1.5
+        z_me = z_st - p.chin_height_mm
+        y_pog = y_sn + 5.0 - p.chin_projection_mm
+        lf = p.lip_fullness_mm
+        mw = p.mouth_width_mm / 2.0
+        y_lip = y_sn - 1.0 - 0.5 * lf
+        y_inc = y_lip + 13.0
+        self.z_sn, self.y_sn, self.zn, self.yn, self.y_tip, self.z_tip = z_sn, y_sn, zn, yn, y_tip, z_tip
+        self.z_st, self.z_me, self.y_pog, self.z_brow, self.z_occ = z_st, z_me, y_pog, zb, z_occ
+        ear_z = -10.0 + p.ear_height_mm
+        ear_y = yc_cr - 2.0
+        zr = (ear_z - zc_cr) / c_cr
+        head_half = a_cr * math.sqrt(max(0.05, 1 - zr ** 2))
+        self.head_half_at_ear = head_half
+
+        # ---------------------------------------------------------------- cranium, neck
+        self.cranium = _Ellipsoid((0, yc_cr, zc_cr), (a_cr, b_cr, c_cr),
+                                  shear=p.forehead_slope, margin=m + 14)
+        neck = _Ellipsoid((0, 14.0, -215.0), (p.neck_radius_mm, p.neck_radius_mm + 6, 175.0),
+                          margin=m + 14)
+        self.g_neck = _Group("neck", [_u(neck)])
+
+        # ---------------------------------------------------------------- facial skeleton
+        brow_bone = _Ellipsoid((0, y_bb + 14.0, zb - 4.0), (14.0, 14.0, 10.0))
+        ridges = [_Ellipsoid(jc((s * (xe + 1.0), y_bb + 14.0 + 2.5, zb - 1.0), 1.0), jr((25.0, 14.0, 7.5)),
+                             rot=_rotmat(yaw_deg=s * 18.0, roll_deg=-s * (2.0 + 0.5 * p.brow_arch_deg)))
+                  for s in (-1, 1)]
+        cb = p.cheekbone_mm
+        zyg_b = [_Ellipsoid(jc((s * (fw - 18.0 + 0.5 * cb), ye + 8.0, -17.0)), jr((9.0 + 0.3 * cb, 14.0, 9.0)),
+                            rot=_rotmat(yaw_deg=s * 30.0)) for s in (-1, 1)]
+        infra_rim = [_Capsule((s * (fw - 20.0), ye + 2.0, -16.0), (s * (xe - 6.0), ye - 2.0, -17.0), 4.5)
+                     for s in (-1, 1)]
+        lat_rim = [_Capsule((s * (xe + 17.0), ye + 3.0, -12.0), (s * (xe + 17.0), ye + 5.0, zb - 2.0), 5.0)
+                   for s in (-1, 1)]
+        arch = [_Capsule((s * (fw - 14.0), ye + 18.0, -15.0), (s * (head_half - 8.0), ear_y - 12.0, -13.0),
+                         4.0) for s in (-1, 1)]
+        y_mx = y_sn + 13.0
+        z_mx_top, z_mx_bot = -15.0, z_occ + 10.0
+        mx_r = (fw - 34.0, 30.0, (z_mx_top - z_mx_bot) / 2.0 + 2.0)
+        maxilla = _Ellipsoid((0, y_mx + mx_r[1], (z_mx_top + z_mx_bot) / 2.0), mx_r)
+        frontal_proc = [_Capsule((s * 12.0, y_sn + 15.0, z_sn + 10.0), (s * 9.0, yn + 11.0, zn + 2.0), 5.0)
+                        for s in (-1, 1)]
+        nasal_bone = _Capsule((0, yn + 10.0, zn + 2.0),
+                              (0, yn + 9.0 - 0.3 * p.nose_projection_mm, zn - 0.4 * p.nose_length_mm),
+                              4.5, 3.5)
+
+        # dental arch (t in [0, 1] from the midline to the last molar)
+        aw = 24.0 + 0.15 * (fw - 66.0)
+
+        def arch_pt(t: float, s: int, dz: float, inset: float = 0.0) -> tuple[float, float, float]:
+            return (s * (3.5 + (aw - 3.5) * t ** 0.85) * (1 - inset), y_inc + 4.0 + 36.0 * t ** 1.7 + 30 * inset,
+                    dz)
+
+        up_chain = []
+        for s in (-1, 1):
+            pts = [arch_pt(t, s, z_occ + 11.0) for t in np.linspace(0.0, 1.0, 6)]
+            up_chain += [_Capsule(a, b, 5.5) for a, b in zip(pts[:-1], pts[1:])]
+        palate = _Ellipsoid((0, y_inc + 26.0, z_occ + 14.0), (aw - 6.0, 24.0, 3.5))
+        facebone_ops = [_u(brow_bone), _u(ridges[0], 6), _u(ridges[1], 6), _u(zyg_b[0], 6),
+                        _u(zyg_b[1], 6), _u(infra_rim[0], 5), _u(infra_rim[1], 5), _u(arch[0], 4),
+                        _u(arch[1], 4),
+                        _u(lat_rim[0], 5), _u(lat_rim[1], 5), _u(maxilla, 8), _u(frontal_proc[0], 5),
+                        _u(frontal_proc[1], 5), _u(nasal_bone, 4), _u(palate, 4)]
+        facebone_ops += [_u(c, 5) for c in up_chain]
+        grow = t_soft + 4.0 + 8.0 + m
+        self.g_facebone = _Group("facebone", facebone_ops, margin=grow)
+
+        # mandible
+        jb = jw - 14.0
+        y_gon = ear_y - 20.0
+        z_gon = z_me + 28.0
+        y_pog_b = y_pog + 11.0
+        n_pts = 13
+        low, alv = [], []
+        for t in np.linspace(-1.0, 1.0, n_pts):
+            at = abs(t)
+            low.append((jb * t, y_pog_b + (y_gon - y_pog_b) * at ** 1.8,
+                        z_me + 5.0 + (z_gon - z_me - 5.0) * at ** 2.2))
+        for s in (-1, 1):
+            alv.append([arch_pt(t, s, z_occ - 11.0, inset=0.02) for t in np.linspace(0.0, 1.0, 6)])
+        md_ops = []
+        for a, b in zip(low[:-1], low[1:]):
+            md_ops.append(_u(_Capsule(a, b, 5.5), 6))
+        for chain in alv:
+            for a, b in zip(chain[:-1], chain[1:]):
+                md_ops.append(_u(_Capsule(a, b, 5.0), 6))
+        mid = n_pts // 2
+        for s_idx, s in ((0, -1), (1, 1)):
+            chain = alv[s_idx]
+            for q, t_low in enumerate(range(mid, n_pts) if s > 0 else range(mid, -1, -1)):
+                if q >= len(chain):
+                    break
+                md_ops.append(_u(_Capsule(low[t_low], chain[q], 4.5), 6))
+            # last molar → anterior border of the ramus
+            md_ops.append(_u(_Capsule(chain[-1], (s * (jb - 2.0), y_gon + 2.0, z_occ - 2.0), 5.0), 6))
+        rami = [_Capsule((s * jb, y_gon, z_gon - 2.0), (s * (head_half - 14.0), ear_y - 6.0, ear_z - 4.0),
+                         6.5, 5.0) for s in (-1, 1)]
+        chin_b = _Ellipsoid(jc((0, y_pog_b + 3.0, z_me + 12.0)), jr((14.0, 8.0, 11.0)))
+        md_ops += [_u(rami[0], 6), _u(rami[1], 6), _u(chin_b, 6)]
+        self.g_mandible = _Group("mandible", md_ops, margin=grow)
+
+        self.orbits = [_Ellipsoid((s * (xe + 1.0), ye + 14.0, 0.5), (17.5, 26.0, 16.5), margin=m)
+                       for s in (-1, 1)]
+        self.g_orbits = _Group("orbits", [_u(o) for o in self.orbits], margin=grow)
+        # air cavities inside bone
+        nc_lo, nc_hi = z_sn - 3.0, 12.0
+        nasal_cav = _Ellipsoid((0, y_sn + 45.0, (nc_lo + nc_hi) / 2), (11.0, 38.0, (nc_hi - nc_lo) / 2),
+                               margin=m)
+        sx = 0.45 * mx_r[0] + 8.0
+        max_sinus = [_Ellipsoid((s * sx, y_sn + 41.0, maxilla.c[2] + 3.0),
+                                (min(9.0, mx_r[0] - sx - 2.0), 15.0, mx_r[2] - 6.0), margin=m)
+                     for s in (-1, 1)]
+        frontal_sinus = _Ellipsoid((0, y_bb + 12.0, zb + 2.0), (12.0, 5.0, 8.0), margin=m)
+        sphenoid = _Ellipsoid((0, y_sn + 74.0, -5.0), (11.0, 10.0, 9.0), margin=m)
+        self.nasal_cav = nasal_cav
+        self.g_aircav = _Group("aircav", [_u(nasal_cav), _u(max_sinus[0]), _u(max_sinus[1]),
+                                          _u(frontal_sinus), _u(sphenoid)])
+        self.g_vestibule = _Group("vestibule", [
+            _u(_Capsule((s * 5.0, y_sn - 2.0 - 0.2 * p.nose_projection_mm, z_sn + 2.0),
+                        (s * 6.0, y_sn + 14.0, z_sn + 6.0), 3.0, margin=m)) for s in (-1, 1)])
+        self.turbinates = [_Ellipsoid((s * 8.5, y_sn + 50.0, zz), (3.5, 26.0, 4.0), margin=m)
+                           for s in (-1, 1) for zz in (z_sn + 5.0, z_sn + 16.0)]
+        self.g_pharynx = _Group("pharynx", [
+            _u(_Capsule((0, y_sn + 80.0, z_sn + 8.0), (0, y_sn + 90.0, z_st - 20.0), 8.0, margin=m)),
+            _u(_Capsule((0, y_sn + 90.0, z_st - 20.0), (0, y_sn + 94.0, -400.0), 7.5, margin=m), 3.0)])
+        # teeth (crowns)
+        self.teeth = []
+        for s in (-1, 1):
+            for n in range(8):
+                t = (n + 0.5) / 8.0
+                size = 3.0 + 2.2 * t
+                for up in (1, -1):
+                    q = arch_pt(t, s, z_occ + up * 4.6, inset=0.0 if up > 0 else 0.03)
+                    self.teeth.append(_Ellipsoid(q, (size * 0.8, size, 4.6), margin=m))
+        self.g_teeth = _Group("teeth", [_u(t) for t in self.teeth])
+        # cervical spine
+        y_spine = y_sn + 118.0
+        self.spine_body = _Capsule((0, y_spine, z_st - 20.0), (0, y_spine + 4.0, -400.0), 9.0, margin=m)
+        self.spine_canal = _Capsule((0, y_spine + 18.0, z_st - 10.0), (0, y_spine + 22.0, -400.0), 7.0,
+                                    margin=m)
+        self.spine_arch = _Capsule((0, y_spine + 18.0, z_st - 10.0), (0, y_spine + 22.0, -400.0), 11.0,
+                                   margin=m)
+        self.ventricles = [_Ellipsoid((s * 7.0, yc_cr - 8.0, zc_cr + 10.0), (4.5, 26.0, 8.0), margin=m)
+                           for s in (-1, 1)]
+
+        # ---------------------------------------------------------------- soft-tissue shapes
+        f = p.cheek_fullness_mm
+        malar = [_Ellipsoid(jc((s * (xe + 6.0), ye + 14.0, -20.0), 2.0), jr((15.0, 14.0 + 0.4 * f, 12.0)),
+                            margin=m)
+                 for s in (-1, 1)]
+        buccal = [_Ellipsoid(jc((s * (xe + 6.0), ye + 22.0, z_st + 4.0), 2.0),
+                             jr((14.0 + 0.25 * f, 18.0 + 0.3 * f, 16.0)),
+                             margin=m) for s in (-1, 1)]
+        masseter = [_Capsule(jc((s * (fw - 16.0), ye + 24.0, -18.0), 2.0),
+                             jc((s * (jb + 2.0), y_gon + 2.0, z_gon + 2.0), 2.0),
+                             8.0 + 0.2 * f, margin=m) for s in (-1, 1)]
+        floor = _Ellipsoid((0, (y_pog_b + y_gon) / 2 + 6.0, z_me + 14.0),
+                           (max(jb - 6.0, 20.0), (y_gon - y_pog_b) / 2 + 2.0, 14.0), margin=m)
+        self.g_pads = _Group("pads", [_u(q) for q in malar + buccal + masseter] + [_u(floor)], margin=12)
+        self.g_brow = _Group("brow", [
+            _u(_Ellipsoid(jc((s * (xe + 1.0), brow_at_eye + 9.0 - 1.5, zb), 1.0), jr((22.0, 9.0, 5.5)),
+                          rot=_rotmat(yaw_deg=s * 18.0, roll_deg=-s * p.brow_arch_deg), margin=m), 4)
+            for s in (-1, 1)] + [
+            _u(_Ellipsoid((0, brow_front + 9.0 - 1.0, zb - 3.0), (12.0, 9.0, 8.0), margin=m), 4)])
+        self.g_sockets = _Group("sockets", [
+            _u(_Ellipsoid((s * (xe + 1.0), ye - 12.0, 1.5), (18.0, 12.0, 12.5), margin=m)) for s in (-1, 1)])
+        chin = _Ellipsoid(jc((0, y_pog + 13.0, z_me + 16.0), 1.0), jr((p.chin_width_mm / 2, 13.0, 15.0)),
+                          margin=m)
+        self.g_chin = _Group("chin", [_u(chin)])
+
+        # eyes and lids (one group per side for left/right feature ids)
+        half_open = p.eye_opening_mm / 2.0
+        self.g_eye = []
+        for c in self.eye_c:
+            ball = _Sphere(c, 12.0, margin=m)
+            cornea = _Sphere((c[0], c[1] - 5.5, c[2]), 8.0, margin=m)
+            side = 1.0 if c[0] > 0 else -1.0  # lateral corner up: +tilt for the left eye
+            lid = _Lid(c, 14.0, 15.0, half_open, margin=m, tilt_deg=side * p.canthal_tilt_deg)
+            self.g_eye.append(_Group("eye", [_u(ball), _u(cornea, 1.0), _u(lid, 1.0)]))
+
+        # nose
+        ra = 5.5
+        d_end = np.array((0, y_tip + rt + 0.5, z_tip + 0.7 * rt))
+        d_start = np.array((0, yn + ra, zn))
+        d_mid = 0.55 * d_start + 0.45 * d_end
+        d_mid[1] -= p.nose_hump_mm
+        r_mid = 0.5 * (ra + 0.8 * rt)
+        dorsum = _Group("dorsum", [_u(_Capsule(d_start, d_mid, ra, r_mid, margin=m)),
+                                   _u(_Capsule(d_mid, d_end, r_mid, 0.8 * rt, margin=m), 3.0)])
+        tip = _Sphere((0, y_tip + rt, z_tip), rt, margin=m)
+        alae = [_Ellipsoid(jc((s * (p.nose_width_mm / 2 - 6.5), y_sn - 4.0, z_sn + 5.0), 0.8), jr((6.5, 8.5, 6.5)),
+                           margin=m) for s in (-1, 1)]
+        nbase = _Ellipsoid((0, y_sn - 0.45 * p.nose_projection_mm, z_sn + 6.0),
+                           (p.nose_width_mm / 2 - 6.0, 0.45 * p.nose_projection_mm + 5.0, 7.0), margin=m)
+        columella = _Capsule((0, y_tip + rt, z_tip - 0.5 * rt), (0, y_sn - 1.0, z_sn + 2.0), 3.5, margin=m)
+        nostrils = [_Ellipsoid((s * 5.5, y_sn - 4.0 - 0.25 * p.nose_projection_mm, z_sn + 1.0),
+                               (3.2, 5.5, 2.5), margin=m) for s in (-1, 1)]
+        self.g_nose = _Group("nose", [*dorsum.ops, _u(tip, 4), _u(nbase, 4), _u(alae[0], 3),
+                                      _u(alae[1], 3), _u(columella, 2)])
+        self.g_nostrils = _Group("nostrils", [_u(nostrils[0]), _u(nostrils[1])])
+
+        # lips
+        upper = _Ellipsoid(jc((0, y_lip + 12.0, z_st + 4.0), 0.7), jr((mw, 12.0, 3.5 + 0.35 * lf), 0.05),
+                           margin=m)
+        lz = (4.0 + 0.35 * lf) * p.lower_lip_ratio
+        lower = _Ellipsoid((0, y_lip + 12.0 + 1.5 / p.lower_lip_ratio, z_st - lz - 0.5),
+                           (mw - 4.0, 12.0, lz), margin=m)
+        self.g_lips = _Group("lips", [_u(upper), _u(lower, 1.5)])
+        self.g_mouth = _Group("mouth", [_u(_Ellipsoid((0, y_lip + 5.0, z_st), (mw - 3.0, 8.0, 0.8),
+                                                       margin=m))])
+
+        # ears
+        self.g_ear = []
+        for s in (-1, 1):
+            ang = math.radians(p.ear_protrusion_deg)
+            ca, sa = math.cos(ang), math.sin(ang)
+            tilt = math.radians(15.0)
+            ct, st = math.cos(tilt), math.sin(tilt)
+            rz_ = np.array([[ca, s * sa, 0.0], [-s * sa, ca, 0.0], [0, 0, 1.0]])
+            rx_ = np.array([[1.0, 0, 0], [0, ct, -st], [0, st, ct]])
+            rot = rx_ @ rz_
+            cx = s * (head_half + 3.0)
+            pinna = _Ellipsoid((cx, ear_y + 6.0, ear_z), (4.5, 17.0, p.ear_length_mm / 2), rot=rot, margin=m)
+            lobe_root = _Ellipsoid((cx - s * 3.0, ear_y, ear_z), (6.0, 10.0, 14.0), margin=m)
+            concha = _Ellipsoid((cx + s * 4.5, ear_y + 2.0, ear_z - 2.0), (4.5, 8.0, 11.0), rot=rot, margin=m)
+            self.g_ear.append(_Group("ear", [_u(pinna), _u(lobe_root, 4), _s(concha, 2.0)]))
+        self.ear_canal = [_Capsule((s * (head_half + 4.0), ear_y + 2.0, ear_z - 2.0),
+                                   (s * (head_half - 18.0), ear_y + 2.0, ear_z - 2.0), 3.0, margin=m)
+                          for s in (-1, 1)]
+
+        # face soft-tissue region limits (head-local)
+        self.face_z_top = zb + 30.0
+        self.face_z_bottom = z_me - 15.0
+        self.face_half_width = fw
+        self.y_back_face = ear_y - 12.0
+
+    # ------------------------------------------------------------------ extents
+    def head_extent(self) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate local bbox (lo, hi) of the head above the neck (mm)."""
+        p = self.p
+        lo = np.array([-p.skull_width_mm / 2 - 18, self.y_tip - 2.0, self.z_me - 4.0])
+        hi = np.array([p.skull_width_mm / 2 + 18, self.yc_cr + p.skull_length_mm / 2 + 6,
+                       p.vertex_height_mm + 2.0])
+        return lo, hi
+
+
+# ----------------------------------------------------------------------------- grid/slabs
+
+def _rotation(pose_deg: tuple[float, float, float]) -> np.ndarray:
+    """Local→LPS rotation: yaw about +z (S), pitch about +x (L), roll about +y (P); R = Rz Rx Ry."""
+    yaw, pitch, roll = (math.radians(float(v)) for v in pose_deg)
+    cz, sz = math.cos(yaw), math.sin(yaw)
+    cx, sx = math.cos(pitch), math.sin(pitch)
+    cy, sy = math.cos(roll), math.sin(roll)
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1.0]])
+    rx = np.array([[1.0, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1.0, 0], [-sy, 0, cy]])
+    return rz @ rx @ ry
+
+
+class _Grid:
+    def __init__(self, shape, spacing, origin, rot, centre) -> None:
+        self.shape = tuple(int(s) for s in shape)
+        self.spacing = np.asarray(spacing, float)  # (dk, dj, di)
+        self.origin = np.asarray(origin, float)  # LPS of voxel 0
+        self.rot = np.asarray(rot, float)
+        self.centre = np.asarray(centre, float)
+        self._cache: dict[int, tuple[int, ...] | None] = {}
+
+    def index_box(self, prim: _Prim) -> tuple[int, ...] | None:
+        key = id(prim)
+        if key in self._cache:
+            return self._cache[key]
+        lo, hi = prim.lo, prim.hi
+        corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1])
+                            for z in (lo[2], hi[2])])
+        world = corners @ self.rot.T + self.centre
+        wlo, whi = world.min(axis=0), world.max(axis=0)
+        dk, dj, di = self.spacing
+        nk, nj, ni = self.shape
+        ox, oy, oz = self.origin
+        box = []
+        for (lo_w, hi_w, o, d, n) in ((wlo[2], whi[2], oz, dk, nk), (wlo[1], whi[1], oy, dj, nj),
+                                      (wlo[0], whi[0], ox, di, ni)):
+            a = max(0, int(math.floor((lo_w - o) / d)))
+            b = min(n, int(math.ceil((hi_w - o) / d)) + 1)
+            box += [a, b]
+        res = tuple(box) if box[0] < box[1] and box[2] < box[3] and box[4] < box[5] else None
+        self._cache[key] = res
+        return res
+
+
+class _Slab:
+    """Local coordinates of slices k0..k1 of the grid."""
+
+    def __init__(self, grid: _Grid, k0: int, k1: int) -> None:
+        self.grid, self.k0, self.k1 = grid, k0, k1
+        nk, nj, ni = grid.shape
+        dk, dj, di = grid.spacing
+        ox, oy, oz = grid.origin
+        cx, cy, cz = grid.centre
+        wx = (ox + di * np.arange(ni) - cx).astype(np.float32)[None, None, :]
+        wy = (oy + dj * np.arange(nj) - cy).astype(np.float32)[None, :, None]
+        wz = (oz + dk * np.arange(k0, k1) - cz).astype(np.float32)[:, None, None]
+        r = grid.rot.astype(np.float32)
+        # local = R^T (world - centre)
+        self.x = r[0, 0] * wx + r[1, 0] * wy + r[2, 0] * wz
+        self.y = r[0, 1] * wx + r[1, 1] * wy + r[2, 1] * wz
+        self.z = r[0, 2] * wx + r[1, 2] * wy + r[2, 2] * wz
+        self.shape = self.x.shape
+        self.world_x = wx + np.float32(cx)
+        self.world_y = wy + np.float32(cy)
+
+    def slices(self, prim: _Prim, within: tuple[slice, ...] | None = None):
+        box = self.grid.index_box(prim)
+        if box is None:
+            return None
+        k0, k1 = max(box[0], self.k0) - self.k0, min(box[1], self.k1) - self.k0
+        j0, j1, i0, i1 = box[2:]
+        if within is not None:
+            k0, k1 = max(k0, within[0].start), min(k1, within[0].stop)
+            j0, j1 = max(j0, within[1].start), min(j1, within[1].stop)
+            i0, i1 = max(i0, within[2].start), min(i1, within[2].stop)
+        if k0 >= k1 or j0 >= j1 or i0 >= i1:
+            return None
+        return (slice(k0, k1), slice(j0, j1), slice(i0, i1))
+
+    def coords(self, sl):
+        return self.x[sl], self.y[sl], self.z[sl]
+
+    def eval(self, prim: _Prim) -> tuple[tuple[slice, ...], np.ndarray] | None:
+        """Evaluate a primitive or group inside its box; None when it misses the slab."""
+        sl = self.slices(prim)
+        if sl is None:
+            return None
+        if isinstance(prim, _Group):
+            shape = tuple(s.stop - s.start for s in sl)
+            out = np.full(shape, _BIG, np.float32)
+            for op in prim.ops:
+                ssl = self.slices(op.prim, within=sl)
+                if ssl is None:
+                    continue
+                rel = tuple(slice(a.start - b.start, a.stop - b.start) for a, b in zip(ssl, sl))
+                d = op.prim.sdf(*self.coords(ssl))
+                cur = out[rel]
+                if op.kind == "u":
+                    out[rel] = _smin(cur, d, op.k)
+                elif op.kind == "s":
+                    out[rel] = _smax(cur, -d, op.k)
+                else:
+                    out[rel] = _smax(cur, d, op.k)
+            return sl, out
+        return sl, prim.sdf(*self.coords(sl))
+
+
+def _combine(field_arr: np.ndarray, res, kind: str, k: float) -> None:
+    """In-place smooth union ('u') or subtraction ('s') of an evaluated (sl, values) into a field."""
+    if res is None:
+        return
+    sl, d = res
+    cur = field_arr[sl]
+    if kind == "u":
+        field_arr[sl] = _smin(cur, d, k)
+    else:
+        field_arr[sl] = _smax(cur, -d, k)
+
+
+def _paint(labels: np.ndarray, res, label: int, where: Callable[[np.ndarray], np.ndarray] | None = None,
+           thr: float = 0.0) -> None:
+    """Set ``labels`` to ``label`` where the evaluated field < thr (and ``where`` holds)."""
+    if res is None:
+        return
+    sl, d = res
+    m = d < thr
+    if where is not None:
+        m &= where(sl)
+    labels[sl][m] = label
+
+
+# ----------------------------------------------------------------------------- result
+
+@dataclass
+class SynthHead:
+    """Output of :func:`generate_head`.
+
+    ``volume.hu`` is int16 HU, ``labels`` uint8 tissue codes (see module
+    docstring), ``feature_ids`` uint8 per-voxel feature codes (0 none,
+    1/2 right/left eye, 3 nose, 4 lips, 5 brow, 6 chin, 7/8 right/left ear),
+    ``face_soft_tissue_mask`` bool. All arrays are ``[k, j, i]`` like
+    ``volume.hu``. ``feature_boxes[k]`` is a list of ``(class_name, i0, j0,
+    i1, j1)`` (column/row pixel indices, inclusive–exclusive).
+    """
+
+    volume: Volume
+    labels: np.ndarray
+    feature_ids: np.ndarray
+    face_soft_tissue_mask: np.ndarray
+    feature_boxes: list[list[tuple[str, int, int, int, int]]]
+    params: SubjectParams
+    pose_deg: tuple[float, float, float]
+    head_centre_lps_mm: np.ndarray
+
+    @property
+    def bone_mask(self) -> np.ndarray:
+        """Cortical bone, cancellous bone and teeth."""
+        return np.isin(self.labels, _BONE_LABELS)
+
+    @property
+    def brain_mask(self) -> np.ndarray:
+        """Grey and white matter (not CSF)."""
+        return np.isin(self.labels, _BRAIN_LABELS)
+
+    @cached_property
+    def feature_masks(self) -> dict[str, np.ndarray]:
+        """Soft-tissue mask per feature class (``FEATURE_CLASSES``); disjoint."""
+        out = {}
+        for name in FEATURE_CLASSES:
+            codes = [c for c, n in _FEATURE_CODES.items() if n == name]
+            out[name] = np.isin(self.feature_ids, codes)
+        return out
+
+    def label_mask(self, name: str) -> np.ndarray:
+        """Boolean mask of one tissue label by name (see ``LABELS``)."""
+        if name not in LABELS:
+            raise SynthError(f"unknown label {name!r}; known: {', '.join(LABELS)}")
+        return self.labels == LABELS[name]
+
+
+def head_local_to_lps(head: SynthHead, points_mm: np.ndarray) -> np.ndarray:
+    """Map head-local points (N×3, mm; x Left, y Posterior, z Superior, origin between the
+    pupils) to patient LPS mm using the head's pose and centre."""
+    pts = np.asarray(points_mm, float).reshape(-1, 3)
+    return pts @ _rotation(head.pose_deg).T + head.head_centre_lps_mm
+
+
+# ----------------------------------------------------------------------------- generator
+
+def _check_inputs(shape, spacing_mm, noise_hu, blur_sigma_mm, pose_deg) -> None:
+    if len(shape) != 3 or any(int(s) != s or s < 4 for s in shape):
+        raise SynthError(f"shape must be three integers ≥ 4, got {shape}")
+    if int(np.prod(shape)) > 200_000_000:
+        raise SynthError(f"shape {shape} is too large (over 2e8 voxels)")
+    if len(spacing_mm) != 3 or any(not (0.05 <= float(s) <= 20.0) for s in spacing_mm):
+        raise SynthError(f"spacing_mm must be three values in [0.05, 20] mm, got {spacing_mm}")
+    if not (0.0 <= float(noise_hu) <= 500.0):
+        raise SynthError(f"noise_hu must be in [0, 500], got {noise_hu}")
+    if not (0.0 <= float(blur_sigma_mm) <= 10.0):
+        raise SynthError(f"blur_sigma_mm must be in [0, 10], got {blur_sigma_mm}")
+    if pose_deg is not None:
+        if len(pose_deg) != 3 or any(not math.isfinite(float(a)) or abs(float(a)) > 45 for a in pose_deg):
+            raise SynthError(f"pose_deg must be three angles within ±45°, got {pose_deg}")
+
+
+def generate_head(
+    params: SubjectParams | None = None,
+    *,
+    shape: tuple[int, int, int] = (80, 96, 96),
+    spacing_mm: tuple[float, float, float] = (3.0, 2.5, 2.5),
+    pose_deg: tuple[float, float, float] | None = None,
+    noise_hu: float = 12.0,
+    noise_seed: int = 0,
+    blur_sigma_mm: float = 0.6,
+    couch: bool = True,
+) -> SynthHead:
+    """Voxelise a synthetic head CT.
+
+    ``shape`` = ``(n_slices, rows, cols)``, ``spacing_mm`` = ``(dk, dj, di)``
+    in mm. Standard axial orientation (ImageOrientationPatient 1,0,0,0,1,0,
+    slices increasing to Superior); the origin is chosen so that the head
+    (chin to vertex, nose tip to occiput, ear to ear) is centred in the
+    field of view. ``pose_deg`` = ``(yaw, pitch, roll)`` in degrees:
+    right-handed rotations of the head about the patient S, L and P axes
+    (applied roll, then pitch, then yaw). ``None`` draws a small random pose
+    (each angle uniform in ±4°) from ``noise_seed``. ``noise_hu`` is the
+    standard deviation of white Gaussian noise (HU) added after a Gaussian
+    partial-volume blur of ``blur_sigma_mm`` (mm). ``couch`` adds a curved
+    head-rest posterior to the head (label 14, outside the patient).
+
+    Deterministic for equal arguments. Raises :class:`SynthError` for invalid
+    input.
+    """
+    params = SubjectParams() if params is None else params
+    if not isinstance(params, SubjectParams):
+        raise SynthError("params must be a SubjectParams")
+    params.validate()
+    shape = tuple(int(s) if float(s).is_integer() else s for s in shape)  # type: ignore[assignment]
+    _check_inputs(shape, spacing_mm, noise_hu, blur_sigma_mm, pose_deg)
+    if pose_deg is None:
+        prng = np.random.default_rng([int(noise_seed), 0x9053])
+        pose_deg = tuple(float(a) for a in prng.uniform(-4.0, 4.0, size=3))
+    pose = tuple(float(a) for a in pose_deg)
+
+    model = _HeadModel(params)
+    rot = _rotation(pose)
+    nk, nj, ni = shape
+    dk, dj, di = (float(s) for s in spacing_mm)
+    lo, hi = model.head_extent()
+    mid_local = (lo + hi) / 2.0
+    # choose centre (world position of the local origin) so the head bbox centre lands mid-FOV
+    fov_mid = np.array([(ni - 1) * di / 2.0, (nj - 1) * dj / 2.0, (nk - 1) * dk / 2.0])
+    origin = np.array([-fov_mid[0], -fov_mid[1], -fov_mid[2]])  # FOV centred on LPS (0,0,0)
+    centre = -(rot @ mid_local)  # world of local origin; local mid → world 0
+    grid = _Grid(shape, (dk, dj, di), origin, rot, centre)
+
+    labels = np.zeros(shape, np.uint8)
+    feat = np.zeros(shape, np.uint8)
+    face = np.zeros(shape, bool)
+    hu_f = np.empty(shape, np.float32)
+    aa_mm = float(np.mean([dk, dj, di]))
+    slab_k = max(1, int(1_500_000 // (nj * ni)))
+    for k0 in range(0, nk, slab_k):
+        k1 = min(nk, k0 + slab_k)
+        slab = _Slab(grid, k0, k1)
+        _fill_slab(model, slab, labels[k0:k1], feat[k0:k1], face[k0:k1], hu_f[k0:k1],
+                   couch=couch, aa_mm=aa_mm)
+
+    hu = _finish_hu(hu_f, (dk, dj, di), blur_sigma_mm, noise_hu, noise_seed)
+    del hu_f
+    boxes = _feature_boxes(feat)
+    vol = Volume(hu=hu, spacing_mm=(dk, dj, di), origin_lps_mm=origin)
+    return SynthHead(volume=vol, labels=labels, feature_ids=feat, face_soft_tissue_mask=face,
+                     feature_boxes=boxes, params=params, pose_deg=pose,
+                     head_centre_lps_mm=np.asarray(centre, float))
+
+
+def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndarray,
+               face: np.ndarray, hu: np.ndarray, *, couch: bool, aa_mm: float) -> None:
+    """Label one slab and write its noise-free HU (all arrays are views into the full ones).
+
+    The skin/air boundary is anti-aliased from the skin distance field over
+    ``aa_mm`` so that iso-surfaces of the HU volume are smooth at sub-voxel level.
+    """
+    L = _L
+    shape = slab.shape
+    # ----------------------------------------------------------------- bone field E
+    E = np.full(shape, _BIG, np.float32)
+    _combine(E, slab.eval(model.g_facebone), "u", 0.0)
+    r_md = slab.eval(model.g_mandible)
+    _combine(E, r_md, "u", 6.0)
+    _combine(E, slab.eval(model.g_orbits), "s", 2.0)
+    # ----------------------------------------------------------------- skin field S
+    S = np.full(shape, _BIG, np.float32)
+    r_cr = slab.eval(model.cranium)
+    _combine(S, r_cr, "u", 0.0)
+    _combine(S, slab.eval(model.g_neck), "u", 14.0)
+    S = _smin(S, E - np.float32(model.t_soft), 8.0)  # facial skin follows the skeleton
+    if r_md is not None:
+        _combine(S, (r_md[0], r_md[1] - np.float32(model.t_soft + 4.0)), "u", 6.0)
+    _combine(S, slab.eval(model.g_pads), "u", 12.0)
+    r_brow = slab.eval(model.g_brow)
+    r_chin = slab.eval(model.g_chin)
+    _combine(S, r_brow, "u", 6.0)
+    _combine(S, r_chin, "u", 8.0)
+    _combine(S, slab.eval(model.g_sockets), "s", 5.0)
+    r_eyes = [slab.eval(g) for g in model.g_eye]
+    for r in r_eyes:
+        _combine(S, r, "u", 1.5)
+    r_nose = slab.eval(model.g_nose)
+    _combine(S, r_nose, "u", 5.0)
+    r_lips = slab.eval(model.g_lips)
+    _combine(S, r_lips, "u", 5.0)
+    r_ears = [slab.eval(g) for g in model.g_ear]
+    for r in r_ears:
+        _combine(S, r, "u", 3.0)
+    _combine(S, slab.eval(model.g_mouth), "s", 1.0)
+    _combine(S, slab.eval(model.g_nostrils), "s", 1.5)
+    r_air = slab.eval(model.g_aircav)
+    _combine(E, r_air, "s", 1.0)
+    # ensure bone is covered by ≥ 3 mm soft tissue
+    np.minimum(S, E - np.float32(3.0), out=S)
+
+    # ----------------------------------------------------------------- soft tissue layers
+    inside = S < 0
+    labels[inside] = L["muscle"]
+    labels[inside & (S > -6.0)] = L["fat"]
+    labels[inside & (S > -2.0)] = L["skin"]
+
+    # ----------------------------------------------------------------- cranium: vault, brain
+    if r_cr is not None:
+        sl, C = r_cr
+        if True:
+            C = C + np.float32(model.p.scalp_mm)  # skull outer surface: C < 0
+            y, z = slab.y[sl], slab.z[sl]
+            x = slab.x[sl]
+            zb = _skull_base_z(x, y)
+            lab = labels[sl]
+            t = 7.0
+            above = z > zb
+            shell = (C < 0) & (C > -t) & (z > zb - 6.0)
+            lab[shell] = L["cancellous_bone"]
+            lab[shell & ((C > -1.8) | (C < -(t - 1.8)))] = L["cortical_bone"]
+            inner = C <= -t
+            base = inner & ~above & (z > zb - 6.0)
+            lab[base] = L["cortical_bone"]
+            lab[base & (z > zb - 4.5) & (z < zb - 1.5)] = L["cancellous_bone"]
+            csf = inner & above
+            lab[csf] = L["csf"]
+            brain = csf & (C < -(t + 1.5)) & (z > zb + 1.0)
+            lab[brain] = L["white_matter"]
+            lab[brain & (C > -(t + 4.5))] = L["grey_matter"]
+            # interhemispheric fissure
+            lab[brain & (np.abs(x) < 1.2) & (z > zb + 25.0)] = L["csf"]
+            for v in model.ventricles:
+                _paint(labels, slab.eval(v), L["csf"], where=lambda s: labels[s] == L["white_matter"])
+
+    # ----------------------------------------------------------------- facial bone
+    bone = E < 0
+    cortical = bone & (E > -1.8)
+    labels[bone] = L["cancellous_bone"]
+    labels[cortical] = L["cortical_bone"]
+    # orbit contents: fat (not replacing the skin layers)
+    deep = lambda s: (S[s] < -4.0) & (E[s] >= 0) & np.isin(labels[s], (1, 2, 3, 4))  # noqa: E731
+    for o in model.orbits:
+        _paint(labels, slab.eval(o), L["fat"], where=deep)
+    # eyes: sclera, vitreous, lens
+    for c in model.eye_c:
+        _paint(labels, slab.eval(_Sphere(c, 12.0)), L["soft_tissue"])
+        _paint(labels, slab.eval(_Sphere(c, 11.0)), L["vitreous"])
+        _paint(labels, slab.eval(_Ellipsoid((c[0], c[1] - 7.5, c[2]), (4.5, 2.0, 4.5))), L["lens"])
+    # air cavities (inside the body)
+    is_body = lambda s: labels[s] != L["air"]  # noqa: E731
+    _paint(labels, r_air, L["internal_air"], where=lambda s: is_body(s) & (S[s] < -2.5))
+    _paint(labels, slab.eval(model.g_vestibule), L["internal_air"],
+           where=lambda s: is_body(s) & (S[s] < -1.5))
+    _paint(labels, slab.eval(model.g_pharynx), L["internal_air"], where=is_body)
+    for tb in model.turbinates:
+        _paint(labels, slab.eval(tb), L["soft_tissue"], where=lambda s: labels[s] == L["internal_air"])
+    if r_air is not None:  # nasal septum
+        sl = slab.slices(model.nasal_cav)
+        if sl is not None:
+            d = model.nasal_cav.sdf(*slab.coords(sl))
+            lab = labels[sl]
+            lab[(d < -1.5) & (np.abs(slab.x[sl]) < 1.1)] = L["cortical_bone"]
+    for ec in model.ear_canal:
+        _paint(labels, slab.eval(ec), L["internal_air"], where=lambda s: is_body(s) & (E[s] >= 0))
+    # teeth
+    _paint(labels, slab.eval(model.g_teeth), L["teeth"])
+    # spine
+    _paint(labels, slab.eval(model.spine_arch), L["cortical_bone"], where=is_body)
+    _paint(labels, slab.eval(model.spine_canal), L["csf"], where=is_body)
+    _paint(labels, slab.eval(_Offset(model.spine_canal, 3.5)), L["soft_tissue"], where=is_body)
+    r_sp = slab.eval(model.spine_body)
+    if r_sp is not None:
+        sl, d = r_sp
+        z = slab.z[sl]
+        disc = np.mod(z, np.float32(17.0)) < 4.0
+        lab = labels[sl]
+        m = (d < 0) & (lab != 0)
+        lab[m] = L["cancellous_bone"]
+        lab[m & (d > -1.5)] = L["cortical_bone"]
+        lab[m & disc] = L["soft_tissue"]
+
+    # ----------------------------------------------------------------- features
+    soft = np.isin(labels, SoftTissueLabels)
+    order = [(r_eyes[0], 1), (r_eyes[1], 2), (r_nose, 3), (r_lips, 4), (r_brow, 5), (r_chin, 6),
+             (r_ears[0], 7), (r_ears[1], 8)]
+    for res, code in order:
+        if res is None:
+            continue
+        sl, d = res
+        fsl = feat[sl]
+        m = (d < 0.0) & soft[sl] & (fsl == 0)
+        fsl[m] = code
+    # eyes: also the eyeball itself even where lids overlap other features
+    # ----------------------------------------------------------------- face soft tissue
+    bone_any = np.isin(labels, _BONE_LABELS)
+    np.logical_or.accumulate(bone_any, axis=1, out=bone_any)  # any bone at smaller j (anterior)
+    x, y, z = slab.x, slab.y, slab.z
+    region = ((z < model.face_z_top) & (z > model.face_z_bottom) & (np.abs(x) < model.face_half_width)
+              & (y < model.y_back_face) & (S > -40.0))
+    fm = soft & ~bone_any & region
+    fm &= (feat != 7) & (feat != 8)
+    sl = slab.slices(model.nasal_cav)
+    if sl is not None:
+        fm[sl] &= model.nasal_cav.sdf(*slab.coords(sl)) > 0
+    face[...] = fm
+
+    # ----------------------------------------------------------------- couch (scanner frame)
+    if couch:
+        _couch(model, slab, labels)
+
+    # ----------------------------------------------------------------- HU (noise-free)
+    hu[...] = _LUT[labels]
+    edge = np.abs(S) < np.float32(0.5 * aa_mm)
+    if edge.any():
+        s_e = S[edge]
+        inner = np.where(labels[edge] == 0, np.float32(LABEL_HU[1]), hu[edge])
+        frac = np.float32(0.5) - s_e * np.float32(1.0 / aa_mm)
+        hu[edge] = np.float32(-1000.0) + frac * (inner + np.float32(1000.0))
+
+
+def _skull_base_z(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Head-local height (mm) of the cranial-cavity floor: anterior fossa over the orbits,
+    sloping down posteriorly, with the middle fossae dipping laterally."""
+    zb = np.maximum(y + np.float32(35.0), np.float32(0.0))
+    zb *= np.float32(-0.6)
+    zb += np.float32(20.0)
+    lat = np.clip((np.abs(x) - np.float32(18.0)) * np.float32(1 / 18.0), 0.0, 1.0)
+    bump = (y + np.float32(5.0)) * np.float32(1 / 30.0)
+    bump = np.exp(-(bump * bump))
+    zb -= np.float32(14.0) * lat * bump
+    np.maximum(zb, np.float32(-40.0), out=zb)
+    return zb
+
+
+def _couch(model: _HeadModel, slab: _Slab, labels: np.ndarray) -> None:
+    """Curved carbon-fibre head-rest below (posterior to) the head, in world coordinates."""
+    grid = slab.grid
+    _, hi = model.head_extent()
+    # posterior-most point of the head in world y (ignoring small pose effects)
+    back_y = float(grid.centre[1] + (grid.rot @ np.array([0.0, hi[1] - 6.0, 0.0]))[1])
+    R = 150.0
+    cy = back_y + 5.0 - R
+    wx = slab.world_x[0, 0, :] - grid.centre[0]
+    wy = slab.world_y[0, :, 0]
+    r = np.sqrt(wx[None, :] ** 2 + (wy[:, None] - cy) ** 2)
+    plate = (r > R) & (r < R + 6.0) & (wy[:, None] > cy + 0.55 * R)
+    if plate.any():
+        lab = labels
+        sel = np.broadcast_to(plate, lab.shape) & (lab == 0)
+        lab[sel] = _L["couch"]
+
+
+def _finish_hu(hu: np.ndarray, spacing_mm, blur_sigma_mm: float, noise_hu: float,
+               noise_seed: int) -> np.ndarray:
+    """Noise-free float32 HU (modified in place) → int16 HU: Gaussian partial-volume blur
+    (sigma in mm), white Gaussian noise (sd in HU), clipped to [-1024, 3071], rounded."""
+    from scipy import ndimage
+
+    if blur_sigma_mm > 0:
+        for axis, sp in enumerate(spacing_mm):
+            s = blur_sigma_mm / sp
+            if s > 0.15:
+                ndimage.gaussian_filter1d(hu, s, axis=axis, output=hu, mode="nearest", truncate=3.0)
+    out = np.empty(hu.shape, np.int16)
+    rng = np.random.default_rng([int(noise_seed), 0x401E])
+    n_slab = max(1, 2_000_000 // (hu.shape[1] * hu.shape[2]))
+    for k0 in range(0, hu.shape[0], n_slab):
+        blk = hu[k0:k0 + n_slab]
+        if noise_hu > 0:
+            blk += rng.standard_normal(blk.shape, dtype=np.float32) * np.float32(noise_hu)
+        np.clip(blk, -1024.0, 3071.0, out=blk)
+        blk += np.float32(1024.5)  # round half up via truncation of a positive number
+        o = out[k0:k0 + n_slab]
+        o[...] = blk
+        o -= 1024
+    return out
+
+
+def _feature_boxes(feat: np.ndarray) -> list[list[tuple[str, int, int, int, int]]]:
+    """Per-slice bounding boxes ``(class, i0, j0, i1, j1)`` of every feature code present."""
+    nk = feat.shape[0]
+    boxes: list[list[tuple[str, int, int, int, int]]] = [[] for _ in range(nk)]
+    ks = np.flatnonzero(feat.reshape(nk, -1).any(axis=1))
+    for k in ks:
+        sl = feat[k]
+        for code in np.unique(sl):
+            if code == 0:
+                continue
+            m = sl == code
+            rows = np.flatnonzero(m.any(axis=1))
+            cols = np.flatnonzero(m.any(axis=0))
+            boxes[k].append((_FEATURE_CODES[int(code)], int(cols[0]), int(rows[0]),
+                             int(cols[-1]) + 1, int(rows[-1]) + 1))
+    return boxes
+
+
+# ----------------------------------------------------------------------------- render
+
+def render_skin_frontal(volume: Volume, *, threshold_hu: float = -300.0, size_px: int = 256,
+                        light: tuple[float, float, float] = (0.0, -1.0, 0.6),
+                        max_depth_mm: float = 150.0) -> np.ndarray:
+    """Quick frontal render of the skin surface (orthographic, Lambertian), uint8 ``size_px²``.
+
+    Depth map: for each (slice k, column i), the first row ``j`` (from the
+    anterior side, j = 0) where HU > ``threshold_hu``, refined to sub-voxel
+    precision by linear interpolation; normals from its gradient; Lambertian
+    shading with a light coming from ``light`` (LPS direction towards the
+    light: default anterior and superior) plus 10 % ambient. Pixels with no
+    surface within ``max_depth_mm`` of the most anterior point are black.
+    Image is upright (superior at the top) with patient right on the image
+    left (as when facing the patient). Assumes standard axial orientation.
+    """
+    from skimage.transform import resize
+
+    hu = volume.hu
+    dk, dj, di = volume.spacing_mm
+    above = hu > threshold_hu
+    hit = above.any(axis=1)  # (k, i)
+    j0 = np.argmax(above, axis=1)  # first anterior hit
+    jm = np.clip(j0 - 1, 0, None)
+    kk, ii = np.indices(j0.shape)
+    v1 = hu[kk, j0, ii].astype(np.float32)
+    v0 = hu[kk, jm, ii].astype(np.float32)
+    denom = np.where(np.abs(v1 - v0) < 1e-3, 1.0, v1 - v0)
+    frac = np.clip((threshold_hu - v0) / denom, 0.0, 1.0)
+    depth = (jm + np.where(j0 > 0, frac, 0.0)) * dj  # mm from the anterior edge
+    front = depth[hit].min() if hit.any() else 0.0
+    valid = hit & (depth < front + max_depth_mm)
+    depth = np.where(valid, depth, front + max_depth_mm)
+    from scipy import ndimage
+    depth = ndimage.gaussian_filter(depth, (0.6 / dk, 0.6 / di))
+    gz = np.gradient(depth, dk, axis=0)  # d(depth)/dz (z increases with k)
+    gx = np.gradient(depth, di, axis=1)
+    # surface y = D(x, z); outward (anterior) normal ∝ (dD/dx, -1, dD/dz)
+    n = np.stack([gx, -np.ones_like(gx), gz], axis=-1)
+    n /= np.linalg.norm(n, axis=-1, keepdims=True)
+    lv = np.asarray(light, float)
+    lv = lv / np.linalg.norm(lv)
+    shade = np.clip(n @ lv, 0.0, 1.0) * 0.9 + 0.1
+    shade = np.where(valid, shade, 0.0)
+    img = shade[::-1, :]  # superior at the top; column i (patient right→left) left→right
+    h_mm, w_mm = img.shape[0] * dk, img.shape[1] * di
+    scale = size_px / max(h_mm, w_mm)
+    out_h, out_w = max(1, round(h_mm * scale)), max(1, round(w_mm * scale))
+    img = resize(img, (out_h, out_w), order=1, anti_aliasing=True)
+    canvas = np.zeros((size_px, size_px), np.float32)
+    oy, ox = (size_px - out_h) // 2, (size_px - out_w) // 2
+    canvas[oy:oy + out_h, ox:ox + out_w] = img
+    return (np.clip(canvas, 0, 1) * 255).astype(np.uint8)
