@@ -1,0 +1,176 @@
+"""Pipeline jobs on fakeredis: enqueue, claim (no double processing), chain, failure, retry,
+recovery of stages whose worker died. Jobs run in-process with rq's SimpleWorker."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import fakeredis
+import pytest
+from django.contrib.auth.models import User
+from rq import Queue, SimpleWorker
+
+from surveys import jobs, stages
+from surveys.importing import import_folder
+from surveys.models import Cohort, StageRun
+from surveys.synthetic import write_synthetic_cohort
+
+
+@pytest.fixture(scope="module")
+def synth_src(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("synth") / "cohort"
+    write_synthetic_cohort(src, 2, size="tiny", seed=5)
+    return src
+
+
+@pytest.fixture()
+def queue(monkeypatch):
+    conn = fakeredis.FakeStrictRedis()
+    q = Queue("pipeline", connection=conn)
+    monkeypatch.setattr(jobs, "get_pipeline_queue", lambda: q)
+    return q
+
+
+@pytest.fixture()
+def cohort(db, settings, tmp_path, synth_src) -> Cohort:
+    settings.DATA_DIR = tmp_path / "data"
+    settings.PIPELINE_FACE_METHOD = "anatomical"
+    settings.PIPELINE_RENDER_BACKEND = "raycast"
+    owner = User.objects.create_user("owner", password="pw")
+    c = Cohort.objects.create(name="c", owner=owner)
+    src = tmp_path / "src"
+    shutil.copytree(synth_src, src)
+    import_folder(c, src, move=True)
+    return c
+
+
+def drain(queue: Queue, capture) -> None:
+    """Run queued jobs until the queue is empty (on_commit enqueues fire between rounds)."""
+    for _ in range(50):
+        if not len(queue):
+            return
+        with capture(execute=True):
+            SimpleWorker([queue], connection=queue.connection).work(burst=True)
+    raise AssertionError("queue did not drain")
+
+
+def test_enqueue_subject_pushes_first_stage_once(cohort, queue, django_capture_on_commit_callbacks):
+    subject = cohort.subjects.first()
+    with django_capture_on_commit_callbacks(execute=True):
+        run = jobs.enqueue_subject(subject)
+        again = jobs.enqueue_subject(subject)  # already queued: no second job
+    assert run.stage == stages.STAGES[0].name and again is None
+    run.refresh_from_db()
+    assert run.status == "queued" and queue.job_ids == [run.rq_job_id]
+    job = queue.fetch_job(run.rq_job_id)
+    assert job.func_name == "surveys.jobs.run_stage" and job.args == (run.pk, run.rq_job_id)
+    assert "FAKE" not in repr(job.args)
+
+
+def test_claim_makes_duplicate_and_stale_jobs_no_ops(cohort, queue, django_capture_on_commit_callbacks,
+                                                     monkeypatch):
+    calls = []
+    monkeypatch.setitem(stages.STAGE_BY_NAME, "import",
+                        stages.Stage("import", "Import", lambda s, ctx: calls.append(s.pk)))
+    monkeypatch.setattr(jobs, "STAGE_BY_NAME", stages.STAGE_BY_NAME)
+    subject = cohort.subjects.first()
+    run = subject.stages.get(stage="import")
+    with django_capture_on_commit_callbacks(execute=False):
+        old = jobs.enqueue_stage(run)
+        new = jobs.enqueue_stage(run)  # e.g. a retry: supersedes the first job
+    assert jobs.run_stage(run.pk, old) == "skipped"
+    assert jobs.run_stage(run.pk, new) == "done"
+    assert jobs.run_stage(run.pk, new) == "skipped"  # delivered twice: runs once
+    run.refresh_from_db()
+    assert calls == [subject.pk] and run.attempts == 1 and run.status == "done"
+
+
+@pytest.mark.slow
+def test_whole_pipeline_runs_through_the_queue(cohort, queue, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        assert jobs.enqueue_cohort(cohort) == 2
+    drain(queue, django_capture_on_commit_callbacks)
+    runs = StageRun.objects.filter(subject__cohort=cohort)
+    assert {r.status for r in runs} == {"done"}, [(r.stage, r.error) for r in runs]
+    assert all(r.attempts == 1 and r.progress == 1.0 for r in runs)
+    for subject in cohort.subjects.all():
+        s = subject.series.get()
+        assert s.method == "anatomical" and s.removed_ml > 0 and 0.99 < s.bone_dice <= 1.0
+        kinds = sorted(subject.images.values_list("kind", "variant", "view"))
+        assert ("render", "deid", "yaw+0") in kinds and ("slice", "original", "axial") in kinds
+        assert len(subject.embedding_original) == len(subject.embedding_deid) == 128
+    reid = cohort.reid
+    assert reid.n_subjects == 2 and len(reid.cmc) == 2 and reid.cmc[-1] == 1.0
+
+
+@pytest.mark.slow
+def test_failure_does_not_block_other_subjects_and_retry_recovers(
+        cohort, queue, django_capture_on_commit_callbacks, settings):
+    bad, good = list(cohort.subjects.order_by("pseudonym"))
+    series = bad.series.get()
+    moved = Path(settings.DATA_DIR) / (series.original_dir + ".away")
+    (Path(settings.DATA_DIR) / series.original_dir).rename(moved)
+    with django_capture_on_commit_callbacks(execute=True):
+        jobs.enqueue_cohort(cohort)
+    drain(queue, django_capture_on_commit_callbacks)
+    bad_import = bad.stages.get(stage="import")
+    assert bad_import.status == "failed" and bad_import.error
+    assert str(settings.DATA_DIR) not in bad_import.error  # no path in the message
+    assert set(bad.stages.exclude(stage="import").values_list("status", flat=True)) == {"pending"}
+    assert set(good.stages.values_list("status", flat=True)) == {"done"}
+    # a failed subject is not re-queued by "run pending" but by an explicit retry
+    with django_capture_on_commit_callbacks(execute=True):
+        assert jobs.enqueue_cohort(cohort) == 0
+    moved.rename(Path(settings.DATA_DIR) / series.original_dir)
+    with django_capture_on_commit_callbacks(execute=True):
+        jobs.retry_stage(bad_import)
+    drain(queue, django_capture_on_commit_callbacks)
+    assert set(bad.stages.values_list("status", flat=True)) == {"done"}
+    assert bad.stages.get(stage="import").attempts == 2
+
+
+@pytest.mark.slow
+def test_retry_of_a_done_stage_replaces_outputs_and_resets_later_stages(
+        cohort, queue, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        jobs.enqueue_cohort(cohort)
+    drain(queue, django_capture_on_commit_callbacks)
+    subject = cohort.subjects.first()
+    deid = subject.stages.get(stage="deidentify")
+    n_images = subject.images.count()
+    with django_capture_on_commit_callbacks(execute=True):
+        jobs.retry_stage(deid)
+    later = subject.stages.filter(order__gt=deid.order)
+    assert set(later.values_list("status", flat=True)) == {"pending"}
+    drain(queue, django_capture_on_commit_callbacks)
+    assert set(subject.stages.values_list("status", flat=True)) == {"done"}
+    assert subject.images.count() == n_images  # replaced, not duplicated
+
+
+def test_recover_stale_stages(cohort, queue, django_capture_on_commit_callbacks):
+    import socket
+    import subprocess
+    import sys
+
+    from django.utils import timezone
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    a, b = [s.stages.get(stage="import") for s in cohort.subjects.order_by("pseudonym")]
+    host = socket.gethostname()
+    StageRun.objects.filter(pk=a.pk).update(status="running", rq_job_id="old-a", worker_host=host,
+                                            worker_pid=int(dead), heartbeat=timezone.now())
+    import os
+    StageRun.objects.filter(pk=b.pk).update(status="running", rq_job_id="old-b", worker_host=host,
+                                            worker_pid=os.getpid(), heartbeat=timezone.now())
+    with django_capture_on_commit_callbacks(execute=True):
+        recovered = jobs.recover_stale_stages(stale_seconds=3600)
+    assert recovered == [a.pk]  # the live one (this process) is left alone
+    a.refresh_from_db()
+    assert a.status == "queued" and a.rq_job_id != "old-a" and queue.job_ids == [a.rq_job_id]
+    # a remote worker with an old heartbeat counts as dead too
+    StageRun.objects.filter(pk=b.pk).update(worker_host="elsewhere",
+                                            heartbeat=timezone.now() - timezone.timedelta(hours=2))
+    with django_capture_on_commit_callbacks(execute=True):
+        assert jobs.recover_stale_stages(stale_seconds=3600) == [b.pk]
