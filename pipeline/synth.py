@@ -544,7 +544,7 @@ class _HeadModel:
         # ---------------------------------------------------------------- cranium, neck
         self.cranium = _Ellipsoid((0, yc_cr, zc_cr), (a_cr, b_cr, c_cr),
                                   shear=p.forehead_slope, margin=m + 14)
-        neck = _Ellipsoid((0, 14.0, -215.0), (p.neck_radius_mm, p.neck_radius_mm + 6, 175.0),
+        neck = _Ellipsoid((0, 16.0, -215.0), (p.neck_radius_mm, p.neck_radius_mm + 10, 175.0),
                           margin=m + 14)
         self.g_neck = _Group("neck", [_u(neck)])
 
@@ -597,7 +597,7 @@ class _HeadModel:
         jb = jw - 14.0
         y_gon = ear_y - 20.0
         z_gon = z_me + 28.0
-        y_pog_b = y_pog + 11.0
+        y_pog_b = y_pog + 16.5  # centre of the lower-border chain: bone surface 11 mm behind the skin
         n_pts = 13
         low, alv = [], []
         for t in np.linspace(-1.0, 1.0, n_pts):
@@ -623,7 +623,7 @@ class _HeadModel:
             md_ops.append(_u(_Capsule(chain[-1], (s * (jb - 2.0), y_gon + 2.0, z_occ - 2.0), 5.0), 6))
         rami = [_Capsule((s * jb, y_gon, z_gon - 2.0), (s * (head_half - 14.0), ear_y - 6.0, ear_z - 4.0),
                          6.5, 5.0) for s in (-1, 1)]
-        chin_b = _Ellipsoid(jc((0, y_pog_b + 3.0, z_me + 12.0)), jr((14.0, 8.0, 11.0)))
+        chin_b = _Ellipsoid(jc((0, y_pog_b + 3.0, z_me + 12.0), 1.0), jr((14.0, 8.0, 11.0)))
         md_ops += [_u(rami[0], 6), _u(rami[1], 6), _u(chin_b, 6)]
         self.g_mandible = _Group("mandible", md_ops, margin=grow)
 
@@ -662,11 +662,14 @@ class _HeadModel:
                     self.teeth.append(_Ellipsoid(q, (size * 0.8, size, 4.6), margin=m))
         self.g_teeth = _Group("teeth", [_u(t) for t in self.teeth])
         # cervical spine
-        y_spine = y_sn + 118.0
-        self.spine_body = _Capsule((0, y_spine, z_st - 20.0), (0, y_spine + 4.0, -400.0), 9.0, margin=m)
-        self.spine_canal = _Capsule((0, y_spine + 18.0, z_st - 10.0), (0, y_spine + 22.0, -400.0), 7.0,
+        y_spine = y_sn + 110.0
+        self.spine_body = _Capsule((0, y_spine, z_st - 20.0), (0, y_spine + 2.0, -400.0), 9.0, margin=m)
+        self.spine_canal = _Capsule((0, y_spine + 17.0, z_st - 10.0), (0, y_spine + 19.0, -400.0), 7.0,
                                     margin=m)
-        self.spine_arch = _Capsule((0, y_spine + 18.0, z_st - 10.0), (0, y_spine + 22.0, -400.0), 11.0,
+        self.spine_cord = _Offset(self.spine_canal, 3.5)
+        self.eye_parts = [(_Sphere(c, 12.0), _Sphere(c, 11.0), _Ellipsoid((c[0], c[1] - 7.5, c[2]), (4.5, 2.0, 4.5)))
+                          for c in self.eye_c]
+        self.spine_arch = _Capsule((0, y_spine + 17.0, z_st - 10.0), (0, y_spine + 19.0, -400.0), 10.5,
                                    margin=m)
         self.ventricles = [_Ellipsoid((s * 7.0, yc_cr - 8.0, zc_cr + 10.0), (4.5, 26.0, 8.0), margin=m)
                            for s in (-1, 1)]
@@ -734,7 +737,7 @@ class _HeadModel:
         lower = _Ellipsoid((0, y_lip + 12.0 + 1.5 / p.lower_lip_ratio, z_st - lz - 0.5),
                            (mw - 4.0, 12.0, lz), margin=m)
         self.g_lips = _Group("lips", [_u(upper), _u(lower, 1.5)])
-        self.g_mouth = _Group("mouth", [_u(_Ellipsoid((0, y_lip + 5.0, z_st), (mw - 3.0, 8.0, 0.8),
+        self.g_mouth = _Group("mouth", [_u(_Ellipsoid((0, y_lip + 4.0, z_st), (mw - 3.0, 6.0, 0.8),
                                                        margin=m))])
 
         # ears
@@ -793,12 +796,13 @@ class _Grid:
         self.origin = np.asarray(origin, float)  # LPS of voxel 0
         self.rot = np.asarray(rot, float)
         self.centre = np.asarray(centre, float)
-        self._cache: dict[int, tuple[int, ...] | None] = {}
+        self._cache: dict[int, tuple[_Prim, tuple[int, ...] | None]] = {}
 
     def index_box(self, prim: _Prim) -> tuple[int, ...] | None:
         key = id(prim)
-        if key in self._cache:
-            return self._cache[key]
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] is prim:  # the cache keeps prim alive: ids are not reused
+            return hit[1]
         lo, hi = prim.lo, prim.hi
         corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1])
                             for z in (lo[2], hi[2])])
@@ -814,7 +818,7 @@ class _Grid:
             b = min(n, int(math.ceil((hi_w - o) / d)) + 1)
             box += [a, b]
         res = tuple(box) if box[0] < box[1] and box[2] < box[3] and box[4] < box[5] else None
-        self._cache[key] = res
+        self._cache[key] = (prim, res)
         return res
 
 
@@ -1141,13 +1145,15 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
     for o in model.orbits:
         _paint(labels, slab.eval(o), L["fat"], where=deep)
     # eyes: sclera, vitreous, lens
-    for c in model.eye_c:
-        _paint(labels, slab.eval(_Sphere(c, 12.0)), L["soft_tissue"])
-        _paint(labels, slab.eval(_Sphere(c, 11.0)), L["vitreous"])
-        _paint(labels, slab.eval(_Ellipsoid((c[0], c[1] - 7.5, c[2]), (4.5, 2.0, 4.5))), L["lens"])
+    for sclera, vitreous, lens in model.eye_parts:
+        _paint(labels, slab.eval(sclera), L["soft_tissue"])
+        _paint(labels, slab.eval(vitreous), L["vitreous"])
+        _paint(labels, slab.eval(lens), L["lens"])
     # air cavities (inside the body)
     is_body = lambda s: labels[s] != L["air"]  # noqa: E731
-    _paint(labels, r_air, L["internal_air"], where=lambda s: is_body(s) & (S[s] < -2.5))
+    # cavities replace bone and soft tissue only (never brain, CSF or eyes)
+    carvable = lambda s: np.isin(labels[s], (1, 2, 3, 4, 5, 6))  # noqa: E731
+    _paint(labels, r_air, L["internal_air"], where=lambda s: carvable(s) & (S[s] < -2.5))
     _paint(labels, slab.eval(model.g_vestibule), L["internal_air"],
            where=lambda s: is_body(s) & (S[s] < -1.5))
     _paint(labels, slab.eval(model.g_pharynx), L["internal_air"], where=is_body)
@@ -1158,7 +1164,7 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
         if sl is not None:
             d = model.nasal_cav.sdf(*slab.coords(sl))
             lab = labels[sl]
-            lab[(d < -1.5) & (np.abs(slab.x[sl]) < 1.1)] = L["cortical_bone"]
+            lab[(d < -1.5) & (np.abs(slab.x[sl]) < 1.1) & (lab == L["internal_air"])] = L["cortical_bone"]
     for ec in model.ear_canal:
         _paint(labels, slab.eval(ec), L["internal_air"], where=lambda s: is_body(s) & (E[s] >= 0))
     # teeth
@@ -1166,7 +1172,7 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
     # spine
     _paint(labels, slab.eval(model.spine_arch), L["cortical_bone"], where=is_body)
     _paint(labels, slab.eval(model.spine_canal), L["csf"], where=is_body)
-    _paint(labels, slab.eval(_Offset(model.spine_canal, 3.5)), L["soft_tissue"], where=is_body)
+    _paint(labels, slab.eval(model.spine_cord), L["soft_tissue"], where=is_body)
     r_sp = slab.eval(model.spine_body)
     if r_sp is not None:
         sl, d = r_sp
@@ -1180,6 +1186,8 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
 
     # ----------------------------------------------------------------- features
     soft = np.isin(labels, SoftTissueLabels)
+    bone_any = np.isin(labels, _BONE_LABELS)
+    np.logical_or.accumulate(bone_any, axis=1, out=bone_any)  # any bone at smaller j (anterior)
     order = [(r_eyes[0], 1), (r_eyes[1], 2), (r_nose, 3), (r_lips, 4), (r_brow, 5), (r_chin, 6),
              (r_ears[0], 7), (r_ears[1], 8)]
     for res, code in order:
@@ -1188,11 +1196,10 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
         sl, d = res
         fsl = feat[sl]
         m = (d < 0.0) & soft[sl] & (fsl == 0)
+        if 3 <= code <= 6:  # nose, lips, brow, chin: only the soft tissue in front of the skeleton
+            m &= ~bone_any[sl]
         fsl[m] = code
-    # eyes: also the eyeball itself even where lids overlap other features
     # ----------------------------------------------------------------- face soft tissue
-    bone_any = np.isin(labels, _BONE_LABELS)
-    np.logical_or.accumulate(bone_any, axis=1, out=bone_any)  # any bone at smaller j (anterior)
     x, y, z = slab.x, slab.y, slab.z
     region = ((z < model.face_z_top) & (z > model.face_z_bottom) & (np.abs(x) < model.face_half_width)
               & (y < model.y_back_face) & (S > -40.0))
@@ -1201,6 +1208,7 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
     sl = slab.slices(model.nasal_cav)
     if sl is not None:
         fm[sl] &= model.nasal_cav.sdf(*slab.coords(sl)) > 0
+    fm |= (feat >= 1) & (feat <= 6)
     face[...] = fm
 
     # ----------------------------------------------------------------- couch (scanner frame)
