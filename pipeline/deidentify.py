@@ -25,6 +25,7 @@ import copy
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -326,7 +327,9 @@ def _safe_message(exc: BaseException) -> str:
         return f"file system error: {exc.strerror or exc.__class__.__name__}"
     if isinstance(exc, pydicom.errors.InvalidDicomError):
         return "invalid DICOM file in series"
-    return str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+    text = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+    # SeriesError names the series itself ("series 3 (120 files): …"); the caller does too.
+    return re.sub(r"^series \d+ \(\d+ files?\): ", "", text)
 
 
 def _round(x: Any, nd: int = 3) -> float | None:
@@ -388,7 +391,8 @@ def deidentify_folder(
     outcomes: list[SeriesOutcome] = []
     # Order by hashed series UID so labels are stable and leak nothing about order.
     refs = sorted(scan.series, key=lambda r: pseudonym_key(str(r.series_uid), secret))
-    for index, ref in enumerate(refs, start=1):
+    for ref in refs:
+        index = ref.index
         try:
             ident = _patient_identity(ref.files[0])
         except Exception as exc:  # noqa: BLE001

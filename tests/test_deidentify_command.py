@@ -1,0 +1,305 @@
+"""End to end: ``manage.py deidentify`` on PHI-laden synthetic CT.
+
+Runs the real command in a subprocess (exit status, stdout/stderr as a user
+sees them) on a synthetic cohort whose headers and folder names carry fake
+identities, then checks every output byte and path for leaks, the image
+quality figures against the generator's ground truth, reproducibility, and
+the behaviour on bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from django.core.management import call_command
+
+from pipeline import dicom_io
+from pipeline.synth import LABELS
+from pipeline.volume import Volume
+
+ROOT = Path(__file__).resolve().parent.parent
+BONE_HU = 300
+
+
+def run_deidentify(*args: str | Path, var_dir: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DEIDSTUDY_VAR_DIR=str(var_dir), DJANGO_SETTINGS_MODULE="deidstudy.settings")
+    return subprocess.run(
+        [sys.executable, str(ROOT / "manage.py"), "deidentify", *map(str, args)],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+    )
+
+
+def make_cohort(out: Path, *, subjects: int, seed: int, **kw) -> dict:
+    call_command("synth_cohort", str(out), subjects=subjects, seed=seed, size="small", verbosity=0, **kw)
+    return json.loads((out / "phi.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> dict:
+    """Three subjects: two plain, one RLE-compressed with shuffled file names."""
+    base = tmp_path_factory.mktemp("cohort")
+    plain = make_cohort(base / "plain", subjects=2, seed=11)
+    rle = make_cohort(base / "rle", subjects=1, seed=21, compress="rle", shuffle=True)
+    inp = base / "input with spaces é"
+    inp.mkdir()
+    subjects = []
+    for src, doc in ((base / "plain", plain), (base / "rle", rle)):
+        for s in doc["subjects"]:
+            target = inp / Path(s["dicom_folder"]).name
+            shutil.move(src / s["dicom_folder"], target)
+            subjects.append({**s, "input": target, "truth_path": src / s["truth"]})
+    out, var = base / "out", base / "var"
+    mapping = base / "mapping.json"
+    proc = run_deidentify(inp, out, "--mapping", mapping, var_dir=var)
+    return {"input": inp, "out": out, "var": var, "mapping": mapping, "proc": proc,
+            "subjects": subjects, "base": base}
+
+
+def identifiers(cohort: dict) -> list[str]:
+    ids: set[str] = set()
+    for s in cohort["subjects"]:
+        ids.update(i for i in s["identifiers"] if len(i) >= 4)
+    return sorted(ids)
+
+
+def test_every_series_written(cohort):
+    proc = cohort["proc"]
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((cohort["out"] / "deid-summary.json").read_text())
+    assert summary["n_written"] == 3 and summary["n_failed"] == 0
+    assert sorted(p.name for p in cohort["out"].iterdir()) == [
+        "SUBJ-0001", "SUBJ-0002", "SUBJ-0003", "deid-summary.json"]
+    for s in summary["series"]:
+        assert s["method"] and s["removed_ml"] > 0 and s["bone_dice"] >= 0.99
+        assert (cohort["out"] / s["output"]).is_dir()
+    assert "Traceback" not in proc.stderr
+
+
+def test_no_identifier_in_any_output_byte_path_or_message(cohort):
+    ids = identifiers(cohort)
+    assert len(ids) > 20
+    needles = set()
+    for ident in ids:
+        for form in (ident, ident.replace("^", " "), ident.replace("_", " ")):
+            needles.add(form.encode("utf-8").lower())
+    hits = []
+    files = [p for p in cohort["out"].rglob("*")]
+    assert len(files) > 100
+    for p in files:
+        rel = str(p.relative_to(cohort["out"])).encode().lower()
+        hits += [(str(p.name), n) for n in needles if n in rel]
+        if p.is_file():
+            data = p.read_bytes().lower()
+            hits += [(p.name, n) for n in needles if n in data]
+    text = (cohort["proc"].stdout + cohort["proc"].stderr).encode().lower()
+    hits += [("terminal", n) for n in needles if n in text]
+    assert hits == []
+    # Original UIDs do not survive either.
+    for s in cohort["subjects"]:
+        uid = s["series_instance_uid"].encode()
+        assert all(uid not in p.read_bytes() for p in files if p.is_file())
+    # ... while the mapping file (outside the output) holds the link.
+    mapping = json.loads(cohort["mapping"].read_text())
+    assert {r["PatientID"] for r in mapping["series"]} == {s["phi"]["patient_id"] for s in cohort["subjects"]}
+
+
+def test_headers_are_deidentified(cohort):
+    for path in cohort["out"].glob("SUBJ-*/S01/IM00001.dcm"):
+        ds = pydicom.dcmread(path)
+        assert ds.PatientName == ds.PatientID == path.parent.parent.name
+        assert ds.PatientIdentityRemoved == "YES"
+        codes = {item.CodeValue for item in ds.DeidentificationMethodCodeSequence}
+        assert {"113100", "113102"} <= codes
+        assert ds.StudyInstanceUID.startswith("2.25.")
+        assert not any(elem.tag.is_private for elem in ds.iterall())
+        assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+
+
+def _read_sitk(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    return reader.Execute()
+
+
+def _volume(folder: Path) -> Volume:
+    scan = dicom_io.scan_folder(folder)
+    assert len(scan.series) == 1 and not scan.problems
+    return dicom_io.load_series(scan.series[0]).volume
+
+
+def test_output_geometry_read_back_by_simpleitk(cohort):
+    mapping = json.loads(cohort["mapping"].read_text())
+    for row in mapping["series"]:
+        src = cohort["input"] / row["input_folder"]
+        out = cohort["out"] / row["output"]
+        a, b = _read_sitk(src), _read_sitk(out)
+        assert a.GetSize() == b.GetSize()
+        np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-4)
+        np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-3)
+        np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
+        va, vb = sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b)
+        ours = _volume(out).hu
+        np.testing.assert_array_equal(vb, ours)  # our reader and SimpleITK agree on the output
+        bone = va >= BONE_HU
+        np.testing.assert_array_equal(va[bone], vb[bone])  # bone bit-identical
+
+
+def test_face_removed_bone_and_brain_kept(cohort):
+    mapping = json.loads(cohort["mapping"].read_text())
+    by_folder = {s["input"].name: s for s in cohort["subjects"]}
+    for row in mapping["series"]:
+        subject = by_folder[Path(row["input_folder"]).parts[0]]
+        truth = np.load(subject["truth_path"])
+        before = _volume(cohort["input"] / row["input_folder"]).hu
+        after = _volume(cohort["out"] / row["output"]).hu
+        assert before.shape == truth["labels"].shape
+        bone_b, bone_a = before > BONE_HU, after > BONE_HU
+        dice = 2 * np.sum(bone_b & bone_a) / (bone_b.sum() + bone_a.sum())
+        assert dice >= 0.99
+        face = truth["face_soft_tissue_mask"]
+        assert np.mean(after[face] < -500) >= 0.95
+        soft = np.isin(truth["labels"], [LABELS[n] for n in ("skin", "fat", "muscle", "soft_tissue")])
+        for code, name in ((3, "nose"), (4, "lips")):
+            feature = (truth["feature_ids"] == code) & soft
+            assert feature.sum() > 10, name
+            assert np.mean(after[feature] < -500) >= 0.95, name
+        brain = np.isin(truth["labels"], [LABELS["grey_matter"], LABELS["white_matter"]])
+        np.testing.assert_array_equal(before[brain], after[brain])
+
+
+def test_rerun_gives_the_same_uids_and_pseudonyms(cohort, tmp_path):
+    out2 = tmp_path / "again"
+    proc = run_deidentify(cohort["input"], out2, var_dir=cohort["var"])
+    assert proc.returncode == 0, proc.stderr
+
+    def uids(root: Path) -> dict[str, tuple[str, str]]:
+        res = {}
+        for p in sorted(root.glob("SUBJ-*/S*/*.dcm")):
+            ds = pydicom.dcmread(p, stop_before_pixels=True)
+            res[str(p.relative_to(root))] = (ds.SOPInstanceUID, ds.StudyDate)
+        return res
+
+    first, second = uids(cohort["out"]), uids(out2)
+    assert first and first == second
+
+
+def test_dates_remove(cohort, tmp_path):
+    subject_dir = cohort["subjects"][0]["input"]
+    proc = run_deidentify(subject_dir, tmp_path / "out", "--dates", "remove", var_dir=tmp_path / "var")
+    assert proc.returncode == 0, proc.stderr
+    ds = pydicom.dcmread(next((tmp_path / "out").glob("SUBJ-*/S01/IM00001.dcm")))
+    assert ds.get("StudyDate", "") in ("", "19000101")
+    assert ds.get("PatientBirthDate", "") in ("", "19000101")
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.fixture()
+def one_subject(cohort, tmp_path) -> Path:
+    """A writable copy of one subject's series inside a folder named after the patient."""
+    src = cohort["subjects"][0]["input"]
+    dst = tmp_path / "in" / src.name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _assert_clean(proc: subprocess.CompletedProcess, cohort: dict) -> None:
+    text = (proc.stdout + proc.stderr).lower()
+    assert "traceback" not in text
+    for ident in identifiers(cohort):
+        assert ident.lower() not in text, "identifier in a message"
+
+
+def _no_partial_output(out: Path) -> None:
+    leftovers = [p for p in out.rglob("*") if ".tmp" in p.name]
+    assert leftovers == []
+
+
+def test_junk_and_empty_files_are_listed_not_fatal(cohort, one_subject, tmp_path):
+    (one_subject / "notes.txt").write_text("not dicom at all")
+    (one_subject / "empty").write_bytes(b"")
+    out = tmp_path / "out"
+    mapping = tmp_path / "map.json"
+    proc = run_deidentify(one_subject.parent, out, "--mapping", mapping, var_dir=tmp_path / "var")
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped 1 file(s): not a DICOM file" in proc.stderr
+    assert "empty" in proc.stderr
+    skipped = json.loads(mapping.read_text())["skipped_files"]
+    assert sorted(Path(s["path"]).name for s in skipped) == ["empty", "notes.txt"]
+    _assert_clean(proc, cohort)
+
+
+def test_truncated_file_fails_the_run_and_writes_nothing_half(cohort, one_subject, tmp_path):
+    victim = sorted(one_subject.rglob("*.dcm"))[10]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    proc = run_deidentify(one_subject.parent, out, var_dir=tmp_path / "var")
+    assert proc.returncode != 0
+    assert "truncated" in proc.stderr.lower()
+    assert "missing slices" in proc.stderr.lower()
+    assert list(out.glob("SUBJ-*")) == []
+    _no_partial_output(out)
+    _assert_clean(proc, cohort)
+
+
+def test_missing_slice_and_mr_series(cohort, one_subject, tmp_path):
+    # A second, good subject beside the bad ones must still be written.
+    good = cohort["subjects"][1]["input"]
+    shutil.copytree(good, one_subject.parent / good.name)
+    files = sorted(one_subject.rglob("*.dcm"), key=lambda p: float(
+        pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]))
+    files[len(files) // 2].unlink()
+    hu = np.full((6, 32, 32), -1000, np.int16)
+    mr = dicom_io.volume_to_datasets(Volume(hu=hu, spacing_mm=(2, 2, 2)),
+                                     series_meta={"Modality": "MR", "PatientName": "Mrname^Secret"})
+    dicom_io.write_datasets(mr, one_subject.parent / "Mrname Secret MR")
+    out = tmp_path / "out"
+    proc = run_deidentify(one_subject.parent, out, var_dir=tmp_path / "var")
+    assert proc.returncode != 0
+    assert "missing slice" in proc.stderr.lower()
+    assert "modality is mr, only ct is supported" in proc.stderr.lower()
+    assert "2 series failed" in proc.stderr
+    assert "secret" not in (proc.stdout + proc.stderr).lower()
+    written = list(out.glob("SUBJ-*/S*"))
+    assert len(written) == 1 and len(list(written[0].iterdir())) == 64
+    _no_partial_output(out)
+    _assert_clean(proc, cohort)
+
+
+def test_mixed_series_in_one_folder(cohort, tmp_path):
+    mixed = tmp_path / "in" / "all in one"
+    mixed.mkdir(parents=True)
+    for n, s in enumerate(cohort["subjects"][:2]):
+        for p in s["input"].rglob("*.dcm"):
+            shutil.copy(p, mixed / f"{n}-{p.name}")
+    proc = run_deidentify(mixed, tmp_path / "out", var_dir=tmp_path / "var")
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((tmp_path / "out").glob("SUBJ-*/S01"))) == 2
+
+
+def test_mapping_inside_output_is_refused(cohort, one_subject, tmp_path):
+    out = tmp_path / "out"
+    proc = run_deidentify(one_subject.parent, out, "--mapping", out / "map.json", var_dir=tmp_path / "v")
+    assert proc.returncode != 0
+    assert "mapping file must not be written inside the output folder" in proc.stderr
+    assert not (out / "map.json").exists()
+
+
+def test_empty_input_and_missing_input(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_deidentify(tmp_path / "empty", tmp_path / "out", var_dir=tmp_path / "v")
+    assert proc.returncode != 0 and "no CT series found" in proc.stderr
+    proc = run_deidentify(tmp_path / "nope", tmp_path / "out2", var_dir=tmp_path / "v")
+    assert proc.returncode != 0 and "does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
