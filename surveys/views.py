@@ -93,9 +93,9 @@ def cohort_upload(request: HttpRequest, cohort: Cohort) -> HttpResponse:
             jobs.enqueue_subject(subject)
     msg = (f"imported {len(result.subjects)} subject(s), {result.n_series} series, "
            f"{result.n_files} files; processing started")
+    messages.success(request, msg)  # shown after the page reloads
     if _wants_json(request):
         return JsonResponse({"ok": True, "message": msg, "subjects": result.subjects})
-    messages.success(request, msg)
     return redirect("surveys:cohort_detail", cohort_id=cohort.pk)
 
 
