@@ -59,12 +59,15 @@ __all__ = [
     "RenderResult",
     "RenderSettings",
     "RenderTimeout",
+    "SubjectRenders",
     "camera_pose",
+    "canonical_crop",
     "canonical_face_box",
     "light_direction",
     "opengl_available",
     "project_points",
     "raycast_view",
+    "render_subject",
     "render_view",
     "render_views",
     "save_png",
@@ -87,7 +90,9 @@ class RenderSettings:
 
     ``target`` is the look-at point in canonical coordinates; ``face_box`` is
     the canonical-space box ``(x_half_width, y_front, y_back, z_bottom,
-    z_top)`` where a face is expected (used for the fallback face box).
+    z_top)`` where a face is expected (used for the fallback face box);
+    ``mesh_box`` bounds the part of the head that is meshed (everything the
+    views can show for |yaw| ≤ 60°).
     """
 
     width_px: int = 256
@@ -104,6 +109,9 @@ class RenderSettings:
     z_near: float = 100.0
     z_far: float = 2000.0
     face_box: tuple[float, float, float, float, float] = (55.0, -110.0, -60.0, -95.0, 25.0)
+    #: canonical box ``(x0, x1, y0, y1, z0, z1)`` of the surface that is meshed and rendered
+    mesh_box: tuple[float, float, float, float, float, float] = (
+        -95.0, 95.0, -150.0, 35.0, -135.0, 75.0)
 
     def __post_init__(self) -> None:
         if self.width_px < 16 or self.height_px < 16:
@@ -426,3 +434,121 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path, format="PNG")
     return path
+
+
+# --------------------------------------------------------------------------- whole subject
+
+
+@dataclass
+class SubjectRenders:
+    """Standardised renders of one subject's original (and de-identified) skin surface.
+
+    ``alignment`` was computed from the ORIGINAL's bone and applied to both
+    surfaces when the two volumes share their geometry (``shared_alignment``);
+    otherwise the de-identified volume got its own bone alignment.
+    ``timings_s`` splits the wall time by stage.
+    """
+
+    alignment: Any
+    original: list[RenderResult]
+    deidentified: list[RenderResult] | None
+    shared_alignment: bool
+    faces: dict[str, int]
+    timings_s: dict[str, float]
+
+
+def canonical_crop(volume: Any, alignment: Any,
+                   box: tuple[float, float, float, float, float, float],
+                   margin_voxels: int = 2) -> tuple[slice, slice, slice]:
+    """Array-order ``(k, j, i)`` crop of ``volume`` that contains a canonical-frame box.
+
+    The 8 corners of ``box`` = ``(x0, x1, y0, y1, z0, z1)`` (canonical units)
+    are mapped back to LPS and to voxel indices; the crop is their bounding
+    box plus ``margin_voxels``, clipped to the volume.
+    """
+    x0, x1, y0, y1, z0, z1 = box
+    corners = np.array([[x, y, z] for x in (x0, x1) for y in (y0, y1) for z in (z0, z1)])
+    lps = corners @ alignment.rotation / alignment.scale + alignment.centre_lps_mm
+    ijk = (np.column_stack([lps, np.ones(8)]) @ np.linalg.inv(volume.affine()).T)[:, :3]
+    kji = ijk[:, ::-1]
+    out = []
+    for axis in range(3):
+        lo = int(np.floor(kji[:, axis].min())) - margin_voxels
+        hi = int(np.ceil(kji[:, axis].max())) + margin_voxels + 1
+        lo, hi = max(0, lo), min(volume.shape[axis], hi)
+        if hi - lo < 2:
+            raise RenderError("the head's face region lies outside the volume")
+        out.append(slice(lo, hi))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def _same_geometry(a: Any, b: Any) -> bool:
+    return (a.shape == b.shape and np.allclose(a.spacing_mm, b.spacing_mm)
+            and np.allclose(a.origin_lps_mm, b.origin_lps_mm)
+            and np.allclose(a.row_cosine, b.row_cosine) and np.allclose(a.col_cosine, b.col_cosine)
+            and np.allclose(a.normal, b.normal))
+
+
+def render_subject(
+    original: Any,
+    deidentified: Any | None = None,
+    *,
+    yaw_degs: Sequence[float] = (0.0, 30.0, -30.0),
+    settings: RenderSettings | None = None,
+    backend: str = "auto",
+    skin_level_hu: float = -300.0,
+    resolution_mm: float = 1.5,
+    target_faces: int = 60_000,
+    template: Any = None,
+    timeout_s: float = 120.0,
+) -> SubjectRenders:
+    """Bone alignment → skin surfaces (face region) → canonical frame → standard views.
+
+    ``original`` / ``deidentified`` are :class:`pipeline.volume.Volume` (HU,
+    LPS). The alignment (:func:`pipeline.align.alignment_from_volume`) and
+    the crop (:func:`canonical_crop` of ``settings.mesh_box``) come from the
+    original's bone and are reused for the de-identified volume when both
+    share their geometry, so differences between their renders come from the
+    soft tissue only. Surfaces are meshed at about ``resolution_mm`` and
+    decimated to ``target_faces``.
+    """
+    import time
+
+    from .align import alignment_from_volume
+    from .surface import skin_surface, strides_for_resolution
+
+    settings = settings or RenderSettings()
+    t: dict[str, float] = {}
+    t0 = time.perf_counter()
+    alignment = alignment_from_volume(original, template)
+    t["alignment"] = time.perf_counter() - t0
+
+    def mesh_of(volume: Any, crop: Any, al: Any) -> trimesh.Trimesh:
+        m = skin_surface(volume, level_hu=skin_level_hu, crop_ijk=crop,
+                         stride=strides_for_resolution(volume, resolution_mm),
+                         target_faces=target_faces)
+        return al.apply_mesh(m)
+
+    t0 = time.perf_counter()
+    crop = canonical_crop(original, alignment, settings.mesh_box)
+    mesh_o = mesh_of(original, crop, alignment)
+    t["surface_original"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    views_o = render_views(mesh_o, yaw_degs, settings, backend=backend, timeout_s=timeout_s)
+    t["render_original"] = time.perf_counter() - t0
+    faces = {"original": len(mesh_o.faces)}
+    views_d = None
+    shared = True
+    if deidentified is not None:
+        t0 = time.perf_counter()
+        shared = _same_geometry(original, deidentified)
+        al_d = alignment if shared else alignment_from_volume(deidentified, template)
+        crop_d = crop if shared else canonical_crop(deidentified, al_d, settings.mesh_box)
+        mesh_d = mesh_of(deidentified, crop_d, al_d)
+        faces["deidentified"] = len(mesh_d.faces)
+        t["surface_deidentified"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        views_d = render_views(mesh_d, yaw_degs, settings, backend=backend, timeout_s=timeout_s)
+        t["render_deidentified"] = time.perf_counter() - t0
+    return SubjectRenders(alignment=alignment, original=views_o, deidentified=views_d,
+                          shared_alignment=shared, faces=faces, timings_s=t)

@@ -36,6 +36,7 @@ __all__ = [
     "iso_surface",
     "largest_component",
     "skin_surface",
+    "strides_for_resolution",
 ]
 
 SKIN_LEVEL_HU = -300.0
@@ -61,6 +62,7 @@ def iso_surface(
     target_faces: int | None = None,
     crop_ijk: tuple[slice, slice, slice] | None = None,
     keep_largest: bool = True,
+    stride: tuple[int, int, int] = (1, 1, 1),
 ) -> trimesh.Trimesh:
     """Iso-surface of ``volume.hu`` at ``level_hu`` as a closed, outward-wound LPS-mm mesh.
 
@@ -81,6 +83,10 @@ def iso_surface(
     keep_largest:
         Keep only the largest connected component (drops table, noise, cavities
         that are not connected to the outer surface).
+    stride:
+        Sub-sample the (cropped) volume by these integer strides along
+        ``(k, j, i)`` before meshing (cheaper than ``step_size`` on big
+        volumes, and can differ per axis for anisotropic voxels).
 
     Returns
     -------
@@ -89,6 +95,9 @@ def iso_surface(
     """
     if step_size < 1:
         raise SurfaceError(f"step_size must be >= 1, got {step_size}")
+    if len(stride) != 3 or any(int(st) != st or st < 1 for st in stride):
+        raise SurfaceError(f"stride must be three integers >= 1, got {stride}")
+    stride_arr = np.asarray(stride, dtype=int)
     if target_faces is not None and target_faces < 4:
         raise SurfaceError(f"target_faces must be >= 4, got {target_faces}")
     start = np.zeros(3, dtype=int)
@@ -104,6 +113,9 @@ def iso_surface(
             idx.append(slice(lo, hi))
             start[axis] = lo
         sub = volume.hu[tuple(idx)]
+    sub = sub[:: stride_arr[0], :: stride_arr[1], :: stride_arr[2]]
+    if min(sub.shape) < 2:
+        raise SurfaceError(f"volume too small to mesh after striding: {sub.shape}")
     hu_min, hu_max = float(sub.min()), float(sub.max())
     if not hu_min < level_hu < hu_max:
         raise SurfaceError(
@@ -111,15 +123,15 @@ def iso_surface(
             "no surface to extract"
         )
     pad_value = min(-1024.0, level_hu - 1000.0)
-    padded = np.pad(sub.astype(np.float32, copy=False), 1, mode="constant",
-                    constant_values=pad_value)
+    padded = np.full(tuple(n + 2 for n in sub.shape), pad_value, dtype=np.float32)
+    padded[1:-1, 1:-1, 1:-1] = sub
     verts, faces, _normals, _values = marching_cubes(
         padded, level=float(level_hu), step_size=int(step_size), allow_degenerate=False
     )
     if len(faces) == 0:
         raise SurfaceError("marching cubes produced no triangles")
     linear = _index_to_lps_linear(volume)
-    verts_idx = verts + (start - 1)  # undo padding, back to full-volume (k, j, i)
+    verts_idx = (verts - 1.0) * stride_arr + start  # undo padding/stride: full-volume (k, j, i)
     origin = np.asarray(volume.origin_lps_mm, dtype=float)
     verts_lps = verts_idx @ linear.T + origin
     faces = faces.astype(np.int64)
@@ -192,13 +204,14 @@ def skin_surface(
     step_size: int = 1,
     target_faces: int | None = 100_000,
     crop_ijk: tuple[slice, slice, slice] | None = None,
+    stride: tuple[int, int, int] = (1, 1, 1),
 ) -> trimesh.Trimesh:
     """Outer skin surface (air/soft-tissue boundary, default −300 HU), LPS mm, outward normals.
 
     See :func:`iso_surface` for the parameters; the largest component is kept.
     """
     return iso_surface(volume, level_hu, step_size=step_size, target_faces=target_faces,
-                       crop_ijk=crop_ijk, keep_largest=True)
+                       crop_ijk=crop_ijk, keep_largest=True, stride=stride)
 
 
 def bone_surface(
@@ -209,6 +222,7 @@ def bone_surface(
     target_faces: int | None = 100_000,
     crop_ijk: tuple[slice, slice, slice] | None = None,
     keep_largest: bool = False,
+    stride: tuple[int, int, int] = (1, 1, 1),
 ) -> trimesh.Trimesh:
     """Bone surface (default +300 HU), LPS mm, outward normals.
 
@@ -216,7 +230,14 @@ def bone_surface(
     separate pieces). See :func:`iso_surface` for the parameters.
     """
     return iso_surface(volume, level_hu, step_size=step_size, target_faces=target_faces,
-                       crop_ijk=crop_ijk, keep_largest=keep_largest)
+                       crop_ijk=crop_ijk, keep_largest=keep_largest, stride=stride)
+
+
+def strides_for_resolution(volume: Volume, resolution_mm: float = 1.0) -> tuple[int, int, int]:
+    """Integer ``(k, j, i)`` strides that bring each voxel axis to about ``resolution_mm``."""
+    if resolution_mm <= 0:
+        raise SurfaceError("resolution_mm must be positive")
+    return tuple(max(1, round(resolution_mm / s)) for s in volume.spacing_mm)  # type: ignore[return-value]
 
 
 def face_region_crop(
