@@ -1,0 +1,235 @@
+"""YOLO-format dataset of axial CT slices built from the synthetic head generator.
+
+Each axial slice ``hu[k]`` (rows ``j`` → patient Posterior, columns ``i`` →
+patient Left; the face is at the top of the image) becomes one 3-channel 8-bit
+PNG, each channel a linear HU window (:data:`HU_WINDOWS`, stored in the model
+metadata and re-applied by :mod:`pipeline.detector` at inference):
+
+* channel 0 "wide"  −1000 … +1000 HU (air, soft tissue and bone together);
+* channel 1 "soft"   −250 … +250 HU (skin / fat / muscle / eye contrast);
+* channel 2 "bone"   +150 … +1650 HU (orbits, nasal bones, mandible).
+
+Labels are YOLO text files (``class x_centre y_centre width height``, all
+normalised to the image size) from the generator's ground truth
+(:attr:`pipeline.synth.SynthHead.feature_boxes`) plus one ``face`` box per
+slice: the bounding box of ``face_soft_tissue_mask`` on that slice (the soft
+tissue a defacer should remove). Classes are :data:`CLASSES`.
+
+Subjects are split into train / val / test **by subject** (disjoint seed
+ranges), never by slice, so evaluation is on held-out faces.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "CLASSES",
+    "HU_WINDOWS",
+    "DatasetError",
+    "DatasetSpec",
+    "build_dataset",
+    "hu_to_rgb8",
+    "slice_labels",
+    "subject_geometry",
+]
+
+#: Detector classes, index = YOLO class id. ``face`` = per-slice box of the facial
+#: soft tissue to remove; the others are the generator's feature classes.
+CLASSES: tuple[str, ...] = ("face", "eyes", "nose", "lips", "brow", "chin", "ears")
+
+#: (low, high) HU of each image channel, in channel (RGB) order.
+HU_WINDOWS: tuple[tuple[float, float], ...] = ((-1000.0, 1000.0), (-250.0, 250.0), (150.0, 1650.0))
+
+_MIN_PIXELS = 6  # smaller ground-truth fragments on a slice are not labelled
+
+
+class DatasetError(ValueError):
+    """Invalid dataset specification or input."""
+
+
+def hu_to_rgb8(
+    hu: np.ndarray, windows: Sequence[Sequence[float]] = HU_WINDOWS
+) -> np.ndarray:
+    """Window HU slices to 8-bit multi-channel images.
+
+    ``hu``: ``(..., rows, cols)`` array in Hounsfield units (one slice ``[j, i]``
+    or a stack ``[k, j, i]``). ``windows``: per output channel ``(low, high)`` HU,
+    mapped linearly to 0 … 255 with clipping. Returns uint8 ``(..., rows, cols,
+    n_channels)``; image row = ``j`` (anterior at the top), column = ``i``.
+    """
+    hu = np.asarray(hu)
+    if hu.ndim < 2:
+        raise DatasetError(f"need at least a 2D slice, got shape {hu.shape}")
+    out = np.empty(hu.shape + (len(windows),), np.uint8)
+    src = hu.astype(np.float32, copy=False)
+    for c, (lo, hi) in enumerate(windows):
+        if not hi > lo:
+            raise DatasetError(f"HU window must have high > low, got {(lo, hi)}")
+        scale = np.float32(255.0 / (hi - lo))
+        tmp = (src - np.float32(lo)) * scale
+        np.clip(tmp, 0, 255, out=tmp)
+        out[..., c] = tmp + np.float32(0.5)  # round half up; float→uint8 cast truncates
+    return out
+
+
+def slice_labels(
+    feature_ids_slice: np.ndarray,
+    face_mask_slice: np.ndarray,
+    feature_codes: dict[int, str],
+) -> list[tuple[int, int, int, int, int]]:
+    """Ground-truth boxes of one axial slice as ``(class_id, i0, j0, i1, j1)``.
+
+    Pixel boxes (column ``i`` / row ``j``, inclusive–exclusive) of every
+    feature code present (left/right eyes and ears get one box each) and of the
+    face soft-tissue mask. Fragments under ``6`` pixels are skipped (not
+    detectable, and labelling them would teach the model noise).
+    """
+    out: list[tuple[int, int, int, int, int]] = []
+
+    def add(cls_id: int, m: np.ndarray) -> None:
+        if int(np.count_nonzero(m)) < _MIN_PIXELS:
+            return
+        rows = np.flatnonzero(m.any(axis=1))
+        cols = np.flatnonzero(m.any(axis=0))
+        out.append((cls_id, int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1))
+
+    add(CLASSES.index("face"), face_mask_slice)
+    for code in np.unique(feature_ids_slice):
+        if code == 0:
+            continue
+        name = feature_codes[int(code)]
+        add(CLASSES.index(name), feature_ids_slice == code)
+    return out
+
+
+@dataclass
+class DatasetSpec:
+    """How to build a synthetic dataset (all lengths in mm).
+
+    Subject seeds: ``train`` = ``seed_base + 0 … n_train−1``, ``val`` =
+    ``seed_base + 10000 + …``, ``test`` = ``seed_base + 20000 + …`` — disjoint
+    subjects. Each subject is voxelised at ``size_px``² pixels with a pixel
+    spacing drawn from ``pixel_mm`` and a slice spacing from ``slice_mm``
+    (uniform, per subject), a random pose and noise. All slices with a labelled
+    box are written plus ``negatives_fraction`` × that number of empty slices.
+    """
+
+    n_train: int = 30
+    n_val: int = 5
+    n_test: int = 6
+    size_px: int = 160
+    pixel_mm: tuple[float, float] = (1.35, 1.9)
+    slice_mm: tuple[float, float] = (2.5, 5.0)
+    noise_hu: tuple[float, float] = (5.0, 25.0)
+    negatives_fraction: float = 0.15
+    seed_base: int = 7000
+    classes: tuple[str, ...] = field(default=CLASSES)
+
+    def seeds(self, split: str) -> list[int]:
+        """Subject seeds of a split (``train``, ``val`` or ``test``)."""
+        off = {"train": 0, "val": 10000, "test": 20000}
+        n = {"train": self.n_train, "val": self.n_val, "test": self.n_test}
+        if split not in off:
+            raise DatasetError(f"unknown split {split!r}")
+        return [self.seed_base + off[split] + s for s in range(n[split])]
+
+
+def subject_geometry(spec: DatasetSpec, seed: int) -> dict[str, object]:
+    """Per-subject acquisition geometry drawn from ``spec`` (deterministic in ``seed``).
+
+    Returns ``shape`` ``(n_slices, rows, cols)``, ``spacing_mm`` ``(dk, dj, di)``
+    covering the head from below the chin to the vertex (≈ 260 mm), ``noise_hu``.
+    """
+    rng = np.random.default_rng([seed, 0xDE7])
+    px = float(rng.uniform(*spec.pixel_mm))
+    dk = float(rng.uniform(*spec.slice_mm))
+    nk = int(np.ceil(260.0 / dk))
+    return {
+        "shape": (nk, spec.size_px, spec.size_px),
+        "spacing_mm": (dk, px, px),
+        "noise_hu": float(rng.uniform(*spec.noise_hu)),
+    }
+
+
+def _subject_images(spec: DatasetSpec, seed: int) -> Iterable[tuple[int, np.ndarray, list]]:
+    from .synth import _FEATURE_CODES, SubjectParams, generate_head
+
+    geo = subject_geometry(spec, seed)
+    head = generate_head(
+        SubjectParams.random(seed), shape=geo["shape"], spacing_mm=geo["spacing_mm"],
+        noise_hu=geo["noise_hu"], noise_seed=seed,
+    )
+    rgb = hu_to_rgb8(head.volume.hu)
+    labels = [
+        slice_labels(head.feature_ids[k], head.face_soft_tissue_mask[k], _FEATURE_CODES)
+        for k in range(rgb.shape[0])
+    ]
+    pos = [k for k, b in enumerate(labels) if b]
+    neg = [k for k, b in enumerate(labels) if not b and head.volume.hu[k].max() > -300]
+    rng = np.random.default_rng([seed, 0x4E6])
+    n_neg = min(len(neg), int(round(spec.negatives_fraction * len(pos))))
+    chosen = sorted(pos + list(rng.choice(neg, size=n_neg, replace=False)) if n_neg else pos)
+    for k in chosen:
+        yield int(k), rgb[k], labels[k]
+
+
+def build_dataset(
+    out_dir: Path,
+    spec: DatasetSpec | None = None,
+    *,
+    splits: Sequence[str] = ("train", "val", "test"),
+    progress: bool = False,
+) -> Path:
+    """Write a YOLO dataset (PNG images + label txt + ``data.yaml``) to ``out_dir``.
+
+    Layout: ``images/<split>/sNNNNN_kNNN.png``, ``labels/<split>/…txt``,
+    ``data.yaml`` (Ultralytics format; ``path`` absolute) and ``spec.json``
+    (the :class:`DatasetSpec` plus window and class list). File names contain
+    only the synthetic subject seed and slice index. Returns the path of
+    ``data.yaml``.
+    """
+    from PIL import Image
+
+    spec = spec or DatasetSpec()
+    out_dir = Path(out_dir).resolve()
+    counts: dict[str, dict[str, int]] = {}
+    for split in splits:
+        img_dir = out_dir / "images" / split
+        lab_dir = out_dir / "labels" / split
+        img_dir.mkdir(parents=True, exist_ok=True)
+        lab_dir.mkdir(parents=True, exist_ok=True)
+        n_img = n_box = 0
+        seeds = spec.seeds(split)
+        for si, seed in enumerate(seeds):
+            if progress:
+                print(f"[dataset] {split} subject {si + 1}/{len(seeds)}", flush=True)
+            for k, img, boxes in _subject_images(spec, seed):
+                stem = f"s{seed:05d}_k{k:03d}"
+                Image.fromarray(img).save(img_dir / f"{stem}.png")
+                h, w = img.shape[:2]
+                lines = [
+                    f"{c} {(i0 + i1) / 2 / w:.6f} {(j0 + j1) / 2 / h:.6f} "
+                    f"{(i1 - i0) / w:.6f} {(j1 - j0) / h:.6f}"
+                    for c, i0, j0, i1, j1 in boxes
+                ]
+                (lab_dir / f"{stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+                n_img += 1
+                n_box += len(boxes)
+        counts[split] = {"subjects": len(seeds), "images": n_img, "boxes": n_box}
+    names = "\n".join(f"  {i}: {n}" for i, n in enumerate(spec.classes))
+    yaml_lines = [f"path: {out_dir}"]
+    for split in ("train", "val", "test"):
+        # Ultralytics requires train and val keys: point missing ones at a built split
+        use = split if split in splits else splits[0]
+        yaml_lines.append(f"{split}: images/{use}")
+    (out_dir / "data.yaml").write_text("\n".join(yaml_lines) + f"\nnames:\n{names}\n")
+    meta = {"spec": asdict(spec), "hu_windows": HU_WINDOWS, "counts": counts,
+            "seeds": {s: spec.seeds(s) for s in splits}}
+    (out_dir / "spec.json").write_text(json.dumps(meta, indent=1))
+    return out_dir / "data.yaml"

@@ -1,0 +1,247 @@
+"""Detector inference: letterbox, NMS, ONNX Runtime vs Ultralytics parity, error handling, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import detector as det
+from pipeline.detector_data import CLASSES
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_ONNX = det.DEFAULT_WEIGHTS
+SHIPPED_PT = SHIPPED_ONNX.with_suffix(".pt")
+needs_model = pytest.mark.skipif(not SHIPPED_ONNX.is_file(), reason="shipped model not committed yet")
+
+
+@pytest.fixture(scope="module")
+def yolo_env(tmp_path_factory):
+    """Offline Ultralytics configuration in a temp folder (before importing ultralytics)."""
+    cfg = tmp_path_factory.mktemp("ultralytics")
+    det.configure_ultralytics(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def head_slices():
+    """Axial slices of a held-out synthetic subject (seed outside every training range)."""
+    from pipeline.synth import SubjectParams, generate_head
+
+    head = generate_head(SubjectParams.random(424242), shape=(64, 160, 160),
+                         spacing_mm=(4.0, 1.6, 1.6), noise_seed=5)
+    return head
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def test_letterbox_matches_ultralytics(yolo_env):
+    from ultralytics.data.augment import LetterBox
+
+    rng = np.random.default_rng(1)
+    for h, w in [(160, 160), (120, 200), (300, 170)]:
+        img = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        ours, r, (px, py) = det.letterbox(img[None], 256)
+        ref = LetterBox((256, 256), auto=False, stride=32)(image=img)
+        np.testing.assert_array_equal(ours[0], ref)
+        assert r == pytest.approx(min(256 / h, 256 / w))
+        # a pixel centre maps to model coordinates as input * r + pad
+        assert 0 <= px <= 256 - w * r + 1 and 0 <= py <= 256 - h * r + 1
+
+
+def test_nms_matches_torchvision():
+    import torch
+    from torchvision.ops import batched_nms
+
+    rng = np.random.default_rng(3)
+    xy = rng.uniform(0, 200, size=(300, 2)).astype(np.float32)
+    wh = rng.uniform(5, 60, size=(300, 2)).astype(np.float32)
+    boxes = np.concatenate([xy, xy + wh], axis=1)
+    scores = rng.uniform(0, 1, size=300).astype(np.float32)
+    cls = rng.integers(0, 3, size=300)
+    ours = det.nms(boxes, scores, cls, iou=0.5)
+    ref = batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(cls), 0.5).numpy()
+    assert ours.tolist() == ref.tolist()
+
+
+# ----------------------------------------------------------------------------- loading / errors
+
+
+@needs_model
+def test_shipped_metadata_complete():
+    meta = json.loads(SHIPPED_ONNX.with_suffix(".json").read_text())
+    assert meta["classes"] == list(CLASSES)
+    assert meta["imgsz"] % 32 == 0 and len(meta["hu_windows"]) == 3
+    assert meta["training"]["ultralytics"] == det.ULTRALYTICS_VERSION
+    assert "seed" in meta["training"] and meta["data"]["spec"]["n_train"] > 0
+    assert meta["metrics"]["mAP50"] >= 0.9
+    assert SHIPPED_ONNX.stat().st_size < 15_000_000
+
+
+def test_missing_weights_file(tmp_path):
+    with pytest.raises(det.DetectorError, match="not found"):
+        det.load_detector(tmp_path / "nope.onnx")
+
+
+def test_garbage_onnx_is_rejected(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"this is not a model" * 10)
+    with pytest.raises(det.DetectorError, match="not a valid ONNX|not a loadable"):
+        det.load_detector(bad)
+
+
+def test_non_yolo_onnx_is_rejected(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 64, 64])
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 64, 64])
+    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["out"])], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "identity.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(det.DetectorError, match="no class names"):
+        det.load_detector(path)  # no metadata at all
+    path.with_suffix(".json").write_text(json.dumps({"classes": ["face"], "imgsz": 64}))
+    with pytest.raises(det.DetectorError, match="not a YOLOv8 detector"):
+        det.load_detector(path)
+
+
+def test_unknown_format_rejected(tmp_path):
+    p = tmp_path / "weights.h5"
+    p.write_bytes(b"\x89HDF")
+    with pytest.raises(det.DetectorError, match="unsupported weights format"):
+        det.load_detector(p)
+
+
+@needs_model
+def test_unmappable_classes(tmp_path):
+    onnx_path = tmp_path / "m.onnx"
+    shutil.copyfile(SHIPPED_ONNX, onnx_path)
+    meta = json.loads(SHIPPED_ONNX.with_suffix(".json").read_text())
+    meta["classes"] = [f"thing{i}" for i in range(len(CLASSES))]
+    onnx_path.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(det.DetectorError, match="maps to a facial class"):
+        det.load_detector(onnx_path)
+    cmap = tmp_path / "map.json"
+    cmap.write_text(json.dumps({"thing2": "nose", "thing0": "face"}))
+    d = det.load_detector(onnx_path, class_map=cmap)  # mapped → usable
+    assert d.meta.canonical(2) == "nose" and d.meta.canonical(1) is None
+    cmap.write_text(json.dumps({"thing2": "beard"}))
+    with pytest.raises(det.DetectorError, match="unknown classes"):
+        det.load_detector(onnx_path, class_map=cmap)
+    cmap.write_text(json.dumps({"not_in_model": "nose"}))
+    with pytest.raises(det.DetectorError, match="does not have"):
+        det.load_detector(onnx_path, class_map=cmap)
+
+
+def test_bad_input_shape():
+    class Dummy(det._BaseDetector):
+        meta = det.ModelMeta(list(CLASSES))
+
+    with pytest.raises(det.DetectorError, match="slices"):
+        Dummy().detect(np.zeros((2, 3, 4, 5)))
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def _slices_with_face(head):
+    ks = [k for k, b in enumerate(head.feature_boxes) if b]
+    return head.volume.hu[ks[0]:ks[-1] + 1:2]
+
+
+@needs_model
+def test_onnx_finds_the_nose(head_slices):
+    """Boxes of the shipped model on a held-out subject overlap the ground-truth nose boxes."""
+    d = det.load_detector()
+    hu = head_slices.volume.hu
+    nose_k = [k for k, b in enumerate(head_slices.feature_boxes) if any(c == "nose" for c, *_ in b)]
+    k = nose_k[len(nose_k) // 2]
+    res = d.detect(hu[k:k + 1])[0]
+    gt = [b[1:] for b in head_slices.feature_boxes[k] if b[0] == "nose"][0]
+    nose = res.boxes[res.class_ids == CLASSES.index("nose")]
+    assert len(nose) >= 1
+    iou = det._iou_one_to_many(np.asarray(gt, float), nose.astype(float)).max()
+    assert iou > 0.5
+
+
+@needs_model
+@pytest.mark.skipif(not SHIPPED_PT.is_file(), reason="no .pt next to the shipped ONNX")
+def test_parity_onnxruntime_vs_ultralytics(yolo_env, head_slices):
+    """Our ONNX Runtime path (letterbox + decode + numpy NMS) vs Ultralytics' own prediction
+    with the .pt weights: every confident box matched with IoU ≥ 0.9, same class."""
+    hu = _slices_with_face(head_slices)
+    onnx_det = det.load_detector(SHIPPED_ONNX)
+    ul_det = det.load_detector(SHIPPED_PT)
+    a = onnx_det.detect(hu, conf=0.25)
+    b = ul_det.detect(hu, conf=0.25)
+    n_matched = 0
+    for x, y in zip(a, b):
+        for src, dst in ((y, x), (x, y)):
+            for box, score, cls in zip(src.boxes, src.scores, src.class_ids):
+                if score < 0.35:  # near the threshold a box may flip in or out
+                    continue
+                same = dst.boxes[dst.class_ids == cls]
+                assert len(same), f"class {CLASSES[cls]} box (score {score:.2f}) unmatched"
+                assert det._iou_one_to_many(box.astype(float), same.astype(float)).max() >= 0.9
+                n_matched += 1
+    assert n_matched >= 20
+
+
+# ----------------------------------------------------------------------------- offline training
+
+
+OFFLINE_SCRIPT = textwrap.dedent(
+    """
+    import json, socket, sys
+    attempts = []
+    def _block(*a, **k):
+        attempts.append(repr(a[:2])[:120])
+        raise OSError("network disabled in test")
+    socket.socket.connect = _block
+    socket.socket.connect_ex = _block
+    socket.create_connection = _block
+    socket.getaddrinfo = _block
+    from pathlib import Path
+    out = Path(sys.argv[1])
+    from pipeline import detector, detector_data
+    detector.configure_ultralytics(out / "cfg")
+    spec = detector_data.DatasetSpec(n_train=1, n_val=0, n_test=0, size_px=64, slice_mm=(8.0, 9.0),
+                                     pixel_mm=(3.8, 4.0))
+    y = detector_data.build_dataset(out / "ds", spec, splits=("train",))
+    best = detector.train_yolo(y, out / "run", epochs=1, imgsz=64, batch=8, workers=0)
+    import numpy as np
+    d = detector.UltralyticsDetector(best, None)
+    d.meta.imgsz = 64
+    r = d.detect(np.full((2, 64, 64), -1000, np.int16), conf=0.9)
+    onnx_path = detector.export_onnx(best, out / "m.onnx", imgsz=64)
+    o = detector.load_detector(onnx_path)
+    o.detect(np.full((1, 64, 64), -1000, np.int16))
+    print(json.dumps({"attempts": attempts, "best": str(best), "n": len(r)}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_training_and_prediction_are_offline(tmp_path):
+    """Tiny 1-epoch training, prediction and ONNX export with every socket connection blocked."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for k in ("YOLO_CONFIG_DIR", "YOLO_OFFLINE"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=170, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["attempts"] == []
+    assert Path(result["best"]).is_file()
+    assert (tmp_path / "m.onnx").is_file()
+    assert (tmp_path / "cfg" / "Ultralytics" / "settings.json").is_file()  # settings live in our config dir

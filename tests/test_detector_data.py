@@ -1,0 +1,105 @@
+"""YOLO dataset builder from the synthetic generator: windowing, labels, split by subject."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import detector_data as dd
+from pipeline.synth import _FEATURE_CODES, SubjectParams, generate_head
+
+
+def test_hu_to_rgb8_matches_independent_window():
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1200, 2500, size=(3, 7, 5)).astype(np.int16)
+    rgb = dd.hu_to_rgb8(hu)
+    assert rgb.shape == (3, 7, 5, 3) and rgb.dtype == np.uint8
+    for c, (lo, hi) in enumerate(dd.HU_WINDOWS):
+        expect = np.floor(np.clip((hu.astype(float) - lo) / (hi - lo), 0, 1) * 255 + 0.5)
+        np.testing.assert_array_equal(rgb[..., c], expect.astype(np.uint8))
+    # end points of the window
+    edge = dd.hu_to_rgb8(np.array([[-1000.0, 1000.0]]), windows=[(-1000, 1000)])
+    assert edge[0, :, 0].tolist() == [0, 255]
+
+
+def test_hu_to_rgb8_rejects_bad_window():
+    with pytest.raises(dd.DatasetError, match="high > low"):
+        dd.hu_to_rgb8(np.zeros((4, 4)), windows=[(10, 10)])
+    with pytest.raises(dd.DatasetError, match="2D"):
+        dd.hu_to_rgb8(np.zeros(4))
+
+
+def test_slice_labels_equal_ground_truth_boxes():
+    head = generate_head(SubjectParams.random(11), shape=(40, 64, 64), spacing_mm=(6.0, 3.6, 3.6),
+                         noise_seed=1)
+    n_checked = 0
+    for k in range(head.volume.hu.shape[0]):
+        got = dd.slice_labels(head.feature_ids[k], head.face_soft_tissue_mask[k], _FEATURE_CODES)
+        # independent: the generator's own feature boxes (those with enough pixels)
+        expect = []
+        for name, i0, j0, i1, j1 in head.feature_boxes[k]:
+            codes = [c for c, n in _FEATURE_CODES.items() if n == name]
+            sub = np.isin(head.feature_ids[k, j0:j1, i0:i1], codes)
+            if sub.sum() >= 6:
+                expect.append((dd.CLASSES.index(name), i0, j0, i1, j1))
+        face = head.face_soft_tissue_mask[k]
+        if face.sum() >= 6:
+            jj, ii = np.nonzero(face)
+            expect.append((0, ii.min(), jj.min(), ii.max() + 1, jj.max() + 1))
+        assert sorted(got) == sorted(expect)
+        n_checked += len(got)
+    assert n_checked > 10
+    assert any(c == dd.CLASSES.index("nose") for k in range(40) for c, *_ in
+               dd.slice_labels(head.feature_ids[k], head.face_soft_tissue_mask[k], _FEATURE_CODES))
+
+
+def test_build_dataset_split_by_subject(tmp_path):
+    spec = dd.DatasetSpec(n_train=2, n_val=1, n_test=1, size_px=64, slice_mm=(6.0, 7.0),
+                          pixel_mm=(3.6, 4.0))
+    yaml_path = dd.build_dataset(tmp_path, spec)
+    text = yaml_path.read_text()
+    assert "train: images/train" in text and "6: ears" in text
+    subjects = {}
+    for split in ("train", "val", "test"):
+        imgs = sorted((tmp_path / "images" / split).glob("*.png"))
+        labs = sorted((tmp_path / "labels" / split).glob("*.txt"))
+        assert imgs and [p.stem for p in imgs] == [p.stem for p in labs]
+        subjects[split] = {p.stem.split("_")[0] for p in imgs}
+        for lab in labs:
+            for line in lab.read_text().splitlines():
+                c, *xywh = line.split()
+                assert 0 <= int(c) < len(dd.CLASSES)
+                assert all(0.0 <= float(v) <= 1.0 for v in xywh)
+    assert len(subjects["train"]) == 2
+    assert not subjects["train"] & subjects["val"] and not subjects["train"] & subjects["test"]
+    assert not subjects["val"] & subjects["test"]
+
+
+def test_dataset_labels_match_generator(tmp_path):
+    """A label file converted back to pixels equals the generator's boxes for that slice."""
+    from PIL import Image
+
+    spec = dd.DatasetSpec(n_train=1, n_val=0, n_test=0, size_px=64, slice_mm=(6.0, 7.0),
+                          pixel_mm=(3.6, 4.0))
+    dd.build_dataset(tmp_path, spec, splits=("train",))
+    seed = spec.seeds("train")[0]
+    geo = dd.subject_geometry(spec, seed)
+    head = generate_head(SubjectParams.random(seed), shape=geo["shape"], spacing_mm=geo["spacing_mm"],
+                         noise_hu=geo["noise_hu"], noise_seed=seed)
+    lab = sorted((tmp_path / "labels" / "train").glob("*.txt"))[len(spec.seeds("train")) * 5]
+    k = int(lab.stem.split("_k")[1])
+    img = np.asarray(Image.open(lab.with_suffix(".png").as_posix().replace("/labels/", "/images/")))
+    np.testing.assert_array_equal(img, dd.hu_to_rgb8(head.volume.hu[k]))
+    w = h = 64
+    got = []
+    for line in lab.read_text().splitlines():
+        c, x, y, bw, bh = line.split()
+        x, y, bw, bh = float(x) * w, float(y) * h, float(bw) * w, float(bh) * h
+        got.append((int(c), round(x - bw / 2), round(y - bh / 2), round(x + bw / 2), round(y + bh / 2)))
+    expect = dd.slice_labels(head.feature_ids[k], head.face_soft_tissue_mask[k], _FEATURE_CODES)
+    assert sorted(got) == sorted(expect)
+
+
+def test_spec_rejects_unknown_split():
+    with pytest.raises(dd.DatasetError, match="unknown split"):
+        dd.DatasetSpec().seeds("holdout")

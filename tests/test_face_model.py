@@ -1,0 +1,214 @@
+"""Model / auto face-region methods: region logic with an oracle detector, real model, wiring."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import deface
+from pipeline.detector import DEFAULT_WEIGHTS, Detection, DetectorError, ModelMeta
+from pipeline.detector_data import CLASSES
+from pipeline.face_model import AutoFaceRegion, ModelFaceRegion, make_model_method
+from pipeline.synth import SubjectParams, generate_head
+
+needs_model = pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="shipped model not committed yet")
+
+
+@pytest.fixture(scope="module")
+def head():
+    """Held-out synthetic subject, standard axial orientation (canonical view = array)."""
+    return generate_head(SubjectParams.random(515151), shape=(60, 112, 112),
+                         spacing_mm=(4.0, 2.2, 2.2), noise_seed=9)
+
+
+class OracleDetector:
+    """Returns boxes from a per-slice table; finds the slice by content (canonical == array)."""
+
+    backend = "oracle"
+
+    def __init__(self, hu: np.ndarray, boxes: dict[int, list[tuple[str, float, float, float, float]]]):
+        self.meta = ModelMeta(list(CLASSES), imgsz=256)
+        self.hu = hu
+        self.boxes = boxes
+        self.calls = 0
+
+    def detect(self, slices: np.ndarray, *, conf: float = 0.25, **_: object) -> list[Detection]:
+        out = []
+        for s in slices:
+            self.calls += 1
+            ks = [k for k in range(self.hu.shape[0]) if np.array_equal(self.hu[k], s)]
+            rows = self.boxes.get(ks[0], []) if ks else []
+            b = np.array([r[1:] for r in rows], np.float32).reshape(-1, 4)
+            c = np.array([CLASSES.index(r[0]) for r in rows], np.int64)
+            out.append(Detection(b, np.full(len(rows), 0.9, np.float32), c))
+        return out
+
+
+def gt_boxes(head) -> dict[int, list]:
+    table = {}
+    for k, rows in enumerate(head.feature_boxes):
+        rows = list(rows)
+        face = head.face_soft_tissue_mask[k]
+        if face.any():
+            jj, ii = np.nonzero(face)
+            rows.append(("face", ii.min(), jj.min(), ii.max() + 1, jj.max() + 1))
+        if rows:
+            table[k] = rows
+    return table
+
+
+def removed_fraction(before, after, mask) -> float:
+    soft = mask & (before >= -800) & (before <= 200)
+    return float(np.count_nonzero(soft & (after != before)) / max(1, np.count_nonzero(soft)))
+
+
+def check_invariants(head, result):
+    hu, out = head.volume.hu, result.hu
+    bone = hu >= deface.DEFAULT_BONE_THRESHOLD_HU
+    assert np.array_equal(out[bone], hu[bone])
+    assert np.array_equal(out[~result.region.mask], hu[~result.region.mask])
+    assert np.array_equal(out[head.brain_mask], hu[head.brain_mask]), "brain was modified"
+
+
+def test_model_region_with_oracle_boxes(head):
+    oracle = OracleDetector(head.volume.hu, gt_boxes(head))
+    method = ModelFaceRegion(loaded_detector=oracle, detect_every_mm=1.0)
+    res = deface.deface(head.volume, method)
+    check_invariants(head, res)
+    hu = head.volume.hu
+    assert removed_fraction(hu, res.hu, head.feature_masks["nose"]) > 0.95
+    assert removed_fraction(hu, res.hu, head.feature_masks["lips"]) > 0.9
+    assert removed_fraction(hu, res.hu, head.face_soft_tissue_mask) > 0.85
+    # ears are not a removal class: their boxes alone never cause removal
+    ear_only = head.feature_masks["ears"] & ~res.region.mask
+    assert ear_only.sum() > 0.5 * head.feature_masks["ears"].sum()
+    assert res.qa.bone_dice == 1.0 and not res.qa.warnings
+
+
+def test_slice_stride_carries_boxes(head):
+    """Running every ~3rd slice gives almost the same region as running every slice."""
+    table = gt_boxes(head)
+    full = ModelFaceRegion(loaded_detector=OracleDetector(head.volume.hu, table), detect_every_mm=1.0)
+    strided_det = OracleDetector(head.volume.hu, table)
+    strided = ModelFaceRegion(loaded_detector=strided_det, detect_every_mm=8.0)
+    a = full.face_region(head.volume).mask
+    b = strided.face_region(head.volume).mask
+    n_body = int((head.volume.hu > -500).reshape(60, -1).sum(1).astype(bool).sum())
+    assert strided_det.calls <= n_body // 2 + 2
+    inter = np.count_nonzero(a & b)
+    assert inter / np.count_nonzero(a) > 0.9
+
+
+def test_isolated_false_box_is_dropped(head):
+    k = 50  # a brain-level slice
+    oracle = OracleDetector(head.volume.hu, {k: [("nose", 10, 5, 100, 100)]})
+    res = ModelFaceRegion(loaded_detector=oracle, detect_every_mm=1.0).face_region(head.volume)
+    assert not res.mask.any()
+    assert res.details["isolated_dropped"] == 1
+    assert any("no facial feature" in w for w in res.warnings)
+
+
+def test_false_boxes_on_brain_slices_never_reach_brain(head):
+    table = {k: [("face", 0, 0, 112, 112)] for k in range(40, 56)}
+    res = deface.deface(head.volume, ModelFaceRegion(
+        loaded_detector=OracleDetector(head.volume.hu, table), detect_every_mm=1.0))
+    check_invariants(head, res)
+    assert res.qa.removed_voxels > 0  # scalp in front of the frontal bone may go, brain never
+
+
+def test_one_slice_gap_is_filled(head):
+    table = gt_boxes(head)
+    nose_ks = sorted(k for k, rows in table.items() if any(r[0] == "nose" for r in rows))
+    gap = nose_ks[len(nose_ks) // 2]
+    holed = {k: v for k, v in table.items() if k != gap}
+    res = ModelFaceRegion(loaded_detector=OracleDetector(head.volume.hu, holed),
+                          detect_every_mm=1.0).face_region(head.volume)
+    nose_gap = head.feature_masks["nose"][gap]
+    assert res.mask[gap][nose_gap].mean() > 0.9
+
+
+def test_auto_falls_back_to_anatomical_when_model_finds_nothing(head):
+    auto = AutoFaceRegion(model=ModelFaceRegion(loaded_detector=OracleDetector(head.volume.hu, {})))
+    res = auto.face_region(head.volume)
+    anat = deface.AnatomicalFaceRegion().face_region(head.volume)
+    assert np.array_equal(res.mask, anat.mask)
+    assert any("used the anatomical method" in w for w in res.warnings)
+    assert res.details["source"] == "anatomical"
+
+
+def test_auto_uses_model_and_fills_missed_slices(head):
+    table = gt_boxes(head)
+    nose_ks = sorted(k for k, rows in table.items() if any(r[0] == "nose" for r in rows))
+    # the model misses three consecutive nose slices (more than smoothing can fill)
+    missed = set(nose_ks[1:4])
+    holed = {k: v for k, v in table.items() if k not in missed}
+    # plus a false box far above the face on consecutive slices
+    for k in range(52, 58):
+        holed[k] = [("nose", 20, 20, 60, 60)]
+    auto = AutoFaceRegion(model=ModelFaceRegion(loaded_detector=OracleDetector(head.volume.hu, holed),
+                                                detect_every_mm=1.0))
+    res = deface.deface(head.volume, auto)
+    check_invariants(head, res)
+    assert res.region.details["source"] in ("model", "model+anatomical")
+    anat = deface.AnatomicalFaceRegion().face_region(head.volume)
+    anat_ks = np.flatnonzero(anat.mask.any(axis=(1, 2)))
+    assert not res.region.mask[anat_ks[-1] + 5:].any(), "false boxes above the face were kept"
+    nose = head.feature_masks["nose"]
+    assert removed_fraction(head.volume.hu, res.hu, nose) > 0.9
+
+
+def test_bad_weights_clear_errors(tmp_path):
+    with pytest.raises(DetectorError, match="not found"):
+        make_model_method(tmp_path / "missing.onnx")
+    from pipeline.deidentify import make_face_method
+
+    bad = tmp_path / "x.onnx"
+    bad.write_bytes(b"nonsense")
+    with pytest.raises(ValueError):
+        make_face_method("model", bad)
+    method, warnings = make_face_method("auto", bad)
+    assert isinstance(method, deface.AnatomicalFaceRegion)
+    assert warnings and "anatomical" in warnings[0]
+
+
+@needs_model
+def test_deidentify_factory_uses_detector():
+    from pipeline.deidentify import make_face_method
+
+    m, w = make_face_method("model", None)
+    assert isinstance(m, ModelFaceRegion) and not w
+    a, w = make_face_method("auto", None)
+    assert isinstance(a, AutoFaceRegion) and not w
+
+
+@needs_model
+@pytest.mark.parametrize("kind", ["model", "auto"])
+def test_shipped_model_defaces_held_out_subject(kind):
+    head = generate_head(SubjectParams.random(626262), shape=(64, 160, 160),
+                         spacing_mm=(4.0, 1.6, 1.6), noise_seed=4)
+    method = make_model_method(auto=kind == "auto")
+    res = deface.deface(head.volume, method)
+    check_invariants(head, res)
+    hu = head.volume.hu
+    assert removed_fraction(hu, res.hu, head.feature_masks["nose"]) > 0.9
+    assert removed_fraction(hu, res.hu, head.feature_masks["lips"]) > 0.8
+    assert removed_fraction(hu, res.hu, head.face_soft_tissue_mask) > 0.7
+
+
+@needs_model
+def test_model_handles_flipped_orientation():
+    """Rows stored posterior→anterior (col_cosine −y): same voxels removed after un-flipping."""
+    from pipeline.volume import Volume
+
+    head = generate_head(SubjectParams.random(737373), shape=(64, 160, 160),
+                         spacing_mm=(4.0, 1.6, 1.6), noise_seed=2)
+    v = head.volume
+    flipped = Volume(np.ascontiguousarray(v.hu[:, ::-1, :]), v.spacing_mm, v.origin_lps_mm,
+                     v.row_cosine, -v.col_cosine)
+    method = make_model_method()
+    a = method.face_region(v).mask
+    b = method.face_region(flipped).mask[:, ::-1, :]
+    assert a.sum() > 0
+    assert np.count_nonzero(a & b) / np.count_nonzero(a | b) > 0.97
