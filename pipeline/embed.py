@@ -98,8 +98,9 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
 class FaceEmbedder:
     """dlib HOG detector + 5-point landmarks + ResNet descriptor (load once, reuse).
 
-    ``upsample`` is the detector's number of 2× upsamplings (finds faces down
-    to ~40 px at 1); ``num_jitters`` > 0 averages descriptors over jittered
+    ``upsample`` is the largest number of 2× upsamplings the detector tries
+    (0 first, then more only if no face was found; 1 finds faces down to
+    ~40 px); ``num_jitters`` > 0 averages descriptors over jittered
     crops (slower, slightly more stable).
     """
 
@@ -115,11 +116,18 @@ class FaceEmbedder:
         self._resnet = dlib.face_recognition_model_v1(str(paths["resnet"]))
 
     def detect(self, image: np.ndarray) -> list[tuple[tuple[int, int, int, int], float]]:
-        """HOG face boxes ``[((left, top, right, bottom), score), ...]``, best score first."""
+        """HOG face boxes ``[((left, top, right, bottom), score), ...]``, best score first.
+
+        Boxes come from the lowest upsampling level (0..``upsample``) that finds any.
+        """
         rgb = _as_rgb(image)
-        rects, scores, _kinds = self._detector.run(rgb, self.upsample, 0.0)
-        found = [((r.left(), r.top(), r.right(), r.bottom()), float(s))
-                 for r, s in zip(rects, scores)]
+        found: list[tuple[tuple[int, int, int, int], float]] = []
+        for up in range(self.upsample + 1):  # cheapest first: most renders need no upsampling
+            rects, scores, _kinds = self._detector.run(rgb, up, 0.0)
+            found = [((r.left(), r.top(), r.right(), r.bottom()), float(s))
+                     for r, s in zip(rects, scores)]
+            if found:
+                break
         return sorted(found, key=lambda t: -t[1])
 
     def descriptor(self, image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
