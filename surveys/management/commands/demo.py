@@ -135,7 +135,8 @@ class Command(BaseCommand):
         self.var.mkdir(parents=True, exist_ok=True)
         out: Path = opts["out"]
         try:
-            signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # even if inherited as ignored
+            signal.signal(signal.SIGTERM, _raise_interrupt)
             self._run(opts, out)
         except KeyboardInterrupt:
             self.stdout.write("\nstopping …")
@@ -249,6 +250,11 @@ class Command(BaseCommand):
         self.stdout.write(f"QA summary          : {deid / 'deid-summary.json'}")
         self.stdout.write(f"identity mapping    : {mapping}  (kept outside the output folder)")
         self.stdout.write(f"synthetic input     : {inp / 'dicom'}  (fake identities in headers and names)")
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    """SIGTERM handler: stop like Ctrl-C."""
+    raise KeyboardInterrupt
 
 
 def _new_password() -> str:
