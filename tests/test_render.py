@@ -160,3 +160,40 @@ def test_save_png_roundtrip(tmp_path):
     assert np.array_equal(np.asarray(Image.open(path)), img)
     with pytest.raises(RenderError):
         save_png(img.astype(float), tmp_path / "x.png")
+
+
+def test_auto_backend_falls_back_to_raycast_without_opengl(monkeypatch):
+    import os
+
+    monkeypatch.setitem(rmod._GL_STATUS, os.getpid(), "simulated: no OSMesa")
+    res = render_view(toy_head_mesh(), 0.0, SMALL, backend="auto")
+    assert res.backend == "raycast" and res.mask.any()
+    with pytest.raises(RenderError, match="not available"):
+        render_view(toy_head_mesh(), 0.0, SMALL, backend="pyrender")
+
+
+def test_render_subject_same_transform_for_original_and_defaced():
+    from pipeline.align import BoneCloud, bone_cloud, make_template
+    from tests.test_surface import make_head_volume
+
+    shape, spacing = (80, 90, 80), (3.0, 3.0, 3.0)
+    vol = make_head_volume(shape, spacing)
+    defaced = make_head_volume(shape, spacing, deface=True)
+    centre = np.array([(n - 1) * s / 2 for n, s in zip(shape[::-1], spacing[::-1])])
+    cloud = bone_cloud(vol)
+    template = make_template(BoneCloud(cloud.points_lps_mm - centre, cloud.normals,
+                                       cloud.weights_mm2))
+    settings = RenderSettings(width_px=128, height_px=128)
+    res = rmod.render_subject(vol, defaced, yaw_degs=(0.0, 30.0), settings=settings,
+                              template=template, resolution_mm=3.0, backend="raycast")
+    assert res.shared_alignment and set(res.timings_s) >= {"alignment", "render_deidentified"}
+    assert len(res.original) == len(res.deidentified) == 2
+    front_o, front_d = res.original[0], res.deidentified[0]
+    changed = front_o.image != front_d.image
+    assert changed.mean() > 0.01  # the face changed...
+    top = slice(0, 20)  # ...the vault above the defaced region did not (up to decimation)
+    mo, md = front_o.mask[top], front_d.mask[top]
+    assert mo.sum() > 100 and (mo == md).mean() > 0.99
+    assert np.median(np.abs(front_o.depth[top][mo & md] - front_d.depth[top][mo & md])) < 0.5
+    # the nose (most anterior skin) is gone: de-identified surface is further from the camera
+    assert front_d.depth[front_d.mask].min() > front_o.depth[front_o.mask].min() + 5
