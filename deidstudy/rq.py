@@ -32,7 +32,7 @@ class RecoveringWorker(Worker):
 
         try:
             recover_stale_stages()
-        except Exception:  # noqa: BLE001 — maintenance must not kill the worker
+        except Exception:
             log.exception("stage recovery failed")
         finally:
             connections.close_all()

@@ -64,7 +64,7 @@ class ZipLimits:
     ratio_min_bytes: int = 1024 * 1024
 
     @classmethod
-    def from_settings(cls) -> "ZipLimits":
+    def from_settings(cls) -> ZipLimits:
         """Limits from ``settings.UPLOAD_MAX_BYTES``, ``ZIP_MAX_RATIO``, ``ZIP_MAX_MEMBERS``."""
         return cls(
             max_total_bytes=int(getattr(settings, "UPLOAD_MAX_BYTES", cls.max_total_bytes)),
@@ -403,5 +403,4 @@ def _read_head(f) -> bytes:
 
 def _save_upload(f, dst: Path) -> None:
     with open(dst, "wb") as out:
-        for chunk in f.chunks():
-            out.write(chunk)
+        out.writelines(f.chunks())

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from django.conf import settings
 
-from .models import RenderImage, Series, Subject
+from .models import RenderImage, Subject
 
 WINDOW_HU = (-1000.0, 1000.0)
 
@@ -115,13 +115,13 @@ def mid_slices(hu: np.ndarray, spacing_mm: tuple[float, float, float],
     Sagittal: flipped so superior is up, rows j become columns (anterior on the
     left), resampled along k to square pixels using ``spacing_mm`` (dk, dj, di).
     """
-    nk, nj, ni = hu.shape
+    nk, _, ni = hu.shape
     k = nk // 2 if k is None else k
     i = ni // 2 if i is None else i
     axial = window(hu[k])
     sag = window(hu[::-1, :, i])  # rows: superior → inferior, cols: anterior → posterior
     dk, dj, _ = spacing_mm
-    rows = max(1, int(round(nk * dk / dj)))
+    rows = max(1, round(nk * dk / dj))
     idx = np.clip((np.arange(rows) * nk / rows).astype(int), 0, nk - 1)
     return {"axial": axial, "sagittal": sag[idx]}
 

@@ -72,7 +72,7 @@ def test_killed_worker_leaves_stage_rerunnable(platform, tmp_path):
     w2 = platform.start_worker("w2")
     rows = platform.wait_settled(cohort, timeout_s=150)
     assert {r[2] for r in rows} == {"done"}
-    attempts = dict(((r[1]), r[3]) for r in rows)
+    attempts = {r[1]: r[3] for r in rows}
     assert attempts["surfaces"] == 2  # killed attempt + the recovered one
     assert attempts["import"] == attempts["deidentify"] == attempts["embeddings"] == 1
     images = platform.query("SELECT COUNT(*) FROM surveys_renderimage WHERE kind = 'render'")[0][0]

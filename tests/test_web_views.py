@@ -19,7 +19,7 @@ from rq import Queue, SimpleWorker
 from surveys import jobs
 from surveys.access import RESEARCHER_GROUP
 from surveys.importing import import_folder
-from surveys.models import Cohort, RenderImage, ReidSummary, StageRun
+from surveys.models import Cohort, ReidSummary, RenderImage, StageRun
 from surveys.stages import atomic_write_bytes, data_path, png_bytes
 from surveys.synthetic import FAKE_MARKER, write_synthetic_cohort, zip_folder
 

@@ -4,4 +4,4 @@ Cohorts, subjects, series and pipeline stage runs live in :mod:`surveys.models.c
 study / rater models (issue #6) go in their own module here and are imported below.
 """
 
-from .cohorts import *  # noqa: F401,F403
+from .cohorts import *

@@ -14,8 +14,14 @@ from django.db import models
 from django.utils import timezone
 
 __all__ = [
-    "Cohort", "Subject", "Series", "StageRun", "RenderImage", "ReidSummary", "IdentityLink",
     "STAGE_STATUSES",
+    "Cohort",
+    "IdentityLink",
+    "ReidSummary",
+    "RenderImage",
+    "Series",
+    "StageRun",
+    "Subject",
 ]
 
 STAGE_STATUSES = ("pending", "queued", "running", "done", "failed")
@@ -67,7 +73,7 @@ class Subject(models.Model):
     def __str__(self) -> str:
         return self.pseudonym
 
-    def primary_series(self) -> "Series | None":
+    def primary_series(self) -> Series | None:
         """The series used for renders and embeddings: the one with most slices."""
         return self.series.order_by("-n_slices", "label").first()
 

@@ -8,7 +8,6 @@ import io
 import os
 import shutil
 import zipfile
-from pathlib import Path
 
 import pydicom
 import pytest
