@@ -140,7 +140,9 @@ RQ_SHOW_ADMIN_LINK = True
 
 # Uploads stream to a temporary file on disk, never into memory.
 FILE_UPLOAD_HANDLERS = ["django.core.files.uploadhandler.TemporaryFileUploadHandler"]
-FILE_UPLOAD_TEMP_DIR = os.environ.get("DEIDSTUDY_UPLOAD_TMP") or None
+# Uploads hold identifiable DICOM: keep their temporary files in the protected data folder
+# (same file system as the cohort store), not in the world-readable /tmp.
+FILE_UPLOAD_TEMP_DIR = os.environ.get("DEIDSTUDY_UPLOAD_TMP") or str(DATA_DIR / "tmp")
 DATA_UPLOAD_MAX_NUMBER_FILES = int(os.environ.get("DEIDSTUDY_UPLOAD_MAX_FILES", "20000"))
 UPLOAD_MAX_BYTES = int(os.environ.get("DEIDSTUDY_UPLOAD_MAX_BYTES", str(8 * 1024**3)))
 ZIP_MAX_RATIO = float(os.environ.get("DEIDSTUDY_ZIP_MAX_RATIO", "200"))

@@ -246,3 +246,31 @@ def test_upload_process_and_download(client, db, settings, tmp_path, queue,
         ds = pydicom.dcmread(io.BytesIO(zf.read(names[0])))
         assert str(ds.PatientName).startswith("SUBJ-") and ds.PatientIdentityRemoved == "YES"
     assert b"rank-1" in client.get(f"/cohorts/{cohort.pk}/").content
+
+
+def test_upload_of_loose_dicom_files(client, db, settings, tmp_path, queue,
+                                     django_capture_on_commit_callbacks):
+    """Many files (no zip) in one request: stored under numbered names, one subject."""
+    settings.DATA_DIR = tmp_path / "data"
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    user = User.objects.create_user("r", password="pw", is_staff=True)
+    client.force_login(user)
+    cohort = Cohort.objects.create(name="loose", owner=user)
+    cohort.researchers.add(user)
+    src = tmp_path / "src"
+    write_synthetic_cohort(src, 1, size="tiny", seed=41)
+    files = sorted(src.rglob("*.dcm"))
+    handles = [open(f, "rb") for f in files]
+    try:
+        with django_capture_on_commit_callbacks(execute=True):
+            r = client.post(f"/cohorts/{cohort.pk}/upload/", {"files": handles},
+                            HTTP_X_REQUESTED_WITH="XMLHttpRequest")
+    finally:
+        for h in handles:
+            h.close()
+    assert r.status_code == 200, r.content
+    assert r.json()["subjects"] == ["SUBJ-0001"]
+    series = cohort.subjects.get().series.get()
+    stored = sorted(p.name for p in (Path(settings.DATA_DIR) / series.original_dir).iterdir())
+    assert len(stored) == len(files) == series.n_files
+    assert queue.count == 1
