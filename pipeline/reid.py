@@ -299,16 +299,18 @@ def plot_similarity_distributions(conditions: Mapping[str, ConditionMetrics],
                                   stem: str | Path) -> list[Path]:
     """Histograms of genuine and impostor cosine similarities per condition (PNG + SVG)."""
     fig, ax = _figure(5.5, 3.6)
-    bins = np.linspace(-1.0, 1.0, 81)
+    all_scores = np.concatenate([np.concatenate([m.genuine, m.impostor.ravel()])
+                                 for m in conditions.values()])
+    lo, hi = float(all_scores.min()), float(all_scores.max())
+    pad = max(1e-3, 0.02 * (hi - lo))
+    bins = np.linspace(lo - pad, hi + pad, 50)
     for idx, (name, met) in enumerate(conditions.items()):
         colour = f"C{idx}"
         ax.hist(met.genuine, bins=bins, density=True, histtype="stepfilled", alpha=0.35,
                 color=colour, label=f"{name}: genuine")
         ax.hist(met.impostor.ravel(), bins=bins, density=True, histtype="step", color=colour,
                 linestyle="--", label=f"{name}: impostor")
-    all_scores = np.concatenate([np.concatenate([m.genuine, m.impostor.ravel()])
-                                 for m in conditions.values()])
-    ax.set_xlim(max(-1.0, float(all_scores.min()) - 0.05), min(1.0, float(all_scores.max()) + 0.05))
+    ax.set_xlim(bins[0], bins[-1])
     ax.set_xlabel("cosine similarity to gallery")
     ax.set_ylabel("density")
     ax.legend(fontsize=7)
