@@ -27,7 +27,7 @@ Backends:
   thread and context; the parent's are never touched in the child.
 * ``"raycast"`` — no OpenGL: embree ray casting through trimesh
   (``trimesh.ray.ray_pyembree``), same camera, Lambert shading with the same
-  headlight. Depth masks agree with pyrender's (see tests).
+  key light. Depth masks agree with pyrender's (see tests).
 * ``"auto"`` — pyrender if an OSMesa context can be made, else raycast.
 
 Images are 8-bit greyscale ``(H, W)`` arrays; depth is the distance along the

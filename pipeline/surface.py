@@ -7,13 +7,16 @@ normals point *outwards* (from high HU towards low HU, i.e. from tissue into
 air for the skin).
 
 Pipeline of :func:`iso_surface`: optional crop (``crop_ijk`` in array order
-``(k, j, i)``) → pad with air so the surface is closed → marching cubes
-(scikit-image, ``step_size`` voxels per cube) → LPS mm → largest connected
-component → decimation (fast-simplification) to ``target_faces``.
+``(k, j, i)``) → optional integer ``stride`` per axis → pad with air so the
+surface is closed → marching cubes (scikit-image, ``step_size`` voxels per
+cube) → LPS mm → largest connected component → decimation
+(fast-simplification) to ``target_faces``.
 
 :func:`face_region_crop` chooses a crop around the anterior part of the head
 from the *bone* only, so an original and its de-identified version (same
-bone, different soft tissue) are cropped identically.
+bone, different soft tissue) are cropped identically. (The rendering chain
+uses :func:`pipeline.render.canonical_crop` instead, which is derived from
+the bone alignment.)
 """
 
 from __future__ import annotations
