@@ -319,34 +319,48 @@ class AnatomicalFaceRegion:
 
     1. body = largest connected component of ``hu > body_threshold_hu``
        (excludes the couch/table, positioning devices);
-    2. per antero-posterior (AP) ray: skin entry ``e`` and first bone ``b``
+    2. per antero-posterior (AP) ray: skin entry and first bone
        (``hu >= bone_threshold_hu``; isolated early bone hits from noise are
-       removed by a small grey closing of the depth map);
+       removed by a small grey closing of the bone-depth map);
     3. nose tip = strongest narrow anterior protrusion of the skin surface
        (minimum of the white top-hats of the anteriority map along and across
-       the face, line footprints ``nose_footprint_mm`` long,
-       at least ``min_nose_protrusion_mm`` high and at most ``nose_max_behind_mm``
-       behind the most anterior skin point);
-    4. orbits = deep holes of the bone-depth map (depth − opening >
-       ``orbit_hole_mm``, bone behind, largest blob ≥ ``min_orbit_area_mm2``)
-       above the nose tip, 12–65 mm lateral of it;
-       superior limit = top of the orbits + ``superior_margin_mm`` (brow);
-       lateral limits = orbit lateral edges ± ``lateral_margin_mm``;
-    5. menton = lowest slice (at most ``chin_search_mm``, at least
-       ``min_chin_below_mm`` below the nose tip) with midline bone within
-       ``chin_bone_max_mm`` (AP) of the nose tip; inferior limit = menton −
-       ``inferior_margin_mm``. If neither orbits nor mandible are found the
-       protrusion is not taken for a nose and nothing is removed;
-    6. depth limit per ray = min(grey opening of the bone depth map with
-       footprint ``hole_footprint_mm`` — bridges the nasal aperture, orbits and
-       mouth so the nose, eyelids/eye surface and lips are included, but is
-       never deeper than the bone itself —, skin + ``max_soft_depth_mm``,
-       nose tip + ``face_depth_mm``);
-    7. the region (from the anterior edge of the field of view to the depth
-       limit, one grid cell of margin) is upsampled and trimmed at full
-       resolution so it stops at the first bone voxel of every ray.
+       the face, line footprints ``nose_footprint_mm`` long), at least
+       ``min_nose_protrusion_mm`` high and at most ``nose_max_behind_mm`` behind
+       the most anterior skin point;
+    4. orbits = deep holes of the bone-depth map (depth − grey opening with
+       footprint ``hole_footprint_mm`` ≥ ``orbit_hole_mm``, bone behind, largest
+       blob ≥ ``min_orbit_area_mm2`` per side) 12–65 mm lateral of and above the
+       nose tip. Superior limit = top of the orbits + ``superior_margin_mm``
+       (brow and lower forehead); lateral limits = lateral orbit edges ±
+       ``lateral_margin_mm`` (≈ bizygomatic width);
+    5. menton = lowest slice (``min_chin_below_mm``…``chin_search_mm`` below the
+       nose tip) with midline bone within ``chin_bone_max_mm`` (AP) of the nose
+       tip; inferior limit = menton − ``inferior_margin_mm`` (under the chin).
+       If neither orbits nor mandible are found, the protrusion is not taken
+       for a nose and nothing is removed;
+    6. posterior limit = AP midpoint of the skull (≈ ear canals, at the level
+       of the largest skull length above the orbits) − ``ear_margin_mm``, on a
+       vertical plane turned with the head's yaw (principal axis of the skull's
+       axial cross-section; tangent clipped to ± ``max_tilt``). Head pitch is
+       not corrected;
+    7. region = voxels within these limits that lie (a) in front of the first
+       bone of their AP ray — exactly, at full resolution; on the coarse grid a
+       ray may go at most ``bone_guard_mm`` past the pooled first bone (bounds
+       the damage where a ray slips through a gap in thin bone), and across the
+       nasal aperture (midline holes within ``aperture_half_width_mm``, from
+       ``aperture_below_tip_mm`` below the nose tip up to the orbits) the bone
+       depth is bridged by the grey opening so the nasal cavity is kept;
+       (b) in front of the first enclosed air cavity (sinus) of the ray, so a
+       wall too thin to reach the bone threshold does not open the way to the
+       brain; (c) within ``skin_depth_mm`` of air (3D distance, ≈ 4 mm grid).
+       So the nose, eyelids and eyes, lips, cheeks, chin pad and submental skin
+       are included; brain (behind bone) and the deep neck never. The region
+       also covers the air in front of the face, so devices moulded to the face
+       (thermoplastic masks, in the soft-tissue HU range) are removed too.
 
-    All distances are in millimetres, thresholds in HU.
+    All distances are in millimetres, thresholds in HU. Implausible anatomy
+    (landmark not found, face cut by the field of view) is reported in
+    ``RegionResult.warnings``; fallbacks use typical distances to the nose tip.
     """
 
     name: str = "anatomical"
@@ -360,26 +374,31 @@ class AnatomicalFaceRegion:
     orbit_hole_mm: float = 12.0
     min_orbit_area_mm2: float = 200.0
     bone_noise_closing_mm: float = 5.0
-    superior_margin_mm: float = 20.0
-    superior_fallback_mm: float = 75.0
-    inferior_margin_mm: float = 5.0
-    inferior_fallback_mm: float = 75.0
+    superior_margin_mm: float = 40.0
+    superior_fallback_mm: float = 95.0
+    inferior_margin_mm: float = 20.0
+    inferior_fallback_mm: float = 90.0
     chin_bone_max_mm: float = 55.0
     chin_search_mm: float = 120.0
     min_chin_below_mm: float = 25.0
-    lateral_margin_mm: float = 25.0
-    lateral_fallback_mm: float = 70.0
-    max_soft_depth_mm: float = 35.0
-    face_depth_mm: float = 80.0
+    lateral_margin_mm: float = 30.0
+    lateral_fallback_mm: float = 72.0
+    ear_margin_mm: float = 7.0
+    aperture_half_width_mm: float = 20.0
+    aperture_below_tip_mm: float = 12.0
+    posterior_fallback_mm: float = 100.0
+    max_tilt: float = 0.5
+    bone_guard_mm: float = 6.0
+    skin_depth_mm: float = 40.0
 
-    def face_region(self, volume: Volume) -> RegionResult:
+    def face_region(self, volume: Volume) -> RegionResult:  # noqa: C901 - linear recipe
         """Facial soft-tissue region of ``volume`` (see class docstring).
 
         Returns a :class:`RegionResult` whose ``mask`` has the shape of
         ``volume.hu`` and whose ``details`` hold landmarks in LPS mm
-        (``nose_tip_lps_mm``, ``superior_limit_z_mm``, ``inferior_limit_z_mm``)
-        and the canonical grid used. An empty mask plus a warning is returned
-        when no face is found (e.g. brain-only field of view).
+        (``nose_tip_lps_mm``, ``superior_limit_z_mm``, ``inferior_limit_z_mm``),
+        the skull length (mm) and the grid used. An empty mask plus a warning is
+        returned when no face is found (e.g. brain-only field of view).
         """
         t0 = time.perf_counter()
         hu = volume.hu
@@ -395,12 +414,10 @@ class AnatomicalFaceRegion:
         warnings: list[str] = []
         details: dict[str, Any] = {"grid_factors_kji": factors}
 
-        empty = np.zeros(hu.shape, dtype=bool)
-
         def give_up(msg: str) -> RegionResult:
             warnings.append(msg)
-            details["seconds"] = time.perf_counter() - t0
-            return RegionResult(empty, warnings, details, None)
+            details["seconds"] = round(time.perf_counter() - t0, 3)
+            return RegionResult(np.zeros(hu.shape, dtype=bool), warnings, details, None)
 
         ns, na, nl = c.shape
         body = c > self.body_threshold_hu
@@ -420,7 +437,7 @@ class AnatomicalFaceRegion:
         if not has_bone.any():
             return give_up("no bone found in the body; face region not determined, nothing removed")
         b = np.where(has_bone, bone.argmax(axis=1), na).astype(np.float32)
-        del bone
+        back = np.where(has_bone, na - 1 - bone[:, ::-1, :].argmax(axis=1), -1)
         close = (_odd(self.bone_noise_closing_mm / ds), _odd(self.bone_noise_closing_mm / dl))
         b = ndi.grey_closing(b, size=close)  # drops isolated early "bone" hits (noise)
 
@@ -442,8 +459,6 @@ class AnatomicalFaceRegion:
                 f"{self.min_nose_protrusion_mm} mm); face not in field of view? nothing removed"
             )
         a_t = float(e[s_t, l_t])
-        if a_t <= 0:
-            warnings.append("the face touches the anterior edge of the field of view (face cut?)")
 
         s_idx = np.arange(ns)[:, None]
         l_idx = np.arange(nl)[None, :]
@@ -470,40 +485,98 @@ class AnatomicalFaceRegion:
                 "neither orbits nor mandible found near the most nose-like protrusion; "
                 "face not in the field of view? nothing removed"
             )
+        if a_t <= 0:
+            warnings.append("the face touches the anterior edge of the field of view (face cut?)")
 
-        if right.any() and left.any():
-            s_orbit = int(max(np.flatnonzero(right.any(1))[-1], np.flatnonzero(left.any(1))[-1]))
+        if right.any() or left.any():
+            both = right | left
+            rows_o = np.flatnonzero(both.any(1))
+            cols_o = np.flatnonzero(both.any(0))
+            s_orbit, s_orbit_low = int(rows_o[-1]), int(rows_o[0])
             s_sup = s_orbit + self.superior_margin_mm / ds
-            l_lo = np.flatnonzero(right.any(0))[0] - self.lateral_margin_mm / dl
-            l_hi = np.flatnonzero(left.any(0))[-1] + self.lateral_margin_mm / dl
+            # lateral edges; a missing side is mirrored about the nose tip
+            reach_r = l_t - cols_o[0] if right.any() else cols_o[-1] - l_t
+            reach_l = cols_o[-1] - l_t if left.any() else l_t - cols_o[0]
+            l_lo = l_t - reach_r - self.lateral_margin_mm / dl
+            l_hi = l_t + reach_l + self.lateral_margin_mm / dl
+            if not (right.any() and left.any()):
+                warnings.append("only one orbit found; the other side mirrored about the nose")
         else:
-            found = "one orbit" if (right.any() or left.any()) else "no orbits"
             warnings.append(
-                f"{found} found above the nose; superior/lateral limits from typical "
+                "no orbits found above the nose; superior/lateral limits from typical "
                 "distances to the nose tip"
             )
+            s_orbit = int(s_t + 50.0 / ds)
+            s_orbit_low = int(s_t + 20.0 / ds)
             s_sup = s_t + self.superior_fallback_mm / ds
             l_lo = l_t - self.lateral_fallback_mm / dl
             l_hi = l_t + self.lateral_fallback_mm / dl
         if s_sup > ns - 1:
             warnings.append("the forehead reaches the superior edge of the field of view")
         if chin.any():
-            s_inf = np.flatnonzero(chin.any(1))[0] - self.inferior_margin_mm / ds
+            s_menton = int(np.flatnonzero(chin.any(1))[0])
         else:
             warnings.append("mandible not found below the nose; inferior limit from typical distance")
-            s_inf = s_t - self.inferior_fallback_mm / ds
+            s_menton = int(s_t - (self.inferior_fallback_mm - self.inferior_margin_mm) / ds)
+        s_inf = s_menton - self.inferior_margin_mm / ds
         if s_inf < 0:
             warnings.append("the chin reaches the inferior edge of the field of view (face cut?)")
 
-        # --- depth limit per ray and the low-resolution region
-        post = a_t + self.face_depth_mm / da
-        limit = np.minimum(b_open, e + self.max_soft_depth_mm / da)
-        limit = np.minimum(limit, post)
-        rays = has_body & (e <= post)
-        rays &= (s_idx >= s_inf) & (s_idx <= s_sup)
-        rays &= (l_idx >= l_lo) & (l_idx <= l_hi)
-        limit_i = np.where(rays, np.floor(limit).astype(np.int64) + 1, -1)
-        region_c = np.arange(na)[None, :, None] <= limit_i[:, None, :]
+        # --- posterior limit: in front of the ears ≈ AP middle of the skull
+        rows = slice(max(0, s_orbit), min(ns, int(s_orbit + 60.0 / ds) + 1))
+        front = np.where(has_bone[rows], b[rows], np.inf).min(axis=1)
+        rear = back[rows].max(axis=1)
+        length = np.where(np.isfinite(front), rear - front, -1.0)
+        best = int(np.argmax(length)) if length.size else 0
+        skull_mm = float(length[best]) * da if length.size else 0.0
+        details["skull_length_mm"] = round(skull_mm, 1)
+        if 120.0 <= skull_mm <= 260.0:
+            post = (front[best] + rear[best]) / 2.0 - self.ear_margin_mm / da
+            if rear[best] >= na - 1:
+                warnings.append("the skull touches the posterior edge of the field of view")
+        else:
+            warnings.append(
+                f"implausible skull length ({skull_mm:.0f} mm) above the orbits; posterior "
+                "limit from typical distance to the nose tip"
+            )
+            post = a_t + self.posterior_fallback_mm / da
+
+        # the posterior limit is a head-coronal plane: turn it with the head's yaw, the
+        # principal axis of the skull's axial cross-section (bone hull) above the orbits
+        hull_rows = slice(
+            max(0, int(s_orbit + 10.0 / ds)), min(ns, int(s_orbit + 60.0 / ds) + 1)
+        )
+        tan_yaw, centre_l = _yaw_from_hull(
+            b[hull_rows], back[hull_rows], has_bone[hull_rows], da, dl
+        )
+        tan_yaw = float(np.clip(tan_yaw, -self.max_tilt, self.max_tilt))
+        details["yaw_deg"] = round(float(np.degrees(np.arctan(tan_yaw))), 1)
+        if centre_l is None:
+            centre_l = float(l_t)
+        post_l = post + tan_yaw * (l_idx - centre_l) * dl / da  # (1, l)
+
+        # --- low-resolution region: limits ∩ in front of first bone ∩ near skin/air
+        s0, s1 = max(0, int(np.ceil(s_inf))), min(ns, int(np.floor(s_sup)) + 1)
+        l0, l1 = max(0, int(np.ceil(l_lo))), min(nl, int(np.floor(l_hi)) + 1)
+        post_l = post_l[:, l0:l1]
+        a1 = min(na, int(np.floor(post_l.max())) + 1) if post_l.size else 0
+        if s0 >= s1 or l0 >= l1 or a1 <= 0:
+            return give_up("face region is empty after anatomical limits; nothing removed")
+        # bone depth bridged across the midline holes (nasal aperture, open mouth) so the
+        # nasal cavity and the oral cavity are not emptied; elsewhere the first bone
+        midhole = (hole_mm >= self.orbit_hole_mm) & (np.abs(side) <= self.aperture_half_width_mm)
+        midhole &= (s_idx <= s_orbit_low) & (s_idx >= s_t - self.aperture_below_tip_mm / ds)
+        grow = np.ones((_odd(8.0 / ds), _odd(8.0 / dl)), bool)
+        midhole = ndi.binary_dilation(midhole, structure=grow)
+        midhole &= ~ndi.binary_dilation(right | left, structure=grow)
+        near, cavity = self._air_maps(body, bone, (s0, s1, a1, l0, l1), (ds, da, dl))
+        del bone
+        guard = max(1, int(np.ceil(self.bone_guard_mm / da)))
+        limit = np.where(midhole, b_open + 1, b + guard)
+        stop = np.minimum(np.minimum(limit[s0:s1, l0:l1], cavity), np.floor(post_l))
+        in_front = np.arange(a1)[None, :, None] <= stop[:, None, :]
+        region_c = np.zeros((ns, na, nl), dtype=bool)
+        region_c[s0:s1, :a1, l0:l1] = in_front & near
         region_low = frame.from_canonical(region_c)
 
         # --- upsample inside the bounding box and trim at the first full-res bone voxel
@@ -519,12 +592,11 @@ class AnatomicalFaceRegion:
             if f > 1:
                 sub = np.repeat(sub, f, axis=axis)
         sub = sub[tuple(slice(0, s.stop - s.start) for s in box)]
-        ap_axis = frame.axes[1]
         sub = trim_behind_bone(
-            hu[box], sub, anterior_axis=ap_axis, anterior_is_low_index=not frame.flips[1],
+            hu[box], sub, anterior_axis=frame.axes[1], anterior_is_low_index=not frame.flips[1],
             bone_threshold_hu=self.bone_threshold_hu,
         )
-        mask = empty
+        mask = np.zeros(hu.shape, dtype=bool)
         mask[box] = sub
 
         # --- landmarks for QA (LPS mm)
@@ -545,6 +617,92 @@ class AnatomicalFaceRegion:
             seconds=round(time.perf_counter() - t0, 3),
         )
         return RegionResult(mask, warnings, details, box)  # type: ignore[arg-type]
+
+    def _air_maps(
+        self, body: np.ndarray, bone: np.ndarray, lims: tuple[int, int, int, int, int],
+        spacing: tuple[float, float, float],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Distance-to-air mask and first enclosed air cavity per ray, canonical low-res grid.
+
+        Works on the sub-box ``[s0:s1, :a1, l0:l1]`` padded by ``skin_depth_mm``.
+        Returns ``near`` (bool, sub-box shape): within ``skin_depth_mm`` of any
+        non-body voxel — 3D Euclidean distance on a grid coarsened to ≈ 4 mm
+        (max-pooled body, so distances are under- rather than over-estimated);
+        and ``cavity`` (int, ``(s1 - s0, l1 - l0)``): AP index of the first voxel
+        of an enclosed air cavity touching bone (sinus, closed airway: air not
+        connected to the outside within the padded box), ``a1`` if none — the
+        region stops there so that a bone wall missing from the image (thin,
+        partial volume) does not open a path to the brain behind a sinus. Air
+        enclosed by soft tissue only (e.g. between the face and a thermoplastic
+        mask) does not stop the region.
+        """
+        s0, s1, a1, l0, l1 = lims
+        ns, na, nl = body.shape
+        pads = [int(np.ceil(self.skin_depth_mm / d)) for d in spacing]
+        ps0, ps1 = max(0, s0 - pads[0]), min(ns, s1 + pads[0])
+        pa1 = min(na, a1 + pads[1])
+        pl0, pl1 = max(0, l0 - pads[2]), min(nl, l1 + pads[2])
+        crop = body[ps0:ps1, :pa1, pl0:pl1]
+        inner = (slice(s0 - ps0, s1 - ps0), slice(0, a1), slice(l0 - pl0, l1 - pl0))
+
+        cf = tuple(max(1, int(4.0 // d)) for d in spacing)
+        coarse = _max_pool(crop, cf)  # type: ignore[arg-type]
+        dist = ndi.distance_transform_edt(
+            coarse, sampling=tuple(d * f for d, f in zip(spacing, cf))
+        )
+        near = dist <= self.skin_depth_mm
+        for axis, f in enumerate(cf):
+            if f > 1:
+                near = np.repeat(near, f, axis=axis)
+        near = near[inner]
+
+        lab, n = ndi.label(~crop)
+        if n:
+            faces = [lab[0], lab[-1], lab[:, 0], lab[:, -1], lab[:, :, 0], lab[:, :, -1]]
+            outside = np.zeros(n + 1, dtype=bool)
+            for f_ in faces:
+                outside[np.unique(f_)] = True
+            outside[0] = True
+            bony = np.zeros(n + 1, dtype=bool)
+            bony[np.unique(lab[ndi.binary_dilation(bone[ps0:ps1, :pa1, pl0:pl1])])] = True
+            enclosed = (~outside & bony)[lab[inner]]
+            cavity = np.where(enclosed.any(axis=1), enclosed.argmax(axis=1), a1)
+        else:
+            cavity = np.full((s1 - s0, l1 - l0), a1)
+        return near, cavity
+
+
+def _yaw_from_hull(
+    front: np.ndarray, rear: np.ndarray, valid: np.ndarray, da: float, dl: float
+) -> tuple[float, float | None]:
+    """Tangent of the head's yaw from the skull's axial cross-sections (canonical grid).
+
+    ``front``/``rear``: first/last bone index along each AP ray of some rows
+    (shape ``(rows, l)``), ``valid``: rays with bone. Each ray contributes the
+    AP segment [front, rear] (the bone hull); the principal (long, AP) axis of
+    the hull's second moments in mm gives d(AP)/d(L), i.e. how much further
+    posterior the left side is per mm to the left, and the hull's centroid
+    column (grid units); ``(0, None)`` if undetermined.
+    """
+    if valid.sum() < 10:
+        return 0.0, None
+    l_mm = np.nonzero(valid)[1].astype(float) * dl
+    f = front[valid].astype(float) * da
+    r = rear[valid].astype(float) * da
+    w = np.maximum(r - f, 0.0)  # segment length (mass)
+    if w.sum() <= 0:
+        return 0.0, None
+    m_a = (f + r) / 2.0
+    var_a_seg = w ** 2 / 12.0
+    tot = w.sum()
+    ca, cl = (w * m_a).sum() / tot, (w * l_mm).sum() / tot
+    s_aa = (w * ((m_a - ca) ** 2 + var_a_seg)).sum() / tot
+    s_ll = (w * (l_mm - cl) ** 2).sum() / tot
+    s_al = (w * (m_a - ca) * (l_mm - cl)).sum() / tot
+    # long (AP) axis at angle θ from the AP direction towards L: tan(2θ) = 2 s_al / (s_aa - s_ll);
+    # the head's coronal plane is perpendicular to it: d(AP)/d(L) = −tan θ
+    theta = 0.5 * np.arctan2(2.0 * s_al, s_aa - s_ll)
+    return float(-np.tan(theta)), float(cl / dl)
 
 
 def _fill_rows(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
