@@ -340,8 +340,9 @@ def raycast_view(mesh: trimesh.Trimesh, yaw_deg: float = 0.0,
                  intersector: Any = None) -> RenderResult:
     """Render one view by ray casting (no OpenGL); same camera as :func:`render_view`.
 
-    Shading: ``grey * (ambient + light_intensity/π · max(0, n·l))`` with
-    smooth (barycentric vertex-normal) normals ``n`` and ``l`` from
+    Shading: ``(grey · (ambient + 0.96 · light_intensity/π · max(0, n·l)))^(1/2.2)``
+    (pyrender's diffuse term and display gamma, without its small specular
+    lobe) with smooth (barycentric vertex-normal) normals ``n`` and ``l`` from
     :func:`light_direction`, clipped to [0, 1] and scaled to 8 bits.
     """
     settings = settings or RenderSettings()
@@ -371,8 +372,11 @@ def raycast_view(mesh: trimesh.Trimesh, yaw_deg: float = 0.0,
         n = np.einsum("ij,ijk->ik", bary, vn)
         n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
         lam = np.clip(n @ light_direction(yaw_deg, settings), 0.0, 1.0)
-        shade = settings.grey * (settings.ambient + settings.light_intensity / np.pi * lam)
-        image[ray_idx] = np.clip(shade, 0.0, 1.0) * 255.0
+        # pyrender's metallic-roughness shader without the specular lobe: diffuse colour
+        # grey·(1 − 0.04), Lambert/π, plus ambient, then its 1/2.2 display gamma
+        linear = settings.grey * (settings.ambient
+                                  + 0.96 * settings.light_intensity / np.pi * lam)
+        image[ray_idx] = np.clip(linear, 0.0, 1.0) ** (1.0 / 2.2) * 255.0
     return RenderResult(image=image.reshape(h, w).round().astype(np.uint8),
                         depth=depth.reshape(h, w), yaw_deg=float(yaw_deg), backend="raycast")
 

@@ -63,6 +63,9 @@ def test_pyrender_mask_matches_raycast(gl_ok):
         # both backends light the surface and leave the background at its grey level
         assert g.image[~g.mask].max() == SMALL.background == r.image[~r.mask].max()
         assert g.image[both].mean() > 60 and r.image[both].mean() > 60
+        # same diffuse shading model and gamma: grey levels agree closely
+        diff = np.abs(g.image[both].astype(int) - r.image[both].astype(int))
+        assert np.median(diff) <= 3 and diff.mean() < 6
 
 
 def test_sphere_silhouette_matches_pinhole_geometry():
