@@ -16,6 +16,8 @@ DEIDSTUDY_DATA_DIR     originals + derived data (default VAR_DIR/data); share it
 DEIDSTUDY_UPLOAD_MAX_BYTES   largest accepted upload / unpacked archive (default 8 GiB).
 DEIDSTUDY_ZIP_MAX_RATIO      largest accepted compression ratio of a zip member (default 200).
 DEIDSTUDY_RQ_QUEUE     name of the pipeline queue (default "pipeline").
+DEIDSTUDY_SHARED_STORAGE  "s3" or "path:/folder": share cohort files between machines.
+DEIDSTUDY_FACE_METHOD  face method of the web pipeline (auto/anatomical/model/none).
 DEIDSTUDY_VAR_DIR      state folder (database, originals, outputs); default ./var.
 DEIDSTUDY_PROJECT_SECRET secret for UID hashing and pseudonymisation.
 """
@@ -127,6 +129,38 @@ STATIC_ROOT = VAR_DIR / "staticfiles"
 
 # Originals and derived data live under VAR_DIR, never in a web-served folder.
 DATA_DIR = Path(os.environ.get("DEIDSTUDY_DATA_DIR", VAR_DIR / "data")).resolve()
+
+# Optional shared storage for several worker machines (see surveys/shared.py):
+#   DEIDSTUDY_SHARED_STORAGE=s3          S3-compatible bucket via django-storages; set
+#       AWS_STORAGE_BUCKET_NAME, AWS_S3_ENDPOINT_URL (MinIO, Ceph…), AWS_ACCESS_KEY_ID,
+#       AWS_SECRET_ACCESS_KEY, optional AWS_S3_REGION_NAME and DEIDSTUDY_S3_PREFIX;
+#   DEIDSTUDY_SHARED_STORAGE=path:/mnt/x a folder every machine mounts.
+# Unset (default): DATA_DIR alone (one machine, or DATA_DIR itself on NFS/EFS).
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
+_shared = os.environ.get("DEIDSTUDY_SHARED_STORAGE", "").strip()
+if _shared == "s3":
+    STORAGES["cohortdata"] = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": os.environ.get("AWS_STORAGE_BUCKET_NAME", ""),
+            "endpoint_url": os.environ.get("AWS_S3_ENDPOINT_URL") or None,
+            "region_name": os.environ.get("AWS_S3_REGION_NAME") or None,
+            "location": os.environ.get("DEIDSTUDY_S3_PREFIX", "deidstudy"),
+            "default_acl": "private",
+            "file_overwrite": True,
+            "querystring_auth": True,
+        },
+    }
+elif _shared.startswith("path:"):
+    STORAGES["cohortdata"] = {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {"location": _shared[len("path:"):]},
+    }
+elif _shared:
+    raise RuntimeError("DEIDSTUDY_SHARED_STORAGE must be 's3' or 'path:/folder'")
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

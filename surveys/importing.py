@@ -38,6 +38,7 @@ from pipeline import dicom_io
 from pipeline.deid_header import pseudonym_key
 
 from .models import Cohort, IdentityLink, Series, StageRun, Subject
+from .shared import push_tree
 
 log = logging.getLogger(__name__)
 
@@ -340,6 +341,8 @@ def import_folder(
                     StageRun.objects.create(subject=subject, stage=stage.name, order=order)
                 result.subjects.append(pseudonym)
                 say(f"imported {pseudonym} ({len(series_sorted)} series)")
+            for pseudonym in result.subjects:  # shared storage (if any) before the commit
+                push_tree(f"{cohort.storage_dir()}/orig/{pseudonym}")
     except BaseException:
         for path in moved:
             shutil.rmtree(path, ignore_errors=True)
@@ -347,6 +350,10 @@ def import_folder(
             d = cohort_dir / "orig" / sub
             if d.is_dir() and not any(d.iterdir()):
                 d.rmdir()
+            try:
+                push_tree(f"{cohort.storage_dir()}/orig/{sub}")  # nothing local: clears remote
+            except Exception:  # noqa: BLE001 — the original error matters more
+                log.exception("could not clean the shared storage after a failed import")
         raise
     log.info("cohort %s: imported %d subjects, %d series", cohort.pk, len(result.subjects),
              result.n_series)

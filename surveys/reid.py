@@ -16,6 +16,7 @@ import numpy as np
 from django.utils import timezone
 
 from .models import Cohort, ReidSummary
+from .shared import push_file
 
 
 def reid_metrics(probes: np.ndarray, gallery: np.ndarray) -> dict[str, object]:
@@ -78,6 +79,7 @@ def update_cohort_reid(cohort: Cohort) -> ReidSummary | None:
                      np.array([s.embedding_original for s in subjects]))
     rel = f"{cohort.storage_dir()}/derived/reid-cmc.png"
     atomic_write_bytes(data_path(rel), cmc_plot_png(m["cmc"]))
+    push_file(rel)
     summary, _ = ReidSummary.objects.update_or_create(cohort=cohort, defaults={
         "n_subjects": m["n"], "rank1": m["rank1"], "auc": m["auc"], "cmc": m["cmc"],
         "plot_path": rel, "computed": timezone.now()})

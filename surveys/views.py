@@ -32,6 +32,7 @@ from .access import cohort_view, cohorts_for, is_researcher
 from .forms import CohortForm
 from .importing import ImportRejected, import_uploaded_files, tmp_root
 from .models import Cohort, RenderImage, StageRun, Subject
+from .shared import ensure_local, pull_tree
 from .stages import STAGES, data_path
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ def subject_detail(request: HttpRequest, cohort: Cohort, pseudonym: str) -> Http
 
 def _file_response(rel: str, content_type: str, filename: str | None = None) -> FileResponse:
     try:
-        path = data_path(rel)
+        path = ensure_local(rel)
         fh = open(path, "rb")
     except (OSError, ValueError):
         raise Http404("file not available") from None
@@ -224,6 +225,7 @@ def download_deid(request: HttpRequest, cohort: Cohort) -> FileResponse:
             for s in subject.series.all():
                 if not s.deid_dir:
                     continue
+                pull_tree(s.deid_dir)  # no-op without shared storage
                 folder = data_path(s.deid_dir)
                 for f in sorted(folder.glob("*.dcm")):
                     zf.write(f, f"{subject.pseudonym}/{s.label}/{f.name}")
