@@ -184,6 +184,8 @@ ZIP_MAX_MEMBERS = int(os.environ.get("DEIDSTUDY_ZIP_MAX_MEMBERS", "200000"))
 # Face method of the web pipeline (see pipeline.deidentify.METHODS).
 PIPELINE_FACE_METHOD = os.environ.get("DEIDSTUDY_FACE_METHOD", "auto")
 PIPELINE_RENDER_BACKEND = os.environ.get("DEIDSTUDY_RENDER_BACKEND", "auto")
+# A running stage whose heartbeat (every 30 s) is older than this counts as abandoned.
+PIPELINE_STALE_SECONDS = int(os.environ.get("DEIDSTUDY_STALE_SECONDS", "1800"))
 
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "surveys:cohort_list"

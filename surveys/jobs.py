@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 #: A running stage whose heartbeat is older than this (seconds) counts as abandoned.
 STALE_SECONDS = int(getattr(settings, "PIPELINE_STALE_SECONDS", 1800))
+#: Interval of the heartbeat of a running stage (seconds); must be well below STALE_SECONDS.
+HEARTBEAT_SECONDS = 30.0
 
 
 def get_pipeline_queue():
@@ -139,6 +141,9 @@ def run_stage(run_id: int, job_id: str) -> str:
         StageRun.objects.filter(pk=run_id, rq_job_id=job_id).update(
             progress=max(0.0, min(1.0, float(fraction))), heartbeat=timezone.now())
 
+    from django.db import connection
+
+    beat = None if connection.in_atomic_block else _Heartbeat(run_id, job_id)
     try:
         if stage is None:
             raise ValueError(f"unknown stage {run.stage!r}")
@@ -156,6 +161,9 @@ def run_stage(run_id: int, job_id: str) -> str:
         StageRun.objects.filter(pk=run_id, rq_job_id=job_id).update(
             status="failed", error=msg, finished=timezone.now())
         return "failed"
+    finally:
+        if beat is not None:
+            beat.stop()
     with transaction.atomic():
         n = StageRun.objects.filter(pk=run_id, rq_job_id=job_id, status="running").update(
             status="done", progress=1.0, finished=timezone.now(), error="")
@@ -164,6 +172,34 @@ def run_stage(run_id: int, job_id: str) -> str:
             if nxt is not None and nxt.status in ("pending", "failed"):
                 enqueue_stage(nxt)
     return "done"
+
+
+class _Heartbeat:
+    """Background thread refreshing ``StageRun.heartbeat`` every ``HEARTBEAT_SECONDS``,
+    so a long stage on another host is not mistaken for an abandoned one."""
+
+    def __init__(self, run_id: int, job_id: str) -> None:
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(run_id, job_id), daemon=True)
+        self._thread.start()
+
+    def _loop(self, run_id: int, job_id: str) -> None:
+        from django.db import connection
+
+        try:
+            while not self._stop.wait(HEARTBEAT_SECONDS):
+                StageRun.objects.filter(pk=run_id, rq_job_id=job_id, status="running").update(
+                    heartbeat=timezone.now())
+        except Exception:  # noqa: BLE001 — a missed heartbeat is not fatal
+            log.warning("heartbeat of stage row %s failed", run_id)
+        finally:
+            connection.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def _pid_alive(pid: int) -> bool:

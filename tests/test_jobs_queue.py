@@ -174,3 +174,30 @@ def test_recover_stale_stages(cohort, queue, django_capture_on_commit_callbacks)
                                             heartbeat=timezone.now() - timezone.timedelta(hours=2))
     with django_capture_on_commit_callbacks(execute=True):
         assert jobs.recover_stale_stages(stale_seconds=3600) == [b.pk]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_heartbeat_is_refreshed_while_a_stage_runs(settings, tmp_path, monkeypatch):
+    import time
+
+    from surveys.models import Subject
+
+    settings.DATA_DIR = tmp_path / "data"
+    owner = User.objects.create_user("o", password="pw")
+    c = Cohort.objects.create(name="c", owner=owner)
+    subject = Subject.objects.create(cohort=c, pseudonym="SUBJ-0001", patient_key="k" * 64)
+    run = StageRun.objects.create(subject=subject, stage="import", order=0)
+    seen = []
+
+    def slow(subject, ctx):
+        for _ in range(6):
+            time.sleep(0.1)
+            seen.append(StageRun.objects.get(pk=run.pk).heartbeat)
+
+    monkeypatch.setattr(jobs, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setitem(stages.STAGE_BY_NAME, "import", stages.Stage("import", "Import", slow))
+    monkeypatch.setattr(jobs, "enqueue_stage", lambda r, queue=None: "")
+    StageRun.objects.filter(pk=run.pk).update(status="queued", rq_job_id="j1")
+    assert jobs.run_stage(run.pk, "j1") == "done"
+    assert len(set(seen)) >= 3  # the heartbeat moved while the stage function was busy
+    assert seen == sorted(seen)
