@@ -118,7 +118,8 @@ def test_bone_cloud_normals_point_outwards(toy):
 @pytest.mark.slow
 def test_synthetic_head_pose_is_recovered_with_default_template():
     """Same synthetic subject at two poses: the relative rotation is undone (< 2°)."""
-    synth = pytest.importorskip("pipeline.synth")
+    from pipeline import synth
+
     params = synth.SubjectParams.random(11)
     kw = {"shape": (84, 100, 100), "spacing_mm": (3.0, 2.5, 2.5)}
     poses = [(0.0, 0.0, 0.0), (4.0, -3.0, 3.0)]
