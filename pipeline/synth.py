@@ -153,26 +153,26 @@ class SubjectParams:
     skull_width_mm: float = _p(138.0, 158.0, "maximum head breadth (skin)")
     vertex_height_mm: float = _p(110.0, 126.0, "vertex above the pupils")
     forehead_slope: float = _p(0.0, 0.28, "recession of the forehead (tan of angle)")
-    face_width_mm: float = _p(120.0, 146.0, "bizygomatic width (skin)")
-    chin_height_mm: float = _p(40.0, 54.0, "stomion–menton height")
-    jaw_width_mm: float = _p(88.0, 122.0, "bigonial width (skin)")
-    chin_projection_mm: float = _p(-8.0, 8.0, "forward projection of the chin")
+    face_width_mm: float = _p(116.0, 150.0, "bizygomatic width (skin)")
+    chin_height_mm: float = _p(38.0, 56.0, "stomion–menton height")
+    jaw_width_mm: float = _p(86.0, 126.0, "bigonial width (skin)")
+    chin_projection_mm: float = _p(-10.0, 10.0, "forward projection of the chin")
     chin_width_mm: float = _p(26.0, 46.0, "width of the chin pad")
-    nose_length_mm: float = _p(42.0, 60.0, "nasion–subnasale height")
-    nose_projection_mm: float = _p(14.0, 28.0, "subnasale–pronasale depth")
-    nose_width_mm: float = _p(28.0, 42.0, "alar width")
-    nose_bridge_mm: float = _p(3.0, 12.0, "height of the nasal bridge in front of the eyes")
+    nose_length_mm: float = _p(40.0, 62.0, "nasion–subnasale height")
+    nose_projection_mm: float = _p(13.0, 30.0, "subnasale–pronasale depth")
+    nose_width_mm: float = _p(27.0, 44.0, "alar width")
+    nose_bridge_mm: float = _p(2.0, 13.0, "height of the nasal bridge in front of the eyes")
     nose_tip_radius_mm: float = _p(6.5, 11.0, "radius of the nasal tip")
-    eye_spacing_mm: float = _p(56.0, 70.0, "inter-pupillary distance")
+    eye_spacing_mm: float = _p(54.0, 72.0, "inter-pupillary distance")
     eye_opening_mm: float = _p(7.0, 12.0, "palpebral fissure height")
     orbit_depth_mm: float = _p(4.0, 13.0, "depth of the cornea behind the brow")
     brow_prominence_mm: float = _p(0.0, 9.0, "forward projection of the brow ridge")
-    brow_height_mm: float = _p(15.0, 23.0, "brow ridge above the pupils")
-    lip_fullness_mm: float = _p(3.0, 10.0, "lip thickness/projection")
-    mouth_width_mm: float = _p(42.0, 60.0, "mouth width")
+    brow_height_mm: float = _p(14.0, 25.0, "brow ridge above the pupils")
+    lip_fullness_mm: float = _p(2.0, 12.0, "lip thickness/projection")
+    mouth_width_mm: float = _p(40.0, 62.0, "mouth width")
     philtrum_mm: float = _p(16.0, 24.0, "subnasale–stomion height")
-    cheek_fullness_mm: float = _p(2.0, 16.0, "cheek subcutaneous fat")
-    cheekbone_mm: float = _p(0.0, 8.0, "zygoma prominence")
+    cheek_fullness_mm: float = _p(0.0, 18.0, "cheek subcutaneous fat")
+    cheekbone_mm: float = _p(0.0, 10.0, "zygoma prominence")
     ear_length_mm: float = _p(54.0, 70.0, "ear length")
     ear_height_mm: float = _p(-8.0, 6.0, "vertical offset of the ears")
     ear_protrusion_deg: float = _p(10.0, 35.0, "angle of the pinna from the head")
@@ -307,6 +307,13 @@ class _Ellipsoid(_Prim):
         out *= k0
         out /= k1
         return out
+
+
+class _Box(_Prim):
+    """Only a bounding box (used to locate work regions; no field)."""
+
+    def __init__(self, lo, hi) -> None:
+        self.lo, self.hi = np.asarray(lo, float), np.asarray(hi, float)
 
 
 class _Sphere(_Prim):
@@ -463,10 +470,23 @@ class _Group(_Prim):
         if margin:
             # members must be evaluated far enough out for offsets/blends of the whole group
             for o in ops:
-                o.prim.lo = o.prim.lo - margin
-                o.prim.hi = o.prim.hi + margin
+                _grow(o.prim, margin)
         self.lo = np.min([o.prim.lo for o in unions], axis=0) - kmax
         self.hi = np.max([o.prim.hi for o in unions], axis=0) + kmax
+
+
+def _grow(prim: _Prim, margin: float) -> None:
+    """Enlarge the evaluation box of a primitive (and of a group's members) by ``margin`` mm."""
+    prim.lo = prim.lo - margin
+    prim.hi = prim.hi + margin
+    if isinstance(prim, _Group):
+        for o in prim.ops:
+            _grow(o.prim, margin)
+
+
+def _chain(name: str, points, radius: float, margin: float = 0.0) -> _Group:
+    """Capsules along a polyline, hard union (smooth joints without smooth-min bulges)."""
+    return _Group(name, [_u(_Capsule(a, b, radius, margin=margin)) for a, b in zip(points[:-1], points[1:])])
 
 
 def _u(prim: _Prim, k: float = 0.0) -> _Op:
@@ -495,11 +515,11 @@ class _HeadModel:
         self.t_soft = t_soft
         rng = np.random.default_rng([int(p.detail_seed), 0xD7A1]) if p.detail_seed >= 0 else None
 
-        def jc(c, amt: float = 1.5):
+        def jc(c, amt: float = 2.0):
             """Idiosyncratic jitter of a centre (mm) — none without a detail seed."""
             return c if rng is None else tuple(np.asarray(c, float) + rng.normal(0.0, amt, 3))
 
-        def jr(r, rel: float = 0.07):
+        def jr(r, rel: float = 0.09):
             """Idiosyncratic relative jitter of radii."""
             return r if rng is None else tuple(np.asarray(r, float) * np.clip(1 + rng.normal(0.0, rel, 3),
                                                                               0.8, 1.2))
@@ -554,9 +574,9 @@ class _HeadModel:
                              rot=_rotmat(yaw_deg=s * 18.0, roll_deg=-s * (2.0 + 0.5 * p.brow_arch_deg)))
                   for s in (-1, 1)]
         cb = p.cheekbone_mm
-        zyg_b = [_Ellipsoid(jc((s * (fw - 18.0 + 0.5 * cb), ye + 8.0, -17.0)), jr((9.0 + 0.3 * cb, 14.0, 9.0)),
+        zyg_b = [_Ellipsoid(jc((s * (fw - 18.0 + 0.5 * cb), ye + 13.0, -17.0)), jr((9.0 + 0.3 * cb, 14.0, 9.0)),
                             rot=_rotmat(yaw_deg=s * 30.0)) for s in (-1, 1)]
-        infra_rim = [_Capsule((s * (fw - 20.0), ye + 2.0, -16.0), (s * (xe - 6.0), ye - 2.0, -17.0), 4.5)
+        infra_rim = [_Capsule((s * (fw - 20.0), ye + 7.0, -16.0), (s * (xe - 6.0), ye + 3.0, -17.0), 4.5)
                      for s in (-1, 1)]
         lat_rim = [_Capsule((s * (xe + 17.0), ye + 3.0, -12.0), (s * (xe + 17.0), ye + 5.0, zb - 2.0), 5.0)
                    for s in (-1, 1)]
@@ -579,10 +599,9 @@ class _HeadModel:
             return (s * (3.5 + (aw - 3.5) * t ** 0.85) * (1 - inset), y_inc + 4.0 + 36.0 * t ** 1.7 + 30 * inset,
                     dz)
 
-        up_chain = []
-        for s in (-1, 1):
-            pts = [arch_pt(t, s, z_occ + 11.0) for t in np.linspace(0.0, 1.0, 6)]
-            up_chain += [_Capsule(a, b, 5.5) for a, b in zip(pts[:-1], pts[1:])]
+        up_pts = [arch_pt(t, s, z_occ + 11.0) for s, ts in ((-1, np.linspace(1.0, 0.0, 6)),
+                                                            (1, np.linspace(0.0, 1.0, 6))) for t in ts]
+        up_chain = [_chain("upper_alveolus", up_pts, 5.5)]
         palate = _Ellipsoid((0, y_inc + 26.0, z_occ + 14.0), (aw - 6.0, 24.0, 3.5))
         facebone_ops = [_u(brow_bone), _u(ridges[0], 6), _u(ridges[1], 6), _u(zyg_b[0], 6),
                         _u(zyg_b[1], 6), _u(infra_rim[0], 5), _u(infra_rim[1], 5), _u(arch[0], 4),
@@ -606,19 +625,15 @@ class _HeadModel:
                         z_me + 5.0 + (z_gon - z_me - 5.0) * at ** 2.2))
         for s in (-1, 1):
             alv.append([arch_pt(t, s, z_occ - 11.0, inset=0.02) for t in np.linspace(0.0, 1.0, 6)])
-        md_ops = []
-        for a, b in zip(low[:-1], low[1:]):
-            md_ops.append(_u(_Capsule(a, b, 5.5), 6))
-        for chain in alv:
-            for a, b in zip(chain[:-1], chain[1:]):
-                md_ops.append(_u(_Capsule(a, b, 5.0), 6))
+        alv_pts = alv[0][::-1] + alv[1]
+        md_ops = [_u(_chain("mandible_border", low, 5.5)), _u(_chain("mandible_alveolus", alv_pts, 5.0), 9)]
         mid = n_pts // 2
         for s_idx, s in ((0, -1), (1, 1)):
             chain = alv[s_idx]
             for q, t_low in enumerate(range(mid, n_pts) if s > 0 else range(mid, -1, -1)):
                 if q >= len(chain):
                     break
-                md_ops.append(_u(_Capsule(low[t_low], chain[q], 4.5), 6))
+                md_ops.append(_u(_Capsule(low[t_low], chain[q], 4.5), 9))
             # last molar → anterior border of the ramus
             md_ops.append(_u(_Capsule(chain[-1], (s * (jb - 2.0), y_gon + 2.0, z_occ - 2.0), 5.0), 6))
         rami = [_Capsule((s * jb, y_gon, z_gon - 2.0), (s * (head_half - 14.0), ear_y - 6.0, ear_z - 4.0),
@@ -626,6 +641,12 @@ class _HeadModel:
         chin_b = _Ellipsoid(jc((0, y_pog_b + 3.0, z_me + 12.0), 1.0), jr((14.0, 8.0, 11.0)))
         md_ops += [_u(rami[0], 6), _u(rami[1], 6), _u(chin_b, 6)]
         self.g_mandible = _Group("mandible", md_ops, margin=grow)
+        # smooth skin envelope of the jaw: the mandible's border and alveolar arcs, thickened
+        tj = t_soft + 4.0
+        js_ops = [_u(_chain("jaw_border_skin", low, 5.5 + tj, margin=m)),
+                  _u(_chain("jaw_alveolus_skin", alv_pts, 5.0 + tj, margin=m), 12)]
+        js_ops += [_u(_Offset(q, -tj), 12) for q in (rami[0], rami[1], chin_b)]
+        self.g_jawskin = _Group("jawskin", js_ops, margin=m)
 
         self.orbits = [_Ellipsoid((s * (xe + 1.0), ye + 14.0, 0.5), (17.5, 26.0, 16.5), margin=m)
                        for s in (-1, 1)]
@@ -679,22 +700,25 @@ class _HeadModel:
         malar = [_Ellipsoid(jc((s * (xe + 6.0), ye + 14.0, -20.0), 2.0), jr((15.0, 14.0 + 0.4 * f, 12.0)),
                             margin=m)
                  for s in (-1, 1)]
-        buccal = [_Ellipsoid(jc((s * (xe + 6.0), ye + 22.0, z_st + 4.0), 2.0),
+        buccal = [_Ellipsoid(jc((s * (xe + 6.0), ye + 16.0, z_st + 4.0), 2.0),
                              jr((14.0 + 0.25 * f, 18.0 + 0.3 * f, 16.0)),
                              margin=m) for s in (-1, 1)]
         masseter = [_Capsule(jc((s * (fw - 16.0), ye + 24.0, -18.0), 2.0),
                              jc((s * (jb + 2.0), y_gon + 2.0, z_gon + 2.0), 2.0),
                              8.0 + 0.2 * f, margin=m) for s in (-1, 1)]
+        temporalis = [_Ellipsoid((s * (fw - 12.0), ye + 32.0, 2.0), (10.0, 24.0, 24.0), margin=m)
+                      for s in (-1, 1)]
         floor = _Ellipsoid((0, (y_pog_b + y_gon) / 2 + 6.0, z_me + 14.0),
                            (max(jb - 6.0, 20.0), (y_gon - y_pog_b) / 2 + 2.0, 14.0), margin=m)
-        self.g_pads = _Group("pads", [_u(q) for q in malar + buccal + masseter] + [_u(floor)], margin=12)
+        self.g_pads = _Group("pads", [_u(q, 6.0) for q in malar + buccal + masseter + temporalis]
+                             + [_u(floor, 6.0)], margin=16)
         self.g_brow = _Group("brow", [
             _u(_Ellipsoid(jc((s * (xe + 1.0), brow_at_eye + 9.0 - 1.5, zb), 1.0), jr((22.0, 9.0, 5.5)),
                           rot=_rotmat(yaw_deg=s * 18.0, roll_deg=-s * p.brow_arch_deg), margin=m), 4)
             for s in (-1, 1)] + [
             _u(_Ellipsoid((0, brow_front + 9.0 - 1.0, zb - 3.0), (12.0, 9.0, 8.0), margin=m), 4)])
         self.g_sockets = _Group("sockets", [
-            _u(_Ellipsoid((s * (xe + 1.0), ye - 12.0, 1.5), (18.0, 12.0, 12.5), margin=m)) for s in (-1, 1)])
+            _u(_Ellipsoid((s * (xe + 1.0), ye - 12.0, 1.0), (17.5, 12.0, 12.0), margin=m)) for s in (-1, 1)])
         chin = _Ellipsoid(jc((0, y_pog + 13.0, z_me + 16.0), 1.0), jr((p.chin_width_mm / 2, 13.0, 15.0)),
                           margin=m)
         self.g_chin = _Group("chin", [_u(chin)])
@@ -759,6 +783,10 @@ class _HeadModel:
                                    (s * (head_half - 18.0), ear_y + 2.0, ear_z - 2.0), 3.0, margin=m)
                           for s in (-1, 1)]
 
+        # box holding the facial skeleton, its cavities, the facial features and ear canals
+        boxes = [self.g_facebone, self.g_mandible, self.g_orbits, self.g_aircav, *self.ear_canal,
+                 self.g_nose, self.g_lips, self.g_chin, self.g_brow, *self.g_eye]
+        self.face_box = _Box(np.min([b.lo for b in boxes], axis=0), np.max([b.hi for b in boxes], axis=0))
         # face soft-tissue region limits (head-local)
         self.face_z_top = zb + 30.0
         self.face_z_bottom = z_me - 15.0
@@ -869,11 +897,20 @@ class _Slab:
             shape = tuple(s.stop - s.start for s in sl)
             out = np.full(shape, _BIG, np.float32)
             for op in prim.ops:
-                ssl = self.slices(op.prim, within=sl)
-                if ssl is None:
-                    continue
+                if isinstance(op.prim, _Group):  # nested group: evaluate, then clip to this box
+                    sub = self.eval(op.prim)
+                    if sub is None:
+                        continue
+                    ssl = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(sub[0], sl))
+                    if any(s.start >= s.stop for s in ssl):
+                        continue
+                    d = sub[1][tuple(slice(a.start - b.start, a.stop - b.start) for a, b in zip(ssl, sub[0]))]
+                else:
+                    ssl = self.slices(op.prim, within=sl)
+                    if ssl is None:
+                        continue
+                    d = op.prim.sdf(*self.coords(ssl))
                 rel = tuple(slice(a.start - b.start, a.stop - b.start) for a, b in zip(ssl, sl))
-                d = op.prim.sdf(*self.coords(ssl))
                 cur = out[rel]
                 if op.kind == "u":
                     out[rel] = _smin(cur, d, op.k)
@@ -885,11 +922,19 @@ class _Slab:
         return sl, prim.sdf(*self.coords(sl))
 
 
-def _combine(field_arr: np.ndarray, res, kind: str, k: float) -> None:
-    """In-place smooth union ('u') or subtraction ('s') of an evaluated (sl, values) into a field."""
+def _combine(field_arr: np.ndarray, res, kind: str, k: float, base: tuple[slice, ...] | None = None) -> None:
+    """In-place smooth union ('u') or subtraction ('s') of an evaluated (sl, values) into a field.
+
+    ``base``: the slab-relative box that ``field_arr`` covers (default: the whole slab)."""
     if res is None:
         return
     sl, d = res
+    if base is not None:
+        ssl = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(sl, base))
+        if any(s.start >= s.stop for s in ssl):
+            return
+        d = d[tuple(slice(a.start - b.start, a.stop - b.start) for a, b in zip(ssl, sl))]
+        sl = tuple(slice(a.start - b.start, a.stop - b.start) for a, b in zip(ssl, base))
     cur = field_arr[sl]
     if kind == "u":
         field_arr[sl] = _smin(cur, d, k)
@@ -1059,31 +1104,38 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
                face: np.ndarray, hu: np.ndarray, *, couch: bool, aa_mm: float) -> None:
     """Label one slab and write its noise-free HU (all arrays are views into the full ones).
 
-    The skin/air boundary is anti-aliased from the skin distance field over
-    ``aa_mm`` so that iso-surfaces of the HU volume are smooth at sub-voxel level.
+    The skin/air boundary is anti-aliased from the skin distance field (partial
+    volume: a linear ramp over one voxel, ``aa_mm``), so that iso-surfaces of the
+    HU volume are smooth at sub-voxel level. Work on the facial skeleton, features
+    and face mask is confined to the box ``model.face_box``.
     """
     L = _L
     shape = slab.shape
-    # ----------------------------------------------------------------- bone field E
-    E = np.full(shape, _BIG, np.float32)
-    _combine(E, slab.eval(model.g_facebone), "u", 0.0)
-    r_md = slab.eval(model.g_mandible)
-    _combine(E, r_md, "u", 6.0)
-    _combine(E, slab.eval(model.g_orbits), "s", 2.0)
+    fb = slab.slices(model.face_box)  # slab-relative box of the face; None if the slab misses it
+    if fb is not None:
+        fb = (fb[0], slice(0, fb[1].stop), fb[2])  # from the anterior edge (for "bone in front")
+        fshape = tuple(s.stop - s.start for s in fb)
+    # ----------------------------------------------------------------- bone field E (face box)
+    E = None
+    if fb is not None:
+        E = np.full(fshape, _BIG, np.float32)
+        _combine(E, slab.eval(model.g_facebone), "u", 0.0, base=fb)
+        _combine(E, slab.eval(model.g_orbits), "s", 2.0, base=fb)
     # ----------------------------------------------------------------- skin field S
     S = np.full(shape, _BIG, np.float32)
     r_cr = slab.eval(model.cranium)
     _combine(S, r_cr, "u", 0.0)
     _combine(S, slab.eval(model.g_neck), "u", 14.0)
-    S = _smin(S, E - np.float32(model.t_soft), 8.0)  # facial skin follows the skeleton
-    if r_md is not None:
-        _combine(S, (r_md[0], r_md[1] - np.float32(model.t_soft + 4.0)), "u", 6.0)
-    _combine(S, slab.eval(model.g_pads), "u", 12.0)
+    if E is not None:  # facial skin follows the mid/upper facial skeleton (orbits open)
+        S[fb] = _smin(S[fb], E - np.float32(model.t_soft), 8.0)
+        _combine(E, slab.eval(model.g_mandible), "u", 6.0, base=fb)
+    _combine(S, slab.eval(model.g_jawskin), "u", 10.0)
+    _combine(S, slab.eval(model.g_pads), "u", 16.0)
     r_brow = slab.eval(model.g_brow)
     r_chin = slab.eval(model.g_chin)
     _combine(S, r_brow, "u", 6.0)
     _combine(S, r_chin, "u", 8.0)
-    _combine(S, slab.eval(model.g_sockets), "s", 5.0)
+    _combine(S, slab.eval(model.g_sockets), "s", 7.0)
     r_eyes = [slab.eval(g) for g in model.g_eye]
     for r in r_eyes:
         _combine(S, r, "u", 1.5)
@@ -1097,53 +1149,52 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
     _combine(S, slab.eval(model.g_mouth), "s", 1.0)
     _combine(S, slab.eval(model.g_nostrils), "s", 1.5)
     r_air = slab.eval(model.g_aircav)
-    _combine(E, r_air, "s", 1.0)
-    # ensure bone is covered by ≥ 3 mm soft tissue
-    np.minimum(S, E - np.float32(3.0), out=S)
+    if E is not None:
+        _combine(E, r_air, "s", 1.0, base=fb)
+        # bone is always covered by ≥ 3 mm of soft tissue
+        np.minimum(S[fb], E - np.float32(3.0), out=S[fb])
+
+    def E_at(s):  # E on a slab-relative box inside the face box
+        return E[tuple(slice(a.start - b.start, a.stop - b.start) for a, b in zip(s, fb))]
 
     # ----------------------------------------------------------------- soft tissue layers
-    inside = S < 0
-    labels[inside] = L["muscle"]
-    labels[inside & (S > -6.0)] = L["fat"]
-    labels[inside & (S > -2.0)] = L["skin"]
+    layer = np.digitize(S, _SKIN_DEPTHS)  # 0 deep, 1 fat, 2 skin, 3 outside
+    inside = layer < 3
+    labels[inside] = _SKIN_LAYER_LABELS[layer[inside]]
+    del layer, inside
 
     # ----------------------------------------------------------------- cranium: vault, brain
     if r_cr is not None:
         sl, C = r_cr
-        if True:
-            C = C + np.float32(model.p.scalp_mm)  # skull outer surface: C < 0
-            y, z = slab.y[sl], slab.z[sl]
-            x = slab.x[sl]
-            zb = _skull_base_z(x, y)
-            lab = labels[sl]
-            t = 7.0
-            above = z > zb
-            shell = (C < 0) & (C > -t) & (z > zb - 6.0)
-            lab[shell] = L["cancellous_bone"]
-            lab[shell & ((C > -1.8) | (C < -(t - 1.8)))] = L["cortical_bone"]
-            inner = C <= -t
-            base = inner & ~above & (z > zb - 6.0)
-            lab[base] = L["cortical_bone"]
-            lab[base & (z > zb - 4.5) & (z < zb - 1.5)] = L["cancellous_bone"]
-            csf = inner & above
-            lab[csf] = L["csf"]
-            brain = csf & (C < -(t + 1.5)) & (z > zb + 1.0)
-            lab[brain] = L["white_matter"]
-            lab[brain & (C > -(t + 4.5))] = L["grey_matter"]
-            # interhemispheric fissure
-            lab[brain & (np.abs(x) < 1.2) & (z > zb + 25.0)] = L["csf"]
-            for v in model.ventricles:
-                _paint(labels, slab.eval(v), L["csf"], where=lambda s: labels[s] == L["white_matter"])
+        C = C + np.float32(model.p.scalp_mm)  # skull outer surface: C < 0
+        x, y, z = slab.coords(sl)
+        zrel = z - _skull_base_z(x, y)  # height above the cranial-cavity floor
+        # depth class (C) × height class (zrel) → label (255: keep); see _CRANIUM_TABLE
+        code = np.digitize(C, _CRANIUM_C_EDGES).astype(np.uint8)
+        code *= np.uint8(len(_CRANIUM_Z_EDGES) + 1)
+        code += np.digitize(zrel, _CRANIUM_Z_EDGES).astype(np.uint8)
+        new = _CRANIUM_TABLE[code]
+        del code
+        lab = labels[sl]
+        keep = new == 255
+        np.copyto(lab, new, where=~keep)
+        # interhemispheric fissure (upper brain, midline)
+        fis = (new == L["white_matter"]) | (new == L["grey_matter"])
+        fis &= zrel > 25.0
+        fis &= np.abs(x) < 1.2
+        lab[fis] = L["csf"]
+        for v in model.ventricles:
+            _paint(labels, slab.eval(v), L["csf"], where=lambda s: labels[s] == L["white_matter"])
 
-    # ----------------------------------------------------------------- facial bone
-    bone = E < 0
-    cortical = bone & (E > -1.8)
-    labels[bone] = L["cancellous_bone"]
-    labels[cortical] = L["cortical_bone"]
-    # orbit contents: fat (not replacing the skin layers)
-    deep = lambda s: (S[s] < -4.0) & (E[s] >= 0) & np.isin(labels[s], (1, 2, 3, 4))  # noqa: E731
-    for o in model.orbits:
-        _paint(labels, slab.eval(o), L["fat"], where=deep)
+    # ----------------------------------------------------------------- facial bone and contents
+    if E is not None:
+        lab = labels[fb]
+        lab[E < 0] = L["cancellous_bone"]
+        lab[(E < 0) & (E > -1.8)] = L["cortical_bone"]
+        # orbit contents: fat (not replacing the skin layers)
+        deep = lambda s: (S[s] < -4.0) & (E_at(s) >= 0) & np.isin(labels[s], (1, 2, 3, 4))  # noqa: E731
+        for o in model.orbits:
+            _paint(labels, slab.eval(o), L["fat"], where=deep)
     # eyes: sclera, vitreous, lens
     for sclera, vitreous, lens in model.eye_parts:
         _paint(labels, slab.eval(sclera), L["soft_tissue"])
@@ -1159,14 +1210,17 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
     _paint(labels, slab.eval(model.g_pharynx), L["internal_air"], where=is_body)
     for tb in model.turbinates:
         _paint(labels, slab.eval(tb), L["soft_tissue"], where=lambda s: labels[s] == L["internal_air"])
-    if r_air is not None:  # nasal septum
-        sl = slab.slices(model.nasal_cav)
-        if sl is not None:
-            d = model.nasal_cav.sdf(*slab.coords(sl))
-            lab = labels[sl]
-            lab[(d < -1.5) & (np.abs(slab.x[sl]) < 1.1) & (lab == L["internal_air"])] = L["cortical_bone"]
-    for ec in model.ear_canal:
-        _paint(labels, slab.eval(ec), L["internal_air"], where=lambda s: is_body(s) & (E[s] >= 0))
+    r_nc = slab.eval(model.nasal_cav) if r_air is not None else None
+    if r_nc is not None:  # nasal septum
+        sl, d = r_nc
+        lab = labels[sl]
+        ax = np.abs(slab.x[sl])
+        sept = (d < -1.5) & (ax < 1.1) & (lab == L["internal_air"])
+        lab[sept] = L["soft_tissue"]  # cartilage and mucosa in front, thin bone behind
+        lab[sept & (slab.y[sl] > np.float32(model.y_sn + 40.0)) & (ax < 0.6)] = L["cortical_bone"]
+    if E is not None:
+        for ec in model.ear_canal:
+            _paint(labels, slab.eval(ec), L["internal_air"], where=lambda s: is_body(s) & (E_at(s) >= 0))
     # teeth
     _paint(labels, slab.eval(model.g_teeth), L["teeth"])
     # spine
@@ -1185,31 +1239,50 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
         lab[m & disc] = L["soft_tissue"]
 
     # ----------------------------------------------------------------- features
-    soft = np.isin(labels, SoftTissueLabels)
-    bone_any = np.isin(labels, _BONE_LABELS)
-    np.logical_or.accumulate(bone_any, axis=1, out=bone_any)  # any bone at smaller j (anterior)
-    order = [(r_eyes[0], 1), (r_eyes[1], 2), (r_nose, 3), (r_lips, 4), (r_brow, 5), (r_chin, 6),
-             (r_ears[0], 7), (r_ears[1], 8)]
-    for res, code in order:
-        if res is None:
-            continue
-        sl, d = res
-        fsl = feat[sl]
-        m = (d < 0.0) & soft[sl] & (fsl == 0)
-        if 3 <= code <= 6:  # nose, lips, brow, chin: only the soft tissue in front of the skeleton
-            m &= ~bone_any[sl]
-        fsl[m] = code
-    # ----------------------------------------------------------------- face soft tissue
-    x, y, z = slab.x, slab.y, slab.z
-    region = ((z < model.face_z_top) & (z > model.face_z_bottom) & (np.abs(x) < model.face_half_width)
-              & (y < model.y_back_face) & (S > -40.0))
-    fm = soft & ~bone_any & region
-    fm &= (feat != 7) & (feat != 8)
-    sl = slab.slices(model.nasal_cav)
-    if sl is not None:
-        fm[sl] &= model.nasal_cav.sdf(*slab.coords(sl)) > 0
-    fm |= (feat >= 1) & (feat <= 6)
-    face[...] = fm
+    for res, code in ((r_ears[0], 7), (r_ears[1], 8)):
+        if res is not None:
+            sl, d = res
+            fsl = feat[sl]
+            fsl[(d < 0.0) & np.isin(labels[sl], SoftTissueLabels)] = code
+    if fb is not None:
+        lab = labels[fb]
+        soft = np.isin(lab, SoftTissueLabels)
+        bone_any = np.isin(lab, _BONE_LABELS)
+        np.logical_or.accumulate(bone_any, axis=1, out=bone_any)  # any bone at smaller j (anterior)
+        ffb = feat[fb]
+        order = [(r_eyes[0], 1), (r_eyes[1], 2), (r_nose, 3), (r_lips, 4), (r_brow, 5), (r_chin, 6)]
+        for res, code in order:
+            if res is None:
+                continue
+            sl, d = res
+            ssl = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(sl, fb))
+            if any(s.start >= s.stop for s in ssl):
+                continue
+            rel_d = tuple(slice(a.start - b.start, a.stop - b.start) for a, b in zip(ssl, sl))
+            rel_f = tuple(slice(a.start - b.start, a.stop - b.start) for a, b in zip(ssl, fb))
+            fsl = ffb[rel_f]
+            m = (d[rel_d] < 0.0) & soft[rel_f] & (fsl == 0)
+            if code >= 3:  # nose, lips, brow, chin: only the soft tissue in front of the skeleton
+                m &= ~bone_any[rel_f]
+            fsl[m] = code
+        # ------------------------------------------------------------- face soft tissue
+        x, y, z = slab.coords(fb)
+        fm = soft & ~bone_any
+        fm &= z < model.face_z_top
+        fm &= z > model.face_z_bottom
+        fm &= np.abs(x) < model.face_half_width
+        fm &= y < model.y_back_face
+        fm &= S[fb] > -40.0
+        fm &= (ffb != 7) & (ffb != 8)
+        if r_nc is not None:
+            sl, d = r_nc
+            ssl = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(sl, fb))
+            if all(s.start < s.stop for s in ssl):
+                rel_d = tuple(slice(a.start - b.start, a.stop - b.start) for a, b in zip(ssl, sl))
+                rel_f = tuple(slice(a.start - b.start, a.stop - b.start) for a, b in zip(ssl, fb))
+                fm[rel_f] &= d[rel_d] > 0
+        fm |= (ffb >= 1) & (ffb <= 6)
+        face[fb] = fm
 
     # ----------------------------------------------------------------- couch (scanner frame)
     if couch:
@@ -1221,8 +1294,48 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
     if edge.any():
         s_e = S[edge]
         inner = np.where(labels[edge] == 0, np.float32(LABEL_HU[1]), hu[edge])
-        frac = np.float32(0.5) - s_e * np.float32(1.0 / aa_mm)
+        frac = np.float32(0.5) - s_e * np.float32(1.0 / aa_mm)  # partial volume: ramp over one voxel
         hu[edge] = np.float32(-1000.0) + frac * (inner + np.float32(1000.0))
+
+
+# skin layers by skin depth S (mm): deep (muscle) | fat | skin | outside
+_SKIN_DEPTHS = np.array([-6.0, -2.0, 0.0], np.float32)
+_SKIN_LAYER_LABELS = np.array([_L["muscle"], _L["fat"], _L["skin"], 0], np.uint8)
+# cranium: skull thickness 7 mm (outer/inner tables 1.8 mm), CSF 1.5 mm, cortex 3 mm; C < 0 inside
+# the skull's outer surface. Skull-base plate 6 mm below the cranial-cavity floor.
+_T_SKULL = 7.0
+_CRANIUM_C_EDGES = np.array([-(_T_SKULL + 4.5), -(_T_SKULL + 1.5), -_T_SKULL, -(_T_SKULL - 1.8), -1.8, 0.0],
+                            np.float32)
+_CRANIUM_Z_EDGES = np.array([-6.0, -4.5, -1.5, 0.0, 1.0], np.float32)
+
+
+def _cranium_table() -> np.ndarray:
+    """Label for (C class, z class); 255 = leave the label unchanged."""
+    keep = 255
+    nz = len(_CRANIUM_Z_EDGES) + 1
+    t = np.full(256, keep, np.uint8)
+    for ci in range(len(_CRANIUM_C_EDGES) + 1):
+        for zi in range(nz):
+            above_floor = zi >= 4  # zrel >= 0
+            in_base = 1 <= zi <= 3  # -6 <= zrel < 0
+            if ci == 6:  # outside the skull
+                lab = keep
+            elif ci >= 3:  # skull shell: tables and diploe, only above the base plate's bottom
+                lab = keep if zi == 0 else (_L["cancellous_bone"] if ci == 4 else _L["cortical_bone"])
+            elif above_floor:  # cranial cavity
+                if zi == 4 or ci == 2:
+                    lab = _L["csf"]
+                else:
+                    lab = _L["grey_matter"] if ci == 1 else _L["white_matter"]
+            elif in_base:  # skull-base plate: cortical, cancellous core
+                lab = _L["cancellous_bone"] if zi == 2 else _L["cortical_bone"]
+            else:
+                lab = keep
+            t[ci * nz + zi] = lab
+    return t
+
+
+_CRANIUM_TABLE = _cranium_table()
 
 
 def _skull_base_z(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -1250,7 +1363,7 @@ def _couch(model: _HeadModel, slab: _Slab, labels: np.ndarray) -> None:
     wx = slab.world_x[0, 0, :] - grid.centre[0]
     wy = slab.world_y[0, :, 0]
     r = np.sqrt(wx[None, :] ** 2 + (wy[:, None] - cy) ** 2)
-    plate = (r > R) & (r < R + 6.0) & (wy[:, None] > cy + 0.55 * R)
+    plate = (r > R) & (r < R + 6.0) & (wy[:, None] > cy + 0.55 * R) & (np.abs(wx[None, :]) < 105.0)
     if plate.any():
         lab = labels
         sel = np.broadcast_to(plate, lab.shape) & (lab == 0)
