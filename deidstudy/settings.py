@@ -209,4 +209,6 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": os.environ.get("DEIDSTUDY_LOG_LEVEL", "WARNING")},
+    # pydicom logs offending header values (names, IDs) when it meets invalid ones: keep it quiet.
+    "loggers": {"pydicom": {"level": "CRITICAL", "propagate": False, "handlers": []}},
 }
