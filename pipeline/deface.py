@@ -281,6 +281,13 @@ class _Frame:
         return np.transpose(arr[sl], np.argsort(self.axes))
 
 
+def _take(a: np.ndarray, axis: int, sl: slice) -> np.ndarray:
+    """View of ``a`` sliced by ``sl`` along ``axis``."""
+    index = [slice(None)] * a.ndim
+    index[axis] = sl
+    return a[tuple(index)]
+
+
 def _max_pool(hu: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
     """Block maximum with block size ``factors`` (array order); partial edge blocks kept."""
     a = hu
@@ -289,20 +296,14 @@ def _max_pool(hu: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
             continue
         n = a.shape[axis]
         m = n // f
-
-        def take(start: int, stop: int | None, step: int | None, ax: int = axis) -> np.ndarray:
-            sl = [slice(None)] * 3
-            sl[ax] = slice(start, stop, step)
-            return a[tuple(sl)]
-
         parts = []
         if m:
-            red = take(0, m * f, f).copy()
+            red = _take(a, axis, slice(0, m * f, f)).copy()
             for b in range(1, f):
-                np.maximum(red, take(b, m * f, f), out=red)
+                np.maximum(red, _take(a, axis, slice(b, m * f, f)), out=red)
             parts.append(red)
         if n - m * f:
-            parts.append(take(m * f, None, None).max(axis=axis, keepdims=True))
+            parts.append(_take(a, axis, slice(m * f, None)).max(axis=axis, keepdims=True))
         a = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
     return a
 
@@ -324,9 +325,10 @@ class AnatomicalFaceRegion:
        removed by a small grey closing of the bone-depth map);
     3. nose tip = strongest narrow anterior protrusion of the skin surface
        (minimum of the white top-hats of the anteriority map along and across
-       the face, line footprints ``nose_footprint_mm`` long), at least
-       ``min_nose_protrusion_mm`` high and at most ``nose_max_behind_mm`` behind
-       the most anterior skin point;
+       the face, line footprints ``nose_footprint_mm`` long): the most anterior
+       skin point whose protrusion is ≥ half the strongest one and ≥
+       ``min_nose_protrusion_mm`` (and at most ``nose_max_behind_mm`` behind the
+       most anterior skin point);
     4. orbits = deep holes of the bone-depth map (depth − grey opening with
        footprint ``hole_footprint_mm`` ≥ ``orbit_hole_mm``, bone behind, largest
        blob ≥ ``min_orbit_area_mm2`` per side) 12–65 mm lateral of and above the
@@ -336,8 +338,8 @@ class AnatomicalFaceRegion:
     5. menton = lowest slice (``min_chin_below_mm``…``chin_search_mm`` below the
        nose tip) with midline bone within ``chin_bone_max_mm`` (AP) of the nose
        tip; inferior limit = menton − ``inferior_margin_mm`` (under the chin).
-       If neither orbits nor mandible are found, the protrusion is not taken
-       for a nose and nothing is removed;
+       Without enough anatomy (both orbits, or one orbit or the mandible with a
+       nose not cut by the field of view) nothing is removed, with a warning;
     6. posterior limit = AP midpoint of the skull (≈ ear canals, at the level
        of the largest skull length above the orbits) − ``ear_margin_mm``, on a
        vertical plane turned with the head's yaw (principal axis of the skull's
@@ -391,7 +393,7 @@ class AnatomicalFaceRegion:
     bone_guard_mm: float = 6.0
     skin_depth_mm: float = 40.0
 
-    def face_region(self, volume: Volume) -> RegionResult:  # noqa: C901 - linear recipe
+    def face_region(self, volume: Volume) -> RegionResult:
         """Facial soft-tissue region of ``volume`` (see class docstring).
 
         Returns a :class:`RegionResult` whose ``mask`` has the shape of
@@ -406,7 +408,7 @@ class AnatomicalFaceRegion:
         spacing = np.asarray(volume.spacing_mm, dtype=float)
         if np.any(spacing <= 0) or not np.all(np.isfinite(spacing)):
             raise DefaceError(f"spacing_mm must be positive, got {volume.spacing_mm}")
-        factors = tuple(max(1, int(round(self.grid_mm / s))) for s in spacing)
+        factors = tuple(max(1, round(self.grid_mm / s)) for s in spacing)
         pooled = _max_pool(hu, factors)  # type: ignore[arg-type]
         low_spacing = spacing * np.asarray(factors)
         c = frame.to_canonical(pooled)
@@ -450,7 +452,9 @@ class AnatomicalFaceRegion:
         )
         # the nose tip is among the most anterior skin points
         tophat[~has_body | (ant < ant[has_body].max() - self.nose_max_behind_mm)] = 0
-        s_t, l_t = np.unravel_index(int(np.argmax(tophat)), tophat.shape)
+        # the most anterior of the strong protrusions (eyelids, lips, chin are behind it)
+        strong = tophat >= max(self.min_nose_protrusion_mm, 0.5 * float(tophat.max()))
+        s_t, l_t = np.unravel_index(int(np.argmax(np.where(strong, ant, -np.inf))), ant.shape)
         protrusion_mm = float(tophat[s_t, l_t])
         details["nose_protrusion_mm"] = round(protrusion_mm, 1)
         if protrusion_mm < self.min_nose_protrusion_mm:
@@ -480,10 +484,17 @@ class AnatomicalFaceRegion:
         chin = has_bone & mid & below & ((b - a_t) * da <= self.chin_bone_max_mm)
         if chin.any() and (s_t - np.flatnonzero(chin.any(1))[0]) * ds < self.min_chin_below_mm:
             chin[:] = False  # bone just below the protrusion only: not a mandible
-        if not (right.any() or left.any() or chin.any()):
+        # enough anatomy to call it a face: both orbits, or one of orbit / mandible with a
+        # nose that is not cut by the field of view, or one orbit and the mandible
+        margin = 10.0 / ds
+        nose_inside = margin <= s_t <= ns - 1 - margin
+        n_orbits = int(right.any()) + int(left.any())
+        evidence = n_orbits == 2 or (n_orbits == 1 and chin.any())
+        evidence = evidence or ((n_orbits == 1 or chin.any()) and nose_inside)
+        if not evidence:
             return give_up(
-                "neither orbits nor mandible found near the most nose-like protrusion; "
-                "face not in the field of view? nothing removed"
+                "no face found: orbits/mandible missing around the most nose-like "
+                "protrusion (face not in the field of view?); nothing removed"
             )
         if a_t <= 0:
             warnings.append("the face touches the anterior edge of the field of view (face cut?)")
@@ -564,8 +575,16 @@ class AnatomicalFaceRegion:
             return give_up("face region is empty after anatomical limits; nothing removed")
         # bone depth bridged across the midline holes (nasal aperture, open mouth) so the
         # nasal cavity and the oral cavity are not emptied; elsewhere the first bone
-        midhole = (hole_mm >= self.orbit_hole_mm) & (np.abs(side) <= self.aperture_half_width_mm)
+        midhole = (hole_mm >= self.orbit_hole_mm) & (np.abs(side) < self.aperture_half_width_mm)
         midhole &= (s_idx <= s_orbit_low) & (s_idx >= s_t - self.aperture_below_tip_mm / ds)
+        # the aperture is closed laterally by the maxillae: drop holes reaching the band's
+        # sides (e.g. the cheeks lateral to the maxilla, which are facial soft tissue)
+        lab2, n2 = ndi.label(midhole)
+        if n2:
+            edge = np.abs(np.abs(side) - self.aperture_half_width_mm) < 1.5 * dl
+            open_side = np.zeros(n2 + 1, dtype=bool)
+            open_side[np.unique(lab2[edge & (lab2 > 0)])] = True
+            midhole = (lab2 > 0) & ~open_side[lab2]
         grow = np.ones((_odd(8.0 / ds), _odd(8.0 / dl)), bool)
         midhole = ndi.binary_dilation(midhole, structure=grow)
         midhole &= ~ndi.binary_dilation(right | left, structure=grow)
@@ -734,7 +753,7 @@ def _largest_blob(mask: np.ndarray, min_cells: float) -> np.ndarray:
 
 def _odd(n: float) -> int:
     """Nearest odd integer ≥ 1 (footprint size in grid cells)."""
-    k = max(1, int(round(n)))
+    k = max(1, round(n))
     return k if k % 2 else k + 1
 
 
@@ -894,12 +913,17 @@ def qa_image(
         rgb[edge] = (255, 0, 0)
         return rgb
 
-    sag = lambda v: v[::-1, :, centre[2]]  # noqa: E731  (superior up, anterior left)
-    axi = lambda v: v[centre[0], :, :]  # noqa: E731  (anterior up, patient left on the right)
-    panels_top = [outline(grey(sag(before)), sag(region)), grey(sag(after))]
-    panels_bot = [outline(grey(axi(before)), axi(region)), grey(axi(after))]
-    top = np.concatenate(panels_top, axis=1)
-    bot = np.concatenate(panels_bot, axis=1)
+    def sag(v: np.ndarray) -> np.ndarray:  # superior up, anterior left
+        return v[::-1, :, centre[2]]
+
+    def axi(v: np.ndarray) -> np.ndarray:  # anterior up, patient left on the image right
+        return v[centre[0], :, :]
+
+    top = np.concatenate([outline(grey(sag(before)), sag(region)), grey(sag(after))], axis=1)
+    bot = np.concatenate([outline(grey(axi(before)), axi(region)), grey(axi(after))], axis=1)
     width = max(top.shape[1], bot.shape[1])
-    pad = lambda x: np.pad(x, ((0, 0), (0, width - x.shape[1]), (0, 0)))  # noqa: E731
+
+    def pad(x: np.ndarray) -> np.ndarray:
+        return np.pad(x, ((0, 0), (0, width - x.shape[1]), (0, 0)))
+
     return np.concatenate([pad(top), pad(bot)], axis=0)
