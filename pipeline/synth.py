@@ -607,10 +607,11 @@ class _HeadModel:
                         _u(zyg_b[1], 6), _u(infra_rim[0], 5), _u(infra_rim[1], 5), _u(arch[0], 4),
                         _u(arch[1], 4),
                         _u(lat_rim[0], 5), _u(lat_rim[1], 5), _u(maxilla, 8), _u(frontal_proc[0], 5),
-                        _u(frontal_proc[1], 5), _u(nasal_bone, 4), _u(palate, 4)]
-        facebone_ops += [_u(c, 5) for c in up_chain]
+                        _u(frontal_proc[1], 5), _u(nasal_bone, 4)]
         grow = t_soft + 4.0 + 8.0 + m
         self.g_facebone = _Group("facebone", facebone_ops, margin=grow)
+        # upper alveolus and palate: bone only (the lips and perioral pad shape that skin)
+        self.g_upper_jaw = _Group("upper_jaw", [_u(palate), *[_u(c, 4) for c in up_chain]], margin=m)
 
         # mandible
         jb = jw - 14.0
@@ -700,18 +701,21 @@ class _HeadModel:
         malar = [_Ellipsoid(jc((s * (xe + 6.0), ye + 14.0, -20.0), 2.0), jr((15.0, 14.0 + 0.4 * f, 12.0)),
                             margin=m)
                  for s in (-1, 1)]
-        buccal = [_Ellipsoid(jc((s * (xe + 6.0), ye + 16.0, z_st + 4.0), 2.0),
-                             jr((14.0 + 0.25 * f, 18.0 + 0.3 * f, 16.0)),
+        ck_top, ck_bot = -10.0, z_st - 8.0
+        buccal = [_Ellipsoid(jc((s * (xe + 7.0), ye + 17.0, (ck_top + ck_bot) / 2), 2.0),
+                             jr((16.0 + 0.25 * f, 18.0 + 0.35 * f, (ck_top - ck_bot) / 2)),
                              margin=m) for s in (-1, 1)]
         masseter = [_Capsule(jc((s * (fw - 16.0), ye + 24.0, -18.0), 2.0),
                              jc((s * (jb + 2.0), y_gon + 2.0, z_gon + 2.0), 2.0),
                              8.0 + 0.2 * f, margin=m) for s in (-1, 1)]
         temporalis = [_Ellipsoid((s * (fw - 12.0), ye + 32.0, 2.0), (10.0, 24.0, 24.0), margin=m)
                       for s in (-1, 1)]
-        floor = _Ellipsoid((0, (y_pog_b + y_gon) / 2 + 6.0, z_me + 14.0),
-                           (max(jb - 6.0, 20.0), (y_gon - y_pog_b) / 2 + 2.0, 14.0), margin=m)
+        # floor of the mouth / submental soft tissue, joining the chin to the neck
+        floor = _Ellipsoid((0, (y_pog_b + y_gon) / 2 + 14.0, z_me + 4.0),
+                           (max(jb - 6.0, 20.0), (y_gon - y_pog_b) / 2 + 12.0, 16.0), margin=m)
+        perioral = _Ellipsoid(jc((0, y_lip + 24.0, z_st + 2.0), 1.0), (0.75 * mw + 4.0, 19.0, 18.0), margin=m)
         self.g_pads = _Group("pads", [_u(q, 6.0) for q in malar + buccal + masseter + temporalis]
-                             + [_u(floor, 6.0)], margin=16)
+                             + [_u(floor, 6.0), _u(perioral, 6.0)], margin=16)
         self.g_brow = _Group("brow", [
             _u(_Ellipsoid(jc((s * (xe + 1.0), brow_at_eye + 9.0 - 1.5, zb), 1.0), jr((22.0, 9.0, 5.5)),
                           rot=_rotmat(yaw_deg=s * 18.0, roll_deg=-s * p.brow_arch_deg), margin=m), 4)
@@ -784,7 +788,7 @@ class _HeadModel:
                           for s in (-1, 1)]
 
         # box holding the facial skeleton, its cavities, the facial features and ear canals
-        boxes = [self.g_facebone, self.g_mandible, self.g_orbits, self.g_aircav, *self.ear_canal,
+        boxes = [self.g_facebone, self.g_mandible, self.g_upper_jaw, self.g_orbits, self.g_aircav, *self.ear_canal,
                  self.g_nose, self.g_lips, self.g_chin, self.g_brow, *self.g_eye]
         self.face_box = _Box(np.min([b.lo for b in boxes], axis=0), np.max([b.hi for b in boxes], axis=0))
         # face soft-tissue region limits (head-local)
@@ -1129,6 +1133,7 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
     if E is not None:  # facial skin follows the mid/upper facial skeleton (orbits open)
         S[fb] = _smin(S[fb], E - np.float32(model.t_soft), 8.0)
         _combine(E, slab.eval(model.g_mandible), "u", 6.0, base=fb)
+        _combine(E, slab.eval(model.g_upper_jaw), "u", 5.0, base=fb)
     _combine(S, slab.eval(model.g_jawskin), "u", 10.0)
     _combine(S, slab.eval(model.g_pads), "u", 16.0)
     r_brow = slab.eval(model.g_brow)
