@@ -5,3 +5,4 @@ study / rater models (issue #6) go in their own module here and are imported bel
 """
 
 from .cohorts import *
+from .studies import *

@@ -1,0 +1,298 @@
+"""Rater side (no account): invitation → consent → questionnaire → instructions → trials.
+
+The rater is identified by the resume token kept in the session (and shown as a
+personal resume link). Pages and image URLs carry only opaque per-trial tokens;
+an image is served only to the rater owning the trial, only while that trial is
+the current one, re-encoded without metadata and without a file name.
+"""
+
+from __future__ import annotations
+
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_http_methods
+
+from ..models import Rater, Trial, TrialImage
+from ..shared import ensure_local
+from .design import DesignError
+from .forms import QuestionnaireForm
+from .service import (InvitationError, clean_png, current_trial, enroll, mark_shown,
+                      record_answer, time_left_s)
+
+SESSION_KEY = "study_rater"
+REASONS = {
+    "invalid": ("This invitation link is not valid",
+                "Please check that you copied the whole link, or ask the study team for a "
+                "new one."),
+    "expired": ("This invitation has expired",
+                "The study no longer accepts new participants with this link. Thank you for "
+                "your interest."),
+    "exhausted": ("This invitation has been used up",
+                  "The planned number of participants has been reached for this link. Thank "
+                  "you for your interest."),
+}
+
+
+def _no_store(resp: HttpResponse) -> HttpResponse:
+    resp["Cache-Control"] = "no-store, private"
+    resp["Referrer-Policy"] = "no-referrer"
+    return resp
+
+
+def session_rater(request: HttpRequest) -> Rater | None:
+    """The rater of this browser session, or None."""
+    token = request.session.get(SESSION_KEY)
+    if not token:
+        return None
+    return Rater.objects.select_related("study").filter(resume_token=token).first()
+
+
+def _page(request: HttpRequest, template: str, ctx: dict, status: int = 200) -> HttpResponse:
+    return _no_store(render(request, template, ctx, status=status))
+
+
+def _problem(request: HttpRequest, reason: str) -> HttpResponse:
+    title, text = REASONS[reason]
+    status = 404 if reason == "invalid" else 410
+    return _page(request, "studies/rater_problem.html", {"title": title, "text": text,
+                                                         "reason": reason}, status)
+
+
+@never_cache
+@require_http_methods(["GET", "POST"])
+def invitation(request: HttpRequest, token: str) -> HttpResponse:
+    """Landing page of an invitation link; POST starts (enrols) a new rater."""
+    from ..models import Invitation
+
+    inv = Invitation.objects.select_related("study").filter(token=token).first()
+    if inv is None:
+        return _problem(request, "invalid")
+    rater = session_rater(request)
+    if rater is not None and rater.study_id == inv.study_id:
+        return redirect("studies:take")
+    problem = inv.problem()
+    if problem:
+        return _problem(request, problem)
+    if request.method == "POST":
+        try:
+            rater = enroll(token)
+        except InvitationError as exc:
+            return _problem(request, exc.reason)
+        except DesignError:
+            return _page(request, "studies/rater_problem.html",
+                         {"title": "This study is not ready",
+                          "text": "Please contact the study team."}, 503)
+        request.session.cycle_key()
+        request.session[SESSION_KEY] = rater.resume_token
+        return redirect("studies:take")
+    return _page(request, "studies/rater_welcome.html", {"study": inv.study})
+
+
+@never_cache
+@require_http_methods(["GET", "POST"])
+def enter_code(request: HttpRequest) -> HttpResponse:
+    """Start page without a link: type the invitation code (or continue a session)."""
+    if session_rater(request) is not None:
+        return redirect("studies:take")
+    if request.method == "POST":
+        code = "".join(request.POST.get("code", "").split())
+        if code:
+            return redirect("studies:invitation", token=code)
+    return _page(request, "studies/rater_code.html", {})
+
+
+@never_cache
+@require_GET
+def resume(request: HttpRequest, token: str) -> HttpResponse:
+    """Personal resume link: binds this browser to the rater and continues."""
+    rater = Rater.objects.filter(resume_token=token).first()
+    if rater is None:
+        return _problem(request, "invalid")
+    request.session.cycle_key()
+    request.session[SESSION_KEY] = rater.resume_token
+    return redirect("studies:take")
+
+
+def _resume_url(request: HttpRequest, rater: Rater) -> str:
+    return request.build_absolute_uri(reverse("studies:resume", args=[rater.resume_token]))
+
+
+@never_cache
+@require_GET
+def take(request: HttpRequest) -> HttpResponse:
+    """Dispatch to the rater's current step."""
+    rater = session_rater(request)
+    if rater is None:
+        return redirect("studies:enter_code")
+    return redirect(f"studies:{rater.step}")
+
+
+def _rater_or_redirect(request: HttpRequest, step: str) -> tuple[Rater | None, HttpResponse | None]:
+    rater = session_rater(request)
+    if rater is None:
+        return None, redirect("studies:enter_code")
+    if rater.step != step:
+        return None, redirect(f"studies:{rater.step}")
+    return rater, None
+
+
+@never_cache
+@require_http_methods(["GET", "POST"])
+def consent(request: HttpRequest) -> HttpResponse:
+    """Consent page (text of the study); agreeing moves on to the questionnaire."""
+    rater, other = _rater_or_redirect(request, "consent")
+    if other:
+        return other
+    if request.method == "POST":
+        if request.POST.get("agree") == "yes":
+            from django.utils import timezone
+
+            Rater.objects.filter(pk=rater.pk, step="consent").update(
+                step="questionnaire", consented_at=timezone.now())
+            return redirect("studies:questionnaire")
+        return _page(request, "studies/rater_problem.html",
+                     {"title": "Thank you", "text": "You chose not to take part. You can close "
+                      "this page."})
+    return _page(request, "studies/rater_consent.html",
+                 {"study": rater.study, "resume_url": _resume_url(request, rater)})
+
+
+@never_cache
+@require_http_methods(["GET", "POST"])
+def questionnaire(request: HttpRequest) -> HttpResponse:
+    """Group confirmation and years of experience."""
+    rater, other = _rater_or_redirect(request, "questionnaire")
+    if other:
+        return other
+    groups = list(dict.fromkeys(rater.study.groups + [rater.group]))
+    form = QuestionnaireForm(request.POST or None, groups=groups,
+                             initial={"group": rater.group})
+    if request.method == "POST" and form.is_valid():
+        Rater.objects.filter(pk=rater.pk, step="questionnaire").update(
+            step="instructions", group=form.cleaned_data["group"], group_confirmed=True,
+            years_experience=form.cleaned_data["years_experience"])
+        return redirect("studies:instructions")
+    return _page(request, "studies/rater_questionnaire.html", {"form": form,
+                                                              "study": rater.study})
+
+
+@never_cache
+@require_http_methods(["GET", "POST"])
+def instructions(request: HttpRequest) -> HttpResponse:
+    """Instructions with a worked example; POST starts the trials."""
+    rater, other = _rater_or_redirect(request, "instructions")
+    if other:
+        return other
+    if request.method == "POST":
+        Rater.objects.filter(pk=rater.pk, step="instructions").update(step="trials")
+        return redirect("studies:trials")
+    study = rater.study
+    return _page(request, "studies/rater_instructions.html", {
+        "study": study, "keys": list(range(1, study.n_choices + 1)),
+        "n_practice": rater.trials.filter(kind="practice").count(),
+        "example_correct": 2 if study.n_choices >= 2 else 1})
+
+
+def _int(value: str | None, default=None):
+    try:
+        return int(value) if value not in (None, "") else default
+    except ValueError:
+        return default
+
+
+def _float(value: str | None):
+    try:
+        v = float(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+    return v if v is None or v == v else None
+
+
+@never_cache
+@require_http_methods(["GET", "POST"])
+def trials(request: HttpRequest) -> HttpResponse:
+    """GET: the current trial (large images, keys 1..k); POST: answer it (idempotent)."""
+    rater = session_rater(request)
+    if rater is None:
+        return redirect("studies:enter_code")
+    if rater.step in ("done",) or (rater.step != "trials"):
+        return redirect(f"studies:{rater.step}")
+    study = rater.study
+    if request.method == "POST":
+        token = request.POST.get("trial", "")
+        choice = _int(request.POST.get("choice"))
+        try:
+            answer, _created = record_answer(
+                rater, token, choice, _float(request.POST.get("rt_ms")),
+                _int(request.POST.get("confidence")) if study.ask_confidence else None)
+        except ValueError:
+            return redirect("studies:trials")  # stale/back-button/replayed form: no change
+        if answer.trial.kind == "practice":
+            return redirect("studies:feedback", token=answer.trial.token)
+        return redirect("studies:trials")
+    trial = current_trial(rater)
+    if trial is None:
+        return redirect("studies:done")
+    mark_shown(trial)
+    scored = rater.trials.exclude(kind="practice")
+    n_total = scored.count()
+    n_done = scored.filter(answer__isnull=False).count()
+    imgs = list(trial.images.order_by("slot").values_list("slot", "token"))
+    ctx = {
+        "study": study, "trial": trial, "practice": trial.kind == "practice",
+        "target": imgs[0][1], "candidates": [(s, t) for s, t in imgs[1:]],
+        "n_done": n_done, "n_total": n_total,
+        "percent": round(100 * n_done / n_total) if n_total else 0,
+        "time_left_s": time_left_s(trial, study), "confidence_levels": [1, 2, 3, 4, 5],
+        "resume_url": _resume_url(request, rater),
+    }
+    return _page(request, "studies/rater_trial.html", ctx)
+
+
+@never_cache
+@require_GET
+def feedback(request: HttpRequest, token: str) -> HttpResponse:
+    """Feedback after a practice trial (only practice trials, only the rater's own)."""
+    rater = session_rater(request)
+    if rater is None:
+        return redirect("studies:enter_code")
+    trial = (Trial.objects.select_related("answer")
+             .filter(token=token, rater=rater, kind="practice", answer__isnull=False).first())
+    if trial is None:
+        raise Http404("no feedback")
+    return _page(request, "studies/rater_feedback.html", {
+        "correct": trial.answer.correct, "right": trial.correct_index + 1,
+        "timed_out": trial.answer.timed_out})
+
+
+@never_cache
+@require_GET
+def image(request: HttpRequest, token: str) -> HttpResponse:
+    """PNG behind an opaque token: only the session rater's current trial; no metadata."""
+    rater = session_rater(request)
+    if rater is None:
+        raise Http404("no such image")
+    ti = (TrialImage.objects.select_related("trial", "image")
+          .filter(token=token, trial__rater=rater).first())
+    cur = current_trial(rater) if ti is not None else None
+    if ti is None or cur is None or cur.pk != ti.trial_id:
+        raise Http404("no such image")
+    try:
+        data = clean_png(ensure_local(ti.image.path))
+    except (OSError, ValueError):
+        raise Http404("image not available") from None
+    return _no_store(HttpResponse(data, content_type="image/png"))
+
+
+@never_cache
+@require_GET
+def done(request: HttpRequest) -> HttpResponse:
+    """Thank-you page."""
+    rater = session_rater(request)
+    if rater is None:
+        return redirect("studies:enter_code")
+    if rater.step != "done":
+        return redirect(f"studies:{rater.step}")
+    return _page(request, "studies/rater_done.html", {"study": rater.study})

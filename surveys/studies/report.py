@@ -1,0 +1,201 @@
+"""Study report: analysis (``pipeline.stats.analyze``), plots, per-subject difficulty, PDF.
+
+Figures are matplotlib (Agg) PNG/PDF bytes made on the server; no browser needed.
+Only pseudonyms (rater codes, subject pseudonyms) appear in any output.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import defaultdict
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+from matplotlib import pyplot as plt  # noqa: E402
+from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from pipeline.stats import ALL_GROUPS, analyze  # noqa: E402
+
+from ..models import Rater, Study  # noqa: E402
+from .service import EXPORT_COLUMNS, response_rows  # noqa: E402
+
+__all__ = ["study_analysis", "progress", "difficulty", "accuracy_figure", "rt_figure",
+           "png_bytes", "responses_csv", "analysis_json", "pdf_report", "tests_table"]
+
+
+def study_analysis(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """``pipeline.stats.analyze`` of the main-trial answers, or None without answers."""
+    if not rows:
+        return None
+    return analyze(rows)
+
+
+def progress(study: Study) -> list[dict[str, Any]]:
+    """Per group: raters enrolled / finished, answered and planned trials (all kinds)."""
+    out = []
+    for g in study.groups + sorted({r.group for r in study.raters.all()} - set(study.groups)):
+        raters = Rater.objects.filter(study=study, group=g)
+        planned = sum(r.trials.count() for r in raters)
+        answered = sum(r.trials.filter(answer__isnull=False).count() for r in raters)
+        out.append({"group": g, "raters": raters.count(),
+                    "finished": raters.filter(finished__isnull=False).count(),
+                    "answered": answered, "planned": planned,
+                    "percent": round(100.0 * answered / planned, 1) if planned else 0.0})
+    return out
+
+
+def difficulty(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per subject and condition: n answers, n correct, accuracy (hardest first)."""
+    cells: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for r in rows:
+        cells[(r["subject_id"], r["condition"])].append(int(r["correct"]))
+    out = [{"subject_id": s, "condition": c, "n": len(v), "n_correct": sum(v),
+            "accuracy": sum(v) / len(v)} for (s, c), v in cells.items()]
+    return sorted(out, key=lambda d: (d["accuracy"], d["subject_id"], d["condition"]))
+
+
+def tests_table(analysis: dict[str, Any]) -> list[dict[str, Any]]:
+    """Flat rows (test, scope, statistic, p) of the analysis for the report table."""
+    rows = []
+    for g, conds in analysis["groups"].items():
+        for c, cell in conds.items():
+            if cell["n"]:
+                rows.append({"test": "binomial vs chance", "scope": f"{g} / {c}",
+                             "detail": f"{cell['n_correct']}/{cell['n']}, chance "
+                                       f"{cell['chance']:.2f}", "p": cell["chance_p"]})
+    for g, m in analysis["mcnemar"].items():
+        rows.append({"test": "exact McNemar", "scope": g,
+                     "detail": f"b={m['b']} c={m['c']} pairs={m['n_pairs']}",
+                     "p": m["p_value"]})
+    for c, b in analysis["between_groups"].items():
+        rows.append({"test": b.get("test") or "between groups (n/a)", "scope": c,
+                     "detail": b.get("note") or "", "p": b.get("p_value")})
+    mm = analysis.get("mixed_model") or {}
+    for name, t in (mm.get("terms") or {}).items():
+        rows.append({"test": f"mixed model ({mm.get('method')})", "scope": name,
+                     "detail": f"β={t['estimate']:.3g} [{t['ci_low']:.3g}, {t['ci_high']:.3g}]"
+                     if t.get("estimate") is not None else "", "p": t.get("p_value")})
+    for c, k in analysis["fleiss_kappa"].items():
+        rows.append({"test": "Fleiss' kappa", "scope": c,
+                     "detail": "n/a" if k is None else f"κ={k:.3f}", "p": None})
+    return rows
+
+
+def accuracy_figure(analysis: dict[str, Any] | None) -> Figure:
+    """Bar chart: accuracy by group × condition with Wilson 95 % CI error bars, chance line."""
+    fig = Figure(figsize=(6.4, 3.6), dpi=100)
+    ax = fig.add_subplot()
+    if not analysis:
+        ax.text(0.5, 0.5, "no answers yet", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
+    groups = [g for g in analysis["groups"] if g != ALL_GROUPS] + [ALL_GROUPS]
+    conds = analysis["meta"]["conditions"]
+    width = 0.8 / max(1, len(conds))
+    chance = []
+    for n, c in enumerate(conds):
+        xs, ys, lo, hi = [], [], [], []
+        for gi, g in enumerate(groups):
+            cell = analysis["groups"][g][c]
+            if cell["n"]:
+                xs.append(gi + (n - (len(conds) - 1) / 2) * width)
+                ys.append(cell["accuracy"])
+                lo.append(cell["accuracy"] - cell["ci_low"])
+                hi.append(cell["ci_high"] - cell["accuracy"])
+                chance.append(cell["chance"])
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=4, label=c)
+    if chance:
+        ax.axhline(sum(chance) / len(chance), color="k", ls="--", lw=1, label="chance")
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy (95 % Wilson CI)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def rt_figure(rows: list[dict[str, Any]]) -> Figure:
+    """Box plots of browser response times (s) per group × condition."""
+    fig = Figure(figsize=(6.4, 3.6), dpi=100)
+    ax = fig.add_subplot()
+    data: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        if r["response_time_ms"] != "":
+            data[f"{r['rater_group']}\n{r['condition']}"].append(float(r["response_time_ms"]) / 1e3)
+    if not data:
+        ax.text(0.5, 0.5, "no response times yet", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
+    labels = sorted(data)
+    ax.boxplot([data[k] for k in labels], tick_labels=labels)
+    ax.set_ylabel("response time (s)")
+    ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """PNG encoding of a matplotlib figure (no metadata)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def responses_csv(rows: list[dict[str, Any]]) -> str:
+    """CSV text, one row per answer, columns :data:`EXPORT_COLUMNS`."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=EXPORT_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def analysis_json(study: Study) -> str:
+    """JSON text: the analysis of the main trials plus the study design."""
+    rows = response_rows(study)
+    doc = {"study": {"name": study.name, "n_choices": study.n_choices,
+                     "conditions": study.conditions, "views": study.views, "seed": study.seed,
+                     "trials_per_rater": study.trials_per_rater, "groups": study.groups},
+           "progress": progress(study), "analysis": study_analysis(rows)}
+    return json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False)
+
+
+def pdf_report(study: Study) -> bytes:
+    """Multi-page PDF (matplotlib PdfPages): summary text, accuracy plot, tests, RTs."""
+    rows = response_rows(study)
+    analysis = study_analysis(rows)
+    buf = io.BytesIO()
+    with PdfPages(buf, metadata={"Title": "Re-identification study report", "Author": "",
+                                 "Creator": "deidstudy", "Producer": "deidstudy"}) as pdf:
+        fig = plt.figure(figsize=(8.27, 11.69))
+        lines = [f"Study: {study.name}", f"k = {study.n_choices}; conditions: "
+                 f"{', '.join(study.conditions)}; views: {', '.join(study.views)}",
+                 f"seed {study.seed}; {study.trials_per_rater} trials per rater", ""]
+        for p in progress(study):
+            lines.append(f"{p['group']}: {p['raters']} raters, {p['finished']} finished, "
+                         f"{p['answered']}/{p['planned']} trials")
+        lines.append("")
+        if analysis:
+            for g, conds in analysis["groups"].items():
+                for c, cell in conds.items():
+                    if cell["n"]:
+                        lines.append(f"{g} / {c}: {cell['n_correct']}/{cell['n']} = "
+                                     f"{cell['accuracy']:.3f} [{cell['ci_low']:.3f}, "
+                                     f"{cell['ci_high']:.3f}]")
+            lines.append("")
+            for t in tests_table(analysis):
+                p = "" if t["p"] is None else f"p = {t['p']:.4g}"
+                lines.append(f"{t['test']} — {t['scope']}: {t['detail']} {p}")
+        else:
+            lines.append("no answers yet")
+        fig.text(0.05, 0.97, "\n".join(lines[:70]), va="top", family="monospace", fontsize=7)
+        pdf.savefig(fig)
+        plt.close(fig)
+        for f in (accuracy_figure(analysis), rt_figure(rows)):
+            pdf.savefig(f)
+    return buf.getvalue()

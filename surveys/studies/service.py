@@ -1,0 +1,248 @@
+"""Database side of a study: eligible subjects, enrolling raters, answers, exports.
+
+Everything that writes runs in ``transaction.atomic`` (SQLite: IMMEDIATE
+transactions), so an answer, an invitation use or a rater's trial plan is stored
+whole or not at all and survives a server restart.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+from datetime import timedelta
+from functools import lru_cache
+
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from ..models import Answer, Invitation, Rater, RenderImage, Study, Trial, TrialImage
+from .design import DesignError, check_design, plan_trials
+
+__all__ = [
+    "EXPORT_COLUMNS",
+    "InvitationError",
+    "RT_SLACK_MS",
+    "available_views",
+    "clean_png",
+    "current_trial",
+    "eligible_subjects",
+    "enroll",
+    "record_answer",
+    "response_rows",
+    "validate_study",
+]
+
+#: Browser response time may exceed the server's (shown → answered) by at most this.
+RT_SLACK_MS = 1500.0
+#: Grace on the server for a time limit (network, rendering).
+TIME_LIMIT_GRACE_S = 3.0
+
+EXPORT_COLUMNS = ("rater_id", "rater_group", "subject_id", "condition", "correct", "n_choices",
+                  "response_time_ms", "confidence", "server_rt_ms", "rt_suspect", "timed_out",
+                  "choice", "correct_choice", "trial_position", "target_view", "candidate_view",
+                  "years_experience", "answered_at")
+
+
+class InvitationError(ValueError):
+    """An invitation that cannot be used: ``reason`` is invalid / expired / exhausted."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"invitation {reason}")
+        self.reason = reason
+
+
+def available_views(cohort) -> list[str]:
+    """Render views (e.g. ``yaw+0``) that have an original render in ``cohort``."""
+    return sorted(set(RenderImage.objects.filter(subject__cohort=cohort, kind="render",
+                                                 variant="original")
+                      .values_list("view", flat=True)))
+
+
+def _render_index(cohort) -> dict[tuple[int, str, str], int]:
+    """(subject id, variant, view) → RenderImage id of the cohort's renders."""
+    return {(s, var, v): pk for pk, s, var, v in RenderImage.objects.filter(
+        subject__cohort=cohort, kind="render").values_list("pk", "subject_id", "variant", "view")}
+
+
+def eligible_subjects(study: Study) -> list[int]:
+    """Subject ids having an original render at every study view (and a de-identified
+    one at every view when the study has the ``deidentified`` condition)."""
+    idx = _render_index(study.cohort)
+    variants = ["original"] + (["deid"] if "deidentified" in study.conditions else [])
+    subs = {s for s, _, _ in idx}
+    return sorted(s for s in subs
+                  if all((s, var, v) in idx for var in variants for v in study.views))
+
+
+def validate_study(study: Study) -> None:
+    """Raise :class:`DesignError` when the design is impossible on the cohort's renders."""
+    if not study.groups:
+        raise DesignError("define at least one rater group")
+    check_design(len(eligible_subjects(study)), study.conditions, study.views,
+                 study.n_choices, study.trials_per_rater)
+
+
+def enroll(token: str) -> Rater:
+    """Use an invitation: create a rater with the whole planned session, freeze the study.
+
+    Raises :class:`InvitationError` (invalid / expired / exhausted) or
+    :class:`DesignError`. Atomic: a failure leaves no rater and no use counted.
+    """
+    with transaction.atomic():
+        inv = (Invitation.objects.select_for_update().select_related("study", "study__cohort")
+               .filter(token=token).first())
+        if inv is None:
+            raise InvitationError("invalid")
+        problem = inv.problem()
+        if problem:
+            raise InvitationError(problem)
+        study = Study.objects.select_for_update().get(pk=inv.study_id)
+        subjects = eligible_subjects(study)
+        index = study.raters.count()
+        plan = plan_trials(subjects, study.conditions, study.views, n_choices=study.n_choices,
+                           trials_per_rater=study.trials_per_rater, n_practice=study.n_practice,
+                           n_catch=study.n_catch, seed=study.seed, rater_index=index)
+        Invitation.objects.filter(pk=inv.pk).update(uses=F("uses") + 1)
+        if study.frozen_at is None:
+            study.frozen_at = timezone.now()
+            study.save(update_fields=["frozen_at"])
+        rater = Rater.objects.create(study=study, invitation=inv, index=index,
+                                     code=f"R-{index + 1:04d}", group=inv.group)
+        idx = _render_index(study.cohort)
+        trials = Trial.objects.bulk_create([
+            Trial(rater=rater, position=p.position, kind=p.kind, condition=p.condition,
+                  subject_id=p.subject, target_view=p.target_view,
+                  candidate_view=p.candidate_view, candidates=list(p.candidates),
+                  correct_index=p.correct_index) for p in plan])
+        images = []
+        for t, p in zip(trials, plan):
+            tvar = "deid" if p.condition == "deidentified" else "original"
+            images.append(TrialImage(trial=t, slot=0, image_id=idx[(p.subject, tvar,
+                                                                     p.target_view)]))
+            for n, c in enumerate(p.candidates, start=1):
+                images.append(TrialImage(trial=t, slot=n,
+                                         image_id=idx[(c, "original", p.candidate_view)]))
+        TrialImage.objects.bulk_create(images)
+    return rater
+
+
+def current_trial(rater: Rater) -> Trial | None:
+    """The rater's first unanswered trial (None when all are answered)."""
+    return rater.trials.filter(answer__isnull=True).order_by("position").first()
+
+
+def record_answer(rater: Rater, trial_token: str, choice: int | None,
+                  client_rt_ms: float | None, confidence: int | None) -> tuple[Answer, bool]:
+    """Store the answer to the rater's current trial; return (answer, created).
+
+    Only the current trial can be answered, once: a replay, a double submit or a
+    form re-posted after the back button returns the stored answer unchanged with
+    ``created=False``. ``choice`` is 1-based (None = no answer: time limit). The
+    server's response time (trial first shown → now, ms) is stored next to the
+    browser's; they disagree by more than :data:`RT_SLACK_MS` → ``rt_suspect``.
+    Raises ``ValueError`` for a trial of someone else or a choice out of range.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        trial = (Trial.objects.select_for_update().select_related("rater__study")
+                 .filter(token=trial_token, rater=rater).first())
+        if trial is None:
+            raise ValueError("no such trial for this rater")
+        existing = Answer.objects.filter(trial=trial).first()
+        if existing is not None:
+            return existing, False
+        cur = current_trial(rater)
+        if cur is None or cur.pk != trial.pk:
+            raise ValueError("this trial is not the current one")
+        study = trial.rater.study
+        if choice is not None and not 1 <= choice <= study.n_choices:
+            raise ValueError(f"choice must be between 1 and {study.n_choices}")
+        if confidence is not None and not 1 <= confidence <= 5:
+            raise ValueError("confidence must be between 1 and 5")
+        server_rt = ((now - trial.shown_at).total_seconds() * 1000.0
+                     if trial.shown_at else None)
+        suspect = (client_rt_ms is None or client_rt_ms < 0 or server_rt is None
+                   or client_rt_ms > server_rt + RT_SLACK_MS)
+        timed_out = choice is None
+        if study.time_limit_s and server_rt is not None and \
+                server_rt > (study.time_limit_s + TIME_LIMIT_GRACE_S) * 1000.0:
+            timed_out, choice = True, None
+        try:
+            answer = Answer.objects.create(
+                trial=trial, choice=choice,
+                correct=choice is not None and choice - 1 == trial.correct_index,
+                confidence=confidence, client_rt_ms=client_rt_ms, server_rt_ms=server_rt,
+                rt_suspect=suspect, timed_out=timed_out, answered_at=now)
+        except IntegrityError:  # pragma: no cover - concurrent duplicate on another DB
+            return Answer.objects.get(trial=trial), False
+        if current_trial(rater) is None:
+            Rater.objects.filter(pk=rater.pk).update(step="done", finished=now)
+    return answer, True
+
+
+def mark_shown(trial: Trial) -> None:
+    """Record the server time the trial was first shown (kept when the page is reloaded)."""
+    if trial.shown_at is None:
+        Trial.objects.filter(pk=trial.pk, shown_at__isnull=True).update(shown_at=timezone.now())
+        trial.refresh_from_db(fields=["shown_at"])
+
+
+def time_left_s(trial: Trial, study: Study) -> float | None:
+    """Seconds left of the time limit (None without a limit)."""
+    if not study.time_limit_s:
+        return None
+    if trial.shown_at is None:
+        return float(study.time_limit_s)
+    used = (timezone.now() - trial.shown_at) / timedelta(seconds=1)
+    return max(0.0, study.time_limit_s - used)
+
+
+@lru_cache(maxsize=512)
+def _clean_png_cached(path: str, mtime_ns: int) -> bytes:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        mode = im.mode if im.mode in ("L", "RGB", "RGBA") else "RGB"
+        clean = Image.frombytes(mode, im.size, im.convert(mode).tobytes())
+    buf = io.BytesIO()
+    clean.save(buf, format="PNG", optimize=False)  # no text/exif/time chunks
+    return buf.getvalue()
+
+
+def clean_png(path) -> bytes:
+    """PNG bytes of the image at ``path`` re-encoded from pixels only (no metadata)."""
+    import os
+
+    return _clean_png_cached(str(path), os.stat(path).st_mtime_ns)
+
+
+def response_rows(study: Study, kinds: Iterable[str] = ("main",)) -> list[dict]:
+    """One row per answer (columns :data:`EXPORT_COLUMNS`), pseudonyms only.
+
+    ``rater_id`` is the rater's code, ``subject_id`` the subject's pseudonym;
+    ``response_time_ms`` is the browser's time. Only trials of ``kinds``.
+    """
+    qs = (Answer.objects.filter(trial__rater__study=study, trial__kind__in=list(kinds))
+          .select_related("trial__rater", "trial__subject")
+          .order_by("trial__rater__index", "trial__position"))
+    rows = []
+    for a in qs:
+        t = a.trial
+        rows.append({
+            "rater_id": t.rater.code, "rater_group": t.rater.group,
+            "subject_id": t.subject.pseudonym, "condition": t.condition,
+            "correct": int(a.correct), "n_choices": len(t.candidates),
+            "response_time_ms": "" if a.client_rt_ms is None else round(a.client_rt_ms, 1),
+            "confidence": "" if a.confidence is None else a.confidence,
+            "server_rt_ms": "" if a.server_rt_ms is None else round(a.server_rt_ms, 1),
+            "rt_suspect": int(a.rt_suspect), "timed_out": int(a.timed_out),
+            "choice": "" if a.choice is None else a.choice,
+            "correct_choice": t.correct_index + 1, "trial_position": t.position,
+            "target_view": t.target_view, "candidate_view": t.candidate_view,
+            "years_experience": ("" if t.rater.years_experience is None
+                                 else t.rater.years_experience),
+            "answered_at": a.answered_at.isoformat(),
+        })
+    return rows

@@ -1,0 +1,101 @@
+"""Shared helpers of the study tests: a tiny cohort of distinct synthetic renders.
+
+Every PNG carries text chunks with the subject's pseudonym, variant and view and its file
+name holds the pseudonym, so blinding tests can check that none of it reaches a rater.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+VIEWS = ("yaw+0", "yaw+30")
+
+
+def synthetic_png(seed: int, variant: str, view: str, pseudonym: str, size: int = 48) -> bytes:
+    """A distinct grey/colour pattern per subject (seed) with identifying PNG text chunks."""
+    rng = np.random.default_rng(seed)
+    img = (rng.random((size, size, 3)) * 255).astype(np.uint8)
+    if variant == "deid":
+        img[size // 3:, :, :] //= 2
+    if view != VIEWS[0]:
+        img = img[:, ::-1]
+    info = PngImagePlugin.PngInfo()
+    info.add_text("subject", pseudonym)
+    info.add_text("variant", variant)
+    info.add_text("view", view)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def make_cohort(data_dir: Path, owner, n_subjects: int = 6, views=VIEWS, name: str = "C1"):
+    """Cohort with ``n_subjects`` subjects (SUBJ-0001…) and original+deid renders per view."""
+    from surveys.models import Cohort, RenderImage, Subject
+
+    cohort = Cohort.objects.create(name=name, owner=owner)
+    cohort.researchers.add(owner)
+    for n in range(n_subjects):
+        ps = f"SUBJ-{n + 1:04d}"
+        subj = Subject.objects.create(cohort=cohort, pseudonym=ps, patient_key=f"key{n}{name}")
+        for variant in ("original", "deid"):
+            for view in views:
+                rel = f"{cohort.storage_dir()}/derived/{ps}/render-{view}-{variant}.png"
+                path = Path(data_dir) / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(synthetic_png(n, variant, view, ps))
+                RenderImage.objects.create(subject=subj, kind="render", variant=variant,
+                                           view=view, path=rel)
+    return cohort
+
+
+def make_researcher(username: str = "res", password: str = "pw-123456"):
+    """A user in the researcher group."""
+    from django.contrib.auth.models import Group, User
+
+    user = User.objects.create_user(username, password=password)
+    user.groups.add(Group.objects.get_or_create(name="researcher")[0])
+    return user
+
+
+def make_study(cohort, owner, **kw):
+    """A study with small defaults: k=4, both conditions, 2 views, 8 trials, 1 practice, 1 catch."""
+    from surveys.models import Study
+
+    params = dict(name="S", cohort=cohort, created_by=owner, n_choices=4,
+                  conditions=["control", "deidentified"], views=list(VIEWS), trials_per_rater=8,
+                  n_practice=1, n_catch=1, groups=["general", "plastic surgeon"], seed=1234)
+    params.update(kw)
+    return Study.objects.create(**params)
+
+
+def run_rater(client, invitation_token: str, group: str | None = None, years: int = 3,
+              answer=lambda trial: 1, confidence: int | None = None) -> None:
+    """Drive one rater through the whole flow with the Django test client.
+
+    ``answer(trial)`` gives the 1-based choice for a Trial row (server side knowledge,
+    used only by the test to steer correctness).
+    """
+    from surveys.models import Rater
+    from surveys.studies.rater_views import SESSION_KEY
+
+    r = client.post(f"/take/i/{invitation_token}/")
+    assert r.status_code == 302, r.status_code
+    rater = Rater.objects.get(resume_token=client.session[SESSION_KEY])
+    client.post("/take/consent/", {"agree": "yes"})
+    client.post("/take/about-you/", {"group": group or rater.group, "years_experience": years})
+    client.post("/take/instructions/")
+    while True:
+        r = client.get("/take/trial/")
+        if r.status_code == 302:
+            assert r["Location"].endswith("/take/thanks/"), r["Location"]
+            return
+        assert r.status_code == 200
+        trial = r.context["trial"]
+        data = {"trial": trial.token, "choice": answer(trial), "rt_ms": "500"}
+        if confidence is not None:
+            data["confidence"] = confidence
+        client.post("/take/trial/", data)
