@@ -144,14 +144,14 @@ def _bbox_of(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
 
 def _apply_in_box(
     out_sub: np.ndarray, region_sub: np.ndarray, air_hu: float, soft_range_hu: tuple[float, float]
-) -> int:
-    """Set soft-range voxels of ``region_sub`` to air in place; return the number changed."""
+) -> np.ndarray:
+    """Set soft-range voxels of ``region_sub`` to air in place; return the bool mask changed."""
     lo, hi = soft_range_hu
-    remove = (out_sub >= lo)
+    remove = out_sub >= lo
     remove &= out_sub <= hi
     remove &= region_sub
     out_sub[remove] = air_hu
-    return int(np.count_nonzero(remove))
+    return remove
 
 
 def apply_region(
@@ -830,25 +830,20 @@ def deface(
         )
     box = region.bbox if region.bbox is not None else _bbox_of(mask)
     out = hu.copy()
-    removed = 0
-    region_voxels = 0
-    inside_before = inside_after = inside_both = 0
+    removed = region_voxels = bone_lost = 0
     if box is not None:
-        before = hu[box]
-        out_sub = out[box]
         region_sub = mask[box]
         region_voxels = int(np.count_nonzero(region_sub))
-        removed = _apply_in_box(out_sub, region_sub, air_hu, soft_range_hu)
-        bb = before > bone_threshold_hu
-        ba = out_sub > bone_threshold_hu
-        inside_before = int(np.count_nonzero(bb))
-        inside_after = int(np.count_nonzero(ba))
-        inside_both = int(np.count_nonzero(bb & ba))
-    # outside the box, out == hu (copy), so bone there counts in both
-    total_before = int(np.count_nonzero(hu > bone_threshold_hu))
-    outside = total_before - inside_before
-    denom = total_before + outside + inside_after
-    dice = 1.0 if denom == 0 else 2.0 * (outside + inside_both) / denom
+        remove = _apply_in_box(out[box], region_sub, air_hu, soft_range_hu)
+        removed = int(np.count_nonzero(remove))
+        bone_lost = int(np.count_nonzero(hu[box][remove] > bone_threshold_hu))
+    # Dice of (hu > bone threshold) before vs after, exactly, from the changed voxels only:
+    # A = bone before, B = bone after; only changed voxels can differ between them
+    bone_before = int(np.count_nonzero(hu > bone_threshold_hu))
+    bone_gained = removed if air_hu > bone_threshold_hu else 0
+    inter = bone_before - bone_lost
+    denom = 2 * bone_before - bone_lost + bone_gained
+    dice = 1.0 if denom == 0 else 2.0 * inter / denom
     t2 = time.perf_counter()
 
     voxel_ml = volume.voxel_volume_ml
@@ -883,34 +878,44 @@ def qa_image(
     result: DefaceResult,
     *,
     window_hu: tuple[float, float] = (-1000.0, 1000.0),
+    pixel_mm: float | None = None,
 ) -> np.ndarray:
     """RGB uint8 QA picture: mid-face sagittal and axial slices, before | after.
 
     Slices are shown in the canonical view (sagittal: superior up, anterior
-    left; axial: anterior up, patient left on the image right) and pass through
-    the centre of the region (or of the volume if the region is empty). The
-    region outline is drawn in red on the "before" panels. Intensities are
-    windowed linearly to ``window_hu``. Returns an array ``(rows, cols, 3)``;
-    saving it is left to the caller (no file names derived from the data).
+    left; axial: anterior up, patient left on the image right), pass through
+    the centre of the region (or of the volume if the region is empty) and are
+    resampled (nearest neighbour) to square pixels of ``pixel_mm`` (default:
+    the finest spacing). The region outline is drawn in red on the "before"
+    panels. Intensities are windowed linearly to ``window_hu``. Returns an
+    array ``(rows, cols, 3)``; saving it is left to the caller (no file names
+    derived from the data).
     """
     frame = _Frame.of(volume)
     before = frame.to_canonical(volume.hu)
     after = frame.to_canonical(result.hu)
     region = frame.to_canonical(result.region.mask)
+    ds, da, dl = (float(volume.spacing_mm[a]) for a in frame.axes)
+    px = min(ds, da, dl) if pixel_mm is None else float(pixel_mm)
+    if not px > 0:
+        raise DefaceError(f"pixel_mm must be positive, got {pixel_mm}")
     box = _bbox_of(region)
     centre = [n // 2 for n in before.shape] if box is None else [
         (s.start + s.stop) // 2 for s in box
     ]
     lo, hi = window_hu
 
-    def grey(a: np.ndarray) -> np.ndarray:
-        g = np.clip((a.astype(np.float32) - lo) / (hi - lo), 0, 1) * 255
-        return np.repeat(g.astype(np.uint8)[..., None], 3, axis=2)
+    def square(img: np.ndarray, d_row: float, d_col: float) -> np.ndarray:
+        rows = (np.arange(max(1, round(img.shape[0] * d_row / px))) * px / d_row).astype(int)
+        cols = (np.arange(max(1, round(img.shape[1] * d_col / px))) * px / d_col).astype(int)
+        return img[np.minimum(rows, img.shape[0] - 1)][:, np.minimum(cols, img.shape[1] - 1)]
 
-    def outline(rgb: np.ndarray, m: np.ndarray) -> np.ndarray:
-        edge = m & ~ndi.binary_erosion(m)
-        rgb = rgb.copy()
-        rgb[edge] = (255, 0, 0)
+    def panel(v: np.ndarray, m: np.ndarray | None, d_row: float, d_col: float) -> np.ndarray:
+        g = np.clip((square(v, d_row, d_col).astype(np.float32) - lo) / (hi - lo), 0, 1)
+        rgb = np.repeat((g * 255).astype(np.uint8)[..., None], 3, axis=2)
+        if m is not None:
+            m = square(m, d_row, d_col)
+            rgb[m & ~ndi.binary_erosion(m)] = (255, 0, 0)
         return rgb
 
     def sag(v: np.ndarray) -> np.ndarray:  # superior up, anterior left
@@ -919,8 +924,12 @@ def qa_image(
     def axi(v: np.ndarray) -> np.ndarray:  # anterior up, patient left on the image right
         return v[centre[0], :, :]
 
-    top = np.concatenate([outline(grey(sag(before)), sag(region)), grey(sag(after))], axis=1)
-    bot = np.concatenate([outline(grey(axi(before)), axi(region)), grey(axi(after))], axis=1)
+    top = np.concatenate(
+        [panel(sag(before), sag(region), ds, da), panel(sag(after), None, ds, da)], axis=1
+    )
+    bot = np.concatenate(
+        [panel(axi(before), axi(region), da, dl), panel(axi(after), None, da, dl)], axis=1
+    )
     width = max(top.shape[1], bot.shape[1])
 
     def pad(x: np.ndarray) -> np.ndarray:

@@ -422,6 +422,36 @@ def test_qa_image_shows_region_outline(phantom, phantom_result) -> None:
     assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
     red = (img[..., 0] == 255) & (img[..., 1] == 0) & (img[..., 2] == 0)
     assert red.sum() > 50
+    # square 2 mm pixels: sagittal panel (S × A) above the axial one (A × L)
+    nk, nj, ni = phantom.volume.shape
+    assert img.shape[0] == round(nk * 2.5 / 2.0) + nj
+    assert img.shape[1] == 2 * max(nj, ni)
+
+
+def test_mask_moulded_to_the_face_is_removed_with_the_face() -> None:
+    from scipy import ndimage
+
+    ph = make_phantom(noise_hu=0.0)
+    hu = ph.volume.hu.copy()
+    body = hu > -500
+    # a 2 mm shell 4–6 mm in front of the face (thermoplastic mask, +100 HU), resting on
+    # the head at its edges so it is connected to the body and encloses an air gap
+    near = ndimage.binary_dilation(body, iterations=3) & ~ndimage.binary_dilation(body, iterations=2)
+    y = np.arange(hu.shape[1])[None, :, None] * 2.0 - 125.0
+    air_lab, _ = ndimage.label(~body)
+    shell = near & (y < -40) & (air_lab == air_lab[0, 0, 0])  # outside, not in the nose
+    hu[shell] = 100
+    hu[ndimage.binary_dilation(body, iterations=3) & ~body & (y >= -40) & (y < -36)] = 100
+    vol = Volume(hu=hu, spacing_mm=ph.volume.spacing_mm, origin_lps_mm=ph.volume.origin_lps_mm)
+    res = deface(vol)
+    assert res.qa.warnings == []
+    for name in ("nose", "lips", "face"):
+        assert removed_fraction(hu, res.hu, ph.labels[name]) >= 0.95, name
+    z = np.arange(hu.shape[0])[:, None, None] * 2.5 - 120.0
+    x = np.arange(hu.shape[2])[None, None, :] * 2.0 - 100.0
+    face_shell = shell & (np.abs(z + 20) < 40) & (np.abs(x) < 40)  # over the mid-face
+    assert np.mean(res.hu[face_shell] == -1000) >= 0.95
+    assert np.array_equal(res.hu[ph.labels["brain"]], hu[ph.labels["brain"]])
 
 
 # --------------------------------------------------------------------------- synthetic heads
