@@ -12,6 +12,7 @@ from surveys import views as survey_views
 urlpatterns = [
     path("", survey_views.home, name="home"),
     path("", include("surveys.urls")),
+    path("", include("surveys.studies.urls")),
     path("accounts/", include("django.contrib.auth.urls")),
     path("admin/", admin.site.urls),
     path("django-rq/", include("django_rq.urls")),
