@@ -1,0 +1,185 @@
+"""Researcher side: study creation/freeze, report page, CSV/JSON/PDF exports against the DB,
+compatibility with ``analyze_responses``, and ``check --deploy`` with production settings."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+from django.test import Client
+
+from pipeline.stats import analyze, wilson_ci
+from tests.test_study_fixtures import make_cohort, make_researcher, make_study, run_rater
+
+pytestmark = pytest.mark.django_db
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def done_study(tmp_path, settings):
+    """A study with 2 raters per group; general always right, surgeons right on control only."""
+    from surveys.models import Invitation
+
+    settings.DATA_DIR = tmp_path / "data"
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    user = make_researcher()
+    cohort = make_cohort(settings.DATA_DIR, user)
+    study = make_study(cohort, user, ask_confidence=True)
+    inv_g = Invitation.objects.create(study=study, group="general")
+    inv_p = Invitation.objects.create(study=study, group="plastic surgeon")
+    for _ in range(2):
+        run_rater(Client(), inv_g.token, answer=lambda t: t.correct_index + 1, confidence=4)
+    for _ in range(2):
+        run_rater(Client(), inv_p.token, confidence=2,
+                  answer=lambda t: t.correct_index + 1 if t.condition == "control"
+                  else (t.correct_index + 1) % 4 + 1)
+    c = Client()
+    c.force_login(user)
+    return {"study": study, "client": c, "user": user, "cohort": cohort}
+
+
+def db_rows(study):
+    from surveys.models import Answer
+
+    return list(Answer.objects.filter(trial__rater__study=study, trial__kind="main")
+                .select_related("trial__rater", "trial__subject"))
+
+
+def test_responses_csv_matches_db_and_analyze_responses(done_study, tmp_path):
+    study, c = done_study["study"], done_study["client"]
+    r = c.get(f"/studies/{study.pk}/export/responses.csv")
+    assert r.status_code == 200 and r["Content-Type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(r.content.decode())))
+    answers = db_rows(study)
+    assert len(rows) == len(answers) == 4 * 8
+    by_key = {(a.trial.rater.code, a.trial.subject.pseudonym, a.trial.condition): a
+              for a in answers}
+    for row in rows:
+        a = by_key[(row["rater_id"], row["subject_id"], row["condition"])]
+        assert row["rater_group"] == a.trial.rater.group
+        assert int(row["correct"]) == int(a.correct) and int(row["n_choices"]) == 4
+        assert int(row["confidence"]) == a.confidence
+        assert float(row["response_time_ms"]) == pytest.approx(a.client_rt_ms)
+        assert row["rater_id"].startswith("R-") and row["subject_id"].startswith("SUBJ-")
+    # known answers: general always right; surgeons right on control only
+    for row in rows:
+        expect = row["rater_group"] == "general" or row["condition"] == "control"
+        assert int(row["correct"]) == int(expect)
+    # the CSV feeds analyze_responses unchanged, with the web analysis' figures
+    path = tmp_path / "r.csv"
+    path.write_bytes(r.content)
+    out = io.StringIO()
+    call_command("analyze_responses", str(path), "--format", "json", stdout=out)
+    cmd = json.loads(out.getvalue())
+    web = json.loads(c.get(f"/studies/{study.pk}/export/analysis.json").content)["analysis"]
+    assert cmd["groups"] == web["groups"] and cmd["mcnemar"] == web["mcnemar"]
+    # independent check of one cell
+    gen = [a for a in answers if a.trial.rater.group == "plastic surgeon"
+           and a.trial.condition == "deidentified"]
+    cell = web["groups"]["plastic surgeon"]["deidentified"]
+    assert cell["n"] == len(gen) and cell["n_correct"] == 0
+    assert (cell["ci_low"], cell["ci_high"]) == pytest.approx(wilson_ci(0, len(gen)))
+    assert web["groups"]["general"]["control"]["accuracy"] == 1.0
+
+
+def test_all_answers_export_has_practice_and_catch(done_study):
+    study, c = done_study["study"], done_study["client"]
+    rows = list(csv.DictReader(io.StringIO(
+        c.get(f"/studies/{study.pk}/export/all-answers.csv").content.decode())))
+    conds = {r["condition"] for r in rows}
+    assert len(rows) == 4 * 10 and "catch" in conds
+    # catch trials: the general raters got them right (target identical to a candidate)
+
+
+def test_report_page_and_plots(done_study):
+    study, c = done_study["study"], done_study["client"]
+    r = c.get(f"/studies/{study.pk}/report/")
+    assert r.status_code == 200
+    html = r.content.decode()
+    assert 'id="accuracy"' in html and 'id="tests"' in html and 'id="difficulty"' in html
+    assert "exact McNemar" in html and "Fleiss" in html
+    analysis = analyze([dict(rater_id=a.trial.rater.code, rater_group=a.trial.rater.group,
+                             subject_id=a.trial.subject.pseudonym, condition=a.trial.condition,
+                             correct=a.correct, n_choices=4) for a in db_rows(study)],
+                       mixed_model=False)
+    for cell in r.context["cells"]:
+        ref = analysis["groups"][cell["group"]][cell["condition"]]
+        assert (cell["n"], cell["n_correct"]) == (ref["n"], ref["n_correct"])
+    prog = {p["group"]: p for p in r.context["progress"]}
+    assert prog["general"]["raters"] == 2 and prog["general"]["finished"] == 2
+    assert prog["plastic surgeon"]["answered"] == prog["plastic surgeon"]["planned"] == 20
+    for name in ("accuracy", "rt"):
+        p = c.get(f"/studies/{study.pk}/plots/{name}.png")
+        assert p.status_code == 200 and p.content[:4] == b"\x89PNG"
+    assert c.get(f"/studies/{study.pk}/plots/other.png").status_code == 404
+    diff = r.context["difficulty"]
+    assert sum(d["n"] for d in diff) == 32
+    assert diff == sorted(diff, key=lambda d: (d["accuracy"], d["subject_id"], d["condition"]))
+
+
+def test_pdf_report(done_study):
+    study, c = done_study["study"], done_study["client"]
+    r = c.get(f"/studies/{study.pk}/export/report.pdf")
+    assert r.status_code == 200 and r.content[:5] == b"%PDF-"
+    assert r.content.count(b"/Type /Page\n") + r.content.count(b"/Type /Page ") >= 1
+    assert r["Content-Disposition"].startswith("attachment")
+
+
+def test_create_edit_freeze_and_invite(tmp_path, settings):
+    from surveys.models import Invitation, Study
+
+    settings.DATA_DIR = tmp_path / "data"
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    user = make_researcher()
+    cohort = make_cohort(settings.DATA_DIR, user, n_subjects=4)
+    c = Client()
+    c.force_login(user)
+    form = {"name": "My study", "cohort": cohort.pk, "n_choices": 4,
+            "conditions": ["control", "deidentified"], "views": "yaw+0, yaw+30",
+            "trials_per_rater": 8, "n_practice": 1, "n_catch": 0,
+            "groups": "general, plastic surgeon, dentist", "consent_text": "Consent text X"}
+    # impossible design: 9 trials > 4 subjects x 2 conditions
+    r = c.post("/studies/", {**form, "trials_per_rater": 9})
+    assert r.status_code == 200 and b"at most 8 trials" in r.content
+    assert not Study.objects.exists()
+    r = c.post("/studies/", form)
+    study = Study.objects.get()
+    assert r["Location"] == f"/studies/{study.pk}/"
+    assert study.groups == ["general", "plastic surgeon", "dentist"] and study.seed is not None
+    assert c.get(f"/studies/{study.pk}/edit/").status_code == 200
+    c.post(f"/studies/{study.pk}/edit/", {**form, "n_choices": 3, "seed": 5})
+    study.refresh_from_db()
+    assert study.n_choices == 3 and study.seed == 5
+    c.post(f"/studies/{study.pk}/invite/", {"group": "dentist", "max_uses": 2})
+    inv = Invitation.objects.get()
+    assert inv.group == "dentist" and inv.max_uses == 2 and len(inv.token) >= 32
+    page = c.get(f"/studies/{study.pk}/").content.decode()
+    assert f"/take/i/{inv.token}/" in page
+    run_rater(Client(), inv.token)
+    study.refresh_from_db()
+    assert study.frozen
+    r = c.post(f"/studies/{study.pk}/edit/", {**form, "n_choices": 2})
+    study.refresh_from_db()
+    assert study.n_choices == 3 and r.status_code == 302
+    # consent text shown to raters
+    rc = Client()
+    rc.post(f"/take/i/{inv.token}/")
+    assert b"Consent text X" in rc.get("/take/consent/").content
+
+
+def test_check_deploy_clean_with_production_settings(tmp_path):
+    env = dict(os.environ, DEIDSTUDY_PRODUCTION="1", DEIDSTUDY_DEBUG="0",
+               DEIDSTUDY_SECRET_KEY="k" * 20 + "Q9!zR#p2%Lw8&yT5^mN1*bV4(cX7)jH3-" + "a1b2c3d4",
+               DEIDSTUDY_VAR_DIR=str(tmp_path), DJANGO_SETTINGS_MODULE="deidstudy.settings")
+    r = subprocess.run([sys.executable, "manage.py", "check", "--deploy", "--fail-level",
+                        "WARNING"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "no issues" in r.stdout
