@@ -839,7 +839,9 @@ def deface(
         bone_lost = int(np.count_nonzero(hu[box][remove] > bone_threshold_hu))
     # Dice of (hu > bone threshold) before vs after, exactly, from the changed voxels only:
     # A = bone before, B = bone after; only changed voxels can differ between them
-    bone_before = int(np.count_nonzero(hu > bone_threshold_hu))
+    bone_before = sum(  # in slabs: no full-volume temporary
+        int(np.count_nonzero(hu[k:k + 16] > bone_threshold_hu)) for k in range(0, hu.shape[0], 16)
+    )
     bone_gained = removed if air_hu > bone_threshold_hu else 0
     inter = bone_before - bone_lost
     denom = 2 * bone_before - bone_lost + bone_gained
