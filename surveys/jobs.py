@@ -203,13 +203,19 @@ class _Heartbeat:
 
 
 def _pid_alive(pid: int) -> bool:
+    """True if process ``pid`` exists on this host and is not a zombie."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a killed work horse may linger as a zombie until someone reaps it
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            state = fh.read().rsplit(b")", 1)[1].split()[0]
+        return state not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
 
 
 def recover_stale_stages(stale_seconds: int | None = None, queue=None) -> list[int]:

@@ -201,3 +201,18 @@ def test_heartbeat_is_refreshed_while_a_stage_runs(settings, tmp_path, monkeypat
     assert jobs.run_stage(run.pk, "j1") == "done"
     assert len(set(seen)) >= 3  # the heartbeat moved while the stage function was busy
     assert seen == sorted(seen)
+
+
+def test_zombie_worker_counts_as_dead():
+    import os
+    import subprocess
+    import sys
+    import time
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    time.sleep(0.5)  # exited but not reaped: a zombie
+    try:
+        assert not jobs._pid_alive(p.pid)
+    finally:
+        p.wait()
+    assert jobs._pid_alive(os.getpid())
