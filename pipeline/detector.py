@@ -259,7 +259,7 @@ class OnnxDetector(_BaseDetector):
         opts.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
             raise DetectorError(
                 f"the weights file is not a loadable ONNX model ({exc.__class__.__name__})"
             ) from None
@@ -329,14 +329,16 @@ class UltralyticsDetector(_BaseDetector):
 
         try:
             self.model = YOLO(str(path), task="detect")
-        except Exception as exc:  # ultralytics raises many types for bad files
+        except Exception as exc:  # noqa: BLE001 - ultralytics raises many types
             raise DetectorError(f"the weights file is not a loadable YOLO model ({exc.__class__.__name__})") from None
         if getattr(self.model, "task", "detect") != "detect":
             raise DetectorError(f"the weights are a YOLO {self.model.task} model, not a detector")
         names = self.model.names
         classes = [names[i] for i in range(len(names))]
         if meta is None:
-            meta = ModelMeta(classes)
+            imgsz = (getattr(self.model, "overrides", None) or {}).get("imgsz", 256)
+            imgsz = int(imgsz[0] if isinstance(imgsz, (list, tuple)) else imgsz)
+            meta = ModelMeta(classes, imgsz=imgsz)
         elif meta.classes != classes:
             raise DetectorError(f"metadata classes {meta.classes} differ from the model's {classes}")
         self.meta = meta
@@ -405,7 +407,7 @@ def _meta_from_onnx(path: Path) -> ModelMeta:
 
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - protobuf decode errors vary
         raise DetectorError(f"the weights file is not a valid ONNX model ({exc.__class__.__name__})") from None
     props = {p.key: p.value for p in model.metadata_props}
     if "names" not in props:
@@ -466,7 +468,7 @@ def configure_ultralytics(config_dir: Path | None = None, *, threads: int | None
         for k in ("sync", "mlflow", "wandb", "tensorboard", "clearml", "comet", "dvc", "neptune", "raytune"):
             try:
                 uu.SETTINGS.update({k: False})
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001, S110
                 pass
     n = int(threads or os.cpu_count() or 1)
     tu.NUM_THREADS = n

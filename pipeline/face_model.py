@@ -52,7 +52,7 @@ from .deface import (
 from .detector import DetectorError, load_detector
 from .volume import Volume
 
-__all__ = ["AutoFaceRegion", "ModelFaceRegion", "REMOVAL_CLASSES", "make_model_method"]
+__all__ = ["REMOVAL_CLASSES", "AutoFaceRegion", "ModelFaceRegion", "make_model_method"]
 
 #: canonical classes whose boxes define removable soft tissue (ears are kept)
 REMOVAL_CLASSES: tuple[str, ...] = ("face", "eyes", "nose", "lips", "brow", "chin")
@@ -102,7 +102,7 @@ class ModelFaceRegion:
     box_margin_mm: float = 3.0
     body_threshold_hu: float = -500.0
     bone_threshold_hu: float = DEFAULT_BONE_THRESHOLD_HU
-    bone_hole_mm: float = 7.0
+    bone_hole_mm: float = 10.0
     max_depth_mm: float = 40.0
     removal_classes: tuple[str, ...] = REMOVAL_CLASSES
     name: str = "model"
@@ -221,12 +221,20 @@ class ModelFaceRegion:
         bone = sub_hu >= self.bone_threshold_hu
         first_bone = np.where(bone.any(1), bone.argmax(1), n_p).astype(np.float32)
         del bone
-        fp = (_span(self.bone_hole_mm, ds), _span(self.bone_hole_mm, dl))
+        fp = (1, _span(self.bone_hole_mm, dl))  # per slice: slices may be thick
         limit = np.minimum(first_bone, ndi.grey_opening(first_bone, size=fp))
         body = sub_hu > self.body_threshold_hu
         skin = np.where(body.any(1), body.argmax(1), n_p).astype(np.float32)
-        del body
         limit = np.minimum(limit, skin + self.max_depth_mm / dp)
+        # enclosed air (sinuses, airway) ends a ray too: a sinus can touch the brain where
+        # its bony wall is thinner than a voxel
+        in_plane = np.zeros((3, 3, 3), bool)
+        in_plane[1] = ndi.generate_binary_structure(2, 1)
+        enclosed = ndi.binary_fill_holes(body, structure=in_plane)
+        enclosed &= ~body
+        del body
+        first_air = np.where(enclosed.any(1), enclosed.argmax(1), n_p).astype(np.float32)
+        limit = np.minimum(limit, first_air)
         pos = np.arange(n_p, dtype=np.float32)[None, :, None]
         keep = pos < limit[:, None, :]
         region_view = np.zeros(view.shape, bool)
