@@ -43,11 +43,14 @@ boxes (column/row, inclusive–exclusive) of the features present on slice
 ``k``; eyes and ears get one box per side.
 
 ``SynthHead.face_soft_tissue_mask`` is the ground truth a defacer should
-remove: every soft-tissue voxel (skin, fat, muscle, soft tissue, eyes) with
-no bone or tooth anterior to it along the row direction (−j), within 40 mm
-of the skin surface, between 30 mm above the brow centre and 15 mm below the
-menton, within the bizygomatic width, excluding the ears and the
-nasal-cavity lining. It is disjoint from bone, teeth and brain.
+remove: (a) every soft-tissue voxel (skin, fat, muscle, soft tissue, eye)
+with no bone or tooth anterior to it along the row direction (−j), within
+25 mm of the skin surface, between 30 mm above the brow centre and 3 mm below
+the menton, within the bizygomatic width and anterior to a coronal plane
+25 mm in front of the ear canals (head-local), excluding the ears and the
+nasal-cavity lining; plus (b) all voxels of the eyes, nose, lips, brow and
+chin feature masks. It is disjoint from bone, teeth and brain; the ears and
+the submental/neck tissue are kept.
 """
 
 from __future__ import annotations
@@ -793,9 +796,9 @@ class _HeadModel:
         self.face_box = _Box(np.min([b.lo for b in boxes], axis=0), np.max([b.hi for b in boxes], axis=0))
         # face soft-tissue region limits (head-local)
         self.face_z_top = zb + 30.0
-        self.face_z_bottom = z_me - 15.0
+        self.face_z_bottom = z_me - 3.0
         self.face_half_width = fw
-        self.y_back_face = ear_y - 12.0
+        self.y_back_face = ear_y - 25.0
 
     # ------------------------------------------------------------------ extents
     def head_extent(self) -> tuple[np.ndarray, np.ndarray]:
@@ -1277,7 +1280,7 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
         fm &= z > model.face_z_bottom
         fm &= np.abs(x) < model.face_half_width
         fm &= y < model.y_back_face
-        fm &= S[fb] > -40.0
+        fm &= S[fb] > -25.0
         fm &= (ffb != 7) & (ffb != 8)
         if r_nc is not None:
             sl, d = r_nc
