@@ -37,7 +37,7 @@ REASONS = {
 
 def _no_store(resp: HttpResponse) -> HttpResponse:
     resp["Cache-Control"] = "no-store, private"
-    resp["Referrer-Policy"] = "no-referrer"
+    resp["Referrer-Policy"] = "same-origin"
     return resp
 
 

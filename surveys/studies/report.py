@@ -28,11 +28,12 @@ __all__ = ["study_analysis", "progress", "difficulty", "accuracy_figure", "rt_fi
            "png_bytes", "responses_csv", "analysis_json", "pdf_report", "tests_table"]
 
 
-def study_analysis(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """``pipeline.stats.analyze`` of the main-trial answers, or None without answers."""
+def study_analysis(rows: list[dict[str, Any]], mixed_model: bool = True) -> dict[str, Any] | None:
+    """``pipeline.stats.analyze`` of the main-trial answers, or None without answers
+    (``mixed_model=False`` skips the slow model fit, e.g. for plots)."""
     if not rows:
         return None
-    return analyze(rows)
+    return analyze(rows, mixed_model=mixed_model)
 
 
 def progress(study: Study) -> list[dict[str, Any]]:

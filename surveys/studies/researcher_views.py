@@ -160,7 +160,7 @@ def plot(request: HttpRequest, study: Study, name: str) -> HttpResponse:
     """PNG plots of the report: ``accuracy`` or ``rt``."""
     rows = response_rows(study)
     if name == "accuracy":
-        fig = rep.accuracy_figure(rep.study_analysis(rows))
+        fig = rep.accuracy_figure(rep.study_analysis(rows, mixed_model=False))
     elif name == "rt":
         fig = rep.rt_figure(rows)
     else:
