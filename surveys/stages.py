@@ -231,10 +231,13 @@ RENDER_YAWS = (0.0, 30.0)
 
 
 def stage_surfaces(subject: Subject, ctx: StageContext) -> None:
-    """Skin surfaces of original and de-identified primary series, aligned and rendered."""
+    """Skin surfaces of original and de-identified primary series, aligned and rendered.
+
+    Uses :func:`pipeline.render.render_subject`: the canonical alignment comes from
+    the original's bone and is shared with the de-identified copy (same geometry),
+    so the two renders differ only by the removed soft tissue.
+    """
     from pipeline import render  # first: sets the OpenGL platform before pyrender loads
-    from pipeline.align import alignment_from_volume
-    from pipeline.surface import skin_surface
 
     s = subject.primary_series()
     if s is None or not s.deid_dir:
@@ -242,15 +245,13 @@ def stage_surfaces(subject: Subject, ctx: StageContext) -> None:
     orig = load_stored(s.original_dir).volume
     ctx.progress(0.1)
     deid = load_stored(s.deid_dir).volume
-    alignment = alignment_from_volume(orig)  # bone only: identical for the de-identified copy
-    ctx.progress(0.3)
-    for n, (variant, vol) in enumerate((("original", orig), ("deid", deid)), start=1):
-        mesh = skin_surface(vol, target_faces=60_000)
-        mesh.vertices = alignment.apply(mesh.vertices)
-        views = render.render_views(mesh, RENDER_YAWS, backend=settings.PIPELINE_RENDER_BACKEND)
+    ctx.progress(0.2)
+    result = render.render_subject(orig, deid, yaw_degs=RENDER_YAWS,
+                                   backend=settings.PIPELINE_RENDER_BACKEND)
+    ctx.progress(0.9)
+    for variant, views in (("original", result.original), ("deid", result.deidentified or [])):
         for v in views:
             _save_image(subject, "render", variant, f"yaw{v.yaw_deg:+.0f}", v.image)
-        ctx.progress(0.3 + 0.35 * n)
 
 
 def stage_embeddings(subject: Subject, ctx: StageContext) -> None:

@@ -32,7 +32,10 @@ def _make_cohort(plat, tmp_path: Path, n: int) -> int:
     from surveys.synthetic import write_synthetic_cohort  # no DB access
 
     src = tmp_path / "src"
-    write_synthetic_cohort(src, n, size="tiny", seed=7)
+    # seed 1: every tiny head aligns (the bone-template alignment rejects about 1 in 30
+    # tiny 6-mm heads, e.g. seed 7's third subject; that is the pipeline's business, not
+    # the queue's, which is what these tests are about)
+    write_synthetic_cohort(src, n, size="tiny", seed=1)
     out = plat.manage("import_cohort", str(src), "--name", "integration", "--owner", "alice",
                       "--enqueue").stdout
     assert f"imported {n} subject(s)" in out
