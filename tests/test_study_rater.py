@@ -9,8 +9,8 @@ from datetime import timedelta
 
 import pytest
 from django.test import Client
-from PIL import Image
 from django.utils import timezone
+from PIL import Image
 
 from tests.test_study_fixtures import make_cohort, make_researcher, make_study, run_rater
 
@@ -87,7 +87,7 @@ def test_full_flow_and_blinding(world):
         # (random tokens are removed first: they could contain a word by chance)
         body = strip_tokens(html, rater)
         assert not scan(body, forbidden), scan(body, forbidden)
-        for _h, v in r.items():
+        for v in dict(r.items()).values():
             assert not scan(strip_tokens(v, rater), forbidden)
         img_urls = re.findall(r'src="(/take/img/[^"]+)"', html)
         assert len(img_urls) == 5

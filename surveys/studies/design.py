@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DesignError", "PlannedTrial", "plan_trials", "check_design"]
+__all__ = ["DesignError", "PlannedTrial", "check_design", "plan_trials"]
 
 
 class DesignError(ValueError):

@@ -8,6 +8,9 @@ the current one, re-encoded without metadata and without a file name.
 
 from __future__ import annotations
 
+import math
+
+from django.db.models import Count, Exists, OuterRef, Q
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
@@ -18,20 +21,27 @@ from ..models import Rater, Trial, TrialImage
 from ..shared import ensure_local
 from .design import DesignError
 from .forms import QuestionnaireForm
-from .service import (InvitationError, clean_png, current_trial, enroll, mark_shown,
-                      record_answer, time_left_s)
+from .service import (
+    InvitationError,
+    clean_png,
+    current_trial,
+    enroll,
+    mark_shown,
+    record_answer,
+    time_left_s,
+)
 
 SESSION_KEY = "study_rater"
 REASONS = {
     "invalid": ("This invitation link is not valid",
-                "Please check that you copied the whole link, or ask the study team for a "
-                "new one."),
+                ("Please check that you copied the whole link, or ask the study team for a "
+                 "new one.")),
     "expired": ("This invitation has expired",
-                "The study no longer accepts new participants with this link. Thank you for "
-                "your interest."),
+                ("The study no longer accepts new participants with this link. Thank you for "
+                 "your interest.")),
     "exhausted": ("This invitation has been used up",
-                  "The planned number of participants has been reached for this link. Thank "
-                  "you for your interest."),
+                  ("The planned number of participants has been reached for this link. Thank "
+                   "you for your interest.")),
 }
 
 
@@ -207,7 +217,7 @@ def _float(value: str | None):
         v = float(value) if value not in (None, "") else None
     except ValueError:
         return None
-    return v if v is None or v == v else None
+    return v if v is None or math.isfinite(v) else None
 
 
 @never_cache
@@ -236,9 +246,9 @@ def trials(request: HttpRequest) -> HttpResponse:
     if trial is None:
         return redirect("studies:done")
     mark_shown(trial)
-    scored = rater.trials.exclude(kind="practice")
-    n_total = scored.count()
-    n_done = scored.filter(answer__isnull=False).count()
+    counts = rater.trials.exclude(kind="practice").aggregate(
+        n_total=Count("pk"), n_done=Count("pk", filter=Q(answer__isnull=False)))
+    n_total, n_done = counts["n_total"], counts["n_done"]
     imgs = list(trial.images.order_by("slot").values_list("slot", "token"))
     ctx = {
         "study": study, "trial": trial, "practice": trial.kind == "practice",
@@ -271,13 +281,17 @@ def feedback(request: HttpRequest, token: str) -> HttpResponse:
 @require_GET
 def image(request: HttpRequest, token: str) -> HttpResponse:
     """PNG behind an opaque token: only the session rater's current trial; no metadata."""
-    rater = session_rater(request)
-    if rater is None:
-        raise Http404("no such image")
-    ti = (TrialImage.objects.select_related("trial", "image")
-          .filter(token=token, trial__rater=rater).first())
-    cur = current_trial(rater) if ti is not None else None
-    if ti is None or cur is None or cur.pk != ti.trial_id:
+    rater_token = request.session.get(SESSION_KEY)
+    # one query: the image's trial belongs to this session's rater, is unanswered and no
+    # earlier trial of the rater is unanswered (answers are sequential: the current trial)
+    earlier_open = Trial.objects.filter(rater_id=OuterRef("trial__rater_id"),
+                                        position__lt=OuterRef("trial__position"),
+                                        answer__isnull=True)
+    ti = (TrialImage.objects.select_related("image")
+          .filter(token=token, trial__rater__resume_token=rater_token or "-",
+                  trial__answer__isnull=True)
+          .exclude(Exists(earlier_open)).first()) if rater_token else None
+    if ti is None:
         raise Http404("no such image")
     try:
         data = clean_png(ensure_local(ti.image.path))

@@ -1,6 +1,6 @@
 """Study report: analysis (``pipeline.stats.analyze``), plots, per-subject difficulty, PDF.
 
-Figures are matplotlib (Agg) PNG/PDF bytes made on the server; no browser needed.
+Figures are matplotlib ``Figure`` objects (no pyplot state, thread-safe) saved as PNG/PDF bytes made on the server; no browser needed.
 Only pseudonyms (rater codes, subject pseudonyms) appear in any output.
 """
 
@@ -12,20 +12,26 @@ import json
 from collections import defaultdict
 from typing import Any
 
-import matplotlib
+from matplotlib.backends.backend_pdf import PdfPages
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-from matplotlib import pyplot as plt  # noqa: E402
-from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from pipeline.stats import ALL_GROUPS, analyze
 
-from pipeline.stats import ALL_GROUPS, analyze  # noqa: E402
+from ..models import Rater, Study
+from .service import EXPORT_COLUMNS, response_rows
 
-from ..models import Rater, Study  # noqa: E402
-from .service import EXPORT_COLUMNS, response_rows  # noqa: E402
-
-__all__ = ["study_analysis", "progress", "difficulty", "accuracy_figure", "rt_figure",
-           "png_bytes", "responses_csv", "analysis_json", "pdf_report", "tests_table"]
+__all__ = [
+    "accuracy_figure",
+    "analysis_json",
+    "difficulty",
+    "pdf_report",
+    "png_bytes",
+    "progress",
+    "responses_csv",
+    "rt_figure",
+    "study_analysis",
+    "tests_table",
+]
 
 
 def study_analysis(rows: list[dict[str, Any]], mixed_model: bool = True) -> dict[str, Any] | None:
@@ -173,9 +179,10 @@ def pdf_report(study: Study) -> bytes:
     buf = io.BytesIO()
     with PdfPages(buf, metadata={"Title": "Re-identification study report", "Author": "",
                                  "Creator": "deidstudy", "Producer": "deidstudy"}) as pdf:
-        fig = plt.figure(figsize=(8.27, 11.69))
-        lines = [f"Study: {study.name}", f"k = {study.n_choices}; conditions: "
-                 f"{', '.join(study.conditions)}; views: {', '.join(study.views)}",
+        fig = Figure(figsize=(8.27, 11.69))
+        lines = [f"Study: {study.name}",
+                 (f"k = {study.n_choices}; conditions: "
+                  f"{', '.join(study.conditions)}; views: {', '.join(study.views)}"),
                  f"seed {study.seed}; {study.trials_per_rater} trials per rater", ""]
         for p in progress(study):
             lines.append(f"{p['group']}: {p['raters']} raters, {p['finished']} finished, "
@@ -196,7 +203,6 @@ def pdf_report(study: Study) -> bytes:
             lines.append("no answers yet")
         fig.text(0.05, 0.97, "\n".join(lines[:70]), va="top", family="monospace", fontsize=7)
         pdf.savefig(fig)
-        plt.close(fig)
         for f in (accuracy_figure(analysis), rt_figure(rows)):
             pdf.savefig(f)
     return buf.getvalue()

@@ -201,6 +201,17 @@ def export_pdf(request: HttpRequest, study: Study) -> HttpResponse:
     return _download(rep.pdf_report(study), "application/pdf", f"study-{study.pk}-report.pdf")
 
 
-__all__ = ["study_view", "study_list", "study_detail", "study_edit", "invite", "study_report",
-           "plot", "export_responses", "export_all_answers", "export_analysis", "export_pdf",
-           "json"]
+__all__ = [
+    "export_all_answers",
+    "export_analysis",
+    "export_pdf",
+    "export_responses",
+    "invite",
+    "json",
+    "plot",
+    "study_detail",
+    "study_edit",
+    "study_list",
+    "study_report",
+    "study_view",
+]

@@ -21,8 +21,8 @@ from .design import DesignError, check_design, plan_trials
 
 __all__ = [
     "EXPORT_COLUMNS",
-    "InvitationError",
     "RT_SLACK_MS",
+    "InvitationError",
     "available_views",
     "clean_png",
     "current_trial",
