@@ -66,10 +66,11 @@ from .volume import Volume
 
 __all__ = [
     "FEATURE_CLASSES",
+    "FEATURE_CODES",
     "LABELS",
     "LABEL_HU",
     "LABEL_HU_RANGE",
-    "SoftTissueLabels",
+    "SOFT_TISSUE_LABELS",
     "SynthError",
     "SynthHead",
     "SubjectParams",
@@ -119,15 +120,16 @@ LABEL_HU_RANGE: dict[int, tuple[float, float]] = {
 }
 
 #: Label codes counted as (non-bone, non-brain) soft tissue of the patient.
-SoftTissueLabels = (1, 2, 3, 4, 11, 12)
+SOFT_TISSUE_LABELS = (1, 2, 3, 4, 11, 12)
 _BONE_LABELS = (5, 6, 7)
 _BRAIN_LABELS = (8, 9)
 
 FEATURE_CLASSES: tuple[str, ...] = ("eyes", "nose", "lips", "brow", "chin", "ears")
-# feature-id codes: (class, side) ; 0 = none
-_FEATURE_CODES: dict[int, str] = {
+#: ``SynthHead.feature_ids`` code → feature class (0 = none; 1/7 patient-right eye/ear, 2/8 left).
+FEATURE_CODES: dict[int, str] = {
     1: "eyes", 2: "eyes", 3: "nose", 4: "lips", 5: "brow", 6: "chin", 7: "ears", 8: "ears",
 }
+_FEATURE_CODES = FEATURE_CODES  # old name, used by other modules
 
 _BIG = np.float32(1.0e4)
 _LUT = np.full(256, -1000.0, np.float32)
@@ -1043,7 +1045,7 @@ def generate_head(
     pose_deg: tuple[float, float, float] | None = None,
     noise_hu: float = 12.0,
     noise_seed: int = 0,
-    blur_sigma_mm: float = 0.6,
+    blur_sigma_mm: float = 0.5,
     couch: bool = True,
 ) -> SynthHead:
     """Voxelise a synthetic head CT.
@@ -1251,10 +1253,10 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
         if res is not None:
             sl, d = res
             fsl = feat[sl]
-            fsl[(d < 0.0) & np.isin(labels[sl], SoftTissueLabels)] = code
+            fsl[(d < 0.0) & np.isin(labels[sl], SOFT_TISSUE_LABELS)] = code
     if fb is not None:
         lab = labels[fb]
-        soft = np.isin(lab, SoftTissueLabels)
+        soft = np.isin(lab, SOFT_TISSUE_LABELS)
         bone_any = np.isin(lab, _BONE_LABELS)
         np.logical_or.accumulate(bone_any, axis=1, out=bone_any)  # any bone at smaller j (anterior)
         ffb = feat[fb]

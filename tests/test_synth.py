@@ -185,13 +185,13 @@ def test_anatomical_layout_in_array_coordinates(head):
 
 
 def test_feature_boxes_match_the_masks(head):
-    from pipeline.synth import _FEATURE_CODES
+    from pipeline.synth import FEATURE_CODES
 
     assert len(head.feature_boxes) == head.volume.shape[0]
     n = 0
     for k, boxes in enumerate(head.feature_boxes):
         expected = []
-        for code, name in _FEATURE_CODES.items():
+        for code, name in FEATURE_CODES.items():
             objs = ndimage.find_objects((head.feature_ids[k] == code).astype(int))
             if objs and objs[0] is not None:
                 rows, cols = objs[0]
