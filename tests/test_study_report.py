@@ -95,7 +95,17 @@ def test_all_answers_export_has_practice_and_catch(done_study):
         c.get(f"/studies/{study.pk}/export/all-answers.csv").content.decode())))
     conds = {r["condition"] for r in rows}
     assert len(rows) == 4 * 10 and "catch" in conds
-    # catch trials: the general raters got them right (target identical to a candidate)
+    # attention table: general raters pass their catch trial, surgeons (steered wrong on every
+    # non-control trial) fail it and are flagged; counts match the export
+    r = c.get(f"/studies/{study.pk}/report/")
+    att = {a["rater_id"]: a for a in r.context["attention"]}
+    for rid in {row["rater_id"] for row in rows}:
+        catch = [row for row in rows if row["rater_id"] == rid and row["condition"] == "catch"]
+        assert att[rid]["catch_n"] == len(catch) == 1
+        assert att[rid]["catch_correct"] == sum(int(x["correct"]) for x in catch)
+        assert att[rid]["flag"] == (att[rid]["rater_group"] == "plastic surgeon")
+    doc = json.loads(c.get(f"/studies/{study.pk}/export/analysis.json").content)
+    assert len(doc["attention"]) == 4
 
 
 def test_report_page_and_plots(done_study):

@@ -159,8 +159,11 @@ def plan_trials(subjects: Sequence[int], conditions: Sequence[str], views: Seque
     practice_cond = "control" if "control" in conditions else conditions[0]
     out: list[PlannedTrial] = []
     prev = None
-    for _ in range(n_practice):
-        choices = [x for x in subjects if x != prev]
+    first_main = seq[0][0] if seq else None
+    for n in range(n_practice):
+        # the last practice trial must not show the first scored trial's subject
+        avoid = {prev, first_main} if n == n_practice - 1 else {prev}
+        choices = [x for x in subjects if x not in avoid]
         s = choices[int(rng.integers(len(choices)))]
         tv, cv = _views(rng, views, same=False)
         cands, correct = _candidates(rng, subjects, s, n_choices)

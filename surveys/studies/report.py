@@ -56,6 +56,28 @@ def progress(study: Study) -> list[dict[str, Any]]:
     return out
 
 
+def attention(study: Study) -> list[dict[str, Any]]:
+    """Per rater (code, group): catch trials answered and passed, timed-out and
+    response-time-suspect answers; ``flag`` when a catch trial was failed."""
+    from ..models import Answer
+
+    out: dict[str, dict[str, Any]] = {}
+    qs = (Answer.objects.filter(trial__rater__study=study)
+          .select_related("trial__rater").order_by("trial__rater__index"))
+    for a in qs:
+        r = a.trial.rater
+        d = out.setdefault(r.code, {"rater_id": r.code, "rater_group": r.group, "catch_n": 0,
+                                    "catch_correct": 0, "timed_out": 0, "rt_suspect": 0})
+        if a.trial.kind == "catch":
+            d["catch_n"] += 1
+            d["catch_correct"] += int(a.correct)
+        d["timed_out"] += int(a.timed_out)
+        d["rt_suspect"] += int(a.rt_suspect)
+    for d in out.values():
+        d["flag"] = d["catch_correct"] < d["catch_n"]
+    return list(out.values())
+
+
 def difficulty(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per subject and condition: n answers, n correct, accuracy (hardest first)."""
     cells: dict[tuple[str, str], list[int]] = defaultdict(list)
@@ -168,7 +190,8 @@ def analysis_json(study: Study) -> str:
     doc = {"study": {"name": study.name, "n_choices": study.n_choices,
                      "conditions": study.conditions, "views": study.views, "seed": study.seed,
                      "trials_per_rater": study.trials_per_rater, "groups": study.groups},
-           "progress": progress(study), "analysis": study_analysis(rows)}
+           "progress": progress(study), "attention": attention(study),
+           "analysis": study_analysis(rows)}
     return json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False)
 
 

@@ -151,6 +151,7 @@ def study_report(request: HttpRequest, study: Study) -> HttpResponse:
         "study": study, "progress": rep.progress(study), "analysis": analysis, "cells": cells,
         "tests": rep.tests_table(analysis) if analysis else [],
         "difficulty": rep.difficulty(rows), "n_answers": len(rows),
+        "attention": rep.attention(study),
         "mixed": (analysis or {}).get("mixed_model") or {}})
 
 
