@@ -574,8 +574,8 @@ class _HeadModel:
         self.g_neck = _Group("neck", [_u(neck)])
 
         # ---------------------------------------------------------------- facial skeleton
-        brow_bone = _Ellipsoid((0, y_bb + 14.0, zb - 4.0), (14.0, 14.0, 10.0))
-        ridges = [_Ellipsoid(jc((s * (xe + 1.0), y_bb + 14.0 + 2.5, zb - 1.0), 1.0), jr((25.0, 14.0, 7.5)),
+        brow_bone = _Ellipsoid((0, y_bb + 10.0, zb - 4.0), (14.0, 10.0, 10.0))
+        ridges = [_Ellipsoid(jc((s * (xe + 1.0), y_bb + 9.0 + 2.5, zb - 1.0), 1.0), jr((25.0, 9.0, 7.5)),
                              rot=_rotmat(yaw_deg=s * 18.0, roll_deg=-s * (2.0 + 0.5 * p.brow_arch_deg)))
                   for s in (-1, 1)]
         cb = p.cheekbone_mm
