@@ -56,9 +56,11 @@ the submental/neck tissue are kept.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
-from typing import Any, Callable
+from itertools import pairwise
+from typing import Any
 
 import numpy as np
 
@@ -71,9 +73,9 @@ __all__ = [
     "LABEL_HU",
     "LABEL_HU_RANGE",
     "SOFT_TISSUE_LABELS",
+    "SubjectParams",
     "SynthError",
     "SynthHead",
-    "SubjectParams",
     "generate_head",
     "head_local_to_lps",
     "render_skin_frontal",
@@ -389,25 +391,6 @@ class _Offset(_Prim):
         return d
 
 
-class _Clip(_Prim):
-    """Intersection of ``prim`` with the half-space ``sign*(coord - value) <= 0`` (hard)."""
-
-    def __init__(self, prim: _Prim, axis: int, value: float, keep_below: bool) -> None:
-        self.prim, self.axis, self.value, self.keep_below = prim, axis, float(value), keep_below
-        self.lo, self.hi = prim.lo.copy(), prim.hi.copy()
-        if keep_below:
-            self.hi[axis] = min(self.hi[axis], value + 2.0)
-        else:
-            self.lo[axis] = max(self.lo[axis], value - 2.0)
-
-    def sdf(self, x, y, z):
-        d = self.prim.sdf(x, y, z)
-        c = (x, y, z)[self.axis] - np.float32(self.value)
-        if not self.keep_below:
-            c = -c
-        return np.maximum(d, c, out=d)
-
-
 class _Lid(_Prim):
     """Eyelid: spherical shell of radius r around an eye, outside an almond-shaped opening."""
 
@@ -491,7 +474,7 @@ def _grow(prim: _Prim, margin: float) -> None:
 
 def _chain(name: str, points, radius: float, margin: float = 0.0) -> _Group:
     """Capsules along a polyline, hard union (smooth joints without smooth-min bulges)."""
-    return _Group(name, [_u(_Capsule(a, b, radius, margin=margin)) for a, b in zip(points[:-1], points[1:])])
+    return _Group(name, [_u(_Capsule(a, b, radius, margin=margin)) for a, b in pairwise(points)])
 
 
 def _u(prim: _Prim, k: float = 0.0) -> _Op:
@@ -510,7 +493,7 @@ class _HeadModel:
         self._build()
 
     # ------------------------------------------------------------------ layout
-    def _build(self) -> None:  # noqa: C901 - one long but linear anatomical recipe
+    def _build(self) -> None:
         p = self.p
         m = 3.0  # bbox margin (mm)
         xe = p.eye_spacing_mm / 2.0
@@ -851,8 +834,8 @@ class _Grid:
         box = []
         for (lo_w, hi_w, o, d, n) in ((wlo[2], whi[2], oz, dk, nk), (wlo[1], whi[1], oy, dj, nj),
                                       (wlo[0], whi[0], ox, di, ni)):
-            a = max(0, int(math.floor((lo_w - o) / d)))
-            b = min(n, int(math.ceil((hi_w - o) / d)) + 1)
+            a = max(0, math.floor((lo_w - o) / d))
+            b = min(n, math.ceil((hi_w - o) / d) + 1)
             box += [a, b]
         res = tuple(box) if box[0] < box[1] and box[2] < box[3] and box[4] < box[5] else None
         self._cache[key] = (prim, res)
@@ -864,7 +847,7 @@ class _Slab:
 
     def __init__(self, grid: _Grid, k0: int, k1: int) -> None:
         self.grid, self.k0, self.k1 = grid, k0, k1
-        nk, nj, ni = grid.shape
+        _, nj, ni = grid.shape
         dk, dj, di = grid.spacing
         ox, oy, oz = grid.origin
         cx, cy, cz = grid.centre
@@ -1032,9 +1015,9 @@ def _check_inputs(shape, spacing_mm, noise_hu, blur_sigma_mm, pose_deg) -> None:
         raise SynthError(f"noise_hu must be in [0, 500], got {noise_hu}")
     if not (0.0 <= float(blur_sigma_mm) <= 10.0):
         raise SynthError(f"blur_sigma_mm must be in [0, 10], got {blur_sigma_mm}")
-    if pose_deg is not None:
-        if len(pose_deg) != 3 or any(not math.isfinite(float(a)) or abs(float(a)) > 45 for a in pose_deg):
-            raise SynthError(f"pose_deg must be three angles within ±45°, got {pose_deg}")
+    if pose_deg is not None and (
+            len(pose_deg) != 3 or any(not math.isfinite(float(a)) or abs(float(a)) > 45 for a in pose_deg)):
+        raise SynthError(f"pose_deg must be three angles within ±45°, got {pose_deg}")
 
 
 def generate_head(
@@ -1202,7 +1185,7 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
         lab[E < 0] = L["cancellous_bone"]
         lab[(E < 0) & (E > -1.8)] = L["cortical_bone"]
         # orbit contents: fat (not replacing the skin layers)
-        deep = lambda s: (S[s] < -4.0) & (E_at(s) >= 0) & np.isin(labels[s], (1, 2, 3, 4))  # noqa: E731
+        deep = lambda s: (S[s] < -4.0) & (E_at(s) >= 0) & np.isin(labels[s], (1, 2, 3, 4))
         for o in model.orbits:
             _paint(labels, slab.eval(o), L["fat"], where=deep)
     # eyes: sclera, vitreous, lens
@@ -1211,9 +1194,9 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
         _paint(labels, slab.eval(vitreous), L["vitreous"])
         _paint(labels, slab.eval(lens), L["lens"])
     # air cavities (inside the body)
-    is_body = lambda s: labels[s] != L["air"]  # noqa: E731
+    is_body = lambda s: labels[s] != L["air"]
     # cavities replace bone and soft tissue only (never brain, CSF or eyes)
-    carvable = lambda s: np.isin(labels[s], (1, 2, 3, 4, 5, 6))  # noqa: E731
+    carvable = lambda s: np.isin(labels[s], (1, 2, 3, 4, 5, 6))
     _paint(labels, r_air, L["internal_air"], where=lambda s: carvable(s) & (S[s] < -2.5))
     _paint(labels, slab.eval(model.g_vestibule), L["internal_air"],
            where=lambda s: is_body(s) & (S[s] < -1.5))

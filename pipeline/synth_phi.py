@@ -29,7 +29,7 @@ from pydicom.sequence import Sequence
 
 from .synth import SynthHead
 
-__all__ = ["FakePHI", "PHIWriteError", "PRIVATE_CREATOR", "PRIVATE_GROUP", "write_synthetic_series"]
+__all__ = ["PRIVATE_CREATOR", "PRIVATE_GROUP", "FakePHI", "PHIWriteError", "write_synthetic_series"]
 
 #: Private block used for planted identifiers: group 0x0011, creator below, block 0x10.
 PRIVATE_GROUP = 0x0011

@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.synth import SubjectParams, generate_head, render_skin_frontal  # noqa: E402
+from pipeline.synth import SubjectParams, generate_head, render_skin_frontal
 
 
 def model_paths() -> tuple[str, str]:
@@ -40,7 +40,7 @@ def model_paths() -> tuple[str, str]:
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("face_recognition_models is not installed")
-    base = Path(list(spec.submodule_search_locations)[0]) / "models"
+    base = Path(next(iter(spec.submodule_search_locations))) / "models"
     sp = base / "shape_predictor_5_face_landmarks.dat"
     rec = base / "dlib_face_recognition_resnet_model_v1.dat"
     for f in (sp, rec):

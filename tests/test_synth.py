@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -22,9 +21,15 @@ from pipeline.synth import (
     head_local_to_lps,
     render_skin_frontal,
 )
-from pipeline.synth_phi import PRIVATE_CREATOR, PRIVATE_GROUP, FakePHI, PHIWriteError, write_synthetic_series
+from pipeline.synth_phi import (
+    PRIVATE_CREATOR,
+    PRIVATE_GROUP,
+    FakePHI,
+    PHIWriteError,
+    write_synthetic_series,
+)
 
-SMALL = dict(shape=(64, 80, 80), spacing_mm=(3.75, 3.0, 3.0))
+SMALL = {"shape": (64, 80, 80), "spacing_mm": (3.75, 3.0, 3.0)}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +54,7 @@ def test_different_seeds_give_different_subjects():
     p1, p2 = SubjectParams.random(1), SubjectParams.random(2)
     assert p1 != p2
     assert SubjectParams.random(1) == p1
-    kw = dict(pose_deg=(0.0, 0.0, 0.0), noise_seed=0, **SMALL)
+    kw = {"pose_deg": (0.0, 0.0, 0.0), "noise_seed": 0, **SMALL}
     a, b = generate_head(p1, **kw), generate_head(p2, **kw)
     body_a, body_b = a.labels > 0, b.labels > 0
     dice = 2 * (body_a & body_b).sum() / (body_a.sum() + body_b.sum())
@@ -234,7 +239,7 @@ def test_anatomy_is_placed_in_mm_independent_of_spacing():
 
 def test_pose_rotates_the_head_about_the_superior_axis():
     p = SubjectParams.random(8)
-    kw = dict(noise_hu=0.0, **SMALL)
+    kw = {"noise_hu": 0.0, **SMALL}
     heads = {yaw: generate_head(p, pose_deg=(yaw, 0.0, 0.0), **kw) for yaw in (0.0, 20.0)}
     cents = {}
     for yaw, h in heads.items():
