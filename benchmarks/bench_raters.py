@@ -139,6 +139,25 @@ def rater(base: str, token: str, stats: Stats, deadline: float, think_s: float,
             stats.errors.append(f"{type(exc).__name__}: {exc}"[:200])
 
 
+def server_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of gunicorn (master and workers) so far."""
+    import psutil
+
+    try:
+        master = psutil.Process(pid)
+        procs = [master, *master.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def pct(values: list[float], q: float) -> float:
     """Percentile ``q`` (0..100) in milliseconds (nan when empty)."""
     return float(np.percentile(values, q) * 1000) if values else float("nan")
@@ -182,6 +201,8 @@ def main() -> int:
         base = f"http://127.0.0.1:{port}"
         requests.get(f"{base}/take/start/", timeout=30)  # warm up both workers' imports
         stats = Stats()
+        cpu0 = server_cpu_s(gunicorn.pid)
+        ccpu0 = time.process_time()
         t0 = time.monotonic()
         deadline = t0 + args.max_s
         threads = []
@@ -196,6 +217,8 @@ def main() -> int:
         for th in threads:
             th.join(timeout=max(0.0, deadline + 30 - time.monotonic()))
         wall = time.monotonic() - t0
+        server_cpu = server_cpu_s(gunicorn.pid) - cpu0
+        client_cpu = time.process_time() - ccpu0
         if env["DATABASE_URL"].startswith("sqlite"):
             con = sqlite3.connect(tmp / "bench.sqlite3")
             stored = con.execute("SELECT COUNT(*) FROM surveys_answer").fetchone()[0]
@@ -212,6 +235,11 @@ def main() -> int:
         for kind, vals in stats.lat.items():
             print(f"  {kind:7s} n={len(vals):5d}  p50 {pct(vals, 50):7.1f} ms  "
                   f"p95 {pct(vals, 95):7.1f} ms  max {pct(vals, 100):7.1f} ms")
+        n_req = sum(len(v) for v in stats.lat.values())
+        print(f"  {n_req} requests, {n_req / wall:.0f}/s · server CPU {server_cpu:.1f} s "
+              f"({1000 * server_cpu / max(1, n_req):.1f} ms/request) · client CPU "
+              f"{client_cpu:.1f} s · machine load average {os.getloadavg()[0]:.1f} "
+              f"on {os.cpu_count()} CPUs")
         ok = stored == stats.sent and not stats.errors
         print(f"  answers sent {stats.sent}, stored {stored}: "
               f"{'EQUAL' if stored == stats.sent else 'MISMATCH'}; errors {len(stats.errors)}")

@@ -65,10 +65,11 @@ def _render_index(cohort) -> dict[tuple[int, str, str], int]:
         subject__cohort=cohort, kind="render").values_list("pk", "subject_id", "variant", "view")}
 
 
-def eligible_subjects(study: Study) -> list[int]:
+def eligible_subjects(study: Study, idx: dict | None = None) -> list[int]:
     """Subject ids having an original render at every study view (and a de-identified
-    one at every view when the study has the ``deidentified`` condition)."""
-    idx = _render_index(study.cohort)
+    one at every view when the study has the ``deidentified`` condition). ``idx`` is an
+    already read render index of the cohort (optional)."""
+    idx = _render_index(study.cohort) if idx is None else idx
     variants = ["original"] + (["deid"] if "deidentified" in study.conditions else [])
     subs = {s for s, _, _ in idx}
     return sorted(s for s in subs
@@ -89,16 +90,23 @@ def enroll(token: str) -> Rater:
     Raises :class:`InvitationError` (invalid / expired / exhausted) or
     :class:`DesignError`. Atomic: a failure leaves no rater and no use counted.
     """
+    # reads first, outside the (write-locking) transaction: keeps the lock short
+    pre = Invitation.objects.select_related("study", "study__cohort").filter(token=token).first()
+    if pre is None:
+        raise InvitationError("invalid")
+    idx = _render_index(pre.study.cohort)
+    subjects = eligible_subjects(pre.study, idx)
     with transaction.atomic():
-        inv = (Invitation.objects.select_for_update().select_related("study", "study__cohort")
-               .filter(token=token).first())
+        inv = Invitation.objects.select_for_update().filter(pk=pre.pk).first()
         if inv is None:
             raise InvitationError("invalid")
         problem = inv.problem()
         if problem:
             raise InvitationError(problem)
         study = Study.objects.select_for_update().get(pk=inv.study_id)
-        subjects = eligible_subjects(study)
+        if study.views != pre.study.views or study.conditions != pre.study.conditions:
+            idx = _render_index(study.cohort)  # design edited in between: read again
+            subjects = eligible_subjects(study, idx)
         index = study.raters.count()
         plan = plan_trials(subjects, study.conditions, study.views, n_choices=study.n_choices,
                            trials_per_rater=study.trials_per_rater, n_practice=study.n_practice,
@@ -109,7 +117,6 @@ def enroll(token: str) -> Rater:
             study.save(update_fields=["frozen_at"])
         rater = Rater.objects.create(study=study, invitation=inv, index=index,
                                      code=f"R-{index + 1:04d}", group=inv.group)
-        idx = _render_index(study.cohort)
         trials = Trial.objects.bulk_create([
             Trial(rater=rater, position=p.position, kind=p.kind, condition=p.condition,
                   subject_id=p.subject, target_view=p.target_view,
@@ -184,8 +191,11 @@ def record_answer(rater: Rater, trial_token: str, choice: int | None,
 def mark_shown(trial: Trial) -> None:
     """Record the server time the trial was first shown (kept when the page is reloaded)."""
     if trial.shown_at is None:
-        Trial.objects.filter(pk=trial.pk, shown_at__isnull=True).update(shown_at=timezone.now())
-        trial.refresh_from_db(fields=["shown_at"])
+        now = timezone.now()
+        if Trial.objects.filter(pk=trial.pk, shown_at__isnull=True).update(shown_at=now):
+            trial.shown_at = now
+        else:  # shown concurrently by another request: keep the first time
+            trial.refresh_from_db(fields=["shown_at"])
 
 
 def time_left_s(trial: Trial, study: Study) -> float | None:
