@@ -194,9 +194,10 @@ def test_answers_are_idempotent(world):
     c.get("/take/trial/")
     for bad in ["0", "5", "x", ""]:
         c.post("/take/trial/", {"trial": t1.token, "choice": bad, "rt_ms": "50"})
-    # "" = no answer (time limit) is allowed only as None; 0/5/x are rejected/None
-    ans = Answer.objects.filter(trial=t1).first()
-    assert ans is None or ans.choice is None
+    # 0/5/x are out of range; "" (no answer) is refused without a time limit
+    assert not Answer.objects.filter(trial=t1).exists()
+    c.post("/take/trial/", {"trial": t1.token, "choice": "2", "rt_ms": "50"})
+    assert Answer.objects.get(trial=t1).choice == 2
 
 
 def test_server_time_checks_browser_time(world):
@@ -233,6 +234,13 @@ def test_time_limit_enforced_on_server(world):
     c.post("/take/trial/", {"trial": t0.token, "choice": t0.correct_index + 1, "rt_ms": "900"})
     a = Answer.objects.get(trial=t0)
     assert a.timed_out and a.choice is None and not a.correct
+    # the page submits an empty answer when time is up: stored as timed out
+    c.get(f"/take/feedback/{t0.token}/")
+    c.get("/take/trial/")
+    t1 = rater.trials.order_by("position")[1]
+    c.post("/take/trial/", {"trial": t1.token, "choice": "", "rt_ms": "5000"})
+    a1 = Answer.objects.get(trial=t1)
+    assert a1.timed_out and a1.choice is None and not a1.correct
 
 
 def test_resume_after_browser_closed(world):

@@ -145,7 +145,8 @@ def record_answer(rater: Rater, trial_token: str, choice: int | None,
 
     Only the current trial can be answered, once: a replay, a double submit or a
     form re-posted after the back button returns the stored answer unchanged with
-    ``created=False``. ``choice`` is 1-based (None = no answer: time limit). The
+    ``created=False``. ``choice`` is 1-based; None (no answer) is accepted only when the
+    study has a time limit (the page submits it when time is up). The
     server's response time (trial first shown → now, ms) is stored next to the
     browser's; they disagree by more than :data:`RT_SLACK_MS` → ``rt_suspect``.
     Raises ``ValueError`` for a trial of someone else or a choice out of range.
@@ -163,6 +164,8 @@ def record_answer(rater: Rater, trial_token: str, choice: int | None,
         if cur is None or cur.pk != trial.pk:
             raise ValueError("this trial is not the current one")
         study = trial.rater.study
+        if choice is None and not study.time_limit_s:
+            raise ValueError("choose a candidate (no time limit: an empty answer is refused)")
         if choice is not None and not 1 <= choice <= study.n_choices:
             raise ValueError(f"choice must be between 1 and {study.n_choices}")
         if confidence is not None and not 1 <= confidence <= 5:
