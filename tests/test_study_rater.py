@@ -83,6 +83,10 @@ def test_full_flow_and_blinding(world):
             break
         html = r.content.decode()
         trial = r.context["trial"]
+        # progress bar: practice (1 trial) not counted; 8 main + 1 catch
+        assert r.context["n_total"] == 9
+        assert r.context["n_done"] == max(0, seen_pages - 1) == \
+            Answer.objects.filter(trial__rater=rater).exclude(trial__kind="practice").count()
         # no identifier, condition, path or answer in the page, its URLs or headers
         # (random tokens are removed first: they could contain a word by chance)
         body = strip_tokens(html, rater)

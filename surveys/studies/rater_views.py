@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import math
 
-from django.db.models import Count, Exists, OuterRef, Q
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods
 
-from ..models import Rater, Trial, TrialImage
+from ..models import Rater, Trial
 from ..shared import ensure_local
 from .design import DesignError
 from .forms import QuestionnaireForm
 from .service import (
     InvitationError,
     clean_png,
+    current_image_path,
     current_trial,
     enroll,
     mark_shown,
@@ -246,9 +246,9 @@ def trials(request: HttpRequest) -> HttpResponse:
     if trial is None:
         return redirect("studies:done")
     mark_shown(trial)
-    counts = rater.trials.exclude(kind="practice").aggregate(
-        n_total=Count("pk"), n_done=Count("pk", filter=Q(answer__isnull=False)))
-    n_total, n_done = counts["n_total"], counts["n_done"]
+    # answers are sequential, so the current position = trials answered (no count query)
+    n_total = study.trials_per_rater + study.n_catch
+    n_done = max(0, trial.position - study.n_practice)
     imgs = list(trial.images.order_by("slot").values_list("slot", "token"))
     ctx = {
         "study": study, "trial": trial, "practice": trial.kind == "practice",
@@ -282,19 +282,11 @@ def feedback(request: HttpRequest, token: str) -> HttpResponse:
 def image(request: HttpRequest, token: str) -> HttpResponse:
     """PNG behind an opaque token: only the session rater's current trial; no metadata."""
     rater_token = request.session.get(SESSION_KEY)
-    # one query: the image's trial belongs to this session's rater, is unanswered and no
-    # earlier trial of the rater is unanswered (answers are sequential: the current trial)
-    earlier_open = Trial.objects.filter(rater_id=OuterRef("trial__rater_id"),
-                                        position__lt=OuterRef("trial__position"),
-                                        answer__isnull=True)
-    ti = (TrialImage.objects.select_related("image")
-          .filter(token=token, trial__rater__resume_token=rater_token or "-",
-                  trial__answer__isnull=True)
-          .exclude(Exists(earlier_open)).first()) if rater_token else None
-    if ti is None:
+    path = current_image_path(token, rater_token) if rater_token else None
+    if path is None:
         raise Http404("no such image")
     try:
-        data = clean_png(ensure_local(ti.image.path))
+        data = clean_png(ensure_local(path))
     except (OSError, ValueError):
         raise Http404("image not available") from None
     return _no_store(HttpResponse(data, content_type="image/png"))
