@@ -21,10 +21,17 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from ..access import cohorts_for, is_researcher
 from ..models import Invitation, Study
-from . import report as rep
 from .design import DesignError
 from .forms import InvitationForm, StudyForm
 from .service import available_views, eligible_subjects, response_rows, validate_study
+
+
+def _rep():
+    """The report module, imported on first use: it loads matplotlib and scipy, which the
+    rater pages (same URL conf, same worker processes) never need."""
+    from . import report
+
+    return report
 
 
 def study_view(kind: str = "page") -> Callable:
@@ -89,7 +96,7 @@ def study_detail(request: HttpRequest, study: Study) -> HttpResponse:
                                                             args=[inv.token])))
                    for inv in study.invitations.all()]
     return render(request, "studies/study_detail.html", {
-        "study": study, "invitations": invitations, "progress": rep.progress(study),
+        "study": study, "invitations": invitations, "progress": _rep().progress(study),
         "n_eligible": len(eligible_subjects(study)), "views": available_views(study.cohort),
         "inv_form": InvitationForm(groups=study.groups)})
 
@@ -141,17 +148,17 @@ def invite(request: HttpRequest, study: Study) -> HttpResponse:
 def study_report(request: HttpRequest, study: Study) -> HttpResponse:
     """Report: progress, accuracy plot, tests table, per-subject difficulty, RT plot."""
     rows = response_rows(study)
-    analysis = rep.study_analysis(rows)
+    analysis = _rep().study_analysis(rows)
     cells = []
     if analysis:
         for g, conds in analysis["groups"].items():
             for c, cell in conds.items():
                 cells.append({"group": g, "condition": c, **cell})
     return render(request, "studies/study_report.html", {
-        "study": study, "progress": rep.progress(study), "analysis": analysis, "cells": cells,
-        "tests": rep.tests_table(analysis) if analysis else [],
-        "difficulty": rep.difficulty(rows), "n_answers": len(rows),
-        "attention": rep.attention(study),
+        "study": study, "progress": _rep().progress(study), "analysis": analysis, "cells": cells,
+        "tests": _rep().tests_table(analysis) if analysis else [],
+        "difficulty": _rep().difficulty(rows), "n_answers": len(rows),
+        "attention": _rep().attention(study),
         "mixed": (analysis or {}).get("mixed_model") or {}})
 
 
@@ -161,12 +168,12 @@ def plot(request: HttpRequest, study: Study, name: str) -> HttpResponse:
     """PNG plots of the report: ``accuracy`` or ``rt``."""
     rows = response_rows(study)
     if name == "accuracy":
-        fig = rep.accuracy_figure(rep.study_analysis(rows, mixed_model=False))
+        fig = _rep().accuracy_figure(_rep().study_analysis(rows, mixed_model=False))
     elif name == "rt":
-        fig = rep.rt_figure(rows)
+        fig = _rep().rt_figure(rows)
     else:
         raise Http404("no such plot")
-    resp = HttpResponse(rep.png_bytes(fig), content_type="image/png")
+    resp = HttpResponse(_rep().png_bytes(fig), content_type="image/png")
     resp["Cache-Control"] = "private, no-store"
     return resp
 
@@ -175,7 +182,7 @@ def plot(request: HttpRequest, study: Study, name: str) -> HttpResponse:
 @study_view("file")
 def export_responses(request: HttpRequest, study: Study) -> HttpResponse:
     """Responses CSV: one row per main-trial answer, pseudonyms only (analyze_responses)."""
-    return _download(rep.responses_csv(response_rows(study)), "text/csv",
+    return _download(_rep().responses_csv(response_rows(study)), "text/csv",
                      f"study-{study.pk}-responses.csv")
 
 
@@ -184,14 +191,14 @@ def export_responses(request: HttpRequest, study: Study) -> HttpResponse:
 def export_all_answers(request: HttpRequest, study: Study) -> HttpResponse:
     """Every answer incl. practice and catch trials (``condition`` = catch for catch trials)."""
     rows = response_rows(study, kinds=("practice", "main", "catch"))
-    return _download(rep.responses_csv(rows), "text/csv", f"study-{study.pk}-all-answers.csv")
+    return _download(_rep().responses_csv(rows), "text/csv", f"study-{study.pk}-all-answers.csv")
 
 
 @require_GET
 @study_view("file")
 def export_analysis(request: HttpRequest, study: Study) -> HttpResponse:
     """Analysis JSON (``pipeline.stats.analyze`` of the main trials + design + progress)."""
-    return _download(rep.analysis_json(study), "application/json",
+    return _download(_rep().analysis_json(study), "application/json",
                      f"study-{study.pk}-analysis.json")
 
 
@@ -199,7 +206,7 @@ def export_analysis(request: HttpRequest, study: Study) -> HttpResponse:
 @study_view("file")
 def export_pdf(request: HttpRequest, study: Study) -> HttpResponse:
     """PDF report made with matplotlib."""
-    return _download(rep.pdf_report(study), "application/pdf", f"study-{study.pk}-report.pdf")
+    return _download(_rep().pdf_report(study), "application/pdf", f"study-{study.pk}-report.pdf")
 
 
 __all__ = [
