@@ -193,3 +193,29 @@ def test_check_deploy_clean_with_production_settings(tmp_path):
                        timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "no issues" in r.stdout
+
+
+def test_empty_study_pages(tmp_path, settings):
+    """A study without answers: every researcher page and export works and says so."""
+    from surveys.models import Invitation
+
+    settings.DATA_DIR = tmp_path / "data"
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    user = make_researcher()
+    cohort = make_cohort(settings.DATA_DIR, user, n_subjects=4)
+    study = make_study(cohort, user, trials_per_rater=4)
+    Invitation.objects.create(study=study, group="general")
+    c = Client()
+    c.force_login(user)
+    for url in ("/studies/", f"/studies/{study.pk}/", f"/studies/{study.pk}/report/"):
+        r = c.get(url)
+        assert r.status_code == 200, url
+    assert b"No answers yet" in c.get(f"/studies/{study.pk}/report/").content
+    csv_text = c.get(f"/studies/{study.pk}/export/responses.csv").content.decode()
+    assert csv_text.strip().split(",")[:6] == ["rater_id", "rater_group", "subject_id",
+                                               "condition", "correct", "n_choices"]
+    assert json.loads(c.get(f"/studies/{study.pk}/export/analysis.json").content)["analysis"] \
+        is None
+    assert c.get(f"/studies/{study.pk}/export/report.pdf").content[:5] == b"%PDF-"
+    for name in ("accuracy", "rt"):
+        assert c.get(f"/studies/{study.pk}/plots/{name}.png").content[:4] == b"\x89PNG"
