@@ -319,3 +319,36 @@ def test_steps_cannot_be_skipped(world):
 def test_csrf_enforced(world):
     c = Client(enforce_csrf_checks=True)
     assert c.post(f"/take/i/{world['inv'].token}/").status_code == 403
+
+
+def test_images_are_frozen_with_the_design(world, settings):
+    """Re-running the pipeline (new render files) does not change a running study's images;
+    the frozen copies are named without identifiers."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from surveys.models import TrialImage
+
+    c = Client()
+    rater = start(c, world["inv"].token)
+    frozen = sorted((Path(settings.DATA_DIR) / "studies").rglob("*.png"))
+    # 6 subjects x 2 variants x 2 views, names carry no identifier
+    assert len(frozen) == 24
+    assert not any(scan(str(p.relative_to(settings.DATA_DIR)), ["SUBJ", "deid", "original",
+                                                                 "yaw"]) for p in frozen)
+    ti = TrialImage.objects.filter(trial__rater=rater, trial__position=0, slot=0) \
+        .select_related("image").get()
+    before = np.asarray(Image.open(io.BytesIO(c.get(f"/take/img/{ti.token}").content)))
+    render = Path(settings.DATA_DIR) / ti.image.path
+    Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(render)  # the pipeline re-ran
+    after = np.asarray(Image.open(io.BytesIO(c.get(f"/take/img/{ti.token}").content)))
+    assert before.any() and np.array_equal(before, after)
+    # the pixels are those of the original render (independent decoding of the fixture)
+    from tests.test_study_fixtures import synthetic_png
+
+    subj = ti.image.subject
+    n = int(subj.pseudonym.split("-")[1]) - 1
+    expect = np.asarray(Image.open(io.BytesIO(synthetic_png(n, ti.image.variant, ti.image.view,
+                                                            subj.pseudonym))))
+    assert np.array_equal(before, expect)

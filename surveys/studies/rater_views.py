@@ -18,6 +18,7 @@ from django.views.decorators.http import require_GET, require_http_methods
 
 from ..models import Rater, Trial
 from ..shared import ensure_local
+from ..stages import data_path
 from .design import DesignError
 from .forms import QuestionnaireForm
 from .service import (
@@ -282,11 +283,16 @@ def feedback(request: HttpRequest, token: str) -> HttpResponse:
 def image(request: HttpRequest, token: str) -> HttpResponse:
     """PNG behind an opaque token: only the session rater's current trial; no metadata."""
     rater_token = request.session.get(SESSION_KEY)
-    path = current_image_path(token, rater_token) if rater_token else None
-    if path is None:
+    paths = current_image_path(token, rater_token) if rater_token else None
+    if paths is None:
         raise Http404("no such image")
+    render_rel, snapshot = paths
     try:
-        data = clean_png(ensure_local(path))
+        frozen = data_path(snapshot)
+        # the study's frozen copy; the live render only if the copy is missing (e.g. a web
+        # server that does not share DATA_DIR with the one that froze the study)
+        data = (frozen.read_bytes() if frozen.is_file()
+                else clean_png(ensure_local(render_rel)))
     except (OSError, ValueError):
         raise Http404("image not available") from None
     return _no_store(HttpResponse(data, content_type="image/png"))

@@ -96,6 +96,11 @@ def enroll(token: str) -> Rater:
         raise InvitationError("invalid")
     idx = _render_index(pre.study.cohort)
     subjects = eligible_subjects(pre.study, idx)
+    if pre.problem() is None:
+        # freeze the images (idempotent; done before the first rater and kept afterwards)
+        variants = ("original", "deid")
+        snapshot_renders(pre.study, [idx[(s, var, v)] for s in subjects for var in variants
+                                     for v in pre.study.views if (s, var, v) in idx])
     with transaction.atomic():
         inv = Invitation.objects.select_for_update().filter(pk=pre.pk).first()
         if inv is None:
@@ -191,13 +196,14 @@ def record_answer(rater: Rater, trial_token: str, choice: int | None,
     return answer, True
 
 
-def current_image_path(image_token: str, rater_token: str) -> str | None:
-    """``DATA_DIR``-relative path of the image behind ``image_token`` if it belongs to the
-    current trial (unanswered, no earlier unanswered trial) of the rater whose resume token
-    is ``rater_token``; else None. One SQL statement (the hottest request of a study)."""
+def current_image_path(image_token: str, rater_token: str) -> tuple[str, str] | None:
+    """(render path, study snapshot path), both ``DATA_DIR``-relative, of the image behind
+    ``image_token`` if it belongs to the current trial (unanswered, no earlier unanswered
+    trial) of the rater whose resume token is ``rater_token``; else None. One SQL
+    statement (the hottest request of a study)."""
     ti, t, r = TrialImage._meta.db_table, Trial._meta.db_table, Rater._meta.db_table
     ri, a = RenderImage._meta.db_table, Answer._meta.db_table
-    sql = (f"SELECT ri.path FROM {ti} ti JOIN {t} t ON t.id = ti.trial_id "
+    sql = (f"SELECT ri.path, ri.id, r.study_id FROM {ti} ti JOIN {t} t ON t.id = ti.trial_id "
            f"JOIN {r} r ON r.id = t.rater_id JOIN {ri} ri ON ri.id = ti.image_id "
            f"WHERE ti.token = %s AND r.resume_token = %s "
            f"AND NOT EXISTS (SELECT 1 FROM {a} a WHERE a.trial_id = t.id) "
@@ -207,7 +213,42 @@ def current_image_path(image_token: str, rater_token: str) -> str | None:
     with connection.cursor() as cur:
         cur.execute(sql, [image_token, rater_token])
         row = cur.fetchone()
-    return row[0] if row else None
+    return (row[0], snapshot_rel(row[2], row[1])) if row else None
+
+
+def snapshot_rel(study_id: int, render_id: int) -> str:
+    """``DATA_DIR``-relative path of a study's frozen copy of a render (no identifier)."""
+    return f"studies/s{int(study_id):05d}/r{int(render_id)}.png"
+
+
+def snapshot_renders(study: Study, render_ids) -> int:
+    """Freeze the study's images: write a metadata-free copy of every render in
+    ``render_ids`` below ``DATA_DIR/studies/`` unless it exists; returns files written.
+
+    Raters are then shown these copies, so re-running the pipeline on the cohort does not
+    change a running study's images.
+    """
+    import os
+    import secrets as _secrets
+
+    from ..shared import ensure_local
+    from ..stages import data_path
+
+    written = 0
+    for ri in RenderImage.objects.filter(pk__in=list(render_ids)).only("pk", "path"):
+        dest = data_path(snapshot_rel(study.pk, ri.pk))
+        if dest.is_file():
+            continue
+        data = clean_png(ensure_local(ri.path))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.{_secrets.token_hex(6)}.tmp"
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        written += 1
+    return written
 
 
 def mark_shown(trial: Trial) -> None:
