@@ -1,5 +1,6 @@
 """End-to-end in Debian's Chromium: two raters of two groups complete a blinded study
-(keyboard and mouse), one closes the browser halfway and resumes with the personal link;
+(keyboard and mouse), one closes the browser halfway, the server is killed and restarted,
+and the rater resumes with the personal link;
 unusable invitations get a clear page; the report and the CSV match the database."""
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def site(tmp_path):
     plat = start_platform(tmp_path / "var", researcher=("alice", "e2e-pass-42"))
     try:
         port = free_port()
-        plat.start_server(port)
-        yield plat, f"http://127.0.0.1:{port}"
+        server = plat.start_server(port)
+        yield plat, f"http://127.0.0.1:{port}", port, server
     finally:
         plat.stop()
 
@@ -90,7 +91,7 @@ def _answer(page, mode: str, choice: int, confidence: int) -> str:
 def test_two_raters_resume_report_csv(site, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    plat, base = site
+    plat, base, port, server = site
     expect.set_options(timeout=30_000)
     info = json.loads(plat.manage("shell", "-c", SETUP).stdout.strip().splitlines()[-1])
     sid = info["study"]
@@ -130,6 +131,9 @@ def test_two_raters_resume_report_csv(site, tmp_path):
                                 "t.id = a.trial_id JOIN surveys_rater r ON r.id = t.rater_id "
                                 "WHERE r.\"group\" = 'plastic surgeon'")[0][0]
             assert stored == 4
+            # the server is killed (SIGKILL) and restarted mid-study: nothing is lost
+            plat.kill_group(server)
+            plat.start_server(port)
 
             ctx = browser.new_context()
             page = ctx.new_page()
