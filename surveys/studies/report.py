@@ -7,11 +7,13 @@ Only pseudonyms (rater codes, subject pseudonyms) appear in any output.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from collections import defaultdict
 from typing import Any
 
+from django.core.cache import cache
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 
@@ -39,7 +41,17 @@ def study_analysis(rows: list[dict[str, Any]], mixed_model: bool = True) -> dict
     (``mixed_model=False`` skips the slow model fit, e.g. for plots)."""
     if not rows:
         return None
-    return analyze(rows, mixed_model=mixed_model)
+    # the mixed model takes ~2 s for 1000 answers: cache per process on the exact answers
+    digest = hashlib.sha256(json.dumps(
+        [[r["rater_id"], r["subject_id"], r["condition"], r["correct"], r["n_choices"],
+          r.get("response_time_ms"), r.get("confidence"), r["rater_group"]] for r in rows],
+        default=str).encode()).hexdigest()
+    key = f"studies:analysis:{int(mixed_model)}:{digest}"
+    result = cache.get(key)
+    if result is None:
+        result = analyze(rows, mixed_model=mixed_model)
+        cache.set(key, result, 3600)
+    return result
 
 
 def progress(study: Study) -> list[dict[str, Any]]:
