@@ -1,9 +1,12 @@
-"""Django admin for every model of the cohort side."""
+"""Django admin for every model: cohorts and pipeline, studies and raters."""
 
 from django.contrib import admin
 
 from . import jobs
-from .models import Cohort, IdentityLink, ReidSummary, RenderImage, Series, StageRun, Subject
+from .models import (
+    Answer, Cohort, IdentityLink, Invitation, Rater, ReidSummary, RenderImage, Series, StageRun, Study,
+    Subject, Trial, TrialImage,
+)
 
 
 class SubjectInline(admin.TabularInline):
@@ -80,3 +83,56 @@ class ReidSummaryAdmin(admin.ModelAdmin):
 class IdentityLinkAdmin(admin.ModelAdmin):
     list_display = ("__str__",)  # identities are not listed; open one to see it
     search_fields = ("subject__pseudonym",)
+
+
+# ------------------------------------------------------------------ studies (human raters)
+
+
+class InvitationInline(admin.TabularInline):
+    model = Invitation
+    fields = ("group", "label", "expires_at", "max_uses", "uses", "created")
+    readonly_fields = ("uses", "created")
+    extra = 0
+
+
+@admin.register(Study)
+class StudyAdmin(admin.ModelAdmin):
+    list_display = ("name", "cohort", "n_choices", "trials_per_rater", "frozen_at", "created")
+    list_filter = ("cohort", "frozen_at")
+    search_fields = ("name",)
+    readonly_fields = ("seed", "frozen_at")
+    inlines = [InvitationInline]
+
+
+@admin.register(Invitation)
+class InvitationAdmin(admin.ModelAdmin):
+    list_display = ("study", "group", "label", "uses", "max_uses", "expires_at")
+    list_filter = ("study", "group")
+    exclude = ("token",)  # a token is a credential: not shown in lists
+
+
+@admin.register(Rater)
+class RaterAdmin(admin.ModelAdmin):
+    list_display = ("code", "study", "group", "step", "years_experience", "started", "finished")
+    list_filter = ("study", "group", "step")
+    search_fields = ("code",)
+    exclude = ("resume_token",)
+
+
+@admin.register(Trial)
+class TrialAdmin(admin.ModelAdmin):
+    list_display = ("rater", "position", "kind", "condition", "shown_at")
+    list_filter = ("kind", "condition", "rater__study")
+    exclude = ("token",)
+
+
+@admin.register(TrialImage)
+class TrialImageAdmin(admin.ModelAdmin):
+    list_display = ("trial", "slot", "image")
+    exclude = ("token",)
+
+
+@admin.register(Answer)
+class AnswerAdmin(admin.ModelAdmin):
+    list_display = ("trial", "choice", "correct", "confidence", "client_rt_ms", "timed_out", "answered_at")
+    list_filter = ("correct", "timed_out", "rt_suspect", "trial__condition", "trial__rater__group")

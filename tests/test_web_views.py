@@ -174,9 +174,8 @@ def test_admin_registers_every_model(admin_client, env):
     from django.apps import apps
     from django.contrib import admin
 
-    models = [m for m in apps.get_app_config("surveys").get_models()
-              if m.__module__ == "surveys.models.cohorts"]  # study models: issue #6
-    assert len(models) == 7
+    models = list(apps.get_app_config("surveys").get_models())
+    assert len(models) == 13  # 7 cohort-side + 6 study models
     for model in models:
         assert admin.site.is_registered(model), model.__name__
         url = f"/admin/surveys/{model._meta.model_name}/"
