@@ -198,7 +198,10 @@ def make_face_method(method: str, weights: Path | None = None) -> tuple[Any | No
         return None, []
     if method == "anatomical":
         return deface.AnatomicalFaceRegion(), []
-    model_factory = getattr(deface, "make_model_method", None)
+    try:  # the detector needs onnxruntime (or ultralytics for .pt weights)
+        from pipeline.face_model import make_model_method as model_factory
+    except ImportError:
+        model_factory = None
     if method == "model":
         if model_factory is None:
             raise DeidentifyError(

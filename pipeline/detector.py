@@ -491,7 +491,8 @@ def train_yolo(
     patience: int = 100,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Train a YOLOv8 detector from its yaml (no pretrained weights) on CPU, offline.
+    """Train a YOLOv8 detector on CPU, offline: from its yaml (``model_yaml="yolov8n.yaml"``, no
+    pretrained weights) or continued from a ``.pt`` checkpoint (``model_yaml="path/best.pt"``).
 
     ``data_yaml``: Ultralytics dataset file (ours from
     :func:`pipeline.detector_data.build_dataset` or a user's own YOLO dataset).
@@ -507,7 +508,7 @@ def train_yolo(
     args: dict[str, Any] = dict(
         data=str(data_yaml), epochs=epochs, imgsz=imgsz, batch=batch, device="cpu", seed=seed,
         deterministic=True, workers=workers, project=str(out_dir.parent), name=out_dir.name,
-        exist_ok=True, pretrained=False, amp=False, plots=False, verbose=False, patience=patience,
+        exist_ok=True, pretrained=not str(model_yaml).endswith((".yaml", ".yml")), amp=False, plots=False, verbose=False, patience=patience,
         hsv_h=0.0, hsv_s=0.0, hsv_v=0.15, degrees=5.0, translate=0.1, scale=0.3, fliplr=0.5,
         mosaic=1.0, close_mosaic=max(1, epochs // 6), val=True,
     )
