@@ -71,6 +71,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Serves /static/ from gunicorn too (the rater pages need their JS and CSS).
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -125,7 +127,11 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
-STATIC_ROOT = VAR_DIR / "staticfiles"
+# Only needed for `collectstatic` (e.g. to serve /static/ from nginx).
+STATIC_ROOT = os.environ.get("DEIDSTUDY_STATIC_ROOT") or None
+# Serve straight from the source folders: no collectstatic step is needed to deploy.
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = DEBUG
 
 # Originals and derived data live under VAR_DIR, never in a web-served folder.
 DATA_DIR = Path(os.environ.get("DEIDSTUDY_DATA_DIR", VAR_DIR / "data")).resolve()
