@@ -23,7 +23,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -38,6 +37,8 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from tests.e2e.procs import free_port, wait_port  # noqa: E402  (shared with the e2e tests)
 
 SETUP = """
 from django.conf import settings
@@ -54,24 +55,6 @@ CSRF = re.compile(r'name="csrfmiddlewaretoken" value="([^"]+)"')
 TRIAL = re.compile(r'name="trial" value="([^"]+)"')
 IMG = re.compile(r'src="(/take/img/[^"]+)"')
 
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout_s: float = 30.0) -> None:
-    """Wait until 127.0.0.1:``port`` accepts connections."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"gunicorn did not start on port {port}")
 
 
 class Stats:
