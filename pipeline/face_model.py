@@ -21,12 +21,14 @@
     Runs the anatomical method first (:class:`pipeline.deface.AnatomicalFaceRegion`),
     then the detector on the slices of the anatomical face range ± a margin.
     The model is *plausible* when it finds a nose and at least one of
-    eyes/lips, on slices inside the anatomical range. Then, slice by slice, the
-    model region is used where the model found something and the anatomical
-    region where it did not (a missed box cannot leave a nose behind);
-    boxes outside the anatomical range are discarded (a false box cannot cut
-    far from the face). Otherwise the anatomical region is used with a
-    warning in the QA summary.
+    eyes/lips, on slices inside the anatomical range. Then the region is the
+    **union** of the anatomical region and the (depth-limited) model region:
+    a missed box cannot leave a nose behind (the anatomical region is always
+    kept), boxes outside the anatomical face range are discarded and model
+    regions stop at bone / enclosed air (a false box cannot cut the brain).
+    When the model is not plausible the anatomical region is used with a
+    warning in the QA summary; when the anatomy finds no face but the model
+    does, the model region is used with a warning.
 
 Array conventions: ``volume.hu[k, j, i]`` in HU with DICOM LPS geometry
 (:class:`pipeline.volume.Volume`); distances in mm.
@@ -338,15 +340,13 @@ class AutoFaceRegion:
             region, box = self.model._finish(volume, masks)
             details["source"] = "model"
         else:
-            model_slices = masks.reshape(ns, -1).any(1)
+            # union: never less than the anatomical region (privacy first); the model adds
+            # depth-limited soft tissue around the features it found inside the face range
             region_m, _ = self.model._finish(volume, masks)
-            fallback = s_any & ~model_slices
-            details["anatomical_fill_slices"] = int(np.count_nonzero(fallback))
-            fb_view = np.zeros(anat_view.shape, bool)
-            fb_view[fallback] = anat_view[fallback]
-            region = region_m | np.ascontiguousarray(_from_view(fb_view, axes, flips))
+            details["model_only_voxels"] = int(np.count_nonzero(region_m & ~anat.mask))
+            region = region_m | anat.mask
             box = _bbox(region)
-            details["source"] = "model+anatomical" if fallback.any() else "model"
+            details["source"] = "anatomical+model"
         details["seconds"] = round(time.perf_counter() - t0, 3)
         return RegionResult(region, warnings, details, box)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -151,12 +149,13 @@ def test_auto_uses_model_and_fills_missed_slices(head):
                                                 detect_every_mm=1.0))
     res = deface.deface(head.volume, auto)
     check_invariants(head, res)
-    assert res.region.details["source"] in ("model", "model+anatomical")
+    assert res.region.details["source"] == "anatomical+model"
     anat = deface.AnatomicalFaceRegion().face_region(head.volume)
     anat_ks = np.flatnonzero(anat.mask.any(axis=(1, 2)))
     assert not res.region.mask[anat_ks[-1] + 5:].any(), "false boxes above the face were kept"
     nose = head.feature_masks["nose"]
     assert removed_fraction(head.volume.hu, res.hu, nose) > 0.9
+    assert np.all(res.region.mask[anat.mask]), "auto must keep the whole anatomical region"
 
 
 def test_bad_weights_clear_errors(tmp_path):
