@@ -130,7 +130,7 @@ def _check_hu_params(
         raise DefaceError(f"hu must be an integer or floating array, got dtype {dtype}")
 
 
-def _bbox_of(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
+def bbox_of(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
     """Tight bounding box of a 3D bool mask in array order, or None if empty."""
     out = []
     for axis in range(3):
@@ -205,7 +205,7 @@ def apply_region(
     _check_hu_params(hu.dtype, bone_threshold_hu, air_hu, soft_range_hu)
     out = hu.copy()
     if bbox is None:
-        bbox = _bbox_of(region_mask)
+        bbox = bbox_of(region_mask)
     if bbox is not None:
         _apply_in_box(out[bbox], region_mask[bbox], air_hu, soft_range_hu)
     return out
@@ -599,7 +599,7 @@ class AnatomicalFaceRegion:
         region_low = frame.from_canonical(region_c)
 
         # --- upsample inside the bounding box and trim at the first full-res bone voxel
-        box_low = _bbox_of(region_low)
+        box_low = bbox_of(region_low)
         if box_low is None:
             return give_up("face region is empty after anatomical limits; nothing removed")
         box = tuple(
@@ -828,7 +828,7 @@ def deface(
             f"method {method.name!r} returned a region of shape {mask.shape} / dtype "
             f"{mask.dtype}, expected bool {hu.shape}"
         )
-    box = region.bbox if region.bbox is not None else _bbox_of(mask)
+    box = region.bbox if region.bbox is not None else bbox_of(mask)
     out = hu.copy()
     removed = region_voxels = bone_lost = 0
     if box is not None:
@@ -901,7 +901,7 @@ def qa_image(
     px = min(ds, da, dl) if pixel_mm is None else float(pixel_mm)
     if not px > 0:
         raise DefaceError(f"pixel_mm must be positive, got {pixel_mm}")
-    box = _bbox_of(region)
+    box = bbox_of(region)
     centre = [n // 2 for n in before.shape] if box is None else [
         (s.start + s.stop) // 2 for s in box
     ]

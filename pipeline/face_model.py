@@ -49,6 +49,7 @@ from .deface import (
     AnatomicalFaceRegion,
     FaceRegionMethod,
     RegionResult,
+    bbox_of,
     trim_behind_bone,
 )
 from .detector import DetectorError, load_detector
@@ -211,7 +212,7 @@ class ModelFaceRegion:
         ``body_threshold_hu``).
         """
         axes, flips = _canonical(volume)
-        box = _bbox(masks_view)
+        box = bbox_of(masks_view)
         if box is None:
             return np.zeros(volume.hu.shape, bool), None
         sp = np.asarray(volume.spacing_mm, float)
@@ -243,7 +244,7 @@ class ModelFaceRegion:
         region_view[sl_s, :sl_p.stop, sl_l] = masks_view[sl_s, :sl_p.stop, sl_l] & keep
         region = np.ascontiguousarray(_from_view(region_view, axes, flips))
         # belt and braces: the public helper of pipeline.deface, at full resolution
-        full_box = _bbox(region)
+        full_box = bbox_of(region)
         if full_box is None:
             return region, None
         ap_axis = axes[1]
@@ -251,7 +252,7 @@ class ModelFaceRegion:
             volume.hu[full_box], region[full_box], anterior_axis=ap_axis,
             anterior_is_low_index=not flips[1], bone_threshold_hu=self.bone_threshold_hu,
         )
-        return region, _bbox(region)
+        return region, bbox_of(region)
 
     def face_region(self, volume: Volume) -> RegionResult:
         """Region where soft tissue may be removed, from smoothed detector boxes.
@@ -274,17 +275,6 @@ class ModelFaceRegion:
 def _span(width_mm: float, spacing_mm: float) -> int:
     """Odd footprint (voxels) no wider than ``width_mm``: 1 + 2·floor(width / 2 / spacing)."""
     return 1 + 2 * int(np.floor(width_mm / 2.0 / spacing_mm))
-
-
-def _bbox(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
-    out = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        idx = np.flatnonzero(mask.any(axis=other))
-        if idx.size == 0:
-            return None
-        out.append(slice(int(idx[0]), int(idx[-1]) + 1))
-    return tuple(out)  # type: ignore[return-value]
 
 
 @dataclass
@@ -345,7 +335,7 @@ class AutoFaceRegion:
             region_m, _ = self.model._finish(volume, masks)
             details["model_only_voxels"] = int(np.count_nonzero(region_m & ~anat.mask))
             region = region_m | anat.mask
-            box = _bbox(region)
+            box = bbox_of(region)
             details["source"] = "anatomical+model"
         details["seconds"] = round(time.perf_counter() - t0, 3)
         return RegionResult(region, warnings, details, box)
