@@ -278,7 +278,8 @@ def _process_series(job: _SeriesJob) -> SeriesOutcome:
     except (ValueError, OSError, pydicom.errors.InvalidDicomError) as exc:
         outcome.error = _safe_message(exc)
     except Exception as exc:  # noqa: BLE001 — one bad series must not stop the others
-        log.exception("unexpected failure in input series #%d", job.index)
+        # No traceback: exception texts from deep inside libraries may carry input paths.
+        log.error("unexpected %s in input series #%d", exc.__class__.__name__, job.index)
         outcome.error = f"internal error ({exc.__class__.__name__}); please report it"
     return outcome
 
