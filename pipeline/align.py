@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import trimesh
@@ -217,6 +218,26 @@ def bone_cloud(
     return BoneCloud(points_lps_mm=centres, normals=normals, weights_mm2=area2 / 2.0)
 
 
+def _match_with_normals(
+    tree: Any, points: np.ndarray, normals: np.ndarray, ref_normals: np.ndarray,
+    max_match_mm: float, error: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Match each point to the first of its 4 nearest tree points whose normal agrees.
+
+    A match needs ``normals · ref_normals > 0.5`` and a distance ≤ ``max_match_mm``
+    (mm). Returns ``(j, ok)``: tree indices of the matched points and the bool mask of
+    ``points`` that matched. Raises :class:`AlignmentError` (``error``) below 50 matches.
+    """
+    dist, idx = tree.query(points, k=4, workers=1)
+    agree = np.einsum("ikc,ic->ik", ref_normals[idx], normals) > 0.5
+    first = np.argmax(agree, axis=1)
+    rows = np.arange(len(points))
+    ok = agree[rows, first] & (dist[rows, first] <= max_match_mm)
+    if ok.sum() < 50:
+        raise AlignmentError(error)
+    return idx[rows, first][ok], ok
+
+
 def symmetry_plane(
     cloud: BoneCloud,
     *,
@@ -257,20 +278,14 @@ def symmetry_plane(
     n = n / np.linalg.norm(n)
     d = 0.0
     tree = cKDTree(p)
-    rows = np.arange(len(p))
     rms = float("nan")
     for _ in range(max_iterations):
         s = p - 2.0 * (p @ n - d)[:, None] * n
         s_nrm = nrm - 2.0 * (nrm @ n)[:, None] * n
-        dist, idx = tree.query(s, k=4, workers=1)
-        # first of the 4 nearest whose normal agrees with the mirrored normal
-        agree = np.einsum("ikc,ic->ik", nrm[idx], s_nrm) > 0.5
-        first = np.argmax(agree, axis=1)
-        ok = agree[rows, first] & (dist[rows, first] <= max_match_mm)
-        if ok.sum() < 50:
-            raise AlignmentError("too few mirror matches: the bone is not left-right symmetric "
-                                 "enough, or the head is far from the scanner's sagittal plane")
-        j = idx[rows, first][ok]
+        j, ok = _match_with_normals(
+            tree, s, s_nrm, nrm, max_match_mm,
+            "too few mirror matches: the bone is not left-right symmetric "
+            "enough, or the head is far from the scanner's sagittal plane")
         pi, si, qn, wi = p[ok], s[ok], nrm[j], w_all[ok]
         r = np.einsum("ic,ic->i", si - p[j], qn)
         keep = np.abs(r) <= np.quantile(np.abs(r), trim_fraction)
@@ -403,19 +418,14 @@ def canonical_alignment(
     w0 = np.asarray(cloud.weights_mm2, dtype=float)[pick]
     rot = np.eye(3)  # accumulated rotation about x (canonical frame)
     t = shift.copy()
-    rows = np.arange(len(q0))
     rms = float("nan")
     for _ in range(max_iterations):
         m = q0 @ rot.T + t
         mn = n0 @ rot.T
-        dist, idx = template.tree.query(m, k=4, workers=1)
-        agree = np.einsum("ikc,ic->ik", tn[idx], mn) > 0.5
-        first = np.argmax(agree, axis=1)
-        ok = agree[rows, first] & (dist[rows, first] <= max_match_mm)
-        if ok.sum() < 50:
-            raise AlignmentError("bone does not match the head template (too few matches); "
-                                 "is the skull vault in the field of view?")
-        j = idx[rows, first][ok]
+        j, ok = _match_with_normals(
+            template.tree, m, mn, tn, max_match_mm,
+            "bone does not match the head template (too few matches); "
+            "is the skull vault in the field of view?")
         mi, qn, wi = m[ok], tn[j], w0[ok]
         r = np.einsum("ic,ic->i", mi - tp[j], qn)
         keep = np.abs(r) <= np.quantile(np.abs(r), trim_fraction)
