@@ -29,7 +29,7 @@ import re
 import tempfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -231,12 +231,6 @@ class _SeriesJob:
     options: DeidOptions
 
 
-def _qa_dict(qa: Any) -> dict[str, Any]:
-    if is_dataclass(qa):
-        return asdict(qa)
-    return dict(qa)
-
-
 def _process_series(job: _SeriesJob) -> SeriesOutcome:
     """Load, deface, de-identify and write one series. Never raises."""
     outcome = SeriesOutcome(index=job.index, n_files=len(job.ref.files), status="failed",
@@ -250,7 +244,7 @@ def _process_series(job: _SeriesJob) -> SeriesOutcome:
 
             result = deface(volume, method)
             hu = result.hu
-            qa = _qa_dict(result.qa)
+            qa = result.qa.as_dict()
             warnings = warnings + list(qa.get("warnings", []))
             outcome.method = str(qa.get("method", getattr(method, "name", job.options.method)))
             outcome.removed_ml = _round(qa.get("removed_ml"))

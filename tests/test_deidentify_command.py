@@ -34,7 +34,7 @@ def run_deidentify(*args: str | Path, var_dir: Path) -> subprocess.CompletedProc
     env = dict(os.environ, DEIDSTUDY_VAR_DIR=str(var_dir), DJANGO_SETTINGS_MODULE="deidstudy.settings")
     return subprocess.run(
         [sys.executable, str(ROOT / "manage.py"), "deidentify", *map(str, args)],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False,
     )
 
 
@@ -303,3 +303,36 @@ def test_empty_input_and_missing_input(tmp_path):
     proc = run_deidentify(tmp_path / "nope", tmp_path / "out2", var_dir=tmp_path / "v")
     assert proc.returncode != 0 and "does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_enhanced_ct_is_written_as_classic_slices(tmp_path):
+    """A multi-frame (Enhanced CT) input, frames out of order, comes out as classic
+    single-frame CT slices holding the same (defaced) volume and geometry."""
+    from pipeline.deidentify import DeidOptions, deidentify_folder
+    from pipeline.synth import SubjectParams, generate_head
+    from tests.dicom_factory import enhanced_ct_dataset
+
+    head = generate_head(SubjectParams.random(5), shape=(64, 80, 80), spacing_mm=(3.75, 3.0, 3.0),
+                         noise_seed=5)
+    order = [int(k) for k in np.random.default_rng(0).permutation(head.volume.shape[0])]
+    ds = enhanced_ct_dataset(head.volume, frame_order=order)
+    src = tmp_path / "in" / "DOE JANE enhanced"
+    src.mkdir(parents=True)
+    ds.save_as(src / "multiframe.dcm", enforce_file_format=True)
+    out = tmp_path / "out"
+    summary = deidentify_folder(tmp_path / "in", out, DeidOptions(project_secret="s", method="anatomical"))
+    assert summary.ok, [s.error for s in summary.series]
+    files = sorted(out.glob("SUBJ-0001/S01/*.dcm"))
+    assert len(files) == head.volume.shape[0]
+    first = pydicom.dcmread(files[0])
+    assert first.SOPClassUID == dicom_io.CT_IMAGE_STORAGE and "NumberOfFrames" not in first
+    assert b"DOE" not in b"".join(p.read_bytes() for p in files)
+    assert len({pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in files}) == len(files)
+    after = _volume(out / "SUBJ-0001" / "S01")
+    np.testing.assert_allclose(after.origin_lps_mm, head.volume.origin_lps_mm, atol=1e-3)
+    np.testing.assert_allclose(after.spacing_mm, head.volume.spacing_mm, atol=1e-4)
+    bone = head.volume.hu >= BONE_HU
+    np.testing.assert_array_equal(after.hu[bone], head.volume.hu[bone])
+    assert np.mean(after.hu[head.face_soft_tissue_mask] < -500) >= 0.95
+    img = _read_sitk(out / "SUBJ-0001" / "S01")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(img), after.hu)
