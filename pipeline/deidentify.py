@@ -67,6 +67,7 @@ class DeidOptions:
     project_secret: str
     method: str = "auto"
     weights: Path | None = None
+    class_map: Path | None = None
     dates: str = "shift"
     pseudonym_prefix: str = "SUBJ"
     workers: int = 1
@@ -186,7 +187,9 @@ def _patient_identity(first_file: Path) -> dict[str, str]:
 # ---------------------------------------------------------------- face methods
 
 
-def make_face_method(method: str, weights: Path | None = None) -> tuple[Any | None, list[str]]:
+def make_face_method(
+    method: str, weights: Path | None = None, class_map: Path | None = None
+) -> tuple[Any | None, list[str]]:
     """Return ``(FaceRegionMethod or None, warnings)`` for a method name.
 
     ``none`` returns ``None`` (header-only). ``auto`` uses the detector when a
@@ -207,11 +210,11 @@ def make_face_method(method: str, weights: Path | None = None) -> tuple[Any | No
             raise DeidentifyError(
                 "the detector method is not available in this installation; use --method anatomical"
             )
-        return model_factory(weights), []
+        return model_factory(weights, class_map=class_map), []
     # auto
     if model_factory is not None:
         try:
-            return model_factory(weights, auto=True), []
+            return model_factory(weights, auto=True, class_map=class_map), []
         except (OSError, ValueError) as exc:
             return deface.AnatomicalFaceRegion(), [f"detector unavailable ({exc}); used anatomical method"]
     return deface.AnatomicalFaceRegion(), []
@@ -237,7 +240,8 @@ def _process_series(job: _SeriesJob) -> SeriesOutcome:
                             pseudonym=job.pseudonym)
     try:
         loaded = dicom_io.load_series(job.ref)
-        method, warnings = make_face_method(job.options.method, job.options.weights)
+        method, warnings = make_face_method(job.options.method, job.options.weights,
+                                            job.options.class_map)
         volume = loaded.volume
         if method is not None:
             from pipeline.deface import deface
@@ -377,6 +381,10 @@ def deidentify_folder(
     """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     _check_paths(input_dir, output_dir, mapping_path)
+    try:  # fail fast on unusable detector weights or class maps, before any series
+        make_face_method(options.method, options.weights, options.class_map)
+    except ValueError as exc:
+        raise DeidentifyError(str(exc)) from None
     output_dir.mkdir(parents=True, exist_ok=True)
 
     scan = dicom_io.scan_folder(input_dir)

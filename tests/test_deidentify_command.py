@@ -336,3 +336,15 @@ def test_enhanced_ct_is_written_as_classic_slices(tmp_path):
     assert np.mean(after.hu[head.face_soft_tissue_mask] < -500) >= 0.95
     img = _read_sitk(out / "SUBJ-0001" / "S01")
     np.testing.assert_array_equal(sitk.GetArrayFromImage(img), after.hu)
+
+
+def test_unusable_detector_weights_fail_fast(cohort, one_subject, tmp_path):
+    junk = tmp_path / "weights.onnx"
+    junk.write_bytes(b"this is not an onnx model")
+    out = tmp_path / "out"
+    proc = run_deidentify(one_subject.parent, out, "--method", "model", "--weights", junk,
+                          var_dir=tmp_path / "v")
+    assert proc.returncode != 0
+    assert "CommandError" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(out.glob("SUBJ-*"))
+    _assert_clean(proc, cohort)

@@ -28,6 +28,9 @@ class Command(BaseCommand):
                             help="face-region method (default auto; 'none' = header only)")
         parser.add_argument("--weights", type=Path, default=None,
                             help="detector weights (.onnx or .pt) for --method model/auto")
+        parser.add_argument("--class-map", type=Path, default=None,
+                            help="JSON mapping the weights' class names to ours (face, eyes, nose, "
+                                 "lips, brow, chin, ears; null to ignore a class)")
         parser.add_argument("--dates", choices=DATE_MODES, default="shift",
                             help="shift dates by a per-patient offset (keeps intervals) or remove them")
         parser.add_argument("--mapping", type=Path, default=None,
@@ -42,7 +45,8 @@ class Command(BaseCommand):
         try:
             options = DeidOptions(
                 project_secret=settings.PROJECT_SECRET, method=opts["method"],
-                weights=opts["weights"], dates=opts["dates"], workers=opts["workers"],
+                weights=opts["weights"], class_map=opts["class_map"], dates=opts["dates"],
+                workers=opts["workers"],
                 pseudonym_prefix=opts["prefix"],
             )
             show = sys.stderr.isatty() and opts["verbosity"] > 0
