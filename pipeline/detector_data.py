@@ -22,7 +22,7 @@ ranges), never by slice, so evaluation is on held-out faces.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,6 +37,7 @@ __all__ = [
     "hu_to_rgb8",
     "slice_labels",
     "subject_geometry",
+    "volume_labels",
 ]
 
 #: Detector classes, index = YOLO class id. ``face`` = per-slice box of the facial
@@ -82,6 +83,7 @@ def slice_labels(
     feature_ids_slice: np.ndarray,
     face_mask_slice: np.ndarray,
     feature_codes: dict[int, str],
+    min_pixels: Mapping[int, int] | None = None,
 ) -> list[tuple[int, int, int, int, int]]:
     """Ground-truth boxes of one axial slice as ``(class_id, i0, j0, i1, j1)``.
 
@@ -89,23 +91,61 @@ def slice_labels(
     feature code present (left/right eyes and ears get one box each) and of the
     face soft-tissue mask. Fragments under ``6`` pixels are skipped (not
     detectable, and labelling them would teach the model noise).
+    ``min_pixels`` optionally raises that floor per feature code (key ``0`` =
+    the face mask); see :func:`volume_labels`.
     """
     out: list[tuple[int, int, int, int, int]] = []
+    floors = min_pixels or {}
 
-    def add(cls_id: int, m: np.ndarray) -> None:
-        if int(np.count_nonzero(m)) < _MIN_PIXELS:
+    def add(cls_id: int, m: np.ndarray, key: int) -> None:
+        if int(np.count_nonzero(m)) < max(_MIN_PIXELS, floors.get(key, 0)):
             return
         rows = np.flatnonzero(m.any(axis=1))
         cols = np.flatnonzero(m.any(axis=0))
         out.append((cls_id, int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1))
 
-    add(CLASSES.index("face"), face_mask_slice)
+    add(CLASSES.index("face"), face_mask_slice, 0)
     for code in np.unique(feature_ids_slice):
         if code == 0:
             continue
         name = feature_codes[int(code)]
-        add(CLASSES.index(name), feature_ids_slice == code)
+        add(CLASSES.index(name), feature_ids_slice == code, int(code))
     return out
+
+
+def volume_labels(
+    feature_ids: np.ndarray,
+    face_mask: np.ndarray,
+    feature_codes: dict[int, str],
+    min_visible_fraction: float = 0.0,
+) -> list[list[tuple[int, int, int, int, int]]]:
+    """Ground-truth boxes of every axial slice ``k`` of a volume (see :func:`slice_labels`).
+
+    ``feature_ids`` / ``face_mask``: ``[k, j, i]`` label volumes.
+    ``min_visible_fraction``: a feature's cross-section on a slice is labelled
+    only when its area is at least this fraction of that feature's largest
+    cross-section in the volume (per feature code; code ``0`` = face mask). The
+    first and last slices through a feature show a sliver whose class cannot be
+    told from its neighbours (where does the brow end and the forehead begin?);
+    labelling them adds label noise, not information. Removal does not depend
+    on them: the defacing region is smoothed across slices and, in ``auto``,
+    joined with the anatomical region.
+    """
+    if not 0.0 <= min_visible_fraction < 1.0:
+        raise DatasetError("min_visible_fraction must be in [0, 1)")
+    floors: dict[int, int] = {}
+    if min_visible_fraction > 0:
+        n_k = feature_ids.shape[0]
+        flat = feature_ids.reshape(n_k, -1)
+        for code in np.unique(feature_ids):
+            if code == 0:
+                continue
+            per_slice = np.count_nonzero(flat == code, axis=1)
+            floors[int(code)] = int(np.ceil(min_visible_fraction * per_slice.max()))
+        face_area = np.count_nonzero(face_mask.reshape(n_k, -1), axis=1)
+        floors[0] = int(np.ceil(min_visible_fraction * face_area.max()))
+    return [slice_labels(feature_ids[k], face_mask[k], feature_codes, floors)
+            for k in range(feature_ids.shape[0])]
 
 
 @dataclass
@@ -118,6 +158,8 @@ class DatasetSpec:
     spacing drawn from ``pixel_mm`` and a slice spacing from ``slice_mm``
     (uniform, per subject), a random pose and noise. All slices with a labelled
     box are written plus ``negatives_fraction`` × that number of empty slices.
+    ``min_visible_fraction``: see :func:`volume_labels` (0 labels every
+    fragment of ≥ 6 pixels).
     """
 
     n_train: int = 30
@@ -128,6 +170,7 @@ class DatasetSpec:
     slice_mm: tuple[float, float] = (2.5, 5.0)
     noise_hu: tuple[float, float] = (5.0, 25.0)
     negatives_fraction: float = 0.15
+    min_visible_fraction: float = 0.0
     seed_base: int = 7000
     classes: tuple[str, ...] = field(default=CLASSES)
 
@@ -166,10 +209,8 @@ def _subject_images(spec: DatasetSpec, seed: int) -> Iterable[tuple[int, np.ndar
         noise_hu=geo["noise_hu"], noise_seed=seed,
     )
     rgb = hu_to_rgb8(head.volume.hu)
-    labels = [
-        slice_labels(head.feature_ids[k], head.face_soft_tissue_mask[k], _FEATURE_CODES)
-        for k in range(rgb.shape[0])
-    ]
+    labels = volume_labels(head.feature_ids, head.face_soft_tissue_mask, _FEATURE_CODES,
+                           spec.min_visible_fraction)
     pos = [k for k, b in enumerate(labels) if b]
     neg = [k for k, b in enumerate(labels) if not b and head.volume.hu[k].max() > -300]
     rng = np.random.default_rng([seed, 0x4E6])

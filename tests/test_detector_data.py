@@ -103,3 +103,43 @@ def test_dataset_labels_match_generator(tmp_path):
 def test_spec_rejects_unknown_split():
     with pytest.raises(dd.DatasetError, match="unknown split"):
         dd.DatasetSpec().seeds("holdout")
+
+
+def test_volume_labels_drop_slivers_below_the_visible_fraction():
+    """A feature is labelled only on slices showing ≥ fraction of its largest cross-section."""
+    ids = np.zeros((5, 20, 20), np.int16)
+    areas = [0, 8, 40, 100, 12]  # pixels of feature code 3 (nose) per slice
+    for k, a in enumerate(areas):
+        ids[k].flat[:a] = 3
+    face = np.zeros_like(ids, bool)
+    face[1:4, 10:20, 0:10] = True  # 100 px on slices 1..3
+    face[4, 10, 0:7] = True  # 7 px sliver
+    codes = {3: "nose"}
+    nose = dd.CLASSES.index("nose")
+
+    def classes_per_slice(frac):
+        return [sorted(c for c, *_ in lab) for lab in dd.volume_labels(ids, face, codes, frac)]
+
+    # 0: every fragment of ≥ 6 px (same as slice_labels)
+    assert classes_per_slice(0.0) == [[], [0, nose], [0, nose], [0, nose], [0, nose]]
+    # 0.2 of the largest (100 px) = 20 px: the 8 and 12 px nose slivers and the 7 px face go
+    assert classes_per_slice(0.2) == [[], [0], [0, nose], [0, nose], []]
+    # boxes that are kept are the same boxes as without the rule
+    assert dd.volume_labels(ids, face, codes, 0.2)[2] == dd.slice_labels(ids[2], face[2], codes)
+    with pytest.raises(dd.DatasetError, match="min_visible_fraction"):
+        dd.volume_labels(ids, face, codes, 1.0)
+
+
+def test_dataset_spec_records_the_visible_fraction(tmp_path):
+    import json
+
+    spec = dd.DatasetSpec(n_train=1, n_val=0, n_test=0, size_px=64, slice_mm=(6.0, 7.0),
+                          pixel_mm=(3.6, 4.0), min_visible_fraction=0.3)
+    dd.build_dataset(tmp_path, spec, splits=("train",))
+    meta = json.loads((tmp_path / "spec.json").read_text())
+    assert meta["spec"]["min_visible_fraction"] == 0.3
+    n_boxes = sum(len(p.read_text().splitlines()) for p in (tmp_path / "labels" / "train").glob("*.txt"))
+    spec0 = dd.DatasetSpec(**{**meta["spec"], "min_visible_fraction": 0.0, "classes": dd.CLASSES})
+    dd.build_dataset(tmp_path / "all", spec0, splits=("train",))
+    n_all = sum(len(p.read_text().splitlines()) for p in (tmp_path / "all" / "labels" / "train").glob("*.txt"))
+    assert 0 < n_boxes < n_all

@@ -34,6 +34,9 @@ class Command(BaseCommand):
         parser.add_argument("--val-subjects", type=int, default=4)
         parser.add_argument("--test-subjects", type=int, default=6)
         parser.add_argument("--size-px", type=int, default=160, help="synthetic slice size (pixels)")
+        parser.add_argument("--min-visible-fraction", type=float, default=0.2,
+                            help="label a feature on a slice only when its area is at least this "
+                                 "fraction of its largest cross-section (synthetic data)")
         parser.add_argument("--model", default="yolov8n.yaml", help="Ultralytics model yaml")
         parser.add_argument("--epochs", type=int, default=60)
         parser.add_argument("--time-hours", type=float, default=None,
@@ -60,7 +63,8 @@ class Command(BaseCommand):
             windows = detector_data.HU_WINDOWS
         else:
             spec = detector_data.DatasetSpec(n_train=o["subjects"], n_val=o["val_subjects"],
-                                             n_test=o["test_subjects"], size_px=o["size_px"])
+                                             n_test=o["test_subjects"], size_px=o["size_px"],
+                                             min_visible_fraction=o["min_visible_fraction"])
             self.stdout.write(f"building synthetic dataset ({spec.n_train}/{spec.n_val}/{spec.n_test} subjects)")
             data_yaml = detector_data.build_dataset(out / "dataset", spec)
             counts = json.loads((out / "dataset" / "spec.json").read_text())["counts"]
@@ -89,6 +93,7 @@ class Command(BaseCommand):
         if o["install"]:
             dest = detector.MODELS_DIR
             shutil.copyfile(onnx_path, dest / onnx_path.name)
+            shutil.copyfile(best, dest / onnx_path.with_suffix(".pt").name)
             (dest / onnx_path.with_suffix(".json").name).write_text(json.dumps(meta, indent=1) + "\n")
             self.stdout.write(f"installed into {dest}")
 
@@ -117,7 +122,9 @@ def write_metadata(onnx_path: Path, *, classes, imgsz, windows, seed, data, metr
     meta = {
         "classes": list(classes), "imgsz": int(imgsz), "hu_windows": [list(w) for w in windows],
         "class_map": {},
-        "model": model_yaml + " from scratch (no pretrained weights)",
+        "model": (model_yaml + " from scratch (no pretrained weights)"
+                  if str(model_yaml).endswith((".yaml", ".yml"))
+                  else f"continued from {Path(model_yaml).name} (itself trained from scratch here)"),
         "image": "axial slice, row = posterior, column = patient left; channel c = "
                  "clip((HU - lo_c) / (hi_c - lo_c)) * 255 for hu_windows[c]; letterboxed (pad 114)",
         "training": {"seed": seed, "epochs_run": epochs, "seconds": round(train_seconds),
