@@ -14,6 +14,7 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGLosslessSV1,
+    JPEGLSLossless,
     RLELossless,
     generate_uid,
 )
@@ -393,7 +394,7 @@ def _compress(ds: pydicom.Dataset, syntax: str, tmp_path: Path) -> None:
         ds.compress(syntax, generate_instance_uid=False)
 
 
-@pytest.mark.parametrize("syntax", [RLELossless, JPEGLosslessSV1, JPEG2000Lossless])
+@pytest.mark.parametrize("syntax", [RLELossless, JPEGLosslessSV1, JPEGLSLossless, JPEG2000Lossless])
 def test_compressed_series_round_trip(tmp_path: Path, syntax: str) -> None:
     volume = synthetic_volume(shape=(5, 32, 32), tilt_deg=10)
     datasets = volume_to_datasets(volume)
