@@ -100,7 +100,7 @@ class StudyAdmin(admin.ModelAdmin):
     list_display = ("name", "cohort", "n_choices", "trials_per_rater", "frozen_at", "created")
     list_filter = ("cohort", "frozen_at")
     search_fields = ("name",)
-    readonly_fields = ("seed", "frozen_at")
+    readonly_fields = ("seed", "frozen_at", "practice_subjects")
     inlines = [InvitationInline]
 
 

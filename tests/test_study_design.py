@@ -7,11 +7,20 @@ from collections import Counter
 
 import pytest
 
-from surveys.studies.design import DesignError, check_design, plan_trials
+from surveys.studies.design import (
+    DesignError,
+    check_design,
+    plan_trials,
+    practice_subject_count,
+    reserve_practice_subjects,
+)
 from tests.test_study_fixtures import VIEWS, make_cohort, make_researcher, make_study
 
-SUBJECTS = [11, 12, 13, 14, 15, 16, 17]
+# 4 are reserved for practice (k = 4), 7 are left for the scored trials
+SUBJECTS = list(range(11, 22))
 CONDS = ["control", "deidentified"]
+PRACTICE = reserve_practice_subjects(SUBJECTS, 4, 2, 99)
+MAIN = [s for s in SUBJECTS if s not in PRACTICE]
 
 
 def plan(index: int, **kw):
@@ -46,6 +55,10 @@ def test_plan_invariants(index):
     # conditions balanced within a rater
     c = Counter(t.condition for t in main)
     assert abs(c["control"] - c["deidentified"]) <= 1
+    # practice shows only the reserved subjects, scored and catch trials only the others
+    for t in trials:
+        shown = {t.subject, *t.candidates}
+        assert shown <= set(PRACTICE if t.kind == "practice" else MAIN), (t.kind, shown)
 
 
 def test_plan_is_seeded_and_rater_specific():
@@ -55,12 +68,13 @@ def test_plan_is_seeded_and_rater_specific():
 
 
 def test_counterbalancing_covers_every_subject_in_both_conditions():
-    n_pool = len(SUBJECTS) * len(CONDS)
+    assert len(PRACTICE) == 4 and len(MAIN) == 7
+    n_pool = len(MAIN) * len(CONDS)
     seen = Counter()
     raters = -(-n_pool // 10)  # ceil: windows of 10 cover the pool
     for r in range(raters):
         seen.update((t.subject, t.condition) for t in plan(r) if t.kind == "main")
-    assert set(seen) == {(s, c) for s in SUBJECTS for c in CONDS}
+    assert set(seen) == {(s, c) for s in MAIN for c in CONDS}
     # over many raters each (subject, condition) is shown about equally often
     seen = Counter()
     for r in range(n_pool):  # lcm-ish: 14 raters × 10 trials = 10 full pools
@@ -93,13 +107,97 @@ def test_same_subject_in_both_conditions_not_adjacent_when_tight():
     (dict(conditions=["control", "other"]), "conditions"),
     (dict(conditions=[]), "at least one condition"),
     (dict(n_choices=1), "at least 2 candidates"),
+    # practice reserves k = 4 subjects: 7 - 4 = 3 left, fewer than k
+    (dict(n_practice=1), (r"at least 8 subjects with renders \(4 reserved for practice.*"
+                          r"the cohort has 7: set practice trials to 0 or add subjects")),
+    (dict(n_subjects=9, n_practice=2, trials_per_rater=11),
+     (r"at most 10 trials per rater \(5 subjects × 2 conditions.*4 of the 9 subjects with "
+      r"renders are reserved for practice.*set practice trials to 0")),
+    # k = 2: 2 practice + 2 scored subjects; a catch trial between them has no subject left
+    (dict(n_subjects=4, n_choices=2, n_practice=1, trials_per_rater=4, n_catch=1),
+     "catch trials need at least 3 subjects"),
+    (dict(n_practice=-1), "must be ≥ 0"),
 ])
 def test_check_design_errors(kwargs, msg):
     args = dict(n_subjects=7, conditions=CONDS, views=list(VIEWS), n_choices=4,
-                trials_per_rater=10)
+                trials_per_rater=10)  # n_practice defaults to 0: nothing reserved
     args.update(kwargs)
     with pytest.raises(DesignError, match=msg):
         check_design(**args)
+
+
+def test_check_design_accepts_exact_sizes():
+    check_design(n_subjects=8, conditions=CONDS, views=list(VIEWS), n_choices=4,
+                 trials_per_rater=8, n_practice=1, n_catch=1)  # 4 practice + 4 scored
+    check_design(n_subjects=4, conditions=CONDS, views=list(VIEWS), n_choices=4,
+                 trials_per_rater=8, n_practice=0, n_catch=1)  # no practice: nothing reserved
+    assert practice_subject_count(4, 0) == 0 and practice_subject_count(4, 3) == 4
+
+
+def test_too_small_cohort_for_practice_is_refused_by_plan_trials():
+    with pytest.raises(DesignError, match="set practice trials to 0 or add subjects"):
+        plan(0, subjects=SUBJECTS[:7])
+    # the same cohort without practice trials is fine and uses every subject
+    trials = plan(0, subjects=SUBJECTS[:7], n_practice=0)
+    assert not [t for t in trials if t.kind == "practice"]
+    assert len({t.subject for t in trials if t.kind == "main"}) == 7
+
+
+@pytest.mark.parametrize("k,n_practice,n_subjects,trials", [
+    (4, 2, 11, 10), (4, 1, 8, 8), (3, 5, 9, 12), (2, 3, 5, 6), (5, 2, 10, 5)])
+def test_practice_subjects_never_in_scored_trials(k, n_practice, n_subjects, trials):
+    subjects = [100 + 7 * n for n in range(n_subjects)]  # ids need not be contiguous
+    for seed in range(40):
+        practice = set(reserve_practice_subjects(subjects, k, n_practice, seed))
+        assert len(practice) == k and practice <= set(subjects)
+        for index in range(0, 60, 7):
+            session = plan_trials(subjects, CONDS, VIEWS, n_choices=k, trials_per_rater=trials,
+                                  n_practice=n_practice, n_catch=2, seed=seed,
+                                  rater_index=index)
+            prac = [t for t in session if t.kind == "practice"]
+            scored = [t for t in session if t.kind != "practice"]
+            assert len(prac) == n_practice and len(scored) == trials + 2
+            assert {s for t in prac for s in (t.subject, *t.candidates)} <= practice
+            assert not {s for t in scored for s in (t.subject, *t.candidates)} & practice
+            for a, b in zip(session, session[1:]):
+                assert a.subject != b.subject
+            # the same reservation passed explicitly (as stored at freeze) gives the same plan
+            assert session == plan_trials(subjects, CONDS, VIEWS, n_choices=k,
+                                          trials_per_rater=trials, n_practice=n_practice,
+                                          n_catch=2, seed=seed, rater_index=index,
+                                          practice_subjects=sorted(practice))
+
+
+def test_practice_reservation_is_seeded():
+    a = reserve_practice_subjects(SUBJECTS, 4, 2, 99)
+    assert a == reserve_practice_subjects(list(reversed(SUBJECTS)), 4, 1, 99)  # order, count
+    assert a == sorted(a)
+    assert len({tuple(reserve_practice_subjects(SUBJECTS, 4, 2, s)) for s in range(20)}) > 5
+    assert reserve_practice_subjects(SUBJECTS, 4, 0, 99) == []
+    # every subject gets reserved for some seed (no fixed bias towards low ids)
+    assert set().union(*(reserve_practice_subjects(SUBJECTS, 4, 2, s) for s in range(60))) == \
+        set(SUBJECTS)
+    with pytest.raises(DesignError, match="at least 8 subjects"):
+        reserve_practice_subjects(SUBJECTS[:7], 4, 2, 99)
+
+
+def test_counterbalancing_over_the_non_reserved_subjects_for_many_seeds():
+    for seed in (1, 7, 123456):
+        practice = set(reserve_practice_subjects(SUBJECTS, 4, 2, seed))
+        main = [s for s in SUBJECTS if s not in practice]
+        seen = Counter()
+        for r in range(len(main) * len(CONDS)):
+            seen.update((t.subject, t.condition) for t in plan(r, seed=seed)
+                        if t.kind == "main")
+        assert set(seen) == {(s, c) for s in main for c in CONDS}
+        assert set(seen.values()) == {10}
+
+
+def test_explicit_practice_subjects_are_checked():
+    with pytest.raises(DesignError, match="needs 4 subjects reserved for practice, 3 are"):
+        plan(0, practice_subjects=PRACTICE[:3])
+    with pytest.raises(DesignError, match="no longer has every render"):
+        plan(0, practice_subjects=PRACTICE[:3] + [999])
 
 
 def test_deidentified_only_allows_single_view():
@@ -142,3 +240,65 @@ def test_enroll_freezes_and_images_match_plan(tmp_path, settings):
             assert ti.image.variant == "original" and ti.image.view == t.candidate_view
     tokens = [ti.token for ti in TrialImage.objects.all()] + [t.token for t in got]
     assert len(set(tokens)) == len(tokens) and min(len(x) for x in tokens) >= 32
+    # the reservation is stored with the freeze; both raters' practice uses only it, and no
+    # main or catch trial of either rater shows a reserved subject
+    practice = set(study.practice_subjects)
+    assert practice == set(reserve_practice_subjects(
+        [s.pk for s in cohort.subjects.all()], 4, 1, study.seed)) and len(practice) == 4
+    for r in (r1, r2):
+        for t in r.trials.all():
+            shown = {t.subject_id, *t.candidates}
+            assert shown <= practice if t.kind == "practice" else not shown & practice
+
+
+@pytest.mark.django_db
+def test_stored_practice_subjects_survive_a_cohort_change(tmp_path, settings):
+    """Subjects that get renders after the freeze never turn a reserved subject into a scored
+    one (or the reverse): later raters use the reservation stored at the first rater."""
+    from surveys.models import Invitation
+    from surveys.studies.service import enroll
+
+    settings.DATA_DIR = tmp_path / "data"
+    user = make_researcher()
+    big = make_cohort(settings.DATA_DIR, user, n_subjects=14, name="big")
+    ids = sorted(big.subjects.values_list("pk", flat=True))
+    # a seed whose reservation on 10 subjects differs from the one on all 14
+    seed = next(s for s in range(1000) if reserve_practice_subjects(ids[:10], 4, 1, s)
+                != reserve_practice_subjects(ids, 4, 1, s))
+    # hide the last 4 subjects' renders until the first rater has started
+    from surveys.models import RenderImage
+
+    late = list(RenderImage.objects.filter(subject_id__in=ids[10:]).values_list("pk", flat=True))
+    RenderImage.objects.filter(pk__in=late).update(kind="hidden")
+    study = make_study(big, user, seed=seed)
+    inv = Invitation.objects.create(study=study, group="general")
+    enroll(inv.token)
+    study.refresh_from_db()
+    stored = list(study.practice_subjects)
+    assert stored == reserve_practice_subjects(ids[:10], 4, 1, seed)
+    RenderImage.objects.filter(pk__in=late).update(kind="render")
+    for _ in range(6):
+        r = enroll(inv.token)
+        for t in r.trials.all():
+            shown = {t.subject_id, *t.candidates}
+            assert shown <= set(stored) if t.kind == "practice" else not shown & set(stored)
+    study.refresh_from_db()
+    assert study.practice_subjects == stored
+
+
+@pytest.mark.django_db
+def test_enroll_refuses_too_small_cohort_and_freezes_nothing(tmp_path, settings):
+    from surveys.models import Invitation, Rater
+    from surveys.studies.service import enroll
+
+    settings.DATA_DIR = tmp_path / "data"
+    user = make_researcher()
+    cohort = make_cohort(settings.DATA_DIR, user, n_subjects=7)
+    study = make_study(cohort, user, trials_per_rater=4)  # k=4 + 4 practice subjects > 7
+    inv = Invitation.objects.create(study=study, group="general")
+    with pytest.raises(DesignError, match="set practice trials to 0 or add subjects"):
+        enroll(inv.token)
+    study.refresh_from_db()
+    inv.refresh_from_db()
+    assert not study.frozen and study.practice_subjects is None and inv.uses == 0
+    assert not Rater.objects.exists()

@@ -32,8 +32,11 @@ def synthetic_png(seed: int, variant: str, view: str, pseudonym: str, size: int 
     return buf.getvalue()
 
 
-def make_cohort(data_dir: Path, owner, n_subjects: int = 6, views=VIEWS, name: str = "C1"):
-    """Cohort with ``n_subjects`` subjects (SUBJ-0001…) and original+deid renders per view."""
+def make_cohort(data_dir: Path, owner, n_subjects: int = 10, views=VIEWS, name: str = "C1"):
+    """Cohort with ``n_subjects`` subjects (SUBJ-0001…) and original+deid renders per view.
+
+    The default 10 fit :func:`make_study`'s design: 4 subjects reserved for practice, 6 left
+    for the 8 main trials (at most 6 subjects × 2 conditions = 12)."""
     from surveys.models import Cohort, RenderImage, Subject
 
     cohort = Cohort.objects.create(name=name, owner=owner)

@@ -134,6 +134,64 @@ def test_report_page_and_plots(done_study):
     assert diff == sorted(diff, key=lambda d: (d["accuracy"], d["subject_id"], d["condition"]))
 
 
+def test_practice_subjects_reported_and_excluded(done_study):
+    """The study page, report, analysis JSON and PDF text name the subjects reserved for
+    practice; they appear in practice trials only and nowhere in the analysed answers."""
+    from surveys.models import Subject, Trial
+    from surveys.studies.report import practice_note
+
+    study, c = done_study["study"], done_study["client"]
+    study.refresh_from_db()
+    reserved = sorted(Subject.objects.filter(pk__in=study.practice_subjects)
+                      .values_list("pseudonym", flat=True))
+    assert len(reserved) == 4
+    practice_shown = set()
+    for t in Trial.objects.filter(rater__study=study, kind="practice"):
+        practice_shown |= {t.subject_id, *t.candidates}
+    assert practice_shown == set(study.practice_subjects)  # all 4 are candidates every time
+    for t in Trial.objects.filter(rater__study=study).exclude(kind="practice"):
+        assert not {t.subject_id, *t.candidates} & set(study.practice_subjects)
+    listed = ", ".join(reserved)
+    detail = c.get(f"/studies/{study.pk}/").content.decode()
+    assert f"reserved when the first rater started): {listed}." in detail
+    report = c.get(f"/studies/{study.pk}/report/")
+    html = report.content.decode()
+    assert f"Subjects reserved for practice: {listed}." in html and "excluded from the analysis" \
+        in html
+    csv_subjects = {row["subject_id"] for row in csv.DictReader(io.StringIO(
+        c.get(f"/studies/{study.pk}/export/responses.csv").content.decode()))}
+    assert csv_subjects and not csv_subjects & set(reserved)
+    assert not {d["subject_id"] for d in report.context["difficulty"]} & set(reserved)
+    doc = json.loads(c.get(f"/studies/{study.pk}/export/analysis.json").content)
+    assert doc["study"]["practice_subjects"] == reserved
+    assert doc["study"]["practice_subjects_reserved"] is True
+    assert doc["study"]["practice_excluded_from_analysis"] is True
+    assert listed in practice_note(study) and "excluded from the analysis" in practice_note(study)
+
+
+def test_practice_subjects_previewed_before_the_first_rater(tmp_path, settings):
+    from surveys.studies.design import reserve_practice_subjects
+    from surveys.studies.report import practice_note
+
+    settings.DATA_DIR = tmp_path / "data"
+    user = make_researcher()
+    cohort = make_cohort(settings.DATA_DIR, user)
+    study = make_study(cohort, user)
+    ids = reserve_practice_subjects(cohort.subjects.values_list("pk", flat=True), 4, 1,
+                                    study.seed)
+    names = ", ".join(sorted(cohort.subjects.filter(pk__in=ids)
+                             .values_list("pseudonym", flat=True)))
+    c = Client()
+    c.force_login(user)
+    page = c.get(f"/studies/{study.pk}/").content.decode()
+    assert f"reserved from the seed when the first rater starts; currently): {names}." in page
+    assert "not yet reserved" in practice_note(study) and names in practice_note(study)
+    study.n_practice = 0
+    study.save()
+    assert "No practice trials" in c.get(f"/studies/{study.pk}/").content.decode()
+    assert practice_note(study).startswith("No subject reserved for practice")
+
+
 def test_pdf_report(done_study):
     study, c = done_study["study"], done_study["client"]
     r = c.get(f"/studies/{study.pk}/export/report.pdf")
@@ -153,17 +211,27 @@ def test_create_edit_freeze_and_invite(tmp_path, settings):
     c.force_login(user)
     form = {"name": "My study", "cohort": cohort.pk, "n_choices": 4,
             "conditions": ["control", "deidentified"], "views": "yaw+0, yaw+30",
-            "trials_per_rater": 8, "n_practice": 1, "n_catch": 0,
+            "trials_per_rater": 8, "n_practice": 0, "n_catch": 0,
             "groups": "general, plastic surgeon, dentist", "consent_text": "Consent text X"}
     # impossible design: 9 trials > 4 subjects x 2 conditions
     r = c.post("/studies/", {**form, "trials_per_rater": 9})
     assert r.status_code == 200 and b"at most 8 trials" in r.content
+    # practice would reserve 4 of the 4 subjects: refused with what to change
+    r = c.post("/studies/", {**form, "n_practice": 1})
+    assert r.status_code == 200
+    assert b"need at least 8 subjects with renders (4 reserved for practice" in r.content
+    assert b"set practice trials to 0 or add subjects" in r.content
     assert not Study.objects.exists()
     r = c.post("/studies/", form)
     study = Study.objects.get()
     assert r["Location"] == f"/studies/{study.pk}/"
     assert study.groups == ["general", "plastic surgeon", "dentist"] and study.seed is not None
     assert c.get(f"/studies/{study.pk}/edit/").status_code == 200
+    # the edit form refuses practice on this cohort the same way, and changes nothing
+    r = c.post(f"/studies/{study.pk}/edit/", {**form, "n_practice": 2})
+    assert r.status_code == 200 and b"set practice trials to 0 or add subjects" in r.content
+    study.refresh_from_db()
+    assert study.n_practice == 0
     c.post(f"/studies/{study.pk}/edit/", {**form, "n_choices": 3, "seed": 5})
     study.refresh_from_db()
     assert study.n_choices == 3 and study.seed == 5
@@ -182,6 +250,37 @@ def test_create_edit_freeze_and_invite(tmp_path, settings):
     rc = Client()
     rc.post(f"/take/i/{inv.token}/")
     assert b"Consent text X" in rc.get("/take/consent/").content
+
+
+def test_form_defaults_fit_the_demo_cohort(tmp_path, settings):
+    """The new-study form's defaults (k = 4, 16 trials, 2 practice, 2 catch) are a valid design
+    on the demo's 12 subjects with 4 of them reserved for practice, and raters can start."""
+    from surveys.models import Invitation, Study, Trial
+    from surveys.studies.forms import StudyForm
+
+    settings.DATA_DIR = tmp_path / "data"
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    user = make_researcher()
+    cohort = make_cohort(settings.DATA_DIR, user, n_subjects=12)
+    blank = StudyForm()
+    data = {name: blank.get_initial_for_field(field, name)
+            for name, field in blank.fields.items()}
+    data = {k: v for k, v in data.items() if v not in (None, False, "")}
+    data.update(name="Demo", cohort=cohort.pk)
+    c = Client()
+    c.force_login(user)
+    r = c.post("/studies/", data)
+    assert r.status_code == 302, r.context["form"].errors
+    study = Study.objects.get()
+    assert (study.n_choices, study.trials_per_rater, study.n_practice, study.n_catch) == \
+        (4, 16, 2, 2)
+    inv = Invitation.objects.create(study=study, group="general")
+    for _ in range(2):
+        run_rater(Client(), inv.token)
+    study.refresh_from_db()
+    assert len(study.practice_subjects) == 4
+    kinds = [t.kind for t in Trial.objects.filter(rater__study=study)]
+    assert kinds.count("practice") == 4 and kinds.count("main") == 32
 
 
 def test_check_deploy_clean_with_production_settings(tmp_path):
@@ -210,6 +309,9 @@ def test_empty_study_pages(tmp_path, settings):
     for url in ("/studies/", f"/studies/{study.pk}/", f"/studies/{study.pk}/report/"):
         r = c.get(url)
         assert r.status_code == 200, url
+    # 4 subjects cannot hold k = 4 plus 4 reserved for practice: the study page says so
+    page = c.get(f"/studies/{study.pk}/").content.decode()
+    assert 'id="design-problem"' in page and "set practice trials to 0 or add subjects" in page
     assert b"No answers yet" in c.get(f"/studies/{study.pk}/report/").content
     csv_text = c.get(f"/studies/{study.pk}/export/responses.csv").content.decode()
     assert csv_text.strip().split(",")[:6] == ["rater_id", "rater_group", "subject_id",

@@ -5,7 +5,9 @@ A :class:`Study` runs on a processed cohort: each trial shows a *target* render 
 Conditions: ``control`` (original target, original candidates from another view) and
 ``deidentified`` (de-identified target, original candidates). Practice trials (with
 feedback) and catch trials (target identical to one candidate) are stored as trials of
-``kind`` ``practice`` / ``catch`` and left out of the analysis.
+``kind`` ``practice`` / ``catch`` and left out of the analysis. Practice trials show only
+the subjects reserved for practice (:attr:`Study.practice_subjects`), which no main or
+catch trial shows, so practice feedback cannot give away a scored answer.
 
 Raters have no account: an :class:`Invitation` token (per group) creates a
 :class:`Rater`, who is then known by an unguessable resume token kept in the session.
@@ -63,7 +65,7 @@ class Study(models.Model):
     n_choices = models.PositiveSmallIntegerField(default=4, help_text="k candidates per trial")
     conditions = models.JSONField(default=list, help_text="subset of control / deidentified")
     views = models.JSONField(default=list, help_text="render views used, e.g. yaw+0, yaw+30")
-    trials_per_rater = models.PositiveIntegerField(default=20)
+    trials_per_rater = models.PositiveIntegerField(default=16)
     n_practice = models.PositiveSmallIntegerField(default=2)
     n_catch = models.PositiveSmallIntegerField(default=2)
     groups = models.JSONField(default=list, help_text="rater group names")
@@ -73,6 +75,10 @@ class Study(models.Model):
     seed = models.BigIntegerField(help_text="seed of every randomisation of this study")
     frozen_at = models.DateTimeField(null=True, blank=True,
                                      help_text="set when the first rater starts")
+    practice_subjects = models.JSONField(
+        null=True, blank=True, default=None,
+        help_text="subject ids reserved for practice trials (never in main or catch trials), "
+                  "drawn from the seed when the first rater starts; null = not reserved yet")
 
     class Meta:
         ordering = ["-created"]

@@ -16,6 +16,15 @@ within a rater). A rater sees a subject at most once per condition, and never th
 same subject in two adjacent trials (so never its original and de-identified
 target back to back).
 
+Practice subjects. When a rater has practice trials (with feedback), ``n_choices``
+subjects are *reserved for practice* (:func:`reserve_practice_subjects`, drawn from
+the study seed only): their renders are shown only in practice trials, as target and
+as candidates, and every main and catch trial (target, candidates, catch subject) uses
+the other subjects. Feedback on a practice trial therefore never tells a rater the
+answer to a scored trial. The counterbalancing above runs over the non-reserved
+subjects. A study with practice needs at least ``2 * n_choices`` subjects
+(:func:`check_design`).
+
 Conditions: ``control`` = original target vs original candidates, ``deidentified``
 = de-identified target vs original candidates; in both the candidates are shown
 in another view than the target when the study has ≥ 2 views (required for
@@ -31,7 +40,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DesignError", "PlannedTrial", "check_design", "plan_trials"]
+__all__ = ["DesignError", "PlannedTrial", "check_design", "plan_trials",
+           "practice_subject_count", "reserve_practice_subjects"]
+
+#: rng stream (second seed word) of the practice reservation; the pool uses 2**31 - 1,
+#: rater ``n`` uses ``n``.
+_PRACTICE_STREAM = 2**31 - 2
 
 
 class DesignError(ValueError):
@@ -52,9 +66,20 @@ class PlannedTrial:
     correct_index: int
 
 
+def practice_subject_count(n_choices: int, n_practice: int) -> int:
+    """Subjects reserved for practice: one candidate set (``n_choices``) when the study has
+    practice trials, else none."""
+    return int(n_choices) if n_practice > 0 else 0
+
+
 def check_design(n_subjects: int, conditions: Sequence[str], views: Sequence[str],
-                 n_choices: int, trials_per_rater: int) -> None:
-    """Raise :class:`DesignError` if the design is impossible with ``n_subjects`` subjects."""
+                 n_choices: int, trials_per_rater: int, n_practice: int = 0,
+                 n_catch: int = 0) -> None:
+    """Raise :class:`DesignError` if the design is impossible with ``n_subjects`` subjects.
+
+    ``n_subjects`` counts every subject with the needed renders, including the
+    :func:`practice_subject_count` ones that practice trials reserve.
+    """
     if n_choices < 2:
         raise DesignError("a trial needs at least 2 candidates")
     if not conditions:
@@ -67,15 +92,56 @@ def check_design(n_subjects: int, conditions: Sequence[str], views: Sequence[str
     if "control" in conditions and len(set(views)) < 2:
         raise DesignError("the control condition needs two views (target and candidates "
                           "would otherwise be identical)")
-    if n_subjects < n_choices:
+    if n_practice < 0 or n_catch < 0:
+        raise DesignError("practice and catch counts must be ≥ 0")
+    reserved = practice_subject_count(n_choices, n_practice)
+    n_main = n_subjects - reserved
+    if n_main < n_choices:
+        if reserved:
+            raise DesignError(
+                f"{n_choices} candidates per trial plus practice trials need at least "
+                f"{n_choices + reserved} subjects with renders ({reserved} reserved for "
+                f"practice, shown only in practice trials, and {n_choices} for the scored "
+                f"trials); the cohort has {n_subjects}: set practice trials to 0 or add "
+                "subjects")
         raise DesignError(f"{n_choices} candidates per trial need at least {n_choices} subjects "
                           f"with renders; the cohort has {n_subjects}")
     if trials_per_rater < 1:
         raise DesignError("trials per rater must be at least 1")
-    if trials_per_rater > n_subjects * len(conditions):
-        raise DesignError(f"at most {n_subjects * len(conditions)} trials per rater "
-                          f"({n_subjects} subjects × {len(conditions)} conditions, each at most "
-                          "once per rater)")
+    if trials_per_rater > n_main * len(conditions):
+        msg = (f"at most {n_main * len(conditions)} trials per rater "
+               f"({n_main} subjects × {len(conditions)} conditions, each at most once per rater")
+        if reserved:
+            msg += (f"; {reserved} of the {n_subjects} subjects with renders are reserved for "
+                    "practice): lower the trials per rater, set practice trials to 0 or add "
+                    "subjects")
+        else:
+            msg += ")"
+        raise DesignError(msg)
+    if n_catch > 0 and n_main < 3:
+        raise DesignError("catch trials need at least 3 subjects in the scored trials (a catch "
+                          "trial's subject differs from both neighbours): set catch trials to 0 "
+                          "or add subjects")
+
+
+def reserve_practice_subjects(subjects: Sequence[int], n_choices: int, n_practice: int,
+                              seed: int) -> list[int]:
+    """The subjects reserved for practice (sorted ids), chosen from ``seed`` alone.
+
+    Deterministic for a given seed and set of ``subjects`` (their order does not matter);
+    empty when ``n_practice`` is 0. Raises :class:`DesignError` when fewer than
+    ``n_choices`` subjects would be left for the scored trials.
+    """
+    subjects = sorted(int(s) for s in subjects)
+    n = practice_subject_count(n_choices, n_practice)
+    if n == 0:
+        return []
+    if len(subjects) - n < n_choices:
+        raise DesignError(f"{n_choices} candidates per trial plus practice trials need at least "
+                          f"{n_choices + n} subjects with renders; the cohort has "
+                          f"{len(subjects)}: set practice trials to 0 or add subjects")
+    order = np.random.default_rng([int(seed), _PRACTICE_STREAM]).permutation(len(subjects))
+    return sorted(subjects[int(i)] for i in order[:n])
 
 
 def _pool(subjects: Sequence[int], conditions: Sequence[str], seed: int) -> list[tuple[int, str]]:
@@ -124,20 +190,35 @@ def _candidates(rng: np.random.Generator, subjects: Sequence[int], target: int,
 
 def plan_trials(subjects: Sequence[int], conditions: Sequence[str], views: Sequence[str], *,
                 n_choices: int, trials_per_rater: int, n_practice: int, n_catch: int,
-                seed: int, rater_index: int) -> list[PlannedTrial]:
+                seed: int, rater_index: int,
+                practice_subjects: Sequence[int] | None = None) -> list[PlannedTrial]:
     """Plan the whole session of rater number ``rater_index`` (0-based order of arrival).
 
     Returns ``n_practice`` practice trials (control condition when available, else the
     first condition), then ``trials_per_rater`` main trials with ``n_catch`` catch trials
     inserted at random places; ``position`` runs 0..N-1 in that order. ``subjects`` are
-    ids of subjects that have every needed render; ``views`` are render view names.
+    ids of subjects that have every needed render (practice subjects included);
+    ``views`` are render view names. ``practice_subjects`` are the subjects reserved for
+    practice (as stored when the study was frozen); None reserves them here with
+    :func:`reserve_practice_subjects`. Practice trials use only them, main and catch
+    trials only the other subjects.
     """
     subjects = sorted(int(s) for s in subjects)
-    check_design(len(subjects), conditions, views, n_choices, trials_per_rater)
-    if n_practice < 0 or n_catch < 0:
-        raise DesignError("practice and catch counts must be ≥ 0")
+    check_design(len(subjects), conditions, views, n_choices, trials_per_rater,
+                 n_practice=n_practice, n_catch=n_catch)
+    if practice_subjects is None:
+        practice = reserve_practice_subjects(subjects, n_choices, n_practice, seed)
+    else:
+        practice = sorted({int(s) for s in practice_subjects})
+        if len(practice) != practice_subject_count(n_choices, n_practice):
+            raise DesignError(f"the study needs {practice_subject_count(n_choices, n_practice)} "
+                              f"subjects reserved for practice, {len(practice)} are")
+        if not set(practice) <= set(subjects):
+            raise DesignError("a subject reserved for practice no longer has every render")
+    reserved = set(practice)
+    scored = [s for s in subjects if s not in reserved]
     rng = np.random.default_rng([int(seed), int(rater_index)])
-    pool = _pool(subjects, conditions, int(seed))
+    pool = _pool(scored, conditions, int(seed))
     start = (rater_index * trials_per_rater) % len(pool)
     window = [pool[(start + n) % len(pool)] for n in range(trials_per_rater)]
     main = _order_no_adjacent(window, rng)
@@ -153,25 +234,24 @@ def plan_trials(subjects: Sequence[int], conditions: Sequence[str], views: Seque
     for n, (s, c) in enumerate(seq):
         if c == "catch":
             near = {seq[m][0] for m in (n - 1, n + 1) if 0 <= m < len(seq)}
-            choices = [x for x in subjects if x not in near]
+            choices = [x for x in scored if x not in near]
             seq[n] = (choices[int(rng.integers(len(choices)))], "catch")
 
     practice_cond = "control" if "control" in conditions else conditions[0]
     out: list[PlannedTrial] = []
     prev = None
-    first_main = seq[0][0] if seq else None
-    for n in range(n_practice):
-        # the last practice trial must not show the first scored trial's subject
-        avoid = {prev, first_main} if n == n_practice - 1 else {prev}
-        choices = [x for x in subjects if x not in avoid]
+    for _ in range(n_practice):
+        # practice subjects are disjoint from the scored ones, so the last practice trial
+        # cannot show the first scored trial's subject
+        choices = [x for x in practice if x != prev]
         s = choices[int(rng.integers(len(choices)))]
         tv, cv = _views(rng, views, same=False)
-        cands, correct = _candidates(rng, subjects, s, n_choices)
+        cands, correct = _candidates(rng, practice, s, n_choices)
         out.append(PlannedTrial(len(out), "practice", practice_cond, s, tv, cv, cands, correct))
         prev = s
     for s, c in seq:
         kind = "catch" if c == "catch" else "main"
         tv, cv = _views(rng, views, same=kind == "catch")
-        cands, correct = _candidates(rng, subjects, s, n_choices)
+        cands, correct = _candidates(rng, scored, s, n_choices)
         out.append(PlannedTrial(len(out), kind, c, s, tv, cv, cands, correct))
     return out

@@ -10,6 +10,7 @@ import csv
 import hashlib
 import io
 import json
+import textwrap
 from collections import defaultdict
 from typing import Any
 
@@ -20,7 +21,7 @@ from matplotlib.figure import Figure
 from pipeline.stats import ALL_GROUPS, analyze
 
 from ..models import Rater, Study
-from .service import EXPORT_COLUMNS, response_rows
+from .service import EXPORT_COLUMNS, practice_reservation, response_rows
 
 __all__ = [
     "accuracy_figure",
@@ -28,6 +29,7 @@ __all__ = [
     "difficulty",
     "pdf_report",
     "png_bytes",
+    "practice_note",
     "progress",
     "responses_csv",
     "rt_figure",
@@ -196,12 +198,30 @@ def responses_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def practice_note(study: Study) -> str:
+    """One sentence naming the subjects (pseudonyms) reserved for practice, or saying none is."""
+    p = practice_reservation(study)
+    if not p["pseudonyms"]:
+        if not study.n_practice:
+            return "No subject reserved for practice (no practice trials)."
+        return f"Subjects reserved for practice: none ({p['error'] or 'not reserved yet'})."
+    when = "" if p["reserved"] else " (not yet reserved: no rater has started)"
+    return (f"Subjects reserved for practice{when}: {', '.join(p['pseudonyms'])}; shown only in "
+            "practice trials and excluded from the analysis.")
+
+
 def analysis_json(study: Study) -> str:
-    """JSON text: the analysis of the main trials plus the study design."""
+    """JSON text: the analysis of the main trials plus the study design (including the
+    subjects reserved for practice, which the analysis excludes)."""
     rows = response_rows(study)
+    practice = practice_reservation(study)
     doc = {"study": {"name": study.name, "n_choices": study.n_choices,
                      "conditions": study.conditions, "views": study.views, "seed": study.seed,
-                     "trials_per_rater": study.trials_per_rater, "groups": study.groups},
+                     "trials_per_rater": study.trials_per_rater, "groups": study.groups,
+                     "n_practice": study.n_practice, "n_catch": study.n_catch,
+                     "practice_subjects": practice["pseudonyms"],
+                     "practice_subjects_reserved": practice["reserved"],
+                     "practice_excluded_from_analysis": True},
            "progress": progress(study), "attention": attention(study),
            "analysis": study_analysis(rows)}
     return json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False)
@@ -218,7 +238,9 @@ def pdf_report(study: Study) -> bytes:
         lines = [f"Study: {study.name}",
                  (f"k = {study.n_choices}; conditions: "
                   f"{', '.join(study.conditions)}; views: {', '.join(study.views)}"),
-                 f"seed {study.seed}; {study.trials_per_rater} trials per rater", ""]
+                 (f"seed {study.seed}; {study.trials_per_rater} trials per rater "
+                  f"(+{study.n_practice} practice, {study.n_catch} catch)"),
+                 *textwrap.wrap(practice_note(study), 110), ""]
         for p in progress(study):
             lines.append(f"{p['group']}: {p['raters']} raters, {p['finished']} finished, "
                          f"{p['answered']}/{p['planned']} trials")

@@ -23,7 +23,13 @@ from ..access import cohorts_for, is_researcher
 from ..models import Invitation, Study
 from .design import DesignError
 from .forms import InvitationForm, StudyForm
-from .service import available_views, eligible_subjects, response_rows, validate_study
+from .service import (
+    available_views,
+    eligible_subjects,
+    practice_reservation,
+    response_rows,
+    validate_study,
+)
 
 
 def _rep():
@@ -91,13 +97,15 @@ def study_list(request: HttpRequest) -> HttpResponse:
 @require_GET
 @study_view("page")
 def study_detail(request: HttpRequest, study: Study) -> HttpResponse:
-    """Design summary, invitations (with links), progress per group."""
+    """Design summary (with the subjects reserved for practice, or why the design is
+    impossible), invitations (with links), progress per group."""
     invitations = [(inv, request.build_absolute_uri(reverse("studies:invitation",
                                                             args=[inv.token])))
                    for inv in study.invitations.all()]
     return render(request, "studies/study_detail.html", {
         "study": study, "invitations": invitations, "progress": _rep().progress(study),
         "n_eligible": len(eligible_subjects(study)), "views": available_views(study.cohort),
+        "practice": practice_reservation(study),
         "inv_form": InvitationForm(groups=study.groups)})
 
 
@@ -158,7 +166,7 @@ def study_report(request: HttpRequest, study: Study) -> HttpResponse:
         "study": study, "progress": _rep().progress(study), "analysis": analysis, "cells": cells,
         "tests": _rep().tests_table(analysis) if analysis else [],
         "difficulty": _rep().difficulty(rows), "n_answers": len(rows),
-        "attention": _rep().attention(study),
+        "attention": _rep().attention(study), "practice": practice_reservation(study),
         "mixed": (analysis or {}).get("mixed_model") or {}})
 
 

@@ -17,7 +17,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from ..models import Answer, Invitation, Rater, RenderImage, Study, Trial, TrialImage
-from .design import DesignError, check_design, plan_trials
+from .design import DesignError, check_design, plan_trials, reserve_practice_subjects
 
 __all__ = [
     "EXPORT_COLUMNS",
@@ -28,6 +28,7 @@ __all__ = [
     "current_trial",
     "eligible_subjects",
     "enroll",
+    "practice_reservation",
     "record_answer",
     "response_rows",
     "validate_study",
@@ -81,14 +82,42 @@ def validate_study(study: Study) -> None:
     if not study.groups:
         raise DesignError("define at least one rater group")
     check_design(len(eligible_subjects(study)), study.conditions, study.views,
-                 study.n_choices, study.trials_per_rater)
+                 study.n_choices, study.trials_per_rater, n_practice=study.n_practice,
+                 n_catch=study.n_catch)
+
+
+def practice_reservation(study: Study) -> dict:
+    """The subjects reserved for practice, for the researcher's pages and the report.
+
+    ``{"pseudonyms": [...], "reserved": bool, "error": str | None}``: ``reserved`` is True
+    once stored (when the first rater started); before that ``pseudonyms`` are the ones
+    that would be reserved now (the reservation depends only on the seed and the subjects
+    with renders), or empty with ``error`` when the design is impossible.
+    """
+    from ..models import Subject
+
+    if study.practice_subjects is not None:
+        ids, reserved, error = list(study.practice_subjects), True, None
+    else:
+        reserved, error = False, None
+        try:
+            validate_study(study)
+            ids = reserve_practice_subjects(eligible_subjects(study), study.n_choices,
+                                            study.n_practice, study.seed)
+        except DesignError as exc:
+            ids, error = [], str(exc)
+    names = sorted(Subject.objects.filter(pk__in=ids).values_list("pseudonym", flat=True))
+    return {"pseudonyms": names, "reserved": reserved, "error": error}
 
 
 def enroll(token: str) -> Rater:
     """Use an invitation: create a rater with the whole planned session, freeze the study.
 
-    Raises :class:`InvitationError` (invalid / expired / exhausted) or
-    :class:`DesignError`. Atomic: a failure leaves no rater and no use counted.
+    The first enrolment also reserves the study's practice subjects (from the seed, see
+    :func:`~surveys.studies.design.reserve_practice_subjects`) and stores them with the
+    freeze; later raters get the stored ones. Raises :class:`InvitationError` (invalid /
+    expired / exhausted) or :class:`DesignError`. Atomic: a failure leaves no rater, no
+    use counted and nothing frozen.
     """
     # reads first, outside the (write-locking) transaction: keeps the lock short
     pre = Invitation.objects.select_related("study", "study__cohort").filter(token=token).first()
@@ -113,13 +142,22 @@ def enroll(token: str) -> Rater:
             idx = _render_index(study.cohort)  # design edited in between: read again
             subjects = eligible_subjects(study, idx)
         index = study.raters.count()
+        practice = study.practice_subjects
+        if practice is None:  # first rater (or a study frozen before practice reservation)
+            check_design(len(subjects), study.conditions, study.views, study.n_choices,
+                         study.trials_per_rater, n_practice=study.n_practice,
+                         n_catch=study.n_catch)
+            practice = reserve_practice_subjects(subjects, study.n_choices, study.n_practice,
+                                                 study.seed)
         plan = plan_trials(subjects, study.conditions, study.views, n_choices=study.n_choices,
                            trials_per_rater=study.trials_per_rater, n_practice=study.n_practice,
-                           n_catch=study.n_catch, seed=study.seed, rater_index=index)
+                           n_catch=study.n_catch, seed=study.seed, rater_index=index,
+                           practice_subjects=practice)
         Invitation.objects.filter(pk=inv.pk).update(uses=F("uses") + 1)
-        if study.frozen_at is None:
-            study.frozen_at = timezone.now()
-            study.save(update_fields=["frozen_at"])
+        if study.frozen_at is None or study.practice_subjects is None:
+            study.frozen_at = study.frozen_at or timezone.now()
+            study.practice_subjects = list(practice)
+            study.save(update_fields=["frozen_at", "practice_subjects"])
         rater = Rater.objects.create(study=study, invitation=inv, index=index,
                                      code=f"R-{index + 1:04d}", group=inv.group)
         trials = Trial.objects.bulk_create([

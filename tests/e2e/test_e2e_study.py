@@ -32,7 +32,7 @@ from django.utils import timezone
 from surveys.models import Invitation
 from tests.test_study_fixtures import make_cohort, make_study
 u = User.objects.get(username="alice")
-cohort = make_cohort(settings.DATA_DIR, u, n_subjects=5)
+cohort = make_cohort(settings.DATA_DIR, u, n_subjects=8)  # 4 reserved for practice
 study = make_study(cohort, u, trials_per_rater=6, n_practice=1, n_catch=1, ask_confidence=True)
 g = Invitation.objects.create(study=study, group="general")
 p = Invitation.objects.create(study=study, group="plastic surgeon", max_uses=1)
