@@ -7,8 +7,10 @@ Start workers with::
 At start-up and at every maintenance pass (``--maintenance-interval`` seconds,
 rq's default 600) the worker calls :func:`surveys.jobs.recover_stale_stages`, which
 re-enqueues stages whose worker process died (same host) or whose heartbeat is
-stale (any host). Database connections are closed before the worker forks a work
-horse, so parent and child never share a connection.
+stale (any host), and :func:`surveys.uploads.recover_uploads`, which does the same
+for upload imports and deletes received upload files that are no longer needed.
+Database connections are closed before the worker forks a work horse, so parent and
+child never share a connection.
 """
 
 from __future__ import annotations
@@ -29,11 +31,16 @@ class RecoveringWorker(Worker):
         from django.db import connections
 
         from surveys.jobs import recover_stale_stages
+        from surveys.uploads import recover_uploads
 
         try:
             recover_stale_stages()
         except Exception:
             log.exception("stage recovery failed")
+        try:
+            recover_uploads()
+        except Exception:
+            log.exception("upload recovery failed")
         finally:
             connections.close_all()
 

@@ -16,6 +16,7 @@ DEIDSTUDY_DATA_DIR     originals + derived data (default VAR_DIR/data); share it
 DEIDSTUDY_UPLOAD_MAX_BYTES   largest accepted upload / unpacked archive (default 8 GiB).
 DEIDSTUDY_ZIP_MAX_RATIO      largest accepted compression ratio of a zip member (default 200).
 DEIDSTUDY_RQ_QUEUE     name of the pipeline queue (default "pipeline").
+DEIDSTUDY_IMPORT_QUEUE queue of the upload imports (default: the pipeline queue).
 DEIDSTUDY_SHARED_STORAGE  "s3" or "path:/folder": share cohort files between machines.
 DEIDSTUDY_FACE_METHOD  face method of the web pipeline (auto/anatomical/model/none).
 DEIDSTUDY_VAR_DIR      state folder (database, originals, outputs); default ./var.
@@ -176,6 +177,11 @@ RQ_QUEUES = {
     PIPELINE_QUEUE: {"URL": REDIS_URL, "DEFAULT_TIMEOUT": 3600},
     "default": {"URL": REDIS_URL, "DEFAULT_TIMEOUT": 3600},
 }
+# Web uploads are received in the web server's DATA_DIR/tmp and imported by a job on this
+# queue. With DEIDSTUDY_SHARED_STORAGE (worker machines that do not see the web server's
+# DATA_DIR) give it its own name and run a worker for it on the web machine.
+IMPORT_QUEUE = os.environ.get("DEIDSTUDY_IMPORT_QUEUE", PIPELINE_QUEUE)
+RQ_QUEUES.setdefault(IMPORT_QUEUE, {"URL": REDIS_URL, "DEFAULT_TIMEOUT": 3600})
 RQ_SHOW_ADMIN_LINK = True
 
 # Uploads stream to a temporary file on disk, never into memory.

@@ -4,8 +4,8 @@ from django.contrib import admin
 
 from . import jobs
 from .models import (
-    Answer, Cohort, IdentityLink, Invitation, Rater, ReidSummary, RenderImage, Series, StageRun, Study,
-    Subject, Trial, TrialImage,
+    Answer, Cohort, CohortUpload, IdentityLink, Invitation, Rater, ReidSummary, RenderImage, Series,
+    StageRun, Study, Subject, Trial, TrialImage,
 )
 
 
@@ -77,6 +77,15 @@ class RenderImageAdmin(admin.ModelAdmin):
 @admin.register(ReidSummary)
 class ReidSummaryAdmin(admin.ModelAdmin):
     list_display = ("cohort", "n_subjects", "rank1", "auc", "computed")
+
+
+@admin.register(CohortUpload)
+class CohortUploadAdmin(admin.ModelAdmin):
+    list_display = ("pk", "cohort", "uploaded_by", "status", "n_received", "n_subjects",
+                    "attempts", "created", "finished")
+    list_filter = ("status", "cohort")
+    readonly_fields = ("staging_dir", "staging_host", "rq_job_id", "worker_host", "worker_pid",
+                       "heartbeat")
 
 
 @admin.register(IdentityLink)

@@ -8,11 +8,17 @@ The order of work guarantees that a rejected upload leaves nothing behind:
    compression ratio, total unpacked size, member count; sizes are re-checked
    while streaming, so lying headers do not help) and too many members;
 2. :func:`import_folder` scans the folder (:func:`pipeline.dicom_io.scan_folder`),
-   refuses non-DICOM content, duplicate series (the same SOP instance twice) and
-   subjects or series already in the cohort, moves the files into
-   ``DATA_DIR/cohorts/c<id>/orig/<pseudonym>/<Snn>/`` and creates the database rows
-   in one transaction. If anything fails after the first move, the moved folders
-   are deleted again.
+   refuses non-DICOM content and duplicate series (the same SOP instance twice), then
+   in one transaction that holds the cohort's lock refuses subjects or series already
+   in the cohort, moves the files into ``DATA_DIR/cohorts/c<id>/orig/<pseudonym>/<Snn>/``
+   and creates the database rows. If anything fails after the first move, the moved
+   folders are deleted again; folders left by an import whose process was killed
+   before it committed are removed by the next import into that cohort.
+
+Web uploads are split in two (:mod:`surveys.uploads` runs the second half as an RQ
+job): :func:`receive_uploaded_files` only moves the streamed files into a private
+folder, :func:`import_received` unpacks and imports them. The received files are
+never modified, so an interrupted import can simply run again.
 
 Messages never contain paths or header values from the upload (folder names often
 are patient names): files are named by their 1-based position in the upload.
@@ -234,6 +240,7 @@ def import_folder(
     *,
     move: bool = True,
     progress: Callable[[str], None] | None = None,
+    before_commit: Callable[[ImportResult], None] | None = None,
 ) -> ImportResult:
     """Import every CT series below ``folder`` into ``cohort``; all or nothing.
 
@@ -245,7 +252,13 @@ def import_folder(
     subject already in the cohort. With ``move`` the files are moved (``folder``
     must be on the ``DATA_DIR`` file system for this to be cheap), else copied.
     Creates the :class:`Subject`, :class:`Series` and pending :class:`StageRun`
-    rows (stages from :data:`surveys.stages.STAGES`).
+    rows (stages from :data:`surveys.stages.STAGES`). ``before_commit(result)`` runs
+    inside the import's transaction after the rows are created: what it writes commits
+    together with the import, and if it raises nothing is imported.
+
+    The checks against the cohort, the choice of pseudonyms and the moves run while
+    the cohort row is locked (``SELECT … FOR UPDATE``; SQLite's immediate transactions
+    lock the whole database), so concurrent imports into one cohort are serialised.
     """
     from .stages import STAGES
 
@@ -285,28 +298,19 @@ def import_folder(
         ident = p.patient
         patient = ident["PatientID"] or f"{ident['PatientName']}|{ident['PatientBirthDate']}"
         by_patient.setdefault(pseudonym_key(patient, secret), []).append(p)
-    existing_subjects = dict(cohort.subjects.values_list("patient_key", "pseudonym"))
-    for key in by_patient:
-        if key in existing_subjects:
-            raise ImportRejected(
-                f"a subject in this upload is already in the cohort as {existing_subjects[key]}; "
-                "a second upload of the same subject is refused; nothing was imported")
-
-    existing_series = set(Series.objects.filter(subject__cohort=cohort)
-                          .values_list("series_key", flat=True))
-    for p in planned:
-        if p.series_key in existing_series:
-            raise ImportRejected(f"series #{p.ref.index} is already in this cohort; nothing was imported")
-
     # order subjects by their key so pseudonyms do not follow the upload's (name) order
     keys = sorted(by_patient)
-    names = _next_pseudonyms(cohort, len(keys))
     cohort_dir = Path(settings.DATA_DIR) / cohort.storage_dir()
     moved: list[Path] = []
+    names: list[str] = []
     result = ImportResult(cohort_id=cohort.pk, ignored_files=ignored)
     try:
         with transaction.atomic():
+            Cohort.objects.select_for_update().filter(pk=cohort.pk).first()
+            _refuse_known(cohort, by_patient, planned)
+            names = _next_pseudonyms(cohort, len(keys))
             for key, pseudonym in zip(keys, names):
+                _remove_orphan(cohort_dir / "orig" / pseudonym)
                 subject = Subject.objects.create(cohort=cohort, pseudonym=pseudonym, patient_key=key)
                 if cohort.keep_mapping:
                     ident = by_patient[key][0].patient
@@ -343,6 +347,8 @@ def import_folder(
                 say(f"imported {pseudonym} ({len(series_sorted)} series)")
             for pseudonym in result.subjects:  # shared storage (if any) before the commit
                 push_tree(f"{cohort.storage_dir()}/orig/{pseudonym}")
+            if before_commit is not None:
+                before_commit(result)
     except BaseException:
         for path in moved:
             shutil.rmtree(path, ignore_errors=True)
@@ -360,6 +366,34 @@ def import_folder(
     return result
 
 
+def _refuse_known(cohort: Cohort, by_patient: dict[str, list[_PlannedSeries]],
+                  planned: list[_PlannedSeries]) -> None:
+    """Refuse subjects or series that the cohort already holds (call under the cohort lock)."""
+    existing_subjects = dict(cohort.subjects.values_list("patient_key", "pseudonym"))
+    for key in by_patient:
+        if key in existing_subjects:
+            raise ImportRejected(
+                f"a subject in this upload is already in the cohort as {existing_subjects[key]}; "
+                "a second upload of the same subject is refused; nothing was imported")
+    existing_series = set(Series.objects.filter(subject__cohort=cohort)
+                          .values_list("series_key", flat=True))
+    for p in planned:
+        if p.series_key in existing_series:
+            raise ImportRejected(f"series #{p.ref.index} is already in this cohort; nothing was imported")
+
+
+def _remove_orphan(subject_dir: Path) -> None:
+    """Delete the originals folder of a pseudonym that has no subject row.
+
+    Called under the cohort lock for pseudonyms not in the database: such a folder
+    can only be left by an import that was killed before it committed (or by a
+    subject deleted in the admin), never by a running import.
+    """
+    if subject_dir.exists():
+        log.warning("removing originals left by an interrupted import (%s)", subject_dir.name)
+        shutil.rmtree(subject_dir)
+
+
 def import_zip(cohort: Cohort, zip_path: Path, *, limits: ZipLimits | None = None) -> ImportResult:
     """Safely unpack ``zip_path`` into a temporary folder and :func:`import_folder` it."""
     with tempfile.TemporaryDirectory(prefix="upload-", dir=tmp_root()) as tmp:
@@ -367,45 +401,90 @@ def import_zip(cohort: Cohort, zip_path: Path, *, limits: ZipLimits | None = Non
         return import_folder(cohort, Path(tmp) / "x", move=True)
 
 
-def import_uploaded_files(cohort: Cohort, files: list) -> ImportResult:
-    """Import a list of Django ``UploadedFile`` (zip archives and/or loose DICOM files).
+RECEIVED = "received"  # sub-folder of an upload's staging folder: the files as received
+WORK = "work"  # sub-folder rebuilt by every import attempt (unpacked archives, linked files)
 
-    Zip files are unpacked safely (:func:`safe_extract_zip`) into their own
-    sub-folder; other files are stored under numbered names (their client-side
-    names are not kept). Everything is imported in one all-or-nothing step.
-    """
+
+def check_upload_size(files: list) -> None:
+    """Refuse an empty upload or one whose files add up to more than the upload limit."""
     if not files:
         raise ImportRejected("no file was uploaded")
-    limits = ZipLimits.from_settings()
+    limit = ZipLimits.from_settings().max_total_bytes
     total = sum(int(getattr(f, "size", 0) or 0) for f in files)
-    if total > limits.max_total_bytes:
-        raise ImportRejected(f"the upload is larger than {limits.max_total_bytes} bytes")
-    with tempfile.TemporaryDirectory(prefix="upload-", dir=tmp_root()) as tmp:
-        root = Path(tmp) / "x"
-        root.mkdir()
-        loose = root / "files"
-        for n, f in enumerate(files, start=1):
-            path = getattr(f, "temporary_file_path", None)
-            head = _read_head(f)
-            if head[:4] == b"PK\x03\x04":
-                if path is not None:
-                    safe_extract_zip(Path(path()), root / f"archive{n:04d}", limits)
-                else:
-                    zpath = Path(tmp) / f"archive{n:04d}.zip"
-                    _save_upload(f, zpath)
-                    safe_extract_zip(zpath, root / f"archive{n:04d}", limits)
-                    zpath.unlink()
+    if total > limit:
+        raise ImportRejected(f"the upload is larger than {limit} bytes")
+
+
+def receive_uploaded_files(files: list, staging: Path) -> tuple[int, int]:
+    """Store Django ``UploadedFile`` objects in ``staging/received/`` under numbered names.
+
+    This is all the web request does (:func:`import_received` does the rest in a
+    job). Streamed temporary files are moved (a rename when ``FILE_UPLOAD_TEMP_DIR``
+    is below ``DATA_DIR``), in-memory ones written in chunks; client-side names are
+    not kept. Returns ``(number of files, bytes)``.
+    """
+    from django.core.files.move import file_move_safe
+
+    check_upload_size(files)
+    dest = Path(staging) / RECEIVED
+    dest.mkdir(parents=True)
+    total = 0
+    for n, f in enumerate(files, start=1):
+        dst = dest / f"{n:06d}"
+        path = getattr(f, "temporary_file_path", None)
+        if path is not None:
+            file_move_safe(path(), str(dst))
+        else:
+            _save_upload(f, dst)
+        total += dst.stat().st_size
+    return len(files), total
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def import_received(
+    cohort: Cohort,
+    staging: Path,
+    *,
+    before_commit: Callable[[ImportResult], None] | None = None,
+) -> ImportResult:
+    """Unpack and import the files that :func:`receive_uploaded_files` stored; all or nothing.
+
+    Zip archives (recognised by their signature) are unpacked safely
+    (:func:`safe_extract_zip`) into ``staging/work/archiveNNNN``; other files are
+    hard-linked (or copied) as ``staging/work/files/NNNNNN.dcm``. The work folder is
+    rebuilt on every call and removed afterwards, the received files are left
+    untouched: an import that was interrupted can run again from the same folder.
+    """
+    staging = Path(staging)
+    received = staging / RECEIVED
+    if not received.is_dir():
+        raise ImportRejected("the uploaded files are no longer available; upload them again")
+    inputs = sorted(p for p in received.iterdir() if p.is_file())
+    if not inputs:
+        raise ImportRejected("no file was uploaded")
+    limits = ZipLimits.from_settings()
+    work = staging / WORK
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        for n, src in enumerate(inputs, start=1):
+            with open(src, "rb") as fh:
+                head = fh.read(4)
+            if head == b"PK\x03\x04":
+                safe_extract_zip(src, work / f"archive{n:04d}", limits)
             else:
+                loose = work / "files"
                 loose.mkdir(exist_ok=True)
-                _save_upload(f, loose / f"{n:06d}.dcm")
-        return import_folder(cohort, root, move=True)
-
-
-def _read_head(f) -> bytes:
-    f.seek(0)
-    head = f.read(4)
-    f.seek(0)
-    return head
+                _link_or_copy(src, loose / f"{n:06d}.dcm")
+        return import_folder(cohort, work, move=True, before_commit=before_commit)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _save_upload(f, dst: Path) -> None:

@@ -175,12 +175,14 @@ def run_stage(run_id: int, job_id: str) -> str:
 
 
 class _Heartbeat:
-    """Background thread refreshing ``StageRun.heartbeat`` every ``HEARTBEAT_SECONDS``,
-    so a long stage on another host is not mistaken for an abandoned one."""
+    """Background thread refreshing ``heartbeat`` of a running row every ``HEARTBEAT_SECONDS``,
+    so a long stage (or upload import, ``model=CohortUpload``) on another host is not
+    mistaken for an abandoned one."""
 
-    def __init__(self, run_id: int, job_id: str) -> None:
+    def __init__(self, run_id: int, job_id: str, model=StageRun) -> None:
         import threading
 
+        self._model = model
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, args=(run_id, job_id), daemon=True)
         self._thread.start()
@@ -190,10 +192,10 @@ class _Heartbeat:
 
         try:
             while not self._stop.wait(HEARTBEAT_SECONDS):
-                StageRun.objects.filter(pk=run_id, rq_job_id=job_id, status="running").update(
+                self._model.objects.filter(pk=run_id, rq_job_id=job_id, status="running").update(
                     heartbeat=timezone.now())
         except Exception:  # noqa: BLE001 — a missed heartbeat is not fatal
-            log.warning("heartbeat of stage row %s failed", run_id)
+            log.warning("heartbeat of %s row %s failed", self._model.__name__, run_id)
         finally:
             connection.close()
 

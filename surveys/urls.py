@@ -11,6 +11,8 @@ urlpatterns = [
     path("cohorts/<int:cohort_id>/", views.cohort_detail, name="cohort_detail"),
     path("cohorts/<int:cohort_id>/status.json", views.cohort_status, name="cohort_status"),
     path("cohorts/<int:cohort_id>/upload/", views.cohort_upload, name="cohort_upload"),
+    path("cohorts/<int:cohort_id>/uploads/<int:upload_id>/retry/", views.upload_retry,
+         name="upload_retry"),
     path("cohorts/<int:cohort_id>/run/", views.cohort_run, name="cohort_run"),
     path("cohorts/<int:cohort_id>/stages/<int:run_id>/retry/", views.stage_retry, name="stage_retry"),
     path("cohorts/<int:cohort_id>/subjects/<str:pseudonym>/", views.subject_detail,

@@ -25,13 +25,14 @@ from django.http import (
     JsonResponse,
 )
 from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
-from . import jobs
+from . import jobs, uploads
 from .access import cohort_view, cohorts_for, is_researcher
 from .forms import CohortForm
-from .importing import ImportRejected, import_uploaded_files, tmp_root
-from .models import Cohort, RenderImage, StageRun, Subject
+from .importing import ImportRejected, tmp_root
+from .models import Cohort, CohortUpload, RenderImage, StageRun, Subject
 from .shared import ensure_local, pull_tree
 from .stages import STAGES, data_path
 
@@ -69,40 +70,61 @@ def cohort_detail(request: HttpRequest, cohort: Cohort) -> HttpResponse:
     reid = getattr(cohort, "reid", None) if hasattr(cohort, "reid") else None
     return render(request, "surveys/cohort_detail.html", {
         "cohort": cohort, "subjects": subjects, "stages": STAGES, "reid": reid,
-        "progress": jobs.cohort_progress(cohort)})
+        "progress": jobs.cohort_progress(cohort), "uploads": uploads.recent_uploads(cohort)})
 
 
 @require_GET
 @cohort_view("file")
 def cohort_status(request: HttpRequest, cohort: Cohort) -> JsonResponse:
-    """JSON status of every subject's stages (polled by the dashboard)."""
+    """JSON status of every subject's stages and of the recent uploads (polled by the dashboard)."""
     data = jobs.cohort_progress(cohort)
     reid = getattr(cohort, "reid", None) if hasattr(cohort, "reid") else None
     data["reid"] = None if reid is None else {"rank1": reid.rank1, "auc": reid.auc,
                                               "n": reid.n_subjects}
+    data["uploads"] = uploads.upload_rows(cohort)
+    data["importing"] = any(u["active"] for u in data["uploads"])
     return JsonResponse(data)
 
 
 @require_POST
 @cohort_view("file")
 def cohort_upload(request: HttpRequest, cohort: Cohort) -> HttpResponse:
-    """Import uploaded zip archive(s) or DICOM files (streamed to disk), then enqueue."""
-    files = request.FILES.getlist("files")
+    """Receive zip archive(s) or DICOM files (streamed to disk) and queue their import.
+
+    The checks and the import run in a background job (:mod:`surveys.uploads`); the
+    cohort page shows the upload's status. Answers JSON ``{"ok", "message", "upload":
+    {"id", "status"}, "status_url"}`` to XHR/JSON requests, else redirects.
+    """
     try:
-        result = import_uploaded_files(cohort, files)
+        upload = uploads.receive_upload(cohort, request.user, request.FILES.getlist("files"))
     except ImportRejected as exc:
         if _wants_json(request):
             return JsonResponse({"ok": False, "error": str(exc)}, status=400)
         messages.error(request, str(exc))
         return redirect("surveys:cohort_detail", cohort_id=cohort.pk)
-    with transaction.atomic():
-        for subject in cohort.subjects.filter(pseudonym__in=result.subjects):
-            jobs.enqueue_subject(subject)
-    msg = (f"imported {len(result.subjects)} subject(s), {result.n_series} series, "
-           f"{result.n_files} files; processing started")
+    msg = uploads.RECEIVED_MESSAGE
     messages.success(request, msg)  # shown after the page reloads
     if _wants_json(request):
-        return JsonResponse({"ok": True, "message": msg, "subjects": result.subjects})
+        return JsonResponse({"ok": True, "message": msg,
+                             "upload": {"id": upload.pk, "status": upload.status},
+                             "status_url": reverse("surveys:cohort_status", args=[cohort.pk])})
+    return redirect("surveys:cohort_detail", cohort_id=cohort.pk)
+
+
+@require_POST
+@cohort_view("file")
+def upload_retry(request: HttpRequest, cohort: Cohort, upload_id: int) -> HttpResponse:
+    """Queue the import of a failed upload of this cohort again, if its files are still kept."""
+    upload = get_object_or_404(CohortUpload, pk=upload_id, cohort=cohort)
+    if upload.status != "failed":
+        ok, msg = False, f"upload #{upload.pk} is {upload.status}; nothing to retry"
+    elif uploads.retry_upload(upload):
+        ok, msg = True, f"upload #{upload.pk}: import queued again"
+    else:
+        ok, msg = False, f"upload #{upload.pk}: {uploads.GONE_MESSAGE}"
+    if _wants_json(request):
+        return JsonResponse({"ok": ok, "message": msg}, status=200 if ok else 409)
+    (messages.info if ok else messages.error)(request, msg)
     return redirect("surveys:cohort_detail", cohort_id=cohort.pk)
 
 

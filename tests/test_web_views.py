@@ -19,7 +19,7 @@ from rq import Queue, SimpleWorker
 from surveys import jobs
 from surveys.access import RESEARCHER_GROUP
 from surveys.importing import import_folder
-from surveys.models import Cohort, ReidSummary, RenderImage, StageRun
+from surveys.models import Cohort, CohortUpload, ReidSummary, RenderImage, StageRun
 from surveys.stages import atomic_write_bytes, data_path, png_bytes
 from surveys.synthetic import FAKE_MARKER, write_synthetic_cohort, zip_folder
 
@@ -67,17 +67,29 @@ def env(db, settings, tmp_path, synth_src, queue):
                                plot_path=rel)
     run = subject.stages.first()
     StageRun.objects.filter(pk=run.pk).update(status="failed", error="x")
+    # a failed upload whose received files are still kept (retryable)
+    staging = Path(settings.DATA_DIR) / "tmp" / "upload-test"
+    (staging / "received").mkdir(parents=True)
+    (staging / "received" / "000001").write_bytes(b"x")
+    upload = CohortUpload.objects.create(cohort=cohort, uploaded_by=owner, status="failed",
+                                         message="the import failed because of an internal error",
+                                         staging_dir="tmp/upload-test", n_received=1)
+    theirs = CohortUpload.objects.create(cohort=other_cohort, uploaded_by=other, status="failed",
+                                         message="their upload failed", staging_dir="tmp/upload-test")
     return {"cohort": cohort, "subject": subject, "image": img, "run": run, "owner": owner,
-            "other": other, "rater": rater, "staff": staff, "queue": queue}
+            "other": other, "rater": rater, "staff": staff, "queue": queue, "upload": upload,
+            "their_upload": theirs}
 
 
 def cohort_urls(env) -> list[tuple[str, str, str]]:
     """(method, url, kind) of every cohort-scoped endpoint; kind page/file."""
     c, s, img, run = env["cohort"].pk, env["subject"].pseudonym, env["image"].pk, env["run"].pk
+    up = env["upload"].pk
     return [
         ("get", f"/cohorts/{c}/", "page"),
         ("get", f"/cohorts/{c}/status.json", "file"),
         ("post", f"/cohorts/{c}/upload/", "file"),
+        ("post", f"/cohorts/{c}/uploads/{up}/retry/", "file"),
         ("post", f"/cohorts/{c}/run/", "file"),
         ("post", f"/cohorts/{c}/stages/{run}/retry/", "file"),
         ("get", f"/cohorts/{c}/subjects/{s}/", "page"),
@@ -110,7 +122,38 @@ def test_other_users_get_404_on_every_cohort_url(client, env, who):
         assert FAKE_MARKER.encode() not in r.content
     # nothing was changed by the refused POSTs
     assert StageRun.objects.get(pk=env["run"].pk).status == "failed"
+    assert CohortUpload.objects.get(pk=env["upload"].pk).status == "failed"
+    assert env["cohort"].uploads.count() == 1
     assert env["queue"].count == 0
+
+
+def test_uploads_are_shown_only_to_researchers_of_their_cohort(client, env,
+                                                               django_capture_on_commit_callbacks):
+    c = env["cohort"].pk
+    client.force_login(env["other"])
+    # their own cohort's page and status list only their upload
+    theirs = env["their_upload"].cohort_id
+    status = client.get(f"/cohorts/{theirs}/status.json").json()
+    assert [u["id"] for u in status["uploads"]] == [env["their_upload"].pk]
+    # another cohort's upload cannot be retried through one's own cohort either
+    r = client.post(f"/cohorts/{theirs}/uploads/{env['upload'].pk}/retry/")
+    assert r.status_code == 404
+    client.force_login(env["owner"])
+    status = client.get(f"/cohorts/{c}/status.json").json()
+    assert [u["id"] for u in status["uploads"]] == [env["upload"].pk]
+    assert status["uploads"][0]["by"] == "owner" and status["uploads"][0]["retryable"]
+    page = client.get(f"/cohorts/{c}/").content.decode()
+    assert "their upload failed" not in page and "Retry import" in page
+    r = client.post(f"/cohorts/{c}/uploads/{env['their_upload'].pk}/retry/")
+    assert r.status_code == 404
+    assert CohortUpload.objects.get(pk=env["their_upload"].pk).status == "failed"
+    # the owner's retry queues the import
+    with django_capture_on_commit_callbacks(execute=True):
+        r = client.post(f"/cohorts/{c}/uploads/{env['upload'].pk}/retry/",
+                        HTTP_X_REQUESTED_WITH="XMLHttpRequest")
+    assert r.status_code == 200 and r.json()["ok"]
+    up = CohortUpload.objects.get(pk=env["upload"].pk)
+    assert up.status == "queued" and env["queue"].job_ids == [up.rq_job_id]
 
 
 def test_rater_cannot_list_or_create_cohorts(client, env):
@@ -175,7 +218,7 @@ def test_admin_registers_every_model(admin_client, env):
     from django.contrib import admin
 
     models = list(apps.get_app_config("surveys").get_models())
-    assert len(models) == 13  # 7 cohort-side + 6 study models
+    assert len(models) == 14  # 8 cohort-side + 6 study models
     for model in models:
         assert admin.site.is_registered(model), model.__name__
         url = f"/admin/surveys/{model._meta.model_name}/"
@@ -184,17 +227,34 @@ def test_admin_registers_every_model(admin_client, env):
     assert FAKE_MARKER.encode() not in listing
 
 
-def test_upload_rejections_are_clear_json(client, env, tmp_path):
+def test_upload_rejections_are_clear_json(client, env, tmp_path, settings,
+                                          django_capture_on_commit_callbacks):
+    """Request-level refusals answer 400 at once; content refusals come from the import job."""
     client.force_login(env["owner"])
     url = f"/cohorts/{env['cohort'].pk}/upload/"
+    r = client.post(url, {}, HTTP_X_REQUESTED_WITH="XMLHttpRequest")
+    assert r.status_code == 400 and "no file" in r.json()["error"]
+    settings.UPLOAD_MAX_BYTES = 10
+    with open(__file__, "rb") as fh:
+        r = client.post(url, {"files": fh}, HTTP_X_REQUESTED_WITH="XMLHttpRequest")
+    assert r.status_code == 400 and "larger than 10 bytes" in r.json()["error"]
+    assert env["cohort"].uploads.count() == 1  # only the fixture's: nothing recorded
+    settings.UPLOAD_MAX_BYTES = 8 * 1024**3
     z = tmp_path / "slip.zip"
     with zipfile.ZipFile(z, "w") as zf:
         zf.writestr("../../x.dcm", b"x")
-    with open(z, "rb") as fh:
+    with django_capture_on_commit_callbacks(execute=True), open(z, "rb") as fh:
         r = client.post(url, {"files": fh}, HTTP_X_REQUESTED_WITH="XMLHttpRequest")
-    assert r.status_code == 400 and "outside the archive" in r.json()["error"]
-    r = client.post(url, {}, HTTP_X_REQUESTED_WITH="XMLHttpRequest")
-    assert r.status_code == 400 and "no file" in r.json()["error"]
+    assert r.status_code == 200, r.content
+    body = r.json()
+    assert body["ok"] and body["upload"]["status"] == "queued"
+    assert body["status_url"] == f"/cohorts/{env['cohort'].pk}/status.json"
+    with django_capture_on_commit_callbacks(execute=True):
+        SimpleWorker([env["queue"]], connection=env["queue"].connection).work(burst=True)
+    upload = CohortUpload.objects.get(pk=body["upload"]["id"])
+    assert upload.status == "failed" and "outside the archive" in upload.message
+    row = client.get(f"/cohorts/{env['cohort'].pk}/status.json").json()["uploads"][0]
+    assert row["id"] == upload.pk and row["status"] == "failed" and not row["retryable"]
 
 
 @pytest.mark.slow
@@ -216,7 +276,7 @@ def test_upload_process_and_download(client, db, settings, tmp_path, queue,
         r = client.post(f"/cohorts/{cohort.pk}/upload/", {"files": fh},
                         HTTP_X_REQUESTED_WITH="XMLHttpRequest")
     assert r.status_code == 200 and r.json()["ok"], r.content
-    assert len(queue) == 2
+    assert len(queue) == 1 and cohort.subjects.count() == 0  # the import job only
     for _ in range(20):
         if not len(queue):
             break
@@ -224,6 +284,8 @@ def test_upload_process_and_download(client, db, settings, tmp_path, queue,
             SimpleWorker([queue], connection=queue.connection).work(burst=True)
     status = client.get(f"/cohorts/{cohort.pk}/status.json").json()
     assert status["complete"] and status["counts"]["done"] == 8
+    assert status["uploads"][0]["status"] == "done" and status["uploads"][0]["n_subjects"] == 2
+    assert not status["importing"]
     subject = cohort.subjects.order_by("pseudonym").first()
     page = client.get(f"/cohorts/{cohort.pk}/subjects/{subject.pseudonym}/").content.decode()
     assert "anatomical" in page and page.count("/images/") >= 8
@@ -271,7 +333,14 @@ def test_upload_of_loose_dicom_files(client, db, settings, tmp_path, queue,
         for h in handles:
             h.close()
     assert r.status_code == 200, r.content
-    assert r.json()["subjects"] == ["SUBJ-0001"]
+    assert len(queue) == 1 and cohort.subjects.count() == 0
+    job = queue.jobs[0]
+    queue.remove(job)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert job.func(*job.args) == "done"
+    upload = CohortUpload.objects.get(pk=r.json()["upload"]["id"])
+    assert (upload.n_received, upload.n_subjects, upload.n_files) == (len(files), 1, len(files))
+    assert [s.pseudonym for s in cohort.subjects.all()] == ["SUBJ-0001"]
     series = cohort.subjects.get().series.get()
     stored = sorted(p.name for p in (Path(settings.DATA_DIR) / series.original_dir).iterdir())
     assert len(stored) == len(files) == series.n_files

@@ -1,4 +1,6 @@
 // Cohort page: upload with a progress bar (XMLHttpRequest upload events) and status polling.
+// The server only receives the files; the import runs in a background job whose status
+// (queued / running / done / failed) is polled with the stages.
 (function () {
   "use strict";
   function csrf() {
@@ -23,7 +25,7 @@
       xhr.upload.addEventListener("progress", function (e) {
         if (e.lengthComputable) bar.value = Math.round(100 * e.loaded / e.total);
       });
-      xhr.upload.addEventListener("load", function () { msg.textContent = "Checking and importing…"; });
+      xhr.upload.addEventListener("load", function () { msg.textContent = "Upload complete, storing the files…"; });
       xhr.addEventListener("load", function () {
         var body = {};
         try { body = JSON.parse(xhr.responseText); } catch (e) { body = {error: "server error " + xhr.status}; }
@@ -45,13 +47,24 @@
   if (!table) return;
   var url = table.getAttribute("data-status-url");
   var known = table.querySelectorAll("tr[data-subject]").length;
+  // reload when an upload appears or changes status (shows the new subjects or the error)
+  function uploadsChanged(rows) {
+    var changed = false;
+    (rows || []).forEach(function (u) {
+      var tr = document.querySelector('tr[data-upload="' + u.id + '"]');
+      if (!tr || tr.getAttribute("data-status") !== u.status) changed = true;
+    });
+    return changed;
+  }
   function poll() {
     fetch(url, {headers: {"Accept": "application/json"}, credentials: "same-origin"})
       .then(function (r) { return r.json(); })
       .then(function (data) {
         var summary = document.getElementById("summary");
         if (summary) summary.textContent = data.counts.done + " / " + data.total + " stages done";
-        if (data.subjects.length !== known) { window.location.reload(); return; }
+        if (data.subjects.length !== known || uploadsChanged(data.uploads)) {
+          window.location.reload(); return;
+        }
         var needReload = false;
         data.subjects.forEach(function (s) {
           s.stages.forEach(function (st) {
@@ -68,7 +81,7 @@
         if (needReload || (data.complete && !document.getElementById("reid-rank1") && data.reid)) {
           window.location.reload(); return;
         }
-        if (!data.settled || !data.complete) window.setTimeout(poll, 1500);
+        if (!data.settled || !data.complete || data.importing) window.setTimeout(poll, 1500);
       })
       .catch(function () { window.setTimeout(poll, 5000); });
   }

@@ -15,7 +15,9 @@ from django.utils import timezone
 
 __all__ = [
     "STAGE_STATUSES",
+    "UPLOAD_STATUSES",
     "Cohort",
+    "CohortUpload",
     "IdentityLink",
     "ReidSummary",
     "RenderImage",
@@ -25,6 +27,7 @@ __all__ = [
 ]
 
 STAGE_STATUSES = ("pending", "queued", "running", "done", "failed")
+UPLOAD_STATUSES = ("queued", "running", "done", "failed")
 
 
 class Cohort(models.Model):
@@ -192,3 +195,52 @@ class IdentityLink(models.Model):
 
     def __str__(self) -> str:  # never the identity itself
         return f"identity of {self.subject.pseudonym}"
+
+
+class CohortUpload(models.Model):
+    """One web upload into a cohort, imported by a background job (:mod:`surveys.uploads`).
+
+    The request only stores the received files in a private folder below
+    ``DATA_DIR/tmp`` (``staging_dir``, a random name) and queues the import. ``message``
+    is shown to researchers and never holds a path or a header value. ``staging_dir`` is
+    emptied when the folder is deleted: a failed upload can be retried only while it is set.
+    """
+
+    cohort = models.ForeignKey(Cohort, on_delete=models.CASCADE, related_name="uploads")
+    uploaded_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL,
+                                    null=True, blank=True, related_name="+")
+    status = models.CharField(max_length=10, default="queued",
+                              choices=[(s, s) for s in UPLOAD_STATUSES])
+    message = models.TextField(blank=True, help_text="readable result; never holds identifiers")
+    n_received = models.PositiveIntegerField(default=0, help_text="files received")
+    bytes_received = models.PositiveBigIntegerField(default=0)
+    n_subjects = models.PositiveIntegerField(default=0, help_text="subjects created")
+    n_series = models.PositiveIntegerField(default=0, help_text="series created")
+    n_files = models.PositiveIntegerField(default=0, help_text="DICOM files imported")
+    staging_dir = models.CharField(max_length=300, blank=True,
+                                   help_text="DATA_DIR-relative folder of the received files")
+    staging_host = models.CharField(max_length=255, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    rq_job_id = models.CharField(max_length=64, blank=True)
+    worker_host = models.CharField(max_length=255, blank=True)
+    worker_pid = models.IntegerField(null=True, blank=True)
+    heartbeat = models.DateTimeField(null=True, blank=True)
+    created = models.DateTimeField(default=timezone.now)
+    started = models.DateTimeField(null=True, blank=True)
+    finished = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created", "-pk"]
+
+    def __str__(self) -> str:
+        return f"upload #{self.pk} to {self.cohort_id}: {self.status}"
+
+    @property
+    def active(self) -> bool:
+        """True while the import is waiting or running."""
+        return self.status in ("queued", "running")
+
+    @property
+    def retryable(self) -> bool:
+        """A failed upload whose received files are still kept."""
+        return self.status == "failed" and bool(self.staging_dir)

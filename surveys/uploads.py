@@ -1,0 +1,353 @@
+"""Web uploads of DICOM, imported by a background RQ job.
+
+The request (:func:`receive_upload`) only stores the streamed files in a private
+folder ``DATA_DIR/tmp/upload-<random>/received/`` (:func:`surveys.importing.receive_uploaded_files`),
+creates a :class:`~surveys.models.CohortUpload` row (``queued``) and enqueues
+:func:`run_upload` after the transaction commits. The job
+
+1. claims the row with a conditional UPDATE (``queued`` and its current job id), so a
+   duplicate or superseded job does nothing;
+2. runs :func:`surveys.importing.import_received` (all the safety checks, all or
+   nothing); the row becomes ``done`` with its counts *in the import's transaction*,
+   and the new subjects' first stages are enqueued in that transaction too;
+3. on :class:`~surveys.importing.ImportRejected` marks the row ``failed`` with the
+   rejection's message (it never holds a path or a header value); on any other error
+   with a generic message (the log gets the exception class and the code locations,
+   not the message, which may carry paths or header values);
+4. deletes the received files, except after an unexpected error: then they are kept
+   for :data:`KEEP_FAILED_SECONDS` so the researcher can press *Retry*.
+
+An import killed mid-way leaves the row ``running`` and nothing committed (the
+received files are never modified); :func:`recover_uploads` (run by
+:class:`deidstudy.rq.RecoveringWorker`) queues it again, or marks it failed when
+its files are gone — a failed upload without files cannot be retried, it has to be
+uploaded again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import socket
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from .importing import (
+    ImportRejected,
+    ImportResult,
+    import_received,
+    receive_uploaded_files,
+    tmp_root,
+)
+from .models import Cohort, CohortUpload
+
+log = logging.getLogger(__name__)
+
+#: Received files of an upload that failed unexpectedly are kept this long (seconds) for a retry.
+KEEP_FAILED_SECONDS = int(getattr(settings, "UPLOAD_KEEP_FAILED_SECONDS", 86400))
+#: Shown while the import is queued or running.
+RECEIVED_MESSAGE = "upload received, importing in the background"
+GONE_MESSAGE = "the uploaded files are no longer available; upload them again"
+#: Name prefix of the staging folders in ``DATA_DIR/tmp`` (see :func:`recover_uploads`).
+STAGING_PREFIX = "web-upload-"
+
+
+class _Superseded(Exception):
+    """The row was re-queued for another job while this one ran: roll back."""
+
+
+def get_import_queue():
+    """The RQ queue of import jobs (``settings.IMPORT_QUEUE``, by default the pipeline queue)."""
+    from . import jobs
+
+    name = getattr(settings, "IMPORT_QUEUE", settings.PIPELINE_QUEUE)
+    if name == settings.PIPELINE_QUEUE:
+        return jobs.get_pipeline_queue()
+    import django_rq
+
+    return django_rq.get_queue(name)
+
+
+def _staging_path(rel: str) -> Path:
+    from .stages import data_path
+
+    return data_path(rel)
+
+
+def receive_upload(cohort: Cohort, user, files: list) -> CohortUpload:
+    """Store the uploaded files, record the upload and queue its import; returns the row.
+
+    Raises :class:`ImportRejected` (nothing stored, no row) for an empty or too large
+    upload; everything else is checked by the job.
+    """
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=tmp_root()))  # mode 0700
+    try:
+        n, size = receive_uploaded_files(files, staging)
+        with transaction.atomic():
+            upload = CohortUpload.objects.create(
+                cohort=cohort, uploaded_by=user if getattr(user, "pk", None) else None,
+                n_received=n, bytes_received=size, message=RECEIVED_MESSAGE,
+                staging_dir=staging.relative_to(Path(settings.DATA_DIR)).as_posix(),
+                staging_host=socket.gethostname()[:255])
+            enqueue_upload(upload)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("cohort %s: upload #%s received (%d files), import queued", cohort.pk, upload.pk, n)
+    return upload
+
+
+def enqueue_upload(upload: CohortUpload, queue=None) -> str:
+    """Mark ``upload`` queued with a fresh job id and enqueue its import after the commit."""
+    job_id = f"upload-{upload.pk}-{secrets.token_hex(6)}"
+    CohortUpload.objects.filter(pk=upload.pk).update(
+        status="queued", rq_job_id=job_id, message=RECEIVED_MESSAGE, started=None, finished=None,
+        worker_pid=None, worker_host="", heartbeat=None)
+    upload.status, upload.rq_job_id, upload.message = "queued", job_id, RECEIVED_MESSAGE
+
+    def push() -> None:
+        q = queue if queue is not None else get_import_queue()
+        # ahead of queued stages: the researcher is watching "importing…"
+        q.enqueue("surveys.uploads.run_upload", upload.pk, job_id, job_id=job_id, at_front=True,
+                  job_timeout=int(getattr(settings, "PIPELINE_JOB_TIMEOUT", 3600)),
+                  result_ttl=3600, failure_ttl=7 * 86400)
+
+    transaction.on_commit(push)
+    return job_id
+
+
+def retry_upload(upload: CohortUpload, queue=None) -> bool:
+    """Queue a failed upload again if its received files are still there.
+
+    Returns False (and forgets the files) when they are gone: the upload has to be
+    repeated.
+    """
+    if upload.status != "failed":
+        return False
+    if _received_dir(upload) is None:
+        if upload.staging_dir:  # gone from disk: no Retry button any more
+            CohortUpload.objects.filter(pk=upload.pk).update(staging_dir="")
+            upload.staging_dir = ""
+        return False
+    with transaction.atomic():
+        enqueue_upload(upload, queue)
+    return True
+
+
+def _received_dir(upload: CohortUpload) -> Path | None:
+    """The folder of the upload's received files, or None when it does not exist (here)."""
+    if not upload.staging_dir:
+        return None
+    try:
+        staging = _staging_path(upload.staging_dir)
+    except ValueError:  # never follow a stored path out of DATA_DIR
+        return None
+    return staging if (staging / "received").is_dir() else None
+
+
+def _claim(upload_id: int, job_id: str) -> bool:
+    now = timezone.now()
+    n = CohortUpload.objects.filter(pk=upload_id, status="queued", rq_job_id=job_id).update(
+        status="running", attempts=F("attempts") + 1, started=now, heartbeat=now, finished=None,
+        worker_pid=os.getpid(), worker_host=socket.gethostname()[:255])
+    return n == 1
+
+
+def _elsewhere(upload: CohortUpload) -> bool:
+    """True when the upload's files were received on another machine and are not visible here."""
+    if upload.staging_host in ("", socket.gethostname()[:255]):
+        return False
+    try:
+        return not (upload.staging_dir and _staging_path(upload.staging_dir).is_dir())
+    except ValueError:
+        return False
+
+
+def _remove_staging(upload: CohortUpload) -> None:
+    if upload.staging_dir:
+        try:
+            shutil.rmtree(_staging_path(upload.staging_dir), ignore_errors=True)
+        except ValueError:  # a stored path outside DATA_DIR: never delete it
+            log.warning("upload #%s: staging folder outside the data folder not removed", upload.pk)
+    CohortUpload.objects.filter(pk=upload.pk).update(staging_dir="")
+    upload.staging_dir = ""
+
+
+def _unexpected_message(exc: BaseException) -> str:
+    """A generic, identifier-free reason for an error that is not a rejection."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return (f"the import failed because of a file system error ({exc.strerror}); "
+                "nothing was imported")
+    return (f"the import failed because of an internal error ({exc.__class__.__name__}); "
+            "nothing was imported; see the worker log")
+
+
+def _done_message(result: ImportResult) -> str:
+    return (f"imported {len(result.subjects)} subject(s), {result.n_series} series, "
+            f"{result.n_files} files; processing started")
+
+
+def run_upload(upload_id: int, job_id: str) -> str:
+    """RQ entry point: import upload ``upload_id`` for ``job_id`` and queue its subjects.
+
+    Returns ``"done"``, ``"failed"`` or ``"skipped"`` (the row was not waiting for
+    this job).
+    """
+    from django.db import close_old_connections, connection
+
+    from . import jobs
+
+    if not connection.in_atomic_block:  # (tests run jobs inside a transaction)
+        close_old_connections()
+    if not _claim(upload_id, job_id):
+        log.info("upload #%s: job is stale, skipped", upload_id)
+        return "skipped"
+    upload = CohortUpload.objects.select_related("cohort").get(pk=upload_id)
+    cohort = upload.cohort
+    staging = _received_dir(upload)
+    if staging is None:
+        if _elsewhere(upload):  # keep staging_dir: a worker on that machine deletes the files
+            msg = ("the uploaded files are not on this worker's machine; run a worker of the "
+                   "import queue on the web server (see the README) and upload them again")
+            CohortUpload.objects.filter(pk=upload_id, rq_job_id=job_id).update(
+                status="failed", message=msg, finished=timezone.now())
+        else:
+            CohortUpload.objects.filter(pk=upload_id, rq_job_id=job_id).update(
+                status="failed", message=GONE_MESSAGE, finished=timezone.now(), staging_dir="")
+        log.warning("upload #%s of cohort %s: received files missing", upload_id, cohort.pk)
+        return "failed"
+
+    def commit_with_import(result: ImportResult) -> None:
+        n = CohortUpload.objects.filter(pk=upload_id, rq_job_id=job_id, status="running").update(
+            status="done", message=_done_message(result), n_subjects=len(result.subjects),
+            n_series=result.n_series, n_files=result.n_files, finished=timezone.now())
+        if n != 1:
+            raise _Superseded()
+        for subject in cohort.subjects.filter(pseudonym__in=result.subjects):
+            jobs.enqueue_subject(subject)
+
+    beat = None if connection.in_atomic_block else jobs._Heartbeat(upload_id, job_id, CohortUpload)
+    try:
+        result = import_received(cohort, staging, before_commit=commit_with_import)
+    except _Superseded:  # the files belong to the newer job
+        log.info("upload #%s: re-queued by another job while importing; rolled back", upload_id)
+        return "skipped"
+    except ImportRejected as exc:  # deterministic: a retry would fail the same way
+        if _fail(upload_id, job_id, str(exc)):
+            _remove_staging(upload)
+        log.info("upload #%s of cohort %s refused: %s", upload_id, cohort.pk, exc)
+        return "failed"
+    except Exception as exc:  # noqa: BLE001 — reported as a status, never as a traceback
+        _fail(upload_id, job_id, _unexpected_message(exc))  # files kept for a retry
+        log.error("upload #%s of cohort %s failed with %s (message omitted: it may hold paths or "
+                  "header values)\n%s", upload_id, cohort.pk, exc.__class__.__name__,
+                  "".join(traceback.format_tb(exc.__traceback__)).rstrip())
+        return "failed"
+    finally:
+        if beat is not None:
+            beat.stop()
+    _remove_staging(upload)
+    log.info("upload #%s of cohort %s: imported %d subject(s)", upload_id, cohort.pk,
+             len(result.subjects))
+    return "done"
+
+
+def _fail(upload_id: int, job_id: str, message: str) -> bool:
+    """Mark the upload failed if this job still owns it; returns whether it did."""
+    n = CohortUpload.objects.filter(pk=upload_id, rq_job_id=job_id, status="running").update(
+        status="failed", message=message[:1000], finished=timezone.now())
+    return n == 1
+
+
+def recover_uploads(stale_seconds: int | None = None, keep_failed_seconds: int | None = None,
+                    queue=None) -> list[int]:
+    """Re-queue imports whose worker died; clean up received files no longer needed.
+
+    * ``running`` uploads whose worker ran on this host and is gone, or whose heartbeat
+      is older than ``stale_seconds`` (default ``PIPELINE_STALE_SECONDS``): queued again
+      when their received files are still there, otherwise failed (upload again);
+    * ``done`` uploads whose received files were not deleted (worker killed after the
+      commit): the files are deleted;
+    * ``failed`` uploads older than ``keep_failed_seconds`` (default
+      :data:`KEEP_FAILED_SECONDS`): the received files are deleted (no retry any more).
+
+    Returns the ids of the re-queued uploads.
+    """
+    from .jobs import STALE_SECONDS, _pid_alive
+
+    stale_seconds = STALE_SECONDS if stale_seconds is None else stale_seconds
+    keep_failed_seconds = KEEP_FAILED_SECONDS if keep_failed_seconds is None else keep_failed_seconds
+    now = timezone.now()
+    host = socket.gethostname()[:255]
+    cutoff = now - timedelta(seconds=stale_seconds)
+    requeued: list[int] = []
+    for up in CohortUpload.objects.filter(status="running").filter(
+            Q(worker_host=host) | Q(heartbeat__lt=cutoff)):
+        dead = up.worker_host == host and up.worker_pid and not _pid_alive(up.worker_pid)
+        if not (dead or (up.heartbeat is not None and up.heartbeat < cutoff)):
+            continue
+        if _elsewhere(up):
+            continue  # only a worker that sees the received files decides about them
+        with transaction.atomic():
+            if not CohortUpload.objects.filter(pk=up.pk, status="running",
+                                               rq_job_id=up.rq_job_id).exists():
+                continue  # somebody touched it meanwhile
+            if _received_dir(up) is not None:
+                enqueue_upload(up, queue)
+                requeued.append(up.pk)
+                log.warning("upload #%s was abandoned by its worker; re-queued", up.pk)
+            else:
+                CohortUpload.objects.filter(pk=up.pk).update(
+                    status="failed", message="the import was interrupted and " + GONE_MESSAGE,
+                    finished=now, staging_dir="")
+                log.warning("upload #%s was abandoned by its worker; its files are gone", up.pk)
+    old_failed = Q(status="failed", finished__lt=now - timedelta(seconds=keep_failed_seconds))
+    for up in CohortUpload.objects.exclude(staging_dir="").filter(Q(status="done") | old_failed):
+        if not _elsewhere(up):
+            _remove_staging(up)
+    _remove_unrecorded_staging(max(keep_failed_seconds, 3600))  # never a request's in progress
+    return requeued
+
+
+def _remove_unrecorded_staging(older_than_seconds: int) -> None:
+    """Delete staging folders older than ``older_than_seconds`` that no upload row refers to
+    (a web request killed between storing the files and recording the upload)."""
+    root = Path(settings.DATA_DIR) / "tmp"
+    if not root.is_dir():
+        return
+    known = set(CohortUpload.objects.exclude(staging_dir="").values_list("staging_dir", flat=True))
+    limit = time.time() - older_than_seconds
+    for d in root.glob(f"{STAGING_PREFIX}*"):
+        rel = d.relative_to(Path(settings.DATA_DIR)).as_posix()
+        if d.is_dir() and rel not in known and d.stat().st_mtime < limit:
+            log.warning("removing received upload files that no upload refers to")
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def recent_uploads(cohort: Cohort, limit: int = 10) -> list[CohortUpload]:
+    """The cohort's ``limit`` most recent uploads, newest first."""
+    return list(cohort.uploads.select_related("uploaded_by")[:limit])
+
+
+def upload_rows(cohort: Cohort, limit: int = 10) -> list[dict[str, object]]:
+    """The cohort's most recent uploads as JSON-ready rows (no identifier, no path)."""
+    rows = []
+    for up in recent_uploads(cohort, limit):
+        rows.append({
+            "id": up.pk, "status": up.status, "message": up.message,
+            "received": up.created.isoformat(), "n_received": up.n_received,
+            "n_subjects": up.n_subjects, "n_series": up.n_series, "n_files": up.n_files,
+            "by": up.uploaded_by.get_username() if up.uploaded_by else "",
+            "retryable": up.retryable, "active": up.active,
+        })
+    return rows
