@@ -1,20 +1,21 @@
 """Who may see what: researchers (staff or the "researcher" group) see only their cohorts.
 
-Everything below ``/cohorts/`` goes through :func:`cohort_view`: anonymous users are
-sent to the login page (HTML pages) or get 403 (files, JSON, downloads); signed-in
-users who are not researchers of the cohort get 404, so a cohort's existence is not
-revealed.
+Everything below ``/cohorts/`` goes through :func:`cohort_view`: anonymous users get
+403 — for HTML pages a short page with a sign-in link that returns to the page, for
+files, JSON and downloads a bare 403; signed-in users who are not researchers of the
+cohort get 404, so a cohort's existence is not revealed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from functools import wraps
+from urllib.parse import urlencode
 
-from django.conf import settings
-from django.contrib.auth.views import redirect_to_login
 from django.db.models import Q, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseForbidden
+from django.shortcuts import render
+from django.urls import reverse
 
 from .models import Cohort
 
@@ -37,11 +38,19 @@ def cohorts_for(user) -> QuerySet[Cohort]:
     return Cohort.objects.filter(Q(owner=user) | Q(researchers=user)).distinct()
 
 
+def sign_in_required(request: HttpRequest) -> HttpResponse:
+    """403 page for anonymous visitors of a researcher page, with a link to sign in and
+    come back (``?next=`` is the requested path; Django's login view only follows
+    same-host targets)."""
+    login = reverse("login") + "?" + urlencode({"next": request.get_full_path()})
+    return render(request, "surveys/sign_in_required.html", {"login_url": login}, status=403)
+
+
 def cohort_view(kind: str = "page") -> Callable:
     """Decorator for views taking ``cohort_id``: replaces it by the permitted Cohort.
 
-    ``kind="page"`` redirects anonymous users to the login page; ``kind="file"``
-    answers 403 instead (downloads, images, JSON).
+    Anonymous users get 403: ``kind="page"`` with :func:`sign_in_required`,
+    ``kind="file"`` (downloads, images, JSON) a bare 403.
     """
 
     def deco(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
@@ -49,7 +58,7 @@ def cohort_view(kind: str = "page") -> Callable:
         def wrapper(request: HttpRequest, cohort_id: int, *args, **kwargs) -> HttpResponse:
             if not request.user.is_authenticated:
                 if kind == "page":
-                    return redirect_to_login(request.get_full_path(), settings.LOGIN_URL)
+                    return sign_in_required(request)
                 return HttpResponseForbidden("login required")
             try:
                 cohort = cohorts_for(request.user).get(pk=cohort_id)

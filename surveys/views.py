@@ -14,7 +14,6 @@ import tempfile
 import zipfile
 
 from django.contrib import messages
-from django.contrib.auth.decorators import login_required
 from django.db import transaction
 from django.http import (
     FileResponse,
@@ -29,7 +28,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
 from . import jobs, uploads
-from .access import cohort_view, cohorts_for, is_researcher
+from .access import cohort_view, cohorts_for, is_researcher, sign_in_required
 from .forms import CohortForm
 from .importing import ImportRejected, tmp_root
 from .models import Cohort, CohortUpload, RenderImage, StageRun, Subject
@@ -44,9 +43,10 @@ def _wants_json(request: HttpRequest) -> bool:
             or "application/json" in request.headers.get("accept", ""))
 
 
-@login_required
 def cohort_list(request: HttpRequest) -> HttpResponse:
     """Cohorts of the user; researchers can create one (POST)."""
+    if not request.user.is_authenticated:
+        return sign_in_required(request)
     if not is_researcher(request.user):
         return HttpResponseForbidden("only researchers can manage cohorts")
     form = CohortForm()

@@ -11,15 +11,13 @@ import json
 from collections.abc import Callable
 from functools import wraps
 
-from django.conf import settings
 from django.contrib import messages
-from django.contrib.auth.views import redirect_to_login
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseForbidden
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from ..access import cohorts_for, is_researcher
+from ..access import cohorts_for, is_researcher, sign_in_required
 from ..models import Invitation, Study
 from .design import DesignError
 from .forms import InvitationForm, StudyForm
@@ -48,7 +46,7 @@ def study_view(kind: str = "page") -> Callable:
         def wrapper(request: HttpRequest, study_id: int, *args, **kwargs) -> HttpResponse:
             if not request.user.is_authenticated:
                 if kind == "page":
-                    return redirect_to_login(request.get_full_path(), settings.LOGIN_URL)
+                    return sign_in_required(request)
                 return HttpResponseForbidden("login required")
             study = (Study.objects.select_related("cohort")
                      .filter(pk=study_id, cohort__in=cohorts_for(request.user)).first())
@@ -72,7 +70,7 @@ def _download(body: str | bytes, content_type: str, filename: str) -> HttpRespon
 def study_list(request: HttpRequest) -> HttpResponse:
     """Studies of the user's cohorts and the new-study form."""
     if not request.user.is_authenticated:
-        return redirect_to_login(request.get_full_path(), settings.LOGIN_URL)
+        return sign_in_required(request)
     if not is_researcher(request.user):
         return HttpResponseForbidden("only researchers can manage studies")
     cohorts = cohorts_for(request.user)
