@@ -36,6 +36,7 @@ __all__ = [
     "build_dataset",
     "hu_to_rgb8",
     "slice_labels",
+    "spec_from_metadata",
     "subject_geometry",
     "volume_labels",
 ]
@@ -181,6 +182,20 @@ class DatasetSpec:
         if split not in off:
             raise DatasetError(f"unknown split {split!r}")
         return [self.seed_base + off[split] + s for s in range(n[split])]
+
+
+def spec_from_metadata(meta: dict) -> DatasetSpec:
+    """The :class:`DatasetSpec` recorded in a model's metadata (``meta["data"]["spec"]``).
+
+    Unknown keys are ignored and missing ones take their defaults, so metadata
+    written by older versions still gives the same held-out seeds.
+    """
+    from dataclasses import fields
+
+    spec_d = dict((meta.get("data") or {}).get("spec") or {})
+    known = {f.name for f in fields(DatasetSpec)}
+    return DatasetSpec(**{k: tuple(v) if isinstance(v, list) else v
+                          for k, v in spec_d.items() if k in known})
 
 
 def subject_geometry(spec: DatasetSpec, seed: int) -> dict[str, object]:

@@ -203,6 +203,50 @@ def test_parity_onnxruntime_vs_ultralytics(yolo_env, head_slices):
     assert n_matched >= 20
 
 
+# ----------------------------------------------------------------------------- INT8
+
+
+@needs_model
+def test_int8_quantization_keeps_the_boxes(tmp_path, head_slices, monkeypatch):
+    """INT8 copy of the shipped model: loads like any ONNX detector, finds the same
+    confident boxes as the float model, leaves no scratch files behind."""
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "m" / "face.onnx"
+    src.parent.mkdir()
+    src.write_bytes(SHIPPED_ONNX.read_bytes())
+    calib = det.synthetic_calibration(det.load_detector().meta.imgsz, n_subjects=2, every=4)
+    assert calib.dtype == np.float32 and calib.ndim == 4 and 0.0 <= calib.min() and calib.max() <= 1.0
+    dst = det.quantize_onnx(src, tmp_path / "m" / "face.int8.onnx", calib)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["face.int8.onnx", "face.onnx", "m"]
+    assert dst.stat().st_size < src.stat().st_size / 2  # 8-bit weights
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(dst)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    hu = _slices_with_face(head_slices)
+    f32 = det.load_detector(src).detect(hu)
+    i8 = det.load_detector(dst).detect(hu)  # class names from the embedded export metadata
+    n_matched = n_conf = 0
+    for x, y in zip(f32, i8):
+        for box, score, cls in zip(x.boxes, x.scores, x.class_ids):
+            if score < 0.5:
+                continue
+            n_conf += 1
+            same = y.boxes[y.class_ids == cls]
+            if len(same) and det._iou_one_to_many(box.astype(float), same.astype(float)).max() >= 0.8:
+                n_matched += 1
+    assert n_conf >= 20 and n_matched >= 0.9 * n_conf, (n_matched, n_conf)
+
+
+def test_quantize_rejects_bad_input(tmp_path):
+    with pytest.raises(det.DetectorError, match="calibration"):
+        det.quantize_onnx(tmp_path / "x.onnx", tmp_path / "y.onnx", np.zeros((0, 3, 8, 8), np.float32))
+    (tmp_path / "x.onnx").write_bytes(b"not onnx")
+    with pytest.raises(det.DetectorError, match="not a valid ONNX"):
+        det.quantize_onnx(tmp_path / "x.onnx", tmp_path / "y.onnx", np.zeros((1, 3, 8, 8), np.float32))
+    assert not (tmp_path / "y.onnx").exists()
+
+
 # ----------------------------------------------------------------------------- offline training
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import fields
 from pathlib import Path
 
 from django.conf import settings
@@ -49,10 +48,7 @@ class Command(BaseCommand):
                 split = o["split"]
                 described = {"source": "user dataset", "yaml_name": data_yaml.name, "split": split}
             else:
-                spec_d = dict((meta.get("data") or {}).get("spec") or {})
-                known = {f.name for f in fields(detector_data.DatasetSpec)}
-                spec_d = {k: tuple(v) if isinstance(v, list) else v for k, v in spec_d.items() if k in known}
-                spec = detector_data.DatasetSpec(**spec_d)
+                spec = detector_data.spec_from_metadata(meta)
                 if o["subjects"]:
                     spec.n_test = o["subjects"]
                 self.stdout.write(f"generating {spec.n_test} held-out synthetic subjects")
