@@ -26,6 +26,7 @@ DEIDSTUDY_PROJECT_SECRET secret for UID hashing and pseudonymisation.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import dj_database_url
@@ -137,37 +138,63 @@ WHITENOISE_AUTOREFRESH = DEBUG
 # Originals and derived data live under VAR_DIR, never in a web-served folder.
 DATA_DIR = Path(os.environ.get("DEIDSTUDY_DATA_DIR", VAR_DIR / "data")).resolve()
 
-# Optional shared storage for several worker machines (see surveys/shared.py):
-#   DEIDSTUDY_SHARED_STORAGE=s3          S3-compatible bucket via django-storages; set
-#       AWS_STORAGE_BUCKET_NAME, AWS_S3_ENDPOINT_URL (MinIO, Ceph…), AWS_ACCESS_KEY_ID,
-#       AWS_SECRET_ACCESS_KEY, optional AWS_S3_REGION_NAME and DEIDSTUDY_S3_PREFIX;
-#   DEIDSTUDY_SHARED_STORAGE=path:/mnt/x a folder every machine mounts.
-# Unset (default): DATA_DIR alone (one machine, or DATA_DIR itself on NFS/EFS).
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }
-_shared = os.environ.get("DEIDSTUDY_SHARED_STORAGE", "").strip()
-if _shared == "s3":
-    STORAGES["cohortdata"] = {
-        "BACKEND": "storages.backends.s3.S3Storage",
-        "OPTIONS": {
-            "bucket_name": os.environ.get("AWS_STORAGE_BUCKET_NAME", ""),
-            "endpoint_url": os.environ.get("AWS_S3_ENDPOINT_URL") or None,
-            "region_name": os.environ.get("AWS_S3_REGION_NAME") or None,
-            "location": os.environ.get("DEIDSTUDY_S3_PREFIX", "deidstudy"),
-            "default_acl": "private",
-            "file_overwrite": True,
-            "querystring_auth": True,
-        },
-    }
-elif _shared.startswith("path:"):
-    STORAGES["cohortdata"] = {
-        "BACKEND": "django.core.files.storage.FileSystemStorage",
-        "OPTIONS": {"location": _shared[len("path:"):]},
-    }
-elif _shared:
+
+
+def shared_storage_config(environ: Mapping[str, str] = os.environ) -> dict | None:
+    """``STORAGES["cohortdata"]`` from the environment, or None (no shared storage).
+
+    Optional shared storage for several worker machines (see surveys/shared.py):
+
+    ``DEIDSTUDY_SHARED_STORAGE=s3``: an S3-compatible bucket via django-storages.
+    ``AWS_STORAGE_BUCKET_NAME`` (required); ``AWS_S3_ENDPOINT_URL`` for MinIO, Ceph
+    RGW… (unset: AWS); ``AWS_S3_REGION_NAME``; ``AWS_S3_ADDRESSING_STYLE`` ``path``
+    (MinIO/Ceph without wildcard DNS), ``virtual`` or ``auto`` (unset: boto3's choice);
+    ``DEIDSTUDY_S3_PREFIX`` key prefix (default ``deidstudy``, empty: bucket root).
+    Credentials: ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` or any source of
+    boto3's credential chain (instance role, ``AWS_PROFILE``…). No ACL is sent: objects
+    get the bucket's default (private), which also works on buckets with ACLs disabled.
+
+    ``DEIDSTUDY_SHARED_STORAGE=path:/mnt/x``: a folder every machine mounts.
+    Unset (default): DATA_DIR alone (one machine, or DATA_DIR itself on NFS/EFS).
+    """
+    shared = environ.get("DEIDSTUDY_SHARED_STORAGE", "").strip()
+    if not shared:
+        return None
+    if shared == "s3":
+        bucket = environ.get("AWS_STORAGE_BUCKET_NAME", "").strip()
+        if not bucket:
+            raise RuntimeError("DEIDSTUDY_SHARED_STORAGE=s3 needs AWS_STORAGE_BUCKET_NAME")
+        style = environ.get("AWS_S3_ADDRESSING_STYLE", "").strip().lower() or None
+        if style not in (None, "auto", "path", "virtual"):
+            raise RuntimeError("AWS_S3_ADDRESSING_STYLE must be 'path', 'virtual' or 'auto'")
+        return {
+            "BACKEND": "storages.backends.s3.S3Storage",
+            "OPTIONS": {
+                "bucket_name": bucket,
+                "endpoint_url": environ.get("AWS_S3_ENDPOINT_URL", "").strip() or None,
+                "region_name": environ.get("AWS_S3_REGION_NAME", "").strip() or None,
+                "addressing_style": style,
+                "location": environ.get("DEIDSTUDY_S3_PREFIX", "deidstudy").strip().strip("/"),
+                "default_acl": None,
+                "file_overwrite": True,
+                "querystring_auth": True,
+            },
+        }
+    if shared.startswith("path:") and shared[len("path:"):].strip():
+        return {
+            "BACKEND": "django.core.files.storage.FileSystemStorage",
+            "OPTIONS": {"location": shared[len("path:"):].strip()},
+        }
     raise RuntimeError("DEIDSTUDY_SHARED_STORAGE must be 's3' or 'path:/folder'")
+
+
+_shared = shared_storage_config()
+if _shared is not None:
+    STORAGES["cohortdata"] = _shared
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
