@@ -37,12 +37,14 @@ from .detector_data import CLASSES, HU_WINDOWS, hu_to_rgb8
 
 __all__ = [
     "DEFAULT_WEIGHTS",
+    "INT8_WEIGHTS",
     "Detection",
     "DetectorError",
     "ModelMeta",
     "OnnxDetector",
     "UltralyticsDetector",
     "configure_ultralytics",
+    "default_weights",
     "evaluate_yolo",
     "export_onnx",
     "letterbox",
@@ -55,6 +57,9 @@ __all__ = [
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 DEFAULT_WEIGHTS = MODELS_DIR / "face_yolov8n.onnx"
+#: INT8 copy of the shipped model (``manage.py quantize_detector``); used by default
+#: when its metadata says ``"default": true`` (see :func:`default_weights`).
+INT8_WEIGHTS = MODELS_DIR / "face_yolov8n.int8.onnx"
 ULTRALYTICS_VERSION = "8.4.190"
 
 
@@ -358,12 +363,30 @@ class UltralyticsDetector(_BaseDetector):
         return out
 
 
+def default_weights() -> Path:
+    """The shipped weights used when none are given: the INT8 copy
+    (:data:`INT8_WEIGHTS`) when it is shipped and its metadata marks it
+    ``"default": true`` (set by ``quantize_detector --make-default`` after its
+    held-out accuracy was checked), else the float model :data:`DEFAULT_WEIGHTS`.
+    ``DEIDSTUDY_DETECTOR_PRECISION=float`` forces the float model."""
+    if os.environ.get("DEIDSTUDY_DETECTOR_PRECISION", "").lower() in ("float", "fp32", "float32"):
+        return DEFAULT_WEIGHTS
+    meta = INT8_WEIGHTS.with_suffix(".json")
+    if INT8_WEIGHTS.is_file() and meta.is_file():
+        try:
+            if json.loads(meta.read_text()).get("default") is True:
+                return INT8_WEIGHTS
+        except json.JSONDecodeError:
+            pass
+    return DEFAULT_WEIGHTS
+
+
 def load_detector(
     weights: Path | None = None, *, class_map: Path | None = None, threads: int | None = None
 ) -> _BaseDetector:
     """Load a detector: ``.onnx`` → :class:`OnnxDetector`, ``.pt`` → :class:`UltralyticsDetector`.
 
-    ``weights`` defaults to the shipped model :data:`DEFAULT_WEIGHTS`. Metadata
+    ``weights`` defaults to the shipped model (:func:`default_weights`). Metadata
     is read from ``<weights>.json`` next to the file (``face_yolov8n.onnx`` →
     ``face_yolov8n.json``); for ``.pt`` files the class names come from the
     model itself. ``class_map``: optional JSON ``{"model class": "canonical
@@ -371,7 +394,7 @@ def load_detector(
     :data:`pipeline.detector_data.CLASSES`. Raises :class:`DetectorError` when
     the file is missing, not a YOLO detector, or no class maps.
     """
-    path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
+    path = Path(weights) if weights is not None else default_weights()
     if not path.is_file():
         raise DetectorError("detector weights file not found" + (
             " (the shipped model is missing from pipeline/models/)" if weights is None else ""))

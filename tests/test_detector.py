@@ -238,6 +238,48 @@ def test_int8_quantization_keeps_the_boxes(tmp_path, head_slices, monkeypatch):
     assert n_conf >= 20 and n_matched >= 0.9 * n_conf, (n_matched, n_conf)
 
 
+def test_default_weights_prefer_a_validated_int8_copy(tmp_path, monkeypatch):
+    f32, i8 = tmp_path / "face.onnx", tmp_path / "face.int8.onnx"
+    monkeypatch.setattr(det, "DEFAULT_WEIGHTS", f32)
+    monkeypatch.setattr(det, "INT8_WEIGHTS", i8)
+    monkeypatch.delenv("DEIDSTUDY_DETECTOR_PRECISION", raising=False)
+    assert det.default_weights() == f32  # no INT8 copy
+    i8.write_bytes(b"x")
+    i8.with_suffix(".json").write_text(json.dumps({"default": False}))
+    assert det.default_weights() == f32  # not validated
+    i8.with_suffix(".json").write_text(json.dumps({"default": True}))
+    assert det.default_weights() == i8
+    monkeypatch.setenv("DEIDSTUDY_DETECTOR_PRECISION", "float")
+    assert det.default_weights() == f32
+    monkeypatch.delenv("DEIDSTUDY_DETECTOR_PRECISION")
+    i8.with_suffix(".json").write_text("{not json")
+    assert det.default_weights() == f32
+
+
+@needs_model
+def test_quantize_detector_command(tmp_path, settings):
+    from io import StringIO
+
+    from django.core.management import CommandError, call_command
+
+    settings.VAR_DIR = tmp_path
+    w = tmp_path / "m.onnx"
+    shutil.copyfile(SHIPPED_ONNX, w)
+    shutil.copyfile(SHIPPED_ONNX.with_suffix(".json"), w.with_suffix(".json"))
+    with pytest.raises(CommandError, match="make-default needs the evaluation"):
+        call_command("quantize_detector", "--weights", str(w), "--no-eval", "--make-default")
+    assert not (tmp_path / "m.int8.onnx").exists()
+    out = StringIO()
+    call_command("quantize_detector", "--weights", str(w), "--no-eval", "--calibration-subjects", "1",
+                 stdout=out)
+    meta = json.loads((tmp_path / "m.int8.json").read_text())
+    assert meta["precision"] == "int8" and meta["default"] is False and meta["metrics"] is None
+    assert meta["classes"] == json.loads(w.with_suffix(".json").read_text())["classes"]
+    assert det.load_detector(tmp_path / "m.int8.onnx").meta.classes == meta["classes"]
+    with pytest.raises(CommandError, match="existing .onnx"):
+        call_command("quantize_detector", "--weights", str(tmp_path / "missing.onnx"))
+
+
 def test_quantize_rejects_bad_input(tmp_path):
     with pytest.raises(det.DetectorError, match="calibration"):
         det.quantize_onnx(tmp_path / "x.onnx", tmp_path / "y.onnx", np.zeros((0, 3, 8, 8), np.float32))

@@ -27,6 +27,11 @@ class Command(BaseCommand):
         parser.add_argument("--calibration-subjects", type=int, default=6)
         parser.add_argument("--no-eval", action="store_true",
                             help="skip the test-set evaluation of both models")
+        parser.add_argument("--make-default", action="store_true",
+                            help="mark the INT8 copy as the default weights (only if its test mAP50 "
+                                 "is within --max-drop of the float model's)")
+        parser.add_argument("--max-drop", type=float, default=0.01,
+                            help="largest accepted mAP50 drop for --make-default (default 0.01)")
 
     def handle(self, *args, **o) -> None:
         from pipeline import detector, detector_data
@@ -37,6 +42,9 @@ class Command(BaseCommand):
         meta_path = src.with_suffix(".json")
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         imgsz = int(meta.get("imgsz", 256))
+        if o["make_default"] and (o["no_eval"] or not (meta.get("data") or {}).get("spec")):
+            raise CommandError("--make-default needs the evaluation (metadata with a synthetic spec, "
+                               "no --no-eval)")
         dst = src.with_name(src.stem + ".int8.onnx")
         self.stdout.write(f"calibrating on {o['calibration_subjects']} synthetic training subjects")
         calib = detector.synthetic_calibration(imgsz, n_subjects=o["calibration_subjects"])
@@ -46,6 +54,8 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from None
         out_meta = dict(meta)
         out_meta["precision"] = "int8"
+        out_meta["metrics"] = None  # the float model's figures do not describe this copy
+        out_meta["default"] = False
         out_meta["quantization"] = {
             "source": src.name, "method": "onnxruntime static QDQ, Conv only, per-channel S8 weights, "
             "U8 activations, min/max calibration",
@@ -65,5 +75,10 @@ class Command(BaseCommand):
                 "mAP50": m_float["mAP50"], "mAP50_95": m_float["mAP50_95"]}
             self.stdout.write(f"test mAP50 float {m_float['mAP50']:.3f} → int8 {m_int8['mAP50']:.3f}; "
                               f"mAP50-95 {m_float['mAP50_95']:.3f} → {m_int8['mAP50_95']:.3f}")
+            if o["make_default"]:
+                ok = m_int8["mAP50"] >= m_float["mAP50"] - o["max_drop"]
+                out_meta["default"] = bool(ok)
+                self.stdout.write("INT8 marked as the default weights" if ok else
+                                  f"INT8 NOT made the default: mAP50 drop > {o['max_drop']}")
         dst.with_suffix(".json").write_text(json.dumps(out_meta, indent=1) + "\n")
         self.stdout.write(f"written: {dst}")
