@@ -7,8 +7,10 @@ Start workers with::
 At start-up and at every maintenance pass (``--maintenance-interval`` seconds,
 rq's default 600) the worker calls :func:`surveys.jobs.recover_stale_stages`, which
 re-enqueues stages whose worker process died (same host) or whose heartbeat is
-stale (any host), and :func:`surveys.uploads.recover_uploads`, which does the same
-for upload imports and deletes received upload files that are no longer needed.
+stale (any host), and stages left ``queued`` for longer than
+``PIPELINE_QUEUED_GRACE_SECONDS`` without their job in Redis; and
+:func:`surveys.uploads.recover_uploads`, which does the same for upload imports and
+deletes received upload files that are no longer needed.
 Database connections are closed before the worker forks a work horse, so parent and
 child never share a connection.
 """

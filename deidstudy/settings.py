@@ -225,6 +225,9 @@ PIPELINE_FACE_METHOD = os.environ.get("DEIDSTUDY_FACE_METHOD", "auto")
 PIPELINE_RENDER_BACKEND = os.environ.get("DEIDSTUDY_RENDER_BACKEND", "auto")
 # A running stage whose heartbeat (every 30 s) is older than this counts as abandoned.
 PIPELINE_STALE_SECONDS = int(os.environ.get("DEIDSTUDY_STALE_SECONDS", "1800"))
+# A stage or upload "queued" for longer than this whose job Redis does not hold (the process
+# died between the commit and the enqueue, Redis was down or flushed) is enqueued again.
+PIPELINE_QUEUED_GRACE_SECONDS = int(os.environ.get("DEIDSTUDY_QUEUED_GRACE_SECONDS", "120"))
 
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "surveys:cohort_list"

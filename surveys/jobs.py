@@ -7,8 +7,9 @@ duplicate or stale job — e.g. re-delivered after a worker died — does nothin
 two workers on one queue never process the same stage twice. On success the next
 stage of the subject is enqueued; on failure the row gets a readable error and the
 other subjects carry on. :func:`recover_stale_stages` puts stages whose worker
-died back in the queue (run by :class:`deidstudy.rq.RecoveringWorker` at start-up
-and at every maintenance pass).
+died back in the queue, and stages left ``queued`` without a job in Redis (the
+process died between the commit and the enqueue, or Redis lost the job) — run by
+:class:`deidstudy.rq.RecoveringWorker` at start-up and at every maintenance pass.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 STALE_SECONDS = int(getattr(settings, "PIPELINE_STALE_SECONDS", 1800))
 #: Interval of the heartbeat of a running stage (seconds); must be well below STALE_SECONDS.
 HEARTBEAT_SECONDS = 30.0
+#: A row queued longer than this (seconds) whose job Redis does not hold is enqueued again.
+QUEUED_GRACE_SECONDS = int(getattr(settings, "PIPELINE_QUEUED_GRACE_SECONDS", 120))
 
 
 def get_pipeline_queue():
@@ -53,15 +56,40 @@ def _safe_error(exc: BaseException) -> str:
     return f"internal error ({exc.__class__.__name__}); see the worker log"
 
 
-def enqueue_stage(run: StageRun, queue=None) -> str:
+def jobs_in_redis(queue) -> set[str]:
+    """Ids of the jobs ``queue`` still holds: deferred, scheduled, ready, queued, being
+    dequeued or started (not finished, failed or cancelled ones).
+
+    Read in the order a job moves through these places, so a job that moves on while
+    we look is seen in the next one.
+    """
+    ids: set[str] = set()
+    for registry in (queue.deferred_job_registry, queue.scheduled_job_registry,
+                     queue.ready_job_registry):
+        ids.update(registry.get_job_ids(cleanup=False))
+    ids.update(queue.get_job_ids())
+    ids.update(queue.intermediate_queue.get_job_ids())
+    ids.update(queue.started_job_registry.get_job_ids(cleanup=False))
+    return ids
+
+
+def enqueue_stage(run: StageRun, queue=None, *, expect: tuple[str, str] | None = None) -> str | None:
     """Mark ``run`` queued with a fresh job id and enqueue it after the transaction commits.
 
     Returns the job id. Any older job of this row becomes stale (its claim fails).
+    With ``expect=(status, job_id)`` the row is changed only if it still has that
+    status and job id (a conditional UPDATE, for recovery); otherwise nothing is
+    enqueued and None is returned.
     """
     job_id = f"stage-{run.pk}-{secrets.token_hex(6)}"
-    StageRun.objects.filter(pk=run.pk).update(
+    rows = StageRun.objects.filter(pk=run.pk)
+    if expect is not None:
+        rows = rows.filter(status=expect[0], rq_job_id=expect[1])
+    n = rows.update(
         status="queued", rq_job_id=job_id, progress=0.0, error="", queued_at=timezone.now(),
         started=None, finished=None, worker_pid=None, worker_host="")
+    if expect is not None and n != 1:
+        return None
     run.status, run.rq_job_id = "queued", job_id
 
     def push() -> None:
@@ -220,12 +248,19 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def recover_stale_stages(stale_seconds: int | None = None, queue=None) -> list[int]:
-    """Re-enqueue running stages whose worker is gone; returns the row ids.
+def recover_stale_stages(stale_seconds: int | None = None, queue=None,
+                         grace_seconds: int | None = None) -> list[int]:
+    """Re-enqueue stages whose worker is gone or whose job is lost; returns the row ids.
 
-    A stage is abandoned when its worker ran on this host and its process no
-    longer exists, or (any host) when its heartbeat is older than
-    ``stale_seconds`` (default :data:`STALE_SECONDS`).
+    * ``running`` and abandoned: its worker ran on this host and its process no longer
+      exists, or (any host) its heartbeat is older than ``stale_seconds`` (default
+      :data:`STALE_SECONDS`);
+    * ``queued`` for longer than ``grace_seconds`` (default :data:`QUEUED_GRACE_SECONDS`)
+      while Redis holds no job with the row's job id (see :func:`jobs_in_redis`).
+
+    Each row is re-queued with a conditional UPDATE on the status and job id read here,
+    so a row somebody changed meanwhile is left alone, and a late delivery of the old
+    job finds its claim refused.
     """
     stale_seconds = STALE_SECONDS if stale_seconds is None else stale_seconds
     host = socket.gethostname()[:255]
@@ -235,14 +270,34 @@ def recover_stale_stages(stale_seconds: int | None = None, queue=None) -> list[i
             Q(worker_host=host) | Q(heartbeat__lt=cutoff)).select_related("subject"):
         dead = run.worker_host == host and run.worker_pid and not _pid_alive(run.worker_pid)
         if dead or (run.heartbeat is not None and run.heartbeat < cutoff):
-            old = run.rq_job_id
             with transaction.atomic():
-                # only if nobody touched the row since we read it
-                if StageRun.objects.filter(pk=run.pk, status="running", rq_job_id=old).exists():
-                    enqueue_stage(run, queue)
+                if enqueue_stage(run, queue, expect=("running", run.rq_job_id)) is not None:
                     recovered.append(run.pk)
                     log.warning("stage row %s (%s of %s) was abandoned by its worker; re-queued",
                                 run.pk, run.stage, run.subject.pseudonym)
+    recovered += _recover_orphaned_queued(queue, grace_seconds)
+    return recovered
+
+
+def _recover_orphaned_queued(queue, grace_seconds: int | None) -> list[int]:
+    """Re-enqueue ``queued`` stage rows older than the grace period whose job Redis lacks."""
+    grace_seconds = QUEUED_GRACE_SECONDS if grace_seconds is None else grace_seconds
+    cutoff = timezone.now() - timedelta(seconds=grace_seconds)
+    rows = list(StageRun.objects.filter(status="queued").filter(
+        Q(queued_at__lt=cutoff) | Q(queued_at__isnull=True)).select_related("subject"))
+    if not rows:
+        return []  # no Redis round trip in the common case
+    q = queue if queue is not None else get_pipeline_queue()
+    present = jobs_in_redis(q)  # read after the rows: a job enqueued since is seen
+    recovered = []
+    for run in rows:
+        if run.rq_job_id and run.rq_job_id in present:
+            continue
+        with transaction.atomic():
+            if enqueue_stage(run, q, expect=("queued", run.rq_job_id)) is not None:
+                recovered.append(run.pk)
+                log.warning("stage row %s (%s of %s) was queued without a job in Redis; "
+                            "enqueued again", run.pk, run.stage, run.subject.pseudonym)
     return recovered
 
 

@@ -21,7 +21,8 @@ An import killed mid-way leaves the row ``running`` and nothing committed (the
 received files are never modified); :func:`recover_uploads` (run by
 :class:`deidstudy.rq.RecoveringWorker`) queues it again, or marks it failed when
 its files are gone — a failed upload without files cannot be retried, it has to be
-uploaded again.
+uploaded again. It also enqueues again an upload left ``queued`` without a job in
+Redis (request killed between the commit and the enqueue, Redis down or flushed).
 """
 
 from __future__ import annotations
@@ -107,12 +108,22 @@ def receive_upload(cohort: Cohort, user, files: list) -> CohortUpload:
     return upload
 
 
-def enqueue_upload(upload: CohortUpload, queue=None) -> str:
-    """Mark ``upload`` queued with a fresh job id and enqueue its import after the commit."""
+def enqueue_upload(upload: CohortUpload, queue=None, *,
+                   expect: tuple[str, str] | None = None) -> str | None:
+    """Mark ``upload`` queued with a fresh job id and enqueue its import after the commit.
+
+    Returns the job id. With ``expect=(status, job_id)`` the row is changed only if it
+    still has that status and job id (conditional UPDATE); otherwise None, nothing queued.
+    """
     job_id = f"upload-{upload.pk}-{secrets.token_hex(6)}"
-    CohortUpload.objects.filter(pk=upload.pk).update(
-        status="queued", rq_job_id=job_id, message=RECEIVED_MESSAGE, started=None, finished=None,
-        worker_pid=None, worker_host="", heartbeat=None)
+    rows = CohortUpload.objects.filter(pk=upload.pk)
+    if expect is not None:
+        rows = rows.filter(status=expect[0], rq_job_id=expect[1])
+    n = rows.update(
+        status="queued", rq_job_id=job_id, message=RECEIVED_MESSAGE, queued_at=timezone.now(),
+        started=None, finished=None, worker_pid=None, worker_host="", heartbeat=None)
+    if expect is not None and n != 1:
+        return None
     upload.status, upload.rq_job_id, upload.message = "queued", job_id, RECEIVED_MESSAGE
 
     def push() -> None:
@@ -270,12 +281,15 @@ def _fail(upload_id: int, job_id: str, message: str) -> bool:
 
 
 def recover_uploads(stale_seconds: int | None = None, keep_failed_seconds: int | None = None,
-                    queue=None) -> list[int]:
-    """Re-queue imports whose worker died; clean up received files no longer needed.
+                    queue=None, grace_seconds: int | None = None) -> list[int]:
+    """Re-queue imports whose worker died or whose job is lost; clean up received files.
 
     * ``running`` uploads whose worker ran on this host and is gone, or whose heartbeat
       is older than ``stale_seconds`` (default ``PIPELINE_STALE_SECONDS``): queued again
       when their received files are still there, otherwise failed (upload again);
+    * ``queued`` uploads older than ``grace_seconds`` (default
+      ``PIPELINE_QUEUED_GRACE_SECONDS``) whose job Redis does not hold: queued again
+      (the job itself decides about missing files);
     * ``done`` uploads whose received files were not deleted (worker killed after the
       commit): the files are deleted;
     * ``failed`` uploads older than ``keep_failed_seconds`` (default
@@ -283,10 +297,11 @@ def recover_uploads(stale_seconds: int | None = None, keep_failed_seconds: int |
 
     Returns the ids of the re-queued uploads.
     """
-    from .jobs import STALE_SECONDS, _pid_alive
+    from .jobs import QUEUED_GRACE_SECONDS, STALE_SECONDS, _pid_alive, jobs_in_redis
 
     stale_seconds = STALE_SECONDS if stale_seconds is None else stale_seconds
     keep_failed_seconds = KEEP_FAILED_SECONDS if keep_failed_seconds is None else keep_failed_seconds
+    grace_seconds = QUEUED_GRACE_SECONDS if grace_seconds is None else grace_seconds
     now = timezone.now()
     host = socket.gethostname()[:255]
     cutoff = now - timedelta(seconds=stale_seconds)
@@ -298,19 +313,32 @@ def recover_uploads(stale_seconds: int | None = None, keep_failed_seconds: int |
             continue
         if _elsewhere(up):
             continue  # only a worker that sees the received files decides about them
+        # conditional on the status and job id read above: a row somebody touched
+        # meanwhile is left alone
         with transaction.atomic():
-            if not CohortUpload.objects.filter(pk=up.pk, status="running",
-                                               rq_job_id=up.rq_job_id).exists():
-                continue  # somebody touched it meanwhile
             if _received_dir(up) is not None:
-                enqueue_upload(up, queue)
-                requeued.append(up.pk)
-                log.warning("upload #%s was abandoned by its worker; re-queued", up.pk)
-            else:
-                CohortUpload.objects.filter(pk=up.pk).update(
+                if enqueue_upload(up, queue, expect=("running", up.rq_job_id)) is not None:
+                    requeued.append(up.pk)
+                    log.warning("upload #%s was abandoned by its worker; re-queued", up.pk)
+            elif CohortUpload.objects.filter(pk=up.pk, status="running",
+                                             rq_job_id=up.rq_job_id).update(
                     status="failed", message="the import was interrupted and " + GONE_MESSAGE,
-                    finished=now, staging_dir="")
+                    finished=now, staging_dir=""):
                 log.warning("upload #%s was abandoned by its worker; its files are gone", up.pk)
+    grace_cutoff = now - timedelta(seconds=grace_seconds)
+    orphans = list(CohortUpload.objects.filter(status="queued").filter(
+        Q(queued_at__lt=grace_cutoff) | Q(queued_at__isnull=True, created__lt=grace_cutoff)))
+    if orphans:
+        q = queue if queue is not None else get_import_queue()
+        present = jobs_in_redis(q)  # read after the rows: a job enqueued since is seen
+        for up in orphans:
+            if up.rq_job_id and up.rq_job_id in present:
+                continue
+            with transaction.atomic():
+                if enqueue_upload(up, q, expect=("queued", up.rq_job_id)) is not None:
+                    requeued.append(up.pk)
+                    log.warning("upload #%s was queued without a job in Redis; enqueued again",
+                                up.pk)
     old_failed = Q(status="failed", finished__lt=now - timedelta(seconds=keep_failed_seconds))
     for up in CohortUpload.objects.exclude(staging_dir="").filter(Q(status="done") | old_failed):
         if not _elsewhere(up):

@@ -216,3 +216,72 @@ def test_zombie_worker_counts_as_dead():
     finally:
         p.wait()
     assert jobs._pid_alive(os.getpid())
+
+
+# ------------------------------------------------------------------ queued rows without a job
+
+
+def _age_queued(run: StageRun, seconds: float) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    StageRun.objects.filter(pk=run.pk).update(queued_at=timezone.now() - timedelta(seconds=seconds))
+
+
+def test_queued_stage_without_a_job_is_enqueued_again_once_after_the_grace(
+        cohort, queue, django_capture_on_commit_callbacks, monkeypatch):
+    calls = []
+    monkeypatch.setitem(stages.STAGE_BY_NAME, "import",
+                        stages.Stage("import", "Import", lambda s, ctx: calls.append(s.pk)))
+    monkeypatch.setattr(jobs, "STAGE_BY_NAME", stages.STAGE_BY_NAME)
+    run = cohort.subjects.order_by("pseudonym").first().stages.get(stage="import")
+    with django_capture_on_commit_callbacks(execute=False):  # committed, never enqueued
+        lost = jobs.enqueue_stage(run)
+    assert queue.job_ids == []
+    with django_capture_on_commit_callbacks(execute=True):
+        assert jobs.recover_stale_stages(grace_seconds=120) == []  # fresh: within the grace
+    assert queue.job_ids == []
+    _age_queued(run, 180)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert jobs.recover_stale_stages(grace_seconds=120) == [run.pk]
+    run.refresh_from_db()
+    assert run.status == "queued" and run.rq_job_id != lost and queue.job_ids == [run.rq_job_id]
+    _age_queued(run, 180)  # its job is in the queue now: never a second one
+    with django_capture_on_commit_callbacks(execute=True):
+        assert jobs.recover_stale_stages(grace_seconds=0) == []
+    assert queue.job_ids == [run.rq_job_id]
+    with django_capture_on_commit_callbacks(execute=False):  # (the next stage is not run)
+        SimpleWorker([queue], connection=queue.connection).work(burst=True)
+    assert jobs.run_stage(run.pk, lost) == "skipped"  # the lost job, delivered late after all
+    run.refresh_from_db()
+    assert run.status == "done" and run.attempts == 1 and calls == [run.subject_id]
+
+
+@pytest.mark.parametrize("where", ["queued", "scheduled", "started"])
+def test_queued_stage_whose_job_redis_holds_is_left_alone(
+        cohort, queue, django_capture_on_commit_callbacks, where):
+    from datetime import UTC, datetime, timedelta
+
+    from rq.executions import Execution
+
+    run = cohort.subjects.order_by("pseudonym").first().stages.get(stage="import")
+    with django_capture_on_commit_callbacks(execute=True):
+        job_id = jobs.enqueue_stage(run)
+    job = queue.fetch_job(job_id)
+    if where == "scheduled":
+        queue.remove(job)
+        queue.scheduled_job_registry.schedule(job, datetime.now(UTC) + timedelta(hours=1))
+    elif where == "started":  # a worker took it and has not claimed the row yet
+        queue.remove(job)
+        with queue.connection.pipeline() as pipe:
+            Execution.create(job, ttl=600, pipeline=pipe)
+            pipe.execute()
+        assert job_id in queue.started_job_registry.get_job_ids(cleanup=False)
+    assert job_id in jobs.jobs_in_redis(queue)
+    _age_queued(run, 3600)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert jobs.recover_stale_stages(grace_seconds=120) == []
+    run.refresh_from_db()
+    assert run.status == "queued" and run.rq_job_id == job_id
+    assert queue.job_ids == ([job_id] if where == "queued" else [])

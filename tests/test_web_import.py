@@ -651,3 +651,38 @@ def test_recovery_leaves_other_machines_files_and_removes_unrecorded_ones(web, t
     assert not old.exists() and young.exists() and not here.exists()
     done_here.refresh_from_db()
     assert done_here.staging_dir == ""
+
+
+def test_queued_upload_without_a_job_is_enqueued_again_once_after_the_grace(
+        client, web, src, tmp_path, django_capture_on_commit_callbacks):
+    """The web request committed the upload row, then died before the enqueue (or Redis lost
+    the job): the maintenance pass enqueues it again once the grace period is over."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from surveys.models import CohortUpload
+    from surveys.uploads import recover_uploads
+
+    cap = django_capture_on_commit_callbacks
+    z = zip_folder(src, tmp_path / "c.zip")
+    r = _post_upload(client, web, [z], lambda execute: cap(execute=False))  # enqueue lost
+    upload = CohortUpload.objects.get(pk=r.json()["upload"]["id"])
+    lost = upload.rq_job_id
+    assert upload.status == "queued" and web["queue"].count == 0
+    with cap(execute=True):
+        assert recover_uploads(grace_seconds=120) == []  # fresh: within the grace
+    assert web["queue"].count == 0
+    CohortUpload.objects.filter(pk=upload.pk).update(queued_at=timezone.now() - timedelta(minutes=3))
+    with cap(execute=True):
+        assert recover_uploads(grace_seconds=120) == [upload.pk]
+    with cap(execute=True):  # its job is in the queue now: never a second one
+        assert recover_uploads(grace_seconds=0) == []
+    upload.refresh_from_db()
+    assert upload.rq_job_id != lost and web["queue"].job_ids == [upload.rq_job_id]
+    assert _run_import_jobs(web["queue"], cap) == ["done"]
+    upload.refresh_from_db()
+    assert upload.status == "done" and upload.attempts == 1 and upload.n_subjects == 3
+    from surveys.uploads import run_upload
+
+    assert run_upload(upload.pk, lost) == "skipped"

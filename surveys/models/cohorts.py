@@ -226,6 +226,7 @@ class CohortUpload(models.Model):
     worker_pid = models.IntegerField(null=True, blank=True)
     heartbeat = models.DateTimeField(null=True, blank=True)
     created = models.DateTimeField(default=timezone.now)
+    queued_at = models.DateTimeField(null=True, blank=True)
     started = models.DateTimeField(null=True, blank=True)
     finished = models.DateTimeField(null=True, blank=True)
 
