@@ -27,8 +27,8 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from .models import Cohort, StageRun, Subject
-from .shared import pull_tree, push_tree, shared_storage, subject_dirs
-from .stages import STAGE_BY_NAME, StageContext
+from .shared import pull_tree, shared_storage
+from .stages import STAGE_BY_NAME, StageContext, subject_folder
 
 log = logging.getLogger(__name__)
 
@@ -175,14 +175,10 @@ def run_stage(run_id: int, job_id: str) -> str:
     try:
         if stage is None:
             raise ValueError(f"unknown stage {run.stage!r}")
-        dirs = subject_dirs(run.subject)
-        if shared_storage() is not None:
-            for rel in dirs.values():
-                pull_tree(rel)
+        if shared_storage() is not None:  # the stage uploads its outputs itself
+            for name in stage.inputs:
+                pull_tree(subject_folder(run.subject, name))
         stage.fn(run.subject, StageContext(progress=progress))
-        if shared_storage() is not None:
-            push_tree(dirs["deid"])
-            push_tree(dirs["derived"])
     except Exception as exc:  # noqa: BLE001 — a failing subject must not stop the others
         msg = _safe_error(exc)
         log.warning("subject %s stage %s failed: %s", run.subject.pseudonym, run.stage, msg)

@@ -8,13 +8,18 @@ see ``deidstudy/settings.py``). Then each machine keeps a local working copy in 
 own ``DATA_DIR``, and:
 
 * an import uploads the subject's originals (``orig/<pseudonym>/``) before it commits;
-* a stage first downloads the subject's folders it does not have locally
-  (``orig``, ``deid``, ``derived``), runs, then uploads ``deid`` and ``derived``
-  (replacing the remote copy; remote files no longer produced are deleted);
-* the web server downloads a file on first request.
+* a stage first mirrors the folders it reads (its ``inputs``, see
+  :mod:`surveys.stages`) from the storage (:func:`pull_tree`), runs, and when it
+  replaces its output folders uploads each one as the reference copy
+  (:func:`push_tree`): new and changed files first, then the remote files it no
+  longer produced are deleted, so the remote folder ends up equal to the local one;
+* the web server downloads a file on first request (:func:`ensure_local`).
 
-Keys in the storage are the ``DATA_DIR``-relative paths (pseudonyms only). A file is
-considered up to date locally when its size matches the remote one.
+Keys in the storage are the ``DATA_DIR``-relative paths (pseudonyms only). A local
+file is up to date when its size and modification time equal the remote one's: a
+download and an upload both set the local file's modification time to the remote
+one's, so a file changed elsewhere is downloaded again even when its size did not
+change (a re-run de-identification writes files of the same size).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
 from pathlib import Path
 
 from django.conf import settings
@@ -46,45 +52,130 @@ def _local(rel: str) -> Path:
     return data_path(rel)
 
 
-def _remote_files(storage, prefix: str) -> list[str]:
-    """Every key below ``prefix`` (recursive)."""
-    out: list[str] = []
+def _hidden(rel: str) -> bool:
+    """True for temporary files (any path part starting with a dot): never mirrored."""
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
+def _is_s3(storage) -> bool:
     try:
-        dirs, files = storage.listdir(prefix)
-    except (FileNotFoundError, NotADirectoryError):
-        return out
-    out.extend(f"{prefix}/{f}" for f in files)
-    for d in dirs:
-        out.extend(_remote_files(storage, f"{prefix}/{d}"))
-    return out
+        from storages.backends.s3 import S3Storage
+    except ImportError:  # django-storages without boto3
+        return False
+    return isinstance(storage, S3Storage)
+
+
+def _is_filesystem(storage) -> bool:
+    from django.core.files.storage import FileSystemStorage
+
+    return isinstance(storage, FileSystemStorage)
+
+
+def _listing(storage, prefix: str) -> dict[str, tuple[int, int]]:
+    """``{key: (size, mtime_ns)}`` of every file below ``prefix`` (recursive), hidden
+    files left out.
+
+    S3: one ListObjectsV2 request per 1000 keys (sizes and times come with the listing);
+    a folder storage: one ``stat`` per file; any other storage: ``listdir`` per folder
+    and ``size``/``get_modified_time`` per file.
+    """
+    out: dict[str, tuple[int, int]] = {}
+    if _is_s3(storage):
+        from storages.utils import clean_name
+
+        base = storage._normalize_name(clean_name(prefix)).rstrip("/") + "/"
+        pages = storage.connection.meta.client.get_paginator("list_objects_v2").paginate(
+            Bucket=storage.bucket_name, Prefix=base)
+        for page in pages:
+            for entry in page.get("Contents", ()):
+                key = f"{prefix}/{entry['Key'][len(base):]}"
+                if not key.endswith("/"):
+                    out[key] = (int(entry["Size"]),
+                                int(entry["LastModified"].timestamp()) * 1_000_000_000)
+    elif _is_filesystem(storage):
+        root = Path(storage.path(prefix))
+        if root.is_dir():
+            for p in root.rglob("*"):
+                if p.is_file():
+                    st = p.stat()
+                    out[f"{prefix}/{p.relative_to(root).as_posix()}"] = (st.st_size, st.st_mtime_ns)
+    else:
+        def walk(folder: str) -> None:
+            try:
+                dirs, files = storage.listdir(folder)
+            except (FileNotFoundError, NotADirectoryError):
+                return
+            for f in files:
+                key = f"{folder}/{f}"
+                try:
+                    mtime = int(storage.get_modified_time(key).timestamp())
+                except NotImplementedError:
+                    mtime = 0  # size alone decides
+                out[key] = (storage.size(key), mtime * 1_000_000_000)
+            for d in dirs:
+                walk(f"{folder}/{d}")
+
+        walk(prefix)
+    return {k: v for k, v in out.items() if not _hidden(k)}
+
+
+def _put(storage, key: str, path: Path) -> None:
+    """Upload ``path`` as ``key``, replacing the remote file so that a reader sees the old
+    or the new content, never a missing or partial file (S3: one PUT; a folder storage:
+    temporary file + rename; other storages: delete + save)."""
+    if _is_filesystem(storage):
+        dst = Path(storage.path(key))
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.parent / f".{dst.name}.{secrets.token_hex(6)}.part"
+        try:
+            shutil.copyfile(path, tmp)
+            if storage.file_permissions_mode is not None:
+                os.chmod(tmp, storage.file_permissions_mode)
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    if not getattr(storage, "file_overwrite", False) and storage.exists(key):
+        storage.delete(key)  # the storage would pick another name otherwise
+    with open(path, "rb") as fh:
+        saved = storage.save(key, fh)
+    if saved != key:
+        raise OSError(f"shared storage renamed {key.rsplit('/', 1)[0]!r} content; "
+                      "enable overwriting")
+
+
+def _stamp(path: Path, mtime_ns: int) -> None:
+    """Give the local copy the remote file's modification time (see the module docstring)."""
+    os.utime(path, ns=(mtime_ns, mtime_ns))
 
 
 def push_tree(rel_dir: str, *, delete_extra: bool = True) -> int:
-    """Upload every file below ``DATA_DIR/rel_dir``; returns the number uploaded.
+    """Make the remote copy of ``DATA_DIR/rel_dir`` equal to the local folder.
 
-    Remote files under ``rel_dir`` that no longer exist locally are deleted when
-    ``delete_extra``. Hidden temporary files (``.*``) are skipped.
+    Every local file is uploaded (replacing the remote one in place, see :func:`_put`),
+    then, when ``delete_extra``, remote files under ``rel_dir`` that do not exist
+    locally are deleted — in this order, so a file present before and after is never
+    missing for a reader. Hidden temporary files (``.*``) are skipped. The local files
+    get the remote modification times. Returns the number of files uploaded.
     """
     storage = shared_storage()
     if storage is None:
         return 0
     root = _local(rel_dir)
-    local = {}
+    local: dict[str, Path] = {}
     if root.is_dir():
         for p in root.rglob("*"):
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts):
-                local[f"{rel_dir}/{p.relative_to(root).as_posix()}"] = p
+            key = f"{rel_dir}/{p.relative_to(root).as_posix()}"
+            if p.is_file() and not _hidden(key):
+                local[key] = p
     for key, path in sorted(local.items()):
-        if storage.exists(key):
+        _put(storage, key, path)
+    remote = _listing(storage, rel_dir)
+    for key, (_, mtime_ns) in remote.items():
+        if key in local:
+            _stamp(local[key], mtime_ns)
+        elif delete_extra:
             storage.delete(key)
-        with open(path, "rb") as fh:
-            saved = storage.save(key, fh)
-        if saved != key:
-            raise OSError(f"shared storage renamed {rel_dir!r} content; enable overwriting")
-    if delete_extra:
-        for key in _remote_files(storage, rel_dir):
-            if key not in local:
-                storage.delete(key)
     return len(local)
 
 
@@ -93,13 +184,18 @@ def push_file(rel: str) -> None:
     storage = shared_storage()
     if storage is None:
         return
-    if storage.exists(rel):
+    _put(storage, rel, _local(rel))
+
+
+def delete_file(rel: str) -> None:
+    """Delete one ``DATA_DIR``-relative file locally and from the shared storage."""
+    _local(rel).unlink(missing_ok=True)
+    storage = shared_storage()
+    if storage is not None:
         storage.delete(rel)
-    with open(_local(rel), "rb") as fh:
-        storage.save(rel, fh)
 
 
-def _download(storage, key: str) -> None:
+def _download(storage, key: str, mtime_ns: int | None = None) -> None:
     dst = _local(key)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.{secrets.token_hex(6)}.part"
@@ -107,34 +203,42 @@ def _download(storage, key: str) -> None:
         with storage.open(key, "rb") as src, open(tmp, "wb") as out:
             while chunk := src.read(1024 * 1024):
                 out.write(chunk)
+        if mtime_ns is not None:
+            _stamp(tmp, mtime_ns)
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def pull_tree(rel_dir: str) -> int:
-    """Download files below ``rel_dir`` that are missing locally or differ in size.
+    """Make the local folder ``DATA_DIR/rel_dir`` equal to the remote copy.
 
-    Local files that the remote copy does not have are removed, so the local
-    folder mirrors the shared one. Returns the number of files downloaded.
+    Downloads the files that are missing locally or differ in size or modification
+    time (one listing of the folder, no request per file), then removes local files
+    the remote copy does not have (also when it has none). Hidden temporary files
+    are left alone. Returns the number of files downloaded.
     """
     storage = shared_storage()
     if storage is None:
         return 0
-    keys = _remote_files(storage, rel_dir)
-    if not keys:
-        return 0
+    remote = _listing(storage, rel_dir)
     n = 0
-    for key in keys:
+    for key, (size, mtime_ns) in sorted(remote.items()):
         path = _local(key)
-        if not path.is_file() or path.stat().st_size != storage.size(key):
-            _download(storage, key)
+        try:
+            st = path.stat()
+            fresh = path.is_file() and st.st_size == size and st.st_mtime_ns == mtime_ns
+        except FileNotFoundError:
+            fresh = False
+        if not fresh:
+            _download(storage, key, mtime_ns)
             n += 1
     root = _local(rel_dir)
-    wanted = {_local(k) for k in keys}
-    for p in root.rglob("*"):
-        if p.is_file() and p not in wanted:
-            p.unlink()
+    if root.is_dir():
+        for p in root.rglob("*"):
+            key = f"{rel_dir}/{p.relative_to(root).as_posix()}"
+            if p.is_file() and key not in remote and not _hidden(key):
+                p.unlink()
     return n
 
 
@@ -145,9 +249,3 @@ def ensure_local(rel: str) -> Path:
     if storage is not None and not path.is_file() and storage.exists(rel):
         _download(storage, rel)
     return path
-
-
-def subject_dirs(subject) -> dict[str, str]:
-    """``DATA_DIR``-relative folders of a subject: ``orig``, ``deid`` and ``derived``."""
-    base = subject.cohort.storage_dir()
-    return {part: f"{base}/{part}/{subject.pseudonym}" for part in ("orig", "deid", "derived")}

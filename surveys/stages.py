@@ -1,21 +1,29 @@
 """Per-subject pipeline stages: thin adapters from database rows to :mod:`pipeline`.
 
 The stage list :data:`STAGES` is data: each :class:`Stage` names a function
-``fn(subject, ctx)`` that reads its inputs from ``settings.DATA_DIR``, writes its
-outputs atomically (a temporary sibling renamed over the old output, so a
-re-run replaces them and a killed run leaves the previous state) and updates
-the database. Adding a stage = appending to :data:`STAGES`.
+``fn(subject, ctx)`` that reads its ``inputs`` (subject folders, see
+:func:`subject_folder`) below ``settings.DATA_DIR``, rebuilds the output folders it
+owns and updates the database. Outputs are replaced as whole folders
+(:func:`output_folders`: written into hidden temporary siblings, renamed over the
+old folders when complete), so a re-run leaves no file of an earlier run behind and
+a killed run leaves the previous state; with a shared storage the replaced folders
+are uploaded as the reference copy. Database rows are updated after the files are
+in place. Adding a stage = appending to :data:`STAGES`.
 
-Stages (per subject):
+Stages (per subject; folders below ``cohorts/cNNNNN/``):
 
 ``import``        load every original series (geometry validation), store shape
-                  and spacing, windowed mid-slice PNGs of the originals;
+                  and spacing. Reads ``orig/<pseudonym>/``, writes no file;
 ``deidentify``    face removal (:func:`pipeline.deface.deface`) + PS3.15 header
-                  de-identification → ``deid/<pseudonym>/<Snn>/``; QA figures;
+                  de-identification. Reads ``orig``; owns ``deid/<pseudonym>/``
+                  (one ``<Snn>/`` per series) and ``derived/<pseudonym>/deidentify/``
+                  (windowed mid-slice PNGs, QA figure);
 ``surfaces``      skin surfaces of original and de-identified primary series,
-                  bone-based canonical alignment, standardised renders (PNGs);
+                  bone-based canonical alignment, standardised renders. Reads
+                  ``orig`` and ``deid``; owns ``derived/<pseudonym>/surfaces/``;
 ``embeddings``    dlib face embeddings of the frontal renders; when every subject
-                  of the cohort has them, the cohort re-identification summary.
+                  of the cohort has them, the cohort re-identification summary
+                  (``derived/reid-cmc.png``). Reads ``derived/<pseudonym>/surfaces``.
 
 Image conventions: slice PNGs are windowed linearly (default −1000..1000 HU);
 axial panels show anterior up and patient left on the image right; sagittal
@@ -28,15 +36,18 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from django.conf import settings
+from django.db.models import ProtectedError
 
 from .models import RenderImage, Subject
+from .shared import delete_file, ensure_local, push_tree
 
 WINDOW_HU = (-1000.0, 1000.0)
 
@@ -54,11 +65,16 @@ class StageContext:
 
 @dataclass(frozen=True)
 class Stage:
-    """A named step; ``fn(subject, ctx)`` does the work; ``label`` is shown in the UI."""
+    """A named step; ``fn(subject, ctx)`` does the work; ``label`` is shown in the UI.
+
+    ``inputs`` names the subject folders the stage reads (:func:`subject_folder`); with
+    a shared storage they are mirrored from it before the stage runs.
+    """
 
     name: str
     label: str
     fn: Callable[[Subject, StageContext], None]
+    inputs: tuple[str, ...] = ()
 
 
 # ------------------------------------------------------------------ helpers
@@ -73,9 +89,69 @@ def data_path(rel: str) -> Path:
     return p
 
 
-def derived_rel(subject: Subject, name: str) -> str:
-    """``DATA_DIR``-relative path of a derived file of ``subject`` (pseudonym-named)."""
-    return f"{subject.cohort.storage_dir()}/derived/{subject.pseudonym}/{name}"
+def subject_folder(subject: Subject, name: str) -> str:
+    """``DATA_DIR``-relative folder ``name`` of ``subject``: ``orig``, ``deid`` or
+    ``derived/<stage>`` → ``cohorts/cNNNNN/<orig|deid|derived>/<pseudonym>[/<stage>]``."""
+    part, _, sub = name.partition("/")
+    if part not in ("orig", "deid", "derived") or (part == "derived") != bool(sub) \
+            or "/" in sub or sub.startswith("."):
+        raise ValueError(f"not a subject folder: {name!r}")
+    rel = f"{subject.cohort.storage_dir()}/{part}/{subject.pseudonym}"
+    return f"{rel}/{sub}" if sub else rel
+
+
+def replace_dir(new: Path, dst: Path) -> None:
+    """Put folder ``new`` in place of ``dst`` (which may not exist) and delete the old one.
+
+    Two renames on one file system (``dst`` away, ``new`` in): readers see the old or
+    the new folder, except for the instant between the renames; on an error the old
+    folder is put back.
+    """
+    if not (dst.exists() or dst.is_symlink()):
+        os.replace(new, dst)
+        return
+    old = dst.parent / f".{dst.name}.old-{secrets.token_hex(6)}"
+    os.replace(dst, old)
+    try:
+        os.replace(new, dst)
+    except BaseException:
+        os.replace(old, dst)
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
+
+
+@contextmanager
+def output_folders(subject: Subject, *names: str) -> Iterator[dict[str, Path]]:
+    """Rebuild the subject folders ``names`` (see :func:`subject_folder`) as a whole.
+
+    Yields ``{name: temporary folder}`` to write into (hidden siblings of the final
+    folders). When the block completes, each temporary folder replaces its folder
+    (:func:`replace_dir`) and, with a shared storage, the folder is uploaded as the
+    reference copy (:func:`surveys.shared.push_tree`: remote files it no longer holds
+    are deleted). On an error the temporary folders are deleted and the old outputs
+    stay. Leftovers of a killed earlier run are deleted first.
+    """
+    finals = {n: data_path(subject_folder(subject, n)) for n in names}
+    tmps: dict[str, Path] = {}
+    try:
+        for n, final in finals.items():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            for left in (*final.parent.glob(f".{final.name}.tmp-*"),
+                         *final.parent.glob(f".{final.name}.old-*")):
+                shutil.rmtree(left, ignore_errors=True)
+            tmps[n] = final.parent / f".{final.name}.tmp-{secrets.token_hex(6)}"
+            tmps[n].mkdir()
+        yield dict(tmps)
+        for n, final in finals.items():
+            replace_dir(tmps[n], final)
+        for n in names:
+            push_tree(subject_folder(subject, n))
+    finally:
+        for tmp in tmps.values():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -126,11 +202,49 @@ def mid_slices(hu: np.ndarray, spacing_mm: tuple[float, float, float],
     return {"axial": axial, "sagittal": sag[idx]}
 
 
-def _save_image(subject: Subject, kind: str, variant: str, view: str, image: np.ndarray) -> None:
-    rel = derived_rel(subject, f"{kind}-{view}-{variant}.png")
-    atomic_write_bytes(data_path(rel), png_bytes(image))
-    RenderImage.objects.update_or_create(subject=subject, kind=kind, view=view, variant=variant,
-                                         defaults={"path": rel})
+@dataclass(frozen=True)
+class MadeImage:
+    """A PNG written by a stage into its output folder, recorded by :func:`record_images`."""
+
+    kind: str
+    variant: str
+    view: str
+    rel: str  # final DATA_DIR-relative path
+
+
+def _write_image(subject: Subject, folder: str, out: Path, kind: str, variant: str, view: str,
+                 image: np.ndarray) -> MadeImage:
+    """Write ``image`` into the temporary output folder ``out`` of subject folder ``folder``."""
+    name = f"{kind}-{view}-{variant}.png"
+    (out / name).write_bytes(png_bytes(image))
+    return MadeImage(kind, variant, view, f"{subject_folder(subject, folder)}/{name}")
+
+
+def record_images(subject: Subject, kinds: tuple[str, ...], made: list[MadeImage]) -> None:
+    """Make the subject's :class:`RenderImage` rows of ``kinds`` describe exactly ``made``.
+
+    Rows are created or pointed at the new files; rows of images no longer made are
+    deleted (unless a study's trial refers to one: kept, the study shows its frozen
+    copy), and a file an updated or deleted row pointed to outside the new output
+    folders (layout of an earlier version) is deleted locally and remotely.
+    """
+    before = {(r.kind, r.view, r.variant): r for r in subject.images.filter(kind__in=kinds)}
+    new_paths = {m.rel for m in made}
+    old_paths = {r.path for r in before.values()}
+    for m in made:
+        RenderImage.objects.update_or_create(subject=subject, kind=m.kind, view=m.view,
+                                             variant=m.variant, defaults={"path": m.rel})
+    kept = {(m.kind, m.view, m.variant) for m in made}
+    for key, row in before.items():
+        if key not in kept:
+            try:
+                row.delete()
+            except ProtectedError:
+                new_paths.add(row.path)  # a trial needs it: keep the row and its file
+    folders = {m.rel.rsplit("/", 1)[0] + "/" for m in made}
+    for rel in sorted(old_paths - new_paths):
+        if not any(rel.startswith(f) for f in folders):  # else gone with the old folder
+            delete_file(rel)
 
 
 def _series_ref(folder: Path):
@@ -169,9 +283,7 @@ def stage_import(subject: Subject, ctx: StageContext) -> None:
 
 def stage_deidentify(subject: Subject, ctx: StageContext) -> None:
     """Face + header de-identification of every series; QA figures and PNGs."""
-    from pipeline import dicom_io
-    from pipeline.deface import deface, qa_image
-    from pipeline.deid_header import HeaderDeidentifier, date_offset_days_for
+    from pipeline.deid_header import date_offset_days_for
     from pipeline.deidentify import make_face_method
 
     secret = settings.PROJECT_SECRET
@@ -179,38 +291,57 @@ def stage_deidentify(subject: Subject, ctx: StageContext) -> None:
     offset = date_offset_days_for(subject.patient_key, secret)
     series = list(subject.series.all())
     primary = subject.primary_series()
-    for n, s in enumerate(series, start=1):
-        loaded = load_stored(s.original_dir)
-        vol = loaded.volume
-        if method is not None:
-            result = deface(vol, method)
-            hu = result.hu
-            qa = result.qa.as_dict()
-            s.method = qa["method"]
-            s.removed_ml = round(float(qa["removed_ml"]), 3)
-            s.bone_dice = round(float(qa["bone_dice"]), 5)
-            s.warnings = list(method_warnings) + list(qa.get("warnings", []))
-            s.qa = json.loads(json.dumps(qa, default=_json_default))
-        else:
-            hu, result = vol.hu, None
-            s.method, s.removed_ml, s.bone_dice, s.warnings, s.qa = "none", None, None, [], {}
-        deid = HeaderDeidentifier(secret, dates="shift")
-        for k, ds in enumerate(loaded.datasets):
-            dicom_io.set_pixel_hu(ds, hu[k])
-            deid.deidentify(ds, pseudonym=subject.pseudonym, date_offset_days=offset,
-                            face_removed=method is not None)
-        rel = f"{subject.cohort.storage_dir()}/deid/{subject.pseudonym}/{s.label}"
-        dicom_io.write_datasets(loaded.datasets, data_path(rel))  # atomic replace
-        s.deid_dir = rel
-        s.save(update_fields=["method", "removed_ml", "bone_dice", "warnings", "qa", "deid_dir"])
-        if primary is not None and s.pk == primary.pk:
-            sp = tuple(float(x) for x in vol.spacing_mm)
-            for variant, arr in (("original", vol.hu), ("deid", hu)):
-                for view, img in mid_slices(arr, sp, i=_face_column(vol.hu)).items():
-                    _save_image(subject, "slice", variant, view, img)
-            if result is not None:
-                _save_image(subject, "qa", "both", "deface", qa_image(vol, result))
-        ctx.progress(n / len(series))
+    made: list[MadeImage] = []
+    with output_folders(subject, "deid", "derived/deidentify") as out:
+        for n, s in enumerate(series, start=1):
+            _deidentify_series(subject, s, primary, method, method_warnings, offset, out, made)
+            ctx.progress(n / len(series))
+    fields = ["method", "removed_ml", "bone_dice", "warnings", "qa", "deid_dir"]
+    for s in series:  # the files are in place: the rows may describe them now
+        s.deid_dir = f"{subject_folder(subject, 'deid')}/{s.label}"
+        s.save(update_fields=fields)
+    record_images(subject, ("slice", "qa"), made)
+
+
+def _deidentify_series(subject: Subject, s, primary, method, method_warnings: list[str],
+                       offset: int, out: dict[str, Path], made: list[MadeImage]) -> None:
+    """De-identify series ``s`` into ``out["deid"]/<label>``; slice PNGs and QA figure of
+    the primary series into ``out["derived/deidentify"]``. Sets the QA fields of ``s``
+    (not saved)."""
+    from pipeline import dicom_io
+    from pipeline.deface import deface, qa_image
+    from pipeline.deid_header import HeaderDeidentifier
+
+    secret = settings.PROJECT_SECRET
+    loaded = load_stored(s.original_dir)
+    vol = loaded.volume
+    if method is not None:
+        result = deface(vol, method)
+        hu = result.hu
+        qa = result.qa.as_dict()
+        s.method = qa["method"]
+        s.removed_ml = round(float(qa["removed_ml"]), 3)
+        s.bone_dice = round(float(qa["bone_dice"]), 5)
+        s.warnings = list(method_warnings) + list(qa.get("warnings", []))
+        s.qa = json.loads(json.dumps(qa, default=_json_default))
+    else:
+        hu, result = vol.hu, None
+        s.method, s.removed_ml, s.bone_dice, s.warnings, s.qa = "none", None, None, [], {}
+    deid = HeaderDeidentifier(secret, dates="shift")
+    for k, ds in enumerate(loaded.datasets):
+        dicom_io.set_pixel_hu(ds, hu[k])
+        deid.deidentify(ds, pseudonym=subject.pseudonym, date_offset_days=offset,
+                        face_removed=method is not None)
+    dicom_io.write_datasets(loaded.datasets, out["deid"] / s.label)
+    if primary is not None and s.pk == primary.pk:
+        folder, dst = "derived/deidentify", out["derived/deidentify"]
+        sp = tuple(float(x) for x in vol.spacing_mm)
+        for variant, arr in (("original", vol.hu), ("deid", hu)):
+            for view, img in mid_slices(arr, sp, i=_face_column(vol.hu)).items():
+                made.append(_write_image(subject, folder, dst, "slice", variant, view, img))
+        if result is not None:
+            made.append(_write_image(subject, folder, dst, "qa", "both", "deface",
+                                     qa_image(vol, result)))
 
 
 def _face_column(hu: np.ndarray) -> int:
@@ -249,9 +380,14 @@ def stage_surfaces(subject: Subject, ctx: StageContext) -> None:
     result = render.render_subject(orig, deid, yaw_degs=RENDER_YAWS,
                                    backend=settings.PIPELINE_RENDER_BACKEND)
     ctx.progress(0.9)
-    for variant, views in (("original", result.original), ("deid", result.deidentified or [])):
-        for v in views:
-            _save_image(subject, "render", variant, f"yaw{v.yaw_deg:+.0f}", v.image)
+    made: list[MadeImage] = []
+    with output_folders(subject, "derived/surfaces") as out:
+        for variant, views in (("original", result.original),
+                               ("deid", result.deidentified or [])):
+            for v in views:
+                made.append(_write_image(subject, "derived/surfaces", out["derived/surfaces"],
+                                         "render", variant, f"yaw{v.yaw_deg:+.0f}", v.image))
+    record_images(subject, ("render",), made)
 
 
 def stage_embeddings(subject: Subject, ctx: StageContext) -> None:
@@ -268,7 +404,7 @@ def stage_embeddings(subject: Subject, ctx: StageContext) -> None:
         img = subject.images.filter(kind="render", variant=variant, view="yaw+0").first()
         if img is None:
             raise StageError("the frontal render is missing; run the surfaces stage first")
-        arr = np.asarray(Image.open(data_path(img.path)).convert("L"))
+        arr = np.asarray(Image.open(ensure_local(img.path)).convert("L"))
         emb = embed_face(arr, fallback_box=box)
         out[variant] = [float(x) for x in emb.vector]
         detected[variant] = bool(emb.detected)
@@ -283,10 +419,10 @@ def stage_embeddings(subject: Subject, ctx: StageContext) -> None:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("import", "Import", stage_import),
-    Stage("deidentify", "De-identification", stage_deidentify),
-    Stage("surfaces", "Surfaces & renders", stage_surfaces),
-    Stage("embeddings", "Embeddings", stage_embeddings),
+    Stage("import", "Import", stage_import, inputs=("orig",)),
+    Stage("deidentify", "De-identification", stage_deidentify, inputs=("orig",)),
+    Stage("surfaces", "Surfaces & renders", stage_surfaces, inputs=("orig", "deid")),
+    Stage("embeddings", "Embeddings", stage_embeddings, inputs=("derived/surfaces",)),
 )
 STAGE_BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
 

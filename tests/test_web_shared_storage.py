@@ -2,7 +2,10 @@
 
 Machine A imports and runs the first stages; machine B (an empty DATA_DIR) runs the
 remaining stages from the shared copy; machine C (empty again) serves the pages,
-images and the de-identified download."""
+images and the de-identified download. A stage's outputs are authoritative: after a
+re-run the local and the remote copy of its folders hold exactly what it produced,
+and other stages' folders are untouched. :func:`surveys.shared.push_tree` /
+:func:`~surveys.shared.pull_tree` mirror folders in either direction."""
 
 from __future__ import annotations
 
@@ -17,8 +20,6 @@ from surveys import jobs
 from surveys.importing import ImportRejected, import_folder
 from surveys.models import Cohort
 from surveys.synthetic import write_synthetic_cohort
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture()
@@ -46,6 +47,7 @@ def _run(run) -> None:
     assert jobs.run_stage(run.pk, job_id) == "done", type(run).objects.get(pk=run.pk).error
 
 
+@pytest.mark.slow
 def test_stages_run_on_machines_that_share_only_the_storage(db, settings, tmp_path, shared,
                                                              client, monkeypatch):
     monkeypatch.setattr(jobs, "enqueue_stage", lambda run, queue=None: "")  # run by hand
@@ -83,6 +85,7 @@ def test_stages_run_on_machines_that_share_only_the_storage(db, settings, tmp_pa
     assert sum(n.endswith(".dcm") for n in names) == 80
 
 
+@pytest.mark.slow
 def test_failed_import_leaves_nothing_in_the_shared_storage(db, settings, tmp_path, shared,
                                                              monkeypatch):
     from surveys import importing
@@ -106,3 +109,126 @@ def test_failed_import_leaves_nothing_in_the_shared_storage(db, settings, tmp_pa
         import_folder(cohort, src, move=False)
     assert _files(shared) == set()  # the first subject's upload was removed again
     assert _files(tmp_path / "machineA") == set() and cohort.subjects.count() == 0
+
+
+# ------------------------------------------------------------------ stage outputs are authoritative
+
+
+def _snapshot(root: Path, under: str) -> dict[str, tuple[bytes, int]]:
+    """Content and modification time of every file below ``root/under``."""
+    return {p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in (root / under).rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_rerun_stage_removes_stale_outputs_locally_and_remotely(db, settings, tmp_path, shared,
+                                                                monkeypatch):
+    from surveys.models import RenderImage
+    from surveys.shared import shared_storage
+
+    monkeypatch.setattr(jobs, "enqueue_stage", lambda run, queue=None: "")  # run by hand
+    user = User.objects.create_user("r", password="pw")
+    cohort = Cohort.objects.create(name="c", owner=user)
+    src = tmp_path / "src"
+    write_synthetic_cohort(src, 1, size="tiny", seed=51)
+    settings.DATA_DIR = tmp_path / "machineA"
+    import_folder(cohort, src, move=False)
+    subject = cohort.subjects.get()
+    for stage in ("import", "deidentify", "surfaces"):
+        _run(subject.stages.get(stage=stage))
+    base = f"{cohort.storage_dir()}"
+    renders = f"{base}/derived/{subject.pseudonym}/surfaces"
+    slices = f"{base}/derived/{subject.pseudonym}/deidentify"
+    good = {f"{renders}/render-yaw{y}-{v}.png" for y in ("+0", "+30") for v in ("original", "deid")}
+    assert {k for k in _files(shared) if k.startswith(renders)} == good
+    assert set(subject.images.filter(kind="render").values_list("path", flat=True)) == good
+    assert any(k.startswith(slices + "/slice-") for k in _files(shared))
+
+    # stale outputs of an earlier configuration: a view that is no longer rendered (file
+    # and row, on A and in the storage) and a file of the earlier flat layout (row moved)
+    stale = f"{renders}/render-yaw+60-deid.png"
+    flat = f"{base}/derived/{subject.pseudonym}/render-yaw+0-deid.png"
+    for rel in (stale, flat):
+        for root in (tmp_path / "machineA", shared):
+            (root / rel).write_bytes(b"stale")
+    RenderImage.objects.create(subject=subject, kind="render", variant="deid", view="yaw+60",
+                               path=stale)
+    RenderImage.objects.filter(subject=subject, kind="render", variant="deid",
+                               view="yaw+0").update(path=flat)
+    others = {under: _snapshot(shared, under) for under in (f"{base}/orig", f"{base}/deid", slices)}
+
+    # machine B (a stale local file of its own) re-runs the surfaces stage
+    settings.DATA_DIR = tmp_path / "machineB"
+    (tmp_path / "machineB" / renders).mkdir(parents=True)
+    (tmp_path / "machineB" / renders / "render-yaw-30-original.png").write_bytes(b"stale")
+    _run(subject.stages.get(stage="surfaces"))
+    remote = _files(shared)
+    assert {k for k in remote if k.startswith(renders)} == good
+    assert {k for k in _files(tmp_path / "machineB") if k.startswith(renders)} == good
+    assert stale not in remote and flat not in remote
+    assert set(subject.images.filter(kind="render").values_list("path", flat=True)) == good
+    # outputs of other stages: untouched in the storage, and B pulled only its inputs
+    for under, before in others.items():
+        assert _snapshot(shared, under) == before, under
+    assert not (tmp_path / "machineB" / slices).exists()
+    assert shared_storage().exists(f"{slices}/slice-axial-deid.png")
+
+    # machine A still has the stale files: the next stage mirrors its input folder
+    settings.DATA_DIR = tmp_path / "machineA"
+    _run(subject.stages.get(stage="embeddings"))
+    assert {k for k in _files(tmp_path / "machineA") if k.startswith(renders)} == good
+    assert not list((tmp_path / "machineA").rglob(".*"))  # no temporary leftovers
+
+
+def test_push_tree_uploads_before_it_deletes_and_pull_tree_mirrors(db, settings, tmp_path,
+                                                                     shared, monkeypatch):
+    import os
+
+    from surveys import shared as sh
+
+    settings.DATA_DIR = tmp_path / "local"
+    folder = "cohorts/c00001/derived/SUBJ-0001/surfaces"
+    local = tmp_path / "local" / folder
+    local.mkdir(parents=True)
+    (local / "a.png").write_bytes(b"aaaa")
+    (local / "sub").mkdir()
+    (local / "sub" / "b.png").write_bytes(b"bb")
+    (local / ".c.png.part").write_bytes(b"temporary")
+    (shared / folder).mkdir(parents=True)
+    (shared / folder / "old.png").write_bytes(b"old")
+    (shared / folder / "a.png").write_bytes(b"AAAA")  # same size, other content
+    events: list[tuple[str, str]] = []
+    storage = sh.shared_storage()
+    real_put, real_delete = sh._put, type(storage).delete
+    monkeypatch.setattr(sh, "_put", lambda st, key, path: (events.append(("put", key)),
+                                                           real_put(st, key, path)))
+    monkeypatch.setattr(type(storage), "delete", lambda st, key: (events.append(("delete", key)),
+                                                                  real_delete(st, key)))
+    assert sh.push_tree(folder) == 2
+    assert [e for e, _ in events] == ["put", "put", "delete"]  # no file missing in between
+    assert _files(shared / folder) == {"a.png", "sub/b.png"}
+    assert (shared / folder / "a.png").read_bytes() == b"aaaa"
+
+    # another machine: a stale local file, a same-size file with other content, and a
+    # temporary file of a download in progress
+    settings.DATA_DIR = tmp_path / "other"
+    other = tmp_path / "other" / folder
+    (other / "sub").mkdir(parents=True)
+    (other / "a.png").write_bytes(b"xxxx")
+    (other / "stale.png").write_bytes(b"s")
+    (other / ".d.png.part").write_bytes(b"in progress")
+    assert sh.pull_tree(folder) == 2
+    assert _files(other) == {"a.png", "sub/b.png", ".d.png.part"}
+    assert (other / "a.png").read_bytes() == b"aaaa"
+    assert sh.pull_tree(folder) == 0  # up to date: nothing downloaded again
+    (shared / folder / "a.png").write_bytes(b"AAAA")  # changed remotely, same size
+    os.utime(shared / folder / "a.png", ns=(1, 1))
+    assert sh.pull_tree(folder) == 1 and (other / "a.png").read_bytes() == b"AAAA"
+    assert sh.pull_tree(folder) == 0
+    # the remote folder is emptied: the local copy follows
+    for p in list((shared / folder).rglob("*.png")):
+        p.unlink()
+    assert sh.pull_tree(folder) == 0
+    assert _files(other) == {".d.png.part"}
+    settings.DATA_DIR = tmp_path / "local"
+    assert sh.pull_tree(folder) == 0 and _files(local) == {".c.png.part"}
