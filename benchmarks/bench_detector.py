@@ -44,7 +44,8 @@ def bench_speed(batch: int = 32) -> None:
         hu = np.concatenate([hu] * (batch // hu.shape[0] + 1))[:batch]
     onnx_det = det.load_detector()
     pt = det.DEFAULT_WEIGHTS.with_suffix(".pt")
-    print(f"speed: batch of {batch} slices {hu.shape[1]}×{hu.shape[2]}, model input {onnx_det.meta.imgsz}")
+    print(f"speed: batch of {batch} slices {hu.shape[1]}×{hu.shape[2]}, model input {onnx_det.meta.imgsz}, "
+          f"ONNX weights {det.default_weights().name}")
 
     def best_of(fn, n=3):
         fn()

@@ -84,8 +84,15 @@ def test_shipped_metadata_complete():
     assert "seed" in meta["training"] and meta["data"]["spec"]["n_train"] > 0
     m = meta["metrics"]
     assert set(m["per_class"]) <= set(CLASSES) and "nose" in m["per_class"]
-    # regression guard for the shipped (CPU-budget) model; the 0.95 target is not reached yet
-    assert 0.5 <= m["mAP50"] <= 1.0 and m["mAP50_95"] <= m["mAP50"]
+    # regression guard for the shipped (CPU-budget) model, measured on 10 held-out subjects
+    # (0.932; the 0.95 target is not reached yet: chin 0.70, every other class ≥ 0.95)
+    assert 0.9 <= m["mAP50"] <= 1.0 and m["mAP50_95"] <= m["mAP50"]
+    assert all(m["per_class"][c]["mAP50"] >= 0.95 for c in ("face", "eyes", "nose", "ears"))
+    # the INT8 copy used by default was validated on the same subjects
+    i8 = json.loads(det.INT8_WEIGHTS.with_suffix(".json").read_text())
+    assert i8["classes"] == meta["classes"] and i8["precision"] == "int8"
+    if i8["default"]:
+        assert i8["metrics"]["mAP50"] >= i8["quantization"]["float_metrics_same_data"]["mAP50"] - 0.01
     assert SHIPPED_ONNX.stat().st_size < 15_000_000
 
 
@@ -368,4 +375,4 @@ def test_eval_detector_writes_figures(tmp_path, settings):
     assert "nose" in text and "mAP50" in text
     figures = json.loads((tmp_path / "m.eval.json").read_text())
     assert 0.0 <= figures["mAP50"] <= 1.0 and "nose" in figures["per_class"]
-    assert figures["data"]["seeds"] and figures["per_class"]["face"]["mAP50"] > 0.7
+    assert figures["data"]["seeds"] and figures["per_class"]["face"]["mAP50"] > 0.9

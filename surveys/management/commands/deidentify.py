@@ -30,7 +30,7 @@ class Command(BaseCommand):
                             help="detector weights (.onnx or .pt) for --method model/auto")
         parser.add_argument("--class-map", type=Path, default=None,
                             help="JSON mapping the weights' class names to ours (face, eyes, nose, "
-                                 "lips, brow, chin, ears; null to ignore a class)")
+                                 "lips, chin, ears; null to ignore a class)")
         parser.add_argument("--dates", choices=DATE_MODES, default="shift",
                             help="shift dates by a per-patient offset (keeps intervals) or remove them")
         parser.add_argument("--mapping", type=Path, default=None,
