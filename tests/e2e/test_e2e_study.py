@@ -164,7 +164,10 @@ def test_two_raters_resume_report_csv(site, tmp_path):
             ctx = browser.new_context(accept_downloads=True)
             page = ctx.new_page()
             page.set_default_timeout(30_000)
-            page.goto(f"{base}/studies/{sid}/report/")
+            # not signed in: a 403 page whose sign-in link comes back to the report
+            resp = page.goto(f"{base}/studies/{sid}/report/")
+            assert resp is not None and resp.status == 403
+            page.click("a:has-text('Sign in')")
             page.fill("input[name=username]", "alice")
             page.fill("input[name=password]", "e2e-pass-42")
             page.click("button[type=submit]")
