@@ -266,25 +266,15 @@ def snapshot_renders(study: Study, render_ids) -> int:
     Raters are then shown these copies, so re-running the pipeline on the cohort does not
     change a running study's images.
     """
-    import os
-    import secrets as _secrets
-
     from ..shared import ensure_local
-    from ..stages import data_path
+    from ..stages import atomic_write_bytes, data_path
 
     written = 0
     for ri in RenderImage.objects.filter(pk__in=list(render_ids)).only("pk", "path"):
         dest = data_path(snapshot_rel(study.pk, ri.pk))
         if dest.is_file():
             continue
-        data = clean_png(ensure_local(ri.path))
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".{dest.name}.{_secrets.token_hex(6)}.tmp"
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write_bytes(dest, clean_png(ensure_local(ri.path)))
         written += 1
     return written
 
