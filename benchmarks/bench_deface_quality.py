@@ -3,7 +3,7 @@
 For each seed a synthetic head is generated (ground truth from
 :mod:`pipeline.synth`), defaced with the chosen method, and compared with its
 ground truth: bone Dice (HU > 300 before vs after), fraction of the facial soft
-tissue / nose / lips turned to air (< −500 HU), brain voxels changed.
+tissue / nose / lips / chin pad turned to air (< −500 HU), brain voxels changed.
 
     .venv/bin/python benchmarks/bench_deface_quality.py --method auto --seeds 100-119
     .venv/bin/python benchmarks/bench_deface_quality.py --method anatomical --pose 0,15,0
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             air[head.face_soft_tissue_mask].mean(),
             air[(head.feature_ids == code["nose"]) & in_soft].mean(),
             air[(head.feature_ids == code["lips"]) & in_soft].mean(),
+            air[(head.feature_ids == code["chin"]) & in_soft].mean(),
             air[np.isin(head.feature_ids, ears) & in_soft].mean(),
             int((before[brain] != after[brain]).sum()),
             len(result.qa.warnings),
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
           f"pose {pose or 'random ±4°'}{', no pitch correction' if args.no_pitch_correction else ''}, "
           f"{np.mean(seconds):.2f} s/subject")
     names = ["bone Dice", "face soft tissue removed", "nose removed", "lips removed",
-             "ears removed", "brain voxels changed", "warnings"]
+             "chin pad removed", "ears removed", "brain voxels changed", "warnings"]
     for name, col in zip(names, arr.T):
         print(f"  {name:26s} min {col.min():.4f}  mean {col.mean():.4f}  max {col.max():.4f}")
     return 0

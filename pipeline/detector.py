@@ -29,6 +29,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,7 @@ __all__ = [
     "UltralyticsDetector",
     "configure_ultralytics",
     "default_weights",
+    "drop_classes",
     "evaluate_yolo",
     "export_onnx",
     "letterbox",
@@ -561,6 +563,69 @@ def export_onnx(pt_path: Path, onnx_path: Path, *, imgsz: int = 256) -> Path:
     if produced.resolve() != onnx_path.resolve():
         shutil.move(str(produced), onnx_path)
     return onnx_path
+
+
+def drop_classes(src_pt: Path, dst_pt: Path, drop: Sequence[str]) -> list[str]:
+    """Remove classes from a trained YOLOv8 ``.pt`` detector without retraining.
+
+    YOLOv8 scores every class with its own sigmoid output channel of the last
+    1×1 convolution of each classification branch (``Detect.cv3[i][-1]``); the
+    box branch is shared. Deleting a class's channel (weights and bias) leaves
+    every other class's scores, boxes and per-class NMS bit-for-bit unchanged,
+    so the remaining classes keep their measured accuracy. ``drop``: class names
+    to remove (must exist; at least one class must remain). The checkpoint is
+    written to a temporary file beside ``dst_pt`` and renamed; training state
+    (optimizer, EMA) is not carried over. Returns the remaining class names in
+    output order.
+    """
+    configure_ultralytics()
+    import torch
+
+    src_pt, dst_pt = Path(src_pt), Path(dst_pt)
+    try:
+        ckpt = torch.load(str(src_pt), map_location="cpu", weights_only=False)
+        model = (ckpt.get("ema") or ckpt["model"]) if isinstance(ckpt, dict) else None
+        head = model.model[-1]
+        names = [model.names[i] for i in range(len(model.names))]
+        branches = list(head.cv3)
+    except Exception as exc:  # noqa: BLE001 - torch/pickle raise many types
+        raise DetectorError(f"not an Ultralytics YOLO detector checkpoint ({exc.__class__.__name__})") from None
+    unknown = [c for c in drop if c not in names]
+    if unknown:
+        raise DetectorError(f"classes {unknown} are not in the model ({', '.join(names)})")
+    keep = [i for i, c in enumerate(names) if c not in set(drop)]
+    if not keep:
+        raise DetectorError("at least one class must remain")
+    if getattr(head, "end2end", False):
+        raise DetectorError("end-to-end (NMS-free) heads are not supported")
+    idx = torch.tensor(keep)
+    with torch.no_grad():
+        for seq in branches:
+            old = seq[-1]
+            new = torch.nn.Conv2d(old.in_channels, len(keep), 1, bias=old.bias is not None)
+            new = new.to(old.weight.dtype)
+            new.weight.copy_(old.weight[idx])
+            if old.bias is not None:
+                new.bias.copy_(old.bias[idx])
+            seq[-1] = new
+    head.nc = len(keep)
+    head.no = head.nc + head.reg_max * 4
+    model.names = {n: names[i] for n, i in enumerate(keep)}
+    model.nc = len(keep)
+    if isinstance(getattr(model, "yaml", None), dict):
+        model.yaml["nc"] = len(keep)
+    out = {k: v for k, v in ckpt.items() if k not in ("optimizer", "ema", "updates", "scaler")}
+    out.update(model=model, ema=None, optimizer=None, updates=None)
+    if isinstance(out.get("train_args"), dict):
+        out["train_args"] = {**out["train_args"], "names": dict(model.names)}
+    dst_pt.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst_pt.with_name(f".{dst_pt.name}.tmp")
+    try:
+        torch.save(out, str(tmp))
+        os.replace(tmp, dst_pt)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return [names[i] for i in keep]
 
 
 def evaluate_yolo(weights: Path, data_yaml: Path, *, split: str = "test", imgsz: int = 256,

@@ -5,8 +5,8 @@
     canonical view (slice axis → Superior, rows → Posterior so the face is at
     the top, columns → patient Left), only on slices that contain the body and
     at a slice stride of about ``detect_every_mm``. Per detected slice the boxes
-    of the removal classes (``face``, ``eyes``, ``nose``, ``lips``,
-    ``chin``; never ``ears``) enlarged by ``box_margin_mm`` form a 2D mask.
+    of the removal classes (``face``, ``eyes``, ``nose``, ``lips``; never
+    ``ears``) enlarged by ``box_margin_mm`` form a 2D mask.
     The masks are **smoothed across neighbouring slices**: a detection on a
     single slice whose neighbours have none is dropped (isolated false box), a
     one-slice gap between two detected slices is filled, and slices between
@@ -58,7 +58,7 @@ from .volume import Volume
 __all__ = ["REMOVAL_CLASSES", "AutoFaceRegion", "ModelFaceRegion", "make_model_method"]
 
 #: canonical classes whose boxes define removable soft tissue (ears are kept)
-REMOVAL_CLASSES: tuple[str, ...] = ("face", "eyes", "nose", "lips", "chin")
+REMOVAL_CLASSES: tuple[str, ...] = ("face", "eyes", "nose", "lips")
 
 
 def _canonical(volume: Volume) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:

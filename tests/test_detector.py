@@ -84,10 +84,10 @@ def test_shipped_metadata_complete():
     assert "seed" in meta["training"] and meta["data"]["spec"]["n_train"] > 0
     m = meta["metrics"]
     assert set(m["per_class"]) <= set(CLASSES) and "nose" in m["per_class"]
-    # regression guard for the shipped (CPU-budget) model, measured on 10 held-out subjects
-    # (0.932; the 0.95 target is not reached yet: chin 0.70, every other class ≥ 0.95)
-    assert 0.9 <= m["mAP50"] <= 1.0 and m["mAP50_95"] <= m["mAP50"]
-    assert all(m["per_class"][c]["mAP50"] >= 0.95 for c in ("face", "eyes", "nose", "ears"))
+    # the issue's target on held-out synthetic subjects (measured on 10: 0.978), every class ≥ 0.95
+    assert 0.95 <= m["mAP50"] <= 1.0 and m["mAP50_95"] <= m["mAP50"]
+    assert set(m["per_class"]) == set(CLASSES)
+    assert all(c["mAP50"] >= 0.95 for c in m["per_class"].values())
     # the INT8 copy used by default was validated on the same subjects
     i8 = json.loads(det.INT8_WEIGHTS.with_suffix(".json").read_text())
     assert i8["classes"] == meta["classes"] and i8["precision"] == "int8"
@@ -208,6 +208,51 @@ def test_parity_onnxruntime_vs_ultralytics(yolo_env, head_slices):
                 assert det._iou_one_to_many(box.astype(float), same.astype(float)).max() >= 0.9
                 n_matched += 1
     assert n_matched >= 20
+
+
+@needs_model
+def test_drop_classes_leaves_the_other_classes_unchanged(yolo_env, tmp_path, head_slices):
+    """Deleting a class's output channel: the remaining classes' boxes and scores are exactly
+    those of the original model (same Ultralytics prediction), the class is gone."""
+    import torch
+    from ultralytics import YOLO
+
+    src = tmp_path / "six.pt"
+    shutil.copyfile(SHIPPED_PT, src)
+    names = list(YOLO(str(src)).model.names.values())
+    drop = names[1]
+    kept = det.drop_classes(src, tmp_path / "out" / "five.pt", [drop])
+    assert kept == [n for n in names if n != drop]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["five.pt"]  # no temp file left
+    a = YOLO(str(src)).model.float().eval()
+    b = YOLO(str(tmp_path / "out" / "five.pt")).model.float().eval()
+    assert list(b.names.values()) == kept and b.model[-1].nc == len(kept)
+    x = torch.from_numpy(det.letterbox(det.hu_to_rgb8(_slices_with_face(head_slices)), 160)[0])
+    x = x.permute(0, 3, 1, 2).float() / 255.0
+    with torch.no_grad():
+        ya, yb = a(x)[0], b(x)[0]
+    keep_idx = [4 + i for i, n in enumerate(names) if n != drop]
+    assert torch.equal(ya[:, :4], yb[:, :4])
+    assert torch.allclose(ya[:, keep_idx], yb[:, 4:], atol=1e-6, rtol=0)
+    assert ya[:, 4 + names.index(drop)].max() > 0.5  # the dropped class did fire on these slices
+    # the result is a working Ultralytics checkpoint (prediction through our wrapper)
+    d = det.load_detector(tmp_path / "out" / "five.pt", class_map=None)
+    assert sum(len(r) for r in d.detect(_slices_with_face(head_slices))) > 0
+
+
+def test_drop_classes_rejects_bad_requests(yolo_env, tmp_path):
+    with pytest.raises(det.DetectorError, match="not an Ultralytics YOLO detector"):
+        (tmp_path / "bad.pt").write_bytes(b"junk" * 10)
+        det.drop_classes(tmp_path / "bad.pt", tmp_path / "o.pt", ["chin"])
+    if SHIPPED_PT.is_file():
+        with pytest.raises(det.DetectorError, match="not in the model"):
+            det.drop_classes(SHIPPED_PT, tmp_path / "o.pt", ["tail"])
+        from ultralytics import YOLO
+
+        every = list(YOLO(str(SHIPPED_PT)).model.names.values())
+        with pytest.raises(det.DetectorError, match="at least one class"):
+            det.drop_classes(SHIPPED_PT, tmp_path / "o.pt", every)
+    assert not (tmp_path / "o.pt").exists()
 
 
 # ----------------------------------------------------------------------------- INT8

@@ -47,7 +47,7 @@ class OracleDetector:
 def gt_boxes(head) -> dict[int, list]:
     table = {}
     for k, rows in enumerate(head.feature_boxes):
-        rows = [r for r in rows if r[0] in CLASSES]  # the generator's brow is not a class
+        rows = [r for r in rows if r[0] in CLASSES]  # the generator's brow and chin are not classes
         face = head.face_soft_tissue_mask[k]
         if face.any():
             jj, ii = np.nonzero(face)
