@@ -27,9 +27,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -39,12 +39,14 @@ from .detector_data import CLASSES, HU_WINDOWS, hu_to_rgb8
 __all__ = [
     "DEFAULT_WEIGHTS",
     "INT8_WEIGHTS",
+    "QUANTIZED_OPS",
     "Detection",
     "DetectorError",
     "ModelMeta",
     "OnnxDetector",
     "UltralyticsDetector",
     "configure_ultralytics",
+    "decoder_nodes",
     "default_weights",
     "drop_classes",
     "evaluate_yolo",
@@ -53,6 +55,7 @@ __all__ = [
     "load_detector",
     "nms",
     "quantize_onnx",
+    "rewrite_dfl_softmax",
     "synthetic_calibration",
     "train_yolo",
 ]
@@ -253,25 +256,59 @@ class _BaseDetector:
         raise NotImplementedError
 
 
+def _cpu_cores() -> int:
+    """CPU cores this process may run on (affinity-aware; ``os.cpu_count()`` counts the host's)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 class OnnxDetector(_BaseDetector):
     """YOLOv8 detection ONNX model (Ultralytics export, output ``(N, 4 + n_classes, anchors)``)
-    run with ONNX Runtime. ``threads``: intra-op threads (default: all cores)."""
+    run with ONNX Runtime.
+
+    ``threads``: CPU threads to use (default: the cores this process may run on).
+    ``sessions``: how many ONNX Runtime sessions share them (default ``min(threads,
+    4)``, each with ``threads // sessions`` intra-op threads). A batch of slices is
+    split between the sessions and run concurrently (ONNX Runtime releases the
+    GIL): at 160 px a YOLOv8n layer is too small to keep two threads busy, so
+    data parallelism beats splitting every layer (INT8 model on 2 cores: 1.6 vs
+    2.0 ms/slice, ``benchmarks/bench_detector.py speed``). Results do not depend
+    on the split.
+    """
 
     backend = "onnxruntime"
 
-    def __init__(self, path: Path, meta: ModelMeta, *, threads: int | None = None) -> None:
+    def __init__(self, path: Path, meta: ModelMeta, *, threads: int | None = None,
+                 sessions: int | None = None) -> None:
         import onnxruntime as ort
 
+        n_threads = max(1, int(threads or _cpu_cores()))
+        n_sessions = max(1, min(int(sessions or min(n_threads, 4)), n_threads))
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = int(threads or os.cpu_count() or 1)
+        opts.intra_op_num_threads = max(1, n_threads // n_sessions)
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        source: str | bytes = str(path)
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            import onnx
+
+            graph = onnx.load(str(path))
+            if rewrite_dfl_softmax(graph):  # Ultralytics exports: same outputs, faster decoder
+                source = graph.SerializeToString()
+            del graph
+        except Exception:  # noqa: BLE001 - not parseable here: let ONNX Runtime judge the file
+            source = str(path)
+        try:
+            self.sessions = [ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+                             for _ in range(n_sessions)]
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
             raise DetectorError(
                 f"the weights file is not a loadable ONNX model ({exc.__class__.__name__})"
             ) from None
+        self.session = self.sessions[0]
+        self._pool = None
         inputs = self.session.get_inputs()
         outputs = self.session.get_outputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4 or len(outputs) != 1:
@@ -293,11 +330,24 @@ class OnnxDetector(_BaseDetector):
         self.meta = meta
         _check_mappable(meta)
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
+    def _run_one(self, session: Any, x: np.ndarray) -> np.ndarray:
         if self.dynamic_batch:
-            return self.session.run(None, {self.input_name: x})[0]
-        return np.concatenate([self.session.run(None, {self.input_name: x[b:b + 1]})[0]
+            return session.run(None, {self.input_name: x})[0]
+        return np.concatenate([session.run(None, {self.input_name: x[b:b + 1]})[0]
                                for b in range(x.shape[0])])
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        n = min(len(self.sessions), x.shape[0])
+        if n <= 1:
+            return self._run_one(self.session, x)
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(len(self.sessions) - 1, thread_name_prefix="onnx-detect")
+        chunks = np.array_split(x, n)
+        futures = [self._pool.submit(self._run_one, self.sessions[c], chunks[c]) for c in range(1, n)]
+        first = self._run_one(self.session, chunks[0])
+        return np.concatenate([first] + [f.result() for f in futures])
 
     def _detect_rgb(self, rgb: np.ndarray, conf: float, iou: float) -> list[Detection]:
         lb, r, (px, py) = letterbox(rgb, self.meta.imgsz)
@@ -384,7 +434,8 @@ def default_weights() -> Path:
 
 
 def load_detector(
-    weights: Path | None = None, *, class_map: Path | None = None, threads: int | None = None
+    weights: Path | None = None, *, class_map: Path | None = None, threads: int | None = None,
+    sessions: int | None = None,
 ) -> _BaseDetector:
     """Load a detector: ``.onnx`` → :class:`OnnxDetector`, ``.pt`` → :class:`UltralyticsDetector`.
 
@@ -393,8 +444,9 @@ def load_detector(
     ``face_yolov8n.json``); for ``.pt`` files the class names come from the
     model itself. ``class_map``: optional JSON ``{"model class": "canonical
     class" | null}`` for users' own models whose class names differ from
-    :data:`pipeline.detector_data.CLASSES`. Raises :class:`DetectorError` when
-    the file is missing, not a YOLO detector, or no class maps.
+    :data:`pipeline.detector_data.CLASSES`. ``threads`` / ``sessions``: CPU use
+    of ONNX models (see :class:`OnnxDetector`). Raises :class:`DetectorError`
+    when the file is missing, not a YOLO detector, or no class maps.
     """
     path = Path(weights) if weights is not None else default_weights()
     if not path.is_file():
@@ -413,7 +465,7 @@ def load_detector(
             meta = _meta_from_onnx(path)
         if class_map is not None:
             meta.class_map = _read_class_map(class_map)
-        return OnnxDetector(path, meta, threads=threads)
+        return OnnxDetector(path, meta, threads=threads, sessions=sessions)
     if suffix == ".pt":
         det = UltralyticsDetector(path, None)
         if meta is not None:
@@ -686,18 +738,100 @@ def synthetic_calibration(imgsz: int, *, n_subjects: int = 6, every: int = 3,
     return np.ascontiguousarray(np.concatenate(out))
 
 
+#: ONNX ops that :func:`quantize_onnx` runs in 8 bit (ONNX Runtime fuses each Q/DQ-wrapped
+#: node into its integer kernel: QLinearConv, QLinearSigmoid, QLinearMul, QLinearAdd,
+#: QLinearConcat, int8 MaxPool / Resize / Split), so activations stay 8-bit from one
+#: convolution to the next instead of being converted back to float around every SiLU.
+QUANTIZED_OPS: tuple[str, ...] = ("Conv", "Mul", "Sigmoid", "Add", "Concat", "MaxPool", "Resize", "Split")
+
+
+def decoder_nodes(model: Any) -> list[str]:
+    """Names of the box-decoding nodes of an Ultralytics YOLOv8 ONNX graph.
+
+    The detection head's module (the one holding the ``dfl`` convolution, e.g.
+    ``/model.22/``) turns the raw branch outputs into boxes: anchor grid,
+    distribution-focal-loss softmax and its fixed 0…15 convolution, distance →
+    ``(cx, cy, w, h)`` in model pixels, class sigmoid. Those must stay in float
+    (8-bit pixel coordinates would move boxes by whole pixels). The head's own
+    convolution branches (``cv2``: box, ``cv3``: class) are not decoder nodes.
+    Returns ``[]`` for graphs without such names (then nothing is excluded).
+    """
+    names = [n.name for n in model.graph.node]
+    prefixes = {nm.split("/dfl/")[0] + "/" for nm in names if "/dfl/" in nm}
+    return [nm for nm in names if any(nm.startswith(p) for p in prefixes)
+            and not any(nm.startswith(p + b) for p in prefixes for b in ("cv2", "cv3"))]
+
+
+def rewrite_dfl_softmax(model: Any) -> bool:
+    """Make the DFL box decoder of an Ultralytics YOLOv8 ONNX graph cheap for ONNX Runtime, in place.
+
+    Ultralytics exports the distribution-focal-loss decoder as ``Reshape (N, 4,
+    16, A) → Transpose (0, 2, 1, 3) → Softmax(axis=1) → 1×1 Conv`` with weights
+    0…15 (the expected distance in grid cells). A softmax over a middle axis is
+    slow in ONNX Runtime (on 2 cores it took 11 % of the whole INT8 model's time).
+    The equivalent ``Transpose (0, 1, 3, 2) → Softmax(axis=-1) → MatMul`` with
+    the same 0…15 column vector gives ``(N, 4, A, 1)``, which the following
+    Reshape turns into the same ``(N, 4, A)``: identical values (up to float
+    summation order). Returns ``False`` (and changes nothing) when the graph does
+    not have exactly that pattern.
+    """
+    from onnx import helper, numpy_helper
+
+    nodes = list(model.graph.node)
+    by_output = {o: n for n in nodes for o in n.output}
+    inits = {i.name: i for i in model.graph.initializer}
+    softmax = [n for n in nodes if n.op_type == "Softmax" and "/dfl/" in n.name]
+    if len(softmax) != 1:
+        return False
+    sm = softmax[0]
+    tr = by_output.get(sm.input[0])
+    conv = [n for n in nodes if n.op_type == "Conv" and sm.output[0] in n.input]
+    if tr is None or tr.op_type != "Transpose" or len(conv) != 1 or conv[0].input[1] not in inits:
+        return False
+    conv = conv[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in (*tr.attribute, *sm.attribute)}
+    weight = numpy_helper.to_array(inits[conv.input[1]])
+    if list(attrs.get("perm", [])) != [0, 2, 1, 3] or attrs.get("axis") != 1 or weight.shape[:2] != (1, weight.size):
+        return False
+    if len(conv.input) > 2 or sum(1 for n in nodes if tr.output[0] in n.input) != 1:
+        return False
+    stale = {tr.output[0], sm.output[0], conv.output[0]}  # shapes change: drop their annotations
+    for vi in [v for v in model.graph.value_info if v.name in stale]:
+        model.graph.value_info.remove(vi)
+    for a in tr.attribute:
+        if a.name == "perm":
+            a.ints[:] = [0, 1, 3, 2]
+    for a in sm.attribute:
+        if a.name == "axis":
+            a.i = -1
+    w_name = conv.input[1] + ".column"
+    model.graph.initializer.append(numpy_helper.from_array(weight.reshape(-1, 1).astype(weight.dtype), w_name))
+    matmul = helper.make_node("MatMul", [sm.output[0], w_name], [conv.output[0]],
+                              name=conv.name.replace("/Conv", "/MatMul"))
+    idx = nodes.index(conv)
+    model.graph.node.remove(conv)
+    model.graph.node.insert(idx, matmul)
+    if not any(conv.input[1] in n.input for n in model.graph.node):
+        model.graph.initializer.remove(inits[conv.input[1]])
+    return True
+
+
 def quantize_onnx(src: Path, dst: Path, calibration: np.ndarray, *,
-                  exclude_nodes: tuple[str, ...] = ("/model.22/dfl/conv/Conv",)) -> Path:
+                  op_types: tuple[str, ...] = QUANTIZED_OPS,
+                  exclude_nodes: tuple[str, ...] | None = None) -> Path:
     """Static INT8 quantization of a YOLOv8 ONNX model for ONNX Runtime on CPU.
 
     QDQ format; convolution weights signed 8 bit per output channel, activations
     unsigned 8 bit with ranges from ``calibration`` (float32 NCHW batch in the
     model's 0…1 input convention, e.g. :func:`synthetic_calibration`; min/max
-    calibration). Only ``Conv`` nodes are quantized, except ``exclude_nodes``
-    (the DFL box decoder, whose fixed 0…15 weights must stay exact). On CPUs with
-    8-bit dot-product instructions (AVX-512 VNNI / AVX-VNNI) this runs faster
-    than float32; check its accuracy (``eval_detector``) before shipping it.
-    The output is written to a temporary file beside ``dst`` and renamed.
+    calibration). Nodes of ``op_types`` (default :data:`QUANTIZED_OPS`: the whole
+    backbone, neck and head branches, SiLU included) are quantized, except
+    ``exclude_nodes`` (default :func:`decoder_nodes`: the box decoder stays
+    float; its softmax is first made cheap by :func:`rewrite_dfl_softmax`). On CPUs with 8-bit dot-product instructions (AVX-512 VNNI /
+    AVX-VNNI) this runs faster than float32; check its accuracy
+    (``eval_detector``, or ``manage.py quantize_detector`` which does) before
+    shipping it. The output is written to a temporary file beside ``dst`` and
+    renamed.
     """
     import tempfile
 
@@ -716,9 +850,13 @@ def quantize_onnx(src: Path, dst: Path, calibration: np.ndarray, *,
     try:
         import onnx
 
-        input_name = onnx.load(str(src), load_external_data=False).graph.input[0].name
+        graph_model = onnx.load(str(src), load_external_data=False)
+        input_name = graph_model.graph.input[0].name
     except Exception as exc:  # noqa: BLE001 - protobuf decode errors vary
         raise DetectorError(f"not a valid ONNX model ({exc.__class__.__name__})") from None
+    fast_dfl = rewrite_dfl_softmax(graph_model)
+    if exclude_nodes is None:
+        exclude_nodes = tuple(decoder_nodes(graph_model))
 
     class _Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -734,11 +872,16 @@ def quantize_onnx(src: Path, dst: Path, calibration: np.ndarray, *,
         os.chdir(tmp)  # the ONNX tools drop scratch files into the working directory
         try:
             pre = Path(tmp) / "pre.onnx"
+            if fast_dfl:
+                rewritten = Path(tmp) / "dfl.onnx"
+                onnx.save(graph_model, str(rewritten))
+                src = rewritten
+            del graph_model
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
             out = Path(tmp) / "int8.onnx"
             quantize_static(str(pre), str(out), _Reader(), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"],
+                            weight_type=QuantType.QInt8, op_types_to_quantize=list(op_types),
                             nodes_to_exclude=list(exclude_nodes))
             os.replace(out, dst)
         finally:

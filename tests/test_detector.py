@@ -273,8 +273,19 @@ def test_int8_quantization_keeps_the_boxes(tmp_path, head_slices, monkeypatch):
     assert dst.stat().st_size < src.stat().st_size / 2  # 8-bit weights
     import onnx
 
-    ops = {n.op_type for n in onnx.load(str(dst)).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    graph = onnx.load(str(dst)).graph
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.node}
+    by_output = {o: n for n in graph.node for o in n.output}
+
+    def fed_by_dq(n) -> bool:
+        return any(getattr(by_output.get(i), "op_type", "") == "DequantizeLinear" for i in n.input)
+
+    # SiLU (Sigmoid × x) runs in 8 bit too, the box decoder stays float
+    backbone_sigmoids = [n for n in graph.node if n.op_type == "Sigmoid" and "/act/" in n.name]
+    assert backbone_sigmoids and all(fed_by_dq(n) for n in backbone_sigmoids)
+    decoder = [n for n in graph.node if n.name in set(det.decoder_nodes(onnx.load(str(src))))]
+    assert decoder and not any(fed_by_dq(n) for n in decoder if n.op_type in ("Softmax", "MatMul", "Sigmoid"))
+    assert any(n.op_type == "MatMul" and "/dfl/" in n.name for n in graph.node)  # rewritten decoder
     hu = _slices_with_face(head_slices)
     f32 = det.load_detector(src).detect(hu)
     i8 = det.load_detector(dst).detect(hu)  # class names from the embedded export metadata
@@ -330,6 +341,43 @@ def test_quantize_detector_command(tmp_path, settings):
     assert det.load_detector(tmp_path / "m.int8.onnx").meta.classes == meta["classes"]
     with pytest.raises(CommandError, match="existing .onnx"):
         call_command("quantize_detector", "--weights", str(tmp_path / "missing.onnx"))
+
+
+@needs_model
+def test_dfl_rewrite_gives_identical_outputs(tmp_path):
+    """The cheaper softmax layout of the box decoder changes no output value."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(SHIPPED_ONNX))
+    assert det.rewrite_dfl_softmax(model)
+    assert not det.rewrite_dfl_softmax(model)  # already rewritten: pattern gone, nothing changed
+    ops = {n.op_type for n in model.graph.node if "/dfl/" in n.name}
+    assert "MatMul" in ops and "Conv" not in ops
+    x = det.synthetic_calibration(160, n_subjects=1, every=6)
+    a = ort.InferenceSession(str(SHIPPED_ONNX), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+    b = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"images": x})[0]
+    assert a.shape == b.shape and np.allclose(a, b, rtol=1e-5, atol=1e-4)
+    plain = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Softmax", ["x"], ["y"], axis=1)], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])]))
+    assert not det.rewrite_dfl_softmax(plain)
+
+
+@needs_model
+def test_sessions_split_the_batch_without_changing_results(head_slices):
+    hu = _slices_with_face(head_slices)[:7]
+    one = det.load_detector(SHIPPED_ONNX, threads=2, sessions=1)
+    three = det.load_detector(SHIPPED_ONNX, threads=3, sessions=3)
+    assert len(one.sessions) == 1 and len(three.sessions) == 3
+    a, b = one.detect(hu, batch=7), three.detect(hu, batch=7)  # chunks of 3, 2, 2 slices
+    assert sum(len(r) for r in a) > 0
+    for x, y in zip(a, b):
+        assert np.array_equal(x.class_ids, y.class_ids)
+        assert np.allclose(x.boxes, y.boxes, atol=1e-3) and np.allclose(x.scores, y.scores, atol=1e-5)
+    assert len(det.load_detector(SHIPPED_ONNX, threads=1, sessions=4).sessions) == 1  # ≤ threads
 
 
 def test_quantize_rejects_bad_input(tmp_path):

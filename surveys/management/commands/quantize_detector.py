@@ -57,8 +57,9 @@ class Command(BaseCommand):
         out_meta["metrics"] = None  # the float model's figures do not describe this copy
         out_meta["default"] = False
         out_meta["quantization"] = {
-            "source": src.name, "method": "onnxruntime static QDQ, Conv only, per-channel S8 weights, "
-            "U8 activations, min/max calibration",
+            "source": src.name, "method": "onnxruntime static QDQ of "
+            f"{', '.join(detector.QUANTIZED_OPS)} (box decoder in float, DFL softmax on the last axis), "
+            "per-channel S8 weights, U8 activations, min/max calibration",
             "calibration": f"{calib.shape[0]} slices with facial features from "
                            f"{o['calibration_subjects']} synthetic training-range subjects",
         }
