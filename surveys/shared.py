@@ -13,7 +13,8 @@ own ``DATA_DIR``, and:
   replaces its output folders uploads each one as the reference copy
   (:func:`push_tree`): new and changed files first, then the remote files it no
   longer produced are deleted, so the remote folder ends up equal to the local one;
-* the web server downloads a file on first request (:func:`ensure_local`).
+* the web server downloads a file on first request, and again when the remote copy
+  changed (:func:`ensure_local`).
 
 Keys in the storage are the ``DATA_DIR``-relative paths (pseudonyms only). A local
 file is up to date when its size and modification time equal the remote one's: a
@@ -242,10 +243,58 @@ def pull_tree(rel_dir: str) -> int:
     return n
 
 
+def _remote_stat(storage, key: str) -> tuple[int, int] | None:
+    """``(size, mtime_ns)`` of one remote file (one request), ``None`` when it does not exist.
+
+    Times are whole seconds, as in :func:`_listing`, so they compare with local copies
+    stamped from a listing."""
+    if _is_s3(storage):
+        from botocore.exceptions import ClientError
+        from storages.utils import clean_name
+
+        try:
+            head = storage.connection.meta.client.head_object(
+                Bucket=storage.bucket_name, Key=storage._normalize_name(clean_name(key)))
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        return int(head["ContentLength"]), int(head["LastModified"].timestamp()) * 1_000_000_000
+    if _is_filesystem(storage):
+        try:
+            st = Path(storage.path(key)).stat()
+        except FileNotFoundError:
+            return None
+        return st.st_size, st.st_mtime_ns
+    if not storage.exists(key):
+        return None
+    try:
+        mtime = int(storage.get_modified_time(key).timestamp())
+    except NotImplementedError:
+        mtime = 0
+    return storage.size(key), mtime * 1_000_000_000
+
+
 def ensure_local(rel: str) -> Path:
-    """Local path of a ``DATA_DIR``-relative file, downloading it first if needed."""
+    """Local path of a ``DATA_DIR``-relative file, downloading it first when needed.
+
+    With a shared storage the remote copy is the reference: the file is downloaded when
+    it is missing locally or when its size or modification time differ from the remote
+    one's (a stage re-run on another machine replaced it), at the cost of one metadata
+    request per call. A file that exists only locally is served as it is.
+    """
     path = _local(rel)
     storage = shared_storage()
-    if storage is not None and not path.is_file() and storage.exists(rel):
-        _download(storage, rel)
+    if storage is None:
+        return path
+    remote = _remote_stat(storage, rel)
+    if remote is None:
+        return path
+    try:
+        st = path.stat()
+        fresh = path.is_file() and (st.st_size, st.st_mtime_ns) == remote
+    except FileNotFoundError:
+        fresh = False
+    if not fresh:
+        _download(storage, rel, remote[1])
     return path

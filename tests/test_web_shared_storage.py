@@ -232,3 +232,39 @@ def test_push_tree_uploads_before_it_deletes_and_pull_tree_mirrors(db, settings,
     assert _files(other) == {".d.png.part"}
     settings.DATA_DIR = tmp_path / "local"
     assert sh.pull_tree(folder) == 0 and _files(local) == {".c.png.part"}
+
+
+def test_served_files_follow_the_remote_copy(settings, tmp_path, shared):
+    """The web server's copy of a file is replaced when a stage re-run on another machine
+    replaced the remote one (same size, new content), and is not downloaded again while
+    the remote copy is unchanged."""
+    import os
+
+    from surveys.shared import ensure_local, push_file
+
+    rel = "cohorts/c00001/derived/P0001/surfaces/render-yaw+0-deid.png"
+    settings.DATA_DIR = tmp_path / "machineA"
+    (tmp_path / "machineA" / rel).parent.mkdir(parents=True)
+    (tmp_path / "machineA" / rel).write_bytes(b"first run")
+    push_file(rel)
+
+    settings.DATA_DIR = tmp_path / "machineC"
+    served = ensure_local(rel)
+    assert served == tmp_path / "machineC" / rel and served.read_bytes() == b"first run"
+    inode = served.stat().st_ino
+    assert ensure_local(rel).stat().st_ino == inode  # unchanged remote: no download
+
+    settings.DATA_DIR = tmp_path / "machineB"  # the stage re-runs elsewhere
+    (tmp_path / "machineB" / rel).parent.mkdir(parents=True)
+    (tmp_path / "machineB" / rel).write_bytes(b"other run")  # same size
+    push_file(rel)
+    st = (shared / rel).stat()
+    os.utime(shared / rel, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+
+    settings.DATA_DIR = tmp_path / "machineC"
+    assert ensure_local(rel).read_bytes() == b"other run"
+    assert [p.name for p in served.parent.iterdir()] == [served.name]  # no temp file left
+
+    only_local = "cohorts/c00001/derived/P0001/surfaces/local-only.png"
+    (tmp_path / "machineC" / only_local).write_bytes(b"x")
+    assert ensure_local(only_local).read_bytes() == b"x"  # not in the storage: served as is

@@ -262,3 +262,21 @@ def test_settings_build_the_s3_storage_from_the_environment(tmp_path):
                      ({"DEIDSTUDY_SHARED_STORAGE": "gcs"}, "DEIDSTUDY_SHARED_STORAGE")):
         with pytest.raises(RuntimeError, match=msg):
             shared_storage_config(bad)
+
+
+def test_served_files_follow_the_s3_copy(settings, tmp_path, s3):
+    """ensure_local revalidates against the bucket with one HEAD request per file."""
+    from surveys.shared import ensure_local, push_file
+
+    rel = "cohorts/c00001/derived/P0001/surfaces/render-yaw+0-deid.png"
+    for machine, content in (("machineA", b"first run"), ("machineB", b"the second run")):
+        settings.DATA_DIR = tmp_path / machine
+        (tmp_path / machine / rel).parent.mkdir(parents=True)
+        (tmp_path / machine / rel).write_bytes(content)
+        push_file(rel)
+        settings.DATA_DIR = tmp_path / "machineC"
+        assert ensure_local(rel).read_bytes() == content
+    inode = (tmp_path / "machineC" / rel).stat().st_ino
+    assert ensure_local(rel).stat().st_ino == inode  # unchanged: not downloaded again
+    missing = "cohorts/c00001/derived/P0001/surfaces/missing.png"
+    assert not ensure_local(missing).exists()  # 404 from the bucket: no error, nothing fetched
