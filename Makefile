@@ -15,8 +15,17 @@ $(STAMP): requirements.txt scripts/system_deps.sh
 	$(PY) -m pip install -q -r requirements.txt
 	@touch $(STAMP)
 
+# Tests that talk to the database run a second time on a private PostgreSQL server.
+PG_TESTS := tests/test_postgres.py tests/test_jobs_queue.py tests/test_jobs_integration.py \
+	tests/test_study_design.py tests/test_study_fixtures.py tests/test_study_rater.py \
+	tests/test_study_report.py tests/test_analyze_responses.py tests/test_web_import.py \
+	tests/test_web_shared_storage.py tests/test_web_shared_storage_s3.py tests/test_web_views.py \
+	tests/e2e
+
 test: $(STAMP)
 	$(PY) -m pytest -q
+	@echo "== the database-facing tests again on PostgreSQL"
+	$(PY) -m tests.pgserver --skip-if-missing -- $(PY) -m pytest -q -p no:cacheprovider $(PG_TESTS)
 
 demo: $(STAMP)
 	$(PY) manage.py migrate --noinput -v 0

@@ -3,7 +3,7 @@
 # As root this runs apt-get; otherwise it prints what to install and continues
 # (the parts of the test-suite that need a missing package then say so).
 set -u
-want=(libosmesa6 redis-server chromium chromium-driver)
+want=(libosmesa6 redis-server chromium chromium-driver postgresql)
 missing=()
 for p in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -50,6 +50,7 @@ class Platform:
     redis_port: int
     env: dict[str, str]
     procs: list[subprocess.Popen] = field(default_factory=list)
+    postgres_url: str | None = None  # set when the suite runs on PostgreSQL (tests.pgserver)
 
     @property
     def db_path(self) -> Path:
@@ -84,7 +85,13 @@ class Platform:
         return p
 
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:
-        """Read-only SQL on the platform's database (the test process has no Django DB)."""
+        """Read-only SQL (``?`` placeholders) on the platform's database, SQLite or
+        PostgreSQL (the test process has no Django DB)."""
+        if self.postgres_url:
+            import psycopg
+
+            with psycopg.connect(self.postgres_url, autocommit=True) as pg:
+                return pg.execute(sql.replace("?", "%s"), params).fetchall()
         con = sqlite3.connect(self.db_path, timeout=30)
         try:
             return con.execute(sql, params).fetchall()
@@ -137,6 +144,18 @@ class Platform:
                     self.kill_group(p)
 
 
+def _fresh_postgres_database(server_url: str) -> str:
+    """Create an empty database on the suite's PostgreSQL server; return its URL."""
+    import uuid
+
+    import psycopg
+
+    name = f"platform_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as pg:
+        pg.execute(f'CREATE DATABASE "{name}"')
+    return server_url.rsplit("/", 1)[0] + "/" + name
+
+
 def start_platform(tmp: Path, *, researcher: tuple[str, str] = ("alice", "secret-pw-1")) -> Platform:
     """Migrate a fresh database, start redis-server, create a researcher account."""
     redis_bin = shutil.which("redis-server")
@@ -157,6 +176,8 @@ def start_platform(tmp: Path, *, researcher: tuple[str, str] = ("alice", "secret
         "PYTHONUNBUFFERED": "1",
     })
     plat = Platform(var_dir=var, redis_port=port, env=env)
+    if os.environ.get("DEIDSTUDY_TEST_DATABASE") == "postgresql":
+        plat.postgres_url = env["DATABASE_URL"] = _fresh_postgres_database(os.environ["DATABASE_URL"])
     redis = subprocess.Popen([redis_bin, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                               "--appendonly", "no"], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
@@ -164,6 +185,8 @@ def start_platform(tmp: Path, *, researcher: tuple[str, str] = ("alice", "secret
     try:
         wait_port(port)
         plat.manage("migrate", "--noinput", "-v", "0")
+        if plat.postgres_url and plat.db_path.exists():
+            raise RuntimeError("the platform was meant to run on PostgreSQL but made a SQLite file")
         plat.manage("create_researcher", researcher[0], "--password", researcher[1])
     except BaseException:
         plat.stop()
