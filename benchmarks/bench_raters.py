@@ -11,8 +11,9 @@ CPU, and answers stored in the database vs answers sent (must be equal).
 Target: trial page and submit p95 ≤ 100 ms. The client runs on the same machine
 and takes CPU from the server (its CPU time is printed).
 
-    .venv/bin/python benchmarks/bench_raters.py                 # 100 raters
-    .venv/bin/python benchmarks/bench_raters.py --raters 20 --think-s 0
+    .venv/bin/python benchmarks/bench_raters.py                 # 100 raters, 5 s per trial
+    .venv/bin/python benchmarks/bench_raters.py --think-s 1     # overload: 2 cores saturate
+    .venv/bin/python -m tests.pgserver -- .venv/bin/python benchmarks/bench_raters.py  # PostgreSQL
     DATABASE_URL=postgres://... .venv/bin/python benchmarks/bench_raters.py
 """
 
@@ -174,8 +175,9 @@ def main() -> int:
     ap.add_argument("--raters", type=int, default=100)
     ap.add_argument("--trials", type=int, default=10, help="main trials per rater")
     ap.add_argument("--subjects", type=int, default=12)
-    ap.add_argument("--think-s", type=float, default=1.0,
-                    help="mean think time per trial (uniform 0.5..1.5 × this)")
+    ap.add_argument("--think-s", type=float, default=5.0,
+                    help="mean think time per trial (uniform 0.5..1.5 × this; default 5 s, "
+                         "a brisk human pace for matching one face against four)")
     ap.add_argument("--ramp-s", type=float, default=20.0,
                     help="raters arrive evenly within this time")
     ap.add_argument("--max-s", type=float, default=120.0, help="stop the load after this")
