@@ -827,11 +827,11 @@ def quantize_onnx(src: Path, dst: Path, calibration: np.ndarray, *,
     calibration). Nodes of ``op_types`` (default :data:`QUANTIZED_OPS`: the whole
     backbone, neck and head branches, SiLU included) are quantized, except
     ``exclude_nodes`` (default :func:`decoder_nodes`: the box decoder stays
-    float; its softmax is first made cheap by :func:`rewrite_dfl_softmax`). On CPUs with 8-bit dot-product instructions (AVX-512 VNNI /
-    AVX-VNNI) this runs faster than float32; check its accuracy
-    (``eval_detector``, or ``manage.py quantize_detector`` which does) before
-    shipping it. The output is written to a temporary file beside ``dst`` and
-    renamed.
+    float; its softmax is first made cheap by :func:`rewrite_dfl_softmax`). On
+    CPUs with 8-bit dot-product instructions (AVX-512 VNNI / AVX-VNNI) this runs
+    faster than float32; check its accuracy (``eval_detector``, or ``manage.py
+    quantize_detector`` which does) before shipping it. The output is written to
+    a temporary file beside ``dst`` and renamed.
     """
     import tempfile
 
@@ -843,7 +843,7 @@ def quantize_onnx(src: Path, dst: Path, calibration: np.ndarray, *,
         quantize_static,
     )
 
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src).resolve(), Path(dst).resolve()  # the work below runs in a temp folder
     calibration = np.ascontiguousarray(calibration, dtype=np.float32)
     if calibration.ndim != 4 or calibration.shape[0] == 0:
         raise DetectorError("calibration must be a non-empty (N, C, H, W) batch")

@@ -268,7 +268,8 @@ def test_int8_quantization_keeps_the_boxes(tmp_path, head_slices, monkeypatch):
     src.write_bytes(SHIPPED_ONNX.read_bytes())
     calib = det.synthetic_calibration(det.load_detector().meta.imgsz, n_subjects=2, every=4)
     assert calib.dtype == np.float32 and calib.ndim == 4 and 0.0 <= calib.min() and calib.max() <= 1.0
-    dst = det.quantize_onnx(src, tmp_path / "m" / "face.int8.onnx", calib)
+    dst = det.quantize_onnx(Path("m/face.onnx"), Path("m/face.int8.onnx"), calib)  # relative to cwd
+    assert dst == tmp_path / "m" / "face.int8.onnx"
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["face.int8.onnx", "face.onnx", "m"]
     assert dst.stat().st_size < src.stat().st_size / 2  # 8-bit weights
     import onnx
