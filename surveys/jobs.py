@@ -214,12 +214,21 @@ class _Heartbeat:
     def _loop(self, run_id: int, job_id: str) -> None:
         from django.db import connection
 
+        failures = 0
         try:
             while not self._stop.wait(HEARTBEAT_SECONDS):
-                self._model.objects.filter(pk=run_id, rq_job_id=job_id, status="running").update(
-                    heartbeat=timezone.now())
-        except Exception:  # noqa: BLE001 — a missed heartbeat is not fatal
-            log.warning("heartbeat of %s row %s failed", self._model.__name__, run_id)
+                try:
+                    self._model.objects.filter(pk=run_id, rq_job_id=job_id, status="running").update(
+                        heartbeat=timezone.now())
+                    failures = 0
+                except Exception as exc:  # noqa: BLE001 — a missed beat is not fatal: try again
+                    # (one failure, e.g. a briefly locked SQLite file, used to end the beats
+                    # for the rest of the job, so recovery could take a long job for abandoned)
+                    failures += 1
+                    if failures == 1 or failures % 10 == 0:
+                        log.warning("heartbeat of %s row %s failed (%s, %d in a row); retrying",
+                                    self._model.__name__, run_id, type(exc).__name__, failures)
+                    connection.close()  # reconnect on the next beat
         finally:
             connection.close()
 

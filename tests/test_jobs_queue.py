@@ -285,3 +285,40 @@ def test_queued_stage_whose_job_redis_holds_is_left_alone(
     run.refresh_from_db()
     assert run.status == "queued" and run.rq_job_id == job_id
     assert queue.job_ids == ([job_id] if where == "queued" else [])
+
+
+def test_heartbeat_survives_a_failed_beat(monkeypatch, caplog):
+    """One failing beat (e.g. a briefly locked database) must not end the heartbeats of a
+    long job: recovery would then take it for abandoned and run it a second time."""
+    import threading
+    import time
+
+    beats: list[float] = []
+    calls = {"n": 0}
+    lock = threading.Lock()
+
+    class _Rows:
+        def update(self, **kw):
+            with lock:
+                calls["n"] += 1
+                if calls["n"] <= 2:
+                    raise RuntimeError("database is locked")
+                beats.append(time.monotonic())
+            return 1
+
+    class _Model:
+        __name__ = "FakeRun"
+
+        class objects:  # noqa: N801 - mimics a Django manager
+            @staticmethod
+            def filter(**kw):
+                return _Rows()
+
+    monkeypatch.setattr(jobs, "HEARTBEAT_SECONDS", 0.02)
+    beat = jobs._Heartbeat(1, "job", model=_Model)
+    deadline = time.monotonic() + 5
+    while len(beats) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    beat.stop()
+    assert len(beats) >= 3 and calls["n"] >= 5
+    assert "retrying" in caplog.text
