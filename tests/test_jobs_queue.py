@@ -309,7 +309,7 @@ def test_heartbeat_survives_a_failed_beat(monkeypatch, caplog):
     class _Model:
         __name__ = "FakeRun"
 
-        class objects:  # noqa: N801 - mimics a Django manager
+        class objects:  # mimics a Django manager
             @staticmethod
             def filter(**kw):
                 return _Rows()
