@@ -139,8 +139,14 @@ class Command(BaseCommand):
             signal.signal(signal.SIGTERM, _raise_interrupt)
             self._run(opts, out)
         except KeyboardInterrupt:
+            # a second Ctrl-C / SIGTERM (make and timeout forward signals too) must not
+            # interrupt the clean-up or print a traceback
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             self.stdout.write("\nstopping …")
         finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             self._stop_all()
             self.stdout.write("stopped every process the demo started")
 
