@@ -72,6 +72,16 @@ def _is_filesystem(storage) -> bool:
     return isinstance(storage, FileSystemStorage)
 
 
+def _generic_stat(storage, key: str) -> tuple[int, int]:
+    """``(size, mtime_ns)`` of an existing file through the plain Storage API (whole
+    seconds; 0 when the storage has no modification times, so size alone decides)."""
+    try:
+        mtime = int(storage.get_modified_time(key).timestamp())
+    except NotImplementedError:
+        mtime = 0
+    return storage.size(key), mtime * 1_000_000_000
+
+
 def _listing(storage, prefix: str) -> dict[str, tuple[int, int]]:
     """``{key: (size, mtime_ns)}`` of every file below ``prefix`` (recursive), hidden
     files left out.
@@ -108,11 +118,7 @@ def _listing(storage, prefix: str) -> dict[str, tuple[int, int]]:
                 return
             for f in files:
                 key = f"{folder}/{f}"
-                try:
-                    mtime = int(storage.get_modified_time(key).timestamp())
-                except NotImplementedError:
-                    mtime = 0  # size alone decides
-                out[key] = (storage.size(key), mtime * 1_000_000_000)
+                out[key] = _generic_stat(storage, key)
             for d in dirs:
                 walk(f"{folder}/{d}")
 
@@ -266,13 +272,7 @@ def _remote_stat(storage, key: str) -> tuple[int, int] | None:
         except FileNotFoundError:
             return None
         return st.st_size, st.st_mtime_ns
-    if not storage.exists(key):
-        return None
-    try:
-        mtime = int(storage.get_modified_time(key).timestamp())
-    except NotImplementedError:
-        mtime = 0
-    return storage.size(key), mtime * 1_000_000_000
+    return _generic_stat(storage, key) if storage.exists(key) else None
 
 
 def ensure_local(rel: str) -> Path:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+from tests.e2e.procs import free_port
 
 NO_POSTGRES = 3
 
@@ -39,12 +40,6 @@ def pg_bindir() -> Path | None:
             return Path(cand)
     found = shutil.which("initdb")
     return Path(found).parent if found and shutil.which("pg_ctl") else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -62,7 +57,7 @@ def postgres_server(user: str = "deidstudy", db: str = "deidstudy") -> Iterator[
         shutil.chown(root, "postgres")
         shutil.chown(sock, "postgres")
     root.chmod(0o700)
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env["LC_ALL"] = "C.UTF-8"
 
