@@ -427,7 +427,7 @@ _ORIENTATION_TOLERANCE = 1e-3  # absolute, per direction-cosine component
 _SPACING_RTOL = 1e-3  # relative, PixelSpacing
 _DUPLICATE_MM = 0.01  # slices closer than this along the normal are duplicates
 _GAP_FACTOR = 1.5  # a step > 1.5 × median step means missing slices
-_IRREGULAR_RTOL = 0.1  # a step deviating > 10 % from the mean step is irregular
+_OFF_LINE_MM = 0.5  # slice positions further than this from the stack line: mixed stacks
 
 
 class SeriesError(ValueError):
@@ -530,7 +530,9 @@ class LoadedSeries:
       ``volume.normal`` is the exact slice-to-slice step divided by
       ``spacing_mm[0]`` (the spacing measured along the true plane normal),
       so it has length ``1 / cos(tilt)``: ``affine()``,
-      ``slice_position_lps_mm`` and ``voxel_volume_ml`` stay exact.
+      ``slice_position_lps_mm`` and ``voxel_volume_ml`` stay exact. When the
+      slice spacing changes inside the series, ``volume.slice_positions_lps_mm``
+      holds every slice's position (see :class:`pipeline.volume.Volume`).
     """
 
     volume: Volume = field(repr=False)
@@ -835,6 +837,7 @@ class _Frame:
     slope: float
     intercept: float
     stored: np.ndarray | None  # stored pixel values [row, column]
+    thickness: float | None = None  # SliceThickness (mm), when given and positive
 
 
 def _series_label(ref: SeriesRef) -> str:
@@ -865,6 +868,7 @@ def _frame_attributes(ds: Dataset, frame_index: int, enhanced: bool) -> dict[str
             "pixel_spacing": ds.get("PixelSpacing"),
             "slope": ds.get("RescaleSlope"),
             "intercept": ds.get("RescaleIntercept"),
+            "thickness": ds.get("SliceThickness"),
         }
     fg = _functional_group_value
     return {
@@ -875,6 +879,8 @@ def _frame_attributes(ds: Dataset, frame_index: int, enhanced: bool) -> dict[str
         or ds.get("RescaleSlope"),
         "intercept": fg(ds, frame_index, "PixelValueTransformationSequence", "RescaleIntercept")
         or ds.get("RescaleIntercept"),
+        "thickness": fg(ds, frame_index, "PixelMeasuresSequence", "SliceThickness")
+        or ds.get("SliceThickness"),
     }
 
 
@@ -947,9 +953,42 @@ def _read_file_frames(path: Path, file_index: int, label: str) -> tuple[Dataset,
                 slope=slope,
                 intercept=intercept,
                 stored=pixels[fi],
+                thickness=_thickness_or_none(attrs["thickness"]),
             )
         )
     return ds, frames
+
+
+def _thickness_or_none(value: Any) -> float | None:
+    """SliceThickness in mm, or None when absent or not a positive number."""
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        return None
+    return t if np.isfinite(t) and t > 0 else None
+
+
+def _expected_steps(steps: np.ndarray, thickness: list[float | None]) -> np.ndarray:
+    """Largest plausible distance (mm) between each pair of neighbouring slices.
+
+    With SliceThickness on every slice: the half-sum of the two thicknesses
+    (slabs that touch), or the smallest step between neighbours of the same
+    thickness when larger (sparse protocols: thin slices far apart, regularly). A series may
+    change its slice thickness (e.g. 4 mm through the skull base, 7 mm above);
+    each segment is judged by its own thickness. Without thickness: the median
+    step of the series.
+    """
+    if any(t is None for t in thickness):
+        return np.full(steps.shape, float(np.median(steps)))
+    th = np.asarray(thickness, dtype=float)
+    same = np.isclose(th[:-1], th[1:], rtol=0.02)
+    typical: dict[float, float] = {}
+    for value in np.unique(np.round(th, 2)):
+        in_group = same & np.isclose(th[:-1], value, rtol=0.02)
+        # the smallest step between neighbours of that thickness: a gap cannot hide in it
+        typical[float(value)] = float(np.min(steps[in_group])) if in_group.any() else value
+    seg = np.array([typical[float(v)] for v in np.round(th, 2)])
+    return np.maximum((th[:-1] + th[1:]) / 2.0, np.minimum(seg[:-1], seg[1:]))
 
 
 def _format_positions(values: Sequence[float], limit: int = 5) -> str:
@@ -995,8 +1034,8 @@ def _validate_geometry(frames: list[_Frame], label: str) -> tuple[np.ndarray, np
             f"{label}: duplicate slice positions at {_format_positions(where)} mm "
             "along the slice normal"
         )
-    median = float(np.median(steps))
-    gaps = np.flatnonzero(steps > _GAP_FACTOR * median)
+    expected = _expected_steps(steps, [frames[i].thickness for i in order])
+    gaps = np.flatnonzero(steps > _GAP_FACTOR * expected)
     if gaps.size:
         where = [
             f"{along_sorted[i]:.2f}–{along_sorted[i + 1]:.2f}" for i in gaps[:5]
@@ -1004,7 +1043,8 @@ def _validate_geometry(frames: list[_Frame], label: str) -> tuple[np.ndarray, np
         more = f" and {gaps.size - 5} more" if gaps.size > 5 else ""
         raise SeriesError(
             f"{label}: missing slices: gaps between positions {', '.join(where)}{more} mm "
-            f"along the slice normal (median spacing {median:.2f} mm)"
+            f"along the slice normal (expected spacing {float(expected[gaps[0]]):.2f} mm, "
+            f"from SliceThickness and the series' steps)"
         )
     return order, along_sorted
 
@@ -1027,9 +1067,14 @@ def load_series(ref: SeriesRef) -> LoadedSeries:
     Raises :class:`SeriesError` (a ``ValueError``) for: non-CT modality,
     unreadable or undecodable files, missing geometry, inconsistent
     orientation / PixelSpacing / Rows×Columns, a single slice, duplicate
-    positions, missing slices (gap > 1.5 × median spacing) and irregular slice
-    steps (> 10 % from the mean). Messages name the series only by index and
-    file count.
+    positions, missing slices and slices off the stack's line (mixed stacks).
+    A step counts as missing slices when it exceeds 1.5 × the expected step:
+    half the sum of the two slices' SliceThickness, or the typical step of the
+    segment of that thickness when larger (:func:`_expected_steps`); without
+    SliceThickness, the median step. Series whose spacing changes (segments of
+    4 mm and 7 mm slices, as routine head CT protocols have) load with their
+    exact slice positions in ``volume.slice_positions_lps_mm``. Messages name
+    the series only by index and file count.
 
     See :class:`LoadedSeries` for the result's fields and dtype rule.
     """
@@ -1052,12 +1097,15 @@ def _load_series(ref: SeriesRef) -> LoadedSeries:
     n = len(frames)
     positions = np.array([frames[i].position for i in order])
     mean_step = (positions[-1] - positions[0]) / (n - 1)
-    step_vectors = np.diff(positions, axis=0)
-    deviation = np.linalg.norm(step_vectors - mean_step, axis=1)
-    if np.any(deviation > _IRREGULAR_RTOL * np.linalg.norm(mean_step)):
+    # Every slice must lie on one line through the stack (a regular or a sheared,
+    # gantry-tilted stack), whatever the distances between slices.
+    off_line = positions - positions[0] - np.outer(
+        (along_sorted - along_sorted[0]) / max(along_sorted[-1] - along_sorted[0], 1e-9),
+        positions[-1] - positions[0])
+    if np.max(np.linalg.norm(off_line, axis=1)) > _OFF_LINE_MM:
         raise SeriesError(
-            f"{label}: irregular slice spacing (steps differ by more than "
-            f"{_IRREGULAR_RTOL:.0%} from the mean step of {np.linalg.norm(mean_step):.2f} mm)"
+            f"{label}: slice positions do not lie on one line through the stack "
+            "(several stacks mixed in one series?)"
         )
     orientation = frames[order[0]].orientation
     row_cosine = orientation[:3] / np.linalg.norm(orientation[:3])
@@ -1105,6 +1153,7 @@ def _load_series(ref: SeriesRef) -> LoadedSeries:
         row_cosine=row_cosine,
         col_cosine=col_cosine,
         normal=normal,
+        slice_positions_lps_mm=positions,  # kept only when the spacing is irregular
     )
     sorted_frames = [frames[i] for i in order]
     return LoadedSeries(

@@ -34,6 +34,9 @@ from pipeline.dicom_io import (
 from pipeline.volume import Volume
 from tests.dicom_factory import enhanced_ct_dataset, jpeg_lossless_sv1, synthetic_volume
 
+#: Real CT beside the checkout (see ../shared/realct/README.md); CI has it.
+REALCT = Path(__file__).resolve().parents[2] / "shared" / "realct"
+
 PATIENT_NAME = "DOE^JOHN"
 PATIENT_FOLDER = "DOE_JOHN_1970"  # folder names often carry patient names
 
@@ -521,6 +524,11 @@ def _irregular(datasets):
     datasets[4].ImagePositionPatient = [*datasets[4].ImagePositionPatient[:2], z - 0.6]
 
 
+def _off_line(datasets):
+    x, y, z = (float(v) for v in datasets[4].ImagePositionPatient)
+    datasets[4].ImagePositionPatient = [x + 3.0, y, z]  # a slice of another stack
+
+
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
@@ -532,11 +540,11 @@ def _irregular(datasets):
         (_duplicate, r"duplicate slice positions at .*6\.00 mm"),
         (lambda d: [d[0]], "single slice"),
         (_undecodable, r"could not be decoded \(transfer syntax JPEG Baseline"),
-        (_irregular, "irregular slice spacing"),
+        (_off_line, "do not lie on one line"),
         (_set_all("ImageOrientationPatient", [1, 0, 0, 1, 0, 0]), "not two orthogonal"),
     ],
     ids=["mr", "orientation", "spacing", "size", "gap", "duplicate", "single", "undecodable",
-         "irregular", "degenerate-orientation"],
+         "off-line", "degenerate-orientation"],
 )
 def test_bad_series_raise_clear_errors(tmp_path: Path, mutate, message: str) -> None:
     def shift_origin(datasets):
@@ -592,3 +600,94 @@ def test_reading_logs_and_warns_nothing_identifying(
     texts = [r.getMessage() for r in caplog.records] + [str(w.message) for w in caught]
     assert not [t for t in texts if "DOE" in t or PATIENT_FOLDER in t]
     assert "DOE" not in repr(scan) + repr(loaded)
+
+
+# --------------------------------------------------------------------------- variable slice spacing
+
+def _stack(tmp_path: Path, z: list[float], thickness: list[float] | None, *, tilt_deg: float = 0.0,
+           name: str = "var") -> SeriesRef:
+    """A series with slices at table positions ``z`` (mm), SliceThickness per slice."""
+    n = len(z)
+    volume = synthetic_volume(shape=(n, 16, 16), spacing_mm=(2.0, 0.8, 0.8))
+    datasets = volume_to_datasets(volume, series_meta={"PatientName": PATIENT_NAME})
+    t = np.radians(tilt_deg)
+    for ds, zk, k in zip(datasets, z, range(n)):
+        ds.ImageOrientationPatient = [1, 0, 0, 0, round(float(np.cos(t)), 7), round(float(-np.sin(t)), 7)]
+        ds.ImagePositionPatient = [-6.0, -6.0, float(zk)]
+        if thickness is None:
+            del ds.SliceThickness
+        else:
+            ds.SliceThickness = thickness[k]
+    root = tmp_path / name
+    write_datasets(datasets, root)
+    return scan_folder(root).series[0]
+
+
+def test_variable_spacing_loads_with_exact_positions(tmp_path: Path) -> None:
+    """4 mm slices then 7 mm slices (routine head CT), with a gantry tilt: loaded, not refused."""
+    z = [0.0, 4.22, 8.44, 12.66, 13.8, 21.18, 28.56]  # 4 mm slab ends, 7 mm slabs overlap it
+    th = [4.0, 4.0, 4.0, 4.0, 7.0, 7.0, 7.0]
+    loaded = load_series(_stack(tmp_path, z, th, tilt_deg=18.5))
+    vol = loaded.volume
+    assert not vol.is_regular
+    np.testing.assert_allclose(vol.positions_lps_mm()[:, 2], z, atol=1e-6)
+    assert loaded.gantry_tilt_deg == pytest.approx(18.5, abs=0.01)
+    cells = vol.slice_cells_mm()
+    assert cells.sum() == pytest.approx((z[-1] - z[0]) * np.cos(np.radians(18.5))
+                                        + cells[0] / 2 + cells[-1] / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="not regular"):
+        vol.affine()
+    uni = vol.as_uniform()
+    assert uni.is_regular and uni.hu.shape[1:] == vol.hu.shape[1:]
+    np.testing.assert_allclose(uni.slice_position_lps_mm(0), vol.slice_position_lps_mm(0))
+
+
+def test_genuinely_missing_slice_in_a_variable_series_is_refused(tmp_path: Path) -> None:
+    z = [0.0, 4.0, 8.0, 16.0, 20.0, 27.0, 34.0]  # one 4 mm slice missing at 12
+    th = [4.0, 4.0, 4.0, 4.0, 4.0, 7.0, 7.0]
+    with pytest.raises(SeriesError, match=r"missing slices: gaps between positions 8\.00–16\.00"):
+        load_series(_stack(tmp_path, z, th))
+    z7 = [0.0, 4.0, 8.0, 12.0, 13.0, 20.0, 34.0]  # one 7 mm slice missing at 27
+    th7 = [4.0, 4.0, 4.0, 4.0, 7.0, 7.0, 7.0]
+    with pytest.raises(SeriesError, match=r"missing slices: gaps between positions 20\.00–34\.00"):
+        load_series(_stack(tmp_path, z7, th7, name="var7"))
+
+
+def test_sparse_regular_protocol_is_not_missing_slices(tmp_path: Path) -> None:
+    """1 mm slices every 10 mm (a sparse protocol) are a regular series, not a gap."""
+    loaded = load_series(_stack(tmp_path, [0.0, 10.0, 20.0, 30.0], [1.0] * 4))
+    assert loaded.volume.is_regular and loaded.volume.spacing_mm[0] == pytest.approx(10.0)
+
+
+def test_irregular_step_without_thickness_uses_median(tmp_path: Path) -> None:
+    loaded = load_series(_stack(tmp_path, [0.0, 2.0, 4.0, 5.4, 8.0, 10.0], None))
+    assert not loaded.volume.is_regular
+    with pytest.raises(SeriesError, match="missing slices"):
+        load_series(_stack(tmp_path, [0.0, 2.0, 4.0, 10.0, 12.0], None, name="gap"))
+
+
+@pytest.mark.skipif(not REALCT.is_dir(), reason="../shared/realct not beside the checkout")
+def test_real_ge_head_ct_loads_whole(tmp_path: Path) -> None:
+    """The shared GE head CT: 14 slices of 4 mm, 14 of 7 mm, gantry tilt +18.5°."""
+    scan = scan_folder(REALCT / "ge-head-ct")
+    loaded = load_series(scan.series[0])
+    vol = loaded.volume
+    assert vol.hu.shape == (28, 512, 512) and not vol.is_regular
+    assert loaded.gantry_tilt_deg == pytest.approx(18.5, abs=0.1)
+    cells = vol.slice_cells_mm()
+    assert cells[:13] == pytest.approx(4.0, abs=0.05) and cells[-13:] == pytest.approx(7.0, abs=0.05)
+    # written back slice for slice and read by an independent reader (SimpleITK)
+    out = tmp_path / "ge"
+    write_datasets(_with_pixels(loaded), out)
+    reader = sitk.ImageSeriesReader()
+    files = reader.GetGDCMSeriesFileNames(str(out))
+    assert len(files) == 28
+    for f, k in zip(sorted(files), range(28)):
+        img = sitk.ReadImage(f)
+        assert np.allclose(img.GetOrigin(), vol.slice_position_lps_mm(k), atol=1e-3)
+
+
+def _with_pixels(loaded):
+    for k, ds in enumerate(loaded.datasets):
+        set_pixel_hu(ds, loaded.volume.hu[k])
+    return loaded.datasets
