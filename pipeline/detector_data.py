@@ -12,7 +12,7 @@ metadata and re-applied by :mod:`pipeline.detector` at inference):
 Labels are YOLO text files (``class x_centre y_centre width height``, all
 normalised to the image size) from the generator's ground truth
 (:attr:`pipeline.synth.SynthHead.feature_boxes`) plus one ``face`` box per
-slice: the bounding box of ``face_soft_tissue_mask`` on that slice (the soft
+slice: the bounding box of ``face_label_mask`` on that slice (the soft
 tissue a defacer should remove). Classes are :data:`CLASSES`.
 
 Subjects are split into train / val / test **by subject** (disjoint seed
@@ -240,7 +240,7 @@ def _subject_images(spec: DatasetSpec, seed: int) -> Iterable[tuple[int, np.ndar
         noise_hu=geo["noise_hu"], noise_seed=seed,
     )
     rgb = hu_to_rgb8(head.volume.hu)
-    labels = volume_labels(head.feature_ids, head.face_soft_tissue_mask, _FEATURE_CODES,
+    labels = volume_labels(head.feature_ids, head.face_label_mask, _FEATURE_CODES,
                            spec.min_visible_fraction)
     pos = [k for k, b in enumerate(labels) if b]
     neg = [k for k, b in enumerate(labels) if not b and head.volume.hu[k].max() > -300]

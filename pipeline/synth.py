@@ -73,6 +73,7 @@ __all__ = [
     "LABEL_HU",
     "LABEL_HU_RANGE",
     "SOFT_TISSUE_LABELS",
+    "STRUCTURES",
     "SubjectParams",
     "SynthError",
     "SynthHead",
@@ -104,6 +105,8 @@ LABELS: dict[str, int] = {
     "lens": 12,
     "internal_air": 13,
     "couch": 14,
+    "fluid": 15,
+    "metal": 16,
 }
 _L = LABELS
 
@@ -111,6 +114,7 @@ _L = LABELS
 LABEL_HU: dict[int, float] = {
     0: -1000.0, 1: 45.0, 2: -100.0, 3: 50.0, 4: 35.0, 5: 1450.0, 6: 450.0,
     7: 2300.0, 8: 40.0, 9: 30.0, 10: 6.0, 11: 10.0, 12: 80.0, 13: -990.0, 14: 150.0,
+    15: 50.0, 16: 3071.0,
 }
 
 #: Documented plausible HU range per label (what a radiologist would accept).
@@ -118,13 +122,20 @@ LABEL_HU_RANGE: dict[int, tuple[float, float]] = {
     0: (-1024.0, -950.0), 1: (10.0, 80.0), 2: (-130.0, -70.0), 3: (20.0, 80.0),
     4: (10.0, 70.0), 5: (1000.0, 1800.0), 6: (300.0, 600.0), 7: (2000.0, 2500.0),
     8: (32.0, 48.0), 9: (22.0, 38.0), 10: (-5.0, 15.0), 11: (0.0, 20.0), 12: (60.0, 100.0),
-    13: (-1024.0, -900.0), 14: (50.0, 250.0),
+    13: (-1024.0, -900.0), 14: (50.0, 250.0), 15: (30.0, 70.0), 16: (2500.0, 3071.0),
 }
 
 #: Label codes counted as (non-bone, non-brain) soft tissue of the patient.
 SOFT_TISSUE_LABELS = (1, 2, 3, 4, 11, 12)
 _BONE_LABELS = (5, 6, 7)
+_BONE_OR_METAL = (5, 6, 7, 16)
 _BRAIN_LABELS = (8, 9)
+
+#: What the facial skeleton encloses, as ``SynthHead.structures`` codes: removal must keep them.
+STRUCTURES: dict[str, int] = {
+    "globe": 1, "orbital_fat": 2, "eye_muscles": 3, "nasal_cavity": 4, "sinuses": 5,
+    "oral_cavity": 6, "pharynx": 7, "masticator": 8, "brain": 9,
+}
 
 FEATURE_CLASSES: tuple[str, ...] = ("eyes", "nose", "lips", "brow", "chin", "ears")
 #: ``SynthHead.feature_ids`` code → feature class (0 = none; 1/7 patient-right eye/ear, 2/8 left).
@@ -653,11 +664,35 @@ class _HeadModel:
         self.nasal_cav = nasal_cav
         self.g_aircav = _Group("aircav", [_u(nasal_cav), _u(max_sinus[0]), _u(max_sinus[1]),
                                           _u(frontal_sinus), _u(sphenoid)])
+        self.sinuses = [max_sinus[0], max_sinus[1], frontal_sinus, sphenoid]
+        # inner anatomy drawn from its own generator, so face shapes of every seed stay as
+        # they were: mucosa thickness, a fluid level (hemosinus) in one maxillary sinus
+        irng = np.random.default_rng([int(p.detail_seed) if p.detail_seed >= 0 else 7, 0x1A7E])
+        self.mucosa_mm = float(irng.uniform(1.0, 3.0))
+        self.fluid_side = int(irng.integers(-1, 2))  # -1 right, 0 none, +1 left sinus
+        self.fluid_level_mm = float(irng.uniform(-6.0, 4.0))  # above the sinus centre
+        self.n_fillings = int(irng.integers(1, 4))
+        self.filling_teeth = [int(x) for x in irng.choice(32, self.n_fillings, replace=False)]
         self.g_vestibule = _Group("vestibule", [
             _u(_Capsule((s * 5.0, y_sn - 2.0 - 0.2 * p.nose_projection_mm, z_sn + 2.0),
                         (s * 6.0, y_sn + 14.0, z_sn + 6.0), 3.0, margin=m)) for s in (-1, 1)])
         self.turbinates = [_Ellipsoid((s * 8.5, y_sn + 50.0, zz), (3.5, 26.0, 4.0), margin=m)
                            for s in (-1, 1) for zz in (z_sn + 5.0, z_sn + 16.0)]
+        # orbits: four recti from the apex to the globe (inside the orbital fat)
+        self.eye_muscles = []
+        for c in self.eye_c:
+            apex = (c[0] * 0.55, ye + 38.0, 0.0)
+            for dx, dz in ((0.0, 9.5), (0.0, -9.5), (9.5, 0.0), (-9.5, 0.0)):
+                self.eye_muscles.append(_Capsule(apex, (c[0] + dx, ye + 5.0, dz), 1.4, 2.4, margin=m))
+        self.g_eye_muscles = _Group("eye_muscles", [_u(q) for q in self.eye_muscles])
+        # oral cavity: the tongue in the lower arch, a thin air space under the palate
+        self.tongue = _Ellipsoid((0, y_inc + 24.0, z_occ - 7.0), (max(aw - 9.0, 12.0), 27.0, 10.0),
+                                 margin=m)
+        self.oral_air = _Ellipsoid((0, y_inc + 22.0, z_occ + 4.5), (max(aw - 10.0, 10.0), 22.0, 1.6),
+                                   margin=m)
+        # medial and lateral pterygoids: between the pterygoid plates and the rami
+        self.pterygoids = [_Ellipsoid((s * (jw - 27.0), y_gon - 12.0, z_occ + 6.0), (6.5, 11.0, 16.0),
+                                      margin=m) for s in (-1, 1)]
         self.g_pharynx = _Group("pharynx", [
             _u(_Capsule((0, y_sn + 80.0, z_sn + 8.0), (0, y_sn + 90.0, z_st - 20.0), 8.0, margin=m)),
             _u(_Capsule((0, y_sn + 90.0, z_st - 20.0), (0, y_sn + 94.0, -400.0), 7.5, margin=m), 3.0)])
@@ -671,6 +706,9 @@ class _HeadModel:
                     q = arch_pt(t, s, z_occ + up * 4.6, inset=0.0 if up > 0 else 0.03)
                     self.teeth.append(_Ellipsoid(q, (size * 0.8, size, 4.6), margin=m))
         self.g_teeth = _Group("teeth", [_u(t) for t in self.teeth])
+        self.fillings = [_Ellipsoid(self.teeth[n].c, self.teeth[n].r * np.array([0.45, 0.45, 0.4]),
+                                    margin=m) for n in self.filling_teeth]
+        self.g_fillings = _Group("fillings", [_u(q) for q in self.fillings])
         # cervical spine
         y_spine = y_sn + 110.0
         self.spine_body = _Capsule((0, y_spine, z_st - 20.0), (0, y_spine + 2.0, -400.0), 9.0, margin=m)
@@ -702,6 +740,7 @@ class _HeadModel:
         floor = _Ellipsoid((0, (y_pog_b + y_gon) / 2 + 14.0, z_me + 4.0),
                            (max(jb - 6.0, 20.0), (y_gon - y_pog_b) / 2 + 12.0, 16.0), margin=m)
         perioral = _Ellipsoid(jc((0, y_lip + 24.0, z_st + 2.0), 1.0), (0.75 * mw + 4.0, 19.0, 18.0), margin=m)
+        self.masticator = [*masseter, *temporalis, *self.pterygoids]
         self.g_pads = _Group("pads", [_u(q, 6.0) for q in malar + buccal + masseter + temporalis]
                              + [_u(floor, 6.0), _u(perioral, 6.0)], margin=16)
         self.g_brow = _Group("brow", [
@@ -810,12 +849,24 @@ def _rotation(pose_deg: tuple[float, float, float]) -> np.ndarray:
 
 
 class _Grid:
-    def __init__(self, shape, spacing, origin, rot, centre) -> None:
+    """Voxel planes of a synthetic acquisition in the generator's world frame W (mm).
+
+    Plane ``p`` holds pixels ``(j, i)`` at W = ``(ox + i·di, oy + j·dj + yshift[p], z[p])``;
+    ``z`` is increasing. A regular axial stack has ``z = oz + k·dk`` and no shift; a
+    gantry-tilted stack shifts each plane's rows, thick slices sample several planes.
+    """
+
+    def __init__(self, shape, spacing, origin, rot, centre, plane_z=None, plane_yshift=None) -> None:
         self.shape = tuple(int(s) for s in shape)
         self.spacing = np.asarray(spacing, float)  # (dk, dj, di)
-        self.origin = np.asarray(origin, float)  # LPS of voxel 0
+        self.origin = np.asarray(origin, float)  # W of voxel 0
         self.rot = np.asarray(rot, float)
         self.centre = np.asarray(centre, float)
+        nk = self.shape[0]
+        self.plane_z = (self.origin[2] + self.spacing[0] * np.arange(nk) if plane_z is None
+                        else np.asarray(plane_z, float))
+        self.plane_yshift = (np.zeros(nk) if plane_yshift is None
+                             else np.asarray(plane_yshift, float))
         self._cache: dict[int, tuple[_Prim, tuple[int, ...] | None]] = {}
 
     def index_box(self, prim: _Prim) -> tuple[int, ...] | None:
@@ -828,11 +879,19 @@ class _Grid:
                             for z in (lo[2], hi[2])])
         world = corners @ self.rot.T + self.centre
         wlo, whi = world.min(axis=0), world.max(axis=0)
-        dk, dj, di = self.spacing
-        nk, nj, ni = self.shape
-        ox, oy, oz = self.origin
-        box = []
-        for (lo_w, hi_w, o, d, n) in ((wlo[2], whi[2], oz, dk, nk), (wlo[1], whi[1], oy, dj, nj),
+        _, dj, di = self.spacing
+        _, nj, ni = self.shape
+        ox, oy, _ = self.origin
+        a_k = int(np.searchsorted(self.plane_z, wlo[2], side="left"))
+        b_k = int(np.searchsorted(self.plane_z, whi[2], side="right"))
+        a_k, b_k = max(0, a_k - 1), min(self.shape[0], b_k + 1)
+        box = [a_k, b_k]
+        if a_k < b_k:
+            sh = self.plane_yshift[a_k:b_k]
+            s_lo, s_hi = float(sh.min()), float(sh.max())
+        else:
+            s_lo = s_hi = 0.0
+        for (lo_w, hi_w, o, d, n) in ((wlo[1] - s_hi, whi[1] - s_lo, oy, dj, nj),
                                       (wlo[0], whi[0], ox, di, ni)):
             a = max(0, math.floor((lo_w - o) / d))
             b = min(n, math.ceil((hi_w - o) / d) + 1)
@@ -843,7 +902,7 @@ class _Grid:
 
 
 class _Slab:
-    """Local coordinates of slices k0..k1 of the grid."""
+    """Local coordinates of planes k0..k1 of the grid."""
 
     def __init__(self, grid: _Grid, k0: int, k1: int) -> None:
         self.grid, self.k0, self.k1 = grid, k0, k1
@@ -853,13 +912,18 @@ class _Slab:
         cx, cy, cz = grid.centre
         wx = (ox + di * np.arange(ni) - cx).astype(np.float32)[None, None, :]
         wy = (oy + dj * np.arange(nj) - cy).astype(np.float32)[None, :, None]
-        wz = (oz + dk * np.arange(k0, k1) - cz).astype(np.float32)[:, None, None]
+        shift = grid.plane_yshift[k0:k1]
+        if np.any(shift != 0):
+            wy = wy + shift.astype(np.float32)[:, None, None]
+        wz = (grid.plane_z[k0:k1] - cz).astype(np.float32)[:, None, None]
         r = grid.rot.astype(np.float32)
         # local = R^T (world - centre)
         self.x = r[0, 0] * wx + r[1, 0] * wy + r[2, 0] * wz
         self.y = r[0, 1] * wx + r[1, 1] * wy + r[2, 1] * wz
         self.z = r[0, 2] * wx + r[1, 2] * wy + r[2, 2] * wz
-        self.shape = self.x.shape
+        shape = np.broadcast_shapes(self.x.shape, self.y.shape, self.z.shape, (k1 - k0, nj, ni))
+        self.x, self.y, self.z = (np.broadcast_to(a, shape) for a in (self.x, self.y, self.z))
+        self.shape = shape
         self.world_x = wx + np.float32(cx)
         self.world_y = wy + np.float32(cy)
 
@@ -955,9 +1019,32 @@ class SynthHead:
     ``volume.hu`` is int16 HU, ``labels`` uint8 tissue codes (see module
     docstring), ``feature_ids`` uint8 per-voxel feature codes (0 none,
     1/2 right/left eye, 3 nose, 4 lips, 5 brow, 6 chin, 7/8 right/left ear),
-    ``face_soft_tissue_mask`` bool. All arrays are ``[k, j, i]`` like
-    ``volume.hu``. ``feature_boxes[k]`` is a list of ``(class_name, i0, j0,
-    i1, j1)`` (column/row pixel indices, inclusive–exclusive).
+    ``structures`` uint8 codes of what the facial skeleton encloses
+    (:data:`STRUCTURES`). All arrays are ``[k, j, i]`` like ``volume.hu``; for
+    thick slices they describe the slice's centre plane.
+    ``feature_boxes[k]`` is a list of ``(class_name, i0, j0, i1, j1)``
+    (column/row pixel indices, inclusive–exclusive).
+
+    Ground truth of face removal (from the generator's exact geometry):
+
+    * ``skeleton_hull`` — convex hull (LPS mm) of the noise-free bone, teeth and
+      dental metal of every sampled plane;
+    * ``face_soft_tissue_mask`` — what must be removed: patient soft tissue
+      (skin, fat, muscle, soft tissue, eye) more than 2 mm plus half the slice
+      thickness or spacing (a slice places bone only to within it) outside
+      that hull,
+      within the face (head-local: 30 mm above the brow to 3 mm below the
+      menton, within the bizygomatic width, 25 mm in front of the ear canals),
+      not the ears; only voxels that are more tissue than air (noise-free HU
+      > −400) and, with thick slices, whose whole slab holds no bone and no
+      inner structure;
+    * ``ear_soft_tissue_mask`` — the auricles' soft tissue outside the hull;
+    * :meth:`inside_masks` — what must stay: every structure of
+      :data:`STRUCTURES` inside the hull shrunk by 3 mm.
+
+    ``face_label_mask`` is the detector's ``face`` class (its training labels):
+    soft tissue with no bone in front of it along −j, within 25 mm of the skin,
+    in the face's limits, plus the eye, nose, lip, brow and chin features.
     """
 
     volume: Volume
@@ -968,6 +1055,13 @@ class SynthHead:
     params: SubjectParams
     pose_deg: tuple[float, float, float]
     head_centre_lps_mm: np.ndarray
+    structures: np.ndarray | None = None
+    ear_soft_tissue_mask: np.ndarray | None = None
+    skeleton_hull: Any = None
+    inside_hull_3mm: np.ndarray | None = None
+    rotation_lps: np.ndarray | None = None
+    tilt_deg: float = 0.0
+    face_label_mask: np.ndarray | None = None
 
     @property
     def bone_mask(self) -> np.ndarray:
@@ -988,6 +1082,13 @@ class SynthHead:
             out[name] = np.isin(self.feature_ids, codes)
         return out
 
+    def inside_masks(self) -> dict[str, np.ndarray]:
+        """Per :data:`STRUCTURES` name: its voxels inside the skeleton hull shrunk by 3 mm."""
+        if self.structures is None or self.inside_hull_3mm is None:
+            return {}
+        return {name: (self.structures == code) & self.inside_hull_3mm
+                for name, code in STRUCTURES.items()}
+
     def label_mask(self, name: str) -> np.ndarray:
         """Boolean mask of one tissue label by name (see ``LABELS``)."""
         if name not in LABELS:
@@ -999,7 +1100,8 @@ def head_local_to_lps(head: SynthHead, points_mm: np.ndarray) -> np.ndarray:
     """Map head-local points (N×3, mm; x Left, y Posterior, z Superior, origin between the
     pupils) to patient LPS mm using the head's pose and centre."""
     pts = np.asarray(points_mm, float).reshape(-1, 3)
-    return pts @ _rotation(head.pose_deg).T + head.head_centre_lps_mm
+    rot = head.rotation_lps if head.rotation_lps is not None else _rotation(head.pose_deg)
+    return pts @ rot.T + head.head_centre_lps_mm
 
 
 # ----------------------------------------------------------------------------- generator
@@ -1020,6 +1122,39 @@ def _check_inputs(shape, spacing_mm, noise_hu, blur_sigma_mm, pose_deg) -> None:
         raise SynthError(f"pose_deg must be three angles within ±45°, got {pose_deg}")
 
 
+def _acquisition(shape, spacing_mm, tilt_deg, positions_mm, thickness_mm
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Slice table positions, per-slice thickness, and the planes to sample.
+
+    Returns ``(z_table, thickness, plane_offset, plane_slice)``: each slice's table
+    position (mm, increasing), its slab thickness along the plane normal (0: one
+    plane), and for every sampled plane its offset along the normal from its
+    slice's centre and the slice it belongs to. Thick slabs are sampled every
+    ≤ 1 mm (partial volume across the slab).
+    """
+    if positions_mm is None:
+        z = float(spacing_mm[0]) * np.arange(shape[0], dtype=float)
+    else:
+        z = np.asarray(positions_mm, float)
+        if z.ndim != 1 or z.size < 2 or np.any(np.diff(z) <= 0) or not np.all(np.isfinite(z)):
+            raise SynthError("positions_mm must be at least two increasing finite table positions")
+    if thickness_mm is None:
+        th = np.zeros(z.size)
+    else:
+        th = np.broadcast_to(np.asarray(thickness_mm, float), z.shape).astype(float)
+        if np.any(th < 0) or np.any(th > 10.0):
+            raise SynthError("thickness_mm must be in [0, 10] mm")
+    if not -30.0 <= float(tilt_deg) <= 30.0:
+        raise SynthError(f"tilt_deg must be within ±30°, got {tilt_deg}")
+    offs, owner = [], []
+    for k, t in enumerate(th):
+        m = max(1, int(np.ceil(t / 1.0))) if t > 1.0 else 1
+        o = (np.arange(m) + 0.5) / m * t - t / 2.0 if m > 1 else np.zeros(1)
+        offs.append(o)
+        owner.append(np.full(m, k))
+    return z, th, np.concatenate(offs), np.concatenate(owner)
+
+
 def generate_head(
     params: SubjectParams | None = None,
     *,
@@ -1030,6 +1165,10 @@ def generate_head(
     noise_seed: int = 0,
     blur_sigma_mm: float = 0.5,
     couch: bool = True,
+    tilt_deg: float = 0.0,
+    positions_mm: Any = None,
+    thickness_mm: Any = None,
+    metal: bool = False,
 ) -> SynthHead:
     """Voxelise a synthetic head CT.
 
@@ -1045,6 +1184,17 @@ def generate_head(
     partial-volume blur of ``blur_sigma_mm`` (mm). ``couch`` adds a curved
     head-rest posterior to the head (label 14, outside the patient).
 
+    Acquisitions as routine head CT has them:
+
+    * ``tilt_deg``: gantry tilt (±30°): slice planes tilted about the patient's
+      left–right axis (ImageOrientationPatient ``1,0,0, 0,cos,−sin``), stacked
+      along the table (a sheared stack);
+    * ``positions_mm``: table position of every slice (increasing; overrides
+      ``shape[0]`` and ``dk``), e.g. 4 mm slices then 7 mm slices;
+    * ``thickness_mm``: slab thickness per slice (scalar or per slice): each
+      slice averages planes ≤ 1 mm apart across its slab (partial volume);
+    * ``metal``: dental fillings (3071 HU) with streak artefacts.
+
     Deterministic for equal arguments. Raises :class:`SynthError` for invalid
     input.
     """
@@ -1058,42 +1208,198 @@ def generate_head(
         prng = np.random.default_rng([int(noise_seed), 0x9053])
         pose_deg = tuple(float(a) for a in prng.uniform(-4.0, 4.0, size=3))
     pose = tuple(float(a) for a in pose_deg)
+    z_tab, thick, plane_off, plane_owner = _acquisition(shape, spacing_mm, tilt_deg, positions_mm,
+                                                        thickness_mm)
+    nk = z_tab.size
+    shape = (nk, shape[1], shape[2])
 
     model = _HeadModel(params)
-    rot = _rotation(pose)
-    nk, nj, ni = shape
+    # patient frame of the slices: row, column, plane normal (tilted about L)
+    t = math.radians(float(tilt_deg))
+    row = np.array([1.0, 0.0, 0.0])
+    col = np.array([0.0, math.cos(t), -math.sin(t)])
+    nrm = np.cross(row, col)
+    frame = np.column_stack([row, col, nrm])  # W (generator world) → patient LPS
+    rot_lps = _rotation(pose)
+    rot = frame.T @ rot_lps  # the head's pose in W
+    _, nj, ni = shape
     dk, dj, di = (float(s) for s in spacing_mm)
     lo, hi = model.head_extent()
     mid_local = (lo + hi) / 2.0
-    # choose centre (world position of the local origin) so the head bbox centre lands mid-FOV
-    fov_mid = np.array([(ni - 1) * di / 2.0, (nj - 1) * dj / 2.0, (nk - 1) * dk / 2.0])
-    origin = np.array([-fov_mid[0], -fov_mid[1], -fov_mid[2]])  # FOV centred on LPS (0,0,0)
-    centre = -(rot @ mid_local)  # world of local origin; local mid → world 0
-    grid = _Grid(shape, (dk, dj, di), origin, rot, centre)
+    z_mid = (z_tab[0] + z_tab[-1]) / 2.0
+    # the FOV centred on LPS (0, 0, 0): slice k's centre plane sits at table z_k − z_mid
+    zc = z_tab - z_mid
+    plane_z = zc[plane_owner] * math.cos(t) + plane_off
+    plane_y = -zc[plane_owner] * math.sin(t)
+    order = np.argsort(plane_z, kind="stable")
+    origin = np.array([-(ni - 1) * di / 2.0, -(nj - 1) * dj / 2.0, 0.0])
+    centre = frame.T @ -(rot_lps @ mid_local)  # W of the head-local origin; local mid → LPS 0
+    n_planes = plane_z.size
+    grid = _Grid((n_planes, nj, ni), (dk, dj, di), origin, rot, centre,
+                 plane_z=plane_z[order], plane_yshift=plane_y[order])
 
-    labels = np.zeros(shape, np.uint8)
-    feat = np.zeros(shape, np.uint8)
-    face = np.zeros(shape, bool)
-    hu_f = np.empty(shape, np.float32)
-    aa_mm = float(np.mean([dk, dj, di]))
+    labels_p = np.zeros((n_planes, nj, ni), np.uint8)
+    feat_p = np.zeros((n_planes, nj, ni), np.uint8)
+    face_p = np.zeros((n_planes, nj, ni), np.uint8)  # bit 1: face zone, bit 2: detector label
+    struct_p = np.zeros((n_planes, nj, ni), np.uint8)
+    hu_p = np.empty((n_planes, nj, ni), np.float32)
+    aa_mm = float(np.mean([dk if thick.max() == 0 else 1.0, dj, di]))
     slab_k = max(1, int(1_500_000 // (nj * ni)))
-    for k0 in range(0, nk, slab_k):
-        k1 = min(nk, k0 + slab_k)
+    for k0 in range(0, n_planes, slab_k):
+        k1 = min(n_planes, k0 + slab_k)
         slab = _Slab(grid, k0, k1)
-        _fill_slab(model, slab, labels[k0:k1], feat[k0:k1], face[k0:k1], hu_f[k0:k1],
-                   couch=couch, aa_mm=aa_mm)
+        _fill_slab(model, slab, labels_p[k0:k1], feat_p[k0:k1], face_p[k0:k1], hu_p[k0:k1],
+                   struct_p[k0:k1], couch=couch, aa_mm=aa_mm, metal=metal)
 
-    hu = _finish_hu(hu_f, (dk, dj, di), blur_sigma_mm, noise_hu, noise_seed)
+    # ground-truth skeleton hull from the bone of every plane (LPS mm)
+    hull_pts = _bone_extremes(labels_p, grid)
+    from .envelope import SkeletonHull
+
+    hull = SkeletonHull.of_points(hull_pts @ frame.T, 0.0) if len(hull_pts) >= 4 else None
+
+    # planes → slices: centre plane for labels; slab mean for HU
+    inv = np.empty(n_planes, int)
+    inv[order] = np.arange(n_planes)
+    centre_plane = np.empty(nk, int)
+    for k in range(nk):
+        ps = np.flatnonzero(plane_owner == k)
+        centre_plane[k] = inv[ps[np.argmin(np.abs(plane_off[ps]))]]
+    labels, feat = labels_p[centre_plane], feat_p[centre_plane]
+    face_zone, struct = (face_p[centre_plane] & 1) > 0, struct_p[centre_plane]
+    face_label = (face_p[centre_plane] & 2) > 0
+    if n_planes == nk:
+        hu_f = hu_p[centre_plane].copy()
+        slab_any_bone = np.isin(labels, _BONE_OR_METAL)
+        slab_any_struct = struct > 0
+    else:
+        hu_f = np.empty((nk, nj, ni), np.float32)
+        slab_any_bone = np.zeros((nk, nj, ni), bool)
+        slab_any_struct = np.zeros((nk, nj, ni), bool)
+        for k in range(nk):
+            ps = inv[np.flatnonzero(plane_owner == k)]
+            hu_f[k] = hu_p[ps].mean(axis=0)
+            slab_any_bone[k] = np.isin(labels_p[ps], _BONE_OR_METAL).any(axis=0)
+            slab_any_struct[k] = (struct_p[ps] > 0).any(axis=0)
+    del hu_p, labels_p, feat_p, face_p, struct_p
+    tissue = hu_f > -400.0  # noise-free: more tissue than air in the voxel (or its slab)
+    if metal:
+        _add_streaks(hu_f, labels, (dj, di), noise_seed)
+    hu = _finish_hu(hu_f, (float(np.median(np.diff(z_tab))) if nk > 1 else dk, dj, di),
+                    blur_sigma_mm, noise_hu, noise_seed, blur_slices=n_planes == nk)
     del hu_f
     boxes = _feature_boxes(feat)
-    vol = Volume(hu=hu, spacing_mm=(dk, dj, di), origin_lps_mm=origin)
-    return SynthHead(volume=vol, labels=labels, feature_ids=feat, face_soft_tissue_mask=face,
+    # slice k's first pixel: W (ox, oy + plane_y, plane_z) for its centre plane
+    positions = np.array([frame @ np.array([origin[0], origin[1] - zc[k] * math.sin(t),
+                                            zc[k] * math.cos(t)]) for k in range(nk)])
+    step = positions[-1] - positions[0]
+    along = step @ nrm
+    stack_dir = step / along if abs(along) > 1e-9 else nrm
+    spacing_k = float(along / (nk - 1)) if nk > 1 else dk
+    vol = Volume(hu=hu, spacing_mm=(spacing_k, dj, di), origin_lps_mm=positions[0],
+                 row_cosine=row, col_cosine=col, normal=stack_dir, slice_positions_lps_mm=positions)
+    head = SynthHead(volume=vol, labels=labels, feature_ids=feat, face_soft_tissue_mask=face_zone,
                      feature_boxes=boxes, params=params, pose_deg=pose,
-                     head_centre_lps_mm=np.asarray(centre, float))
+                     head_centre_lps_mm=frame @ np.asarray(centre, float), structures=struct,
+                     skeleton_hull=hull, rotation_lps=rot_lps, tilt_deg=float(tilt_deg),
+                     face_label_mask=face_label)
+    _ground_truth(head, slab_any_bone, slab_any_struct, tissue, thick)
+    return head
+
+
+def _bone_extremes(labels: np.ndarray, grid: _Grid) -> np.ndarray:
+    """W coordinates (mm) of the outermost bone/teeth/metal pixels of every plane, ± half a pixel."""
+    _, dj, di = grid.spacing
+    ox, oy, _ = grid.origin
+    pts = []
+    for p in range(labels.shape[0]):
+        b = np.isin(labels[p], _BONE_OR_METAL)
+        if not b.any():
+            continue
+        rows = np.flatnonzero(b.any(axis=1))
+        first = b[rows].argmax(axis=1)
+        last = b.shape[1] - 1 - b[rows, ::-1].argmax(axis=1)
+        cols = np.flatnonzero(b.any(axis=0))
+        top = b[:, cols].argmax(axis=0)
+        bot = b.shape[0] - 1 - b[::-1, cols].argmax(axis=0)
+        jj = np.concatenate([rows, rows, top, bot]).astype(float)
+        ii = np.concatenate([first, last, cols, cols]).astype(float)
+        for sj in (-0.5, 0.5):
+            for si in (-0.5, 0.5):
+                pts.append(np.column_stack([ox + (ii + si) * di,
+                                            oy + (jj + sj) * dj + grid.plane_yshift[p],
+                                            np.full(ii.size, grid.plane_z[p])]))
+    return np.concatenate(pts) if pts else np.zeros((0, 3))
+
+
+def _ground_truth(head: SynthHead, slab_bone: np.ndarray, slab_struct: np.ndarray,
+                  tissue: np.ndarray, thickness: np.ndarray) -> None:
+    """Fill the face / ear / inside ground truth of ``head`` from its skeleton hull."""
+    from .envelope import SliceStack, halfspace_row_spans, polygon_row_spans
+
+    vol, hull = head.volume, head.skeleton_hull
+    nk, nj, ni = vol.hu.shape
+    face_zone = head.face_soft_tissue_mask
+    soft = np.isin(head.labels, SOFT_TISSUE_LABELS)
+    ears = np.isin(head.feature_ids, (7, 8)) & soft
+    if hull is None:
+        head.face_soft_tissue_mask = face_zone & ~slab_bone & ~slab_struct & tissue
+        head.ear_soft_tissue_mask = ears & tissue
+        head.inside_hull_3mm = np.zeros(vol.hu.shape, bool)
+        return
+    st = SliceStack.of(vol)
+    # a slice of thickness (or spacing) T places bone only to within T/2 along its normal
+    extent = np.round(np.maximum(thickness, st.cells_mm), 1)
+    grown = {float(t): hull.grown(2.0 + float(t) / 2.0) for t in np.unique(extent)}
+    rows = np.arange(nj)
+    cols = np.arange(ni)[None, :]
+    outside2 = np.zeros(vol.hu.shape, bool)
+    inside3 = np.zeros(vol.hu.shape, bool)
+    dj, di = st.pixel_mm
+    for k in range(nk):
+        o = st.origins[k]
+        poly = grown[float(extent[k])].plane_polygon(o, st.row, st.col, st.normal)
+        lo, hi = polygon_row_spans(poly, rows, dj, di)
+        outside2[k] = ~((cols >= lo[:, None]) & (cols <= hi[:, None]))
+        lo3, hi3 = halfspace_row_spans(hull.equations, o, st.row, st.col, rows, dj, di, ni, 3.0)
+        inside3[k] = (cols >= lo3[:, None]) & (cols <= hi3[:, None])
+    head.face_soft_tissue_mask = face_zone & outside2 & ~slab_bone & ~slab_struct & tissue
+    head.ear_soft_tissue_mask = ears & outside2 & ~slab_bone & tissue
+    head.inside_hull_3mm = inside3
+
+
+def _add_streaks(hu: np.ndarray, labels: np.ndarray, pixel_mm: tuple[float, float],
+                 seed: int) -> None:
+    """Metal streak artefacts around dental metal (label ``metal``), in place (noise-free HU).
+
+    Per slice holding metal: 12 lines through the metal's centroid at random
+    angles, alternating bright and dark (±250…900 HU), ≈ 1 mm wide, fading
+    over ≈ 50 mm — into the lips, the cheeks and the air in front of the face.
+    """
+    rng = np.random.default_rng([int(seed), 0x57EA])
+    dj, di = pixel_mm
+    nk, nj, ni = hu.shape
+    yy = np.arange(nj)[:, None] * dj
+    xx = np.arange(ni)[None, :] * di
+    for k in range(nk):
+        m = labels[k] == _L["metal"]
+        if not m.any():
+            continue
+        jj, ii = np.nonzero(m)
+        cy, cx = jj.mean() * dj, ii.mean() * di
+        r = np.hypot(yy - cy, xx - cx)
+        fade = np.exp(-r / 50.0) * (r > 2.0)
+        acc = np.zeros((nj, ni), np.float32)
+        for n in range(12):
+            a = rng.uniform(0.0, np.pi)
+            amp = rng.uniform(250.0, 900.0) * (1 if n % 2 else -1)
+            dist = np.abs((yy - cy) * np.cos(a) - (xx - cx) * np.sin(a))
+            acc += (amp * np.exp(-(dist ** 2) / (2 * 0.6 ** 2)) * fade).astype(np.float32)
+        hu[k] += acc
 
 
 def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndarray,
-               face: np.ndarray, hu: np.ndarray, *, couch: bool, aa_mm: float) -> None:
+               face: np.ndarray, hu: np.ndarray, struct: np.ndarray, *, couch: bool, aa_mm: float,
+               metal: bool = False) -> None:
     """Label one slab and write its noise-free HU (all arrays are views into the full ones).
 
     The skin/air boundary is anti-aliased from the skin distance field (partial
@@ -1188,11 +1494,13 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
         deep = lambda s: (S[s] < -4.0) & (E_at(s) >= 0) & np.isin(labels[s], (1, 2, 3, 4))
         for o in model.orbits:
             _paint(labels, slab.eval(o), L["fat"], where=deep)
-    # eyes: sclera, vitreous, lens
+    # eyes: sclera, vitreous, lens; the recti in the orbital fat
     for sclera, vitreous, lens in model.eye_parts:
         _paint(labels, slab.eval(sclera), L["soft_tissue"])
         _paint(labels, slab.eval(vitreous), L["vitreous"])
         _paint(labels, slab.eval(lens), L["lens"])
+    r_em = slab.eval(model.g_eye_muscles)
+    _paint(labels, r_em, L["muscle"], where=lambda s: labels[s] == L["fat"])
     # air cavities (inside the body)
     is_body = lambda s: labels[s] != L["air"]
     # cavities replace bone and soft tissue only (never brain, CSF or eyes)
@@ -1203,6 +1511,27 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
     _paint(labels, slab.eval(model.g_pharynx), L["internal_air"], where=is_body)
     for tb in model.turbinates:
         _paint(labels, slab.eval(tb), L["soft_tissue"], where=lambda s: labels[s] == L["internal_air"])
+    # sinus mucosa lining the cavities, and a fluid level (hemosinus) in one maxillary sinus
+    r_sinus = [slab.eval(q) for q in model.sinuses]
+    for n, res in enumerate(r_sinus):
+        if res is None:
+            continue
+        sl, d = res
+        lab = labels[sl]
+        air = lab == L["internal_air"]
+        lab[air & (d < 0) & (d > -np.float32(model.mucosa_mm))] = L["soft_tissue"]
+        if n < 2 and model.fluid_side == (1 if n == 1 else -1):
+            level = np.float32(model.sinuses[n].c[2] + model.fluid_level_mm)
+            lab[(lab == L["internal_air"]) & (d < 0) & (slab.z[sl] < level)] = L["fluid"]
+    # oral cavity: the tongue, a thin air space under the palate; pterygoid muscles
+    mouth_soft = lambda s: np.isin(labels[s], (1, 2, 3, 4)) & (S[s] < -4.0)
+    r_tongue = slab.eval(model.tongue)
+    _paint(labels, r_tongue, L["muscle"], where=mouth_soft)
+    r_oral = slab.eval(model.oral_air)
+    _paint(labels, r_oral, L["internal_air"], where=mouth_soft)
+    r_pter = [slab.eval(q) for q in model.pterygoids]
+    for res in r_pter:
+        _paint(labels, res, L["muscle"], where=lambda s: np.isin(labels[s], (2, 3, 4)))
     r_nc = slab.eval(model.nasal_cav) if r_air is not None else None
     if r_nc is not None:  # nasal septum
         sl, d = r_nc
@@ -1214,8 +1543,10 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
     if E is not None:
         for ec in model.ear_canal:
             _paint(labels, slab.eval(ec), L["internal_air"], where=lambda s: is_body(s) & (E_at(s) >= 0))
-    # teeth
+    # teeth, and fillings of dental metal when asked for
     _paint(labels, slab.eval(model.g_teeth), L["teeth"])
+    if metal:
+        _paint(labels, slab.eval(model.g_fillings), L["metal"], where=lambda s: labels[s] == L["teeth"])
     # spine
     _paint(labels, slab.eval(model.spine_arch), L["cortical_bone"], where=is_body)
     _paint(labels, slab.eval(model.spine_canal), L["csf"], where=is_body)
@@ -1260,22 +1591,52 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
             fsl[m] = code
         # ------------------------------------------------------------- face soft tissue
         x, y, z = slab.coords(fb)
-        fm = soft & ~bone_any
+        # the face zone (head-local limits); generate_head keeps what lies outside the skeleton
+        fm = soft.copy()
         fm &= z < model.face_z_top
         fm &= z > model.face_z_bottom
         fm &= np.abs(x) < model.face_half_width
         fm &= y < model.y_back_face
-        fm &= S[fb] > -25.0
         fm &= (ffb != 7) & (ffb != 8)
+        # the detector's "face" class (unchanged since it was trained): soft tissue with no
+        # bone in front of it along −j within 25 mm of the skin, plus the feature masks
+        lab_face = fm & ~bone_any & (S[fb] > -25.0)
         if r_nc is not None:
             sl, d = r_nc
             ssl = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(sl, fb))
             if all(s.start < s.stop for s in ssl):
                 rel_d = tuple(slice(a.start - b.start, a.stop - b.start) for a, b in zip(ssl, sl))
                 rel_f = tuple(slice(a.start - b.start, a.stop - b.start) for a, b in zip(ssl, fb))
-                fm[rel_f] &= d[rel_d] > 0
-        fm |= (ffb >= 1) & (ffb <= 6)
-        face[fb] = fm
+                lab_face[rel_f] &= d[rel_d] > 0
+        lab_face |= (ffb >= 1) & (ffb <= 6)
+        face[fb] = fm.astype(np.uint8) | (lab_face.astype(np.uint8) << 1)
+
+    # ----------------------------------------------------------------- inner structures (ids)
+    def mark(res, code: int, where: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        if res is None:
+            return
+        sl, d = res
+        m = (d < 0) & (struct[sl] == 0) & (labels[sl] != 0)
+        if where is not None:
+            m &= where(sl)
+        struct[sl][m] = code
+
+    soft_or_air = lambda s: np.isin(labels[s], (1, 2, 3, 4, 11, 12, 13, 15))
+    for sclera, _, _ in model.eye_parts:
+        mark(slab.eval(sclera), STRUCTURES["globe"])
+    mark(r_em, STRUCTURES["eye_muscles"], lambda s: labels[s] == L["muscle"])
+    for o in model.orbits:
+        mark(slab.eval(o), STRUCTURES["orbital_fat"], lambda s: labels[s] == L["fat"])
+    mark(r_nc, STRUCTURES["nasal_cavity"])
+    for res in r_sinus:
+        mark(res, STRUCTURES["sinuses"], soft_or_air)
+    mark(r_tongue, STRUCTURES["oral_cavity"], soft_or_air)
+    mark(r_oral, STRUCTURES["oral_cavity"], soft_or_air)
+    mark(slab.eval(model.g_pharynx), STRUCTURES["pharynx"], soft_or_air)
+    for q in model.masticator:
+        mark(slab.eval(q), STRUCTURES["masticator"], lambda s: np.isin(labels[s], (2, 3, 4)))
+    brain = np.isin(labels, (8, 9, 10)) & (struct == 0)
+    struct[brain] = STRUCTURES["brain"]
 
     # ----------------------------------------------------------------- couch (scanner frame)
     if couch:
@@ -1353,10 +1714,10 @@ def _couch(model: _HeadModel, slab: _Slab, labels: np.ndarray) -> None:
     back_y = float(grid.centre[1] + (grid.rot @ np.array([0.0, hi[1] - 6.0, 0.0]))[1])
     R = 150.0
     cy = back_y + 5.0 - R
-    wx = slab.world_x[0, 0, :] - grid.centre[0]
-    wy = slab.world_y[0, :, 0]
-    r = np.sqrt(wx[None, :] ** 2 + (wy[:, None] - cy) ** 2)
-    plate = (r > R) & (r < R + 6.0) & (wy[:, None] > cy + 0.55 * R) & (np.abs(wx[None, :]) < 105.0)
+    wx = (slab.world_x[0, 0, :] - grid.centre[0])[None, None, :]
+    wy = slab.world_y[:, :, :1]  # (planes or 1, rows, 1): tilted stacks shift rows per plane
+    r = np.sqrt(wx ** 2 + (wy - cy) ** 2)
+    plate = (r > R) & (r < R + 6.0) & (wy > cy + 0.55 * R) & (np.abs(wx) < 105.0)
     if plate.any():
         lab = labels
         sel = np.broadcast_to(plate, lab.shape) & (lab == 0)
@@ -1364,13 +1725,16 @@ def _couch(model: _HeadModel, slab: _Slab, labels: np.ndarray) -> None:
 
 
 def _finish_hu(hu: np.ndarray, spacing_mm, blur_sigma_mm: float, noise_hu: float,
-               noise_seed: int) -> np.ndarray:
+               noise_seed: int, blur_slices: bool = True) -> np.ndarray:
     """Noise-free float32 HU (modified in place) → int16 HU: Gaussian partial-volume blur
-    (sigma in mm), white Gaussian noise (sd in HU), clipped to [-1024, 3071], rounded."""
+    (sigma in mm; across slices only when ``blur_slices``, thick slabs average already),
+    white Gaussian noise (sd in HU), clipped to [-1024, 3071], rounded."""
     from scipy import ndimage
 
     if blur_sigma_mm > 0:
         for axis, sp in enumerate(spacing_mm):
+            if axis == 0 and not blur_slices:
+                continue
             s = blur_sigma_mm / sp
             if s > 0.15:
                 ndimage.gaussian_filter1d(hu, s, axis=axis, output=hu, mode="nearest", truncate=3.0)

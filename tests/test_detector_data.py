@@ -34,7 +34,7 @@ def test_slice_labels_equal_ground_truth_boxes():
                          noise_seed=1)
     n_checked = 0
     for k in range(head.volume.hu.shape[0]):
-        got = dd.slice_labels(head.feature_ids[k], head.face_soft_tissue_mask[k], _FEATURE_CODES)
+        got = dd.slice_labels(head.feature_ids[k], head.face_label_mask[k], _FEATURE_CODES)
         # independent: the generator's own feature boxes (those with enough pixels)
         expect = []
         for name, i0, j0, i1, j1 in head.feature_boxes[k]:
@@ -42,7 +42,7 @@ def test_slice_labels_equal_ground_truth_boxes():
             sub = np.isin(head.feature_ids[k, j0:j1, i0:i1], codes)
             if sub.sum() >= 6 and name in dd.CLASSES:  # brow, chin: not detector classes
                 expect.append((dd.CLASSES.index(name), i0, j0, i1, j1))
-        face = head.face_soft_tissue_mask[k]
+        face = head.face_label_mask[k]
         if face.sum() >= 6:
             jj, ii = np.nonzero(face)
             expect.append((0, ii.min(), jj.min(), ii.max() + 1, jj.max() + 1))
@@ -50,7 +50,7 @@ def test_slice_labels_equal_ground_truth_boxes():
         n_checked += len(got)
     assert n_checked > 10
     assert any(c == dd.CLASSES.index("nose") for k in range(40) for c, *_ in
-               dd.slice_labels(head.feature_ids[k], head.face_soft_tissue_mask[k], _FEATURE_CODES))
+               dd.slice_labels(head.feature_ids[k], head.face_label_mask[k], _FEATURE_CODES))
 
 
 def test_build_dataset_split_by_subject(tmp_path):
@@ -97,7 +97,7 @@ def test_dataset_labels_match_generator(tmp_path):
         c, x, y, bw, bh = line.split()
         x, y, bw, bh = float(x) * w, float(y) * h, float(bw) * w, float(bh) * h
         got.append((int(c), round(x - bw / 2), round(y - bh / 2), round(x + bw / 2), round(y + bh / 2)))
-    expect = dd.slice_labels(head.feature_ids[k], head.face_soft_tissue_mask[k], _FEATURE_CODES)
+    expect = dd.slice_labels(head.feature_ids[k], head.face_label_mask[k], _FEATURE_CODES)
     assert sorted(got) == sorted(expect)
 
 
