@@ -10,25 +10,19 @@
     The masks are **smoothed across neighbouring slices**: a detection on a
     single slice whose neighbours have none is dropped (isolated false box), a
     one-slice gap between two detected slices is filled, and slices between
-    two detected slices get the union of both. The 3D region is then cut at the
-    first bone voxel of each antero-posterior ray
-    (:func:`pipeline.deface.trim_behind_bone`), so it can never reach the
-    brain behind the frontal bone, and :func:`pipeline.deface.apply_region`
-    only turns soft-tissue HU into air inside it: bone and everything outside
-    stay bit-identical.
+    two detected slices get the union of both. :func:`pipeline.deface.deface`
+    then removes, inside those boxes, only the patient's tissue outside the
+    facial skeleton's hull (:mod:`pipeline.envelope`): a box can never reach
+    the globes, sinuses, oral cavity or brain, nor a head holder.
 
 :class:`AutoFaceRegion` (``--method auto``)
-    Runs the anatomical method first (:class:`pipeline.deface.AnatomicalFaceRegion`),
-    then the detector on the slices of the anatomical face range ± a margin.
-    The model is *plausible* when it finds a nose and at least one of
-    eyes/lips, on slices inside the anatomical range. Then the region is the
-    **union** of the anatomical region and the (depth-limited) model region:
-    a missed box cannot leave a nose behind (the anatomical region is always
-    kept), boxes outside the anatomical face range are discarded and model
-    regions stop at bone / enclosed air (a false box cannot cut the brain).
-    When the model is not plausible the anatomical region is used with a
-    warning in the QA summary; when the anatomy finds no face but the model
-    does, the model region is used with a warning.
+    The anatomical face zone (:class:`pipeline.deface.AnatomicalFaceRegion`)
+    **plus** the detector's boxes on the slices of the anatomical face range ±
+    a margin, when the model is *plausible* (a nose and at least one of
+    eyes/lips). A missed box cannot leave a nose behind (the anatomical zone is
+    always used); a false box removes nothing inside the skeleton. When the
+    model is not plausible the anatomical zone is used with a warning in the
+    QA summary; when the anatomy finds no face, nothing is removed.
 
 Array conventions: ``volume.hu[k, j, i]`` in HU with DICOM LPS geometry
 (:class:`pipeline.volume.Volume`); distances in mm.
@@ -42,16 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage as ndi
-
-from .deface import (
-    DEFAULT_BONE_THRESHOLD_HU,
-    AnatomicalFaceRegion,
-    FaceRegionMethod,
-    RegionResult,
-    bbox_of,
-    trim_behind_bone,
-)
+from .deface import AnatomicalFaceRegion, FaceRegionMethod, RegionResult, bbox_of
 from .detector import DetectorError, load_detector
 from .volume import Volume
 
@@ -94,8 +79,7 @@ class ModelFaceRegion:
     instead. ``conf``: box score threshold.
     ``detect_every_mm``: slice stride for running the detector (boxes are
     carried to the slices in between). ``box_margin_mm``: in-plane enlargement
-    of each box. ``bone_hole_mm`` / ``max_depth_mm``: depth limits, see
-    :meth:`_finish`.
+    of each box.
     """
 
     weights: Path | None = None
@@ -104,9 +88,6 @@ class ModelFaceRegion:
     detect_every_mm: float = 3.0
     box_margin_mm: float = 3.0
     body_threshold_hu: float = -500.0
-    bone_threshold_hu: float = DEFAULT_BONE_THRESHOLD_HU
-    bone_hole_mm: float = 10.0
-    max_depth_mm: float = 40.0
     removal_classes: tuple[str, ...] = REMOVAL_CLASSES
     name: str = "model"
     loaded_detector: Any = field(default=None, repr=False)
@@ -201,69 +182,23 @@ class ModelFaceRegion:
         details["model_slices_with_region"] = int(np.count_nonzero(masks.reshape(ns, -1).any(1)))
         return masks, details
 
-    def _finish(self, volume: Volume, masks_view: np.ndarray) -> tuple[np.ndarray, tuple | None]:
-        """Canonical per-slice masks → full-volume region limited in depth, plus its bbox.
-
-        Along every antero-posterior ray the region keeps only voxels in front of
-        the first bone voxel (``hu >= bone_threshold_hu``; holes in the bone
-        narrower than ``bone_hole_mm`` — thin walls lost to partial volume,
-        sinus walls — are bridged with a grey opening of the bone-depth map) and
-        at most ``max_depth_mm`` behind the skin (first voxel above
-        ``body_threshold_hu``).
-        """
+    def _to_volume(self, volume: Volume, masks_view: np.ndarray) -> tuple[np.ndarray, tuple | None]:
+        """Canonical per-slice masks → a mask shaped like ``volume.hu``, plus its bbox."""
         axes, flips = _canonical(volume)
-        box = bbox_of(masks_view)
-        if box is None:
-            return np.zeros(volume.hu.shape, bool), None
-        sp = np.asarray(volume.spacing_mm, float)
-        ds, dp, dl = (float(sp[a]) for a in axes)
-        view = _to_view(volume.hu, axes, flips)
-        sl_s, sl_p, sl_l = box
-        sub_hu = view[sl_s, :sl_p.stop, sl_l]  # rays from the anterior edge of the field of view
-        n_p = sub_hu.shape[1]
-        bone = sub_hu >= self.bone_threshold_hu
-        first_bone = np.where(bone.any(1), bone.argmax(1), n_p).astype(np.float32)
-        del bone
-        fp = (1, _span(self.bone_hole_mm, dl))  # per slice: slices may be thick
-        limit = np.minimum(first_bone, ndi.grey_opening(first_bone, size=fp))
-        body = sub_hu > self.body_threshold_hu
-        skin = np.where(body.any(1), body.argmax(1), n_p).astype(np.float32)
-        limit = np.minimum(limit, skin + self.max_depth_mm / dp)
-        # enclosed air (sinuses, airway) ends a ray too: a sinus can touch the brain where
-        # its bony wall is thinner than a voxel
-        in_plane = np.zeros((3, 3, 3), bool)
-        in_plane[1] = ndi.generate_binary_structure(2, 1)
-        enclosed = ndi.binary_fill_holes(body, structure=in_plane)
-        enclosed &= ~body
-        del body
-        first_air = np.where(enclosed.any(1), enclosed.argmax(1), n_p).astype(np.float32)
-        limit = np.minimum(limit, first_air)
-        pos = np.arange(n_p, dtype=np.float32)[None, :, None]
-        keep = pos < limit[:, None, :]
-        region_view = np.zeros(view.shape, bool)
-        region_view[sl_s, :sl_p.stop, sl_l] = masks_view[sl_s, :sl_p.stop, sl_l] & keep
-        region = np.ascontiguousarray(_from_view(region_view, axes, flips))
-        # belt and braces: the public helper of pipeline.deface, at full resolution
-        full_box = bbox_of(region)
-        if full_box is None:
-            return region, None
-        ap_axis = axes[1]
-        region[full_box] = trim_behind_bone(
-            volume.hu[full_box], region[full_box], anterior_axis=ap_axis,
-            anterior_is_low_index=not flips[1], bone_threshold_hu=self.bone_threshold_hu,
-        )
+        region = np.ascontiguousarray(_from_view(masks_view, axes, flips))
         return region, bbox_of(region)
 
     def face_region(self, volume: Volume) -> RegionResult:
         """Region where soft tissue may be removed, from smoothed detector boxes.
 
         Returns a :class:`pipeline.deface.RegionResult` (mask shaped like
-        ``volume.hu``); an empty mask plus a warning when the detector finds no
-        facial feature.
+        ``volume.hu``; :func:`pipeline.deface.deface` keeps only what lies
+        outside the skeleton in the body); an empty mask plus a warning when the
+        detector finds no facial feature.
         """
         t0 = time.perf_counter()
         masks, details = self.detect_masks(volume)
-        region, box = self._finish(volume, masks)
+        region, box = self._to_volume(volume, masks)
         warnings = []
         if box is None:
             warnings.append("the detector found no facial feature; nothing removed")
@@ -272,17 +207,12 @@ class ModelFaceRegion:
         return RegionResult(region, warnings, details, box)
 
 
-def _span(width_mm: float, spacing_mm: float) -> int:
-    """Odd footprint (voxels) no wider than ``width_mm``: 1 + 2·floor(width / 2 / spacing)."""
-    return 1 + 2 * int(np.floor(width_mm / 2.0 / spacing_mm))
-
-
 @dataclass
 class AutoFaceRegion:
-    """Model checked against anatomy, anatomical fallback (see module docstring).
+    """Anatomical zone plus plausible detector boxes (see module docstring).
 
-    ``margin_mm``: how far beyond the anatomical superior/inferior limits
-    model boxes are accepted.
+    ``margin_mm``: how far beyond the anatomical face range (along S) model
+    boxes are accepted.
     """
 
     model: ModelFaceRegion = field(default_factory=ModelFaceRegion)
@@ -291,54 +221,43 @@ class AutoFaceRegion:
     name: str = "auto"
 
     def face_region(self, volume: Volume) -> RegionResult:
-        """Combined region (mask shaped like ``volume.hu``) with QA warnings/details."""
+        """The anatomical zone (with its envelope) and, when plausible, the model's boxes."""
         t0 = time.perf_counter()
         anat = self.anatomical.face_region(volume)
-        axes, flips = _canonical(volume)
-        ds = float(volume.spacing_mm[axes[0]])
-        anat_view = _to_view(anat.mask, axes, flips)
-        s_any = anat_view.any(axis=(1, 2))
-        warnings: list[str] = []
+        env = anat.envelope
+        warnings: list[str] = list(anat.warnings)
         details: dict[str, Any] = {"anatomical": dict(anat.details)}
-        ns = anat_view.shape[0]
-        if s_any.any():
-            s_idx = np.flatnonzero(s_any)
-            m = int(np.ceil(self.margin_mm / ds))
-            s_range = (int(s_idx[0]) - m, int(s_idx[-1]) + 1 + m)
-        else:
-            s_range = (0, ns)
+        if env is None or not env.face_found:
+            details["source"] = "anatomical"
+            details["seconds"] = round(time.perf_counter() - t0, 3)
+            return RegionResult(None, warnings, details, None, envelope=env, use_zone=True)
+        axes, flips = _canonical(volume)
+        ns = volume.hu.shape[axes[0]]
+        rows = env.native_boxes_of_zone()
+        ks = np.array(sorted(rows)) if rows else np.arange(volume.hu.shape[0])
+        s_idx = (ns - 1 - ks) if flips[0] else ks
+        if axes[0] != 0:  # the zone's slices are not along the canonical S axis: run all
+            s_idx = np.arange(ns)
+        ds = float(np.mean(env.stack.cells_mm)) if axes[0] == 0 else float(volume.spacing_mm[axes[0]])
+        m = int(np.ceil(self.margin_mm / max(ds, 1e-6)))
+        s_range = (int(s_idx.min()) - m, int(s_idx.max()) + 1 + m)
         masks, mdet = self.model.detect_masks(volume, s_range)
         details["model"] = mdet
         found = mdet.get("found", {})
         plausible = found.get("nose", 0) > 0 and (found.get("eyes", 0) + found.get("lips", 0)) > 0
-        if plausible and s_any.any():
-            lo, hi = max(0, s_range[0]), min(ns, s_range[1])
-            inside = masks[lo:hi].reshape(hi - lo, -1).any(1).sum()
-            plausible = inside > 0
-            masks[:lo] = False
-            masks[hi:] = False
-        if not plausible:
+        if not plausible or not masks.any():
             warnings.append("the detector found no plausible face (nose + eyes/lips); "
-                            "used the anatomical method")
-            warnings.extend(anat.warnings)
+                            "used the anatomical zone")
             details["source"] = "anatomical"
             details["seconds"] = round(time.perf_counter() - t0, 3)
-            return RegionResult(anat.mask, warnings, details, anat.bbox)
-        if not s_any.any():
-            warnings.append("anatomical method found no face; used the detector alone")
-            warnings.extend(anat.warnings)
-            region, box = self.model._finish(volume, masks)
-            details["source"] = "model"
-        else:
-            # union: never less than the anatomical region (privacy first); the model adds
-            # depth-limited soft tissue around the features it found inside the face range
-            region_m, _ = self.model._finish(volume, masks)
-            details["model_only_voxels"] = int(np.count_nonzero(region_m & ~anat.mask))
-            region = region_m | anat.mask
-            box = bbox_of(region)
-            details["source"] = "anatomical+model"
+            return RegionResult(None, warnings, details, None, envelope=env, use_zone=True)
+        lo, hi = max(0, s_range[0]), min(ns, s_range[1])
+        masks[:lo] = False
+        masks[hi:] = False
+        region, box = self.model._to_volume(volume, masks)
+        details["source"] = "anatomical+model"
         details["seconds"] = round(time.perf_counter() - t0, 3)
-        return RegionResult(region, warnings, details, box)
+        return RegionResult(region, warnings, details, box, envelope=env, use_zone=True)
 
 
 def make_model_method(

@@ -522,6 +522,9 @@ def render_subject(
     from .surface import skin_surface, strides_for_resolution
 
     settings = settings or RenderSettings()
+    # series whose slice spacing changes are meshed on a regular resampling
+    original = original.as_uniform()
+    deidentified = None if deidentified is None else deidentified.as_uniform()
     t: dict[str, float] = {}
     t0 = time.perf_counter()
     alignment = alignment_from_volume(original, template)

@@ -1,0 +1,195 @@
+"""Independent figures of a face removal: what changed inside and outside the skeleton.
+
+These are the measures a reviewer would take on a defaced CT, computed from the
+input and the output alone and on the native voxels, without the defacer's own
+envelope (:mod:`pipeline.envelope`), so that they can catch it out:
+
+* the **facial skeleton** is the convex hull of the patient's bone (≥ 300 HU)
+  at native resolution: the connected bone pieces of at least ``min_piece_ml``
+  that lie mostly ≥ 3 mm inside the patient, and every smaller piece within
+  ``near_mm`` of them (not the head holder's rails a patient's ear rests on,
+  which are bright too);
+* **inside changed** = of the soft tissue (−200…200 HU) inside that hull shrunk
+  by 3 mm, the percentage whose value changed (overall and on the worst slice);
+* **outside removed** = of the patient's soft tissue more than 3 mm outside the
+  hull, in a region the caller names (the face's slices, anterior to a coronal
+  plane), the percentage changed;
+* **outside the body changed** = voxels changed that were at or below −500 HU
+  (air, pads) or do not belong to the patient (the largest connected component
+  above −500 HU);
+* **bone Dice** at 300 and 150 HU.
+
+Array conventions as :class:`pipeline.volume.Volume` (``hu[k, j, i]``, LPS mm).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .envelope import SkeletonHull, SliceStack, halfspace_row_spans, polygon_row_spans
+from .volume import Volume
+
+__all__ = ["REALCT_FACE_REGIONS", "RemovalFigures", "face_region_mask", "native_skeleton_hull",
+           "removal_figures"]
+
+#: Where "outside removed" is counted on the shared real CT (``../shared/realct/``): the
+#: ``ge-head-ct`` face's slices are its 14 slices of 4 mm (nose, orbits, ears; the 7 mm slices
+#: above hold the vault), anterior to a coronal plane 12 mm behind the ear canals (LPS
+#: y ≤ 0 mm; the canals lie at y ≈ −12 mm, measured on the images), so the auricles count
+#: and the scalp behind them does not.
+REALCT_FACE_REGIONS: dict[str, dict[str, Any]] = {
+    "ge-head-ct": {"slices": (0, 14), "max_y_mm": 0.0},
+}
+
+SOFT_HU = (-200.0, 200.0)
+
+
+@dataclass
+class RemovalFigures:
+    """See the module docstring; percentages 0–100, voxels, mL."""
+
+    inside_soft_voxels: int
+    inside_soft_changed_pct: float
+    inside_soft_changed_pct_worst_slice: float
+    outside_soft_voxels: int
+    outside_soft_removed_pct: float
+    outside_body_changed_voxels: int
+    bone_dice_300: float
+    bone_dice_150: float
+    changed_voxels: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def face_region_mask(volume: Volume, slices: tuple[int, int], max_y_mm: float) -> np.ndarray:
+    """Bool mask: native slices ``slices`` (start, stop), pixels with LPS y ≤ ``max_y_mm``."""
+    st = SliceStack.of(volume)
+    nk, nj, ni = volume.hu.shape
+    dj, di = st.pixel_mm
+    region = np.zeros(volume.hu.shape, bool)
+    jj, ii = np.arange(nj)[:, None], np.arange(ni)[None, :]
+    for k in range(slices[0], min(slices[1], nk)):
+        y = st.origins[k][1] + jj * dj * st.col[1] + ii * di * st.row[1]
+        region[k] = y <= max_y_mm
+    return region
+
+
+def _patient(hu: np.ndarray) -> np.ndarray:
+    """Largest 26-connected component above −500 HU."""
+    lab, n = ndi.label(hu > -500, structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return np.zeros(hu.shape, bool)
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    return lab == int(np.argmax(sizes))
+
+
+def native_skeleton_hull(volume: Volume, *, bone_hu: float = 300.0, min_piece_ml: float = 2.0,
+                         near_mm: float = 10.0) -> SkeletonHull | None:
+    """Convex hull (LPS mm) of the patient's bone at native resolution (see module docstring)."""
+    st = SliceStack.of(volume)
+    bone = volume.hu >= bone_hu
+    lab, n = ndi.label(bone, structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return None
+    vox_ml = volume.slice_voxel_volumes_ml()
+    sizes = ndi.sum_labels(np.broadcast_to(vox_ml[:, None, None], bone.shape), lab,
+                           np.arange(n + 1))
+    dj, di = st.pixel_mm
+    # bone lies inside the patient: a piece mostly outside or at its surface is a device
+    patient = _patient(volume.hu)
+    r3 = max(1, int(round(3.0 / min(dj, di))))
+    deep = np.stack([ndi.binary_erosion(p, iterations=r3) for p in patient])
+    frac = ndi.sum_labels(deep, lab, np.arange(n + 1)) / np.maximum(
+        np.bincount(lab.ravel(), minlength=n + 1), 1)
+    big = (sizes >= min_piece_ml) & (frac >= 0.5)
+    big[0] = False
+    if not big.any():
+        return None
+    reach = max(1, int(round(near_mm / min(dj, di))))
+    # proximity in-plane (by slices): cheap and enough to tell rails from fragments
+    near = np.zeros(bone.shape, bool)
+    big_mask = big[lab]
+    for k in range(bone.shape[0]):
+        if big_mask[max(0, k - 1):k + 2].any():
+            near[k] = ndi.binary_dilation(big_mask[max(0, k - 1):k + 2].any(axis=0),
+                                          iterations=reach)
+    keep = np.zeros(n + 1, bool)
+    keep[np.unique(lab[near & bone])] = True
+    keep &= sizes >= 0.01
+    keep[0] = False
+    mask = keep[lab]
+    pts = []
+    for k in range(mask.shape[0]):
+        m = mask[k]
+        if not m.any():
+            continue
+        rows = np.flatnonzero(m.any(axis=1))
+        first = m[rows].argmax(axis=1)
+        last = m.shape[1] - 1 - m[rows, ::-1].argmax(axis=1)
+        jj = np.concatenate([rows, rows]).astype(float)
+        ii = np.concatenate([first, last]).astype(float)
+        p = st.origins[k] + np.outer(ii * di, st.row) + np.outer(jj * dj, st.col)
+        pts.append(p)
+    return SkeletonHull.of_points(np.concatenate(pts), 0.0)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    s = int(a.sum()) + int(b.sum())
+    return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
+
+
+def removal_figures(volume: Volume, out_hu: np.ndarray, *, hull: SkeletonHull | None = None,
+                    region: np.ndarray | None = None) -> RemovalFigures:
+    """Figures of the change from ``volume.hu`` to ``out_hu`` (see module docstring).
+
+    ``hull``: the skeleton (default :func:`native_skeleton_hull`); ``region``:
+    bool mask (shape of ``hu``) where "outside removed" is counted (default:
+    every voxel).
+    """
+    hu = volume.hu
+    hull = hull or native_skeleton_hull(volume)
+    changed = out_hu != hu
+    patient = _patient(hu)
+    soft = (hu >= SOFT_HU[0]) & (hu <= SOFT_HU[1])
+    st = SliceStack.of(volume)
+    nk, nj, ni = hu.shape
+    dj, di = st.pixel_mm
+    rows = np.arange(nj)
+    cols = np.arange(ni)[None, :]
+    inside3 = np.zeros(hu.shape, bool)
+    outside3 = np.ones(hu.shape, bool)
+    if hull is not None:
+        grown = hull.grown(3.0)
+        for k in range(nk):
+            o = st.origins[k]
+            lo, hi = halfspace_row_spans(hull.equations, o, st.row, st.col, rows, dj, di, ni, 3.0)
+            inside3[k] = (cols >= lo[:, None]) & (cols <= hi[:, None])
+            lo, hi = polygon_row_spans(grown.plane_polygon(o, st.row, st.col, st.normal),
+                                       rows, dj, di)
+            outside3[k] = ~((cols >= lo[:, None]) & (cols <= hi[:, None]))
+    ins = soft & inside3
+    n_in = int(ins.sum())
+    in_pct = 100.0 * int((ins & changed).sum()) / n_in if n_in else 0.0
+    worst = 0.0
+    for k in range(nk):
+        d = int(ins[k].sum())
+        if d:
+            worst = max(worst, 100.0 * int((ins[k] & changed[k]).sum()) / d)
+    outs = soft & outside3 & patient
+    if region is not None:
+        outs &= region
+    n_out = int(outs.sum())
+    out_pct = 100.0 * int((outs & changed).sum()) / n_out if n_out else 0.0
+    bad = changed & ((hu <= -500) | ~patient)
+    return RemovalFigures(
+        inside_soft_voxels=n_in, inside_soft_changed_pct=round(in_pct, 4),
+        inside_soft_changed_pct_worst_slice=round(worst, 4), outside_soft_voxels=n_out,
+        outside_soft_removed_pct=round(out_pct, 3), outside_body_changed_voxels=int(bad.sum()),
+        bone_dice_300=_dice(hu >= 300, out_hu >= 300), bone_dice_150=_dice(hu >= 150, out_hu >= 150),
+        changed_voxels=int(changed.sum()))
