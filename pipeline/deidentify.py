@@ -41,6 +41,8 @@ from pipeline.deid_header import HeaderDeidentifier, date_offset_days_for, pseud
 log = logging.getLogger(__name__)
 
 SUMMARY_NAME = "deid-summary.json"
+#: QA pictures (original beside de-identified: they show the original face) below OUTPUT.
+QA_DIR = "qa-pictures"
 METHODS = ("auto", "anatomical", "model", "none")
 DATE_MODES = ("shift", "remove")
 
@@ -50,8 +52,8 @@ class DeidentifyError(ValueError):
 
 
 class FaceNotFoundError(ValueError):
-    """The face-region method found no face: the series is not written, since its
-    header would otherwise claim that recognizable features were removed."""
+    """Facial soft tissue lies in front of the skeleton but no face could be located:
+    the series is not written (it might hold a face that nothing removed)."""
 
 
 @dataclass
@@ -71,6 +73,7 @@ class DeidOptions:
     dates: str = "shift"
     pseudonym_prefix: str = "SUBJ"
     workers: int = 1
+    qa_pictures: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -98,6 +101,8 @@ class SeriesOutcome:
     bone_dice: float | None = None
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
+    face_found: bool | None = None
+    qa_picture: str | None = None  # relative to output_dir; shows the original face
     qa: dict[str, Any] = field(default_factory=dict)
 
 
@@ -224,6 +229,108 @@ def make_face_method(
 
 
 @dataclass
+class SeriesDeid:
+    """Result of :func:`deidentify_series` (no identifier anywhere).
+
+    ``method``: the region method that ran (or ``none``); ``face_removed``: the
+    face was found and removed (the header says so with code 113102);
+    ``qa``: :class:`pipeline.deface.DefaceQA` as a dict (empty for ``none``);
+    ``warnings``; ``slices``: number written; ``volume`` / ``hu``: the input
+    volume and the de-identified HU (for QA pictures); ``defaced``: the
+    :class:`pipeline.deface.DefaceResult` or None.
+    """
+
+    method: str
+    face_removed: bool
+    qa: dict[str, Any]
+    warnings: list[str]
+    slices: int
+    volume: Any = field(repr=False, default=None)
+    hu: Any = field(repr=False, default=None)
+    defaced: Any = field(repr=False, default=None)
+
+    @property
+    def removed_ml(self) -> float | None:
+        return _round(self.qa.get("removed_ml")) if self.qa else None
+
+    @property
+    def bone_dice(self) -> float | None:
+        return _round(self.qa.get("bone_dice"), 5) if self.qa else None
+
+
+def deidentify_series(
+    loaded: Any, out_dir: Path, *, method: Any, method_warnings: list[str] | None = None,
+    project_secret: str, pseudonym: str, date_offset_days: int, dates: str = "shift",
+) -> SeriesDeid:
+    """De-identify one loaded series (face + PS3.15 header) into ``out_dir``, atomically.
+
+    The one path for the command line, the web stage and the benchmarks:
+
+    * ``method`` (a :class:`pipeline.deface.FaceRegionMethod`, or None for the
+      header-only ``none``) runs :func:`pipeline.deface.deface`;
+    * **no face, no change**: when there is no facial soft tissue (bare skull,
+      phantom, brain-only field of view) the pixels are written unchanged, the
+      QA says "no face found" with the reason and the header does not claim
+      113102 "clean recognizable visual features";
+    * when soft tissue stands in front of the skeleton but no face could be
+      located, nothing is written (:class:`FaceNotFoundError`);
+    * Enhanced (multi-frame) CT is written as classic single-frame slices;
+    * ``dates``: ``shift`` by ``date_offset_days`` or ``remove``;
+    * the series is written to a temporary folder and renamed
+      (:func:`pipeline.dicom_io.write_datasets`), slice for slice in the input's
+      geometry.
+
+    Raises ``ValueError`` subclasses (without identifiers) for unusable input.
+    """
+    volume = loaded.volume
+    warnings = list(method_warnings or [])
+    qa: dict[str, Any] = {}
+    result = None
+    face_removed = False
+    hu = volume.hu
+    name = "none"
+    if method is not None:
+        from pipeline.deface import deface
+
+        result = deface(volume, method)
+        qa = {k: v for k, v in result.qa.as_dict().items() if _jsonable(v)}
+        name = str(qa.get("method", getattr(method, "name", "")))
+        warnings += [w for w in qa.get("warnings", []) if w not in warnings]
+        env = result.region.envelope
+        if not result.qa.face_found and env is not None and env.doubtful:
+            raise FaceNotFoundError(
+                f"face not removed ({result.qa.no_face_reason}); nothing written — check the "
+                "series, or use --method none to de-identify the header only")
+        face_removed = bool(result.qa.face_found and result.qa.removed_voxels > 0)
+        hu = result.hu
+    deid = HeaderDeidentifier(project_secret, dates=dates)
+    datasets = _single_frame_datasets(loaded)
+    for k, ds in enumerate(datasets):
+        dicom_io.set_pixel_hu(ds, hu[k])
+        deid.deidentify(ds, pseudonym=pseudonym, date_offset_days=date_offset_days,
+                        face_removed=face_removed)
+    dicom_io.write_datasets(datasets, out_dir)
+    return SeriesDeid(method=name, face_removed=face_removed, qa=qa, warnings=warnings,
+                      slices=len(datasets), volume=volume, hu=hu, defaced=result)
+
+
+def write_qa_picture(series: SeriesDeid, path: Path) -> bool:
+    """Write the QA picture of a de-identified series (PNG, atomically); False if none."""
+    if series.defaced is None:
+        return False
+    from PIL import Image
+
+    from pipeline.deface import qa_picture
+
+    img = qa_picture(series.volume, series.defaced)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp"
+    Image.fromarray(img).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return True
+
+
+@dataclass
 class _SeriesJob:
     index: int
     ref: Any  # dicom_io.SeriesRef
@@ -232,47 +339,33 @@ class _SeriesJob:
     out_dir: Path
     output_rel: str
     options: DeidOptions
+    qa_path: Path | None = None
+    qa_rel: str | None = None
 
 
 def _process_series(job: _SeriesJob) -> SeriesOutcome:
-    """Load, deface, de-identify and write one series. Never raises."""
+    """Load, deface, de-identify and write one series, and its QA picture. Never raises."""
     outcome = SeriesOutcome(index=job.index, n_files=len(job.ref.files), status="failed",
                             pseudonym=job.pseudonym)
     try:
         loaded = dicom_io.load_series(job.ref)
         method, warnings = make_face_method(job.options.method, job.options.weights,
                                             job.options.class_map)
-        volume = loaded.volume
-        if method is not None:
-            from pipeline.deface import deface
-
-            result = deface(volume, method)
-            hu = result.hu
-            qa = result.qa.as_dict()
-            warnings = warnings + list(qa.get("warnings", []))
-            outcome.method = str(qa.get("method", getattr(method, "name", job.options.method)))
-            outcome.removed_ml = _round(qa.get("removed_ml"))
-            outcome.bone_dice = _round(qa.get("bone_dice"), 5)
-            outcome.qa = {k: v for k, v in qa.items() if _jsonable(v)}
-            if not qa.get("region_voxels"):
-                reason = "; ".join(qa.get("warnings", [])) or "no facial region found"
-                raise FaceNotFoundError(
-                    f"face not removed ({reason}); nothing written — check the series, or use "
-                    "--method none to de-identify the header only")
-        else:
-            hu = volume.hu
-            outcome.method = "none"
-        deid = HeaderDeidentifier(job.options.project_secret, dates=job.options.dates)
-        datasets = _single_frame_datasets(loaded)
-        for k, ds in enumerate(datasets):
-            dicom_io.set_pixel_hu(ds, hu[k])
-            deid.deidentify(ds, pseudonym=job.pseudonym, date_offset_days=job.date_offset_days,
-                            face_removed=method is not None)
-        dicom_io.write_datasets(datasets, job.out_dir)
+        res = deidentify_series(
+            loaded, job.out_dir, method=method, method_warnings=warnings,
+            project_secret=job.options.project_secret, pseudonym=job.pseudonym,
+            date_offset_days=job.date_offset_days, dates=job.options.dates)
         outcome.status = "written"
         outcome.output = job.output_rel
-        outcome.slices = len(datasets)
-        outcome.warnings = warnings
+        outcome.slices = res.slices
+        outcome.method = res.method
+        outcome.removed_ml = res.removed_ml
+        outcome.bone_dice = res.bone_dice
+        outcome.warnings = res.warnings
+        outcome.qa = res.qa
+        outcome.face_found = bool(res.qa.get("face_found", False)) if res.qa else None
+        if job.qa_path is not None and write_qa_picture(res, job.qa_path):
+            outcome.qa_picture = job.qa_rel
     except (ValueError, OSError, pydicom.errors.InvalidDicomError) as exc:
         outcome.error = _safe_message(exc)
     except Exception as exc:  # noqa: BLE001 — one bad series must not stop the others
@@ -413,8 +506,11 @@ def deidentify_folder(
         per_patient_count[pseudonym] = per_patient_count.get(pseudonym, 0) + 1
         label = f"S{per_patient_count[pseudonym]:02d}"
         out_dir = output_dir / pseudonym / label
+        qa_rel = f"{QA_DIR}/{pseudonym}-{label}.png"
         jobs.append(_SeriesJob(index, ref, pseudonym, date_offset_days_for(key, secret), out_dir,
-                               f"{pseudonym}/{label}", options))
+                               f"{pseudonym}/{label}", options,
+                               qa_path=output_dir / qa_rel if options.qa_pictures else None,
+                               qa_rel=qa_rel))
         mapping_rows.append({
             "pseudonym": pseudonym, "output": f"{pseudonym}/{label}", "input_series": index,
             "input_folder": _rel(ref.files[0].parent, input_dir), "n_files": len(ref.files),
@@ -444,7 +540,11 @@ def deidentify_folder(
         "skipped_files": skipped,
         "n_written": sum(o.status == "written" for o in outcomes),
         "n_failed": sum(o.status != "written" for o in outcomes),
+        "n_no_face": sum(o.status == "written" and o.face_found is False for o in outcomes),
     }
+    if any(o.qa_picture for o in outcomes):
+        doc["qa_pictures"] = (f"{QA_DIR}/ shows original faces beside the de-identified images: "
+                              "keep it with the mapping file, do not share it with the data")
     _atomic_write_text(summary_path, json.dumps(doc, indent=2))
     if mapping_path is not None:
         by_index = {o.index: o for o in outcomes}

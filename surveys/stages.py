@@ -305,43 +305,38 @@ def stage_deidentify(subject: Subject, ctx: StageContext) -> None:
 
 def _deidentify_series(subject: Subject, s, primary, method, method_warnings: list[str],
                        offset: int, out: dict[str, Path], made: list[MadeImage]) -> None:
-    """De-identify series ``s`` into ``out["deid"]/<label>``; slice PNGs and QA figure of
+    """De-identify series ``s`` into ``out["deid"]/<label>`` with the pipeline's one series
+    path (:func:`pipeline.deidentify.deidentify_series`); slice PNGs and the QA picture of
     the primary series into ``out["derived/deidentify"]``. Sets the QA fields of ``s``
     (not saved)."""
-    from pipeline import dicom_io
-    from pipeline.deface import deface, qa_image
-    from pipeline.deid_header import HeaderDeidentifier
+    from pipeline.deface import qa_picture
+    from pipeline.deidentify import FaceNotFoundError, deidentify_series
 
-    secret = settings.PROJECT_SECRET
     loaded = load_stored(s.original_dir)
-    vol = loaded.volume
-    if method is not None:
-        result = deface(vol, method)
-        hu = result.hu
-        qa = result.qa.as_dict()
-        s.method = qa["method"]
-        s.removed_ml = round(float(qa["removed_ml"]), 3)
-        s.bone_dice = round(float(qa["bone_dice"]), 5)
-        s.warnings = list(method_warnings) + list(qa.get("warnings", []))
-        s.qa = json.loads(json.dumps(qa, default=_json_default))
-    else:
-        hu, result = vol.hu, None
-        s.method, s.removed_ml, s.bone_dice, s.warnings, s.qa = "none", None, None, [], {}
-    deid = HeaderDeidentifier(secret, dates="shift")
-    for k, ds in enumerate(loaded.datasets):
-        dicom_io.set_pixel_hu(ds, hu[k])
-        deid.deidentify(ds, pseudonym=subject.pseudonym, date_offset_days=offset,
-                        face_removed=method is not None)
-    dicom_io.write_datasets(loaded.datasets, out["deid"] / s.label)
+    try:
+        res = deidentify_series(
+            loaded, out["deid"] / s.label, method=method, method_warnings=method_warnings,
+            project_secret=settings.PROJECT_SECRET, pseudonym=subject.pseudonym,
+            date_offset_days=offset, dates="shift")
+    except FaceNotFoundError as exc:
+        raise StageError(str(exc)) from None
+    s.method = res.method
+    s.removed_ml = res.removed_ml
+    s.bone_dice = res.bone_dice
+    s.warnings = res.warnings
+    s.qa = json.loads(json.dumps(res.qa, default=_json_default))
     if primary is not None and s.pk == primary.pk:
         folder, dst = "derived/deidentify", out["derived/deidentify"]
+        # irregular slice spacing: both copies on the same regular grid for the mid slices
+        vol = res.volume.as_uniform()
+        new = res.volume.with_hu(res.hu).as_uniform().hu
         sp = tuple(float(x) for x in vol.spacing_mm)
-        for variant, arr in (("original", vol.hu), ("deid", hu)):
+        for variant, arr in (("original", vol.hu), ("deid", new)):
             for view, img in mid_slices(arr, sp, i=_face_column(vol.hu)).items():
                 made.append(_write_image(subject, folder, dst, "slice", variant, view, img))
-        if result is not None:
+        if res.defaced is not None:
             made.append(_write_image(subject, folder, dst, "qa", "both", "deface",
-                                     qa_image(vol, result)))
+                                     qa_picture(res.volume, res.defaced)))
 
 
 def _face_column(hu: np.ndarray) -> int:

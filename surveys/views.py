@@ -200,8 +200,10 @@ def reid_plot(request: HttpRequest, cohort: Cohort) -> FileResponse:
     return _file_response(reid.plot_path, "image/png")
 
 
-QA_COLUMNS = ["subject", "series", "slices", "method", "removed_ml", "bone_dice", "warnings",
-              "deid_status"]
+REGIONS = ("nose", "lips", "chin", "cheeks", "eyelids", "forehead", "ears", "other")
+QA_COLUMNS = ["subject", "series", "slices", "method", "face_found", "no_face_reason",
+              "removed_ml", *[f"removed_ml_{r}" for r in REGIONS], "inside_skeleton_changed_pct",
+              "outside_body_changed_ml", "bone_dice", "bone_dice_150", "warnings", "deid_status"]
 
 
 def qa_rows(cohort: Cohort) -> list[dict[str, object]]:
@@ -210,8 +212,14 @@ def qa_rows(cohort: Cohort) -> list[dict[str, object]]:
     for subject in cohort.subjects.prefetch_related("series", "stages"):
         deid = next((r.status for r in subject.stages.all() if r.stage == "deidentify"), "")
         for s in subject.series.all():
+            by_region = s.removed_by_region
             rows.append({"subject": subject.pseudonym, "series": s.label, "slices": s.n_slices,
-                         "method": s.method, "removed_ml": s.removed_ml, "bone_dice": s.bone_dice,
+                         "method": s.method, "face_found": s.face_found,
+                         "no_face_reason": s.no_face_reason, "removed_ml": s.removed_ml,
+                         **{f"removed_ml_{r}": by_region.get(r) for r in REGIONS},
+                         "inside_skeleton_changed_pct": s.inside_changed_pct,
+                         "outside_body_changed_ml": s.outside_body_ml, "bone_dice": s.bone_dice,
+                         "bone_dice_150": s.bone_dice_150,
                          "warnings": " | ".join(s.warnings or []), "deid_status": deid})
     return rows
 

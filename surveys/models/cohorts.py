@@ -110,6 +110,31 @@ class Series(models.Model):
     def __str__(self) -> str:
         return f"{self.subject.pseudonym}/{self.label}"
 
+    # QA figures of the de-identification (pipeline.deface.DefaceQA, stored in ``qa``)
+    @property
+    def face_found(self) -> bool | None:
+        return self.qa.get("face_found") if self.qa else None
+
+    @property
+    def no_face_reason(self) -> str:
+        return (self.qa or {}).get("no_face_reason", "")
+
+    @property
+    def inside_changed_pct(self) -> float | None:
+        return (self.qa or {}).get("inside_soft_changed_pct")
+
+    @property
+    def outside_body_ml(self) -> float | None:
+        return (self.qa or {}).get("outside_body_changed_ml")
+
+    @property
+    def bone_dice_150(self) -> float | None:
+        return (self.qa or {}).get("bone_dice_150")
+
+    @property
+    def removed_by_region(self) -> dict[str, float]:
+        return dict((self.qa or {}).get("removed_ml_by_region") or {})
+
 
 class StageRun(models.Model):
     """State of one pipeline stage of one subject (one row per subject and stage)."""

@@ -30,7 +30,7 @@ class Command(BaseCommand):
                             help="detector weights (.onnx or .pt) for --method model/auto")
         parser.add_argument("--class-map", type=Path, default=None,
                             help="JSON mapping the weights' class names to ours (face, eyes, nose, "
-                                 "lips, chin, ears; null to ignore a class)")
+                                 "lips, ears; null to ignore a class)")
         parser.add_argument("--dates", choices=DATE_MODES, default="shift",
                             help="shift dates by a per-patient offset (keeps intervals) or remove them")
         parser.add_argument("--mapping", type=Path, default=None,
@@ -39,6 +39,8 @@ class Command(BaseCommand):
         parser.add_argument("--prefix", default="SUBJ", help="pseudonym prefix (default SUBJ)")
         parser.add_argument("--registry", type=Path, default=None,
                             help="pseudonym registry (default: in the project's state folder)")
+        parser.add_argument("--no-qa-pictures", action="store_true",
+                            help="do not write OUTPUT/qa-pictures/ (they show the original faces)")
 
     def handle(self, *args, **opts) -> None:
         registry = opts["registry"] or Path(settings.VAR_DIR) / "pseudonym-registry.json"
@@ -47,7 +49,7 @@ class Command(BaseCommand):
                 project_secret=settings.PROJECT_SECRET, method=opts["method"],
                 weights=opts["weights"], class_map=opts["class_map"], dates=opts["dates"],
                 workers=opts["workers"],
-                pseudonym_prefix=opts["prefix"],
+                pseudonym_prefix=opts["prefix"], qa_pictures=not opts["no_qa_pictures"],
             )
             show = sys.stderr.isatty() and opts["verbosity"] > 0
 
@@ -64,10 +66,20 @@ class Command(BaseCommand):
         written = [s for s in summary.series if s.status == "written"]
         out = self.stdout
         for s in written:
+            if s.face_found is False:
+                reason = s.qa.get("no_face_reason", "")
+                out.write(f"{s.output}: {s.slices} slices, method {s.method}: no face found "
+                          f"({reason}); pixels unchanged, header de-identified")
+                continue
             dice = "n/a" if s.bone_dice is None else f"{s.bone_dice:.4f}"
             removed = "n/a" if s.removed_ml is None else f"{s.removed_ml:.1f} mL"
+            inside = s.qa.get("inside_soft_changed_pct")
+            extra = "" if inside is None else (
+                f", inside the skeleton {inside:.2f} % changed, outside the body "
+                f"{s.qa.get('outside_body_changed_ml', 0):.1f} mL")
             out.write(f"{s.output}: {s.slices} slices, method {s.method}, removed {removed}, "
-                      f"bone Dice {dice}" + (f", {len(s.warnings)} warning(s)" if s.warnings else ""))
+                      f"bone Dice {dice}{extra}"
+                      + (f", {len(s.warnings)} warning(s)" if s.warnings else ""))
         reasons: dict[str, int] = {}
         for f in summary.skipped_files:
             reasons[f["reason"]] = reasons.get(f["reason"], 0) + 1
@@ -77,6 +89,9 @@ class Command(BaseCommand):
         for s in summary.failures:
             self.stderr.write(f"input series #{s.index} ({s.n_files} files) failed: {s.error}")
         out.write(f"{len(written)} of {len(summary.series)} series written; summary: {summary.summary_path}")
+        if any(s.qa_picture for s in written):
+            out.write("QA pictures (they show the original faces: keep them with the mapping "
+                      f"file, not with the data): {summary.summary_path.parent / 'qa-pictures'}")
         if not summary.series:
             raise CommandError("no CT series found in the input folder")
         if not summary.ok:

@@ -1,0 +1,112 @@
+"""Face removal on real CT (../shared/realct, beside the checkout; CI has it).
+
+``ge-head-ct``: a real head, gantry tilt +18.5°, 14 slices of 4 mm then 14 of
+7 mm. ``philips-skull-phantom``: a skull without skin. Figures are measured
+independently of the defacer (:mod:`pipeline.evaluate`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from pipeline import dicom_io
+from pipeline.deface import deface
+from pipeline.deidentify import DeidOptions, deidentify_folder
+from pipeline.evaluate import REALCT_FACE_REGIONS, face_region_mask, removal_figures
+
+REALCT = Path(__file__).resolve().parents[2] / "shared" / "realct"
+pytestmark = pytest.mark.skipif(not REALCT.is_dir(), reason="../shared/realct not beside the checkout")
+
+
+def _load(name: str):
+    return dicom_io.load_series(dicom_io.scan_folder(REALCT / name).series[0])
+
+
+@pytest.fixture(scope="module")
+def ge():
+    loaded = _load("ge-head-ct")
+    return loaded, deface(loaded.volume)
+
+
+def test_ge_face_outside_the_skeleton_removed_inside_kept(ge) -> None:
+    loaded, res = ge
+    vol = loaded.volume
+    assert res.qa.face_found
+    fig = removal_figures(vol, res.hu, region=face_region_mask(vol, **REALCT_FACE_REGIONS["ge-head-ct"]))
+    assert fig.outside_soft_removed_pct >= 95.0, fig
+    assert fig.inside_soft_changed_pct <= 1.0 and fig.inside_soft_changed_pct_worst_slice <= 1.0, fig
+    assert fig.outside_body_changed_voxels == 0, fig
+    assert fig.bone_dice_300 >= 0.9999 and fig.bone_dice_150 >= 0.999, fig
+    assert res.qa.outside_body_changed_ml == 0.0 and res.qa.inside_soft_changed_pct == 0.0
+    assert res.qa.removed_ml_by_region["ears"] > 10 and res.qa.removed_ml_by_region["forehead"] > 10
+    # the globes are found where they are (measured on the images: x ≈ −54/+20, y ≈ −78)
+    r, le = res.qa.landmarks["globe_right_lps_mm"], res.qa.landmarks["globe_left_lps_mm"]
+    assert r[0] < -40 and le[0] > 10 and -95 < r[1] < -60 and -95 < le[1] < -60
+
+
+def test_ge_orbits_sinuses_nasal_cavity_untouched(ge) -> None:
+    """The slices through the orbits: nothing behind the orbital rims changes."""
+    loaded, res = ge
+    hu, out = loaded.volume.hu, res.hu
+    vol = loaded.volume
+    for k in range(2, 9):
+        changed = out[k] != hu[k]
+        # the nasal cavity, sinuses and orbits behind the rims: x −60…+25 mm, y −65…0 mm
+        pos = vol.slice_position_lps_mm(k)
+        x = pos[0] + np.arange(512) * vol.spacing_mm[2]
+        y = pos[1] + np.arange(512) * vol.spacing_mm[1] * vol.col_cosine[1]
+        deep = (x[None, :] > -60) & (x[None, :] < 25) & (y[:, None] > -65) & (y[:, None] < 0)
+        assert not (changed & deep).any(), k
+
+
+def test_ge_whole_series_written_slice_for_slice(tmp_path: Path) -> None:
+    src = REALCT / "ge-head-ct"
+    out = tmp_path / "out"
+    summary = deidentify_folder(src, out, DeidOptions(project_secret="test-secret-realct"),
+                                registry_path=tmp_path / "reg.json")
+    assert summary.ok, [s.error for s in summary.series]
+    (s,) = summary.series
+    assert s.status == "written" and s.slices == 28 and s.face_found
+    files = sorted((out / s.output).glob("*.dcm"))
+    assert len(files) == 28
+    before = _load("ge-head-ct").volume
+    after = dicom_io.load_series(dicom_io.scan_folder(out).series[0]).volume
+    np.testing.assert_allclose(after.positions_lps_mm(), before.positions_lps_mm(), atol=1e-3)
+    np.testing.assert_allclose(after.col_cosine, before.col_cosine, atol=1e-6)
+    # source identifiers and UIDs absent from every output file
+    srcs = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(src.glob("*.dcm"))]
+    needles = {str(d.get(k, "")) for d in srcs for k in ("StudyInstanceUID", "SeriesInstanceUID",
+                                                          "SOPInstanceUID", "PatientID", "StudyDate")}
+    needles = {n.encode() for n in needles if len(n) >= 6}
+    for p in out.rglob("*"):
+        if p.is_file():
+            data = p.read_bytes()
+            assert not any(n in data for n in needles), p.name
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    codes = [c.CodeValue for c in ds.DeidentificationMethodCodeSequence]
+    assert "113102" in codes  # the face was removed
+
+
+def test_skull_phantom_no_face_no_change(tmp_path: Path) -> None:
+    src = REALCT / "philips-skull-phantom"
+    loaded = _load("philips-skull-phantom")
+    res = deface(loaded.volume)
+    assert res.qa.face_found is False and "no face" in res.qa.no_face_reason
+    assert np.array_equal(res.hu, loaded.volume.hu)
+    out = tmp_path / "out"
+    summary = deidentify_folder(src, out, DeidOptions(project_secret="test-secret-realct"),
+                                registry_path=tmp_path / "reg.json")
+    (s,) = summary.series
+    assert s.status == "written" and s.face_found is False
+    doc = json.loads((out / "deid-summary.json").read_text())
+    assert doc["n_no_face"] == 1 and "no face" in doc["series"][0]["qa"]["no_face_reason"]
+    after = dicom_io.load_series(dicom_io.scan_folder(out).series[0]).volume
+    assert np.array_equal(after.hu, loaded.volume.hu)  # 0 voxels changed
+    ds = pydicom.dcmread(next((out / s.output).glob("*.dcm")), stop_before_pixels=True)
+    codes = [c.CodeValue for c in ds.DeidentificationMethodCodeSequence]
+    assert "113102" not in codes and "113100" in codes
