@@ -101,6 +101,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # outermost: Content-Security-Policy on every response, static files included
+    "deidstudy.middleware.SecurityHeadersMiddleware",
     "django.middleware.security.SecurityMiddleware",
     # Serves /static/ from gunicorn too (the rater pages need their JS and CSS).
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -272,6 +274,9 @@ SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = False
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
+# Content-Security-Policy (deidstudy.middleware): no inline script or style; django-rq's
+# staff-only dashboard needs its inline ones.
+CSP_RELAXED_PATH_PREFIXES = ("/django-rq/",)
 if PRODUCTION:
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
