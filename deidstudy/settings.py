@@ -267,6 +267,15 @@ PIPELINE_STALE_SECONDS = int(os.environ.get("DEIDSTUDY_STALE_SECONDS", "1800"))
 PIPELINE_QUEUED_GRACE_SECONDS = int(os.environ.get("DEIDSTUDY_QUEUED_GRACE_SECONDS", "120"))
 
 LOGIN_URL = "login"
+# Login throttling (surveys.login_throttle): a name or client address is locked for
+# LOGIN_LOCKOUT_SECONDS after LOGIN_FAILURE_LIMIT / LOGIN_IP_FAILURE_LIMIT failed sign-ins.
+AUTHENTICATION_BACKENDS = ["surveys.login_throttle.ThrottledModelBackend"]
+LOGIN_FAILURE_LIMIT = int(os.environ.get("DEIDSTUDY_LOGIN_FAILURE_LIMIT", "5"))
+LOGIN_IP_FAILURE_LIMIT = int(os.environ.get("DEIDSTUDY_LOGIN_IP_FAILURE_LIMIT", "30"))
+LOGIN_LOCKOUT_SECONDS = int(os.environ.get("DEIDSTUDY_LOGIN_LOCKOUT_SECONDS", "900"))
+# Behind a reverse proxy REMOTE_ADDR is the proxy's: name the header that carries the
+# client's address (e.g. HTTP_X_FORWARDED_FOR; its last entry is used).
+LOGIN_CLIENT_IP_HEADER = os.environ.get("DEIDSTUDY_CLIENT_IP_HEADER", "")
 LOGIN_REDIRECT_URL = "surveys:cohort_list"
 LOGOUT_REDIRECT_URL = "login"
 

@@ -3,10 +3,14 @@
 from django.contrib import admin
 
 from . import jobs
+from .login_throttle import ThrottledAdminAuthenticationForm
 from .models import (
-    Answer, Cohort, CohortUpload, IdentityLink, Invitation, Rater, ReidSummary, RenderImage, Series,
-    StageRun, Study, Subject, Trial, TrialImage,
+    Answer, Cohort, CohortUpload, IdentityLink, Invitation, LoginThrottle, Rater, ReidSummary,
+    RenderImage, Series, StageRun, Study, Subject, Trial, TrialImage,
 )
+
+# the admin's sign-in is throttled like /accounts/login/ and says when it is locked
+admin.site.login_form = ThrottledAdminAuthenticationForm
 
 
 class SubjectInline(admin.TabularInline):
@@ -145,3 +149,20 @@ class TrialImageAdmin(admin.ModelAdmin):
 class AnswerAdmin(admin.ModelAdmin):
     list_display = ("trial", "choice", "correct", "confidence", "client_rt_ms", "timed_out", "answered_at")
     list_filter = ("correct", "timed_out", "rt_suspect", "trial__condition", "trial__rater__group")
+
+
+# ------------------------------------------------------------------ security
+
+
+@admin.register(LoginThrottle)
+class LoginThrottleAdmin(admin.ModelAdmin):
+    """Sign-in lockouts (keyed hashes only); delete a row to unlock at once."""
+
+    list_display = ("__str__", "failures", "window_start", "locked_until")
+    readonly_fields = ("key", "failures", "window_start", "locked_until")
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
