@@ -301,5 +301,10 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": os.environ.get("DEIDSTUDY_LOG_LEVEL", "WARNING")},
     # pydicom logs offending header values (names, IDs) when it meets invalid ones: keep it quiet.
-    "loggers": {"pydicom": {"level": "CRITICAL", "propagate": False, "handlers": []}},
+    "loggers": {
+        "pydicom": {"level": "CRITICAL", "propagate": False, "handlers": []},
+        # audit lines (identity tables shown) and security events are always recorded
+        "deidstudy.audit": {"level": "INFO"},
+        "deidstudy.security": {"level": "INFO"},
+    },
 }

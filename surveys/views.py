@@ -27,7 +27,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
-from . import jobs, uploads
+from . import identity, jobs, uploads
 from .access import cohort_view, cohorts_for, is_researcher, sign_in_required
 from .forms import CohortForm
 from .importing import ImportRejected, tmp_root
@@ -70,7 +70,9 @@ def cohort_detail(request: HttpRequest, cohort: Cohort) -> HttpResponse:
     reid = getattr(cohort, "reid", None) if hasattr(cohort, "reid") else None
     return render(request, "surveys/cohort_detail.html", {
         "cohort": cohort, "subjects": subjects, "stages": STAGES, "reid": reid,
-        "progress": jobs.cohort_progress(cohort), "uploads": uploads.recent_uploads(cohort)})
+        "progress": jobs.cohort_progress(cohort), "uploads": uploads.recent_uploads(cohort),
+        "sees_identities": cohort.keep_mapping and identity.may_see_identities(request.user, cohort),
+        "identity_accesses": identity.recent_accesses(cohort) if cohort.keep_mapping else []})
 
 
 @require_GET
@@ -266,20 +268,14 @@ def download_deid(request: HttpRequest, cohort: Cohort) -> FileResponse:
 
 @cohort_view("page")
 def identity_mapping(request: HttpRequest, cohort: Cohort) -> HttpResponse:
-    """Pseudonym → identity table, only if the cohort kept it; shown on explicit POST."""
-    if not cohort.keep_mapping:
-        raise Http404("this cohort does not keep an identity mapping")
+    """Pseudonym → identity table, only if the cohort kept it, only for its own researchers;
+    shown on explicit POST and recorded (:mod:`surveys.identity`)."""
+    if not cohort.keep_mapping or not identity.may_see_identities(request.user, cohort):
+        raise Http404("no identity mapping")
     if request.method != "POST":
         return render(request, "surveys/mapping_confirm.html", {"cohort": cohort})
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["pseudonym", "PatientID", "PatientName", "PatientBirthDate"])
-    for subject in cohort.subjects.select_related("identity"):
-        ident = getattr(subject, "identity", None)
-        w.writerow([subject.pseudonym, getattr(ident, "patient_id", ""),
-                    getattr(ident, "patient_name", ""), getattr(ident, "birth_date", "")])
-    log.info("identity mapping of cohort %s shown to user %s", cohort.pk, request.user.pk)
-    resp = HttpResponse(buf.getvalue(), content_type="text/csv")
+    resp = HttpResponse(identity.mapping_csv(cohort, request.user, request),
+                        content_type="text/csv")
     resp["Content-Disposition"] = f'attachment; filename="cohort-{cohort.pk}-mapping.csv"'
     resp["Cache-Control"] = "private, no-store"
     return resp
