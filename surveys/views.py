@@ -27,8 +27,10 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
+from deidstudy.middleware import accepts_uploads
+
 from . import identity, jobs, uploads
-from .access import cohort_view, cohorts_for, is_researcher, sign_in_required
+from .access import cohort_upload_gate, cohort_view, cohorts_for, is_researcher, sign_in_required
 from .forms import CohortForm
 from .importing import ImportRejected, tmp_root
 from .models import Cohort, CohortUpload, RenderImage, StageRun, Subject
@@ -88,6 +90,7 @@ def cohort_status(request: HttpRequest, cohort: Cohort) -> JsonResponse:
     return JsonResponse(data)
 
 
+@accepts_uploads(cohort_upload_gate)  # rights and size checked before the body is read
 @require_POST
 @cohort_view("file")
 def cohort_upload(request: HttpRequest, cohort: Cohort) -> HttpResponse:
