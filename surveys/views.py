@@ -25,6 +25,7 @@ from django.http import (
 )
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_POST
 
 from deidstudy.middleware import accepts_uploads
@@ -38,6 +39,15 @@ from .shared import ensure_local, pull_tree
 from .stages import STAGES, data_path
 
 log = logging.getLogger(__name__)
+
+
+def _local_next(request: HttpRequest, default: str) -> str:
+    """The POSTed ``next`` if it is a path on this site, else ``default`` (no open redirect)."""
+    target = request.POST.get("next", "")
+    if target and url_has_allowed_host_and_scheme(target, allowed_hosts=None) \
+            and target.startswith("/") and not target.startswith("//"):
+        return target
+    return default
 
 
 def _wants_json(request: HttpRequest) -> bool:
@@ -155,7 +165,7 @@ def stage_retry(request: HttpRequest, cohort: Cohort, run_id: int) -> HttpRespon
         messages.info(request, f"{run.subject.pseudonym}: {run.stage} queued again")
     if _wants_json(request):
         return JsonResponse({"ok": True})
-    return redirect(request.POST.get("next") or f"/cohorts/{cohort.pk}/")
+    return redirect(_local_next(request, reverse("surveys:cohort_detail", args=[cohort.pk])))
 
 
 @require_GET
