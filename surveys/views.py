@@ -40,6 +40,10 @@ from .stages import STAGES, data_path
 
 log = logging.getLogger(__name__)
 
+#: Said when a stage was queued but Redis could not be reached (it starts when Redis is back).
+QUEUE_DOWN = ("the job queue is not reachable at the moment: the work is recorded as queued "
+              "and starts by itself when the queue is back")
+
 
 def _local_next(request: HttpRequest, default: str) -> str:
     """The POSTed ``next`` if it is a path on this site, else ``default`` (no open redirect)."""
@@ -91,6 +95,7 @@ def cohort_detail(request: HttpRequest, cohort: Cohort) -> HttpResponse:
 @cohort_view("file")
 def cohort_status(request: HttpRequest, cohort: Cohort) -> JsonResponse:
     """JSON status of every subject's stages and of the recent uploads (polled by the dashboard)."""
+    uploads.push_waiting(cohort)  # uploads that wait for Redis: start them once it is back
     data = jobs.cohort_progress(cohort)
     reid = getattr(cohort, "reid", None) if hasattr(cohort, "reid") else None
     data["reid"] = None if reid is None else {"rank1": reid.rank1, "auc": reid.auc,
@@ -111,16 +116,21 @@ def cohort_upload(request: HttpRequest, cohort: Cohort) -> HttpResponse:
     {"id", "status"}, "status_url"}`` to XHR/JSON requests, else redirects.
     """
     try:
-        upload = uploads.receive_upload(cohort, request.user, request.FILES.getlist("files"))
+        with jobs.push_failures() as not_queued:
+            upload = uploads.receive_upload(cohort, request.user, request.FILES.getlist("files"))
     except ImportRejected as exc:
         if _wants_json(request):
             return JsonResponse({"ok": False, "error": str(exc)}, status=400)
         messages.error(request, str(exc))
         return redirect("surveys:cohort_detail", cohort_id=cohort.pk)
-    msg = uploads.RECEIVED_MESSAGE
-    messages.success(request, msg)  # shown after the page reloads
+    if not_queued:  # Redis down: kept and recorded, imported when the queue is back
+        msg = uploads.QUEUE_DOWN_MESSAGE
+        messages.warning(request, msg)
+    else:
+        msg = uploads.RECEIVED_MESSAGE
+        messages.success(request, msg)  # shown after the page reloads
     if _wants_json(request):
-        return JsonResponse({"ok": True, "message": msg,
+        return JsonResponse({"ok": True, "message": msg, "queue_unavailable": bool(not_queued),
                              "upload": {"id": upload.pk, "status": upload.status},
                              "status_url": reverse("surveys:cohort_status", args=[cohort.pk])})
     return redirect("surveys:cohort_detail", cohort_id=cohort.pk)
@@ -133,10 +143,15 @@ def upload_retry(request: HttpRequest, cohort: Cohort, upload_id: int) -> HttpRe
     upload = get_object_or_404(CohortUpload, pk=upload_id, cohort=cohort)
     if upload.status != "failed":
         ok, msg = False, f"upload #{upload.pk} is {upload.status}; nothing to retry"
-    elif uploads.retry_upload(upload):
-        ok, msg = True, f"upload #{upload.pk}: import queued again"
     else:
-        ok, msg = False, f"upload #{upload.pk}: {uploads.GONE_MESSAGE}"
+        with jobs.push_failures() as not_queued:
+            ok = uploads.retry_upload(upload)
+        if not ok:
+            msg = f"upload #{upload.pk}: {uploads.GONE_MESSAGE}"
+        elif not_queued:
+            msg = f"upload #{upload.pk}: {uploads.QUEUE_DOWN_MESSAGE}"
+        else:
+            msg = f"upload #{upload.pk}: import queued again"
     if _wants_json(request):
         return JsonResponse({"ok": ok, "message": msg}, status=200 if ok else 409)
     (messages.info if ok else messages.error)(request, msg)
@@ -147,9 +162,11 @@ def upload_retry(request: HttpRequest, cohort: Cohort, upload_id: int) -> HttpRe
 @cohort_view("file")
 def cohort_run(request: HttpRequest, cohort: Cohort) -> HttpResponse:
     """Enqueue every subject with unfinished (not failed) stages."""
-    with transaction.atomic():
+    with jobs.push_failures() as not_queued, transaction.atomic():
         n = jobs.enqueue_cohort(cohort)
     messages.info(request, f"{n} subject(s) queued")
+    if not_queued:
+        messages.warning(request, QUEUE_DOWN)
     return redirect("surveys:cohort_detail", cohort_id=cohort.pk)
 
 
@@ -161,8 +178,11 @@ def stage_retry(request: HttpRequest, cohort: Cohort, run_id: int) -> HttpRespon
     if run.status in ("queued", "running"):
         messages.warning(request, f"{run.subject.pseudonym}: {run.stage} is already {run.status}")
     else:
-        jobs.retry_stage(run)
+        with jobs.push_failures() as not_queued:
+            jobs.retry_stage(run)
         messages.info(request, f"{run.subject.pseudonym}: {run.stage} queued again")
+        if not_queued:
+            messages.warning(request, QUEUE_DOWN)
     if _wants_json(request):
         return JsonResponse({"ok": True})
     return redirect(_local_next(request, reverse("surveys:cohort_detail", args=[cohort.pk])))
