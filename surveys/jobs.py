@@ -39,6 +39,12 @@ log = logging.getLogger(__name__)
 STALE_SECONDS = int(getattr(settings, "PIPELINE_STALE_SECONDS", 1800))
 #: Interval of the heartbeat of a running stage (seconds); must be well below STALE_SECONDS.
 HEARTBEAT_SECONDS = 30.0
+#: A stage (or upload) whose worker died this many times in a row is failed, not re-queued
+#: (a job that kills its worker, e.g. out of memory, must not loop forever).
+MAX_CRASHES = int(getattr(settings, "PIPELINE_MAX_CRASHES", 3))
+#: The reason shown for such a stage.
+CRASH_MESSAGE = ("the worker process running this stage stopped {n} times in a row (killed, out "
+                 "of memory?); see the worker log, then Retry")
 #: A row queued longer than this (seconds) whose job Redis does not hold is enqueued again.
 QUEUED_GRACE_SECONDS = int(getattr(settings, "PIPELINE_QUEUED_GRACE_SECONDS", 120))
 
@@ -183,7 +189,8 @@ def retry_stage(run: StageRun, queue=None) -> None:
     """Reset ``run`` and every later stage of its subject to pending, then enqueue ``run``."""
     with transaction.atomic():
         StageRun.objects.filter(subject=run.subject, order__gt=run.order).update(
-            status="pending", progress=0.0, error="", rq_job_id="")
+            status="pending", progress=0.0, error="", rq_job_id="", crashes=0)
+        StageRun.objects.filter(pk=run.pk).update(crashes=0)
         enqueue_stage(run, queue)
 
 
@@ -310,7 +317,8 @@ def recover_stale_stages(stale_seconds: int | None = None, queue=None,
 
     * ``running`` and abandoned: its worker ran on this host and its process no longer
       exists, or (any host) its heartbeat is older than ``stale_seconds`` (default
-      :data:`STALE_SECONDS`);
+      :data:`STALE_SECONDS`); after :data:`MAX_CRASHES` such ends in a row it is failed
+      with :data:`CRASH_MESSAGE` instead;
     * ``queued`` for longer than ``grace_seconds`` (default :data:`QUEUED_GRACE_SECONDS`)
       while Redis holds no job with the row's job id (see :func:`jobs_in_redis`).
 
@@ -326,8 +334,17 @@ def recover_stale_stages(stale_seconds: int | None = None, queue=None,
             Q(worker_host=host) | Q(heartbeat__lt=cutoff)).select_related("subject"):
         dead = run.worker_host == host and run.worker_pid and not _pid_alive(run.worker_pid)
         if dead or (run.heartbeat is not None and run.heartbeat < cutoff):
+            crashes = run.crashes + 1
             with transaction.atomic():
-                if enqueue_stage(run, queue, expect=("running", run.rq_job_id)) is not None:
+                if crashes >= MAX_CRASHES:
+                    if StageRun.objects.filter(pk=run.pk, status="running",
+                                               rq_job_id=run.rq_job_id).update(
+                            status="failed", crashes=crashes, finished=timezone.now(),
+                            error=CRASH_MESSAGE.format(n=crashes)):
+                        log.warning("stage row %s (%s of %s): its worker died %d times; failed",
+                                    run.pk, run.stage, run.subject.pseudonym, crashes)
+                elif enqueue_stage(run, queue, expect=("running", run.rq_job_id)) is not None:
+                    StageRun.objects.filter(pk=run.pk).update(crashes=crashes)
                     recovered.append(run.pk)
                     log.warning("stage row %s (%s of %s) was abandoned by its worker; re-queued",
                                 run.pk, run.stage, run.subject.pseudonym)

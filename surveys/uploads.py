@@ -59,6 +59,9 @@ KEEP_FAILED_SECONDS = int(getattr(settings, "UPLOAD_KEEP_FAILED_SECONDS", 86400)
 #: Shown while the import is queued or running.
 RECEIVED_MESSAGE = "upload received, importing in the background"
 GONE_MESSAGE = "the uploaded files are no longer available; upload them again"
+#: Shown for an import whose worker died ``n`` times in a row (files kept: Retry).
+CRASH_MESSAGE = ("the worker process importing this upload stopped {n} times in a row (killed, "
+                 "out of memory?); nothing was imported; see the worker log, then Retry")
 #: Shown while the import waits for the job queue (Redis unreachable when it was queued).
 QUEUE_DOWN_MESSAGE = ("upload received and kept; the job queue is not reachable at the moment, "
                       "the import starts by itself when it is back")
@@ -189,6 +192,7 @@ def retry_upload(upload: CohortUpload, queue=None) -> bool:
             upload.staging_dir = ""
         return False
     with transaction.atomic():
+        CohortUpload.objects.filter(pk=upload.pk).update(crashes=0)
         enqueue_upload(upload, queue)
     return True
 
@@ -324,7 +328,8 @@ def recover_uploads(stale_seconds: int | None = None, keep_failed_seconds: int |
 
     * ``running`` uploads whose worker ran on this host and is gone, or whose heartbeat
       is older than ``stale_seconds`` (default ``PIPELINE_STALE_SECONDS``): queued again
-      when their received files are still there, otherwise failed (upload again);
+      when their received files are still there, otherwise failed (upload again); failed
+      (files kept, Retry) when their worker died ``MAX_CRASHES`` times in a row;
     * ``queued`` uploads older than ``grace_seconds`` (default
       ``PIPELINE_QUEUED_GRACE_SECONDS``) whose job Redis does not hold: queued again
       (the job itself decides about missing files);
@@ -335,7 +340,7 @@ def recover_uploads(stale_seconds: int | None = None, keep_failed_seconds: int |
 
     Returns the ids of the re-queued uploads.
     """
-    from .jobs import QUEUED_GRACE_SECONDS, STALE_SECONDS, _pid_alive, jobs_in_redis
+    from .jobs import MAX_CRASHES, QUEUED_GRACE_SECONDS, STALE_SECONDS, _pid_alive, jobs_in_redis
 
     stale_seconds = STALE_SECONDS if stale_seconds is None else stale_seconds
     keep_failed_seconds = KEEP_FAILED_SECONDS if keep_failed_seconds is None else keep_failed_seconds
@@ -353,9 +358,17 @@ def recover_uploads(stale_seconds: int | None = None, keep_failed_seconds: int |
             continue  # only a worker that sees the received files decides about them
         # conditional on the status and job id read above: a row somebody touched
         # meanwhile is left alone
+        crashes = up.crashes + 1
         with transaction.atomic():
-            if _received_dir(up) is not None:
+            if _received_dir(up) is not None and crashes >= MAX_CRASHES:
+                if CohortUpload.objects.filter(pk=up.pk, status="running",
+                                               rq_job_id=up.rq_job_id).update(
+                        status="failed", crashes=crashes, finished=now,
+                        message=CRASH_MESSAGE.format(n=crashes)):  # files kept: Retry
+                    log.warning("upload #%s: its worker died %d times; failed", up.pk, crashes)
+            elif _received_dir(up) is not None:
                 if enqueue_upload(up, queue, expect=("running", up.rq_job_id)) is not None:
+                    CohortUpload.objects.filter(pk=up.pk).update(crashes=crashes)
                     requeued.append(up.pk)
                     log.warning("upload #%s was abandoned by its worker; re-queued", up.pk)
             elif CohortUpload.objects.filter(pk=up.pk, status="running",
