@@ -267,6 +267,8 @@ PIPELINE_STALE_SECONDS = int(os.environ.get("DEIDSTUDY_STALE_SECONDS", "1800"))
 # A stage or upload "queued" for longer than this whose job Redis does not hold (the process
 # died between the commit and the enqueue, Redis was down or flushed) is enqueued again.
 PIPELINE_QUEUED_GRACE_SECONDS = int(os.environ.get("DEIDSTUDY_QUEUED_GRACE_SECONDS", "120"))
+# A stage or upload whose worker died this many times in a row is failed instead of re-queued.
+PIPELINE_MAX_CRASHES = int(os.environ.get("DEIDSTUDY_MAX_CRASHES", "3"))
 
 LOGIN_URL = "login"
 # Login throttling (surveys.login_throttle): a name or client address is locked for
@@ -295,6 +297,9 @@ if PRODUCTION:
     SECURE_HSTS_SECONDS = int(os.environ.get("DEIDSTUDY_HSTS_SECONDS", "31536000"))
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
     SECURE_HSTS_PRELOAD = True
+# Behind a reverse proxy that ends TLS: trust its X-Forwarded-Proto (else the SSL redirect loops).
+if env_bool("DEIDSTUDY_BEHIND_PROXY", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 LOGGING = {
     "version": 1,

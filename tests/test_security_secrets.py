@@ -127,3 +127,15 @@ def test_deidentify_warns_when_the_development_secret_is_used(tmp_path):
     r = manage(tmp_path, "deidentify", str(empty), str(tmp_path / "out2"),
                DEIDSTUDY_PROJECT_SECRET=strong())
     assert "DEIDSTUDY_PROJECT_SECRET is not set" not in r.stderr
+
+
+@pytest.mark.parametrize("behind_proxy,expected", [("1", "200"), ("0", "301")])
+def test_behind_a_tls_proxy_the_forwarded_scheme_is_trusted(tmp_path, behind_proxy, expected):
+    """DEIDSTUDY_BEHIND_PROXY=1: a request the proxy marks https is not redirected again."""
+    code = ("from django.test import Client; "
+            "print(Client().get('/accounts/login/', HTTP_X_FORWARDED_PROTO='https').status_code)")
+    r = manage(tmp_path, "shell", "-c", code, DEIDSTUDY_PRODUCTION="1",
+               DEIDSTUDY_SECRET_KEY=strong(), DEIDSTUDY_PROJECT_SECRET=strong(),
+               DEIDSTUDY_BEHIND_PROXY=behind_proxy, DEIDSTUDY_ALLOWED_HOSTS="testserver")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == expected
