@@ -5,7 +5,8 @@ Start workers with::
     python manage.py rqworker pipeline --worker-class deidstudy.rq.RecoveringWorker
 
 At start-up, at every maintenance pass (``--maintenance-interval`` seconds, rq's
-default 600) and as soon as one of its work horses dies mid-job the worker calls :func:`surveys.jobs.recover_stale_stages`, which
+default 600) and as soon as one of its work horses dies mid-job the worker calls
+:func:`surveys.jobs.recover_stale_stages`, which
 re-enqueues stages whose worker process died (same host) or whose heartbeat is
 stale (any host), and stages left ``queued`` for longer than
 ``PIPELINE_QUEUED_GRACE_SECONDS`` without their job in Redis; and

@@ -178,7 +178,8 @@ def safe_extract_zip(zip_path: Path, dest: Path, limits: ZipLimits | None = None
                 continue
             folders.update(rel.parents)
             if rel in files:
-                raise ImportRejected(f"archive member #{index} appears twice in the archive; refused")
+                raise ImportRejected(
+                    f"archive member #{index} appears twice in the archive; refused")
             files.add(rel)
             declared += info.file_size
             if declared > limits.max_total_bytes:
@@ -217,7 +218,8 @@ def safe_extract_zip(zip_path: Path, dest: Path, limits: ZipLimits | None = None
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if target.exists():
-                    raise ImportRejected(f"archive member #{n} appears twice in the archive; refused")
+                    raise ImportRejected(
+                        f"archive member #{n} appears twice in the archive; refused")
                 with zf.open(info) as src, open(target, "xb") as out:
                     while chunk := src.read(1024 * 1024):
                         member_bytes += len(chunk)

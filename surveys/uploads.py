@@ -146,7 +146,8 @@ def enqueue_upload(upload: CohortUpload, queue=None, *,
         # ahead of queued stages: the researcher is watching "importing…"
         if not push_job(lambda: queue if queue is not None else get_import_queue(),
                         "surveys.uploads.run_upload", upload.pk, job_id, job_id=job_id,
-                        at_front=True, job_timeout=int(getattr(settings, "PIPELINE_JOB_TIMEOUT", 3600)),
+                        at_front=True,
+                        job_timeout=int(getattr(settings, "PIPELINE_JOB_TIMEOUT", 3600)),
                         result_ttl=3600, failure_ttl=7 * 86400):
             # Redis is unreachable: the row stays queued, its files are kept, and the
             # status poll (push_waiting) or the recovery enqueues it when Redis is back

@@ -87,7 +87,8 @@ def cohort_detail(request: HttpRequest, cohort: Cohort) -> HttpResponse:
     return render(request, "surveys/cohort_detail.html", {
         "cohort": cohort, "subjects": subjects, "stages": STAGES, "reid": reid,
         "progress": jobs.cohort_progress(cohort), "uploads": uploads.recent_uploads(cohort),
-        "sees_identities": cohort.keep_mapping and identity.may_see_identities(request.user, cohort),
+        "sees_identities": (cohort.keep_mapping
+                            and identity.may_see_identities(request.user, cohort)),
         "identity_accesses": identity.recent_accesses(cohort) if cohort.keep_mapping else []})
 
 

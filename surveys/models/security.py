@@ -57,4 +57,5 @@ class IdentityAccess(models.Model):
         verbose_name = "identity table view"
 
     def __str__(self) -> str:
-        return f"{self.username} viewed the identity table of {self.cohort_label} at {self.at:%Y-%m-%d %H:%M}"
+        return (f"{self.username} viewed the identity table of {self.cohort_label} "
+                f"at {self.at:%Y-%m-%d %H:%M}")

@@ -262,7 +262,7 @@ def _answer_fields(post, study) -> tuple[str | None, int | None, int | None]:
 
 def _trial_page(request: HttpRequest, rater: Rater, trial: Trial, error: str | None = None,
                 status: int = 200) -> HttpResponse:
-    """The page of the rater's current trial (with ``error`` above it when an answer was refused)."""
+    """The page of the rater's current trial (``error`` above it: why an answer was refused)."""
     study = rater.study
     mark_shown(trial)
     # answers are sequential, so the current position = trials answered (no count query)

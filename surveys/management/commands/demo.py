@@ -132,7 +132,8 @@ class Command(BaseCommand):
             if not _port_open(u.hostname or "127.0.0.1", u.port or 6379):
                 raise CommandError(f"--redis-url {u.hostname}:{u.port or 6379} does not answer")
             self.queue = f"demo-{os.getpid()}-pipeline"  # not another demo's (or site's) jobs
-            self.stdout.write(f"Redis      : using {u.hostname}:{u.port or 6379}, queue {self.queue}")
+            self.stdout.write(f"Redis      : using {u.hostname}:{u.port or 6379}, "
+                              f"queue {self.queue}")
             return url
         binary = shutil.which("redis-server")
         if binary is None and os.geteuid() == 0 and shutil.which("apt-get"):
