@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from tests.e2e.procs import free_port, start_platform
+from tests.e2e.procs import free_port, start_platform, wait_in_page
 from tests.e2e.test_e2e_cohort import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = [
@@ -136,7 +136,7 @@ def test_pages_work_under_the_policy(site):
             page.goto(f"{base}/cohorts/")
             page.evaluate("() => { const s = document.createElement('script');"
                           " s.textContent = 'window.__ran = 1'; document.body.appendChild(s); }")
-            page.wait_for_function("window.__csp.length > 0")
+            wait_in_page(page, "window.__csp.length > 0")
             assert page.evaluate("window.__ran === undefined")
             assert "script-src" in page.evaluate("window.__csp")[0]
         finally:
