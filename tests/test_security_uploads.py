@@ -17,6 +17,8 @@ import time
 import pytest
 from django.contrib.auth.models import Group, User
 from django.core.handlers.wsgi import WSGIHandler
+from django.core.signals import request_finished, request_started
+from django.db import close_old_connections
 from django.test import Client
 
 from surveys.models import Cohort, CohortUpload
@@ -76,10 +78,18 @@ def wsgi_post(path: str, body: Body, cookies: str = "", **extra) -> tuple[int, b
     }
     environ.update(extra)
     status = []
-    chunks = WSGIHandler()(environ, lambda s, h, *a: status.append(s))
-    content = b"".join(chunks)
-    if hasattr(chunks, "close"):
-        chunks.close()
+    # as Django's test client does: the request signals must not close the test's
+    # database connection (its transaction holds the test data; PostgreSQL would lose it)
+    request_started.disconnect(close_old_connections)
+    request_finished.disconnect(close_old_connections)
+    try:
+        chunks = WSGIHandler()(environ, lambda s, h, *a: status.append(s))
+        content = b"".join(chunks)
+        if hasattr(chunks, "close"):
+            chunks.close()
+    finally:
+        request_started.connect(close_old_connections)
+        request_finished.connect(close_old_connections)
     return int(status[0].split()[0]), content
 
 
