@@ -6,7 +6,10 @@ set-up with SQLite under ``var/``.
 
 Environment variables
 ---------------------
-DEIDSTUDY_SECRET_KEY   Django secret key (required when DEBUG is off).
+DEIDSTUDY_PRODUCTION   "1" in production: secure cookies, HSTS, SSL redirect, and both secrets
+                       below are required (the published development values are refused).
+DEIDSTUDY_SECRET_KEY   Django secret key (required in production).
+DEIDSTUDY_SECRET_KEY_FALLBACKS  former Django keys, comma-separated (key rotation).
 DEIDSTUDY_DEBUG        "1" for development (default "0").
 DEIDSTUDY_ALLOWED_HOSTS comma-separated host names (default "localhost,127.0.0.1").
 DATABASE_URL           e.g. postgres://user:pass@host/db (default: SQLite in var/).
@@ -20,7 +23,8 @@ DEIDSTUDY_IMPORT_QUEUE queue of the upload imports (default: the pipeline queue)
 DEIDSTUDY_SHARED_STORAGE  "s3" or "path:/folder": share cohort files between machines.
 DEIDSTUDY_FACE_METHOD  face method of the web pipeline (auto/anatomical/model/none).
 DEIDSTUDY_VAR_DIR      state folder (database, originals, outputs); default ./var.
-DEIDSTUDY_PROJECT_SECRET secret for UID hashing and pseudonymisation.
+DEIDSTUDY_PROJECT_SECRET secret for UID hashing and pseudonymisation (required in production).
+DEIDSTUDY_UMASK        umask of every process (default 077: files 0600, folders 0700).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -48,15 +53,39 @@ def env_list(name: str, default: str) -> list[str]:
 VAR_DIR = Path(os.environ.get("DEIDSTUDY_VAR_DIR", BASE_DIR / "var")).resolve()
 
 DEBUG = env_bool("DEIDSTUDY_DEBUG", False)
-SECRET_KEY = os.environ.get("DEIDSTUDY_SECRET_KEY", "")
-if not SECRET_KEY:
-    if not DEBUG and env_bool("DEIDSTUDY_PRODUCTION", False):
-        raise RuntimeError("DEIDSTUDY_SECRET_KEY must be set in production")
-    SECRET_KEY = "dev-insecure-key-change-me-" + "x" * 30
+PRODUCTION = env_bool("DEIDSTUDY_PRODUCTION", False)
+
+#: Published development values: accepted only outside production (see surveys/checks.py).
+DEV_SECRET_KEY = "dev-insecure-key-change-me-" + "x" * 30
+DEV_PROJECT_SECRET = "deidstudy-default-project-secret"
+
+
+def _secret(name: str, dev_value: str) -> str:
+    """A secret from the environment; outside production the development value if unset.
+
+    In production (``DEIDSTUDY_PRODUCTION=1``, whatever ``DEIDSTUDY_DEBUG`` says) an unset,
+    empty or published development value refuses to start: every process that loads these
+    settings (web server, workers, management commands) stops with this message.
+    """
+    value = os.environ.get(name, "").strip()
+    if value and value != dev_value:
+        return value
+    if PRODUCTION:
+        raise ImproperlyConfigured(
+            f"{name} must be set to a private value in production (DEIDSTUDY_PRODUCTION=1); "
+            "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(48))'")
+    return dev_value
+
+
+# Django's key (sessions, CSRF, password reset links). Rotate it by moving the old key to
+# DEIDSTUDY_SECRET_KEY_FALLBACKS (comma-separated) until the sessions signed with it expire.
+SECRET_KEY = _secret("DEIDSTUDY_SECRET_KEY", DEV_SECRET_KEY)
+SECRET_KEY_FALLBACKS = env_list("DEIDSTUDY_SECRET_KEY_FALLBACKS", "")
 
 # Secret used for HMAC of DICOM UIDs and pseudonyms. Must stay the same for the
 # life of a project so that re-runs map the same input UID to the same output UID.
-PROJECT_SECRET = os.environ.get("DEIDSTUDY_PROJECT_SECRET", "deidstudy-default-project-secret")
+# Whoever knows it can link de-identified UIDs to the originals and undo the date shift.
+PROJECT_SECRET = _secret("DEIDSTUDY_PROJECT_SECRET", DEV_PROJECT_SECRET)
 
 ALLOWED_HOSTS = env_list("DEIDSTUDY_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
 
@@ -72,11 +101,15 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # outermost: Content-Security-Policy on every response, static files included
+    "deidstudy.middleware.SecurityHeadersMiddleware",
     "django.middleware.security.SecurityMiddleware",
     # Serves /static/ from gunicorn too (the rater pages need their JS and CSS).
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
+    # before CSRF, which reads POST data: rights and size of a body are checked unread
+    "deidstudy.middleware.RequestBodyGuardMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
@@ -211,6 +244,12 @@ IMPORT_QUEUE = os.environ.get("DEIDSTUDY_IMPORT_QUEUE", PIPELINE_QUEUE)
 RQ_QUEUES.setdefault(IMPORT_QUEUE, {"URL": REDIS_URL, "DEFAULT_TIMEOUT": 3600})
 RQ_SHOW_ADMIN_LINK = True
 
+# Files and folders the platform creates are private to its user (0600 / 0700): the umask
+# is set when Django starts (surveys.apps). DEIDSTUDY_UMASK=027 lets the group read them.
+FILE_UMASK = int(os.environ.get("DEIDSTUDY_UMASK", "077"), 8)
+FILE_UPLOAD_PERMISSIONS = 0o600
+FILE_UPLOAD_DIRECTORY_PERMISSIONS = 0o700
+
 # Uploads stream to a temporary file on disk, never into memory.
 FILE_UPLOAD_HANDLERS = ["django.core.files.uploadhandler.TemporaryFileUploadHandler"]
 # Uploads hold identifiable DICOM: keep their temporary files in the protected data folder
@@ -228,8 +267,19 @@ PIPELINE_STALE_SECONDS = int(os.environ.get("DEIDSTUDY_STALE_SECONDS", "1800"))
 # A stage or upload "queued" for longer than this whose job Redis does not hold (the process
 # died between the commit and the enqueue, Redis was down or flushed) is enqueued again.
 PIPELINE_QUEUED_GRACE_SECONDS = int(os.environ.get("DEIDSTUDY_QUEUED_GRACE_SECONDS", "120"))
+# A stage or upload whose worker died this many times in a row is failed instead of re-queued.
+PIPELINE_MAX_CRASHES = int(os.environ.get("DEIDSTUDY_MAX_CRASHES", "3"))
 
 LOGIN_URL = "login"
+# Login throttling (surveys.login_throttle): a name or client address is locked for
+# LOGIN_LOCKOUT_SECONDS after LOGIN_FAILURE_LIMIT / LOGIN_IP_FAILURE_LIMIT failed sign-ins.
+AUTHENTICATION_BACKENDS = ["surveys.login_throttle.ThrottledModelBackend"]
+LOGIN_FAILURE_LIMIT = int(os.environ.get("DEIDSTUDY_LOGIN_FAILURE_LIMIT", "5"))
+LOGIN_IP_FAILURE_LIMIT = int(os.environ.get("DEIDSTUDY_LOGIN_IP_FAILURE_LIMIT", "30"))
+LOGIN_LOCKOUT_SECONDS = int(os.environ.get("DEIDSTUDY_LOGIN_LOCKOUT_SECONDS", "900"))
+# Behind a reverse proxy REMOTE_ADDR is the proxy's: name the header that carries the
+# client's address (e.g. HTTP_X_FORWARDED_FOR; its last entry is used).
+LOGIN_CLIENT_IP_HEADER = os.environ.get("DEIDSTUDY_CLIENT_IP_HEADER", "")
 LOGIN_REDIRECT_URL = "surveys:cohort_list"
 LOGOUT_REDIRECT_URL = "login"
 
@@ -237,13 +287,19 @@ SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = False
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
-if env_bool("DEIDSTUDY_PRODUCTION", False):
+# Content-Security-Policy (deidstudy.middleware): no inline script or style; django-rq's
+# staff-only dashboard needs its inline ones.
+CSP_RELAXED_PATH_PREFIXES = ("/django-rq/",)
+if PRODUCTION:
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
     SECURE_SSL_REDIRECT = env_bool("DEIDSTUDY_SSL_REDIRECT", True)
     SECURE_HSTS_SECONDS = int(os.environ.get("DEIDSTUDY_HSTS_SECONDS", "31536000"))
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
     SECURE_HSTS_PRELOAD = True
+# Behind a reverse proxy that ends TLS: trust its X-Forwarded-Proto (else the SSL redirect loops).
+if env_bool("DEIDSTUDY_BEHIND_PROXY", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 LOGGING = {
     "version": 1,
@@ -252,5 +308,10 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": os.environ.get("DEIDSTUDY_LOG_LEVEL", "WARNING")},
     # pydicom logs offending header values (names, IDs) when it meets invalid ones: keep it quiet.
-    "loggers": {"pydicom": {"level": "CRITICAL", "propagate": False, "handlers": []}},
+    "loggers": {
+        "pydicom": {"level": "CRITICAL", "propagate": False, "handlers": []},
+        # audit lines (identity tables shown) and security events are always recorded
+        "deidstudy.audit": {"level": "INFO"},
+        "deidstudy.security": {"level": "INFO"},
+    },
 }

@@ -13,7 +13,13 @@ from functools import wraps
 from urllib.parse import urlencode
 
 from django.db.models import Q, QuerySet
-from django.http import Http404, HttpRequest, HttpResponse, HttpResponseForbidden
+from django.http import (
+    Http404,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseForbidden,
+    HttpResponseNotFound,
+)
 from django.shortcuts import render
 from django.urls import reverse
 
@@ -69,3 +75,14 @@ def cohort_view(kind: str = "page") -> Callable:
         return wrapper
 
     return deco
+
+
+def cohort_upload_gate(request: HttpRequest, view_kwargs: dict) -> HttpResponse | None:
+    """Rights to upload into ``view_kwargs["cohort_id"]``, checked before the body is read
+    (see :func:`deidstudy.middleware.accepts_uploads`): anonymous 403, a user who may not
+    open the cohort 404 (as :func:`cohort_view` answers), else None."""
+    if not request.user.is_authenticated:
+        return HttpResponseForbidden("login required")
+    if not cohorts_for(request.user).filter(pk=view_kwargs.get("cohort_id")).exists():
+        return HttpResponseNotFound("no such cohort")
+    return None

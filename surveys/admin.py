@@ -1,12 +1,20 @@
 """Django admin for every model: cohorts and pipeline, studies and raters."""
 
 from django.contrib import admin
+from django.db.models import Q
+from django.db.models.constants import LOOKUP_SEP
+from django.urls import reverse
+from django.utils.html import format_html
 
 from . import jobs
+from .login_throttle import ThrottledAdminAuthenticationForm
 from .models import (
-    Answer, Cohort, CohortUpload, IdentityLink, Invitation, Rater, ReidSummary, RenderImage, Series,
-    StageRun, Study, Subject, Trial, TrialImage,
+    Answer, Cohort, CohortUpload, IdentityAccess, IdentityLink, Invitation, LoginThrottle, Rater,
+    ReidSummary, RenderImage, Series, StageRun, Study, Subject, Trial, TrialImage,
 )
+
+# the admin's sign-in is throttled like /accounts/login/ and says when it is locked
+admin.site.login_form = ThrottledAdminAuthenticationForm
 
 
 class SubjectInline(admin.TabularInline):
@@ -90,8 +98,61 @@ class CohortUploadAdmin(admin.ModelAdmin):
 
 @admin.register(IdentityLink)
 class IdentityLinkAdmin(admin.ModelAdmin):
-    list_display = ("__str__",)  # identities are not listed; open one to see it
+    """Identity links are never shown here, to anybody (superusers included): only which
+    subjects of the user's own cohorts have one. The table itself is on the cohort's
+    mapping page, for its researchers, after a confirmation, and every view is recorded."""
+
+    list_display = ("__str__", "cohort", "mapping_page")
+    fields = ("subject", "cohort", "mapping_page")
+    readonly_fields = fields
     search_fields = ("subject__pseudonym",)
+    IDENTITY_FIELDS = ("patient_id", "patient_name", "birth_date")
+
+    def get_queryset(self, request):
+        mine = Q(subject__cohort__owner=request.user) | Q(subject__cohort__researchers=request.user)
+        return super().get_queryset(request).filter(mine).distinct().select_related(
+            "subject__cohort")
+
+    def lookup_allowed(self, lookup, value, request=None) -> bool:
+        # ?patient_name__startswith=A would be an oracle on the hidden fields
+        if lookup.split(LOOKUP_SEP)[0] in self.IDENTITY_FIELDS:
+            return False
+        return super().lookup_allowed(lookup, value, request)
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    @admin.display(description="cohort")
+    def cohort(self, obj: IdentityLink) -> str:
+        return str(obj.subject.cohort)
+
+    @admin.display(description="identity table")
+    def mapping_page(self, obj: IdentityLink) -> str:
+        url = reverse("surveys:identity_mapping", args=[obj.subject.cohort_id])
+        return format_html('<a href="{}">on the cohort\'s mapping page (recorded)</a>', url)
+
+
+@admin.register(IdentityAccess)
+class IdentityAccessAdmin(admin.ModelAdmin):
+    """The audit of identity-table views: read-only, never deleted from here."""
+
+    list_display = ("at", "username", "cohort_label", "n_subjects", "client_address")
+    list_filter = ("cohort",)
+    search_fields = ("username", "cohort_label")
+    readonly_fields = ("at", "username", "user", "cohort", "cohort_label", "action", "n_subjects",
+                       "client_address")
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
 
 
 # ------------------------------------------------------------------ studies (human raters)
@@ -145,3 +206,20 @@ class TrialImageAdmin(admin.ModelAdmin):
 class AnswerAdmin(admin.ModelAdmin):
     list_display = ("trial", "choice", "correct", "confidence", "client_rt_ms", "timed_out", "answered_at")
     list_filter = ("correct", "timed_out", "rt_suspect", "trial__condition", "trial__rater__group")
+
+
+# ------------------------------------------------------------------ security
+
+
+@admin.register(LoginThrottle)
+class LoginThrottleAdmin(admin.ModelAdmin):
+    """Sign-in lockouts (keyed hashes only); delete a row to unlock at once."""
+
+    list_display = ("__str__", "failures", "window_start", "locked_until")
+    readonly_fields = ("key", "failures", "window_start", "locked_until")
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 from django.apps import AppConfig
@@ -9,9 +10,21 @@ class SurveysConfig(AppConfig):
     verbose_name = "De-identification studies"
 
     def ready(self) -> None:
-        """Create the upload scratch folder (``FILE_UPLOAD_TEMP_DIR``) if it is missing."""
+        """Private files, deployment checks, and the upload scratch folder.
+
+        Sets the process umask (``settings.FILE_UMASK``, default ``077``): every file and
+        folder the platform creates from here on — the SQLite database, originals,
+        de-identified and derived files, uploads — is readable by this user only (0600
+        files, 0700 folders). Runs in every process that loads Django (web server, RQ
+        workers and their work horses, management commands) before any of them writes.
+        """
         from django.conf import settings
 
+        from . import checks  # noqa: F401 — registers the deployment checks
+
+        umask = getattr(settings, "FILE_UMASK", None)
+        if umask is not None:
+            os.umask(umask)
         tmp = getattr(settings, "FILE_UPLOAD_TEMP_DIR", None)
         if tmp:
             try:

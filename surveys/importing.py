@@ -26,6 +26,7 @@ are patient names): files are named by their 1-based position in the upload.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -59,16 +60,19 @@ class ImportRejected(ValueError):
 
 @dataclass(frozen=True)
 class ZipLimits:
-    """Limits applied to an archive: total unpacked bytes, member ratio and count.
+    """Limits applied to an archive: total unpacked bytes, compression ratio, member count.
 
-    ``max_ratio`` applies to members larger than ``ratio_min_bytes`` (small
-    files legitimately compress very well).
+    ``max_ratio`` applies to each member of at least ``ratio_min_bytes`` and to the whole
+    archive (declared unpacked total / archive size) once the total reaches
+    ``total_ratio_min_bytes`` (small files legitimately compress very well; CT compresses
+    about 2–10×).
     """
 
     max_total_bytes: int = 8 * 1024**3
     max_ratio: float = 200.0
     max_members: int = 200_000
-    ratio_min_bytes: int = 1024 * 1024
+    ratio_min_bytes: int = 64 * 1024
+    total_ratio_min_bytes: int = 1024 * 1024
 
     @classmethod
     def from_settings(cls) -> ZipLimits:
@@ -98,8 +102,19 @@ def tmp_root() -> Path:
     return root
 
 
+#: Longest name part most file systems accept (bytes, UTF-8).
+MAX_NAME_BYTES = 255
+#: Longest relative member path accepted (bytes, UTF-8), well below PATH_MAX.
+MAX_PATH_BYTES = 1024
+#: Free space left on the disk after unpacking an archive.
+DISK_RESERVE_BYTES = 256 * 1024 * 1024
+
+
 def _member_path(name: str, index: int) -> PurePosixPath:
-    """Validate one archive member name and return it as a relative POSIX path."""
+    """Validate one archive member name and return it as a relative POSIX path.
+
+    Names the file system could not store (a part over 255 bytes, a path over 1024) are
+    refused here, so they are a plain refusal instead of an error at unpacking time."""
     raw = name.replace("\\", "/")
     if raw.startswith("/") or (len(raw) > 1 and raw[1] == ":"):
         raise ImportRejected(f"archive member #{index} has an absolute path; refused")
@@ -110,19 +125,29 @@ def _member_path(name: str, index: int) -> PurePosixPath:
         raise ImportRejected(f"archive member #{index} has an empty name; refused")
     if any("\x00" in p for p in parts):
         raise ImportRejected(f"archive member #{index} has an invalid name; refused")
+    if any(len(p.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES for p in parts):
+        raise ImportRejected(f"archive member #{index} has a file or folder name longer than "
+                             f"{MAX_NAME_BYTES} bytes, which the file system cannot store; refused "
+                             "(shorten the names and upload it again)")
+    if len("/".join(parts).encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        raise ImportRejected(f"archive member #{index} has a path longer than {MAX_PATH_BYTES} "
+                             "bytes; refused (shorten the folder names and upload it again)")
     return PurePosixPath(*parts)
 
 
 def safe_extract_zip(zip_path: Path, dest: Path, limits: ZipLimits | None = None) -> int:
     """Unpack ``zip_path`` into the empty folder ``dest``, refusing anything unsafe.
 
-    Raises :class:`ImportRejected` (naming members by their 1-based index) for
-    absolute names, ``..`` components, symbolic links or other special files,
-    encrypted members, more than ``limits.max_members`` members, a declared or
-    actual unpacked total above ``limits.max_total_bytes``, a member whose
-    compression ratio exceeds ``limits.max_ratio`` and a member that unpacks to
-    more bytes than it declares. ``dest`` may be left partly filled on error —
-    callers unpack into a temporary folder. Returns the number of files written.
+    Raises :class:`ImportRejected` (naming members by their 1-based index) for an
+    archive without files, absolute names, ``..`` components, names the file system cannot
+    store, a name used for a file and a folder, symbolic links or other special files,
+    encrypted members, more than ``limits.max_members`` members, a declared or actual
+    unpacked total above ``limits.max_total_bytes``, a member or a whole archive whose
+    compression ratio exceeds ``limits.max_ratio`` (many members of 1 MiB of zeros) and a
+    member that unpacks to more bytes than it declares — all but the last before anything
+    is written. Raises ``OSError(ENOSPC)`` (an error a retry may overcome) when the
+    declared total would not fit on the disk. ``dest`` may be left partly filled on
+    error — callers unpack into a temporary folder. Returns the number of files written.
     """
     limits = limits or ZipLimits.from_settings()
     dest = Path(dest)
@@ -137,6 +162,8 @@ def safe_extract_zip(zip_path: Path, dest: Path, limits: ZipLimits | None = None
                 f"the archive has {len(infos)} members; at most {limits.max_members} are accepted")
         declared = 0
         plan: list[tuple[zipfile.ZipInfo, PurePosixPath]] = []
+        files: set[PurePosixPath] = set()
+        folders: set[PurePosixPath] = set()
         for index, info in enumerate(infos, start=1):
             rel = _member_path(info.filename, index)
             mode = info.external_attr >> 16
@@ -147,18 +174,39 @@ def safe_extract_zip(zip_path: Path, dest: Path, limits: ZipLimits | None = None
             if info.flag_bits & 0x1:
                 raise ImportRejected(f"archive member #{index} is encrypted; refused")
             if info.is_dir():
+                folders.add(rel)
                 continue
+            folders.update(rel.parents)
+            if rel in files:
+                raise ImportRejected(
+                    f"archive member #{index} appears twice in the archive; refused")
+            files.add(rel)
             declared += info.file_size
             if declared > limits.max_total_bytes:
                 raise ImportRejected(
                     f"the archive unpacks to more than {limits.max_total_bytes} bytes; refused "
                     "(zip bomb or upload too large)")
-            if (info.file_size > limits.ratio_min_bytes
+            if (info.file_size >= limits.ratio_min_bytes
                     and info.file_size > limits.max_ratio * max(info.compress_size, 1)):
                 raise ImportRejected(
                     f"archive member #{index} has a compression ratio above {limits.max_ratio:g}; "
                     "refused as a possible zip bomb")
             plan.append((info, rel))
+        if not plan:
+            raise ImportRejected("the zip archive is empty (it holds no file)")
+        if files & folders:
+            raise ImportRejected("the archive uses a name for a file and for a folder; refused")
+        # the whole archive: many members just under the per-member threshold (or members
+        # sharing their compressed data) must not add up to a bomb
+        archive_bytes = max(os.path.getsize(zip_path), 1)
+        if (declared >= limits.total_ratio_min_bytes
+                and declared > limits.max_ratio * archive_bytes):
+            raise ImportRejected(
+                f"the archive unpacks to {declared / archive_bytes:.0f} times its size (more than "
+                f"{limits.max_ratio:g}); refused as a possible zip bomb")
+        dest.mkdir(parents=True, exist_ok=True)
+        if declared > shutil.disk_usage(dest).free - DISK_RESERVE_BYTES:
+            raise OSError(errno.ENOSPC, "not enough free disk space to unpack the archive")
         dest_resolved = dest.resolve()
         written = 0
         total = 0
@@ -166,11 +214,12 @@ def safe_extract_zip(zip_path: Path, dest: Path, limits: ZipLimits | None = None
             target = dest.joinpath(*rel.parts)
             if dest_resolved not in target.resolve().parents:
                 raise ImportRejected(f"archive member #{n} points outside the archive; refused")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists():
-                raise ImportRejected(f"archive member #{n} appears twice in the archive; refused")
             member_bytes = 0
             try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if target.exists():
+                    raise ImportRejected(
+                        f"archive member #{n} appears twice in the archive; refused")
                 with zf.open(info) as src, open(target, "xb") as out:
                     while chunk := src.read(1024 * 1024):
                         member_bytes += len(chunk)
@@ -182,6 +231,11 @@ def safe_extract_zip(zip_path: Path, dest: Path, limits: ZipLimits | None = None
                         out.write(chunk)
             except (zipfile.BadZipFile, EOFError, zlib_error()):
                 raise ImportRejected(f"archive member #{n} is corrupt") from None
+            except OSError as exc:
+                if exc.errno in (errno.ENAMETOOLONG, errno.EILSEQ):  # deterministic: refuse
+                    raise ImportRejected(f"archive member #{n} has a name the file system cannot "
+                                         "store; refused") from None
+                raise
             written += 1
     return written
 
@@ -401,6 +455,8 @@ def import_zip(cohort: Cohort, zip_path: Path, *, limits: ZipLimits | None = Non
         return import_folder(cohort, Path(tmp) / "x", move=True)
 
 
+#: First bytes of a zip archive: a local file header, or the end record of an empty archive.
+ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
 RECEIVED = "received"  # sub-folder of an upload's staging folder: the files as received
 WORK = "work"  # sub-folder rebuilt by every import attempt (unpacked archives, linked files)
 
@@ -455,7 +511,7 @@ def import_received(
 ) -> ImportResult:
     """Unpack and import the files that :func:`receive_uploaded_files` stored; all or nothing.
 
-    Zip archives (recognised by their signature) are unpacked safely
+    Zip archives (recognised by their signature, an empty archive too) are unpacked safely
     (:func:`safe_extract_zip`) into ``staging/work/archiveNNNN``; other files are
     hard-linked (or copied) as ``staging/work/files/NNNNNN.dcm``. The work folder is
     rebuilt on every call and removed afterwards, the received files are left
@@ -476,7 +532,7 @@ def import_received(
         for n, src in enumerate(inputs, start=1):
             with open(src, "rb") as fh:
                 head = fh.read(4)
-            if head == b"PK\x03\x04":
+            if head in ZIP_SIGNATURES:
                 safe_extract_zip(src, work / f"archive{n:04d}", limits)
             else:
                 loose = work / "files"

@@ -19,12 +19,15 @@ import os
 import secrets
 import socket
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
+from redis.exceptions import RedisError
 
 from .models import Cohort, StageRun, Subject
 from .shared import pull_tree, shared_storage
@@ -36,8 +39,61 @@ log = logging.getLogger(__name__)
 STALE_SECONDS = int(getattr(settings, "PIPELINE_STALE_SECONDS", 1800))
 #: Interval of the heartbeat of a running stage (seconds); must be well below STALE_SECONDS.
 HEARTBEAT_SECONDS = 30.0
+#: A stage (or upload) whose worker died this many times in a row is failed, not re-queued
+#: (a job that kills its worker, e.g. out of memory, must not loop forever).
+MAX_CRASHES = int(getattr(settings, "PIPELINE_MAX_CRASHES", 3))
+#: The reason shown for such a stage.
+CRASH_MESSAGE = ("the worker process running this stage stopped {n} times in a row (killed, out "
+                 "of memory?); see the worker log, then Retry")
 #: A row queued longer than this (seconds) whose job Redis does not hold is enqueued again.
 QUEUED_GRACE_SECONDS = int(getattr(settings, "PIPELINE_QUEUED_GRACE_SECONDS", 120))
+
+
+#: Failed pushes of the current request/command, when it collects them (:func:`push_failures`).
+_push_failures: ContextVar[list[str] | None] = ContextVar("push_failures", default=None)
+#: Why a push to Redis can fail (server down, refused, timed out, DNS).
+QUEUE_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError)
+
+
+@contextmanager
+def push_failures():
+    """Collect the job ids whose push to Redis failed inside the block (after commit)::
+
+        with jobs.push_failures() as failed:
+            with transaction.atomic():
+                jobs.retry_stage(run)
+        if failed: …  # tell the user the queue is unreachable
+
+    A failed push never raises: the row stays ``queued`` and is enqueued again by the
+    recovery (``RecoveringWorker``) once Redis answers and the grace period has passed.
+    """
+    failed: list[str] = []
+    token = _push_failures.set(failed)
+    try:
+        yield failed
+    finally:
+        _push_failures.reset(token)
+
+
+def push_job(queue_getter, func: str, *args, job_id: str, **options) -> bool:
+    """Enqueue ``func(*args)`` as ``job_id`` on the queue ``queue_getter()`` returns;
+    returns False (logged, recorded for :func:`push_failures`) when Redis cannot be reached.
+
+    Inside a :func:`push_failures` block, once a push failed the following ones are not
+    tried (each attempt waits for redis-py's connection retries)."""
+    failed = _push_failures.get()
+    if failed:
+        failed.append(job_id)
+        return False
+    try:
+        queue_getter().enqueue(func, *args, job_id=job_id, **options)
+        return True
+    except QUEUE_ERRORS as exc:
+        log.warning("job %s could not be queued (%s: Redis unreachable?); the row stays queued "
+                    "and is enqueued again by the recovery", job_id, type(exc).__name__)
+        if failed is not None:
+            failed.append(job_id)
+        return False
 
 
 def get_pipeline_queue():
@@ -76,7 +132,8 @@ def jobs_in_redis(queue) -> set[str]:
 def enqueue_stage(run: StageRun, queue=None, *, expect: tuple[str, str] | None = None) -> str | None:
     """Mark ``run`` queued with a fresh job id and enqueue it after the transaction commits.
 
-    Returns the job id. Any older job of this row becomes stale (its claim fails).
+    Returns the job id. Any older job of this row becomes stale (its claim fails). When
+    Redis cannot be reached the row stays queued (see :func:`push_job`).
     With ``expect=(status, job_id)`` the row is changed only if it still has that
     status and job id (a conditional UPDATE, for recovery); otherwise nothing is
     enqueued and None is returned.
@@ -93,10 +150,10 @@ def enqueue_stage(run: StageRun, queue=None, *, expect: tuple[str, str] | None =
     run.status, run.rq_job_id = "queued", job_id
 
     def push() -> None:
-        q = queue if queue is not None else get_pipeline_queue()
-        q.enqueue("surveys.jobs.run_stage", run.pk, job_id, job_id=job_id,
-                  job_timeout=int(getattr(settings, "PIPELINE_JOB_TIMEOUT", 3600)),
-                  result_ttl=3600, failure_ttl=7 * 86400)
+        push_job(lambda: queue if queue is not None else get_pipeline_queue(),
+                 "surveys.jobs.run_stage", run.pk, job_id, job_id=job_id,
+                 job_timeout=int(getattr(settings, "PIPELINE_JOB_TIMEOUT", 3600)),
+                 result_ttl=3600, failure_ttl=7 * 86400)
 
     transaction.on_commit(push)
     return job_id
@@ -132,7 +189,8 @@ def retry_stage(run: StageRun, queue=None) -> None:
     """Reset ``run`` and every later stage of its subject to pending, then enqueue ``run``."""
     with transaction.atomic():
         StageRun.objects.filter(subject=run.subject, order__gt=run.order).update(
-            status="pending", progress=0.0, error="", rq_job_id="")
+            status="pending", progress=0.0, error="", rq_job_id="", crashes=0)
+        StageRun.objects.filter(pk=run.pk).update(crashes=0)
         enqueue_stage(run, queue)
 
 
@@ -259,7 +317,8 @@ def recover_stale_stages(stale_seconds: int | None = None, queue=None,
 
     * ``running`` and abandoned: its worker ran on this host and its process no longer
       exists, or (any host) its heartbeat is older than ``stale_seconds`` (default
-      :data:`STALE_SECONDS`);
+      :data:`STALE_SECONDS`); after :data:`MAX_CRASHES` such ends in a row it is failed
+      with :data:`CRASH_MESSAGE` instead;
     * ``queued`` for longer than ``grace_seconds`` (default :data:`QUEUED_GRACE_SECONDS`)
       while Redis holds no job with the row's job id (see :func:`jobs_in_redis`).
 
@@ -275,8 +334,17 @@ def recover_stale_stages(stale_seconds: int | None = None, queue=None,
             Q(worker_host=host) | Q(heartbeat__lt=cutoff)).select_related("subject"):
         dead = run.worker_host == host and run.worker_pid and not _pid_alive(run.worker_pid)
         if dead or (run.heartbeat is not None and run.heartbeat < cutoff):
+            crashes = run.crashes + 1
             with transaction.atomic():
-                if enqueue_stage(run, queue, expect=("running", run.rq_job_id)) is not None:
+                if crashes >= MAX_CRASHES:
+                    if StageRun.objects.filter(pk=run.pk, status="running",
+                                               rq_job_id=run.rq_job_id).update(
+                            status="failed", crashes=crashes, finished=timezone.now(),
+                            error=CRASH_MESSAGE.format(n=crashes)):
+                        log.warning("stage row %s (%s of %s): its worker died %d times; failed",
+                                    run.pk, run.stage, run.subject.pseudonym, crashes)
+                elif enqueue_stage(run, queue, expect=("running", run.rq_job_id)) is not None:
+                    StageRun.objects.filter(pk=run.pk).update(crashes=crashes)
                     recovered.append(run.pk)
                     log.warning("stage row %s (%s of %s) was abandoned by its worker; re-queued",
                                 run.pk, run.stage, run.subject.pseudonym)

@@ -59,6 +59,14 @@ KEEP_FAILED_SECONDS = int(getattr(settings, "UPLOAD_KEEP_FAILED_SECONDS", 86400)
 #: Shown while the import is queued or running.
 RECEIVED_MESSAGE = "upload received, importing in the background"
 GONE_MESSAGE = "the uploaded files are no longer available; upload them again"
+#: Shown for an import whose worker died ``n`` times in a row (files kept: Retry).
+CRASH_MESSAGE = ("the worker process importing this upload stopped {n} times in a row (killed, "
+                 "out of memory?); nothing was imported; see the worker log, then Retry")
+#: Shown while the import waits for the job queue (Redis unreachable when it was queued).
+QUEUE_DOWN_MESSAGE = ("upload received and kept; the job queue is not reachable at the moment, "
+                      "the import starts by itself when it is back")
+#: A waiting upload is pushed again by the status poll at most this often (seconds).
+PUSH_RETRY_SECONDS = 15
 #: Name prefix of the staging folders in ``DATA_DIR/tmp`` (see :func:`recover_uploads`).
 STAGING_PREFIX = "web-upload-"
 
@@ -89,12 +97,17 @@ def receive_upload(cohort: Cohort, user, files: list) -> CohortUpload:
     """Store the uploaded files, record the upload and queue its import; returns the row.
 
     Raises :class:`ImportRejected` (nothing stored, no row) for an empty or too large
-    upload; everything else is checked by the job.
+    upload; everything else is checked by the job. When Redis cannot be reached the row
+    is recorded all the same, with its files kept and :data:`QUEUE_DOWN_MESSAGE` (it is
+    enqueued when Redis is back); the received files are deleted only if no row was
+    committed.
     """
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=tmp_root()))  # mode 0700
+    committed: list[bool] = []
     try:
         n, size = receive_uploaded_files(files, staging)
         with transaction.atomic():
+            transaction.on_commit(lambda: committed.append(True))  # runs before the push
             upload = CohortUpload.objects.create(
                 cohort=cohort, uploaded_by=user if getattr(user, "pk", None) else None,
                 n_received=n, bytes_received=size, message=RECEIVED_MESSAGE,
@@ -102,7 +115,8 @@ def receive_upload(cohort: Cohort, user, files: list) -> CohortUpload:
                 staging_host=socket.gethostname()[:255])
             enqueue_upload(upload)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not committed:  # a recorded upload keeps its files (the recovery handles it)
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     log.info("cohort %s: upload #%s received (%d files), import queued", cohort.pk, upload.pk, n)
     return upload
@@ -127,14 +141,42 @@ def enqueue_upload(upload: CohortUpload, queue=None, *,
     upload.status, upload.rq_job_id, upload.message = "queued", job_id, RECEIVED_MESSAGE
 
     def push() -> None:
-        q = queue if queue is not None else get_import_queue()
+        from .jobs import push_job
+
         # ahead of queued stages: the researcher is watching "importing…"
-        q.enqueue("surveys.uploads.run_upload", upload.pk, job_id, job_id=job_id, at_front=True,
-                  job_timeout=int(getattr(settings, "PIPELINE_JOB_TIMEOUT", 3600)),
-                  result_ttl=3600, failure_ttl=7 * 86400)
+        if not push_job(lambda: queue if queue is not None else get_import_queue(),
+                        "surveys.uploads.run_upload", upload.pk, job_id, job_id=job_id,
+                        at_front=True,
+                        job_timeout=int(getattr(settings, "PIPELINE_JOB_TIMEOUT", 3600)),
+                        result_ttl=3600, failure_ttl=7 * 86400):
+            # Redis is unreachable: the row stays queued, its files are kept, and the
+            # status poll (push_waiting) or the recovery enqueues it when Redis is back
+            CohortUpload.objects.filter(pk=upload.pk, rq_job_id=job_id, status="queued").update(
+                message=QUEUE_DOWN_MESSAGE)
+            upload.message = QUEUE_DOWN_MESSAGE
 
     transaction.on_commit(push)
     return job_id
+
+
+def push_waiting(cohort: Cohort, queue=None) -> list[int]:
+    """Enqueue again the cohort's uploads that wait for the job queue (their push failed),
+    at most every :data:`PUSH_RETRY_SECONDS`; returns the ids pushed successfully.
+
+    Called by the cohort's status poll, so an import starts as soon as Redis is back
+    while somebody watches; the recovery of the workers does it otherwise.
+    """
+    cutoff = timezone.now() - timedelta(seconds=PUSH_RETRY_SECONDS)
+    pushed = []
+    for up in cohort.uploads.filter(status="queued", message=QUEUE_DOWN_MESSAGE,
+                                    queued_at__lt=cutoff):
+        with transaction.atomic():
+            if enqueue_upload(up, queue, expect=("queued", up.rq_job_id)) is None:
+                continue  # somebody else pushed it meanwhile
+        up.refresh_from_db(fields=["message"])
+        if up.message != QUEUE_DOWN_MESSAGE:
+            pushed.append(up.pk)
+    return pushed
 
 
 def retry_upload(upload: CohortUpload, queue=None) -> bool:
@@ -151,6 +193,7 @@ def retry_upload(upload: CohortUpload, queue=None) -> bool:
             upload.staging_dir = ""
         return False
     with transaction.atomic():
+        CohortUpload.objects.filter(pk=upload.pk).update(crashes=0)
         enqueue_upload(upload, queue)
     return True
 
@@ -286,7 +329,8 @@ def recover_uploads(stale_seconds: int | None = None, keep_failed_seconds: int |
 
     * ``running`` uploads whose worker ran on this host and is gone, or whose heartbeat
       is older than ``stale_seconds`` (default ``PIPELINE_STALE_SECONDS``): queued again
-      when their received files are still there, otherwise failed (upload again);
+      when their received files are still there, otherwise failed (upload again); failed
+      (files kept, Retry) when their worker died ``MAX_CRASHES`` times in a row;
     * ``queued`` uploads older than ``grace_seconds`` (default
       ``PIPELINE_QUEUED_GRACE_SECONDS``) whose job Redis does not hold: queued again
       (the job itself decides about missing files);
@@ -297,7 +341,7 @@ def recover_uploads(stale_seconds: int | None = None, keep_failed_seconds: int |
 
     Returns the ids of the re-queued uploads.
     """
-    from .jobs import QUEUED_GRACE_SECONDS, STALE_SECONDS, _pid_alive, jobs_in_redis
+    from .jobs import MAX_CRASHES, QUEUED_GRACE_SECONDS, STALE_SECONDS, _pid_alive, jobs_in_redis
 
     stale_seconds = STALE_SECONDS if stale_seconds is None else stale_seconds
     keep_failed_seconds = KEEP_FAILED_SECONDS if keep_failed_seconds is None else keep_failed_seconds
@@ -315,9 +359,17 @@ def recover_uploads(stale_seconds: int | None = None, keep_failed_seconds: int |
             continue  # only a worker that sees the received files decides about them
         # conditional on the status and job id read above: a row somebody touched
         # meanwhile is left alone
+        crashes = up.crashes + 1
         with transaction.atomic():
-            if _received_dir(up) is not None:
+            if _received_dir(up) is not None and crashes >= MAX_CRASHES:
+                if CohortUpload.objects.filter(pk=up.pk, status="running",
+                                               rq_job_id=up.rq_job_id).update(
+                        status="failed", crashes=crashes, finished=now,
+                        message=CRASH_MESSAGE.format(n=crashes)):  # files kept: Retry
+                    log.warning("upload #%s: its worker died %d times; failed", up.pk, crashes)
+            elif _received_dir(up) is not None:
                 if enqueue_upload(up, queue, expect=("running", up.rq_job_id)) is not None:
+                    CohortUpload.objects.filter(pk=up.pk).update(crashes=crashes)
                     requeued.append(up.pk)
                     log.warning("upload #%s was abandoned by its worker; re-queued", up.pk)
             elif CohortUpload.objects.filter(pk=up.pk, status="running",

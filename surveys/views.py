@@ -25,10 +25,13 @@ from django.http import (
 )
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_POST
 
-from . import jobs, uploads
-from .access import cohort_view, cohorts_for, is_researcher, sign_in_required
+from deidstudy.middleware import accepts_uploads
+
+from . import identity, jobs, uploads
+from .access import cohort_upload_gate, cohort_view, cohorts_for, is_researcher, sign_in_required
 from .forms import CohortForm
 from .importing import ImportRejected, tmp_root
 from .models import Cohort, CohortUpload, RenderImage, StageRun, Subject
@@ -36,6 +39,19 @@ from .shared import ensure_local, pull_tree
 from .stages import STAGES, data_path
 
 log = logging.getLogger(__name__)
+
+#: Said when a stage was queued but Redis could not be reached (it starts when Redis is back).
+QUEUE_DOWN = ("the job queue is not reachable at the moment: the work is recorded as queued "
+              "and starts by itself when the queue is back")
+
+
+def _local_next(request: HttpRequest, default: str) -> str:
+    """The POSTed ``next`` if it is a path on this site, else ``default`` (no open redirect)."""
+    target = request.POST.get("next", "")
+    if target and url_has_allowed_host_and_scheme(target, allowed_hosts=None) \
+            and target.startswith("/") and not target.startswith("//"):
+        return target
+    return default
 
 
 def _wants_json(request: HttpRequest) -> bool:
@@ -70,13 +86,17 @@ def cohort_detail(request: HttpRequest, cohort: Cohort) -> HttpResponse:
     reid = getattr(cohort, "reid", None) if hasattr(cohort, "reid") else None
     return render(request, "surveys/cohort_detail.html", {
         "cohort": cohort, "subjects": subjects, "stages": STAGES, "reid": reid,
-        "progress": jobs.cohort_progress(cohort), "uploads": uploads.recent_uploads(cohort)})
+        "progress": jobs.cohort_progress(cohort), "uploads": uploads.recent_uploads(cohort),
+        "sees_identities": (cohort.keep_mapping
+                            and identity.may_see_identities(request.user, cohort)),
+        "identity_accesses": identity.recent_accesses(cohort) if cohort.keep_mapping else []})
 
 
 @require_GET
 @cohort_view("file")
 def cohort_status(request: HttpRequest, cohort: Cohort) -> JsonResponse:
     """JSON status of every subject's stages and of the recent uploads (polled by the dashboard)."""
+    uploads.push_waiting(cohort)  # uploads that wait for Redis: start them once it is back
     data = jobs.cohort_progress(cohort)
     reid = getattr(cohort, "reid", None) if hasattr(cohort, "reid") else None
     data["reid"] = None if reid is None else {"rank1": reid.rank1, "auc": reid.auc,
@@ -86,6 +106,7 @@ def cohort_status(request: HttpRequest, cohort: Cohort) -> JsonResponse:
     return JsonResponse(data)
 
 
+@accepts_uploads(cohort_upload_gate)  # rights and size checked before the body is read
 @require_POST
 @cohort_view("file")
 def cohort_upload(request: HttpRequest, cohort: Cohort) -> HttpResponse:
@@ -96,16 +117,21 @@ def cohort_upload(request: HttpRequest, cohort: Cohort) -> HttpResponse:
     {"id", "status"}, "status_url"}`` to XHR/JSON requests, else redirects.
     """
     try:
-        upload = uploads.receive_upload(cohort, request.user, request.FILES.getlist("files"))
+        with jobs.push_failures() as not_queued:
+            upload = uploads.receive_upload(cohort, request.user, request.FILES.getlist("files"))
     except ImportRejected as exc:
         if _wants_json(request):
             return JsonResponse({"ok": False, "error": str(exc)}, status=400)
         messages.error(request, str(exc))
         return redirect("surveys:cohort_detail", cohort_id=cohort.pk)
-    msg = uploads.RECEIVED_MESSAGE
-    messages.success(request, msg)  # shown after the page reloads
+    if not_queued:  # Redis down: kept and recorded, imported when the queue is back
+        msg = uploads.QUEUE_DOWN_MESSAGE
+        messages.warning(request, msg)
+    else:
+        msg = uploads.RECEIVED_MESSAGE
+        messages.success(request, msg)  # shown after the page reloads
     if _wants_json(request):
-        return JsonResponse({"ok": True, "message": msg,
+        return JsonResponse({"ok": True, "message": msg, "queue_unavailable": bool(not_queued),
                              "upload": {"id": upload.pk, "status": upload.status},
                              "status_url": reverse("surveys:cohort_status", args=[cohort.pk])})
     return redirect("surveys:cohort_detail", cohort_id=cohort.pk)
@@ -118,10 +144,15 @@ def upload_retry(request: HttpRequest, cohort: Cohort, upload_id: int) -> HttpRe
     upload = get_object_or_404(CohortUpload, pk=upload_id, cohort=cohort)
     if upload.status != "failed":
         ok, msg = False, f"upload #{upload.pk} is {upload.status}; nothing to retry"
-    elif uploads.retry_upload(upload):
-        ok, msg = True, f"upload #{upload.pk}: import queued again"
     else:
-        ok, msg = False, f"upload #{upload.pk}: {uploads.GONE_MESSAGE}"
+        with jobs.push_failures() as not_queued:
+            ok = uploads.retry_upload(upload)
+        if not ok:
+            msg = f"upload #{upload.pk}: {uploads.GONE_MESSAGE}"
+        elif not_queued:
+            msg = f"upload #{upload.pk}: {uploads.QUEUE_DOWN_MESSAGE}"
+        else:
+            msg = f"upload #{upload.pk}: import queued again"
     if _wants_json(request):
         return JsonResponse({"ok": ok, "message": msg}, status=200 if ok else 409)
     (messages.info if ok else messages.error)(request, msg)
@@ -132,9 +163,11 @@ def upload_retry(request: HttpRequest, cohort: Cohort, upload_id: int) -> HttpRe
 @cohort_view("file")
 def cohort_run(request: HttpRequest, cohort: Cohort) -> HttpResponse:
     """Enqueue every subject with unfinished (not failed) stages."""
-    with transaction.atomic():
+    with jobs.push_failures() as not_queued, transaction.atomic():
         n = jobs.enqueue_cohort(cohort)
     messages.info(request, f"{n} subject(s) queued")
+    if not_queued:
+        messages.warning(request, QUEUE_DOWN)
     return redirect("surveys:cohort_detail", cohort_id=cohort.pk)
 
 
@@ -146,11 +179,14 @@ def stage_retry(request: HttpRequest, cohort: Cohort, run_id: int) -> HttpRespon
     if run.status in ("queued", "running"):
         messages.warning(request, f"{run.subject.pseudonym}: {run.stage} is already {run.status}")
     else:
-        jobs.retry_stage(run)
+        with jobs.push_failures() as not_queued:
+            jobs.retry_stage(run)
         messages.info(request, f"{run.subject.pseudonym}: {run.stage} queued again")
+        if not_queued:
+            messages.warning(request, QUEUE_DOWN)
     if _wants_json(request):
         return JsonResponse({"ok": True})
-    return redirect(request.POST.get("next") or f"/cohorts/{cohort.pk}/")
+    return redirect(_local_next(request, reverse("surveys:cohort_detail", args=[cohort.pk])))
 
 
 @require_GET
@@ -274,20 +310,14 @@ def download_deid(request: HttpRequest, cohort: Cohort) -> FileResponse:
 
 @cohort_view("page")
 def identity_mapping(request: HttpRequest, cohort: Cohort) -> HttpResponse:
-    """Pseudonym → identity table, only if the cohort kept it; shown on explicit POST."""
-    if not cohort.keep_mapping:
-        raise Http404("this cohort does not keep an identity mapping")
+    """Pseudonym → identity table, only if the cohort kept it, only for its own researchers;
+    shown on explicit POST and recorded (:mod:`surveys.identity`)."""
+    if not cohort.keep_mapping or not identity.may_see_identities(request.user, cohort):
+        raise Http404("no identity mapping")
     if request.method != "POST":
         return render(request, "surveys/mapping_confirm.html", {"cohort": cohort})
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["pseudonym", "PatientID", "PatientName", "PatientBirthDate"])
-    for subject in cohort.subjects.select_related("identity"):
-        ident = getattr(subject, "identity", None)
-        w.writerow([subject.pseudonym, getattr(ident, "patient_id", ""),
-                    getattr(ident, "patient_name", ""), getattr(ident, "birth_date", "")])
-    log.info("identity mapping of cohort %s shown to user %s", cohort.pk, request.user.pk)
-    resp = HttpResponse(buf.getvalue(), content_type="text/csv")
+    resp = HttpResponse(identity.mapping_csv(cohort, request.user, request),
+                        content_type="text/csv")
     resp["Content-Disposition"] = f'attachment; filename="cohort-{cohort.pk}-mapping.csv"'
     resp["Cache-Control"] = "private, no-store"
     return resp

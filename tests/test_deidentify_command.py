@@ -31,7 +31,10 @@ BONE_HU = 300
 
 
 def run_deidentify(*args: str | Path, var_dir: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, DEIDSTUDY_VAR_DIR=str(var_dir), DJANGO_SETTINGS_MODULE="deidstudy.settings")
+    # a project secret of its own, as a real project has (without one, deidentify warns
+    # on stderr about the development value, and "secret" is a planted name here)
+    env = dict(os.environ, DEIDSTUDY_VAR_DIR=str(var_dir), DJANGO_SETTINGS_MODULE="deidstudy.settings",
+               DEIDSTUDY_PROJECT_SECRET="test-deidentify-command-project-key-0123456789")
     return subprocess.run(
         [sys.executable, str(ROOT / "manage.py"), "deidentify", *map(str, args)],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False,

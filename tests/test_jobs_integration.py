@@ -65,9 +65,10 @@ def test_killed_worker_leaves_stage_rerunnable(platform, tmp_path):
         assert time.monotonic() - t0 < 120, platform.query("SELECT stage, status FROM surveys_stagerun")
         time.sleep(0.05)
     run_id, horse_pid = running[0]
-    # rq's work horse runs in its own process group: kill it and the worker
-    os.kill(horse_pid, signal.SIGKILL)
+    # rq's work horse runs in its own process group: kill the worker, then the horse (in
+    # this order: a worker that outlives its horse re-queues the horse's stage at once)
     platform.kill_group(w1)
+    os.kill(horse_pid, signal.SIGKILL)
     assert w1.poll() is not None
     status = platform.query("SELECT status, attempts FROM surveys_stagerun WHERE id = ?", (run_id,))
     assert status == [("running", 1)]  # the dead worker could not report anything

@@ -286,6 +286,7 @@ def test_form_defaults_fit_the_demo_cohort(tmp_path, settings):
 def test_check_deploy_clean_with_production_settings(tmp_path):
     env = dict(os.environ, DEIDSTUDY_PRODUCTION="1", DEIDSTUDY_DEBUG="0",
                DEIDSTUDY_SECRET_KEY="k" * 20 + "Q9!zR#p2%Lw8&yT5^mN1*bV4(cX7)jH3-" + "a1b2c3d4",
+               DEIDSTUDY_PROJECT_SECRET="p" * 8 + "Zr4-Lq9_Wx2-Tn7_Hs5-Kd3_Mb8-Fv1_Gy6",
                DEIDSTUDY_VAR_DIR=str(tmp_path), DJANGO_SETTINGS_MODULE="deidstudy.settings")
     r = subprocess.run([sys.executable, "manage.py", "check", "--deploy", "--fail-level",
                         "WARNING"], cwd=ROOT, env=env, capture_output=True, text=True,

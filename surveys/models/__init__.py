@@ -6,3 +6,4 @@ study / rater models (issue #6) go in their own module here and are imported bel
 
 from .cohorts import *
 from .studies import *
+from .security import *

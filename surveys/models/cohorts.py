@@ -146,6 +146,8 @@ class StageRun(models.Model):
                               choices=[(s, s) for s in STAGE_STATUSES])
     error = models.TextField(blank=True, help_text="readable reason; never holds identifiers")
     attempts = models.PositiveIntegerField(default=0)
+    crashes = models.PositiveSmallIntegerField(
+        default=0, help_text="times in a row its worker died while running it (reset by Retry)")
     progress = models.FloatField(default=0.0, help_text="0..1")
     rq_job_id = models.CharField(max_length=64, blank=True)
     worker_host = models.CharField(max_length=255, blank=True)
@@ -246,6 +248,8 @@ class CohortUpload(models.Model):
                                    help_text="DATA_DIR-relative folder of the received files")
     staging_host = models.CharField(max_length=255, blank=True)
     attempts = models.PositiveIntegerField(default=0)
+    crashes = models.PositiveSmallIntegerField(
+        default=0, help_text="times in a row its worker died while importing it (reset by Retry)")
     rq_job_id = models.CharField(max_length=64, blank=True)
     worker_host = models.CharField(max_length=255, blank=True)
     worker_pid = models.IntegerField(null=True, blank=True)

@@ -9,6 +9,7 @@ the current one, re-encoded without metadata and without a file name.
 from __future__ import annotations
 
 import math
+import re
 
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
@@ -101,6 +102,18 @@ def invitation(request: HttpRequest, token: str) -> HttpResponse:
     return _page(request, "studies/rater_welcome.html", {"study": inv.study})
 
 
+#: What an invitation token looks like (``secrets.token_urlsafe``).
+TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _typed_code(text: str) -> str:
+    """The invitation code in what a rater typed or pasted (the code, or the whole link)."""
+    code = "".join(text.split())
+    if "/take/i/" in code:  # a pasted invitation link
+        code = code.split("/take/i/", 1)[1].split("/", 1)[0].split("?", 1)[0]
+    return code
+
+
 @never_cache
 @require_http_methods(["GET", "POST"])
 def enter_code(request: HttpRequest) -> HttpResponse:
@@ -108,9 +121,12 @@ def enter_code(request: HttpRequest) -> HttpResponse:
     if session_rater(request) is not None:
         return redirect("studies:take")
     if request.method == "POST":
-        code = "".join(request.POST.get("code", "").split())
-        if code:
+        code = _typed_code(request.POST.get("code", ""))
+        if TOKEN_RE.fullmatch(code):
             return redirect("studies:invitation", token=code)
+        return _page(request, "studies/rater_code.html",
+                     {"error": "This is not a valid invitation code. Please copy the whole code "
+                               "(or the whole link) from your invitation."}, 400)
     return _page(request, "studies/rater_code.html", {})
 
 
@@ -221,31 +237,33 @@ def _float(value: str | None):
     return v if v is None or math.isfinite(v) else None
 
 
-@never_cache
-@require_http_methods(["GET", "POST"])
-def trials(request: HttpRequest) -> HttpResponse:
-    """GET: the current trial (large images, keys 1..k); POST: answer it (idempotent)."""
-    rater = session_rater(request)
-    if rater is None:
-        return redirect("studies:enter_code")
-    if rater.step in ("done",) or (rater.step != "trials"):
-        return redirect(f"studies:{rater.step}")
+def _answer_fields(post, study) -> tuple[str | None, int | None, int | None]:
+    """(problem, choice, confidence) of a posted answer; ``problem`` says what is wrong
+    with it in words for the rater (None: acceptable). A missing choice or confidence is
+    acceptable only with a time limit (time ran out); values that are not whole numbers in
+    range never."""
+    k = study.n_choices
+    raw = (post.get("choice") or "").strip()
+    choice = _int(raw)
+    if raw and (choice is None or not 1 <= choice <= k):
+        return f"That answer is not one of the faces. Choose a face (1 to {k}).", None, None
+    if choice is None and not study.time_limit_s:
+        return f"Please choose one of the faces (click it or press 1 to {k}).", None, None
+    confidence = None
+    if study.ask_confidence:
+        raw = (post.get("confidence") or "").strip()
+        confidence = _int(raw)
+        if raw and (confidence is None or not 1 <= confidence <= 5):
+            return "How sure you are must be a number from 1 to 5. Please answer again.", None, None
+        if not raw and choice is not None and not study.time_limit_s:
+            return "Please also say how sure you are (1 to 5).", None, None
+    return None, choice, confidence
+
+
+def _trial_page(request: HttpRequest, rater: Rater, trial: Trial, error: str | None = None,
+                status: int = 200) -> HttpResponse:
+    """The page of the rater's current trial (``error`` above it: why an answer was refused)."""
     study = rater.study
-    if request.method == "POST":
-        token = request.POST.get("trial", "")
-        choice = _int(request.POST.get("choice"))
-        try:
-            answer, _created = record_answer(
-                rater, token, choice, _float(request.POST.get("rt_ms")),
-                _int(request.POST.get("confidence")) if study.ask_confidence else None)
-        except ValueError:
-            return redirect("studies:trials")  # stale/back-button/replayed form: no change
-        if answer.trial.kind == "practice":
-            return redirect("studies:feedback", token=answer.trial.token)
-        return redirect("studies:trials")
-    trial = current_trial(rater)
-    if trial is None:
-        return redirect("studies:done")
     mark_shown(trial)
     # answers are sequential, so the current position = trials answered (no count query)
     n_total = study.trials_per_rater + study.n_catch
@@ -257,9 +275,45 @@ def trials(request: HttpRequest) -> HttpResponse:
         "n_done": n_done, "n_total": n_total,
         "percent": round(100 * n_done / n_total) if n_total else 0,
         "time_left_s": time_left_s(trial, study), "confidence_levels": [1, 2, 3, 4, 5],
-        "resume_url": _resume_url(request, rater),
+        "resume_url": _resume_url(request, rater), "error": error,
     }
-    return _page(request, "studies/rater_trial.html", ctx)
+    return _page(request, "studies/rater_trial.html", ctx, status)
+
+
+@never_cache
+@require_http_methods(["GET", "POST"])
+def trials(request: HttpRequest) -> HttpResponse:
+    """GET: the current trial (large images, keys 1..k); POST: answer it (idempotent).
+
+    An answer that cannot be stored as sent (no face chosen without a time limit, a choice
+    or confidence that is not a number in range) is refused with the trial page and a
+    message saying why (400); nothing is stored and the clock keeps running."""
+    rater = session_rater(request)
+    if rater is None:
+        return redirect("studies:enter_code")
+    if rater.step in ("done",) or (rater.step != "trials"):
+        return redirect(f"studies:{rater.step}")
+    study = rater.study
+    if request.method == "POST":
+        token = request.POST.get("trial", "")
+        problem, choice, confidence = _answer_fields(request.POST, study)
+        if problem is not None:
+            trial = current_trial(rater)
+            if trial is not None and trial.token == token:  # the trial on screen: say why
+                return _trial_page(request, rater, trial, problem, status=400)
+            return redirect("studies:trials")  # stale/back-button/replayed form: no change
+        try:
+            answer, _created = record_answer(
+                rater, token, choice, _float(request.POST.get("rt_ms")), confidence)
+        except ValueError:
+            return redirect("studies:trials")  # stale/back-button/replayed form: no change
+        if answer.trial.kind == "practice":
+            return redirect("studies:feedback", token=answer.trial.token)
+        return redirect("studies:trials")
+    trial = current_trial(rater)
+    if trial is None:
+        return redirect("studies:done")
+    return _trial_page(request, rater, trial)
 
 
 @never_cache

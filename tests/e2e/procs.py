@@ -192,3 +192,14 @@ def start_platform(tmp: Path, *, researcher: tuple[str, str] = ("alice", "secret
         plat.stop()
         raise
     return plat
+
+
+def wait_in_page(page, expression: str, timeout_s: float = 30.0) -> None:
+    """Wait until ``expression`` is truthy in ``page``. Playwright's ``wait_for_function``
+    evaluates its predicate with ``eval``, which the site's Content-Security-Policy
+    (rightly) forbids; ``page.evaluate`` goes through the DevTools protocol instead."""
+    t0 = time.monotonic()
+    while not page.evaluate(expression):
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"{expression!r} still false after {timeout_s} s")
+        time.sleep(0.1)

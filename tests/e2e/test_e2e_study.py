@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-from tests.e2e.procs import free_port, start_platform
+from tests.e2e.procs import free_port, start_platform, wait_in_page
 from tests.e2e.test_e2e_cohort import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = [
@@ -176,8 +176,8 @@ def test_two_raters_resume_report_csv(site, tmp_path):
             for grp in ("general", "plastic surgeon"):
                 row = page.locator(f"#progress tr[data-group='{grp}']")
                 expect(row.locator(".finished")).to_have_text("1")
-            page.wait_for_function("[...document.querySelectorAll('main img')].every("
-                                   "i => i.complete && i.naturalWidth > 0)")
+            wait_in_page(page, "[...document.querySelectorAll('main img')].every("
+                               "i => i.complete && i.naturalWidth > 0)")
             widths = page.eval_on_selector_all("main img", "els => els.map(e => e.naturalWidth)")
             assert len(widths) == 2 and all(w > 0 for w in widths)
             report_cells = {(tr.get_attribute("data-group"), tr.get_attribute("data-condition")):

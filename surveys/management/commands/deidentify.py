@@ -44,6 +44,11 @@ class Command(BaseCommand):
 
     def handle(self, *args, **opts) -> None:
         registry = opts["registry"] or Path(settings.VAR_DIR) / "pseudonym-registry.json"
+        if settings.PROJECT_SECRET == settings.DEV_PROJECT_SECRET:
+            self.stderr.write(
+                "warning: DEIDSTUDY_PROJECT_SECRET is not set; the published development value "
+                "is used, with which anybody can link the output UIDs to the original ones and "
+                "undo the date shift. Set a private secret for real data (see the README).")
         try:
             options = DeidOptions(
                 project_secret=settings.PROJECT_SECRET, method=opts["method"],

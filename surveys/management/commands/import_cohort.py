@@ -53,7 +53,7 @@ class Command(BaseCommand):
                 raise CommandError("no owner: create a user first or give --owner USERNAME")
             cohort = None
         try:
-            with transaction.atomic():
+            with jobs.push_failures() as not_queued, transaction.atomic():
                 if cohort is None:
                     cohort = Cohort.objects.create(name=opts["name"], owner=owner,
                                                    keep_mapping=opts["keep_mapping"])
@@ -71,3 +71,6 @@ class Command(BaseCommand):
         self.stdout.write(f"cohort {cohort.pk} ({cohort.name}): imported {len(result.subjects)} "
                           f"subject(s), {result.n_series} series, {result.n_files} files"
                           + (" — pipeline queued" if opts["enqueue"] else ""))
+        if not_queued:
+            self.stderr.write(f"warning: Redis was not reachable; {len(not_queued)} stage(s) are "
+                              "recorded as queued and start when a worker finds Redis again")
