@@ -87,7 +87,7 @@ def questionnaire_answers(rater, profession: str | None = None, years: int = 3) 
 
 
 def run_rater(client, invitation_token: str, profession: str | None = None, years: int = 3,
-              answer=lambda trial: 1, confidence: int | None = None):
+              answer=lambda trial: 1, confidence: int | None = None, rt_ms=lambda trial: 500):
     """Drive one rater through the whole flow with the Django test client; returns the Rater.
 
     ``profession`` is the questionnaire's answer (default: consistent with the group).
@@ -112,7 +112,50 @@ def run_rater(client, invitation_token: str, profession: str | None = None, year
             return rater
         assert r.status_code == 200
         trial = r.context["trial"]
-        data = {"trial": trial.token, "choice": answer(trial), "rt_ms": "500"}
+        data = {"trial": trial.token, "choice": answer(trial), "rt_ms": str(rt_ms(trial))}
         if confidence is not None:
             data["confidence"] = confidence
         client.post("/take/trial/", data)
+
+
+def make_finished_study(data_dir: Path, groups=("general", "plastic surgeon"), per_group: int = 4,
+                        seed: int = 7, **study_kw):
+    """A study with ``per_group`` finished raters per group and realistic answers.
+
+    Answers are drawn from a seeded rng: control right with p = 0.85, de-identified with
+    0.55 (+0.15 for groups after the first); the last rater of the first group fails every
+    catch trial (excluded by the default rule). The cohort gets an automated
+    re-identification summary. Returns ``(study, user)``.
+    """
+    from django.test import Client
+
+    from surveys.models import Invitation, ReidSummary
+
+    rng = np.random.default_rng(seed)
+    user = make_researcher()
+    cohort = make_cohort(data_dir, user)
+    params = dict(groups=list(groups), lay_groups=[groups[0]], ask_confidence=True)
+    params.update(study_kw)
+    study = make_study(cohort, user, **params)
+    ReidSummary.objects.create(cohort=cohort, n_subjects=12, rank1=0.25, auc=0.71,
+                               cmc=[0.25, 0.33, 0.5, 0.58, 0.67, 0.75, 0.83, 0.83, 0.92, 1.0,
+                                    1.0, 1.0], baseline_rank1=1.0)
+    for gi, g in enumerate(groups):
+        inv = Invitation.objects.create(study=study, group=g)
+        for n in range(per_group):
+            careless = gi == 0 and n == per_group - 1
+
+            def answer(t, careless=careless, gi=gi):
+                if t.kind == "catch":
+                    ok = not careless
+                elif t.kind == "practice":
+                    ok = True
+                else:
+                    p = 0.85 if t.condition == "control" else 0.55 + (0.15 if gi else 0.0)
+                    ok = rng.random() < p
+                return t.correct_index + 1 if ok else (t.correct_index + 1) % t.rater.study.n_choices + 1
+
+            run_rater(Client(), inv.token, answer=answer, confidence=int(rng.integers(1, 6)),
+                      rt_ms=lambda t: round(float(rng.uniform(400, 1400)), 1))
+    study.refresh_from_db()
+    return study, user

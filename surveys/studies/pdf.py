@@ -74,10 +74,12 @@ def _styles() -> dict[str, ParagraphStyle]:
         "small": ParagraphStyle("small", parent=base, fontSize=7.2, leading=9,
                                 textColor=colors.HexColor("#444444")),
         "cell": ParagraphStyle("cell", parent=base, fontSize=7.4, leading=9, spaceAfter=0),
-        "cellb": ParagraphStyle("cellb", parent=base, fontName="DejaVu-Bold", fontSize=7.4,
-                                leading=9, spaceAfter=0),
+        "cellb": ParagraphStyle("cellb", parent=base, fontName="DejaVu-Bold", fontSize=7.0,
+                                leading=8.6, spaceAfter=0),
         "num": ParagraphStyle("num", parent=base, fontSize=7.4, leading=9, spaceAfter=0,
                               alignment=2),
+        "numb": ParagraphStyle("numb", parent=base, fontName="DejaVu-Bold", fontSize=7.0,
+                               leading=8.6, spaceAfter=0, alignment=2),
         "title": ParagraphStyle("title", parent=base, fontName="DejaVu-Bold", fontSize=15,
                                 leading=19, spaceAfter=4),
         "h1": ParagraphStyle("h1", parent=base, fontName="DejaVu-Bold", fontSize=11.5,
@@ -101,6 +103,11 @@ def _num(v: float | None, fmt: str = "{:.3f}") -> str:
 
 def _pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.1f} %"
+
+
+def _val(row: dict, v: float | None) -> str:
+    """A re-identification figure: a rate as percent, anything else (AUC) as a number."""
+    return _pct(v) if row.get("unit", "rate") == "rate" else _num(v)
 
 
 def _group(g: str) -> str:
@@ -128,7 +135,8 @@ class _Report:
         """A table of wrapped paragraphs; ``widths`` are fractions of the body width."""
         total = sum(widths)
         col_w = [BODY_W * w / total for w in widths]
-        data = [[Paragraph(esc(h), self.s["cellb"]) for h in header]]
+        data = [[Paragraph(esc(h), self.s["numb" if i in numeric else "cellb"])
+                 for i, h in enumerate(header)]]
         for row in rows:
             data.append([Paragraph(v if isinstance(v, _Markup) else esc(v),
                                    self.s["num" if i in numeric else "cell"])
@@ -182,8 +190,8 @@ class _Report:
         self.section_exclusions()
         primary = st.primary_analysis
         other = "all" if primary == "excluded" else "excluded"
-        self.section_analysis(primary, "3 Primary analysis", full=True)
-        self.section_analysis(other, "4 Sensitivity analysis", full=False)
+        self.section_analysis(primary, "4 Primary analysis", full=True)
+        self.section_analysis(other, "5 Sensitivity analysis", full=False)
         self.section_difficulty()
         self.section_rt()
         self.section_reid()
@@ -200,17 +208,17 @@ class _Report:
                      tot["declined"], tot["started"], tot["finished"], tot["stopped"],
                      tot["excluded"], tot["mismatch"], f"{tot['answered']} / {tot['planned']}"])
         self.table(["Group (invitation)", "Enrolled", "Consented", "Declined", "Started",
-                    "Finished", "Stopped early", "Excluded", "Group mismatch",
+                    "Finished", "Stopped early", "Excluded", "Mismatch",
                     "Trials answered / planned"], data,
-                   [0.2, 0.08, 0.09, 0.08, 0.08, 0.08, 0.08, 0.08, 0.09, 0.14],
+                   [0.14, 0.085, 0.1, 0.085, 0.08, 0.085, 0.08, 0.085, 0.09, 0.14],
                    numeric=set(range(1, 10)))
         self.p("Enrolled = opened an invitation and pressed Start; started = answered at least "
-               "one trial; trials count the raters who started. Group mismatch = the "
+               "one trial; trials count the raters who started. Mismatch = the "
                "questionnaire's profession contradicts the invitation's group (the rater is "
                "analysed in the invitation's group).", "small")
 
     def section_exclusions(self) -> None:
-        self.h1("Exclusions")
+        self.h1("3 Exclusions")
         self.p(esc(exclusion_rule_text(self.study)) + " The rule was declared with the "
                "design and is part of the pre-registration hash.")
         excl = self.res["excluded_raters"]
@@ -238,7 +246,7 @@ class _Report:
 
         st = self.study
         a = self.res[which]
-        self.h1(f"{title}: {esc(primary_label(st, which))}")
+        self.h1(f"{title}: {esc(primary_label(st, which, role=False))}")
         n_ans = self.res["n_answers"][which]
         if not a:
             self.p("No answers to scored trials yet.")
@@ -249,7 +257,7 @@ class _Report:
         if which == "excluded" and not self.res["excluded_raters"]:
             self.p("Nobody is excluded, so this analysis equals the analysis of all raters.",
                    "small")
-        cells = accuracy_cells(a)
+        cells = accuracy_cells(a, st.groups)
         self.table(["Group", "Condition", "Raters", "n", "Correct", "Accuracy",
                     "Wilson 95 % CI", "p vs chance (one-sided)"],
                    [[_group(c["group"]), c["condition"], c["n_raters"], c["n"], c["n_correct"],
@@ -258,7 +266,7 @@ class _Report:
                      format_p(c["chance_p"])] for c in cells],
                    [0.18, 0.14, 0.08, 0.07, 0.08, 0.1, 0.19, 0.16], numeric={2, 3, 4, 5, 7})
         if full:
-            self.figure(accuracy_figure(a), 0.78)
+            self.figure(accuracy_figure(a, order=st.groups), 0.68)
         mm_ = a.get("mixed_model") or {}
         self.p("Mixed-effects logistic model" + ("" if full else " (sensitivity)"), "h2")
         if mm_.get("error"):
@@ -281,7 +289,8 @@ class _Report:
                 self.p(f"Abandoned {esc(f['formula'])}: {esc(f['error'])}", "small")
         if full:
             self.p("Other tests", "h2")
-            rows = [t for t in tests_table(a) if not t["test"].startswith("mixed model")]
+            rows = [t for t in tests_table(a, st.groups)
+                    if not t["test"].startswith("mixed model")]
             self.table(["Test", "Scope", "Detail", "p"],
                        [[t["test"], _group(t["scope"]), t["detail"], t["p_text"]] for t in rows],
                        [0.2, 0.22, 0.38, 0.2])
@@ -289,7 +298,7 @@ class _Report:
     def section_difficulty(self) -> None:
         from .report import difficulty
 
-        self.h1("5 Per-subject difficulty")
+        self.h1("6 Per-subject difficulty")
         rows = difficulty(self.res["rows_kept" if self.study.primary_analysis == "excluded"
                                    else "rows"])
         if not rows:
@@ -305,9 +314,9 @@ class _Report:
     def section_rt(self) -> None:
         from .report import rt_figure, rt_table
 
-        self.h1("6 Response times")
+        self.h1("7 Response times")
         rows = self.res["rows_kept" if self.study.primary_analysis == "excluded" else "rows"]
-        tab = rt_table(rows)
+        tab = rt_table(rows, self.study.groups)
         if not tab:
             self.p("No response times yet.")
             return
@@ -316,19 +325,20 @@ class _Report:
                      f"{_num(r['q1'], '{:.2f}')} – {_num(r['q3'], '{:.2f}')}",
                      _num(r["mean"], "{:.2f}")] for r in tab],
                    [0.26, 0.2, 0.1, 0.14, 0.18, 0.12], numeric={2, 3, 5})
-        self.figure(rt_figure(rows), 0.72)
+        self.figure(rt_figure(rows, order=self.study.groups), 0.66)
 
     def section_reid(self) -> None:
         from .report import cmc_figure
 
-        self.h1("7 Automated re-identification")
+        self.h1("8 Automated re-identification")
         info = automated_reid(self.study.cohort)
         self.p(esc(info["note"]))
         if info["rows"]:
             self.table(["Measure", "Matcher", "Value", "95 % CI", "Chance"],
-                       [[r["measure"], r["matcher"], _pct(r["value"]),
+                       [[r["measure"], r["matcher"], _val(r, r["value"]),
                          "—" if r["ci_low"] is None else
-                         f"{_pct(r['ci_low'])} – {_pct(r['ci_high'])}", _pct(r["chance"])]
+                         f"{_val(r, r['ci_low'])} – {_val(r, r['ci_high'])}",
+                         _val(r, r["chance"])]
                         for r in info["rows"]], [0.34, 0.28, 0.12, 0.14, 0.12],
                        numeric={2, 4})
         if info.get("cmc"):

@@ -19,9 +19,10 @@ def automated_reid(cohort) -> dict[str, Any]:
     """Automated re-identification figures of ``cohort`` for the report.
 
     Returns ``{"available": bool, "note": str, "n_subjects": int | None,
-    "rows": [{"measure", "matcher", "value", "ci_low", "ci_high", "chance"}],
-    "cmc": [float] | None}``. ``value``/``ci_*``/``chance`` are proportions (or None);
-    ``matcher`` names the face matcher. Pseudonym-free by construction.
+    "rows": [{"measure", "matcher", "value", "ci_low", "ci_high", "chance", "unit"}],
+    "cmc": [float] | None}``. ``unit`` is ``"rate"`` (a proportion, printed as percent) or
+    ``"auc"`` (printed as a number); ``value``/``ci_*``/``chance`` may be None; ``matcher``
+    names the face matcher. Pseudonym-free by construction.
     """
     from ..models import ReidSummary
 
@@ -43,7 +44,7 @@ def automated_reid(cohort) -> dict[str, Any]:
                      "ci_high": None, "chance": min(1.0, 5.0 / n) if n else None})
     if summary.auc is not None:
         rows.append({"measure": "AUC (genuine vs impostor similarity)", "matcher": matcher,
-                     "value": summary.auc, "ci_low": None, "ci_high": None, "chance": 0.5})
+                     "value": summary.auc, "ci_low": None, "ci_high": None, "chance": 0.5, "unit": "auc"})
     if summary.baseline_rank1 is not None:
         rows.append({"measure": "rank-1, original vs original (sanity check)",
                      "matcher": matcher, "value": summary.baseline_rank1, "ci_low": None,

@@ -145,15 +145,18 @@ def study_results(study: Study, mixed_model: bool = True) -> dict[str, Any]:
             "n_answers": {"all": len(rows), "excluded": len(kept)}}
 
 
-def primary_label(study: Study, which: str) -> str:
-    """Words for one of the two analyses."""
-    return ("without excluded raters" if which == "excluded" else "all raters") + (
-        " (primary, pre-registered)" if which == study.primary_analysis else
-        " (sensitivity analysis)")
+def primary_label(study: Study, which: str, role: bool = True) -> str:
+    """Words for one of the two analyses (``role``: say whether it is the primary one)."""
+    text = "without excluded raters" if which == "excluded" else "all raters"
+    if not role:
+        return text
+    return text + (" (primary, pre-registered)" if which == study.primary_analysis else
+                   " (sensitivity analysis)")
 
 
-def tests_table(analysis: dict[str, Any]) -> list[dict[str, Any]]:
-    """Flat rows (test, scope, detail, p, sided, p_text) of the analysis for the tables."""
+def tests_table(analysis: dict[str, Any], order=None) -> list[dict[str, Any]]:
+    """Flat rows (test, scope, detail, p, sided, p_text) of the analysis for the tables
+    (groups in ``order``, pooled last)."""
     rows = []
 
     def add(test: str, scope: str, detail: str, p: float | None, sided: str | None) -> None:
@@ -166,13 +169,19 @@ def tests_table(analysis: dict[str, Any]) -> list[dict[str, Any]]:
             f"β = {t['estimate']:.3f}, SE {t['sd']:.3f}, 95 % CI [{t['ci_low']:.3f}, "
             f"{t['ci_high']:.3f}]" if t.get("estimate") is not None else "",
             t.get("p_value"), "two-sided")
-    for g, conds in analysis["groups"].items():
-        for c, cell in conds.items():
+    for g in _ordered(analysis["groups"], order):
+        for c, cell in analysis["groups"][g].items():
             if cell["n"]:
                 add("binomial vs chance", f"{g} / {c}",
                     f"{cell['n_correct']}/{cell['n']}, chance {cell['chance']:.2f}",
                     cell["chance_p"], "one-sided")
-    for g, m in analysis["mcnemar"].items():
+    mcn = analysis["mcnemar"]
+    if mcn and all(m["p_value"] is None for m in mcn.values()) and \
+            len({m["note"] for m in mcn.values()}) == 1:
+        add("exact McNemar", "every group", next(iter(mcn.values()))["note"] or "no pairs",
+            None, None)
+        mcn = {}
+    for g, m in mcn.items():
         if m["p_value"] is None:
             add("exact McNemar", g, m["note"] or "no pairs", None, None)
         else:
@@ -188,12 +197,20 @@ def tests_table(analysis: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def accuracy_cells(analysis: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Rows group × condition of the accuracy table (groups first, pooled last)."""
+def _ordered(names, order=None) -> list[str]:
+    """Group names in the study's order (others after, by name), pooled last."""
+    order = list(order or [])
+    names = [g for g in names if g != ALL_GROUPS]
+    return ([g for g in order if g in names] + sorted(g for g in names if g not in order)
+            + [ALL_GROUPS])
+
+
+def accuracy_cells(analysis: dict[str, Any] | None, order=None) -> list[dict[str, Any]]:
+    """Rows group × condition of the accuracy table (groups in ``order``, pooled last)."""
     if not analysis:
         return []
     out = []
-    for g in [g for g in analysis["groups"] if g != ALL_GROUPS] + [ALL_GROUPS]:
+    for g in _ordered(analysis["groups"], order):
         for c, cell in analysis["groups"][g].items():
             out.append({"group": g, "condition": c, **cell,
                         "p_text": format_p(cell["chance_p"], "one-sided")})
@@ -210,14 +227,15 @@ def difficulty(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda d: (d["accuracy"], d["subject_id"], d["condition"]))
 
 
-def rt_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def rt_table(rows: list[dict[str, Any]], order=None) -> list[dict[str, Any]]:
     """Response time summaries (seconds) per group × condition (browser times)."""
     data: dict[tuple[str, str], list[float]] = defaultdict(list)
     for r in rows:
         if r["response_time_ms"] != "":
             data[(r["rater_group"], r["condition"])].append(float(r["response_time_ms"]) / 1e3)
+    rank = {g: n for n, g in enumerate(_ordered({g for g, _ in data}, order))}
     out = []
-    for (g, c), v in sorted(data.items()):
+    for (g, c), v in sorted(data.items(), key=lambda kv: (rank[kv[0][0]], kv[0][1])):
         s = summarize_values(v)
         out.append({"group": g, "condition": c, **s})
     return out
@@ -251,7 +269,7 @@ def design_summary(study: Study) -> list[tuple[str, str]]:
         ("Views", ", ".join(study.views)),
         ("Screens per rater", f"{study.n_screens}: {study.n_practice} practice (with "
                               f"feedback), {study.trials_per_rater} scored, {study.n_catch} "
-                              "attention checks (catch)"),
+                              f"attention check{'' if study.n_catch == 1 else 's'} (catch)"),
         ("Rater groups", f"{groups}; the group comes from the invitation"),
         ("Confidence rating", "asked (1–5)" if study.ask_confidence else "not asked"),
         ("Time limit", f"{study.time_limit_s} s per screen" if study.time_limit_s else "none"),
@@ -283,15 +301,17 @@ def _plain(fig_fn):
 
 
 @_plain
-def accuracy_figure(analysis: dict[str, Any] | None, title: str | None = None) -> Figure:
-    """Bar chart: accuracy by group × condition with Wilson 95 % CI error bars, chance line."""
-    fig = Figure(figsize=(6.4, 3.4), dpi=100)
+def accuracy_figure(analysis: dict[str, Any] | None, title: str | None = None,
+                    order=None) -> Figure:
+    """Bar chart: accuracy by group × condition with Wilson 95 % CI error bars, chance line
+    (legend below the axes, groups in ``order``)."""
+    fig = Figure(figsize=(6.4, 3.6), dpi=100)
     ax = fig.add_subplot()
     if not analysis:
         ax.text(0.5, 0.5, "no answers yet", ha="center", va="center")
         ax.set_axis_off()
         return fig
-    groups = [g for g in analysis["groups"] if g != ALL_GROUPS] + [ALL_GROUPS]
+    groups = _ordered(analysis["groups"], order)
     conds = analysis["meta"]["conditions"]
     width = 0.8 / max(1, len(conds))
     chance = []
@@ -314,27 +334,28 @@ def accuracy_figure(analysis: dict[str, Any] | None, title: str | None = None) -
     ax.set_ylabel("accuracy (Wilson 95 % CI)")
     if title:
         ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12),
+              ncol=len(conds) + 1, frameon=False)
     fig.tight_layout()
     return fig
 
 
 @_plain
-def rt_figure(rows: list[dict[str, Any]]) -> Figure:
-    """Box plots of browser response times (s) per group × condition."""
+def rt_figure(rows: list[dict[str, Any]], order=None) -> Figure:
+    """Box plots of browser response times (s) per group × condition (groups in ``order``)."""
     fig = Figure(figsize=(6.4, 3.4), dpi=100)
     ax = fig.add_subplot()
-    data: dict[str, list[float]] = defaultdict(list)
+    data: dict[tuple[str, str], list[float]] = defaultdict(list)
     for r in rows:
         if r["response_time_ms"] != "":
-            data[f"{_short(r['rater_group'])}\n{r['condition']}"].append(
-                float(r["response_time_ms"]) / 1e3)
+            data[(r["rater_group"], r["condition"])].append(float(r["response_time_ms"]) / 1e3)
     if not data:
         ax.text(0.5, 0.5, "no response times yet", ha="center", va="center")
         ax.set_axis_off()
         return fig
-    labels = sorted(data)
-    ax.boxplot([data[k] for k in labels], tick_labels=labels)
+    rank = {g: n for n, g in enumerate(_ordered({g for g, _ in data}, order))}
+    keys = sorted(data, key=lambda k: (rank[k[0]], k[1]))
+    ax.boxplot([data[k] for k in keys], tick_labels=[f"{_short(g)}\n{c}" for g, c in keys])
     ax.set_ylabel("response time (s)")
     ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()

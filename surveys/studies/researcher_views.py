@@ -190,17 +190,17 @@ def study_report(request: HttpRequest, study: Study) -> HttpResponse:
     return render(request, "studies/study_report.html", {
         "study": study, "progress": prog, "totals": rep.funnel_totals(prog),
         "design": rep.design_summary(study),
-        "analysis": analysis, "cells": rep.accuracy_cells(analysis),
-        "tests": rep.tests_table(analysis) if analysis else [],
+        "analysis": analysis, "cells": rep.accuracy_cells(analysis, study.groups),
+        "tests": rep.tests_table(analysis, study.groups) if analysis else [],
         "primary_label": rep.primary_label(study, primary),
-        "other": res[other], "other_cells": rep.accuracy_cells(res[other]),
+        "other": res[other], "other_cells": rep.accuracy_cells(res[other], study.groups),
         "other_tests": [t for t in rep.tests_table(res[other]) if
                         t["test"].startswith("mixed model")] if res[other] else [],
         "other_label": rep.primary_label(study, other), "other_key": other,
         "excluded": list(res["excluded_raters"].values()),
         "exclusion_rule": rep.exclusion_rule_text(study),
         "mismatches": [r for r in rep.rater_table(study) if r["group_mismatch"]],
-        "difficulty": rep.difficulty(rows), "rt": rep.rt_table(rows),
+        "difficulty": rep.difficulty(rows), "rt": rep.rt_table(rows, study.groups),
         "n_answers": len(res["rows"]), "n_answers_primary": len(rows),
         "attention": rep.attention(study), "practice": practice_reservation(study),
         "reid": automated_reid(study.cohort),
@@ -226,13 +226,13 @@ def plot(request: HttpRequest, study: Study, name: str) -> HttpResponse:
             "all" if primary == "excluded" else "excluded")
         rows = response_rows(study, exclude_excluded=which == "excluded")
         if name == "rt":
-            fig = _rep().rt_figure(rows)
+            fig = _rep().rt_figure(rows, order=study.groups)
         else:
             from .prereg import paired_conditions, reference_group
 
             fig = _rep().accuracy_figure(_rep().study_analysis(
                 rows, mixed_model=False, paired=paired_conditions(study),
-                reference=reference_group(study)))
+                reference=reference_group(study)), order=study.groups)
     resp = HttpResponse(_rep().png_bytes(fig), content_type="image/png")
     resp["Cache-Control"] = "private, no-store"
     return resp
