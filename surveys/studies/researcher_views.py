@@ -99,7 +99,10 @@ def study_list(request: HttpRequest) -> HttpResponse:
             study.save()
             _power().request_estimate(study)  # simulation-based power, as a background job
             return redirect("studies:study_detail", study_id=study.pk)
-    studies = Study.objects.filter(cohort__in=cohorts).select_related("cohort")
+    from django.db.models import Count, Q
+
+    studies = (Study.objects.filter(cohort__in=cohorts).select_related("cohort")
+               .annotate(n_raters=Count("raters", filter=Q(raters__is_preview=False))))
     return render(request, "studies/study_list.html", {"studies": studies, "form": form})
 
 
