@@ -16,16 +16,16 @@ from statsmodels.stats.proportion import proportion_confint
 
 from pipeline import stats
 from pipeline.stats import (
+    Z_95,
     ResponsesError,
     analyze,
     between_groups_test,
     chance_p_value,
     exact_mcnemar,
     fleiss_kappa_binary,
+    format_p,
     read_responses_csv,
     summarize_values,
-    Z_95,
-    format_p,
     validate_responses,
     wilson_ci,
 )

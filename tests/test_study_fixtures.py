@@ -153,7 +153,8 @@ def make_finished_study(data_dir: Path, groups=("general", "plastic surgeon"), p
                 else:
                     p = 0.85 if t.condition == "control" else 0.55 + (0.15 if gi else 0.0)
                     ok = rng.random() < p
-                return t.correct_index + 1 if ok else (t.correct_index + 1) % t.rater.study.n_choices + 1
+                k = t.rater.study.n_choices
+                return t.correct_index + 1 if ok else (t.correct_index + 1) % k + 1
 
             run_rater(Client(), inv.token, answer=answer, confidence=int(rng.integers(1, 6)),
                       rt_ms=lambda t: round(float(rng.uniform(400, 1400)), 1))

@@ -9,14 +9,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
-
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from django.core.management import call_command
-from django.utils import timezone
 from django.test import Client
+from django.utils import timezone
 
 from pipeline.stats import analyze, wilson_ci
 from tests.test_study_fixtures import make_cohort, make_researcher, make_study, run_rater

@@ -139,7 +139,8 @@ def check_design(n_subjects: int, conditions: Sequence[str], views: Sequence[str
         msg = (f"at most {n_main} scored trials per rater in the between-rater design (each of "
                f"the {n_main} scored subjects is shown once per rater, in one condition")
         if reserved:
-            msg += f"; {reserved} of the {n_subjects} subjects with renders are reserved for practice"
+            msg += (f"; {reserved} of the {n_subjects} subjects with renders are reserved for "
+                    "practice")
         raise DesignError(msg + "): lower the trials per rater, add subjects"
                           + (", set practice trials to 0" if reserved else "")
                           + " or choose the within (paired) design")

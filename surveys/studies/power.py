@@ -95,8 +95,9 @@ def _simulate_rows(design: dict, params: dict, raters_per_group: int,
             u = rng.normal(0.0, params["rater_sd"])
             for s, c in plan:
                 eta = math.log(probs[(g, c)] / (1 - probs[(g, c)])) + u + subj_effect[s]
+                correct = bool(rng.random() < 1 / (1 + math.exp(-eta)))
                 rows.append({"rater_id": f"r{index}", "rater_group": g, "subject_id": f"s{s}",
-                             "condition": c, "correct": bool(rng.random() < 1 / (1 + math.exp(-eta))),
+                             "condition": c, "correct": correct,
                              "n_choices": design["n_choices"]})
             index += 1
     return rows

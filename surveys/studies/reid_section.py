@@ -44,7 +44,8 @@ def automated_reid(cohort) -> dict[str, Any]:
                      "ci_high": None, "chance": min(1.0, 5.0 / n) if n else None})
     if summary.auc is not None:
         rows.append({"measure": "AUC (genuine vs impostor similarity)", "matcher": matcher,
-                     "value": summary.auc, "ci_low": None, "ci_high": None, "chance": 0.5, "unit": "auc"})
+                     "value": summary.auc, "ci_low": None, "ci_high": None, "chance": 0.5,
+                     "unit": "auc"})
     if summary.baseline_rank1 is not None:
         rows.append({"measure": "rank-1, original vs original (sanity check)",
                      "matcher": matcher, "value": summary.baseline_rank1, "ci_low": None,

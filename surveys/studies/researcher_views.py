@@ -19,7 +19,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from ..access import cohorts_for, is_researcher, sign_in_required
 from ..csvsafe import write_csv
-from ..models import Invitation, PowerEstimate, Rater, Study
+from ..models import Invitation, Rater, Study
 from . import lifecycle
 from .design import DesignError
 from .forms import InvitationForm, StudyForm

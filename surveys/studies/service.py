@@ -158,7 +158,7 @@ def _snapshot_study(study: Study, idx: dict, subjects: list[int]) -> None:
 def _freeze_locked(study: Study, subjects: list[int]) -> None:
     """Freeze ``study`` (row locked by the caller): reserve the practice subjects, store the
     pre-registration (design + analysis plan) and its hash. No-op when frozen."""
-    from .prereg import preregistration, prereg_digest
+    from .prereg import prereg_digest, preregistration
 
     if study.frozen_at is not None and study.practice_subjects is not None and study.prereg_hash:
         return
