@@ -492,3 +492,20 @@ def test_power_is_queued_at_creation_and_reports_a_dead_queue(world, settings):
     pe = PowerEstimate.objects.order_by("-pk").first()
     assert pe is not None and pe.params["design"]["trials_per_rater"] == 6
     assert pe.status == "failed" and "manage.py study_power" in pe.error
+
+
+def test_trial_start_with_a_broken_design_is_a_clear_page(world):
+    """A subject reserved for practice lost its renders after the freeze: starting the trials
+    says the study is not ready (no server error, nothing planned)."""
+    from surveys.models import RenderImage
+
+    study = world["study"]
+    c = Client()
+    rater = enrol(c, world["inv"].token)
+    c.post("/take/consent/", {"agree": "yes"})
+    c.post("/take/about-you/", questionnaire_answers(rater))
+    study.refresh_from_db()
+    RenderImage.objects.filter(subject_id=study.practice_subjects[0]).update(kind="hidden")
+    r = c.post("/take/instructions/")
+    assert r.status_code == 503 and b"not ready" in r.content
+    assert not rater.trials.exists()

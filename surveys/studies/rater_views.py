@@ -232,6 +232,10 @@ def instructions(request: HttpRequest) -> HttpResponse:
             begin_trials(rater)
         except StudyClosed:
             return _problem(request, "closed")
+        except DesignError:  # e.g. a reserved subject lost its renders after the freeze
+            return _page(request, "studies/rater_problem.html",
+                         {"title": "This study is not ready",
+                          "text": "Please contact the study team."}, 503)
         return redirect("studies:trials")
     study = rater.study
     return _page(request, "studies/rater_instructions.html", {
