@@ -121,3 +121,25 @@ def test_mathtext_and_formula_group_names_break_nothing(tmp_path, settings):
         z.read(f"study-{study.pk}/responses_long.csv").decode())))
     assert {r["rater_group"] for r in long_rows} == {MATH, "'" + FORMULA}
     assert {r["trial_kind"] for r in long_rows} == {"practice", "main", "catch"}
+
+
+def test_pdf_of_a_study_without_answers(tmp_path, settings):
+    """Before anyone took part the PDF still renders: design, empty funnel, "no answers",
+    the automated section's note, and "not frozen yet" instead of a hash."""
+    from tests.test_study_fixtures import make_cohort, make_researcher, make_study
+
+    settings.DATA_DIR = tmp_path / "data"
+    user = make_researcher()
+    study = make_study(make_cohort(settings.DATA_DIR, user), user)
+    c = Client()
+    c.force_login(user)
+    pages = render_pages(c.get(f"/studies/{study.pk}/export/report.pdf").content)
+    keep = os.environ.get("DEIDSTUDY_PDF_PNG_DIR")
+    text = "".join(t for _, t, _, _ in pages)
+    for i, (img, t, boxes, (w, h)) in enumerate(pages, start=1):
+        if keep:
+            img.save(Path(keep) / f"empty-{i:02d}.png")
+        assert "not frozen yet" in t and f"page {i} of {len(pages)}" in t
+        assert all(0 <= b[0] and b[2] <= w for b in boxes if b[2] > b[0])
+    assert "No answers to scored trials yet." in text
+    assert "No automated re-identification yet" in text

@@ -127,7 +127,7 @@ class _Report:
         self.story.append(Paragraph(text, self.s[style]))
 
     def h1(self, text: str) -> None:
-        self.story.append(CondPageBreak(40 * mm))
+        self.story.append(CondPageBreak(25 * mm))  # no heading alone at a page foot
         self.p(text, "h1")
 
     def table(self, header: list[str], rows: list[list[Any]], widths: list[float],
