@@ -45,7 +45,7 @@ __all__ = ["DEFAULTS", "design_of", "estimate", "raters_needed", "run_estimate",
 DEFAULTS: dict[str, Any] = {
     "p_control": 0.84, "p_deidentified": 0.55, "group_difference": 0.10,
     "rater_sd": 0.5, "subject_sd": 0.5, "alpha": 0.05, "target_power": 0.8,
-    "n_sim": 200, "n_sim_search": 80, "max_seconds": 240.0, "raters_per_group": 20,
+    "n_sim": 200, "n_sim_search": 60, "max_seconds": 300.0, "raters_per_group": 20,
 }
 _SEARCH_GRID = (4, 6, 8, 10, 12, 16, 20, 24, 30, 40, 50, 60, 80, 100, 120, 160, 200)
 
@@ -166,7 +166,7 @@ def simulate_power(design: dict, params: dict | None = None, raters_per_group: i
 
 
 def raters_needed(design: dict, params: dict | None = None, effect: str = "group",
-                  n_sim: int = 80, seed: int = 1, deadline: float | None = None,
+                  n_sim: int = 60, seed: int = 1, deadline: float | None = None,
                   grid: tuple[int, ...] = _SEARCH_GRID, start: int | None = None
                   ) -> dict[str, Any]:
     """Smallest raters per group on ``grid`` (rounded up to whole Latin squares) whose
@@ -221,7 +221,7 @@ def estimate(design: dict, params: dict | None = None) -> dict[str, Any]:
     main = simulate_power(design, params, int(params["raters_per_group"]),
                           n_sim=int(params["n_sim"]), seed=0, deadline=deadline)
     needed = {}
-    for effect in ("group", "condition"):
+    for effect in ("condition", "group"):  # the condition search is short: first
         if main.get(f"power_{effect}") is None:
             continue
         needed[effect] = raters_needed(design, params, effect, n_sim=int(params["n_sim_search"]),
