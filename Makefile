@@ -18,7 +18,8 @@ $(STAMP): requirements.txt scripts/system_deps.sh
 # Tests that talk to the database run a second time on a private PostgreSQL server.
 PG_TESTS := tests/test_postgres.py tests/test_jobs_queue.py tests/test_jobs_integration.py \
 	tests/test_study_design.py tests/test_study_fixtures.py tests/test_study_rater.py \
-	tests/test_study_report.py tests/test_analyze_responses.py tests/test_web_import.py \
+	tests/test_study_report.py tests/test_study_lifecycle.py tests/test_study_pdf.py \
+	tests/test_analyze_responses.py tests/test_web_import.py \
 	tests/test_web_shared_storage.py tests/test_web_shared_storage_s3.py tests/test_web_views.py \
 	tests/test_security_csp.py tests/test_security_files.py tests/test_security_identity.py \
 	tests/test_security_login.py tests/test_security_misc.py tests/test_security_redis_outage.py \

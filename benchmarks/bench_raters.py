@@ -92,9 +92,10 @@ def rater(base: str, token: str, stats: Stats, deadline: float, think_s: float,
         csrf = CSRF.search(r.text).group(1)  # consent page (redirect followed)
         r = timed(stats, "intro", s.post, f"{base}/take/consent/",
                   data={"csrfmiddlewaretoken": csrf, "agree": "yes"})
-        group = re.search(r'<option value="([^"]+)" selected', r.text).group(1)
+        # the group is the invitation's; these answers fit lay and professional groups
         r = timed(stats, "intro", s.post, f"{base}/take/about-you/",
-                  data={"csrfmiddlewaretoken": csrf, "group": group, "years_experience": 3})
+                  data={"csrfmiddlewaretoken": csrf, "profession": "not a healthcare professional",
+                        "familiarity": "never", "years_experience": 3})
         r = timed(stats, "intro", s.post, f"{base}/take/instructions/",
                   data={"csrfmiddlewaretoken": csrf})
         while time.time() < deadline:

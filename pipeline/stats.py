@@ -48,6 +48,7 @@ __all__ = [
     "ALL_GROUPS",
     "Z_95",
     "wilson_ci",
+    "format_p",
     "chance_p_value",
     "exact_mcnemar",
     "between_groups_test",
@@ -86,10 +87,26 @@ class ResponsesError(ValueError):
 # --------------------------------------------------------------------------
 
 
-def wilson_ci(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+def format_p(p: float | None, sided: str | None = None) -> str:
+    """A p-value as printed in reports: ``< 0.0001`` below 10⁻⁴, 4 decimals below 0.001,
+    else 3 decimals; ``—`` for None. ``sided`` ("one-sided" / "two-sided") is appended in
+    parentheses when given."""
+    if p is None or _isnan(p):
+        text = "—"
+    elif p < 1e-4:
+        text = "< 0.0001"
+    elif p < 1e-3:
+        text = f"{p:.4f}"
+    else:
+        text = f"{p:.3f}"
+    return f"{text} ({sided})" if sided and text != "—" else text
+
+
+def wilson_ci(k: int, n: int, z: float = Z_95) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion ``k / n``.
 
-    ``z`` is the two-sided standard-normal quantile (1.96 ≈ 95 %). Returns
+    ``z`` is the two-sided standard-normal quantile; the default is the exact 95 % one,
+    ``Φ⁻¹(0.975)`` = 1.959963985… (:data:`Z_95`), not the rounded 1.96. Returns
     ``(low, high)`` as proportions in [0, 1]; exactly 0 when ``k == 0`` and
     exactly 1 when ``k == n``. Raises ``ValueError`` unless ``0 <= k <= n`` and
     ``n >= 1``.
@@ -382,6 +399,18 @@ def _random_effect_blocks(rows: Sequence[Mapping[str, Any]]) -> tuple[list[np.nd
     return blocks, names
 
 
+def _one_blas_thread():
+    """Context limiting BLAS to one thread: the fit's small matrix products are up to 10×
+    slower when several threads fight over a busy machine's cores."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl is in requirements.txt
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def _fit_vb(y: np.ndarray, x: np.ndarray, names: list[str], z_blocks: list[np.ndarray],
             vcp_names: list[str]) -> dict[str, Any]:
     import scipy.sparse as sparse
@@ -399,7 +428,7 @@ def _fit_vb(y: np.ndarray, x: np.ndarray, names: list[str], z_blocks: list[np.nd
     fe_p = 2.0
     model = BinomialBayesMixedGLM(y, x, z, ident_arr, vcp_p=1.0, fe_p=fe_p, fep_names=names,
                                   vcp_names=vcp_names)
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, _one_blas_thread():
         warnings.simplefilter("always")
         res = model.fit_vb(rng=0)  # fixed start: identical results on every run
     vb_mean = np.asarray(res.fe_mean, dtype=float)
@@ -680,16 +709,18 @@ def analyze(
         conditions, n_choices, paired_conditions, notes}``.
 
     ``paired_conditions`` = (A, B) for McNemar and the model's reference
-    condition A; by default ``("control", "deidentified")`` when both are
-    present, else ``("control", other)`` when there are exactly two conditions
-    one of which is ``"control"``, else no pairing. ``reference_group`` is the
+    condition A, any two condition names; by default ``("control",
+    "deidentified")`` when both are present, else the two conditions when there
+    are exactly two (``"control"`` first if it is one of them, otherwise in order
+    of first appearance in ``responses``), else no pairing (with a note). ``reference_group`` is the
     model's reference group (default: first group name in sorted order).
     """
     rows = validate_responses(_records(responses))
     groups = sorted({r["rater_group"] for r in rows})
     conditions = sorted({r["condition"] for r in rows})
     notes: list[str] = []
-    pair = _choose_pair(conditions, paired_conditions, notes)
+    pair = _choose_pair(list(dict.fromkeys(r["condition"] for r in rows)), paired_conditions,
+                        notes)
 
     by_group: dict[str, list[dict[str, Any]]] = {g: [] for g in groups}
     for r in rows:
@@ -756,11 +787,13 @@ def _choose_pair(conditions: list[str], requested: tuple[str, str] | None,
         return a, b
     if "control" in conditions and "deidentified" in conditions:
         return "control", "deidentified"
-    if len(conditions) == 2 and "control" in conditions:
-        other = conditions[0] if conditions[1] == "control" else conditions[1]
-        return "control", other
-    notes.append("no condition pair for McNemar: expected 'control' and 'deidentified' "
-                 "(or exactly two conditions, one named 'control')")
+    if len(conditions) == 2:
+        # any two names: "control" first when present, else in order of first appearance
+        if conditions[1] == "control":
+            return conditions[1], conditions[0]
+        return conditions[0], conditions[1]
+    notes.append(f"no condition pair for McNemar: {len(conditions)} conditions; name the two to "
+                 "compare (paired_conditions / --pair A B)")
     return None
 
 

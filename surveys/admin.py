@@ -9,8 +9,9 @@ from django.utils.html import format_html
 from . import jobs
 from .login_throttle import ThrottledAdminAuthenticationForm
 from .models import (
-    Answer, Cohort, CohortUpload, IdentityAccess, IdentityLink, Invitation, LoginThrottle, Rater,
-    ReidSummary, RenderImage, Series, StageRun, Study, Subject, Trial, TrialImage,
+    Answer, Cohort, CohortUpload, IdentityAccess, IdentityLink, Invitation, LoginThrottle,
+    PowerEstimate, Rater, ReidSummary, RenderImage, Series, StageRun, Study, Subject, Trial,
+    TrialImage,
 )
 
 # the admin's sign-in is throttled like /accounts/login/ and says when it is locked
@@ -160,33 +161,42 @@ class IdentityAccessAdmin(admin.ModelAdmin):
 
 class InvitationInline(admin.TabularInline):
     model = Invitation
-    fields = ("group", "label", "expires_at", "max_uses", "uses", "created")
+    fields = ("group", "label", "expires_at", "max_uses", "uses", "revoked_at", "created")
     readonly_fields = ("uses", "created")
     extra = 0
 
 
 @admin.register(Study)
 class StudyAdmin(admin.ModelAdmin):
-    list_display = ("name", "cohort", "n_choices", "trials_per_rater", "frozen_at", "created")
-    list_filter = ("cohort", "frozen_at")
+    list_display = ("name", "cohort", "design", "n_choices", "trials_per_rater", "frozen_at",
+                    "closed_at", "created")
+    list_filter = ("cohort", "frozen_at", "design")
     search_fields = ("name",)
-    readonly_fields = ("seed", "frozen_at", "practice_subjects")
+    readonly_fields = ("seed", "frozen_at", "practice_subjects", "prereg_json", "prereg_hash")
     inlines = [InvitationInline]
 
 
 @admin.register(Invitation)
 class InvitationAdmin(admin.ModelAdmin):
-    list_display = ("study", "group", "label", "uses", "max_uses", "expires_at")
+    list_display = ("study", "group", "label", "uses", "max_uses", "expires_at", "revoked_at")
     list_filter = ("study", "group")
     exclude = ("token",)  # a token is a credential: not shown in lists
 
 
 @admin.register(Rater)
 class RaterAdmin(admin.ModelAdmin):
-    list_display = ("code", "study", "group", "step", "years_experience", "started", "finished")
-    list_filter = ("study", "group", "step")
+    list_display = ("code", "study", "group", "self_reported_profession", "step",
+                    "years_experience", "started", "finished", "excluded_at", "is_preview")
+    list_filter = ("study", "group", "step", "is_preview")
     search_fields = ("code",)
-    exclude = ("resume_token",)
+    exclude = ("resume_token", "panel_pid", "panel_study_id", "panel_session_id")
+
+
+@admin.register(PowerEstimate)
+class PowerEstimateAdmin(admin.ModelAdmin):
+    list_display = ("study", "status", "created", "finished")
+    list_filter = ("status",)
+    readonly_fields = ("params", "result", "error", "rq_job_id")
 
 
 @admin.register(Trial)

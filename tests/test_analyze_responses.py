@@ -111,6 +111,34 @@ def test_pair_and_reference_group_options(tmp_path):
         (flipped["mcnemar"]["all"]["c"], flipped["mcnemar"]["all"]["b"])
 
 
+def test_mcnemar_for_two_conditions_named_anything(tmp_path):
+    """Conditions named original / deidentified (no "control"): the command pairs them and
+    gives the exact McNemar result, checked against statsmodels; the HTML labels p."""
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    rng = __import__("random").Random(5)
+    lines = ["rater_id,rater_group,subject_id,condition,correct,n_choices"]
+    table = [[0, 0], [0, 0]]
+    for r in range(6):
+        for s in range(8):
+            a, b = rng.random() < 0.85, rng.random() < 0.5
+            table[int(not a)][int(not b)] += 1
+            lines.append(f"R{r},g{r % 2},S{s},original,{int(a)},4")
+            lines.append(f"R{r},g{r % 2},S{s},deidentified,{int(b)},4")
+    path = tmp_path / "named.csv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    res = json.loads(run(str(path), "--format", "json"))
+    assert res["meta"]["paired_conditions"] == ["original", "deidentified"]
+    m = res["mcnemar"]["all"]
+    assert (m["n_pairs"], m["b"], m["c"]) == (48, table[0][1], table[1][0])
+    assert m["p_value"] == pytest.approx(mcnemar(table, exact=True).pvalue, rel=1e-12)
+    # the reversed pair swaps b and c and keeps p
+    rev = json.loads(run(str(path), "--pair", "deidentified", "original"))["mcnemar"]["all"]
+    assert (rev["b"], rev["c"], rev["p_value"]) == (m["c"], m["b"], m["p_value"])
+    html = run(str(path), "--format", "html")
+    assert "original and deidentified" in html and "(two-sided)" in html
+
+
 @pytest.mark.parametrize("body, message", [
     ("", "empty"),
     ("rater_id,subject_id\nR1,S1\n", "missing column(s): rater_group, condition"),

@@ -16,12 +16,14 @@ from statsmodels.stats.proportion import proportion_confint
 
 from pipeline import stats
 from pipeline.stats import (
+    Z_95,
     ResponsesError,
     analyze,
     between_groups_test,
     chance_p_value,
     exact_mcnemar,
     fleiss_kappa_binary,
+    format_p,
     read_responses_csv,
     summarize_values,
     validate_responses,
@@ -30,7 +32,6 @@ from pipeline.stats import (
 
 DATA = Path(__file__).parent / "data"
 SMALL_CSV = DATA / "responses_small.csv"
-ALPHA_196 = 2 * sps.norm.sf(1.96)  # the alpha whose two-sided quantile is exactly 1.96
 
 
 # ---------------------------------------------------------------- helpers
@@ -82,9 +83,24 @@ def independent_frame(path: Path) -> pd.DataFrame:
 def test_wilson_matches_statsmodels(n):
     for k in range(n + 1):
         low, high = wilson_ci(k, n)
-        ref_low, ref_high = proportion_confint(k, n, alpha=ALPHA_196, method="wilson")
+        ref_low, ref_high = proportion_confint(k, n, alpha=0.05, method="wilson")
         assert low == pytest.approx(ref_low, abs=1e-12)
         assert high == pytest.approx(ref_high, abs=1e-12)
+
+
+def test_wilson_uses_the_exact_normal_quantile():
+    """95 % means z = Φ⁻¹(0.975) = 1.959963985…, not 1.96: the default differs from z=1.96."""
+    assert Z_95 == pytest.approx(1.959963984540054, abs=1e-15)
+    assert wilson_ci(7, 30) == wilson_ci(7, 30, z=Z_95) != wilson_ci(7, 30, z=1.96)
+
+
+def test_format_p():
+    assert format_p(3e-7) == "< 0.0001" and format_p(0.0) == "< 0.0001"
+    assert format_p(0.00012) == "0.0001" and format_p(0.00049) == "0.0005"
+    assert format_p(0.0123) == "0.012" and format_p(1.0) == "1.000"
+    assert format_p(None) == "—" and format_p(float("nan")) == "—"
+    assert format_p(0.04, "two-sided") == "0.040 (two-sided)"
+    assert format_p(1e-9, "one-sided") == "< 0.0001 (one-sided)"
 
 
 def test_wilson_exact_bounds_and_other_z():
@@ -235,7 +251,7 @@ def test_fixture_accuracy_cells_match_independent(small_result):
         for condition, cell in d.groupby("condition"):
             out = small_result["groups"][g][condition]
             n, k = len(cell), int(cell.correct.sum())
-            low, high = proportion_confint(k, n, alpha=ALPHA_196, method="wilson")
+            low, high = proportion_confint(k, n, alpha=0.05, method="wilson")
             assert (out["n"], out["n_correct"]) == (n, k)
             assert out["accuracy"] == pytest.approx(k / n)
             assert (out["ci_low"], out["ci_high"]) == pytest.approx((low, high), abs=1e-12)
@@ -410,6 +426,12 @@ def test_conditions_other_than_control_deidentified():
     res = analyze(make_rows(spec))
     assert res["mcnemar"]["all"]["p_value"] is None and res["meta"]["notes"]
     res = analyze(make_rows(spec), paired_conditions=("v1", "v3"))
+    assert res["mcnemar"]["all"]["n_pairs"] == 15
+    # two conditions with any names are paired, in order of first appearance
+    spec = {(f"R{r}", "g"): {(f"S{s}", c): (s + r) % 3 != 0 for s in range(5)
+                             for c in ("original", "deidentified")} for r in range(3)}
+    res = analyze(make_rows(spec))
+    assert res["meta"]["paired_conditions"] == ["original", "deidentified"]
     assert res["mcnemar"]["all"]["n_pairs"] == 15
     with pytest.raises(ResponsesError, match="absent"):
         analyze(make_rows(spec), paired_conditions=("v1", "control"))

@@ -209,23 +209,32 @@ def test_deidentified_only_allows_single_view():
 @pytest.mark.django_db
 def test_enroll_freezes_and_images_match_plan(tmp_path, settings):
     from surveys.models import Invitation, TrialImage
-    from surveys.studies.service import enroll
+    from surveys.studies.service import begin_trials, enroll
 
     settings.DATA_DIR = tmp_path / "data"
     user = make_researcher()
     cohort = make_cohort(settings.DATA_DIR, user)
     study = make_study(cohort, user)
     inv = Invitation.objects.create(study=study, group="general")
+    inv_p = Invitation.objects.create(study=study, group="plastic surgeon")
     assert not study.frozen
+    r0 = enroll(inv_p.token)
     r1 = enroll(inv.token)
     r2 = enroll(inv.token)
     study.refresh_from_db()
     inv.refresh_from_db()
-    assert study.frozen and inv.uses == 2 and (r1.index, r2.index) == (0, 1)
-    assert r1.code == "R-0001" and r2.code == "R-0002"
+    assert study.frozen and inv.uses == 2 and (r0.index, r1.index, r2.index) == (0, 1, 2)
+    assert r1.code == "R-0002" and r2.code == "R-0003"
+    assert len(study.prereg_hash) == 64
+    # trials are planned when a rater starts them; the slot is the order within the group
+    assert not r2.trials.exists()
+    for r in (r2, r0, r1):
+        begin_trials(r)
+        r.refresh_from_db()
+    assert (r2.group_index, r0.group_index, r1.group_index) == (0, 0, 1)
     expect = plan_trials([s.pk for s in cohort.subjects.all()], study.conditions, study.views,
                          n_choices=4, trials_per_rater=8, n_practice=1, n_catch=1,
-                         seed=study.seed, rater_index=1)
+                         seed=study.seed, rater_index=2, design="between", slot=0)
     got = list(r2.trials.order_by("position"))
     assert [(t.subject_id, t.condition, t.correct_index, tuple(t.candidates)) for t in got] == \
         [(p.subject, p.condition, p.correct_index, p.candidates) for p in expect]
@@ -249,6 +258,12 @@ def test_enroll_freezes_and_images_match_plan(tmp_path, settings):
         for t in r.trials.all():
             shown = {t.subject_id, *t.candidates}
             assert shown <= practice if t.kind == "practice" else not shown & practice
+    # between design: r1 and r2 (consecutive slots of one group) see the same subjects in
+    # opposite conditions, and neither sees a subject in two conditions
+    c1 = {t.subject_id: t.condition for t in r1.trials.filter(kind="main")}
+    c2 = {t.subject_id: t.condition for t in r2.trials.filter(kind="main")}
+    assert len(c1) == len(c2) == 8 and set(c1) == set(c2)
+    assert all(c1[s] != c2[s] for s in c1)
 
 
 @pytest.mark.django_db
@@ -256,7 +271,7 @@ def test_stored_practice_subjects_survive_a_cohort_change(tmp_path, settings):
     """Subjects that get renders after the freeze never turn a reserved subject into a scored
     one (or the reverse): later raters use the reservation stored at the first rater."""
     from surveys.models import Invitation
-    from surveys.studies.service import enroll
+    from surveys.studies.service import begin_trials, enroll
 
     settings.DATA_DIR = tmp_path / "data"
     user = make_researcher()
@@ -270,7 +285,7 @@ def test_stored_practice_subjects_survive_a_cohort_change(tmp_path, settings):
 
     late = list(RenderImage.objects.filter(subject_id__in=ids[10:]).values_list("pk", flat=True))
     RenderImage.objects.filter(pk__in=late).update(kind="hidden")
-    study = make_study(big, user, seed=seed)
+    study = make_study(big, user, seed=seed, trials_per_rater=6)
     inv = Invitation.objects.create(study=study, group="general")
     enroll(inv.token)
     study.refresh_from_db()
@@ -278,7 +293,8 @@ def test_stored_practice_subjects_survive_a_cohort_change(tmp_path, settings):
     assert stored == reserve_practice_subjects(ids[:10], 4, 1, seed)
     RenderImage.objects.filter(pk__in=late).update(kind="render")
     for _ in range(6):
-        r = enroll(inv.token)
+        r = begin_trials(enroll(inv.token))
+        assert r.trials.exists()
         for t in r.trials.all():
             shown = {t.subject_id, *t.candidates}
             assert shown <= set(stored) if t.kind == "practice" else not shown & set(stored)
@@ -302,3 +318,94 @@ def test_enroll_refuses_too_small_cohort_and_freezes_nothing(tmp_path, settings)
     inv.refresh_from_db()
     assert not study.frozen and study.practice_subjects is None and inv.uses == 0
     assert not Rater.objects.exists()
+
+
+# ------------------------------------------------------------------ between-rater design
+
+
+def bplan(index: int, slot: int | None = None, **kw):
+    return plan(index, design="between", slot=index if slot is None else slot,
+                trials_per_rater=kw.pop("trials_per_rater", 6), **kw)
+
+
+@pytest.mark.parametrize("index", range(24))
+def test_between_design_shows_each_subject_once_per_rater(index):
+    """No carry-over: a rater never sees a subject as the target of two trials (so never its
+    original and its de-identified face), conditions are balanced within the rater."""
+    trials = bplan(index)
+    main = [t for t in trials if t.kind == "main"]
+    assert len(main) == 6 and len({t.subject for t in main}) == 6
+    c = Counter(t.condition for t in main)
+    assert c["control"] == c["deidentified"] == 3
+    # catch trials avoid the rater's scored targets when the window leaves other subjects
+    # (that are not a neighbour), else take a control target (its original is shown anyway)
+    targets = {t.subject for t in main}
+    control = {t.subject for t in main if t.condition == "control"}
+    for n, t in enumerate(trials):
+        if t.kind == "catch":
+            near = {trials[m].subject for m in (n - 1, n + 1) if 0 <= m < len(trials)}
+            free = set(MAIN) - targets - near
+            assert (t.subject in free) if free else (t.subject in control)
+    for t in trials:
+        assert t.candidates[t.correct_index] == t.subject
+
+
+def test_between_design_is_a_latin_square_across_raters():
+    """Consecutive pairs of slots see the same subjects in opposite conditions; over whole
+    rounds every (subject, condition) is shown equally often."""
+    for square in range(10):
+        a = {t.subject: t.condition for t in bplan(2 * square) if t.kind == "main"}
+        b = {t.subject: t.condition for t in bplan(2 * square + 1) if t.kind == "main"}
+        assert set(a) == set(b) and all(a[s] != b[s] for s in a)
+    seen = Counter()
+    n_raters = 2 * 7  # 7 scored subjects, 6 per rater: 7 squares tile the subjects 6 times
+    for r in range(n_raters):
+        seen.update((t.subject, t.condition) for t in bplan(r) if t.kind == "main")
+    assert set(seen) == {(s, c) for s in MAIN for c in CONDS}
+    assert set(seen.values()) == {6}
+
+
+def test_between_design_slot_not_arrival_order_drives_counterbalancing():
+    """The slot (order within the group) picks the square row; the arrival index only the
+    random order, so two groups arriving interleaved each get a balanced design."""
+    a = {(t.subject, t.condition) for t in bplan(5, slot=0) if t.kind == "main"}
+    b = {(t.subject, t.condition) for t in bplan(0, slot=0) if t.kind == "main"}
+    assert a == b
+    assert [t.subject for t in bplan(5, slot=0)] != [t.subject for t in bplan(0, slot=0)]
+
+
+def test_between_design_keeps_earlier_answers_out_of_distractors():
+    """A subject that was the answer of an earlier trial is not offered again as a
+    distractor while other subjects are left (it could be ruled out from memory)."""
+    subjects = list(range(100, 120))  # 16 scored: always enough fresh distractors
+    for r in range(20):
+        trials = plan_trials(subjects, CONDS, VIEWS, n_choices=4, trials_per_rater=10,
+                             n_practice=1, n_catch=1, seed=3, rater_index=r,
+                             design="between")
+        answered = set()
+        for t in trials:
+            if t.kind != "practice":
+                distractors = set(t.candidates) - {t.subject}
+                assert not distractors & answered, (r, t.position)
+                answered.add(t.subject)
+    # tight: 8 scored subjects, 8 trials: later trials must reuse old answers, never the
+    # most recent ones first
+    trials = plan_trials(list(range(12)), CONDS, VIEWS, n_choices=4, trials_per_rater=8,
+                         n_practice=1, n_catch=0, seed=3, rater_index=0, design="between")
+    assert len([t for t in trials if t.kind == "main"]) == 8
+
+
+def test_between_design_limits_trials_to_the_scored_subjects():
+    with pytest.raises(DesignError, match="at most 7 scored trials per rater in the between"):
+        bplan(0, trials_per_rater=8)
+    check_design(n_subjects=11, conditions=CONDS, views=list(VIEWS), n_choices=4,
+                 trials_per_rater=7, n_practice=1, n_catch=1, design="between")
+    check_design(n_subjects=11, conditions=CONDS, views=list(VIEWS), n_choices=4,
+                 trials_per_rater=14, n_practice=1, n_catch=1, design="within")
+
+
+def test_within_design_repeats_subjects_as_documented():
+    """The paired design (opt-in) shows subjects in both conditions: what McNemar needs."""
+    trials = plan(0, design="within", trials_per_rater=14, n_catch=0)
+    subs = Counter(t.subject for t in trials if t.kind == "main")
+    assert set(subs.values()) == {2}

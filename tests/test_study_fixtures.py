@@ -32,11 +32,11 @@ def synthetic_png(seed: int, variant: str, view: str, pseudonym: str, size: int 
     return buf.getvalue()
 
 
-def make_cohort(data_dir: Path, owner, n_subjects: int = 10, views=VIEWS, name: str = "C1"):
+def make_cohort(data_dir: Path, owner, n_subjects: int = 12, views=VIEWS, name: str = "C1"):
     """Cohort with ``n_subjects`` subjects (SUBJ-0001…) and original+deid renders per view.
 
-    The default 10 fit :func:`make_study`'s design: 4 subjects reserved for practice, 6 left
-    for the 8 main trials (at most 6 subjects × 2 conditions = 12)."""
+    The default 12 fit :func:`make_study`'s design: 4 subjects reserved for practice, 8 left
+    for the 8 main trials (between design: each scored subject once per rater)."""
     from surveys.models import Cohort, RenderImage, Subject
 
     cohort = Cohort.objects.create(name=name, owner=owner)
@@ -65,20 +65,32 @@ def make_researcher(username: str = "res", password: str = "pw-123456"):
 
 
 def make_study(cohort, owner, **kw):
-    """A study with small defaults: k=4, both conditions, 2 views, 8 trials, 1 practice, 1 catch."""
+    """A study with small defaults: k=4, both conditions, 2 views, 8 trials, 1 practice, 1 catch,
+    the between-rater design (the model's default), general = the public."""
     from surveys.models import Study
 
     params = dict(name="S", cohort=cohort, created_by=owner, n_choices=4,
                   conditions=["control", "deidentified"], views=list(VIEWS), trials_per_rater=8,
-                  n_practice=1, n_catch=1, groups=["general", "plastic surgeon"], seed=1234)
+                  n_practice=1, n_catch=1, groups=["general", "plastic surgeon"],
+                  lay_groups=["general"], seed=1234)
     params.update(kw)
     return Study.objects.create(**params)
 
 
-def run_rater(client, invitation_token: str, group: str | None = None, years: int = 3,
-              answer=lambda trial: 1, confidence: int | None = None) -> None:
-    """Drive one rater through the whole flow with the Django test client.
+def questionnaire_answers(rater, profession: str | None = None, years: int = 3) -> dict:
+    """POST data of the questionnaire for ``rater``: professional groups give years of
+    experience, groups of the public how often they see medical images."""
+    if rater.study.is_lay(rater.group):
+        return {"profession": profession or "not a healthcare professional",
+                "familiarity": "never"}
+    return {"profession": profession or rater.group, "years_experience": years}
 
+
+def run_rater(client, invitation_token: str, profession: str | None = None, years: int = 3,
+              answer=lambda trial: 1, confidence: int | None = None, rt_ms=lambda trial: 500):
+    """Drive one rater through the whole flow with the Django test client; returns the Rater.
+
+    ``profession`` is the questionnaire's answer (default: consistent with the group).
     ``answer(trial)`` gives the 1-based choice for a Trial row (server side knowledge,
     used only by the test to steer correctness).
     """
@@ -89,16 +101,62 @@ def run_rater(client, invitation_token: str, group: str | None = None, years: in
     assert r.status_code == 302, r.status_code
     rater = Rater.objects.get(resume_token=client.session[SESSION_KEY])
     client.post("/take/consent/", {"agree": "yes"})
-    client.post("/take/about-you/", {"group": group or rater.group, "years_experience": years})
+    r = client.post("/take/about-you/", questionnaire_answers(rater, profession, years))
+    assert r.status_code == 302, r.context["form"].errors if r.context else r.status_code
     client.post("/take/instructions/")
     while True:
         r = client.get("/take/trial/")
         if r.status_code == 302:
             assert r["Location"].endswith("/take/thanks/"), r["Location"]
-            return
+            rater.refresh_from_db()
+            return rater
         assert r.status_code == 200
         trial = r.context["trial"]
-        data = {"trial": trial.token, "choice": answer(trial), "rt_ms": "500"}
+        data = {"trial": trial.token, "choice": answer(trial), "rt_ms": str(rt_ms(trial))}
         if confidence is not None:
             data["confidence"] = confidence
         client.post("/take/trial/", data)
+
+
+def make_finished_study(data_dir: Path, groups=("general", "plastic surgeon"), per_group: int = 4,
+                        seed: int = 7, **study_kw):
+    """A study with ``per_group`` finished raters per group and realistic answers.
+
+    Answers are drawn from a seeded rng: control right with p = 0.85, de-identified with
+    0.55 (+0.15 for groups after the first); the last rater of the first group fails every
+    catch trial (excluded by the default rule). The cohort gets an automated
+    re-identification summary. Returns ``(study, user)``.
+    """
+    from django.test import Client
+
+    from surveys.models import Invitation, ReidSummary
+
+    rng = np.random.default_rng(seed)
+    user = make_researcher()
+    cohort = make_cohort(data_dir, user)
+    params = dict(groups=list(groups), lay_groups=[groups[0]], ask_confidence=True)
+    params.update(study_kw)
+    study = make_study(cohort, user, **params)
+    ReidSummary.objects.create(cohort=cohort, n_subjects=12, rank1=0.25, auc=0.71,
+                               cmc=[0.25, 0.33, 0.5, 0.58, 0.67, 0.75, 0.83, 0.83, 0.92, 1.0,
+                                    1.0, 1.0], baseline_rank1=1.0)
+    for gi, g in enumerate(groups):
+        inv = Invitation.objects.create(study=study, group=g)
+        for n in range(per_group):
+            careless = gi == 0 and n == per_group - 1
+
+            def answer(t, careless=careless, gi=gi):
+                if t.kind == "catch":
+                    ok = not careless
+                elif t.kind == "practice":
+                    ok = True
+                else:
+                    p = 0.85 if t.condition == "control" else 0.55 + (0.15 if gi else 0.0)
+                    ok = rng.random() < p
+                k = t.rater.study.n_choices
+                return t.correct_index + 1 if ok else (t.correct_index + 1) % k + 1
+
+            run_rater(Client(), inv.token, answer=answer, confidence=int(rng.integers(1, 6)),
+                      rt_ms=lambda t: round(float(rng.uniform(400, 1400)), 1))
+    study.refresh_from_db()
+    return study, user

@@ -12,7 +12,13 @@ from django.test import Client
 from django.utils import timezone
 from PIL import Image
 
-from tests.test_study_fixtures import make_cohort, make_researcher, make_study, run_rater
+from tests.test_study_fixtures import (
+    make_cohort,
+    make_researcher,
+    make_study,
+    questionnaire_answers,
+    run_rater,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -38,7 +44,7 @@ def start(client: Client, token: str):
     assert client.post(f"/take/i/{token}/").status_code == 302
     rater = Rater.objects.get(resume_token=client.session[SESSION_KEY])
     client.post("/take/consent/", {"agree": "yes"})
-    client.post("/take/about-you/", {"group": rater.group, "years_experience": 2})
+    client.post("/take/about-you/", questionnaire_answers(rater, years=2))
     client.post("/take/instructions/")
     rater.refresh_from_db()
     assert rater.step == "trials"
@@ -314,11 +320,16 @@ def test_steps_cannot_be_skipped(world):
     assert c.get("/take/trial/")["Location"].endswith("/take/consent/")
     assert c.post("/take/instructions/")["Location"].endswith("/take/consent/")
     c.post("/take/consent/", {"agree": "yes"})
-    r = c.post("/take/about-you/", {"group": "hacker", "years_experience": 2})
-    assert r.status_code == 200  # invalid group refused
-    c.post("/take/about-you/", {"group": "plastic surgeon", "years_experience": 12})
+    r = c.post("/take/about-you/", {"profession": "hacker", "familiarity": "never"})
+    assert r.status_code == 200  # an answer that is not offered is refused
+    # the group comes from the (general) invitation: a rater who says "plastic surgeon"
+    # stays in "general", the answer is kept separately and flagged as a mismatch
+    c.post("/take/about-you/", {"group": "plastic surgeon", "profession": "plastic surgeon",
+                                "familiarity": "weekly", "years_experience": 12})
     rater.refresh_from_db()
-    assert rater.group == "plastic surgeon" and rater.years_experience == 12
+    assert rater.group == "general" and rater.self_reported_profession == "plastic surgeon"
+    assert rater.group_mismatch and rater.years_experience is None
+    assert rater.questionnaire == {"familiarity": "weekly"} and rater.step == "instructions"
 
 
 def test_csrf_enforced(world):
@@ -338,8 +349,8 @@ def test_images_are_frozen_with_the_design(world, settings):
     c = Client()
     rater = start(c, world["inv"].token)
     frozen = sorted((Path(settings.DATA_DIR) / "studies").rglob("*.png"))
-    # 10 subjects (practice ones included) x 2 variants x 2 views, names carry no identifier
-    assert len(frozen) == 40
+    # 12 subjects (practice ones included) x 2 variants x 2 views, names carry no identifier
+    assert len(frozen) == 48
     assert not any(scan(str(p.relative_to(settings.DATA_DIR)), ["SUBJ", "deid", "original",
                                                                  "yaw"]) for p in frozen)
     ti = TrialImage.objects.filter(trial__rater=rater, trial__position=0, slot=0) \

@@ -9,11 +9,13 @@ import json
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from django.core.management import call_command
 from django.test import Client
+from django.utils import timezone
 
 from pipeline.stats import analyze, wilson_ci
 from tests.test_study_fixtures import make_cohort, make_researcher, make_study, run_rater
@@ -78,8 +80,30 @@ def test_responses_csv_matches_db_and_analyze_responses(done_study, tmp_path):
     out = io.StringIO()
     call_command("analyze_responses", str(path), "--format", "json", stdout=out)
     cmd = json.loads(out.getvalue())
-    web = json.loads(c.get(f"/studies/{study.pk}/export/analysis.json").content)["analysis"]
-    assert cmd["groups"] == web["groups"] and cmd["mcnemar"] == web["mcnemar"]
+    doc = json.loads(c.get(f"/studies/{study.pk}/export/analysis.json").content)
+    web = doc["analysis_all_raters"]
+    strip = {g: {k: v for k, v in m.items() if k != "note"} for g, m in web["mcnemar"].items()}
+    assert cmd["groups"] == web["groups"]
+    assert {g: {k: v for k, v in m.items() if k != "note"} for g, m in cmd["mcnemar"].items()} \
+        == strip
+    # between-rater design: no rater answered a subject in both conditions → no McNemar
+    assert all(m["n_pairs"] == 0 and "between-rater design" in m["note"]
+               for m in web["mcnemar"].values())
+    # the surgeons fail their catch trial (steered wrong): the pre-registered rule (pass at
+    # least 50 %) excludes them, and the primary analysis is the one without them
+    assert doc["primary_analysis"] == "excluded"
+    assert {e["rater_id"] for e in doc["excluded_raters"]} == \
+        {r["rater_id"] for r in rows if r["rater_group"] == "plastic surgeon"}
+    kept = tmp_path / "kept.csv"
+    kept.write_text("".join(line for n, line in enumerate(
+        r.content.decode().splitlines(keepends=True)) if n == 0 or ",plastic surgeon," not in line))
+    out = io.StringIO()
+    call_command("analyze_responses", str(kept), "--format", "json", stdout=out)
+    assert json.loads(out.getvalue())["groups"] == doc["analysis"]["groups"] == \
+        doc["analysis_without_excluded"]["groups"]
+    assert set(doc["analysis"]["groups"]) == {"general", "all"}
+    assert all(row["rater_excluded"] == str(int(row["rater_group"] == "plastic surgeon"))
+               for row in rows)
     # independent check of one cell
     gen = [a for a in answers if a.trial.rater.group == "plastic surgeon"
            and a.trial.condition == "deidentified"]
@@ -115,22 +139,32 @@ def test_report_page_and_plots(done_study):
     html = r.content.decode()
     assert 'id="accuracy"' in html and 'id="tests"' in html and 'id="difficulty"' in html
     assert "exact McNemar" in html and "Fleiss" in html
-    analysis = analyze([dict(rater_id=a.trial.rater.code, rater_group=a.trial.rater.group,
-                             subject_id=a.trial.subject.pseudonym, condition=a.trial.condition,
-                             correct=a.correct, n_choices=4) for a in db_rows(study)],
-                       mixed_model=False)
+    every = [dict(rater_id=a.trial.rater.code, rater_group=a.trial.rater.group,
+                  subject_id=a.trial.subject.pseudonym, condition=a.trial.condition,
+                  correct=a.correct, n_choices=4) for a in db_rows(study)]
+    # primary analysis = without the excluded raters (the surgeons fail their catch trial);
+    # the sensitivity analysis has everybody
+    kept = analyze([x for x in every if x["rater_group"] == "general"], mixed_model=False)
+    analysis = analyze(every, mixed_model=False)
     for cell in r.context["cells"]:
+        ref = kept["groups"][cell["group"]][cell["condition"]]
+        assert (cell["n"], cell["n_correct"]) == (ref["n"], ref["n_correct"])
+    for cell in r.context["other_cells"]:
         ref = analysis["groups"][cell["group"]][cell["condition"]]
         assert (cell["n"], cell["n_correct"]) == (ref["n"], ref["n_correct"])
+    assert "Primary analysis: without excluded raters (primary, pre-registered)" in html
+    assert "Sensitivity analysis: all raters (sensitivity analysis)" in html
+    assert study.refresh_from_db() or study.prereg_hash in html
     prog = {p["group"]: p for p in r.context["progress"]}
     assert prog["general"]["raters"] == 2 and prog["general"]["finished"] == 2
+    assert prog["plastic surgeon"]["excluded"] == 2 and prog["general"]["excluded"] == 0
     assert prog["plastic surgeon"]["answered"] == prog["plastic surgeon"]["planned"] == 20
     for name in ("accuracy", "rt"):
         p = c.get(f"/studies/{study.pk}/plots/{name}.png")
         assert p.status_code == 200 and p.content[:4] == b"\x89PNG"
     assert c.get(f"/studies/{study.pk}/plots/other.png").status_code == 404
     diff = r.context["difficulty"]
-    assert sum(d["n"] for d in diff) == 32
+    assert sum(d["n"] for d in diff) == 16  # the primary analysis' answers (2 raters x 8)
     assert diff == sorted(diff, key=lambda d: (d["accuracy"], d["subject_id"], d["condition"]))
 
 
@@ -211,8 +245,10 @@ def test_create_edit_freeze_and_invite(tmp_path, settings):
     c.force_login(user)
     form = {"name": "My study", "cohort": cohort.pk, "n_choices": 4,
             "conditions": ["control", "deidentified"], "views": "yaw+0, yaw+30",
-            "trials_per_rater": 8, "n_practice": 0, "n_catch": 0,
-            "groups": "general, plastic surgeon, dentist", "consent_text": "Consent text X"}
+            "trials_per_rater": 8, "n_practice": 0, "n_catch": 0, "design": "within",
+            "primary_analysis": "excluded", "exclusion_min_catch": "0.5",
+            "groups": "general, plastic surgeon, dentist", "lay_groups": "general",
+            "consent_text": "Consent text X"}
     # impossible design: 9 trials > 4 subjects x 2 conditions
     r = c.post("/studies/", {**form, "trials_per_rater": 9})
     assert r.status_code == 200 and b"at most 8 trials" in r.content
@@ -235,7 +271,12 @@ def test_create_edit_freeze_and_invite(tmp_path, settings):
     c.post(f"/studies/{study.pk}/edit/", {**form, "n_choices": 3, "seed": 5})
     study.refresh_from_db()
     assert study.n_choices == 3 and study.seed == 5
-    c.post(f"/studies/{study.pk}/invite/", {"group": "dentist", "max_uses": 2})
+    c.post(f"/studies/{study.pk}/invite/", {"group": "dentist", "max_uses": 2,
+                                            "expires_at": "2099-01-01 00:00"})
+    assert not Invitation.objects.exists()  # more than a year ahead: refused
+    soon = (timezone.now() + timedelta(days=7)).strftime("%Y-%m-%d %H:%M")
+    c.post(f"/studies/{study.pk}/invite/", {"group": "dentist", "max_uses": 2,
+                                            "expires_at": soon})
     inv = Invitation.objects.get()
     assert inv.group == "dentist" and inv.max_uses == 2 and len(inv.token) >= 32
     page = c.get(f"/studies/{study.pk}/").content.decode()
@@ -253,7 +294,7 @@ def test_create_edit_freeze_and_invite(tmp_path, settings):
 
 
 def test_form_defaults_fit_the_demo_cohort(tmp_path, settings):
-    """The new-study form's defaults (k = 4, 16 trials, 2 practice, 2 catch) are a valid design
+    """The new-study form's defaults (k = 4, 8 trials, 2 practice, 2 catch) are a valid design
     on the demo's 12 subjects with 4 of them reserved for practice, and raters can start."""
     from surveys.models import Invitation, Study, Trial
     from surveys.studies.forms import StudyForm
@@ -273,14 +314,16 @@ def test_form_defaults_fit_the_demo_cohort(tmp_path, settings):
     assert r.status_code == 302, r.context["form"].errors
     study = Study.objects.get()
     assert (study.n_choices, study.trials_per_rater, study.n_practice, study.n_catch) == \
-        (4, 16, 2, 2)
+        (4, 8, 2, 2)
+    assert (study.design, study.lay_groups, study.exclusion_min_catch,
+            study.primary_analysis) == ("between", ["general"], 0.5, "excluded")
     inv = Invitation.objects.create(study=study, group="general")
     for _ in range(2):
         run_rater(Client(), inv.token)
     study.refresh_from_db()
     assert len(study.practice_subjects) == 4
     kinds = [t.kind for t in Trial.objects.filter(rater__study=study)]
-    assert kinds.count("practice") == 4 and kinds.count("main") == 32
+    assert kinds.count("practice") == 4 and kinds.count("main") == 16
 
 
 def test_check_deploy_clean_with_production_settings(tmp_path):

@@ -219,7 +219,8 @@ def test_admin_registers_every_model(admin_client, env):
     from django.contrib import admin
 
     models = list(apps.get_app_config("surveys").get_models())
-    assert len(models) == 16  # 8 cohort-side + 6 study models + login throttle, identity audit
+    # 8 cohort-side + 7 study models (incl. PowerEstimate) + login throttle, identity audit
+    assert len(models) == 17
     for model in models:
         assert admin.site.is_registered(model), model.__name__
         url = f"/admin/surveys/{model._meta.model_name}/"

@@ -5,7 +5,31 @@
 order of arrival reproduce the rater's whole session (trial order, candidate
 positions, distractors, views).
 
-Counterbalancing. The main trials of a study are drawn from the *pool* of
+Two designs (``design``):
+
+* ``between`` (default): each rater sees every subject at most once, in one condition
+  only, so no rater can carry what they saw of a subject in one condition over to the
+  other (e.g. match a de-identified face by remembering the original from a control
+  trial). Conditions are counterbalanced across raters with a Latin square: the scored
+  subjects are put in a seeded order; the rater in counterbalancing slot ``n`` (its order
+  within its group: every group gets the whole square) takes the window of
+  ``trials_per_rater`` consecutive subjects starting at ``(n // C) * trials_per_rater``
+  (wrapping), and the subject at window position ``j`` in condition
+  ``conditions[(j + n) % C]``. Every block of ``C`` consecutive raters of a group shows
+  each subject of its window once in every condition (a ``C × C`` Latin square of
+  rows = raters, columns = condition blocks), conditions are balanced within a rater
+  (±1), and successive windows tile all subjects. At most one trial per subject, so
+  ``trials_per_rater`` ≤ scored subjects.
+* ``within``: the pool design below; a rater sees subjects in both conditions (pairs for
+  McNemar), at the price of carry-over.
+
+Distractors avoid giving an answer away across trials (between design): a subject that
+was the answer of an earlier trial of the rater (the rater may remember matching it) is
+offered as a distractor only when too few other subjects are left, so "I already matched
+that face" does not rule a candidate out. Catch trials prefer subjects that are not the target of
+any scored trial of the rater, then ones shown as originals anyway (control targets).
+
+Counterbalancing of the ``within`` design. The main trials of a study are drawn from the *pool* of
 (subject, condition) pairs, each subject once per condition, laid out in rounds:
 round ``r`` lists every subject (in a seeded order) with condition
 ``conditions[(i + r) % C]``. Rater ``n`` takes the window of
@@ -74,7 +98,7 @@ def practice_subject_count(n_choices: int, n_practice: int) -> int:
 
 def check_design(n_subjects: int, conditions: Sequence[str], views: Sequence[str],
                  n_choices: int, trials_per_rater: int, n_practice: int = 0,
-                 n_catch: int = 0) -> None:
+                 n_catch: int = 0, design: str = "within") -> None:
     """Raise :class:`DesignError` if the design is impossible with ``n_subjects`` subjects.
 
     ``n_subjects`` counts every subject with the needed renders, including the
@@ -106,8 +130,20 @@ def check_design(n_subjects: int, conditions: Sequence[str], views: Sequence[str
                 "subjects")
         raise DesignError(f"{n_choices} candidates per trial need at least {n_choices} subjects "
                           f"with renders; the cohort has {n_subjects}")
+    if design not in ("between", "within"):
+        raise DesignError("the design is between (one condition per subject and rater) or "
+                          "within (every condition)")
     if trials_per_rater < 1:
         raise DesignError("trials per rater must be at least 1")
+    if design == "between" and trials_per_rater > n_main:
+        msg = (f"at most {n_main} scored trials per rater in the between-rater design (each of "
+               f"the {n_main} scored subjects is shown once per rater, in one condition")
+        if reserved:
+            msg += (f"; {reserved} of the {n_subjects} subjects with renders are reserved for "
+                    "practice")
+        raise DesignError(msg + "): lower the trials per rater, add subjects"
+                          + (", set practice trials to 0" if reserved else "")
+                          + " or choose the within (paired) design")
     if trials_per_rater > n_main * len(conditions):
         msg = (f"at most {n_main * len(conditions)} trials per rater "
                f"({n_main} subjects × {len(conditions)} conditions, each at most once per rater")
@@ -180,19 +216,45 @@ def _views(rng: np.random.Generator, views: Sequence[str], same: bool) -> tuple[
 
 
 def _candidates(rng: np.random.Generator, subjects: Sequence[int], target: int,
-                k: int) -> tuple[tuple[int, ...], int]:
-    others = [s for s in subjects if s != target]
-    distract = [others[i] for i in rng.choice(len(others), size=k - 1, replace=False)]
+                k: int, avoid: Sequence[int] = ()) -> tuple[tuple[int, ...], int]:
+    """``k`` candidates: the target and ``k - 1`` distractors at a random slot. Distractors
+    are drawn from subjects not in ``avoid`` (earlier answers, most recent last) first;
+    when too few are left, the least recent of ``avoid`` fill up."""
+    avoid_set = set(avoid)
+    fresh = [s for s in subjects if s != target and s not in avoid_set]
+    if len(fresh) >= k - 1:
+        distract = [fresh[i] for i in rng.choice(len(fresh), size=k - 1, replace=False)]
+    else:
+        old = [s for s in avoid if s != target and s in set(subjects)][: k - 1 - len(fresh)]
+        distract = [fresh[i] for i in rng.permutation(len(fresh))] + old
+        distract = [distract[i] for i in rng.permutation(len(distract))]
     correct = int(rng.integers(k))
     cands = distract[:correct] + [target] + distract[correct:]
     return tuple(int(c) for c in cands), correct
 
 
+def _latin_square_window(scored: list[int], conditions: Sequence[str], seed: int,
+                         trials_per_rater: int, slot: int) -> list[tuple[int, str]]:
+    """The (subject, condition) pairs of counterbalancing slot ``slot`` (between design)."""
+    order = list(np.random.default_rng([seed, 2**31 - 1]).permutation(len(scored)))
+    subs = [scored[i] for i in order]
+    n_cond = len(conditions)
+    start = ((slot // n_cond) * trials_per_rater) % len(subs)
+    return [(subs[(start + j) % len(subs)], conditions[(j + slot) % n_cond])
+            for j in range(trials_per_rater)]
+
+
 def plan_trials(subjects: Sequence[int], conditions: Sequence[str], views: Sequence[str], *,
                 n_choices: int, trials_per_rater: int, n_practice: int, n_catch: int,
                 seed: int, rater_index: int,
-                practice_subjects: Sequence[int] | None = None) -> list[PlannedTrial]:
+                practice_subjects: Sequence[int] | None = None, design: str = "within",
+                slot: int | None = None) -> list[PlannedTrial]:
     """Plan the whole session of rater number ``rater_index`` (0-based order of arrival).
+
+    ``design`` is ``between`` or ``within`` (see the module docstring); ``slot`` is the
+    rater's counterbalancing slot (its order within its group; default ``rater_index``).
+    The random order, views, candidate positions and distractors come from
+    ``rater_index``.
 
     Returns ``n_practice`` practice trials (control condition when available, else the
     first condition), then ``trials_per_rater`` main trials with ``n_catch`` catch trials
@@ -205,7 +267,8 @@ def plan_trials(subjects: Sequence[int], conditions: Sequence[str], views: Seque
     """
     subjects = sorted(int(s) for s in subjects)
     check_design(len(subjects), conditions, views, n_choices, trials_per_rater,
-                 n_practice=n_practice, n_catch=n_catch)
+                 n_practice=n_practice, n_catch=n_catch, design=design)
+    slot = rater_index if slot is None else int(slot)
     if practice_subjects is None:
         practice = reserve_practice_subjects(subjects, n_choices, n_practice, seed)
     else:
@@ -218,9 +281,12 @@ def plan_trials(subjects: Sequence[int], conditions: Sequence[str], views: Seque
     reserved = set(practice)
     scored = [s for s in subjects if s not in reserved]
     rng = np.random.default_rng([int(seed), int(rater_index)])
-    pool = _pool(scored, conditions, int(seed))
-    start = (rater_index * trials_per_rater) % len(pool)
-    window = [pool[(start + n) % len(pool)] for n in range(trials_per_rater)]
+    if design == "between":
+        window = _latin_square_window(scored, conditions, int(seed), trials_per_rater, slot)
+    else:
+        pool = _pool(scored, conditions, int(seed))
+        start = (slot * trials_per_rater) % len(pool)
+        window = [pool[(start + n) % len(pool)] for n in range(trials_per_rater)]
     main = _order_no_adjacent(window, rng)
 
     # catch trials: random gaps, subject different from both neighbours
@@ -231,11 +297,17 @@ def plan_trials(subjects: Sequence[int], conditions: Sequence[str], views: Seque
             seq.append((-1, "catch"))
         if gap < len(main):
             seq.append(main[gap])
+    targets = {s for s, _ in main}
+    control_targets = {s for s, c in main if c == "control"}
     for n, (s, c) in enumerate(seq):
         if c == "catch":
             near = {seq[m][0] for m in (n - 1, n + 1) if 0 <= m < len(seq)}
             choices = [x for x in scored if x not in near]
-            seq[n] = (choices[int(rng.integers(len(choices)))], "catch")
+            # prefer subjects this rater never sees as a scored target, then ones whose
+            # original it sees anyway (control targets)
+            best = ([x for x in choices if x not in targets]
+                    or [x for x in choices if x in control_targets] or choices)
+            seq[n] = (best[int(rng.integers(len(best)))], "catch")
 
     practice_cond = "control" if "control" in conditions else conditions[0]
     out: list[PlannedTrial] = []
@@ -249,9 +321,18 @@ def plan_trials(subjects: Sequence[int], conditions: Sequence[str], views: Seque
         cands, correct = _candidates(rng, practice, s, n_choices)
         out.append(PlannedTrial(len(out), "practice", practice_cond, s, tv, cv, cands, correct))
         prev = s
+    answered: list[int] = []  # answers of earlier trials, oldest first
     for s, c in seq:
         kind = "catch" if c == "catch" else "main"
         tv, cv = _views(rng, views, same=kind == "catch")
-        cands, correct = _candidates(rng, scored, s, n_choices)
+        # between design only: there a subject is the answer at most once, so an earlier
+        # answer is never the right one again and is kept out of the distractors; in the
+        # within design it is the answer again in its other condition, and keeping it out of
+        # the distractors would single it out
+        avoid = [a for a in answered if a != s] if design == "between" else []
+        cands, correct = _candidates(rng, scored, s, n_choices, avoid=avoid)
         out.append(PlannedTrial(len(out), kind, c, s, tv, cv, cands, correct))
+        if s in answered:
+            answered.remove(s)
+        answered.append(s)
     return out

@@ -24,16 +24,23 @@ from .design import DesignError
 from .forms import QuestionnaireForm
 from .service import (
     InvitationError,
+    StudyClosed,
+    begin_trials,
     clean_png,
     current_image_path,
     current_trial,
     enroll,
     mark_shown,
+    panel_params,
     record_answer,
     time_left_s,
 )
 
 SESSION_KEY = "study_rater"
+#: the session's rater is a researcher's preview (banner on every page)
+PREVIEW_KEY = "study_preview"
+#: recruitment-panel ids from the invitation URL, kept until the rater enrols
+PANEL_KEY = "study_panel"
 REASONS = {
     "invalid": ("This invitation link is not valid",
                 ("Please check that you copied the whole link, or ask the study team for a "
@@ -44,6 +51,14 @@ REASONS = {
     "exhausted": ("This invitation has been used up",
                   ("The planned number of participants has been reached for this link. Thank "
                    "you for your interest.")),
+    "revoked": ("This invitation has been withdrawn",
+                ("The study team no longer uses this link. Thank you for your interest.")),
+    "closed": ("This study is closed",
+               ("The study no longer accepts answers. Thank you for your interest; your "
+                "earlier answers, if any, are kept.")),
+    "duplicate": ("You have already taken part",
+                  ("Your panel id has already been used for this study. To continue where you "
+                   "stopped, use the personal link shown to you on the study pages.")),
 }
 
 
@@ -62,12 +77,13 @@ def session_rater(request: HttpRequest) -> Rater | None:
 
 
 def _page(request: HttpRequest, template: str, ctx: dict, status: int = 200) -> HttpResponse:
+    ctx.setdefault("preview", bool(request.session.get(PREVIEW_KEY)))
     return _no_store(render(request, template, ctx, status=status))
 
 
 def _problem(request: HttpRequest, reason: str) -> HttpResponse:
     title, text = REASONS[reason]
-    status = 404 if reason == "invalid" else 410
+    status = {"invalid": 404, "duplicate": 409}.get(reason, 410)
     return _page(request, "studies/rater_problem.html", {"title": title, "text": text,
                                                          "reason": reason}, status)
 
@@ -82,14 +98,22 @@ def invitation(request: HttpRequest, token: str) -> HttpResponse:
     if inv is None:
         return _problem(request, "invalid")
     rater = session_rater(request)
-    if rater is not None and rater.study_id == inv.study_id:
+    if rater is not None and rater.study_id == inv.study_id and not rater.is_preview:
         return redirect("studies:take")
-    problem = inv.problem()
+    problem = inv.problem() or ("closed" if inv.study.closed else None)
     if problem:
         return _problem(request, problem)
+    panel = panel_params(request.GET)
+    if panel:
+        # keep the panel ids in the session and drop them from the address bar
+        request.session[PANEL_KEY] = {"token": token, **panel}
+        return redirect("studies:invitation", token=token)
     if request.method == "POST":
+        stored = request.session.get(PANEL_KEY) or {}
+        panel = {k: v for k, v in stored.items() if k != "token"} \
+            if stored.get("token") == token else {}
         try:
-            rater = enroll(token)
+            rater = enroll(token, panel=panel)
         except InvitationError as exc:
             return _problem(request, exc.reason)
         except DesignError:
@@ -98,6 +122,8 @@ def invitation(request: HttpRequest, token: str) -> HttpResponse:
                           "text": "Please contact the study team."}, 503)
         request.session.cycle_key()
         request.session[SESSION_KEY] = rater.resume_token
+        request.session.pop(PANEL_KEY, None)
+        request.session.pop(PREVIEW_KEY, None)
         return redirect("studies:take")
     return _page(request, "studies/rater_welcome.html", {"study": inv.study})
 
@@ -139,6 +165,8 @@ def resume(request: HttpRequest, token: str) -> HttpResponse:
         return _problem(request, "invalid")
     request.session.cycle_key()
     request.session[SESSION_KEY] = rater.resume_token
+    if not rater.is_preview:
+        request.session.pop(PREVIEW_KEY, None)
     return redirect("studies:take")
 
 
@@ -179,9 +207,11 @@ def consent(request: HttpRequest) -> HttpResponse:
             Rater.objects.filter(pk=rater.pk, step="consent").update(
                 step="questionnaire", consented_at=timezone.now())
             return redirect("studies:questionnaire")
-        return _page(request, "studies/rater_problem.html",
-                     {"title": "Thank you", "text": "You chose not to take part. You can close "
-                      "this page."})
+        from django.utils import timezone
+
+        Rater.objects.filter(pk=rater.pk, step="consent").update(
+            step="declined", declined_at=timezone.now())
+        return redirect("studies:declined")
     return _page(request, "studies/rater_consent.html",
                  {"study": rater.study, "resume_url": _resume_url(request, rater)})
 
@@ -189,17 +219,18 @@ def consent(request: HttpRequest) -> HttpResponse:
 @never_cache
 @require_http_methods(["GET", "POST"])
 def questionnaire(request: HttpRequest) -> HttpResponse:
-    """Group confirmation and years of experience."""
+    """Profession and experience; the group stays the invitation's (locked)."""
     rater, other = _rater_or_redirect(request, "questionnaire")
     if other:
         return other
-    groups = list(dict.fromkeys(rater.study.groups + [rater.group]))
-    form = QuestionnaireForm(request.POST or None, groups=groups,
-                             initial={"group": rater.group})
+    form = QuestionnaireForm(request.POST or None, study=rater.study, group=rater.group)
     if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
         Rater.objects.filter(pk=rater.pk, step="questionnaire").update(
-            step="instructions", group=form.cleaned_data["group"], group_confirmed=True,
-            years_experience=form.cleaned_data["years_experience"])
+            step="instructions", self_reported_profession=data["profession"],
+            years_experience=data.get("years_experience"),
+            questionnaire={"familiarity": data["familiarity"]} if "familiarity" in data
+            else {})
         return redirect("studies:instructions")
     return _page(request, "studies/rater_questionnaire.html", {"form": form,
                                                               "study": rater.study})
@@ -213,12 +244,19 @@ def instructions(request: HttpRequest) -> HttpResponse:
     if other:
         return other
     if request.method == "POST":
-        Rater.objects.filter(pk=rater.pk, step="instructions").update(step="trials")
+        try:
+            begin_trials(rater)
+        except StudyClosed:
+            return _problem(request, "closed")
+        except DesignError:  # e.g. a reserved subject lost its renders after the freeze
+            return _page(request, "studies/rater_problem.html",
+                         {"title": "This study is not ready",
+                          "text": "Please contact the study team."}, 503)
         return redirect("studies:trials")
     study = rater.study
     return _page(request, "studies/rater_instructions.html", {
         "study": study, "keys": list(range(1, study.n_choices + 1)),
-        "n_practice": rater.trials.filter(kind="practice").count(),
+        "n_practice": study.n_practice,
         "example_correct": 2 if study.n_choices >= 2 else 1})
 
 
@@ -294,6 +332,8 @@ def trials(request: HttpRequest) -> HttpResponse:
     if rater.step in ("done",) or (rater.step != "trials"):
         return redirect(f"studies:{rater.step}")
     study = rater.study
+    if study.closed and not rater.is_preview:
+        return _problem(request, "closed")
     if request.method == "POST":
         token = request.POST.get("trial", "")
         problem, choice, confidence = _answer_fields(request.POST, study)
@@ -305,6 +345,8 @@ def trials(request: HttpRequest) -> HttpResponse:
         try:
             answer, _created = record_answer(
                 rater, token, choice, _float(request.POST.get("rt_ms")), confidence)
+        except StudyClosed:
+            return _problem(request, "closed")
         except ValueError:
             return redirect("studies:trials")  # stale/back-button/replayed form: no change
         if answer.trial.kind == "practice":
@@ -361,4 +403,24 @@ def done(request: HttpRequest) -> HttpResponse:
         return redirect("studies:enter_code")
     if rater.step != "done":
         return redirect(f"studies:{rater.step}")
-    return _page(request, "studies/rater_done.html", {"study": rater.study})
+    study = rater.study
+    # the completion code / panel redirect exists only here, i.e. after the last answer is
+    # stored (step "done" is set in the same transaction)
+    panel = bool(rater.panel_pid and study.panel_completion_url)
+    return _page(request, "studies/rater_done.html", {
+        "study": study, "rater": rater, "panel_url": study.panel_completion_url if panel else "",
+        "completion_code": study.panel_completion_code if rater.panel_pid else ""})
+
+
+@never_cache
+@require_GET
+def declined(request: HttpRequest) -> HttpResponse:
+    """Page after declining consent."""
+    rater = session_rater(request)
+    if rater is None:
+        return redirect("studies:enter_code")
+    if rater.step != "declined":
+        return redirect(f"studies:{rater.step}")
+    return _page(request, "studies/rater_problem.html",
+                 {"title": "Thank you", "text": "You chose not to take part. Nothing else is "
+                  "stored about you. You can close this page."})

@@ -18,14 +18,18 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from ..access import cohorts_for, is_researcher, sign_in_required
-from ..models import Invitation, Study
+from ..csvsafe import write_csv
+from ..models import Invitation, Rater, Study
+from . import lifecycle
 from .design import DesignError
 from .forms import InvitationForm, StudyForm
 from .service import (
     available_views,
     eligible_subjects,
+    freeze,
     practice_reservation,
     response_rows,
+    start_preview,
     validate_study,
 )
 
@@ -36,6 +40,12 @@ def _rep():
     from . import report
 
     return report
+
+
+def _power():
+    from . import power
+
+    return power
 
 
 def study_view(kind: str = "page") -> Callable:
@@ -87,8 +97,12 @@ def study_list(request: HttpRequest) -> HttpResponse:
             form.add_error(None, str(exc))
         else:
             study.save()
+            _power().request_estimate(study)  # simulation-based power, as a background job
             return redirect("studies:study_detail", study_id=study.pk)
-    studies = Study.objects.filter(cohort__in=cohorts).select_related("cohort")
+    from django.db.models import Count, Q
+
+    studies = (Study.objects.filter(cohort__in=cohorts).select_related("cohort")
+               .annotate(n_raters=Count("raters", filter=Q(raters__is_preview=False))))
     return render(request, "studies/study_list.html", {"studies": studies, "form": form})
 
 
@@ -96,14 +110,24 @@ def study_list(request: HttpRequest) -> HttpResponse:
 @study_view("page")
 def study_detail(request: HttpRequest, study: Study) -> HttpResponse:
     """Design summary (with the subjects reserved for practice, or why the design is
-    impossible), invitations (with links), progress per group."""
+    impossible), pre-registration hash, power estimate, invitations (links with copy
+    buttons, revoke), recruitment funnel per group, raters (exclude / reset), close /
+    reopen, preview."""
     invitations = [(inv, request.build_absolute_uri(reverse("studies:invitation",
                                                             args=[inv.token])))
                    for inv in study.invitations.all()]
+    rep = _rep()
+    prog = rep.progress(study)
+    estimate = study.power_estimates.first()
     return render(request, "studies/study_detail.html", {
-        "study": study, "invitations": invitations, "progress": _rep().progress(study),
+        "study": study, "invitations": invitations, "progress": prog,
+        "totals": rep.funnel_totals(prog),
         "n_eligible": len(eligible_subjects(study)), "views": available_views(study.cohort),
-        "practice": practice_reservation(study),
+        "practice": practice_reservation(study), "raters": rep.rater_table(study),
+        "exclusion_rule": rep.exclusion_rule_text(study),
+        "estimate": estimate, "estimate_stale": bool(
+            estimate and estimate.params.get("design") != _power().design_of(study)),
+        "power_defaults": _power().DEFAULTS,
         "inv_form": InvitationForm(groups=study.groups)})
 
 
@@ -128,6 +152,8 @@ def study_edit(request: HttpRequest, study: Study) -> HttpResponse:
                 messages.error(request, "the design is frozen: a rater has already started")
                 return redirect("studies:study_detail", study_id=study.pk)
             edited.save()
+            Rater.objects.filter(study=study, is_preview=True).delete()  # stale previews
+            _power().request_estimate(edited)
             return redirect("studies:study_detail", study_id=study.pk)
     return render(request, "studies/study_edit.html", {"study": study, "form": form})
 
@@ -152,19 +178,35 @@ def invite(request: HttpRequest, study: Study) -> HttpResponse:
 @require_GET
 @study_view("page")
 def study_report(request: HttpRequest, study: Study) -> HttpResponse:
-    """Report: progress, accuracy plot, tests table, per-subject difficulty, RT plot."""
-    rows = response_rows(study)
-    analysis = _rep().study_analysis(rows)
-    cells = []
-    if analysis:
-        for g, conds in analysis["groups"].items():
-            for c, cell in conds.items():
-                cells.append({"group": g, "condition": c, **cell})
+    """Report: design and pre-registration hash, recruitment funnel, exclusions, primary
+    and sensitivity analyses (accuracy, tests with sidedness), per-subject difficulty,
+    response times, automated re-identification."""
+    from .reid_section import automated_reid
+
+    rep = _rep()
+    res = rep.study_results(study)
+    primary = study.primary_analysis
+    other = "all" if primary == "excluded" else "excluded"
+    analysis = res[primary]
+    rows = res["rows_kept"] if primary == "excluded" else res["rows"]
+    prog = rep.progress(study)
     return render(request, "studies/study_report.html", {
-        "study": study, "progress": _rep().progress(study), "analysis": analysis, "cells": cells,
-        "tests": _rep().tests_table(analysis) if analysis else [],
-        "difficulty": _rep().difficulty(rows), "n_answers": len(rows),
-        "attention": _rep().attention(study), "practice": practice_reservation(study),
+        "study": study, "progress": prog, "totals": rep.funnel_totals(prog),
+        "design": rep.design_summary(study),
+        "analysis": analysis, "cells": rep.accuracy_cells(analysis, study.groups),
+        "tests": rep.tests_table(analysis, study.groups) if analysis else [],
+        "primary_label": rep.primary_label(study, primary),
+        "other": res[other], "other_cells": rep.accuracy_cells(res[other], study.groups),
+        "other_tests": [t for t in rep.tests_table(res[other]) if
+                        t["test"].startswith("mixed model")] if res[other] else [],
+        "other_label": rep.primary_label(study, other), "other_key": other,
+        "excluded": list(res["excluded_raters"].values()),
+        "exclusion_rule": rep.exclusion_rule_text(study),
+        "mismatches": [r for r in rep.rater_table(study) if r["group_mismatch"]],
+        "difficulty": rep.difficulty(rows), "rt": rep.rt_table(rows, study.groups),
+        "n_answers": len(res["rows"]), "n_answers_primary": len(rows),
+        "attention": rep.attention(study), "practice": practice_reservation(study),
+        "reid": automated_reid(study.cohort),
         "mixed": (analysis or {}).get("mixed_model") or {}})
 
 
@@ -172,13 +214,28 @@ def study_report(request: HttpRequest, study: Study) -> HttpResponse:
 @study_view("file")
 def plot(request: HttpRequest, study: Study, name: str) -> HttpResponse:
     """PNG plots of the report: ``accuracy`` or ``rt``."""
-    rows = response_rows(study)
-    if name == "accuracy":
-        fig = _rep().accuracy_figure(_rep().study_analysis(rows, mixed_model=False))
-    elif name == "rt":
-        fig = _rep().rt_figure(rows)
-    else:
+    if name not in ("accuracy", "accuracy-sensitivity", "rt", "cmc"):
         raise Http404("no such plot")
+    if name == "cmc":
+        from .reid_section import automated_reid
+
+        cmc = automated_reid(study.cohort).get("cmc")
+        if not cmc:
+            raise Http404("no automated re-identification yet")
+        fig = _rep().cmc_figure(cmc)
+    else:
+        primary = study.primary_analysis
+        which = primary if name != "accuracy-sensitivity" else (
+            "all" if primary == "excluded" else "excluded")
+        rows = response_rows(study, exclude_excluded=which == "excluded")
+        if name == "rt":
+            fig = _rep().rt_figure(rows, order=study.groups)
+        else:
+            from .prereg import paired_conditions, reference_group
+
+            fig = _rep().accuracy_figure(_rep().study_analysis(
+                rows, mixed_model=False, paired=paired_conditions(study),
+                reference=reference_group(study)), order=study.groups)
     resp = HttpResponse(_rep().png_bytes(fig), content_type="image/png")
     resp["Cache-Control"] = "private, no-store"
     return resp
@@ -195,7 +252,8 @@ def export_responses(request: HttpRequest, study: Study) -> HttpResponse:
 @require_GET
 @study_view("file")
 def export_all_answers(request: HttpRequest, study: Study) -> HttpResponse:
-    """Every answer incl. practice and catch trials (``condition`` = catch for catch trials)."""
+    """Every answer incl. practice and catch trials (``trial_kind`` says which; ``condition``
+    is practice / catch for them)."""
     rows = response_rows(study, kinds=("practice", "main", "catch"))
     return _download(_rep().responses_csv(rows), "text/csv", f"study-{study.pk}-all-answers.csv")
 
@@ -211,11 +269,157 @@ def export_analysis(request: HttpRequest, study: Study) -> HttpResponse:
 @require_GET
 @study_view("file")
 def export_pdf(request: HttpRequest, study: Study) -> HttpResponse:
-    """PDF report made with matplotlib."""
+    """Typeset PDF report (ReportLab)."""
     return _download(_rep().pdf_report(study), "application/pdf", f"study-{study.pk}-report.pdf")
 
 
+@require_GET
+@study_view("file")
+def export_dataset(request: HttpRequest, study: Study) -> HttpResponse:
+    """Analysis dataset zip: tidy answers CSV, data dictionary, design.json sidecar."""
+    return _download(_rep().dataset_zip(study), "application/zip",
+                     f"study-{study.pk}-dataset.zip")
+
+
+@require_GET
+@study_view("file")
+def export_dictionary(request: HttpRequest, study: Study) -> HttpResponse:
+    """Data dictionary of the answer exports (column, type, meaning, units)."""
+    return _download(_rep().data_dictionary_csv(), "text/csv",
+                     f"study-{study.pk}-data-dictionary.csv")
+
+
+@require_GET
+@study_view("file")
+def export_design(request: HttpRequest, study: Study) -> HttpResponse:
+    """Design sidecar JSON: pre-registered plan + hash, raters, exclusions, funnel."""
+    return _download(json.dumps(_rep().design_document(study), indent=2, ensure_ascii=False),
+                     "application/json", f"study-{study.pk}-design.json")
+
+
+@require_GET
+@study_view("file")
+def export_panel(request: HttpRequest, study: Study) -> HttpResponse:
+    """Recruitment-panel ids (e.g. Prolific) per rater, for approving payments. Kept out of
+    every analysis export: it links rater codes to panel accounts."""
+    rows = [{"rater_id": r.code, "panel_pid": r.panel_pid, "panel_study_id": r.panel_study_id,
+             "panel_session_id": r.panel_session_id, "step": r.step,
+             "finished": "" if r.finished is None else r.finished.isoformat(),
+             "design_sha256": study.prereg_hash}
+            for r in Rater.objects.filter(study=study, is_preview=False).exclude(panel_pid="")
+            .order_by("index")]
+    return _download(write_csv(rows, ["rater_id", "panel_pid", "panel_study_id",
+                                      "panel_session_id", "step", "finished", "design_sha256"]),
+                     "text/csv", f"study-{study.pk}-panel.csv")
+
+
+def _back(study: Study) -> HttpResponse:
+    return redirect("studies:study_detail", study_id=study.pk)
+
+
+@require_POST
+@study_view("page")
+def study_action(request: HttpRequest, study: Study, action: str) -> HttpResponse:
+    """Lifecycle buttons of the study page: close, reopen, freeze, preview, power."""
+    if action == "close":
+        if lifecycle.close_study(study):
+            messages.success(request, "study closed: no further answers are accepted")
+    elif action == "reopen":
+        if lifecycle.reopen_study(study):
+            messages.success(request, "study reopened")
+    elif action == "freeze":
+        try:
+            freeze(study)
+            messages.success(request, "design frozen; pre-registration hash stored")
+        except DesignError as exc:
+            messages.error(request, f"cannot freeze: {exc}")
+    elif action == "preview":
+        from .rater_views import PREVIEW_KEY, SESSION_KEY
+
+        try:
+            rater = start_preview(study, request.POST.get("group") or study.groups[0])
+        except DesignError as exc:
+            messages.error(request, f"cannot preview: {exc}")
+            return _back(study)
+        request.session[SESSION_KEY] = rater.resume_token
+        request.session[PREVIEW_KEY] = study.pk
+        return redirect("studies:take")
+    elif action == "power":
+        inputs = {}
+        for key, value in _power().DEFAULTS.items():
+            raw = request.POST.get(key, "").strip()
+            if not raw:
+                continue
+            try:
+                inputs[key] = type(value)(raw)
+            except ValueError:
+                messages.error(request, f"{key}: not a number")
+                return _back(study)
+        bounds = {"p_control": (0.0, 1.0), "p_deidentified": (0.0, 1.0),
+                  "group_difference": (-1.0, 1.0), "rater_sd": (0.0, 5.0),
+                  "subject_sd": (0.0, 5.0), "alpha": (1e-6, 0.5), "target_power": (0.05, 0.99),
+                  "n_sim": (5, 1000), "n_sim_search": (5, 500), "max_seconds": (5, 900),
+                  "raters_per_group": (1, 500)}
+        for key, (lo, hi) in bounds.items():
+            if key in inputs and not lo <= inputs[key] <= hi:
+                messages.error(request, f"{key} must be between {lo} and {hi}")
+                return _back(study)
+        try:
+            validate_study(study)
+        except DesignError as exc:
+            messages.error(request, f"the design is impossible: {exc}")
+            return _back(study)
+        _power().request_estimate(study, inputs)
+        messages.success(request, "power estimate queued (about a minute)")
+    else:
+        raise Http404("no such action")
+    return _back(study)
+
+
+@require_POST
+@study_view("page")
+def invitation_action(request: HttpRequest, study: Study, inv_id: int) -> HttpResponse:
+    """Revoke an invitation."""
+    inv = study.invitations.filter(pk=inv_id).first()
+    if inv is None:
+        raise Http404("no such invitation")
+    if lifecycle.revoke_invitation(inv):
+        messages.success(request, "invitation revoked")
+    return _back(study)
+
+
+@require_POST
+@study_view("page")
+def rater_action(request: HttpRequest, study: Study, code: str, action: str) -> HttpResponse:
+    """Exclude (with a reason), re-include or reset a rater."""
+    rater = Rater.objects.filter(study=study, code=code, is_preview=False).first()
+    if rater is None:
+        raise Http404("no such rater")
+    if action == "exclude":
+        try:
+            lifecycle.exclude_rater(rater, request.POST.get("reason", ""))
+            messages.success(request, f"{rater.code} excluded from the analysis")
+        except ValueError as exc:
+            messages.error(request, str(exc))
+    elif action == "include":
+        lifecycle.include_rater(rater)
+        messages.success(request, f"{rater.code} included again")
+    elif action == "reset":
+        n = lifecycle.reset_rater(rater)
+        messages.success(request, f"{rater.code} reset ({n} answers deleted)")
+    else:
+        raise Http404("no such action")
+    return _back(study)
+
+
 __all__ = [
+    "export_dataset",
+    "export_design",
+    "export_dictionary",
+    "export_panel",
+    "invitation_action",
+    "rater_action",
+    "study_action",
     "export_all_answers",
     "export_analysis",
     "export_pdf",

@@ -21,6 +21,16 @@ urlpatterns = [
     path("studies/<int:study_id>/export/analysis.json", sv.export_analysis,
          name="export_analysis"),
     path("studies/<int:study_id>/export/report.pdf", sv.export_pdf, name="export_pdf"),
+    path("studies/<int:study_id>/export/dataset.zip", sv.export_dataset, name="export_dataset"),
+    path("studies/<int:study_id>/export/data-dictionary.csv", sv.export_dictionary,
+         name="export_dictionary"),
+    path("studies/<int:study_id>/export/design.json", sv.export_design, name="export_design"),
+    path("studies/<int:study_id>/export/panel.csv", sv.export_panel, name="export_panel"),
+    path("studies/<int:study_id>/do/<slug:action>/", sv.study_action, name="study_action"),
+    path("studies/<int:study_id>/invitations/<int:inv_id>/revoke/", sv.invitation_action,
+         name="revoke_invitation"),
+    path("studies/<int:study_id>/raters/<str:code>/<slug:action>/", sv.rater_action,
+         name="rater_action"),
     # rater side (no account)
     path("take/", rv.take, name="take"),
     path("take/start/", rv.enter_code, name="enter_code"),
@@ -33,4 +43,5 @@ urlpatterns = [
     path("take/feedback/<str:token>/", rv.feedback, name="feedback"),
     path("take/img/<str:token>", rv.image, name="image"),
     path("take/thanks/", rv.done, name="done"),
+    path("take/declined/", rv.declined, name="declined"),
 ]

@@ -32,7 +32,7 @@ from django.utils import timezone
 from surveys.models import Invitation
 from tests.test_study_fixtures import make_cohort, make_study
 u = User.objects.get(username="alice")
-cohort = make_cohort(settings.DATA_DIR, u, n_subjects=8)  # 4 reserved for practice
+cohort = make_cohort(settings.DATA_DIR, u, n_subjects=10)  # 4 reserved for practice
 study = make_study(cohort, u, trials_per_rater=6, n_practice=1, n_catch=1, ask_confidence=True)
 g = Invitation.objects.create(study=study, group="general")
 p = Invitation.objects.create(study=study, group="plastic surgeon", max_uses=1)
@@ -57,8 +57,12 @@ def _intro(page, base: str, token: str, group: str, years: int) -> None:
     page.goto(f"{base}/take/i/{token}/")
     page.click("#start")
     page.click("#agree")
-    page.select_option("select[name=group]", group)
-    page.fill("input[name=years_experience]", str(years))
+    page.select_option("select[name=profession]", group if group != "general"
+                       else "not a healthcare professional")
+    if page.locator("input[name=years_experience]").count():
+        page.fill("input[name=years_experience]", str(years))
+    else:  # the public is asked how often they see medical images instead
+        page.check("input[name=familiarity][value=rarely]")
     page.click("#questionnaire button[type=submit]")
     page.click("#begin")
 
@@ -203,8 +207,10 @@ def test_two_raters_resume_report_csv(site, tmp_path):
     assert {r["rater_group"] for r in rows} == {"general", "plastic surgeon"}
     assert {int(r["confidence"]) for r in rows if r["rater_group"] == "general"} == {4}
     assert all(float(r["response_time_ms"]) > 0 and r["rt_suspect"] == "0" for r in rows)
+    # the report's primary analysis leaves out the raters excluded by the pre-registered rule
     for (grp, cond), (n, k) in report_cells.items():
-        sel = [r for r in rows if cond == r["condition"] and grp in ("all", r["rater_group"])]
+        sel = [r for r in rows if cond == r["condition"] and grp in ("all", r["rater_group"])
+               and r["rater_excluded"] == "0"]
         assert (n, k) == (len(sel), sum(int(r["correct"]) for r in sel)), (grp, cond)
     for log in plat.var_dir.glob("*.log"):
         assert "SUBJ-" not in log.read_text(), log.name

@@ -18,8 +18,6 @@ number; identifiers are never echoed).
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import re
 from pathlib import Path
@@ -28,7 +26,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils.html import escape
 
-from pipeline.stats import ALL_GROUPS, ResponsesError, analyze, read_responses_csv
+from pipeline.stats import ALL_GROUPS, ResponsesError, analyze, format_p, read_responses_csv
+from surveys.csvsafe import write_csv
 
 FORMATS = ("json", "csv", "html")
 CSV_COLUMNS = ("section", "group", "condition", "term", "statistic", "value")
@@ -142,13 +141,11 @@ def to_csv(result: dict[str, Any]) -> str:
     """The long CSV table of :func:`flatten`.
 
     Header ``section,group,condition,term,statistic,value``; floats at full
-    precision (``repr``), empty value for "not available".
+    precision (``repr``), empty value for "not available". Text a spreadsheet would run
+    as a formula (a group named ``=HYPERLINK(…)``) is written with a leading ``'``
+    (:func:`surveys.csvsafe.safe_cell`).
     """
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(flatten(result))
-    return buf.getvalue()
+    return write_csv(flatten(result), CSV_COLUMNS)
 
 
 def _cell(value: Any) -> str:
@@ -201,7 +198,7 @@ def to_html(result: dict[str, Any]) -> str:
                          _pct(c["accuracy"]), _ci(c["ci_low"], c["ci_high"]), _pct(c["chance"]),
                          _p(c["chance_p"])])
     parts.append(_table(["Group", "Condition", "Raters", "n", "Correct", "Accuracy",
-                         "Wilson 95 % CI", "Chance", "p (> chance, exact one-sided)"], rows))
+                         "Wilson 95 % CI", "Chance", "p (> chance, exact, one-sided)"], rows))
 
     pair = meta["paired_conditions"]
     parts.append("<h2>Paired comparison (exact McNemar)</h2>")
@@ -214,7 +211,7 @@ def to_html(result: dict[str, Any]) -> str:
                           m["note"] or ""] for g, m in result["mcnemar"].items()]))
 
     parts.append("<h2>Between groups</h2>")
-    parts.append(_table(["Condition", "Groups", "Test", "Statistic", "p", "Note"],
+    parts.append(_table(["Condition", "Groups", "Test", "Statistic", "p (two-sided)", "Note"],
                         [[c, ", ".join(b["groups"]), b["test"] or "—", _num(b["statistic"]),
                           _p(b["p_value"]), b["note"] or ""]
                          for c, b in result["between_groups"].items()]))
@@ -233,7 +230,8 @@ def to_html(result: dict[str, Any]) -> str:
             parts.append(f"<p class=\"note\">Log-odds scale; reference condition "
                          f"{escape(ref['condition'])}, reference group {escape(ref['group'])}; "
                          f"{escape(model['coding'])}.</p>")
-            parts.append(_table(["Term", "Estimate", "SD", "95 % interval", "p (approx.)"],
+            parts.append(_table(["Term", "Estimate", "SD", "95 % interval",
+                                 "p (Wald, two-sided)"],
                                 [[t, _num(v["estimate"]), _num(v["sd"]),
                                   _ci(v["ci_low"], v["ci_high"], pct=False), _p(v["p_value"])]
                                  for t, v in model["terms"].items()]))
@@ -296,9 +294,7 @@ def _num(value: float | None) -> str:
 
 
 def _p(value: float | None) -> str:
-    if value is None:
-        return "—"
-    return f"{value:.2g}" if value < 1e-3 else f"{value:.3f}"
+    return format_p(value)
 
 
 def _ci(low: float | None, high: float | None, pct: bool = True) -> str:
