@@ -24,3 +24,12 @@
     done(btn, ok ? "Copied" : "Press Ctrl+C");
   });
 })();
+
+/* Forms with data-confirm ask before they are sent (no inline handlers: the CSP forbids them). */
+(function () {
+  "use strict";
+  document.addEventListener("submit", function (e) {
+    var form = e.target.closest("form[data-confirm]");
+    if (form && !window.confirm(form.dataset.confirm)) e.preventDefault();
+  });
+})();
