@@ -748,6 +748,25 @@ def _inside_coarse(grid: CoarseGrid, stack: SliceStack, hull: SkeletonHull | Non
     return inside
 
 
+def _grown_inside(inside: np.ndarray, grid: CoarseGrid, margin_mm: float) -> np.ndarray:
+    """The coarse hull mask grown by ≈ ``margin_mm`` (±1 coarse voxel): dilations of the
+    26-neighbourhood, for larger margins on a grid pooled 2× (any) and expanded back. Used
+    for thresholds (nose protrusion, face volume), where a voxel's accuracy does not matter."""
+    step = min(grid.spacing_mm)
+    if margin_mm < 3.0 * step:  # a few voxels: dilate directly
+        n = max(1, int(round(margin_mm / step)))
+        return ndi.binary_dilation(inside, structure=np.ones((3, 3, 3), bool), iterations=n)
+    shape = inside.shape
+    pad = [(0, (-n) % 2) for n in shape]
+    pooled = np.pad(inside, pad).reshape(
+        (shape[0] + pad[0][1]) // 2, 2, (shape[1] + pad[1][1]) // 2, 2,
+        (shape[2] + pad[2][1]) // 2, 2).any(axis=(1, 3, 5))
+    n = max(1, int(round(margin_mm / (2.0 * min(grid.spacing_mm)))))
+    grown = ndi.binary_dilation(pooled, structure=np.ones((3, 3, 3), bool), iterations=n)
+    full = grown.repeat(2, 0).repeat(2, 1).repeat(2, 2)
+    return full[:shape[0], :shape[1], :shape[2]] | inside
+
+
 def _zone_coarse(grid: CoarseGrid, stack: SliceStack, zone: FaceZone,
                  thin: np.ndarray | None) -> np.ndarray:
     """Coarse bool mask of ``zone`` (ear parts limited to ``thin``), by row spans."""
@@ -788,8 +807,11 @@ def _globe_candidates(grid: CoarseGrid, body: np.ndarray, st: EnvelopeSettings, 
         rows = np.flatnonzero(row_y <= y_cut)
         if rows.size:
             box = (box[0], slice(box[1].start, min(box[1].stop, int(rows[-1]) + 1)), box[2])
+    # ≈ 3–4 mm is fine enough to find 24 mm globes: halve finer grids in-plane
+    step = 2 if max(grid.spacing_mm[1:]) < 2.5 else 1
+    box = (box[0], slice(box[1].start, box[1].stop, step), slice(box[2].start, box[2].stop, step))
     hu = grid.hu[box]
-    sp = grid.spacing_mm
+    sp = (grid.spacing_mm[0], grid.spacing_mm[1] * step, grid.spacing_mm[2] * step)
     clipped = np.clip(hu, -150.0, 100.0)
     resp = -ndi.gaussian_laplace(clipped, tuple(st.globe_sigma_mm / s for s in sp))
     s3 = tuple(3.0 / s for s in sp)
@@ -806,7 +828,8 @@ def _globe_candidates(grid: CoarseGrid, body: np.ndarray, st: EnvelopeSettings, 
     vals = score[tuple(idx.T)]
     order = np.argsort(vals)[::-1][:n]
     off = np.array([b.start for b in box])
-    return [(tuple(int(x) for x in idx[o] + off), float(vals[o])) for o in order]
+    mul = np.array([1, step, step])
+    return [(tuple(int(x) for x in idx[o] * mul + off), float(vals[o])) for o in order]
 
 
 def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
@@ -888,10 +911,19 @@ def _plastic_devices(grid: CoarseGrid, stack: SliceStack, hull: SkeletonHull, in
     if not dense.any():
         return dense
     lab, n = ndi.label(dense, structure=np.ones((3, 3, 3), bool))
-    far = ~_inside_coarse(grid, stack, hull.grown(st.device_reach_mm))
-    ids = np.unique(lab[dense & far])
-    ids = ids[ids > 0]
-    if ids.size == 0:
+    # per piece, its voxels at the extremes of each axis: the farthest from the skull is one
+    objs = ndi.find_objects(lab)
+    ids = []
+    for c, box in enumerate(objs, start=1):
+        if box is None:
+            continue
+        sub = lab[box] == c
+        idx = np.argwhere(sub)
+        ext = np.concatenate([idx[np.argmin(idx, axis=0)], idx[np.argmax(idx, axis=0)]])
+        ext += np.array([b.start for b in box])
+        if hull.distance_outside(grid.lps(*ext.T)).max() >= st.device_reach_mm:
+            ids.append(c)
+    if not ids:
         return dense & False
     return np.isin(lab, ids)
 
@@ -971,7 +1003,7 @@ def find_envelope(volume: Volume, settings: EnvelopeSettings | None = None) -> E
         devices = devices | near_device
 
     soft_out = body & ~inside & (grid.hu > -200.0) & (grid.hu < 200.0)
-    proud_idx = np.argwhere(soft_out & ~_inside_coarse(grid, stack, hull.grown(st.min_protrusion_mm)))
+    proud_idx = np.argwhere(soft_out & ~_grown_inside(inside, grid, st.min_protrusion_mm))
     proud = grid.lps(*proud_idx.T) if proud_idx.size else np.zeros((0, 3))
     globes = _find_globes(grid, body, hull, st)
     lm.axes = _head_axes(globes)
@@ -1069,7 +1101,7 @@ def find_envelope(volume: Volume, settings: EnvelopeSettings | None = None) -> E
     zone = FaceZone([np.array(face), *ears], ["face", "right ear", "left ear"])
     thin = _thin_flaps(grid, stack, body, FaceZone(ears, ["right ear", "left ear"]), st)
     env = result(body, hull, inside, zone, True, "", thin=thin)
-    proud4 = soft_out & env.zone_coarse & ~_inside_coarse(grid, stack, hull.grown(st.face_depth_mm))
+    proud4 = soft_out & env.zone_coarse & ~_grown_inside(inside, grid, st.face_depth_mm)
     env.face_ml = round(float(proud4.sum()) * voxel_ml, 2)
     if env.face_ml < st.min_face_ml:
         env.face_found = False
