@@ -63,6 +63,7 @@ __all__ = [
     "fuse_similarities",
     "genuine_impostor_scores",
     "hit_probability",
+    "k_choice_accuracy",
     "match_ranks",
     "plot_cmc",
     "plot_roc",
@@ -227,6 +228,34 @@ def rank_k_accuracy(better: np.ndarray, ties: np.ndarray, k: int) -> float:
     return float(np.mean(hit_probability(better, ties, k)))
 
 
+def k_choice_accuracy(better: Sequence[int], ties: Sequence[int], n_gallery: int, k: int) -> float:
+    """Expected accuracy in a k-alternative forced choice (the human raters' task).
+
+    For each probe: the probability that its own subject scores highest
+    among itself and ``k − 1`` other gallery subjects drawn at random without
+    replacement (ties broken at random, :data:`TIE_RULE`); averaged over
+    probes. Chance is ``1 / k``. Needs ``2 <= k <= n_gallery``.
+    """
+    from math import comb
+
+    if not 2 <= k <= n_gallery:
+        raise ReidError(f"k must lie in 2..{n_gallery}, got {k}")
+    m = n_gallery - 1
+    draws = k - 1
+    total = comb(m, draws)
+    acc = []
+    for b, t in zip(better, ties):
+        b, t = int(b), int(t)
+        w = m - b - t
+        if w < 0:
+            raise ReidError("rank counts exceed the gallery size")
+        acc.append(sum(comb(t, j) * comb(w, draws - j) / (j + 1)
+                       for j in range(0, min(t, draws) + 1)) / total)
+    if not acc:
+        raise ReidError("no probes")
+    return float(np.mean(acc))
+
+
 def cmc_curve(better: np.ndarray, ties: np.ndarray, n_gallery: int) -> np.ndarray:
     """Cumulative match characteristic: ``cmc[k-1]`` = rank-k accuracy, k = 1..n_gallery."""
     b = np.asarray(better)
@@ -328,6 +357,8 @@ class ConditionMetrics:
             "genuine_mean": float(np.mean(self.genuine)),
             "impostor_mean": float(np.mean(self.impostor)),
             "expected_ranks": [float(r) for r in self.ranks],
+            "better": [int(b) for b in self.better],
+            "ties": [int(t) for t in self.ties],
         }
         for key, (lo, hi) in self.ci95.items():
             out[f"{key}_ci95"] = [lo, hi]

@@ -141,6 +141,11 @@ class SubjectFeatures:
         return (e / np.linalg.norm(e, axis=1, keepdims=True)).mean(axis=0)
 
 
+def _uniform(volume: Any) -> Any:
+    as_uniform = getattr(volume, "as_uniform", None)
+    return as_uniform() if callable(as_uniform) else volume
+
+
 def _same_geometry(a: Any, b: Any) -> bool:
     return (a.shape == b.shape and np.allclose(a.spacing_mm, b.spacing_mm)
             and np.allclose(a.origin_lps_mm, b.origin_lps_mm)
@@ -176,6 +181,10 @@ def subject_features(
     from .surface import skin_surface, smooth_mesh, strides_for_resolution
 
     protocol = protocol or ReidProtocol()
+    # a series whose slice spacing changes is meshed on a regular resampling (when the
+    # Volume class offers one)
+    original = _uniform(original)
+    deidentified = None if deidentified is None else _uniform(deidentified)
     views = protocol.view_settings()
     box = protocol.render.mesh_box
     t: dict[str, float] = {}

@@ -554,6 +554,7 @@ def render_subject(
     target_faces: int = 60_000,
     template: Any = None,
     timeout_s: float = 120.0,
+    smoothing_iterations: int = 20,
 ) -> SubjectRenders:
     """Bone alignment → skin surfaces (face region) → canonical frame → standard views.
 
@@ -562,13 +563,15 @@ def render_subject(
     the crop (:func:`canonical_crop` of ``settings.mesh_box``) come from the
     original's bone and are reused for the de-identified volume when both
     share their geometry, so differences between their renders come from the
-    soft tissue only. Surfaces are meshed at about ``resolution_mm`` and
-    decimated to ``target_faces``.
+    soft tissue only. Surfaces are meshed at about ``resolution_mm``,
+    decimated to ``target_faces`` and Taubin-smoothed
+    (:func:`pipeline.surface.smooth_mesh`, ``smoothing_iterations``) so the
+    slice terraces of thick-slice scans do not show.
     """
     import time
 
     from .align import alignment_from_volume
-    from .surface import skin_surface, strides_for_resolution
+    from .surface import skin_surface, smooth_mesh, strides_for_resolution
 
     settings = settings or RenderSettings()
     t: dict[str, float] = {}
@@ -580,7 +583,7 @@ def render_subject(
         m = skin_surface(volume, level_hu=skin_level_hu, crop_ijk=crop,
                          stride=strides_for_resolution(volume, resolution_mm),
                          target_faces=target_faces)
-        return al.apply_mesh(m)
+        return smooth_mesh(al.apply_mesh(m), smoothing_iterations)
 
     t0 = time.perf_counter()
     crop = canonical_crop(original, alignment, settings.mesh_box)

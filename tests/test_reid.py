@@ -22,6 +22,7 @@ from pipeline.reid import (
     evaluate_study,
     fuse_similarities,
     genuine_impostor_scores,
+    k_choice_accuracy,
     match_ranks,
     plot_cmc,
     plot_roc,
@@ -85,6 +86,31 @@ def test_tie_rule_is_the_expectation_over_random_tie_breaking():
     for k in range(1, 6):
         assert rank_k_accuracy(better, ties, k) == pytest.approx(_brute_hit_rates(sim, ids, ids, k))
     assert evaluate_similarity(sim, ids, ids, n_bootstrap=0).cmc[-1] == 1.0
+
+
+def test_k_choice_accuracy_matches_enumeration_of_every_choice_set():
+    """The raters' k-alternative task: the own subject must beat k − 1 random others."""
+    sim = np.array([[0.5, 0.9, 0.5, 0.1, 0.2], [0.3, 0.8, 0.8, 0.8, 0.1],
+                    [0.1, 0.2, 0.7, 0.3, 0.4], [0.6, 0.6, 0.6, 0.6, 0.6],
+                    [0.9, 0.8, 0.7, 0.6, 0.5]])
+    ids = list("abcde")
+    better, ties = rank_counts(sim, ids, ids)
+    for k in (2, 3, 4, 5):
+        expected = []
+        for p in range(5):
+            others = [g for g in range(5) if g != p]
+            per_set = []
+            for chosen in itertools.combinations(others, k - 1):
+                scores = [sim[p, g] for g in chosen]
+                b = sum(x > sim[p, p] for x in scores)
+                t = sum(x == sim[p, p] for x in scores)
+                per_set.append(0.0 if b else 1.0 / (t + 1))
+            expected.append(np.mean(per_set))
+        assert k_choice_accuracy(better, ties, 5, k) == pytest.approx(np.mean(expected))
+    m = evaluate_similarity(sim, ids, ids, n_bootstrap=0)
+    assert k_choice_accuracy(better, ties, 5, 5) == pytest.approx(m.rank1)
+    with pytest.raises(ReidError):
+        k_choice_accuracy(better, ties, 5, 6)
 
 
 def test_ranks_and_cmc_match_brute_force(study):

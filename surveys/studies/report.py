@@ -25,6 +25,7 @@ from .service import EXPORT_COLUMNS, practice_reservation, response_rows
 
 __all__ = [
     "accuracy_figure",
+    "automated_reid",
     "analysis_json",
     "difficulty",
     "pdf_report",
@@ -227,6 +228,69 @@ def analysis_json(study: Study) -> str:
     return json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False)
 
 
+def automated_reid(study: Study, analysis: dict[str, Any] | None) -> dict[str, Any]:
+    """Template context of the automated re-identification section (cohort summary
+    computed by :mod:`pipeline.reid`, human rates beside it); empty dict without one."""
+    from django.urls import reverse
+
+    from ..reid import human_vs_automated, reid_table
+
+    summary = getattr(study.cohort, "reid", None) if hasattr(study.cohort, "reid") else None
+    if summary is None or not summary.metrics:
+        return {}
+    return {"reid_table": reid_table(summary.metrics),
+            "reid_plot_url": reverse("surveys:reid_plot", args=[study.cohort_id]),
+            "reid_compare": human_vs_automated(analysis, summary.metrics, study.n_choices)}
+
+
+def _automated_reid_page(study: Study, analysis: dict[str, Any] | None) -> Figure | None:
+    """PDF page: human rates beside the automated ones, every matcher's table, CMC."""
+    from pipeline.reid import cmc_figure
+
+    ctx = automated_reid(study, analysis)
+    if not ctx:
+        return None
+    table, compare = ctx["reid_table"], ctx["reid_compare"]
+    lines = ["Automated re-identification (pipeline.reid; gallery: simulated second scan of each "
+             "original)", f"{table['n']} subjects; chance rank-1 {table['chance']['rank1']:.2f}, "
+             f"AUC 0.50" + ("   WARNING: fewer than 10 subjects" if table["small_cohort"] else ""),
+             "", f"Accuracy in the raters' {study.n_choices}-choice task (chance "
+             f"{1 / study.n_choices:.2f}):"]
+    for row in compare:
+        human = ("–" if row["human_accuracy"] is None else
+                 f"{row['human_accuracy']:.3f} [{row['human_lo']:.3f}, {row['human_hi']:.3f}] "
+                 f"(n = {row['human_n']})")
+        auto = ", ".join(f"{a['matcher']} {a['k_choice']:.3f}" for a in row["automated"]
+                         if a["k_choice"] is not None)
+        lines.append(f"  {row['condition_label']}: raters {human}; automated {auto}")
+    lines += ["", "Identification among all subjects (rank-1 / rank-5 / AUC, 95 % CI):"]
+    for r in table["rows"]:
+        def ci(key: str) -> str:
+            lo, hi = r[f"{key}_lo"], r[f"{key}_hi"]
+            return f"{r[key]:.2f}" + ("" if lo is None else f" [{lo:.2f}, {hi:.2f}]")
+        lines.append(f"  {r['matcher']:<10s} {r['condition']:<13s} {ci('rank1'):<18s} "
+                     f"{ci('rank5'):<18s} {ci('auc')}")
+    lines += [""] + textwrap.wrap(table["tie_rule"], 110)
+    fig = Figure(figsize=(8.27, 11.69))
+    fig.text(0.05, 0.97, "\n".join(lines), va="top", family="monospace", fontsize=7)
+    cmc = cmc_figure(study.cohort.reid.metrics)
+    ax = fig.add_axes([0.12, 0.08, 0.76, 0.4])
+    src = cmc.axes[0]
+    for line in src.get_lines():
+        ax.plot(line.get_xdata(), line.get_ydata(), drawstyle=line.get_drawstyle(),
+                color=line.get_color(), linestyle=line.get_linestyle(),
+                marker=line.get_marker(), markersize=3, label=line.get_label())
+    ax.set_xlim(src.get_xlim())
+    ax.set_ylim(src.get_ylim())
+    ax.set_xticks([t for t in src.get_xticks() if src.get_xlim()[0] <= t <= src.get_xlim()[1]])
+    ax.set_xlabel(src.get_xlabel())
+    ax.set_ylabel(src.get_ylabel())
+    ax.set_title(src.get_title(), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=7)
+    return fig
+
+
 def pdf_report(study: Study) -> bytes:
     """Multi-page PDF (matplotlib PdfPages): summary text, accuracy plot, tests, RTs."""
     rows = response_rows(study)
@@ -262,4 +326,7 @@ def pdf_report(study: Study) -> bytes:
         pdf.savefig(fig)
         for f in (accuracy_figure(analysis), rt_figure(rows)):
             pdf.savefig(f)
+        page = _automated_reid_page(study, analysis)
+        if page is not None:
+            pdf.savefig(page)
     return buf.getvalue()

@@ -165,7 +165,8 @@ def study_report(request: HttpRequest, study: Study) -> HttpResponse:
         "tests": _rep().tests_table(analysis) if analysis else [],
         "difficulty": _rep().difficulty(rows), "n_answers": len(rows),
         "attention": _rep().attention(study), "practice": practice_reservation(study),
-        "mixed": (analysis or {}).get("mixed_model") or {}})
+        "mixed": (analysis or {}).get("mixed_model") or {},
+        **_rep().automated_reid(study, analysis)})
 
 
 @require_GET
