@@ -33,7 +33,7 @@ from pipeline import render as R  # noqa: E402  (first: sets the OpenGL platform
 from pipeline.align import default_template  # noqa: E402
 from pipeline.embed import get_embedder  # noqa: E402
 from pipeline.reid_features import MATCHERS, subject_features, study_similarities  # noqa: E402
-from pipeline.rescan import rescan_seed  # noqa: E402
+from pipeline.rescan import volume_seed  # noqa: E402
 from pipeline.synth import SubjectParams, generate_head  # noqa: E402
 from pipeline.volume import Volume  # noqa: E402
 
@@ -67,7 +67,7 @@ def bench_one(shape: tuple[int, int, int], spacing: tuple[float, float, float], 
     t_init = time.perf_counter() - t0
 
     t0, c0 = time.perf_counter(), time.process_time()
-    f = subject_features(head.volume, deid, seed=rescan_seed(f"bench-{seed}"))
+    f = subject_features(head.volume, deid, seed=volume_seed(head.volume))
     total, cpu = time.perf_counter() - t0, time.process_time() - c0
     print(f"subject {shape[2]}×{shape[1]}×{shape[0]} voxels, spacing {spacing} mm "
           f"(generated in {t_gen:.1f} s; de-identified in {t_deid:.1f} s, not timed)")
@@ -95,7 +95,7 @@ def study(n: int, seed: int, out: Path, size: str, n_bootstrap: int) -> dict:
                              noise_seed=s)
         label = f"SYN-{s}"
         feats.append(subject_features(head.volume, deidentify(head.volume), label=label,
-                                      seed=rescan_seed(label)))
+                                      seed=volume_seed(head.volume)))
         ids.append(label)
         print(f"  {label} done", flush=True)
     result = evaluate_study(study_similarities(feats), ids, labels=MATCHERS,

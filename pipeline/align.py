@@ -438,7 +438,7 @@ def _sagittal_icp(
 
 def _inlier_fraction(q: np.ndarray, nq: np.ndarray, w: np.ndarray, template: BoneTemplate,
                      rot: np.ndarray, t: np.ndarray, scale: float, inlier_mm: float) -> float:
-    """Area-weighted fraction of points with a normal-compatible template point within ``inlier_mm``."""
+    """Area-weighted share of points with a normal-compatible template point within ``inlier_mm``."""
     m = scale * (q @ rot.T) + t
     mn = nq @ rot.T
     dist, idx = template.tree.query(m, k=4, workers=1, distance_upper_bound=inlier_mm)

@@ -1,4 +1,4 @@
-"""Re-identification metrics: the one implementation used by ``reid_eval``, the web and the study report.
+"""Re-identification metrics: one implementation for ``reid_eval``, the web and the study report.
 
 Closed-set identification. The GALLERY holds one sample per subject (the
 subject's known face); a PROBE set holds one sample per subject from another
@@ -193,7 +193,7 @@ def _check_similarity(similarity: np.ndarray, probe_ids: Sequence[str],
 
 def rank_counts(similarity: np.ndarray, probe_ids: Sequence[str],
                 gallery_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Per probe: ``(better, ties)`` = other gallery entries strictly more similar / exactly as similar."""
+    """Per probe: ``(better, ties)`` = other gallery entries strictly more / exactly as similar."""
     s = _check_similarity(similarity, probe_ids, gallery_ids)
     gi = _genuine_index(probe_ids, gallery_ids)
     rows = np.arange(len(gi))
@@ -301,7 +301,8 @@ def roc_auc(genuine: np.ndarray, impostor: np.ndarray) -> float:
     return float((lo + 0.5 * (hi - lo)).sum() / (g.size * i.size))
 
 
-def roc_curve(genuine: np.ndarray, impostor: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def roc_curve(genuine: np.ndarray,
+              impostor: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(fpr, tpr, thresholds)`` for "same subject if score ≥ threshold", descending thresholds.
 
     Starts at (0, 0) with threshold +inf and ends at (1, 1).
@@ -365,7 +366,7 @@ class ConditionMetrics:
         return out
 
     def to_dict(self, name: str) -> dict[str, object]:
-        """Flat dict with keys ``rank1_<name>``, ``rank1_<name>_ci95``, ... (``reid_eval`` format)."""
+        """Flat dict: ``rank1_<name>``, ``rank1_<name>_ci95``, ... (the older flat format)."""
         out: dict[str, object] = {
             f"rank1_{name}": self.rank1,
             f"rank5_{name}": self.rank5,

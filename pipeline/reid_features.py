@@ -169,7 +169,7 @@ def subject_features(
 
     ``original`` / ``deidentified`` are :class:`pipeline.volume.Volume` (HU,
     LPS); ``seed`` fixes the simulated re-scan of the gallery (use
-    :func:`pipeline.rescan.rescan_seed` of a stable subject label).
+    :func:`pipeline.rescan.volume_seed` of the original).
     Raises :class:`pipeline.align.AlignmentError`,
     :class:`pipeline.surface.SurfaceError`, :class:`pipeline.render.RenderError`
     or :class:`pipeline.embed.EmbedError` when a step fails.

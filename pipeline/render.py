@@ -185,7 +185,9 @@ def _light_pose(yaw_deg: float, settings: RenderSettings) -> np.ndarray:
     z = light_direction(yaw_deg, settings)
     x = pose[:3, 0] - (pose[:3, 0] @ z) * z  # orthonormal frame around the light direction
     n = np.linalg.norm(x)
-    x = x / n if n > 1e-9 else np.cross([0.0, 0.0, 1.0], z) / np.linalg.norm(np.cross([0.0, 0.0, 1.0], z))
+    if n < 1e-9:  # light along the camera's x axis: any perpendicular will do
+        x, n = np.cross([0.0, 0.0, 1.0], z), np.linalg.norm(np.cross([0.0, 0.0, 1.0], z))
+    x = x / n
     out = np.eye(4)
     out[:3, 0], out[:3, 1], out[:3, 2], out[:3, 3] = x, np.cross(z, x), z, pose[:3, 3]
     return out

@@ -25,7 +25,7 @@ from scipy.ndimage import map_coordinates
 
 from .volume import Volume
 
-__all__ = ["RescanMotion", "rescan_seed", "simulate_rescan"]
+__all__ = ["RescanMotion", "simulate_rescan", "volume_seed"]
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,19 @@ class RescanMotion:
     grid_offset_voxels: np.ndarray
 
 
-def rescan_seed(label: str) -> int:
-    """A stable 32-bit seed from a subject label (same label → same simulated re-scan)."""
-    return int.from_bytes(hashlib.sha256(label.encode("utf-8")).digest()[:4], "little")
+def volume_seed(volume: Volume, salt: int = 0) -> int:
+    """A stable 32-bit seed from a volume's voxels and grid (same scan → same re-scan).
+
+    Hashes the shape, spacing and every 2nd/4th/4th voxel (k/j/i) with ``salt``;
+    independent of file names, pseudonyms and processing order, so the command
+    line and the web platform simulate the same second acquisition of a scan.
+    """
+    h = hashlib.sha256()
+    h.update(np.asarray(volume.shape, dtype=np.int64).tobytes())
+    h.update(np.asarray(volume.spacing_mm, dtype=np.float64).round(4).tobytes())
+    h.update(np.ascontiguousarray(volume.hu[::2, ::4, ::4], dtype=np.float32).tobytes())
+    h.update(int(salt).to_bytes(8, "little", signed=True))
+    return int.from_bytes(h.digest()[:4], "little")
 
 
 def _rotation(angles_deg: np.ndarray) -> np.ndarray:

@@ -43,7 +43,7 @@ class ShapeError(ValueError):
 
 @dataclass(frozen=True)
 class DepthGrid:
-    """Canonical ``(x, z)`` grid of a frontal depth map (mm): ``x0..x1`` × ``z0..z1`` in ``cell_mm`` steps."""
+    """Canonical ``(x, z)`` grid of a frontal depth map (mm): ``x0..x1`` × ``z0..z1``, ``cell_mm``."""
 
     x0: float = -72.0
     x1: float = 72.0
@@ -129,7 +129,8 @@ def depth_distance_matrix(probes: Sequence[np.ndarray] | np.ndarray,
         valid = np.isfinite(diff)
         counts = valid.sum(axis=1)
         # subtract each row's median over its valid cells, then take the quantile of |d|
-        med = np.nanmedian(np.where(valid, diff, np.nan), axis=1, keepdims=True) if counts.max() else 0
+        masked = np.where(valid, diff, np.nan)
+        med = np.nanmedian(masked, axis=1, keepdims=True) if counts.max() else 0
         dev = np.abs(diff - med)
         q = np.nanquantile(np.where(valid, dev, np.nan), quantile, axis=1) if counts.max() else 0
         out[i] = np.where(counts >= min_cells, q, np.nan)
@@ -148,6 +149,7 @@ def _nanmean0(a: np.ndarray) -> np.ndarray:
 
 
 def depth_similarity(probes: Sequence[np.ndarray] | np.ndarray,
-                     gallery: Sequence[np.ndarray] | np.ndarray, **kwargs: float | bool) -> np.ndarray:
+                     gallery: Sequence[np.ndarray] | np.ndarray,
+                     **kwargs: float | bool) -> np.ndarray:
     """Negative :func:`depth_distance_matrix` (larger = more alike), for :mod:`pipeline.reid`."""
     return -depth_distance_matrix(probes, gallery, **kwargs)  # type: ignore[arg-type]

@@ -93,7 +93,8 @@ def reid_table(study: dict[str, Any] | None) -> dict[str, Any] | None:
     primary = study["matchers"][study["primary"]]
     protocol = study.get("protocol") or {}
     return {"rows": rows, "chance": study["chance"], "n": study["n_subjects"],
-            "gallery_yaw": protocol.get("gallery_yaw_deg"), "probe_yaw": protocol.get("probe_yaw_deg"),
+            "gallery_yaw": protocol.get("gallery_yaw_deg"),
+            "probe_yaw": protocol.get("probe_yaw_deg"),
             "small_cohort": study["small_cohort"], "min_subjects": study["min_subjects"],
             "tie_rule": study["tie_rule"], "primary": study["primary"],
             "rank1_deidentified": primary.get("deidentified", {}).get("rank1"),

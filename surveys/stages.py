@@ -396,7 +396,7 @@ def stage_embeddings(subject: Subject, ctx: StageContext) -> None:
     maps); the cohort summary is recomputed when every subject has them."""
     from pipeline import render  # noqa: F401 — first: sets the OpenGL platform
     from pipeline.reid_features import features_to_json, subject_features
-    from pipeline.rescan import rescan_seed
+    from pipeline.rescan import volume_seed
 
     s = subject.primary_series()
     if s is None or not s.deid_dir:
@@ -404,8 +404,7 @@ def stage_embeddings(subject: Subject, ctx: StageContext) -> None:
     orig = load_stored(s.original_dir).volume
     deid = load_stored(s.deid_dir).volume
     ctx.progress(0.2)
-    f = subject_features(orig, deid, label=subject.pseudonym,
-                         seed=rescan_seed(subject.pseudonym),
+    f = subject_features(orig, deid, label=subject.pseudonym, seed=volume_seed(orig),
                          backend=settings.PIPELINE_RENDER_BACKEND)
     ctx.progress(0.8)
     subject.reid_features = features_to_json(f)

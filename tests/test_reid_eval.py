@@ -97,7 +97,8 @@ def test_mapping_pairs_input_folders_with_outputs_and_never_names_them(tmp_path)
         (orig if not d.startswith("SUBJ") else deid).joinpath(d).mkdir(parents=True)
     rows = [{"pseudonym": "SUBJ-0001", "output": "SUBJ-0001/S01", "input_folder": "DOE_JANE_123/ct",
              "n_files": 64, "PatientName": "DOE^JANE"},
-            {"pseudonym": "SUBJ-0002", "output": "SUBJ-0002/S01", "input_folder": "ROE_RICHARD_456"},
+            {"pseudonym": "SUBJ-0002", "output": "SUBJ-0002/S01",
+             "input_folder": "ROE_RICHARD_456"},
             {"input_series": 3, "input_folder": "BROKEN_999", "error": "failed"}]  # not written
     pairs = _pairs_from_mapping(_mapping(tmp_path, rows), orig, deid)
     assert [(p.label, p.original.name, p.deidentified.parent.name, p.n_files) for p in pairs] == [

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pipeline.align import rotation_angle_deg
-from pipeline.rescan import rescan_seed, simulate_rescan
+from pipeline.rescan import simulate_rescan, volume_seed
 from pipeline.volume import Volume
 
 
@@ -47,9 +47,12 @@ def test_rescan_is_seeded_bounded_and_moves_the_anatomy_as_reported():
     assert a.hu.min() >= -1000.0 and a.hu.max() <= 700.0
 
 
-def test_rescan_seed_is_stable_per_label():
-    assert rescan_seed("SUBJ-0001") == rescan_seed("SUBJ-0001")
-    assert rescan_seed("SUBJ-0001") != rescan_seed("SUBJ-0002")
-    assert 0 <= rescan_seed("x") < 2**32
+def test_volume_seed_depends_on_the_scan_and_the_salt_only():
+    a, b = _ball(), _ball()
+    assert volume_seed(a) == volume_seed(b)  # same voxels and grid, another object
+    assert volume_seed(a) != volume_seed(a, salt=1)
+    moved = _ball(centre=(42.0, 45.0, 60.0))
+    assert volume_seed(moved) != volume_seed(a)
+    assert 0 <= volume_seed(a) < 2**32
     with pytest.raises(ValueError):
         simulate_rescan(_ball(), seed=0, min_spacing_mm=0.0)

@@ -1,4 +1,4 @@
-"""``python manage.py reid_eval ORIGINAL_DIR DEIDENTIFIED_DIR OUT`` — automated re-identification risk.
+"""``manage.py reid_eval ORIGINAL_DIR DEIDENTIFIED_DIR OUT`` — automated re-identification risk.
 
 For every subject (original CT, de-identified CT) the chain of
 :func:`pipeline.reid_features.subject_features` computes the features of
@@ -67,7 +67,8 @@ def _parse_views(text: str) -> tuple[float, float]:
     try:
         views = [float(v) for v in text.split(",") if v.strip() != ""]
     except ValueError:
-        raise CommandError("--views must be GALLERY,PROBE yaw angles in degrees, e.g. 0,30") from None
+        raise CommandError("--views must be GALLERY,PROBE yaw angles in degrees, e.g. 0,30"
+                           ) from None
     if len(views) not in (1, 2):
         raise CommandError("--views takes the gallery and the probe yaw, e.g. 0,30")
     if any(abs(v) >= 90 for v in views):
@@ -214,20 +215,22 @@ def _deid_series(pair: Pair) -> Any:
                      "(need exactly one)")
 
 
-def process_pair(pair: Pair, protocol: Any, out_dir: Path, backend: str) -> dict[str, Any]:
+def process_pair(pair: Pair, protocol: Any, out_dir: Path, backend: str,
+                 rescan_salt: int = 0) -> dict[str, Any]:
     """Load, align, render and embed one pair (runs in a worker process). Never raises."""
     try:
         from pipeline import render as R  # first: sets the OpenGL platform
         from pipeline.dicom_io import load_series
         from pipeline.reid_features import subject_features
-        from pipeline.rescan import rescan_seed
+        from pipeline.rescan import volume_seed
 
         ref_d = _deid_series(pair)
         ref_o = _original_series(pair, ref_d)
         vol_o = load_series(ref_o).volume
         vol_d = load_series(ref_d).volume
-        f = subject_features(vol_o, vol_d, label=pair.label, seed=rescan_seed(pair.label),
-                             protocol=protocol, backend=backend, keep_renders=True)
+        f = subject_features(vol_o, vol_d, label=pair.label,
+                             seed=volume_seed(vol_o, rescan_salt), protocol=protocol,
+                             backend=backend, keep_renders=True)
         subj_dir = out_dir / "renders" / pair.label
         rows = []
         for cond, rs in f.renders.items():
@@ -287,6 +290,9 @@ class Command(BaseCommand):
         parser.add_argument("--no-rescan", action="store_true",
                             help="gallery = the original itself instead of a simulated second "
                                  "acquisition (the control then compares a surface with itself)")
+        parser.add_argument("--rescan-seed", type=int, default=0,
+                            help="varies the simulated second acquisitions (default 0; the "
+                                 "same scan and seed always give the same gallery)")
         parser.add_argument("--workers", type=int, default=1, help="subjects processed in parallel")
         parser.add_argument("--backend", choices=("auto", "pyrender", "raycast"), default="auto",
                             help="renderer (default auto: OpenGL/OSMesa, else embree ray casting)")
@@ -326,13 +332,14 @@ class Command(BaseCommand):
         results: list[dict[str, Any]] = []
         if opts["workers"] == 1:
             for p in pairs:
-                results.append(process_pair(p, protocol, out_dir, opts["backend"]))
+                results.append(process_pair(p, protocol, out_dir, opts["backend"],
+                                            opts["rescan_seed"]))
                 bar.update(1)
         else:
             ctx = mp.get_context("spawn")
             with ProcessPoolExecutor(max_workers=opts["workers"], mp_context=ctx) as pool:
-                futs = [pool.submit(process_pair, p, protocol, out_dir, opts["backend"])
-                        for p in pairs]
+                futs = [pool.submit(process_pair, p, protocol, out_dir, opts["backend"],
+                                    opts["rescan_seed"]) for p in pairs]
                 for f in futs:
                     results.append(f.result())
                     bar.update(1)
@@ -344,7 +351,8 @@ class Command(BaseCommand):
             self.stderr.write(f"{r['label']}: failed ({r['error']})")
         if len(ok) < 2:
             raise CommandError(f"only {len(ok)} subject(s) could be processed; need at least two")
-        metrics = self._metrics(ok, failed, protocol, opts["bootstrap"], opts["seed"], out_dir)
+        metrics = self._metrics(ok, failed, protocol, opts["bootstrap"], opts["seed"], out_dir,
+                                opts["rescan_seed"])
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         self.stdout.write(format_study(metrics["study"]))
         self.stdout.write(f"metrics: {out_dir / 'metrics.json'}")
@@ -353,7 +361,7 @@ class Command(BaseCommand):
 
     @staticmethod
     def _metrics(ok: list[dict[str, Any]], failed: list[dict[str, Any]], protocol: Any,
-                 n_boot: int, seed: int, out_dir: Path) -> dict[str, Any]:
+                 n_boot: int, seed: int, out_dir: Path, rescan_salt: int = 0) -> dict[str, Any]:
         from pipeline.reid import (
             FUSED,
             evaluate_similarity,
@@ -397,6 +405,7 @@ class Command(BaseCommand):
             "face_detected_fraction": {c: float(np.mean([f.detected[c].mean() for f in feats]))
                                        for c in conds},
             "protocol": _jsonable(protocol.as_dict()),
+            "rescan_seed": rescan_salt,
             "render_backend": sorted({r["backend"] for r in ok}),
             "timings_s_mean": {k: float(np.mean([f.timings_s.get(k, 0.0) for f in feats]))
                                for k in feats[0].timings_s},
