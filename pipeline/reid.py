@@ -1,56 +1,97 @@
-"""Re-identification metrics on face embeddings (pure numpy; plots with matplotlib Agg).
+"""Re-identification metrics: one implementation for ``reid_eval``, the web and the study report.
 
-Closed-set identification: the GALLERY holds one embedding per subject (the
-original scan's standardised frontal render); a PROBE set holds one embedding
-per subject from another condition — a second view/scan of the original
-(control) or the de-identified render (test). Each probe is compared with
-every gallery entry by cosine similarity.
+Closed-set identification. The GALLERY holds one sample per subject (the
+subject's known face); a PROBE set holds one sample per subject from another
+condition — the untouched original (CONTROL: can the instrument re-identify a
+face at all?) or the de-identified scan (the risk that remains). A matcher
+turns probes × gallery into a SIMILARITY matrix ``S[p, g]`` (larger = more
+alike); everything below works on such matrices, whatever the matcher.
 
-* rank of a probe = 1 + number of OTHER subjects' gallery entries that are
-  strictly more similar than its own (ties favour the attacker, so rates
-  are not understated);
-* rank-k accuracy = fraction of probes with rank ≤ k; the CMC curve is the
+Tie rule (:data:`TIE_RULE`): ties are broken uniformly at random and the
+EXPECTED value is reported. A probe whose own subject is beaten by ``b``
+other gallery entries and tied with ``t`` others lands on each of the ranks
+``b+1 … b+t+1`` with probability ``1/(t+1)``, so it counts as identified at
+rank ``k`` with probability ``clip((k − b) / (t + 1), 0, 1)`` and its
+expected rank is ``1 + b + t/2``. The AUC counts a tied genuine/impostor
+pair as ½ — the same rule (Mann–Whitney U / (n_genuine · n_impostor)).
+
+* rank-k accuracy = mean over probes of that probability; the CMC curve is
   rank-k accuracy for k = 1..n_gallery;
-* genuine scores = similarity of a probe with its own gallery entry;
-  impostor scores = with every other gallery entry;
-* ROC AUC = P(genuine > impostor) + ½ P(tie) over all genuine × impostor
-  pairs (the Mann–Whitney U statistic divided by n_gen·n_imp);
-* 95 % confidence intervals by a seeded percentile bootstrap over SUBJECTS
-  (a resampled subject brings its rank, its genuine score and its row of
-  impostor scores; the gallery stays fixed).
+* genuine scores = ``S[p, own subject]``; impostor scores = the rest of the row;
+* chance: rank-k = k / n_gallery, AUC = 0.5;
+* 95 % confidence intervals: seeded percentile bootstrap over SUBJECTS (a
+  resampled subject brings its rank, its genuine score and its row of
+  impostor scores; the gallery and the similarity matrix stay fixed).
 
-All fractions are in 0..1.
+Matchers' similarities: :func:`embedding_similarity` (cosine similarity of
+cohort-centred embeddings, see there), and any other ``(n, n)`` score
+matrix; :func:`fuse_similarities` z-scores each matcher's matrix and averages
+them. :func:`evaluate_study` evaluates every matcher and the fusion for every
+condition and returns a JSON-ready dict (the format stored by the web
+platform and written by ``reid_eval``); the plots take that dict.
+
+All fractions are in 0..1. Pure numpy; plots with matplotlib's object API (no pyplot).
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "CONDITIONS",
+    "FUSED",
+    "MIN_SUBJECTS",
+    "TIE_RULE",
     "ConditionMetrics",
     "ReidError",
     "bootstrap_weights",
     "cmc_curve",
+    "cmc_figure",
     "cosine_similarity_matrix",
+    "embedding_similarity",
     "evaluate_condition",
+    "evaluate_similarity",
+    "evaluate_study",
+    "expected_ranks",
+    "figure_png_bytes",
+    "fuse_similarities",
     "genuine_impostor_scores",
+    "hit_probability",
+    "k_choice_accuracy",
     "match_ranks",
     "plot_cmc",
     "plot_roc",
     "plot_similarity_distributions",
+    "rank_counts",
     "rank_k_accuracy",
     "roc_auc",
     "roc_curve",
     "summarise",
 ]
 
+#: How ties are counted, in words (shown in reports next to the numbers).
+TIE_RULE = ("Ties are broken at random and the expected value is reported: a probe whose own "
+            "subject is tied with t others counts as identified at each tied rank with "
+            "probability 1/(t+1); a tied genuine/impostor pair counts ½ in the AUC.")
+#: Probe conditions of a study, in display order.
+CONDITIONS = ("control", "deidentified")
+#: Name of the score-level fusion of all matchers in :func:`evaluate_study`.
+FUSED = "fused"
+#: Below this many subjects a study is flagged as too small to conclude anything.
+MIN_SUBJECTS = 10
+
 
 class ReidError(ValueError):
-    """Inconsistent embeddings or identities (shapes, missing or duplicate gallery subjects)."""
+    """Inconsistent embeddings, scores or identities (shapes, missing or duplicate subjects)."""
+
+
+# --------------------------------------------------------------------------- similarities
 
 
 def cosine_similarity_matrix(probes: np.ndarray, gallery: np.ndarray) -> np.ndarray:
@@ -59,10 +100,73 @@ def cosine_similarity_matrix(probes: np.ndarray, gallery: np.ndarray) -> np.ndar
     g = np.atleast_2d(np.asarray(gallery, dtype=float))
     if p.shape[1] != g.shape[1]:
         raise ReidError(f"embedding sizes differ: probes {p.shape[1]}, gallery {g.shape[1]}")
+    if not (np.all(np.isfinite(p)) and np.all(np.isfinite(g))):
+        raise ReidError("embeddings must be finite and non-zero")
     pn, gn = np.linalg.norm(p, axis=1), np.linalg.norm(g, axis=1)
-    if np.any(pn == 0) or np.any(gn == 0) or not (np.all(np.isfinite(p)) and np.all(np.isfinite(g))):
+    if np.any(pn == 0) or np.any(gn == 0):
         raise ReidError("embeddings must be finite and non-zero")
     return (p / pn[:, None]) @ (g / gn[:, None]).T
+
+
+def embedding_similarity(probes: np.ndarray, gallery: np.ndarray, *,
+                         centre: bool = True) -> np.ndarray:
+    """Cosine similarity of cohort-centred embeddings, ``(n_probes, n_gallery)``.
+
+    Rows are first scaled to unit length. With ``centre`` (default), the mean
+    of the probe set is subtracted from every probe and the mean of the
+    gallery from every gallery entry before the cosine: what every face of a
+    condition shares (the view, the lighting, the texture-less skin, or the
+    missing soft tissue of every de-identified face) cancels, and only how a
+    face differs from the others of its condition is compared. This uses the
+    other subjects of the same set (as score normalisation does) and needs at
+    least two probes and two gallery entries.
+    """
+    p = np.atleast_2d(np.asarray(probes, dtype=float))
+    g = np.atleast_2d(np.asarray(gallery, dtype=float))
+    p = p / _row_norms(p)
+    g = g / _row_norms(g)
+    if centre:
+        if len(p) < 2 or len(g) < 2:
+            raise ReidError("cohort centring needs at least two probes and two gallery entries")
+        p = p - p.mean(axis=0)
+        g = g - g.mean(axis=0)
+        if np.any(np.linalg.norm(p, axis=1) < 1e-12) or np.any(np.linalg.norm(g, axis=1) < 1e-12):
+            # a subject equal to the mean of its set (e.g. all identical): no information
+            p = p + 1e-9
+            g = g + 1e-9
+    return cosine_similarity_matrix(p, g)
+
+
+def _row_norms(x: np.ndarray) -> np.ndarray:
+    if x.ndim != 2 or not np.all(np.isfinite(x)):
+        raise ReidError("embeddings must be a finite (n, d) array")
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    if np.any(n == 0):
+        raise ReidError("embeddings must be finite and non-zero")
+    return n
+
+
+def fuse_similarities(matrices: Sequence[np.ndarray]) -> np.ndarray:
+    """Score-level fusion: mean of the matrices after z-scoring each over all its entries.
+
+    Each matcher's scores are put on a common scale (mean 0, standard
+    deviation 1 over the probes × gallery matrix) so no matcher dominates by
+    its units; a constant matrix contributes zeros.
+    """
+    if not matrices:
+        raise ReidError("nothing to fuse")
+    shape = np.shape(matrices[0])
+    out = np.zeros(shape, dtype=float)
+    for m in matrices:
+        m = np.asarray(m, dtype=float)
+        if m.shape != shape or not np.all(np.isfinite(m)):
+            raise ReidError("fused similarity matrices must be finite and of one shape")
+        sd = m.std()
+        out += (m - m.mean()) / sd if sd > 0 else 0.0
+    return out / len(matrices)
+
+
+# --------------------------------------------------------------------------- ranks
 
 
 def _genuine_index(probe_ids: Sequence[str], gallery_ids: Sequence[str]) -> np.ndarray:
@@ -76,41 +180,96 @@ def _genuine_index(probe_ids: Sequence[str], gallery_ids: Sequence[str]) -> np.n
     return np.array([where[str(p)] for p in probe_ids], dtype=int)
 
 
-def match_ranks(similarity: np.ndarray, probe_ids: Sequence[str],
-                gallery_ids: Sequence[str]) -> np.ndarray:
-    """1-based rank of each probe's own subject in its gallery ordering (ties favour the match)."""
+def _check_similarity(similarity: np.ndarray, probe_ids: Sequence[str],
+                      gallery_ids: Sequence[str]) -> np.ndarray:
     s = np.asarray(similarity, dtype=float)
     if s.shape != (len(probe_ids), len(gallery_ids)):
         raise ReidError(f"similarity shape {s.shape} does not match "
                         f"{len(probe_ids)} probes × {len(gallery_ids)} gallery entries")
+    if not np.all(np.isfinite(s)):
+        raise ReidError("similarities must be finite")
+    return s
+
+
+def rank_counts(similarity: np.ndarray, probe_ids: Sequence[str],
+                gallery_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per probe: ``(better, ties)`` = other gallery entries strictly more / exactly as similar."""
+    s = _check_similarity(similarity, probe_ids, gallery_ids)
     gi = _genuine_index(probe_ids, gallery_ids)
-    genuine = s[np.arange(len(gi)), gi]
-    return 1 + (s > genuine[:, None]).sum(axis=1)
+    rows = np.arange(len(gi))
+    genuine = s[rows, gi]
+    better = (s > genuine[:, None]).sum(axis=1)
+    ties = (s == genuine[:, None]).sum(axis=1) - 1  # minus the genuine entry itself
+    return better.astype(int), ties.astype(int)
 
 
-def cmc_curve(ranks: np.ndarray, n_gallery: int) -> np.ndarray:
-    """Cumulative match characteristic: ``cmc[k-1]`` = fraction of ranks ≤ k, k = 1..n_gallery."""
-    r = np.asarray(ranks, dtype=int)
-    if r.size == 0:
+def hit_probability(better: np.ndarray, ties: np.ndarray, k: int) -> np.ndarray:
+    """Per probe: probability that its own subject is within the top ``k`` (random tie-breaking)."""
+    b = np.asarray(better, dtype=float)
+    t = np.asarray(ties, dtype=float)
+    return np.clip((k - b) / (t + 1.0), 0.0, 1.0)
+
+
+def expected_ranks(better: np.ndarray, ties: np.ndarray) -> np.ndarray:
+    """Expected 1-based rank of each probe's own subject: ``1 + better + ties / 2``."""
+    return 1.0 + np.asarray(better, dtype=float) + 0.5 * np.asarray(ties, dtype=float)
+
+
+def match_ranks(similarity: np.ndarray, probe_ids: Sequence[str],
+                gallery_ids: Sequence[str]) -> np.ndarray:
+    """Expected 1-based rank of each probe's own subject (:data:`TIE_RULE`)."""
+    return expected_ranks(*rank_counts(similarity, probe_ids, gallery_ids))
+
+
+def rank_k_accuracy(better: np.ndarray, ties: np.ndarray, k: int) -> float:
+    """Fraction of probes identified within the top ``k`` (expected value, :data:`TIE_RULE`)."""
+    if np.size(better) == 0:
         raise ReidError("no probes")
-    if r.min() < 1 or r.max() > n_gallery:
-        raise ReidError("ranks must lie in 1..n_gallery")
-    counts = np.bincount(r, minlength=n_gallery + 1)[1:]
-    return np.cumsum(counts) / r.size
+    return float(np.mean(hit_probability(better, ties, k)))
 
 
-def rank_k_accuracy(ranks: np.ndarray, k: int) -> float:
-    """Fraction of probes whose own subject is among the top ``k`` gallery entries."""
-    r = np.asarray(ranks)
-    if r.size == 0:
+def k_choice_accuracy(better: Sequence[int], ties: Sequence[int], n_gallery: int, k: int) -> float:
+    """Expected accuracy in a k-alternative forced choice (the human raters' task).
+
+    For each probe: the probability that its own subject scores highest
+    among itself and ``k − 1`` other gallery subjects drawn at random without
+    replacement (ties broken at random, :data:`TIE_RULE`); averaged over
+    probes. Chance is ``1 / k``. Needs ``2 <= k <= n_gallery``.
+    """
+    from math import comb
+
+    if not 2 <= k <= n_gallery:
+        raise ReidError(f"k must lie in 2..{n_gallery}, got {k}")
+    m = n_gallery - 1
+    draws = k - 1
+    total = comb(m, draws)
+    acc = []
+    for b, t in zip(better, ties):
+        b, t = int(b), int(t)
+        w = m - b - t
+        if w < 0:
+            raise ReidError("rank counts exceed the gallery size")
+        acc.append(sum(comb(t, j) * comb(w, draws - j) / (j + 1)
+                       for j in range(0, min(t, draws) + 1)) / total)
+    if not acc:
         raise ReidError("no probes")
-    return float(np.mean(r <= k))
+    return float(np.mean(acc))
+
+
+def cmc_curve(better: np.ndarray, ties: np.ndarray, n_gallery: int) -> np.ndarray:
+    """Cumulative match characteristic: ``cmc[k-1]`` = rank-k accuracy, k = 1..n_gallery."""
+    b = np.asarray(better)
+    if b.size == 0:
+        raise ReidError("no probes")
+    if b.min() < 0 or (b + np.asarray(ties)).max() > n_gallery - 1:
+        raise ReidError("rank counts must lie in 0..n_gallery-1")
+    return np.array([rank_k_accuracy(better, ties, k) for k in range(1, n_gallery + 1)])
 
 
 def genuine_impostor_scores(similarity: np.ndarray, probe_ids: Sequence[str],
                             gallery_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """``(genuine (n_probes,), impostor (n_probes, n_gallery − 1))`` similarity scores."""
-    s = np.asarray(similarity, dtype=float)
+    """``(genuine (n_probes,), impostor (n_probes, n_gallery − 1))`` scores."""
+    s = _check_similarity(similarity, probe_ids, gallery_ids)
     gi = _genuine_index(probe_ids, gallery_ids)
     rows = np.arange(len(gi))
     genuine = s[rows, gi]
@@ -142,8 +301,9 @@ def roc_auc(genuine: np.ndarray, impostor: np.ndarray) -> float:
     return float((lo + 0.5 * (hi - lo)).sum() / (g.size * i.size))
 
 
-def roc_curve(genuine: np.ndarray, impostor: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(fpr, tpr, thresholds)`` for "same subject if similarity ≥ threshold", descending thresholds.
+def roc_curve(genuine: np.ndarray,
+              impostor: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(fpr, tpr, thresholds)`` for "same subject if score ≥ threshold", descending thresholds.
 
     Starts at (0, 0) with threshold +inf and ends at (1, 1).
     """
@@ -159,13 +319,17 @@ def roc_curve(genuine: np.ndarray, impostor: np.ndarray) -> tuple[np.ndarray, np
             np.concatenate([[np.inf], thr]))
 
 
+# --------------------------------------------------------------------------- one condition
+
+
 @dataclass
 class ConditionMetrics:
     """Identification metrics of one probe condition against the gallery (fractions 0..1)."""
 
     n_probes: int
     n_gallery: int
-    ranks: np.ndarray
+    better: np.ndarray
+    ties: np.ndarray
     cmc: np.ndarray
     rank1: float
     rank5: float
@@ -174,8 +338,35 @@ class ConditionMetrics:
     impostor: np.ndarray
     ci95: dict[str, tuple[float, float]] = field(default_factory=dict)
 
+    @property
+    def ranks(self) -> np.ndarray:
+        """Expected rank of each probe (:data:`TIE_RULE`)."""
+        return expected_ranks(self.better, self.ties)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: rank1/rank5/auc with ``*_ci95`` pairs, cmc, chance levels, score means."""
+        out: dict[str, Any] = {
+            "n_probes": self.n_probes,
+            "n_gallery": self.n_gallery,
+            "rank1": self.rank1,
+            "rank5": self.rank5,
+            "auc": self.auc,
+            "chance_rank1": 1.0 / self.n_gallery,
+            "chance_rank5": min(5, self.n_gallery) / self.n_gallery,
+            "chance_auc": 0.5,
+            "cmc": [float(v) for v in self.cmc],
+            "genuine_mean": float(np.mean(self.genuine)),
+            "impostor_mean": float(np.mean(self.impostor)),
+            "expected_ranks": [float(r) for r in self.ranks],
+            "better": [int(b) for b in self.better],
+            "ties": [int(t) for t in self.ties],
+        }
+        for key, (lo, hi) in self.ci95.items():
+            out[f"{key}_ci95"] = [lo, hi]
+        return out
+
     def to_dict(self, name: str) -> dict[str, object]:
-        """Flat JSON-ready dict with keys ``rank1_<name>``, ``rank1_<name>_ci95``, ... ."""
+        """Flat dict: ``rank1_<name>``, ``rank1_<name>_ci95``, ... (the older flat format)."""
         out: dict[str, object] = {
             f"rank1_{name}": self.rank1,
             f"rank5_{name}": self.rank5,
@@ -190,9 +381,8 @@ class ConditionMetrics:
         return out
 
 
-def evaluate_condition(
-    probes: np.ndarray,
-    gallery: np.ndarray,
+def evaluate_similarity(
+    similarity: np.ndarray,
     probe_ids: Sequence[str],
     gallery_ids: Sequence[str],
     *,
@@ -200,34 +390,34 @@ def evaluate_condition(
     seed: int = 0,
     confidence: float = 0.95,
 ) -> ConditionMetrics:
-    """Rank-1/5, CMC, genuine/impostor scores, AUC and bootstrap CIs for one probe condition.
+    """Rank-1/5, CMC, genuine/impostor scores, AUC and bootstrap CIs from a similarity matrix.
 
-    ``probes`` (n_probes, d) and ``gallery`` (n_gallery, d) are embeddings;
-    ids are subject labels (every probe's subject must be in the gallery once).
+    ``similarity[p, g]`` compares probe ``p`` (subject ``probe_ids[p]``) with
+    gallery entry ``g``; every probe's subject must be in the gallery once.
     CIs are percentile intervals over ``n_bootstrap`` resamples of the probe
     subjects with ``numpy.random.default_rng(seed)`` (``n_bootstrap=0``: none).
     """
-    if len(probes) != len(probe_ids) or len(gallery) != len(gallery_ids):
-        raise ReidError("each embedding needs exactly one subject id")
-    sim = cosine_similarity_matrix(probes, gallery)
-    ranks = match_ranks(sim, probe_ids, gallery_ids)
-    genuine, impostor = genuine_impostor_scores(sim, probe_ids, gallery_ids)
     n_g = len(gallery_ids)
     if n_g < 2:
         raise ReidError("need at least two gallery subjects")
+    if len(probe_ids) == 0:
+        raise ReidError("no probes")
+    better, ties = rank_counts(similarity, probe_ids, gallery_ids)
+    genuine, impostor = genuine_impostor_scores(similarity, probe_ids, gallery_ids)
     wins = _pair_wins(genuine, impostor)  # (n, n)
     m = impostor.shape[1]
-    n = len(ranks)
-    auc = float(wins.sum() / (n * n * m))
+    n = len(better)
+    hit1 = hit_probability(better, ties, 1)
+    hit5 = hit_probability(better, ties, 5)
     metrics = ConditionMetrics(
-        n_probes=n, n_gallery=n_g, ranks=ranks, cmc=cmc_curve(ranks, n_g),
-        rank1=rank_k_accuracy(ranks, 1), rank5=rank_k_accuracy(ranks, 5), auc=auc,
+        n_probes=n, n_gallery=n_g, better=better, ties=ties, cmc=cmc_curve(better, ties, n_g),
+        rank1=float(hit1.mean()), rank5=float(hit5.mean()), auc=float(wins.sum() / (n * n * m)),
         genuine=genuine, impostor=impostor,
     )
     if n_bootstrap > 0:
         w = bootstrap_weights(n, n_bootstrap, seed)  # (B, n)
-        r1 = w @ (ranks <= 1) / n
-        r5 = w @ (ranks <= 5) / n
+        r1 = w @ hit1 / n
+        r5 = w @ hit5 / n
         # AUC of a resample: Σ_a Σ_b w_a w_b U[a, b] / (Σ w_a · Σ w_b · m)
         aucs = ((w @ wins) * w).sum(axis=1) / (n * n * m)
         alpha = (1.0 - confidence) / 2.0
@@ -238,6 +428,29 @@ def evaluate_condition(
 
         metrics.ci95 = {"rank1": pct(r1), "rank5": pct(r5), "auc": pct(aucs)}
     return metrics
+
+
+def evaluate_condition(
+    probes: np.ndarray,
+    gallery: np.ndarray,
+    probe_ids: Sequence[str],
+    gallery_ids: Sequence[str],
+    *,
+    centre: bool = False,
+    n_bootstrap: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> ConditionMetrics:
+    """:func:`evaluate_similarity` of embeddings compared by cosine similarity.
+
+    ``centre=True`` uses :func:`embedding_similarity` (cohort-centred cosine).
+    """
+    if len(probes) != len(probe_ids) or len(gallery) != len(gallery_ids):
+        raise ReidError("each embedding needs exactly one subject id")
+    sim = (embedding_similarity(probes, gallery) if centre
+           else cosine_similarity_matrix(probes, gallery))
+    return evaluate_similarity(sim, probe_ids, gallery_ids, n_bootstrap=n_bootstrap, seed=seed,
+                               confidence=confidence)
 
 
 def bootstrap_weights(n_subjects: int, n_bootstrap: int, seed: int = 0) -> np.ndarray:
@@ -252,25 +465,87 @@ def bootstrap_weights(n_subjects: int, n_bootstrap: int, seed: int = 0) -> np.nd
 
 
 def summarise(conditions: Mapping[str, ConditionMetrics]) -> dict[str, object]:
-    """Merge :meth:`ConditionMetrics.to_dict` of every named condition into one dict."""
+    """Merge :meth:`ConditionMetrics.to_dict` of every named condition into one flat dict."""
     out: dict[str, object] = {}
     for name, met in conditions.items():
         out.update(met.to_dict(name))
     return out
 
 
+# --------------------------------------------------------------------------- a whole study
+
+
+def evaluate_study(
+    similarities: Mapping[str, Mapping[str, np.ndarray]],
+    subject_ids: Sequence[str],
+    *,
+    labels: Mapping[str, str] | None = None,
+    fuse: bool = True,
+    n_bootstrap: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Every matcher (and their fusion) under every condition, as one JSON-ready dict.
+
+    ``similarities[matcher][condition]`` is the ``(n, n)`` matrix of probes ×
+    gallery, both in ``subject_ids`` order. With two or more matchers and
+    ``fuse``, a ``"fused"`` matcher (:func:`fuse_similarities`) is added and is
+    the ``primary`` one; otherwise the first matcher is. Returns::
+
+        {"n_subjects", "subjects", "tie_rule", "min_subjects", "small_cohort",
+         "chance": {"rank1", "rank5", "auc"}, "conditions", "primary",
+         "matchers": {name: {"label", "<condition>": ConditionMetrics.as_dict()}}}
+    """
+    ids = [str(s) for s in subject_ids]
+    n = len(ids)
+    if n < 2:
+        raise ReidError("re-identification needs at least two subjects")
+    if not similarities:
+        raise ReidError("no matcher")
+    conditions = [c for c in CONDITIONS if all(c in m for m in similarities.values())]
+    conditions += sorted({c for m in similarities.values() for c in m} - set(conditions)
+                         - {c for c in CONDITIONS})
+    if not conditions or any(set(m) != set(conditions) for m in similarities.values()):
+        raise ReidError("every matcher needs the same probe conditions")
+    mats = {name: dict(conds) for name, conds in similarities.items()}
+    labels = dict(labels or {})
+    if fuse and len(mats) > 1:
+        if FUSED in mats:
+            raise ReidError(f"{FUSED!r} is reserved for the fusion")
+        mats[FUSED] = {c: fuse_similarities([m[c] for m in similarities.values()])
+                       for c in conditions}
+        labels.setdefault(FUSED, "fused (mean of z-scored " + " + ".join(similarities) + ")")
+        primary = FUSED
+    else:
+        primary = next(iter(mats))
+    out_matchers: dict[str, Any] = {}
+    for name, conds in mats.items():
+        entry: dict[str, Any] = {"label": labels.get(name, name)}
+        for c in conditions:
+            entry[c] = evaluate_similarity(conds[c], ids, ids, n_bootstrap=n_bootstrap,
+                                           seed=seed).as_dict()
+        out_matchers[name] = entry
+    return {
+        "n_subjects": n,
+        "subjects": ids,
+        "tie_rule": TIE_RULE,
+        "min_subjects": MIN_SUBJECTS,
+        "small_cohort": n < MIN_SUBJECTS,
+        "chance": {"rank1": 1.0 / n, "rank5": min(5, n) / n, "auc": 0.5},
+        "conditions": conditions,
+        "primary": primary,
+        "bootstrap_resamples": n_bootstrap,
+        "bootstrap_seed": seed,
+        "matchers": out_matchers,
+    }
+
+
 # --------------------------------------------------------------------------- plots
 
-
-def _save(fig: object, stem: Path) -> list[Path]:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
-    for p in paths:
-        fig.savefig(p, dpi=120, bbox_inches="tight")  # type: ignore[attr-defined]
-    return paths
+_CONDITION_STYLE = {"control": ("C0", "-", "control (original)"),
+                    "deidentified": ("C3", "-", "de-identified")}
 
 
-def _figure(width_in: float = 5.0, height_in: float = 3.6):
+def _figure(width_in: float = 5.0, height_in: float = 3.6) -> tuple[Any, Any]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -279,25 +554,67 @@ def _figure(width_in: float = 5.0, height_in: float = 3.6):
     return fig, fig.add_subplot(1, 1, 1)
 
 
-def plot_cmc(conditions: Mapping[str, ConditionMetrics], stem: str | Path) -> list[Path]:
-    """CMC curves of every condition; writes ``stem.png`` and ``stem.svg``."""
-    fig, ax = _figure()
-    for name, met in conditions.items():
-        k = np.arange(1, len(met.cmc) + 1)
-        ax.step(k, met.cmc, where="post", label=f"{name} (rank-1 {met.rank1:.0%})")
-    ax.set_xlabel("rank k")
-    ax.set_ylabel("identification rate (rank ≤ k)")
+def _save(fig: Any, stem: Path) -> list[Path]:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    for p in paths:
+        fig.savefig(p, dpi=120, bbox_inches="tight")
+    return paths
+
+
+def figure_png_bytes(fig: Any, dpi: int = 110) -> bytes:
+    """PNG bytes of a matplotlib figure."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _integer_rank_axis(ax: Any, n: int) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlim(0.8, n + 0.2)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(n, 10), min_n_ticks=1))
+
+
+def cmc_figure(study: Mapping[str, Any], matcher: str | None = None, *, width_in: float = 5.0,
+               height_in: float = 3.6) -> Any:
+    """CMC of one matcher (default: the study's primary) for every condition, with chance.
+
+    ``study`` is an :func:`evaluate_study` dict. Ranks on the x axis are
+    integers 1..n; the legend gives rank-1 with its 95 % CI.
+    """
+    name = matcher or study["primary"]
+    entry = study["matchers"][name]
+    fig, ax = _figure(width_in, height_in)
+    n = int(study["n_subjects"])
+    k = np.arange(1, n + 1)
+    for i, cond in enumerate(study["conditions"]):
+        met = entry[cond]
+        colour, style, label = _CONDITION_STYLE.get(cond, (f"C{i + 4}", "-", cond))
+        ci = met.get("rank1_ci95")
+        ci_txt = f", 95% CI {ci[0]:.2f}–{ci[1]:.2f}" if ci else ""
+        ax.step(k, met["cmc"], where="post", color=colour, linestyle=style, marker="o",
+                markersize=3, label=f"{label}: rank-1 {met['rank1']:.2f}{ci_txt}")
+    ax.plot(k, k / n, color="grey", linestyle=":", linewidth=1.0, label="chance (k/n)")
+    _integer_rank_axis(ax, n)
     ax.set_ylim(0, 1.02)
-    ax.set_xlim(1, max(len(m.cmc) for m in conditions.values()))
+    ax.set_xlabel("rank k")
+    ax.set_ylabel("identified within the top k")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("Cumulative match characteristic")
-    return _save(fig, Path(stem))
+    ax.legend(loc="lower right", fontsize=7)
+    ax.set_title(f"CMC — {entry.get('label', name)} (n = {n})", fontsize=9)
+    return fig
+
+
+def plot_cmc(study: Mapping[str, Any], stem: str | Path, matcher: str | None = None) -> list[Path]:
+    """:func:`cmc_figure` written as ``stem.png`` and ``stem.svg``."""
+    return _save(cmc_figure(study, matcher), Path(stem))
 
 
 def plot_similarity_distributions(conditions: Mapping[str, ConditionMetrics],
-                                  stem: str | Path) -> list[Path]:
-    """Histograms of genuine and impostor cosine similarities per condition (PNG + SVG)."""
+                                  stem: str | Path, xlabel: str = "similarity to gallery"
+                                  ) -> list[Path]:
+    """Histograms of genuine and impostor scores per condition (PNG + SVG)."""
     fig, ax = _figure(5.5, 3.6)
     all_scores = np.concatenate([np.concatenate([m.genuine, m.impostor.ravel()])
                                  for m in conditions.values()])
@@ -305,26 +622,27 @@ def plot_similarity_distributions(conditions: Mapping[str, ConditionMetrics],
     pad = max(1e-3, 0.02 * (hi - lo))
     bins = np.linspace(lo - pad, hi + pad, 50)
     for idx, (name, met) in enumerate(conditions.items()):
-        colour = f"C{idx}"
+        colour = _CONDITION_STYLE.get(name, (f"C{idx}",))[0]
         ax.hist(met.genuine, bins=bins, density=True, histtype="stepfilled", alpha=0.35,
                 color=colour, label=f"{name}: genuine")
         ax.hist(met.impostor.ravel(), bins=bins, density=True, histtype="step", color=colour,
                 linestyle="--", label=f"{name}: impostor")
     ax.set_xlim(bins[0], bins[-1])
-    ax.set_xlabel("cosine similarity to gallery")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
     ax.legend(fontsize=7)
-    ax.set_title("Genuine vs impostor similarity")
+    ax.set_title("Genuine vs impostor scores")
     return _save(fig, Path(stem))
 
 
 def plot_roc(conditions: Mapping[str, ConditionMetrics], stem: str | Path) -> list[Path]:
-    """ROC curves (genuine vs impostor similarity) per condition (PNG + SVG)."""
+    """ROC curves (genuine vs impostor scores) per condition (PNG + SVG)."""
     fig, ax = _figure(4.2, 4.0)
-    for name, met in conditions.items():
+    for idx, (name, met) in enumerate(conditions.items()):
         fpr, tpr, _t = roc_curve(met.genuine, met.impostor)
-        ax.plot(fpr, tpr, label=f"{name} (AUC {met.auc:.3f})")
-    ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle=":")
+        colour = _CONDITION_STYLE.get(name, (f"C{idx}",))[0]
+        ax.plot(fpr, tpr, color=colour, label=f"{name} (AUC {met.auc:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle=":", label="chance")
     ax.set_xlabel("false match rate")
     ax.set_ylabel("true match rate")
     ax.set_xlim(0, 1)

@@ -12,9 +12,13 @@ canonical mm). The camera looks at ``RenderSettings.target`` from
 ``camera_distance`` away; ``yaw_deg = 0`` is the frontal view (camera on the
 anterior side, subject's left on the image's right, superior up); positive
 yaw moves the camera towards the subject's LEFT (showing the left cheek);
-``elevation_deg`` raises the camera. Light: one directional light from behind
-the camera raised by ``light_elevation_deg`` (so brows and nose shade the
-surface below them), plus ambient light; material is a matte grey.
+``elevation_deg`` raises the camera. Light: one directional light plus ambient
+light; material is a matte grey. By default the light sits behind the camera
+raised by ``light_elevation_deg`` (so brows and nose shade the surface below
+them) and turns with the camera; with ``light_azimuth_deg`` set it is fixed
+in the HEAD frame instead (azimuth from straight ahead towards the subject's
+left, elevation ``light_elevation_deg``), so every view of a surface shows the
+same shading and views differ only by projection.
 The same :class:`RenderSettings` are used for original and de-identified
 surfaces, so differences between their renders come from the surfaces only.
 
@@ -69,6 +73,7 @@ __all__ = [
     "raycast_view",
     "render_subject",
     "render_view",
+    "render_view_set",
     "render_views",
     "save_png",
 ]
@@ -103,6 +108,9 @@ class RenderSettings:
     elevation_deg: float = 0.0
     light_intensity: float = 3.5
     light_elevation_deg: float = 35.0
+    #: None: the light follows the camera; a number: light fixed in the head frame at this
+    #: azimuth (degrees from straight ahead towards the subject's left)
+    light_azimuth_deg: float | None = None
     ambient: float = 0.12
     grey: float = 0.75
     background: int = 0
@@ -132,6 +140,8 @@ class RenderResult:
     depth: np.ndarray
     yaw_deg: float
     backend: str
+    #: the settings the view was rendered with (camera elevation, light, intrinsics)
+    settings: RenderSettings | None = None
 
     @property
     def mask(self) -> np.ndarray:
@@ -157,18 +167,27 @@ def camera_pose(yaw_deg: float, settings: RenderSettings) -> np.ndarray:
 def light_direction(yaw_deg: float, settings: RenderSettings) -> np.ndarray:
     """Unit vector (canonical frame) pointing from the head TOWARDS the directional light.
 
-    The light sits behind the camera, raised by ``light_elevation_deg`` about
-    the camera's horizontal axis, so brows, nose and lips cast shading below.
+    With ``settings.light_azimuth_deg`` None the light sits behind the camera,
+    raised by ``light_elevation_deg`` about the camera's horizontal axis, so
+    brows, nose and lips cast shading below. Otherwise it is fixed in the
+    head frame (independent of ``yaw_deg`` and the camera elevation).
     """
-    pose = camera_pose(yaw_deg, settings)
     e = np.deg2rad(settings.light_elevation_deg)
+    if settings.light_azimuth_deg is not None:
+        a = np.deg2rad(settings.light_azimuth_deg)
+        return np.array([np.sin(a) * np.cos(e), -np.cos(a) * np.cos(e), np.sin(e)])
+    pose = camera_pose(yaw_deg, settings)
     return np.cos(e) * pose[:3, 2] + np.sin(e) * pose[:3, 1]
 
 
 def _light_pose(yaw_deg: float, settings: RenderSettings) -> np.ndarray:
     pose = camera_pose(yaw_deg, settings)
     z = light_direction(yaw_deg, settings)
-    x = pose[:3, 0]
+    x = pose[:3, 0] - (pose[:3, 0] @ z) * z  # orthonormal frame around the light direction
+    n = np.linalg.norm(x)
+    if n < 1e-9:  # light along the camera's x axis: any perpendicular will do
+        x, n = np.cross([0.0, 0.0, 1.0], z), np.linalg.norm(np.cross([0.0, 0.0, 1.0], z))
+    x = x / n
     out = np.eye(4)
     out[:3, 0], out[:3, 1], out[:3, 2], out[:3, 3] = x, np.cross(z, x), z, pose[:3, 3]
     return out
@@ -282,10 +301,18 @@ def opengl_available(timeout_s: float = 30.0) -> bool:
     return _GL_STATUS[pid] is None
 
 
-def _pyrender_views(worker: _GLWorker, mesh: trimesh.Trimesh, yaws: Sequence[float],
-                    settings: RenderSettings) -> list[tuple[np.ndarray, np.ndarray]]:
+def _pyrender_views(worker: _GLWorker, mesh: trimesh.Trimesh,
+                    views: Sequence[tuple[float, RenderSettings]]
+                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Render ``(yaw, settings)`` views of one mesh in one scene (mesh uploaded once).
+
+    The scene (material, ambient, camera intrinsics, light intensity, image
+    size) comes from the first view's settings; each view sets its own camera
+    pose (yaw, elevation) and light direction.
+    """
     import pyrender
 
+    settings = views[0][1]
     g = settings.grey
     material = pyrender.MetallicRoughnessMaterial(
         baseColorFactor=(g, g, g, 1.0), metallicFactor=0.0, roughnessFactor=0.9,
@@ -306,10 +333,9 @@ def _pyrender_views(worker: _GLWorker, mesh: trimesh.Trimesh, yaws: Sequence[flo
     r = worker.renderer(settings.width_px, settings.height_px)
     out = []
     try:
-        for yaw in yaws:
-            pose = camera_pose(yaw, settings)
-            scene.set_pose(cam_node, pose)
-            scene.set_pose(light_node, _light_pose(yaw, settings))
+        for yaw, st in views:
+            scene.set_pose(cam_node, camera_pose(yaw, st))
+            scene.set_pose(light_node, _light_pose(yaw, st))
             color, depth = r.render(scene)
             out.append((np.asarray(color)[..., :3].mean(axis=2).round().astype(np.uint8),
                         np.asarray(depth, dtype=np.float32).copy()))
@@ -378,7 +404,8 @@ def raycast_view(mesh: trimesh.Trimesh, yaw_deg: float = 0.0,
                                   + 0.96 * settings.light_intensity / np.pi * lam)
         image[ray_idx] = np.clip(linear, 0.0, 1.0) ** (1.0 / 2.2) * 255.0
     return RenderResult(image=image.reshape(h, w).round().astype(np.uint8),
-                        depth=depth.reshape(h, w), yaw_deg=float(yaw_deg), backend="raycast")
+                        depth=depth.reshape(h, w), yaw_deg=float(yaw_deg), backend="raycast",
+                        settings=settings)
 
 
 # --------------------------------------------------------------------------- public API
@@ -400,24 +427,48 @@ def render_views(
     ``backend="pyrender"`` and OpenGL is unavailable.
     """
     settings = settings or RenderSettings()
+    return render_view_set(mesh, [(y, settings) for y in yaw_degs], backend=backend,
+                           timeout_s=timeout_s)
+
+
+_SCENE_FIELDS = ("width_px", "height_px", "yfov_deg", "z_near", "z_far", "grey", "ambient",
+                 "background", "light_intensity", "camera_distance", "target")
+
+
+def render_view_set(
+    mesh: trimesh.Trimesh,
+    views: Sequence[tuple[float, RenderSettings]],
+    *,
+    backend: str = "auto",
+    timeout_s: float = 120.0,
+) -> list[RenderResult]:
+    """Render ``(yaw_deg, settings)`` views of one mesh (e.g. several elevations and lights).
+
+    The views may differ in ``elevation_deg``, ``light_azimuth_deg`` and
+    ``light_elevation_deg`` only (one scene, one upload of the mesh); each
+    :class:`RenderResult` keeps its settings. See :func:`render_views`.
+    """
     if backend not in BACKENDS:
         raise RenderError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     _check_mesh(mesh)
-    yaws = [float(y) for y in yaw_degs]
-    if not yaws:
+    views = [(float(y), st) for y, st in views]
+    if not views:
         raise RenderError("no view angle given")
-    if any(abs(y) >= 90 for y in yaws):
+    if any(abs(y) >= 90 for y, _st in views):
         raise RenderError("yaw angles must lie in (-90, 90) degrees")
+    first = views[0][1]
+    if any(getattr(st, f) != getattr(first, f) for _y, st in views for f in _SCENE_FIELDS):
+        raise RenderError("views of one set may differ only by elevation and light direction")
     use_gl = backend == "pyrender" or (backend == "auto" and opengl_available(timeout_s))
     if use_gl:
         if backend == "pyrender" and not opengl_available(timeout_s):
             raise RenderError("OpenGL (OSMesa) is not available: "
                               f"{_GL_STATUS.get(os.getpid())}; use backend='raycast'")
-        pairs = _run_in_gl_thread(_pyrender_views, mesh, yaws, settings, timeout_s=timeout_s)
-        return [RenderResult(image=img, depth=dep, yaw_deg=y, backend="pyrender")
-                for (img, dep), y in zip(pairs, yaws)]
+        pairs = _run_in_gl_thread(_pyrender_views, mesh, views, timeout_s=timeout_s)
+        return [RenderResult(image=img, depth=dep, yaw_deg=y, backend="pyrender", settings=st)
+                for (img, dep), (y, st) in zip(pairs, views)]
     inter = _ray_intersector(mesh)
-    return [raycast_view(mesh, y, settings, intersector=inter) for y in yaws]
+    return [raycast_view(mesh, y, st, intersector=inter) for y, st in views]
 
 
 def render_view(mesh: trimesh.Trimesh, yaw_deg: float = 0.0,
@@ -505,6 +556,7 @@ def render_subject(
     target_faces: int = 60_000,
     template: Any = None,
     timeout_s: float = 120.0,
+    smoothing_iterations: int = 20,
 ) -> SubjectRenders:
     """Bone alignment → skin surfaces (face region) → canonical frame → standard views.
 
@@ -513,13 +565,15 @@ def render_subject(
     the crop (:func:`canonical_crop` of ``settings.mesh_box``) come from the
     original's bone and are reused for the de-identified volume when both
     share their geometry, so differences between their renders come from the
-    soft tissue only. Surfaces are meshed at about ``resolution_mm`` and
-    decimated to ``target_faces``.
+    soft tissue only. Surfaces are meshed at about ``resolution_mm``,
+    decimated to ``target_faces`` and Taubin-smoothed
+    (:func:`pipeline.surface.smooth_mesh`, ``smoothing_iterations``) so the
+    slice terraces of thick-slice scans do not show.
     """
     import time
 
     from .align import alignment_from_volume
-    from .surface import skin_surface, strides_for_resolution
+    from .surface import skin_surface, smooth_mesh, strides_for_resolution
 
     settings = settings or RenderSettings()
     # series whose slice spacing changes are meshed on a regular resampling
@@ -534,7 +588,7 @@ def render_subject(
         m = skin_surface(volume, level_hu=skin_level_hu, crop_ijk=crop,
                          stride=strides_for_resolution(volume, resolution_mm),
                          target_faces=target_faces)
-        return al.apply_mesh(m)
+        return smooth_mesh(al.apply_mesh(m), smoothing_iterations)
 
     t0 = time.perf_counter()
     crop = canonical_crop(original, alignment, settings.mesh_box)

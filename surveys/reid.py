@@ -1,16 +1,17 @@
-"""Cohort-level automated re-identification summary (de-identified probes vs original gallery).
+"""Cohort-level automated re-identification summary (thin layer over :mod:`pipeline.reid`).
 
-Each subject contributes the embedding of its original frontal render (gallery) and of
-its de-identified frontal render (probe). With the cosine-similarity matrix
-``S[p, g]``, the rank of a probe is ``1 + #{g ≠ p : S[p, g] > S[p, p]}`` (ties count half);
-``cmc[r]`` is the fraction of probes with rank ≤ r + 1 and ``rank1 = cmc[0]``. The AUC
-is the probability that a genuine score ``S[p, p]`` exceeds an impostor score
-``S[p, g≠p]`` (Mann–Whitney, ties ½). Chance level: rank-1 = 1/n, AUC = 0.5.
+Every subject's features come from the embeddings stage
+(:func:`pipeline.reid_features.subject_features`, stored as JSON on the
+subject); when every subject of a cohort has them, :func:`update_cohort_reid`
+evaluates the cohort with :func:`pipeline.reid.evaluate_study` — the same
+code as ``manage.py reid_eval`` — and stores the result and its CMC plot.
+:func:`reid_table` turns a stored result into rows for the templates
+(``surveys/_reid_summary.html``, used by the cohort page and the study report).
 """
 
 from __future__ import annotations
 
-import io
+from typing import Any
 
 import numpy as np
 from django.utils import timezone
@@ -18,69 +19,124 @@ from django.utils import timezone
 from .models import Cohort, ReidSummary
 from .shared import push_file
 
-
-def reid_metrics(probes: np.ndarray, gallery: np.ndarray) -> dict[str, object]:
-    """Rank-1, CMC and AUC of probe ``p`` against gallery row ``p`` (same subject order).
-
-    ``probes`` and ``gallery`` are ``(n, d)`` embedding matrices (unitless); needs n ≥ 2.
-    """
-    from pipeline.embed import cosine_similarity_matrix
-
-    p, g = np.asarray(probes, float), np.asarray(gallery, float)
-    if p.shape != g.shape or p.ndim != 2 or p.shape[0] < 2:
-        raise ValueError("need two (n, d) embedding matrices of the same shape with n >= 2")
-    s = cosine_similarity_matrix(p, g)
-    n = s.shape[0]
-    genuine = np.diag(s)
-    off = ~np.eye(n, dtype=bool)
-    greater = ((s > genuine[:, None]) & off).sum(axis=1)
-    ties = ((s == genuine[:, None]) & off).sum(axis=1)
-    ranks = 1 + greater + 0.5 * ties
-    cmc = [float(np.mean(ranks <= r)) for r in range(1, n + 1)]
-    impostor = s[off]
-    gt = (genuine[:, None] > impostor[None, :]).mean()
-    eq = (genuine[:, None] == impostor[None, :]).mean()
-    return {"n": n, "rank1": cmc[0], "cmc": cmc, "auc": float(gt + 0.5 * eq),
-            "ranks": ranks.tolist()}
+CONDITION_LABELS = {"control": "control (original, other view)",
+                    "deidentified": "de-identified"}
 
 
-def cmc_plot_png(cmc: list[float]) -> bytes:
-    """PNG of a CMC curve (rank on x, identification rate on y) with the chance line."""
-    import matplotlib
+def compute_cohort_study(cohort: Cohort, n_bootstrap: int = 2000) -> dict[str, Any] | None:
+    """:func:`pipeline.reid.evaluate_study` of the cohort, or None until every subject
+    (at least two) has its re-identification features."""
+    from pipeline.reid import evaluate_study
+    from pipeline.reid_features import (
+        MATCHERS,
+        ReidProtocol,
+        features_from_json,
+        study_similarities,
+    )
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    subjects = list(cohort.subjects.order_by("pseudonym"))
+    if len(subjects) < 2 or any(not s.reid_features for s in subjects):
+        return None
+    feats = [features_from_json(s.reid_features, s.pseudonym) for s in subjects]
+    study = evaluate_study(study_similarities(feats), [s.pseudonym for s in subjects],
+                           labels=MATCHERS, n_bootstrap=n_bootstrap)
+    study["protocol"] = ReidProtocol().as_dict()  # the stages use the default protocol
+    return study
 
-    n = len(cmc)
-    fig, ax = plt.subplots(figsize=(4, 3), dpi=100)
-    ranks = np.arange(1, n + 1)
-    ax.step(ranks, cmc, where="post", label="de-identified vs original")
-    ax.plot(ranks, ranks / n, "--", color="grey", label="chance")
-    ax.set_xlabel("rank")
-    ax.set_ylabel("identification rate")
-    ax.set_ylim(0, 1.02)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+
+def cmc_plot_png(study: dict[str, Any], matcher: str | None = None) -> bytes:
+    """PNG of :func:`pipeline.reid.cmc_figure` (both conditions, chance, integer ranks)."""
+    from pipeline.reid import cmc_figure, figure_png_bytes
+
+    return figure_png_bytes(cmc_figure(study, matcher))
 
 
 def update_cohort_reid(cohort: Cohort) -> ReidSummary | None:
-    """Recompute the cohort summary when every subject has both embeddings (else None)."""
+    """Recompute the cohort summary when every subject has its features (else None)."""
     from .stages import atomic_write_bytes, data_path
 
-    subjects = list(cohort.subjects.order_by("pseudonym"))
-    if len(subjects) < 2 or any(s.embedding_original is None or s.embedding_deid is None
-                                for s in subjects):
+    study = compute_cohort_study(cohort)
+    if study is None:
         return None
-    m = reid_metrics(np.array([s.embedding_deid for s in subjects]),
-                     np.array([s.embedding_original for s in subjects]))
+    primary = study["matchers"][study["primary"]]
     rel = f"{cohort.storage_dir()}/derived/reid-cmc.png"
-    atomic_write_bytes(data_path(rel), cmc_plot_png(m["cmc"]))
+    atomic_write_bytes(data_path(rel), cmc_plot_png(study))
     push_file(rel)
     summary, _ = ReidSummary.objects.update_or_create(cohort=cohort, defaults={
-        "n_subjects": m["n"], "rank1": m["rank1"], "auc": m["auc"], "cmc": m["cmc"],
+        "n_subjects": study["n_subjects"], "rank1": primary["deidentified"]["rank1"],
+        "auc": primary["deidentified"]["auc"], "cmc": primary["deidentified"]["cmc"],
+        "baseline_rank1": primary["control"]["rank1"], "metrics": _plain(study),
         "plot_path": rel, "computed": timezone.now()})
     return summary
+
+
+def reid_table(study: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Template context of a stored :func:`pipeline.reid.evaluate_study` result.
+
+    ``rows``: one per matcher and condition with the rates, their 95 % CIs
+    and n; plus ``chance``, ``n``, ``small_cohort``, ``min_subjects``,
+    ``tie_rule`` and the primary matcher's de-identified and control rank-1.
+    """
+    if not study or "matchers" not in study:
+        return None
+    rows = []
+    for name, entry in study["matchers"].items():
+        for cond in study["conditions"]:
+            m = entry[cond]
+            row = {"matcher": name, "label": entry.get("label", name), "condition": cond,
+                   "condition_label": CONDITION_LABELS.get(cond, cond), "n": m["n_probes"],
+                   "primary": name == study["primary"]}
+            for key in ("rank1", "rank5", "auc"):
+                lo, hi = m.get(f"{key}_ci95") or (None, None)
+                row[key], row[f"{key}_lo"], row[f"{key}_hi"] = m[key], lo, hi
+            rows.append(row)
+    primary = study["matchers"][study["primary"]]
+    protocol = study.get("protocol") or {}
+    return {"rows": rows, "chance": study["chance"], "n": study["n_subjects"],
+            "gallery_yaw": protocol.get("gallery_yaw_deg"),
+            "probe_yaw": protocol.get("probe_yaw_deg"),
+            "small_cohort": study["small_cohort"], "min_subjects": study["min_subjects"],
+            "tie_rule": study["tie_rule"], "primary": study["primary"],
+            "rank1_deidentified": primary.get("deidentified", {}).get("rank1"),
+            "rank1_control": primary.get("control", {}).get("rank1")}
+
+
+def human_vs_automated(analysis: dict[str, Any] | None, study: dict[str, Any] | None,
+                       n_choices: int) -> list[dict[str, Any]]:
+    """Per condition: the raters' pooled accuracy beside the automated matchers' accuracy in
+    the same ``n_choices``-alternative task (:func:`pipeline.reid.k_choice_accuracy`) and
+    their rank-1 among all subjects. Empty when there is no automated result."""
+    from pipeline.reid import k_choice_accuracy
+
+    if not study or "matchers" not in study:
+        return []
+    pooled = ((analysis or {}).get("groups") or {}).get("all") or {}
+    rows = []
+    for cond in study["conditions"]:
+        human = pooled.get(cond) or {}
+        row: dict[str, Any] = {
+            "condition": cond, "condition_label": CONDITION_LABELS.get(cond, cond),
+            "human_n": human.get("n"), "human_accuracy": human.get("accuracy"),
+            "human_lo": human.get("ci_low"), "human_hi": human.get("ci_high"),
+            "chance": 1.0 / n_choices, "automated": []}
+        for name, entry in study["matchers"].items():
+            m = entry[cond]
+            k_ok = 2 <= n_choices <= m["n_gallery"] and "better" in m
+            row["automated"].append({
+                "matcher": name, "primary": name == study["primary"],
+                "k_choice": (k_choice_accuracy(m["better"], m["ties"], m["n_gallery"],
+                                               n_choices) if k_ok else None),
+                "rank1": m["rank1"], "n": m["n_probes"]})
+        rows.append(row)
+    return rows
+
+
+def _plain(o: Any) -> Any:
+    """JSON-safe copy (numpy scalars to Python numbers)."""
+    if isinstance(o, dict):
+        return {str(k): _plain(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_plain(v) for v in o]
+    if isinstance(o, np.generic):
+        return o.item()
+    return o

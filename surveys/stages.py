@@ -386,28 +386,29 @@ def stage_surfaces(subject: Subject, ctx: StageContext) -> None:
 
 
 def stage_embeddings(subject: Subject, ctx: StageContext) -> None:
-    """Face embeddings of the frontal renders; cohort re-id summary when all are in."""
-    from PIL import Image
+    """Re-identification features of the primary series (:mod:`pipeline.reid_features`:
+    re-scanned gallery, original and de-identified probes, dlib descriptors and depth
+    maps); the cohort summary is recomputed when every subject has them."""
+    from pipeline import render  # noqa: F401 — first: sets the OpenGL platform
+    from pipeline.reid_features import features_to_json, subject_features
+    from pipeline.rescan import volume_seed
 
-    from pipeline import render
-    from pipeline.embed import embed_face
-
-    box = render.canonical_face_box(0.0, render.RenderSettings())
-    out: dict[str, Any] = {}
-    detected: dict[str, bool] = {}
-    for variant in ("original", "deid"):
-        img = subject.images.filter(kind="render", variant=variant, view="yaw+0").first()
-        if img is None:
-            raise StageError("the frontal render is missing; run the surfaces stage first")
-        arr = np.asarray(Image.open(ensure_local(img.path)).convert("L"))
-        emb = embed_face(arr, fallback_box=box)
-        out[variant] = [float(x) for x in emb.vector]
-        detected[variant] = bool(emb.detected)
-    subject.embedding_original = out["original"]
-    subject.embedding_deid = out["deid"]
-    subject.embedding_detected = detected
-    subject.save(update_fields=["embedding_original", "embedding_deid", "embedding_detected"])
+    s = subject.primary_series()
+    if s is None or not s.deid_dir:
+        raise StageError("the de-identified series is missing; run de-identification first")
+    orig = load_stored(s.original_dir).volume
+    deid = load_stored(s.deid_dir).volume
+    ctx.progress(0.2)
+    f = subject_features(orig, deid, label=subject.pseudonym, seed=volume_seed(orig),
+                         backend=settings.PIPELINE_RENDER_BACKEND)
     ctx.progress(0.8)
+    subject.reid_features = features_to_json(f)
+    subject.embedding_original = [float(x) for x in f.fused_embedding("control")]
+    subject.embedding_deid = [float(x) for x in f.fused_embedding("deidentified")]
+    subject.embedding_detected = {"original": bool(f.detected["control"].any()),
+                                  "deid": bool(f.detected["deidentified"].any())}
+    subject.save(update_fields=["reid_features", "embedding_original", "embedding_deid",
+                                "embedding_detected"])
     from .reid import update_cohort_reid
 
     update_cohort_reid(subject.cohort)
@@ -417,7 +418,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("import", "Import", stage_import, inputs=("orig",)),
     Stage("deidentify", "De-identification", stage_deidentify, inputs=("orig",)),
     Stage("surfaces", "Surfaces & renders", stage_surfaces, inputs=("orig", "deid")),
-    Stage("embeddings", "Embeddings", stage_embeddings, inputs=("derived/surfaces",)),
+    Stage("embeddings", "Embeddings", stage_embeddings, inputs=("orig", "deid")),
 )
 STAGE_BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
 

@@ -35,6 +35,7 @@ from .access import cohort_upload_gate, cohort_view, cohorts_for, is_researcher,
 from .forms import CohortForm
 from .importing import ImportRejected, tmp_root
 from .models import Cohort, CohortUpload, RenderImage, StageRun, Subject
+from .reid import reid_table
 from .shared import ensure_local, pull_tree
 from .stages import STAGES, data_path
 
@@ -86,6 +87,7 @@ def cohort_detail(request: HttpRequest, cohort: Cohort) -> HttpResponse:
     reid = getattr(cohort, "reid", None) if hasattr(cohort, "reid") else None
     return render(request, "surveys/cohort_detail.html", {
         "cohort": cohort, "subjects": subjects, "stages": STAGES, "reid": reid,
+        "reid_table": reid_table(reid.metrics) if reid is not None else None,
         "progress": jobs.cohort_progress(cohort), "uploads": uploads.recent_uploads(cohort),
         "sees_identities": (cohort.keep_mapping
                             and identity.may_see_identities(request.user, cohort)),
@@ -100,6 +102,7 @@ def cohort_status(request: HttpRequest, cohort: Cohort) -> JsonResponse:
     data = jobs.cohort_progress(cohort)
     reid = getattr(cohort, "reid", None) if hasattr(cohort, "reid") else None
     data["reid"] = None if reid is None else {"rank1": reid.rank1, "auc": reid.auc,
+                                              "rank1_control": reid.baseline_rank1,
                                               "n": reid.n_subjects}
     data["uploads"] = uploads.upload_rows(cohort)
     data["importing"] = any(u["active"] for u in data["uploads"])

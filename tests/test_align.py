@@ -151,3 +151,79 @@ def test_bad_input_raises():
         symmetry_plane(BoneCloud(np.zeros((10, 3)), np.ones((10, 3)), np.ones(10)))
     assert issubclass(AlignmentError, ValueError)
     _ = Alignment(np.eye(3), np.zeros(3), 1.0)
+
+
+# --------------------------------------------------------------------------- robustness
+
+
+def _synthetic(pose, crop_mm=None, seed=1):
+    """A small synthetic head (default template's generator) at a known pose, optionally
+    cut to head-local z in [lo, hi] mm."""
+    from pipeline.synth import SubjectParams, generate_head
+
+    head = generate_head(SubjectParams.random(seed), shape=(64, 80, 80),
+                         spacing_mm=(3.75, 3.0, 3.0), pose_deg=pose, noise_seed=seed)
+    vol = head.volume
+    if crop_mm is not None:
+        z = vol.origin_lps_mm[2] + np.arange(vol.shape[0]) * vol.spacing_mm[0]
+        z = z - head.head_centre_lps_mm[2]
+        k = np.flatnonzero((z >= crop_mm[0]) & (z <= crop_mm[1]))
+        vol = Volume(hu=vol.hu[k[0]:k[-1] + 1], spacing_mm=vol.spacing_mm,
+                     origin_lps_mm=vol.origin_lps_mm + [0.0, 0.0, k[0] * vol.spacing_mm[0]])
+    return head, vol
+
+
+@pytest.mark.parametrize("pose, crop", [
+    ((0.0, 20.0, 0.0), None),        # strongly flexed: single-start ICP stopped 14° short
+    ((0.0, -15.0, 0.0), None),       # extended
+    ((8.0, 12.0, -5.0), None),
+    ((0.0, 0.0, 0.0), (-200, 60)),   # no vertex (facial CT)
+    ((0.0, 0.0, 0.0), (-200, 35)),   # face only
+    ((0.0, 0.0, 0.0), (-55, 200)),   # no chin
+])
+def test_synthetic_heads_align_whatever_the_pitch_and_field_of_view(pose, crop):
+    from pipeline.synth import _rotation
+
+    head, vol = _synthetic(pose, crop)
+    a = alignment_from_volume(vol)
+    # canonical axes = the head's own axes: rotation ≈ inverse of the head's pose
+    assert rotation_angle_deg(a.rotation @ _rotation(head.pose_deg)) < 6.0
+    assert np.linalg.norm(a.centre_lps_mm - head.head_centre_lps_mm) < 8.0
+    assert 0.85 < a.scale < 1.15 and a.template_match_fraction > 0.8
+
+
+def test_alignment_follows_a_simulated_rescan():
+    from pipeline.rescan import simulate_rescan
+
+    _head, vol = _synthetic((0.0, 5.0, 0.0))
+    a = alignment_from_volume(vol)
+    for seed in (1, 2):
+        moved, motion = simulate_rescan(vol, seed=seed)
+        b = alignment_from_volume(moved)
+        assert rotation_angle_deg(b.rotation @ (a.rotation @ motion.rotation.T).T) < 3.0
+        expected = (motion.rotation @ (a.centre_lps_mm - motion.centre_lps_mm)
+                    + motion.centre_lps_mm + motion.shift_lps_mm)
+        assert np.linalg.norm(b.centre_lps_mm - expected) < 3.0
+
+
+REAL = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "realct"
+
+
+@pytest.mark.skipif(not (REAL / "ge-head-ct").is_dir(), reason="../shared/realct not present")
+def test_real_head_ct_aligns_face_forwards(tmp_path):
+    """The GE head's first 14 slices (4 mm, skull base to orbits, gantry tilt 18.5°) align;
+    its nose ends up in front of the canonical origin and near the mid-sagittal plane."""
+    import shutil
+
+    from pipeline.dicom_io import load_series, scan_folder
+
+    for n in range(1, 15):
+        shutil.copy(REAL / "ge-head-ct" / f"{n:02d}.dcm", tmp_path / f"{n:02d}.dcm")
+    vol = load_series(scan_folder(tmp_path).series[0]).volume
+    a = alignment_from_volume(vol)
+    skin = a.apply_mesh(skin_surface(vol, stride=(1, 4, 4), target_faces=40_000))
+    v = np.asarray(skin.vertices)
+    face = v[np.abs(v[:, 0]) < 60]
+    tip = face[np.argmin(face[:, 1])]  # most anterior skin point: the nose
+    assert tip[1] < -60 and abs(tip[0]) < 10 and -70 < tip[2] < 10
+    assert a.template_match_fraction > 0.45

@@ -1,21 +1,33 @@
 """Re-identification metrics against independent computations (brute force, scipy)."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from scipy.stats import mannwhitneyu
 
 from pipeline.reid import (
+    FUSED,
+    MIN_SUBJECTS,
+    TIE_RULE,
     ReidError,
     bootstrap_weights,
     cmc_curve,
+    cmc_figure,
     cosine_similarity_matrix,
+    embedding_similarity,
     evaluate_condition,
+    evaluate_similarity,
+    evaluate_study,
+    fuse_similarities,
     genuine_impostor_scores,
+    k_choice_accuracy,
     match_ranks,
     plot_cmc,
     plot_roc,
     plot_similarity_distributions,
+    rank_counts,
     rank_k_accuracy,
     roc_auc,
     roc_curve,
@@ -23,13 +35,20 @@ from pipeline.reid import (
 )
 
 
-def _brute_ranks(sim, probe_ids, gallery_ids):
-    out = []
+def _brute_hit_rates(sim, probe_ids, gallery_ids, k):
+    """Rank-k rate by enumerating every tie-breaking order (exact expectation)."""
+    rates = []
     for r, pid in enumerate(probe_ids):
-        own = sim[r, list(gallery_ids).index(pid)]
-        others = [sim[r, c] for c, g in enumerate(gallery_ids) if g != pid]
-        out.append(1 + sum(o > own for o in others))
-    return np.array(out)
+        g = list(gallery_ids).index(pid)
+        row = sim[r]
+        tied = [c for c in range(len(row)) if row[c] == row[g]]
+        better = sum(row[c] > row[g] for c in range(len(row)))
+        hits = []
+        for order in itertools.permutations(tied):
+            rank = better + 1 + order.index(g)
+            hits.append(rank <= k)
+        rates.append(np.mean(hits))
+    return float(np.mean(rates))
 
 
 def _mw_auc(genuine, impostor):
@@ -48,17 +67,63 @@ def study():
     return gallery, ids, easy, hard
 
 
+def test_tie_rule_is_the_expectation_over_random_tie_breaking():
+    sim = np.array([[0.5, 0.5], [0.1, 0.9]])
+    better, ties = rank_counts(sim, ["a", "b"], ["a", "b"])
+    assert better.tolist() == [0, 0] and ties.tolist() == [1, 0]
+    assert match_ranks(sim, ["a", "b"], ["a", "b"]).tolist() == [1.5, 1.0]
+    m = evaluate_similarity(sim, ["a", "b"], ["a", "b"], n_bootstrap=0)
+    assert m.rank1 == 0.75 and m.cmc.tolist() == [0.75, 1.0]
+    # all genuine × impostor pairs: 0.5 vs 0.5 counts ½, the other three pairs 1 each
+    assert m.auc == 0.875
+    assert "random" in TIE_RULE and "½" in TIE_RULE
+    # a 3-way tie behind one better entry, checked against every tie-breaking order
+    sim = np.array([[0.2, 0.9, 0.2, 0.2, 0.1], [0.0, 1.0, 0.0, 0.0, 0.0],
+                    [0.3, 0.3, 0.3, 0.3, 0.3], [0.1, 0.2, 0.3, 0.4, 0.5],
+                    [0.5, 0.5, 0.5, 0.5, 0.1]])
+    ids = list("abcde")
+    better, ties = rank_counts(sim, ids, ids)
+    for k in range(1, 6):
+        assert rank_k_accuracy(better, ties, k) == pytest.approx(_brute_hit_rates(sim, ids, ids, k))
+    assert evaluate_similarity(sim, ids, ids, n_bootstrap=0).cmc[-1] == 1.0
+
+
+def test_k_choice_accuracy_matches_enumeration_of_every_choice_set():
+    """The raters' k-alternative task: the own subject must beat k − 1 random others."""
+    sim = np.array([[0.5, 0.9, 0.5, 0.1, 0.2], [0.3, 0.8, 0.8, 0.8, 0.1],
+                    [0.1, 0.2, 0.7, 0.3, 0.4], [0.6, 0.6, 0.6, 0.6, 0.6],
+                    [0.9, 0.8, 0.7, 0.6, 0.5]])
+    ids = list("abcde")
+    better, ties = rank_counts(sim, ids, ids)
+    for k in (2, 3, 4, 5):
+        expected = []
+        for p in range(5):
+            others = [g for g in range(5) if g != p]
+            per_set = []
+            for chosen in itertools.combinations(others, k - 1):
+                scores = [sim[p, g] for g in chosen]
+                b = sum(x > sim[p, p] for x in scores)
+                t = sum(x == sim[p, p] for x in scores)
+                per_set.append(0.0 if b else 1.0 / (t + 1))
+            expected.append(np.mean(per_set))
+        assert k_choice_accuracy(better, ties, 5, k) == pytest.approx(np.mean(expected))
+    m = evaluate_similarity(sim, ids, ids, n_bootstrap=0)
+    assert k_choice_accuracy(better, ties, 5, 5) == pytest.approx(m.rank1)
+    with pytest.raises(ReidError):
+        k_choice_accuracy(better, ties, 5, 6)
+
+
 def test_ranks_and_cmc_match_brute_force(study):
     gallery, ids, _easy, hard = study
     order = np.random.default_rng(1).permutation(12)
     probe_ids = [ids[o] for o in order]
-    sim = cosine_similarity_matrix(hard[order], gallery)
-    ranks = match_ranks(sim, probe_ids, ids)
-    assert np.array_equal(ranks, _brute_ranks(sim, probe_ids, ids))
-    cmc = cmc_curve(ranks, 12)
+    sim = np.round(cosine_similarity_matrix(hard[order], gallery), 1)  # rounding makes ties
+    better, ties = rank_counts(sim, probe_ids, ids)
+    assert ties.sum() > 0
+    cmc = cmc_curve(better, ties, 12)
     assert cmc[-1] == 1.0 and np.all(np.diff(cmc) >= 0)
     for k in (1, 3, 5, 12):
-        assert cmc[k - 1] == rank_k_accuracy(ranks, k) == np.mean(ranks <= k)
+        assert cmc[k - 1] == pytest.approx(_brute_hit_rates(sim, probe_ids, ids, k))
 
 
 def test_known_answers(study):
@@ -72,8 +137,39 @@ def test_known_answers(study):
     probes[0] = 0.3 * ortho[0] + 0.9 * ortho[1]
     ranks = match_ranks(cosine_similarity_matrix(probes, ortho), ids, ids)
     assert ranks[0] == 2 and np.all(ranks[1:] == 1)
-    # ties favour the match: an exact tie still counts as rank 1
-    assert match_ranks(np.array([[0.5, 0.5], [0.1, 0.9]]), ["a", "b"], ["a", "b"]).tolist() == [1, 1]
+
+
+def test_centring_removes_what_a_whole_condition_shares():
+    """A common shift of every probe (a new view, a removed face) hides identity from the
+    plain cosine; the cohort-centred similarity recovers it."""
+    rng = np.random.default_rng(5)
+    identity = rng.normal(size=(15, 32))
+    gallery = 10.0 * np.ones(32) + identity
+    probes = 10.0 * np.ones(32) + 25.0 * rng.normal(size=32) + identity + 0.1 * rng.normal(
+        size=(15, 32))
+    ids = [str(i) for i in range(15)]
+    plain = evaluate_similarity(cosine_similarity_matrix(probes, gallery), ids, ids, n_bootstrap=0)
+    centred = evaluate_similarity(embedding_similarity(probes, gallery), ids, ids, n_bootstrap=0)
+    assert plain.rank1 < 0.5 and centred.rank1 == 1.0
+    # same as centring by hand
+    p = probes / np.linalg.norm(probes, axis=1, keepdims=True)
+    g = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+    assert np.allclose(embedding_similarity(probes, gallery),
+                       cosine_similarity_matrix(p - p.mean(0), g - g.mean(0)))
+    with pytest.raises(ReidError, match="two"):
+        embedding_similarity(probes[:1], gallery)
+
+
+def test_fusion_is_invariant_to_each_matchers_units(study):
+    gallery, ids, easy, hard = study
+    a = cosine_similarity_matrix(hard, gallery)
+    b = cosine_similarity_matrix(easy, gallery)
+    fused = fuse_similarities([a, b])
+    assert np.allclose(fuse_similarities([3.0 * a - 7.0, 0.01 * b + 2.0]), fused)
+    assert fused.mean() == pytest.approx(0.0, abs=1e-12)
+    assert np.allclose(fuse_similarities([a, np.ones_like(a)]), 0.5 * (a - a.mean()) / a.std())
+    with pytest.raises(ReidError):
+        fuse_similarities([a, b[:3]])
 
 
 def test_auc_equals_mann_whitney_with_ties():
@@ -102,14 +198,14 @@ def test_bootstrap_cis_match_brute_force_resampling(study):
     n_boot, seed = 300, 11
     m = evaluate_condition(hard, gallery, ids, ids, n_bootstrap=n_boot, seed=seed)
     sim = cosine_similarity_matrix(hard, gallery)
-    ranks = _brute_ranks(sim, ids, ids)
+    better, ties = rank_counts(sim, ids, ids)
     genuine, impostor = genuine_impostor_scores(sim, ids, ids)
     w = bootstrap_weights(12, n_boot, seed)
     assert np.all(w.sum(axis=1) == 12)
     r1, aucs = [], []
     for row in w.astype(int):
         idx = np.repeat(np.arange(12), row)  # the resampled subjects, with repeats
-        r1.append(np.mean(ranks[idx] <= 1))
+        r1.append(rank_k_accuracy(better[idx], ties[idx], 1))
         aucs.append(_mw_auc(genuine[idx], impostor[idx]))
     assert m.ci95["rank1"] == pytest.approx(tuple(np.quantile(r1, [0.025, 0.975])))
     assert m.ci95["auc"] == pytest.approx(tuple(np.quantile(aucs, [0.025, 0.975])), abs=1e-12)
@@ -117,6 +213,60 @@ def test_bootstrap_cis_match_brute_force_resampling(study):
     assert lo <= m.auc <= hi
     again = evaluate_condition(hard, gallery, ids, ids, n_bootstrap=n_boot, seed=seed)
     assert again.ci95 == m.ci95
+
+
+def test_evaluate_study_reports_every_matcher_the_fusion_chance_and_small_cohorts(study):
+    gallery, ids, easy, hard = study
+    sims = {"a": {"control": cosine_similarity_matrix(easy, gallery),
+                  "deidentified": cosine_similarity_matrix(hard, gallery)},
+            "b": {"control": cosine_similarity_matrix(easy + 0.5, gallery),
+                  "deidentified": cosine_similarity_matrix(hard, gallery + 1.0)}}
+    res = evaluate_study(sims, ids, labels={"a": "matcher A"}, n_bootstrap=100)
+    assert res["primary"] == FUSED and list(res["matchers"]) == ["a", "b", FUSED]
+    assert res["conditions"] == ["control", "deidentified"]
+    assert res["n_subjects"] == 12 and res["small_cohort"] is False
+    assert res["chance"] == {"rank1": 1 / 12, "rank5": 5 / 12, "auc": 0.5}
+    assert res["matchers"]["a"]["label"] == "matcher A"
+    for name in ("a", "b", FUSED):
+        for cond in ("control", "deidentified"):
+            m = res["matchers"][name][cond]
+            for key in ("rank1", "rank5", "auc"):
+                lo, hi = m[f"{key}_ci95"]
+                assert 0.0 <= lo <= m[key] <= hi <= 1.0
+            assert len(m["cmc"]) == 12 and m["cmc"][0] == m["rank1"]
+    fused = evaluate_similarity(fuse_similarities([sims["a"]["deidentified"],
+                                                   sims["b"]["deidentified"]]), ids, ids,
+                                n_bootstrap=0)
+    assert res["matchers"][FUSED]["deidentified"]["rank1"] == fused.rank1
+    assert res["matchers"]["a"]["control"]["rank1"] == 1.0
+    small = evaluate_study({"a": {"control": np.eye(3)}}, ["x", "y", "z"], n_bootstrap=0)
+    assert small["small_cohort"] is True and small["primary"] == "a"
+    assert MIN_SUBJECTS == 10 and small["chance"]["rank5"] == 1.0
+    with pytest.raises(ReidError, match="same probe conditions"):
+        evaluate_study({"a": {"control": np.eye(3)}, "b": {"deidentified": np.eye(3)}},
+                       ["x", "y", "z"])
+
+
+def test_cmc_figure_has_both_curves_chance_and_integer_ranks(study):
+    gallery, ids, easy, hard = study
+    sims = {"a": {"control": cosine_similarity_matrix(easy, gallery),
+                  "deidentified": cosine_similarity_matrix(hard, gallery)}}
+    res = evaluate_study(sims, ids[:12], n_bootstrap=50)
+    fig = cmc_figure(res)
+    ax = fig.axes[0]
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert any(lbl.startswith("control") for lbl in labels)
+    assert any(lbl.startswith("de-identified") for lbl in labels)
+    assert any(lbl.startswith("chance") for lbl in labels)
+    fig.canvas.draw()
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    # three subjects: ticks exactly 1, 2, 3 (no 1.5 or 2.5)
+    three = evaluate_study({"a": {"control": np.eye(3), "deidentified": np.eye(3)[::-1]}},
+                           ["x", "y", "z"], n_bootstrap=0)
+    ax3 = cmc_figure(three).axes[0]
+    ax3.figure.canvas.draw()
+    assert [t for t in ax3.get_xticks() if 0.8 <= t <= 3.2] == [1.0, 2.0, 3.0]
 
 
 def test_summary_keys_and_plots(tmp_path, study):
@@ -130,8 +280,12 @@ def test_summary_keys_and_plots(tmp_path, study):
                 "auc_deidentified_ci95", "cmc_control"):
         assert key in summary
     assert 0 <= summary["rank1_deidentified"] <= 1
-    for fn, name in ((plot_cmc, "cmc"), (plot_roc, "roc"), (plot_similarity_distributions, "sim")):
-        paths = fn(conds, tmp_path / "plots" / name)
+    res = evaluate_study({"m": {c: cosine_similarity_matrix(p, gallery)
+                                for c, p in (("control", easy), ("deidentified", hard))}},
+                         ids, n_bootstrap=0)
+    for fn, arg, name in ((plot_cmc, res, "cmc"), (plot_roc, conds, "roc"),
+                          (plot_similarity_distributions, conds, "sim")):
+        paths = fn(arg, tmp_path / "plots" / name)
         assert [p.suffix for p in paths] == [".png", ".svg"]
         assert Image.open(paths[0]).size[0] > 100
         assert paths[1].read_text().lstrip().startswith("<?xml")
@@ -145,6 +299,8 @@ def test_bad_input():
         match_ranks(np.eye(3), ["a", "b", "c"], ["a", "a", "c"])
     with pytest.raises(ReidError, match="shape"):
         match_ranks(np.eye(3), ["a", "b"], ["a", "b", "c"])
+    with pytest.raises(ReidError, match="finite"):
+        match_ranks(np.full((2, 2), np.nan), ["a", "b"], ["a", "b"])
     with pytest.raises(ReidError, match="sizes differ"):
         cosine_similarity_matrix(np.ones((2, 3)), np.ones((2, 4)))
     with pytest.raises(ReidError, match="non-zero"):
@@ -153,95 +309,6 @@ def test_bad_input():
         evaluate_condition(g, g, ["a", "b"], ["a", "b", "c"])
     with pytest.raises(ReidError):
         roc_auc([], [0.1])
+    with pytest.raises(ReidError, match="two subjects"):
+        evaluate_study({"a": {"control": np.eye(1)}}, ["x"])
     assert issubclass(ReidError, ValueError)
-
-
-# --------------------------------------------------------------------------- reid_eval command
-
-
-def _write_series(volume, folder):
-    from pipeline.dicom_io import volume_to_datasets, write_datasets
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    write_datasets(volume_to_datasets(volume), folder)
-
-
-@pytest.fixture(scope="module")
-def dicom_study(tmp_path_factory):
-    """3 synthetic subjects; originals under identifying folder names, de-identified by pseudonym."""
-    from pipeline.synth import SubjectParams, generate_head
-    from pipeline.volume import Volume
-
-    root = tmp_path_factory.mktemp("reid")
-    pairs = []
-    for s in range(3):
-        head = generate_head(SubjectParams.random(50 + s), shape=(72, 84, 84),
-                             spacing_mm=(3.0, 2.7, 2.7), noise_seed=s)
-        hu = head.volume.hu.copy()
-        hu[head.face_soft_tissue_mask] = -1000
-        deid = Volume(hu=hu, spacing_mm=head.volume.spacing_mm,
-                      origin_lps_mm=head.volume.origin_lps_mm)
-        orig_rel, deid_rel = f"DOE^JANE_{s}_MRN12345/ct", f"SUBJ-{s + 1:04d}/S01"
-        _write_series(head.volume, root / "orig" / orig_rel)
-        _write_series(deid, root / "deid" / deid_rel)
-        pairs.append((orig_rel, deid_rel))
-    csv_path = root / "pairs.csv"
-    csv_path.write_text("original,deidentified\n" + "".join(f"{o},{d}\n" for o, d in pairs))
-    return root, csv_path
-
-
-@pytest.mark.slow
-def test_reid_eval_command_end_to_end(dicom_study, capsys):
-    from django.core.management import call_command
-
-    root, csv_path = dicom_study
-    out = root / "out"
-    call_command("reid_eval", str(root / "orig"), str(root / "deid"), str(out),
-                 "--pairs", str(csv_path), "--views", "0,20", "--bootstrap", "100")
-    metrics = __import__("json").loads((out / "metrics.json").read_text())
-    for key in ("n_subjects", "face_detected_fraction", "rank1_control", "rank1_deidentified",
-                "rank5_control", "rank5_deidentified", "auc_control", "auc_deidentified",
-                "rank1_control_ci95", "auc_deidentified_ci95"):
-        assert key in metrics
-    assert metrics["n_subjects"] == 3 and metrics["failures"] == []
-    for key in ("face_detected_fraction", "rank1_control", "rank1_deidentified", "auc_control"):
-        assert 0.0 <= metrics[key] <= 1.0
-    # independent recomputation of rank-1 from the saved embeddings
-    emb = np.load(out / "embeddings.npz")
-    g, probe = emb["original"][:, 0], emb["original"][:, 1]
-    sim = (probe / np.linalg.norm(probe, axis=1, keepdims=True)) @ (
-        g / np.linalg.norm(g, axis=1, keepdims=True)).T
-    assert metrics["rank1_control"] == pytest.approx(np.mean(sim.argmax(axis=1) == np.arange(3)))
-    assert sorted(p.name for p in (out / "renders" / "SUBJ-0001_S01").iterdir()) == [
-        "deidentified_yaw+000.png", "deidentified_yaw+020.png",
-        "original_yaw+000.png", "original_yaw+020.png"]
-    for stem in ("cmc", "roc", "similarity"):
-        assert (out / f"{stem}.png").stat().st_size > 0 and (out / f"{stem}.svg").exists()
-    # privacy: nothing from the original folder names reaches outputs or messages
-    captured = capsys.readouterr()
-    written = [str(p.relative_to(out)) for p in out.rglob("*")]
-    blob = captured.out + captured.err + (out / "metrics.json").read_text() + " ".join(written)
-    assert "DOE" not in blob and "MRN" not in blob
-
-
-def test_reid_eval_command_rejects_bad_input(dicom_study, tmp_path):
-    from django.core.management import CommandError, call_command
-
-    root, csv_path = dicom_study
-    with pytest.raises(CommandError, match="ORIGINAL_DIR"):
-        call_command("reid_eval", str(tmp_path / "missing"), str(root / "deid"), str(tmp_path / "o"))
-    with pytest.raises(CommandError, match="--pairs"):  # no shared sub-folder names
-        call_command("reid_eval", str(root / "orig"), str(root / "deid"), str(tmp_path / "o"))
-    with pytest.raises(CommandError, match="views"):
-        call_command("reid_eval", str(root / "orig"), str(root / "deid"), str(tmp_path / "o"),
-                     "--pairs", str(csv_path), "--views", "0,95")
-    bad = tmp_path / "bad.csv"
-    bad.write_text("a,b\nx,y\n")
-    with pytest.raises(CommandError, match="columns"):
-        call_command("reid_eval", str(root / "orig"), str(root / "deid"), str(tmp_path / "o"),
-                     "--pairs", str(bad))
-    escape = tmp_path / "escape.csv"
-    escape.write_text("original,deidentified\n../../etc,SUBJ-0001/S01\n")
-    with pytest.raises(CommandError, match="inside"):
-        call_command("reid_eval", str(root / "orig"), str(root / "deid"), str(tmp_path / "o"),
-                     "--pairs", str(escape))

@@ -12,6 +12,7 @@ from pipeline.surface import (
     iso_surface,
     largest_component,
     skin_surface,
+    smooth_mesh,
 )
 from pipeline.volume import Volume
 
@@ -176,3 +177,32 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(SurfaceError, match="empty"):
         iso_surface(vol, -300.0, crop_ijk=(slice(3, 3), slice(None), slice(None)))
     assert issubclass(SurfaceError, ValueError)
+
+
+def test_smoothing_removes_slice_terraces_without_shrinking():
+    """A sphere scanned with 6 mm slices (sharp in-plane edges) shows terraces: the radius
+    of its marching-cubes vertices wobbles; Taubin smoothing flattens the wobble and
+    keeps the size."""
+    n_k, n_ij = 24, 96
+    dk, dij = 6.0, 1.0
+    k, j, i = np.meshgrid(np.arange(n_k) * dk, np.arange(n_ij) * dij, np.arange(n_ij) * dij,
+                          indexing="ij")
+    c = np.array([(n_ij - 1) * dij / 2, (n_ij - 1) * dij / 2, (n_k - 1) * dk / 2])
+    r = np.sqrt((i - c[0]) ** 2 + (j - c[1]) ** 2 + (k - c[2]) ** 2)
+    hu = np.where(r < 40.0, 40.0, -1000.0).astype(np.float32)  # no partial volume
+    vol = Volume(hu=hu, spacing_mm=(dk, dij, dij))
+    mesh = skin_surface(vol, target_faces=None)
+    smooth = smooth_mesh(mesh, 20)
+    assert np.array_equal(smooth.faces, mesh.faces) and smooth is not mesh
+    assert smooth_mesh(mesh, 0) is mesh
+
+    def wobble(m):
+        rad = np.linalg.norm(np.asarray(m.vertices) - c, axis=1)
+        band = np.abs(np.asarray(m.vertices)[:, 2] - c[2]) < 25.0  # away from the poles
+        return rad[band].std(), rad[band].mean()
+
+    (w0, r0), (w1, r1) = wobble(mesh), wobble(smooth)
+    assert w1 < 0.6 * w0
+    assert abs(r1 - r0) < 1.0
+    with pytest.raises(SurfaceError):
+        smooth_mesh(mesh, -1)

@@ -173,10 +173,15 @@ def test_rerun_stage_removes_stale_outputs_locally_and_remotely(db, settings, tm
     assert not (tmp_path / "machineB" / slices).exists()
     assert shared_storage().exists(f"{slices}/slice-axial-deid.png")
 
-    # machine A still has the stale files: the next stage mirrors its input folder
+    # machine A has a stale file in an input folder of the next stage (the embeddings stage
+    # reads the original and de-identified series): that stage mirrors its input folders
     settings.DATA_DIR = tmp_path / "machineA"
+    deid_dir = f"{base}/deid/{subject.pseudonym}"
+    (tmp_path / "machineA" / deid_dir / "stale.dcm").write_bytes(b"stale")
     _run(subject.stages.get(stage="embeddings"))
-    assert {k for k in _files(tmp_path / "machineA") if k.startswith(renders)} == good
+    local = {k for k in _files(tmp_path / "machineA") if k.startswith(deid_dir)}
+    assert local == {k for k in _files(shared) if k.startswith(deid_dir)} and local
+    assert f"{deid_dir}/stale.dcm" not in local
     assert not list((tmp_path / "machineA").rglob(".*"))  # no temporary leftovers
 
 

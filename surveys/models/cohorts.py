@@ -65,6 +65,9 @@ class Subject(models.Model):
     embedding_original = models.JSONField(null=True, blank=True)
     embedding_deid = models.JSONField(null=True, blank=True)
     embedding_detected = models.JSONField(null=True, blank=True)
+    reid_features = models.JSONField(
+        null=True, blank=True,
+        help_text="re-identification features (pipeline.reid_features.features_to_json)")
 
     class Meta:
         ordering = ["cohort", "pseudonym"]
@@ -196,7 +199,11 @@ class RenderImage(models.Model):
 
 
 class ReidSummary(models.Model):
-    """Automated re-identification result of a cohort (de-identified probes vs originals)."""
+    """Automated re-identification result of a cohort.
+
+    ``rank1``/``auc``/``cmc`` are the primary (fused) matcher's de-identified
+    condition, ``baseline_rank1`` its control; ``metrics`` holds everything.
+    """
 
     cohort = models.OneToOneField(Cohort, on_delete=models.CASCADE, related_name="reid")
     n_subjects = models.PositiveIntegerField(default=0)
@@ -205,6 +212,9 @@ class ReidSummary(models.Model):
     cmc = models.JSONField(default=list, blank=True, help_text="CMC curve, index r = rank r+1")
     baseline_rank1 = models.FloatField(null=True, blank=True,
                                        help_text="original vs original (sanity: should be 1)")
+    metrics = models.JSONField(default=dict, blank=True,
+                               help_text="pipeline.reid.evaluate_study result: every matcher "
+                                         "and the fusion, both conditions, CIs, chance")
     plot_path = models.CharField(max_length=300, blank=True)
     computed = models.DateTimeField(default=timezone.now)
 

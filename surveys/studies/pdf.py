@@ -331,7 +331,8 @@ class _Report:
         from .report import cmc_figure
 
         self.h1("8 Automated re-identification")
-        info = automated_reid(self.study.cohort)
+        info = automated_reid(self.study.cohort, self.res[self.study.primary_analysis],
+                              self.study.n_choices)
         self.p(esc(info["note"]))
         if info["rows"]:
             self.table(["Measure", "Matcher", "Value", "95 % CI", "Chance"],
@@ -341,7 +342,11 @@ class _Report:
                          _val(r, r["chance"])]
                         for r in info["rows"]], [0.34, 0.28, 0.12, 0.14, 0.12],
                        numeric={2, 4})
-        if info.get("cmc"):
+        if info.get("metrics"):
+            from pipeline.reid import cmc_figure as both_curves
+
+            self.figure(both_curves(info["metrics"]), 0.55)
+        elif info.get("cmc"):
             self.figure(cmc_figure(info["cmc"]), 0.55)
 
     # --------------------------------------------------------------- page furniture

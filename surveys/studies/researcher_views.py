@@ -8,6 +8,7 @@ page (pages) or 403 (files).
 from __future__ import annotations
 
 import json
+from typing import Any
 from collections.abc import Callable
 from functools import wraps
 
@@ -206,8 +207,13 @@ def study_report(request: HttpRequest, study: Study) -> HttpResponse:
         "difficulty": rep.difficulty(rows), "rt": rep.rt_table(rows, study.groups),
         "n_answers": len(res["rows"]), "n_answers_primary": len(rows),
         "attention": rep.attention(study), "practice": practice_reservation(study),
-        "reid": automated_reid(study.cohort),
+        **_reid_context(automated_reid(study.cohort, analysis, study.n_choices)),
         "mixed": (analysis or {}).get("mixed_model") or {}})
+
+
+def _reid_context(reid: dict[str, Any]) -> dict[str, Any]:
+    """The report's automated section: the whole dict, and its page parts at the top level."""
+    return {"reid": reid, **{k: reid[k] for k in ("reid_table", "reid_compare", "reid_plot_url")}}
 
 
 @require_GET

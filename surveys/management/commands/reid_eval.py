@@ -1,24 +1,28 @@
-"""``python manage.py reid_eval ORIGINAL_DIR DEIDENTIFIED_DIR OUT`` — face re-identification risk.
+"""``manage.py reid_eval ORIGINAL_DIR DEIDENTIFIED_DIR OUT`` — automated re-identification risk.
 
-For every subject pair (original CT, de-identified CT): bone alignment to the
-canonical head frame (computed once from the original and applied to both),
-skin surfaces, standardised renders at ``--views`` (yaw degrees; the first is
-the gallery view), dlib face embeddings, then closed-set identification:
+For every subject (original CT, de-identified CT) the chain of
+:func:`pipeline.reid_features.subject_features` computes the features of
 
-* gallery  = original render at the first view (one per subject);
-* control  = original render at the second view (probe that only differs by
-  view; with a single view it equals the gallery and the control is trivial);
-* test     = de-identified render at the same (second) view.
+* the gallery   — a simulated second acquisition of the original (small seeded
+  head motion, new sampling grid), rendered at the gallery view (default 0°);
+* the control   — the original, rendered at the probe view (default 30°);
+* the test      — the de-identified scan, rendered at the probe view,
 
-Pairs: sub-folders with the same name in both folders (``OUTPUT/<pseudonym>``
-as written by ``deidentify``), or ``--pairs FILE.csv`` with columns
-``original,deidentified`` (folder paths relative to the two roots). Each side
-must hold one CT series (or series in equally named sub-folders).
+and :func:`pipeline.reid.evaluate_study` measures closed-set identification
+(rank-1, rank-5, CMC, ROC AUC with bootstrap 95 % CIs, chance level) for each
+matcher — ``appearance`` (dlib face descriptor of the renders) and
+``surface`` (depth maps of the same renders) — and for their fusion.
 
-Writes ``OUT/renders/<label>/{original,deidentified}_yaw±NNN.png``,
-``OUT/metrics.json``, ``OUT/embeddings.npz`` and CMC / ROC / similarity plots
-(PNG + SVG). Subjects are named by their de-identified folder path only;
-original folder names and paths are never printed or written.
+Pairs: ``--mapping FILE`` (the file ``deidentify --mapping`` wrote: each
+written series' input folder and pseudonym folder), ``--pairs FILE.csv``
+(columns ``original,deidentified``, folder paths relative to the two roots),
+or sub-folders with the same name in both roots.
+
+Writes ``OUT/metrics.json``, ``OUT/features.npz``, CMC / ROC / score plots
+(PNG + SVG) per matcher and ``OUT/renders/<label>/`` (one PNG per condition at
+the first elevation and light, and a sheet of every view). Subjects are named
+by their de-identified folder only; original folder names, paths and
+identities from the mapping file are never printed or written.
 """
 
 from __future__ import annotations
@@ -38,34 +42,42 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
 SAFE_ERRORS = ("SeriesError", "AlignmentError", "SurfaceError", "RenderError", "RenderTimeout",
-               "EmbedError", "ReidError")
+               "EmbedError", "ReidError", "ShapeError")
 
 
 @dataclass(frozen=True)
 class Pair:
-    """One subject: the original and de-identified series folders (absolute) and a safe label."""
+    """One subject: the original and de-identified series folders (absolute) and a safe label.
+
+    ``n_files`` (from a mapping file) picks the original series when its
+    folder holds several.
+    """
 
     label: str
     original: Path
     deidentified: Path
+    n_files: int | None = None
 
 
 def _label_for(rel: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", rel.strip("/")) or "subject"
 
 
-def _parse_views(text: str) -> list[float]:
+def _parse_views(text: str) -> tuple[float, float]:
     try:
         views = [float(v) for v in text.split(",") if v.strip() != ""]
     except ValueError:
-        raise CommandError("--views must be comma-separated yaw angles in degrees, e.g. 0,30,-30") from None
-    if not views:
-        raise CommandError("--views needs at least one angle")
+        raise CommandError("--views must be GALLERY,PROBE yaw angles in degrees, e.g. 0,30"
+                           ) from None
+    if len(views) not in (1, 2):
+        raise CommandError("--views takes the gallery and the probe yaw, e.g. 0,30")
     if any(abs(v) >= 90 for v in views):
         raise CommandError("--views angles must lie strictly between -90 and 90 degrees")
-    if len(set(views)) != len(views):
-        raise CommandError("--views angles must be distinct")
-    return views
+    return views[0], views[-1]
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path.resolve().is_relative_to(root.resolve())
 
 
 def _pairs_from_csv(path: Path, orig_root: Path, deid_root: Path) -> list[Pair]:
@@ -81,17 +93,62 @@ def _pairs_from_csv(path: Path, orig_root: Path, deid_root: Path) -> list[Pair]:
         o, d = (row.get("original") or "").strip(), (row.get("deidentified") or "").strip()
         if not o or not d:
             raise CommandError(f"--pairs line {n}: empty folder")
-        po, pd = (orig_root / o).resolve(), (deid_root / d).resolve()
-        if not po.is_relative_to(orig_root.resolve()) or not pd.is_relative_to(deid_root.resolve()):
+        po, pd = orig_root / o, deid_root / d
+        if not _inside(po, orig_root) or not _inside(pd, deid_root):
             raise CommandError(f"--pairs line {n}: folders must lie inside the two root folders")
         if not po.is_dir():
             raise CommandError(f"--pairs line {n}: the original folder does not exist")
         if not pd.is_dir():
             raise CommandError(f"--pairs line {n}: de-identified folder {d!r} does not exist")
-        pairs.append(Pair(_label_for(d), po, pd))
+        pairs.append(Pair(_label_for(d), po.resolve(), pd.resolve()))
     labels = [p.label for p in pairs]
     if len(set(labels)) != len(labels):
         raise CommandError("--pairs lists a de-identified folder more than once")
+    return pairs
+
+
+def _pairs_from_mapping(path: Path, orig_root: Path, deid_root: Path) -> list[Pair]:
+    """Pairs from ``deidentify --mapping``: ``input_folder`` (below ORIGINAL) → ``output``.
+
+    Messages name entries by their position and pseudonym folder only (the
+    file holds identities and original folder names).
+    """
+    if not path.is_file():
+        raise CommandError("--mapping file does not exist")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        rows = doc["series"]
+        if not isinstance(rows, list):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise CommandError("--mapping is not a mapping file written by `deidentify --mapping`"
+                           ) from None
+    pairs = []
+    for n, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise CommandError(f"--mapping entry {n} is not an object")
+        out, inp = row.get("output"), row.get("input_folder")
+        if not out:  # a series that failed or was not written: nothing to compare
+            continue
+        if not isinstance(out, str) or not isinstance(inp, str):
+            raise CommandError(f"--mapping entry {n}: missing input folder or output")
+        po, pd = orig_root / inp, deid_root / out
+        if not _inside(po, orig_root) or not _inside(pd, deid_root):
+            raise CommandError(f"--mapping entry {n} ({out}): folders must lie inside the two "
+                               "root folders (give the INPUT and OUTPUT folders of `deidentify`)")
+        if not po.is_dir():
+            raise CommandError(f"--mapping entry {n} ({out}): the original folder does not exist "
+                               "below ORIGINAL_DIR (give the INPUT folder of `deidentify`)")
+        if not pd.is_dir():
+            raise CommandError(f"--mapping entry {n}: de-identified folder {out!r} does not exist")
+        n_files = row.get("n_files")
+        pairs.append(Pair(_label_for(out), po.resolve(), pd.resolve(),
+                          int(n_files) if isinstance(n_files, int) else None))
+    if not pairs:
+        raise CommandError("--mapping lists no written series")
+    labels = [p.label for p in pairs]
+    if len(set(labels)) != len(labels):
+        raise CommandError("--mapping lists an output folder more than once")
     return pairs
 
 
@@ -101,18 +158,9 @@ def _pairs_by_name(orig_root: Path, deid_root: Path) -> list[Pair]:
              if (orig_root / n).is_dir()]
     if not pairs:
         raise CommandError("no sub-folder name is shared by ORIGINAL_DIR and DEIDENTIFIED_DIR; "
-                           "give the pairing with --pairs FILE.csv (columns original,deidentified)")
+                           "give the pairing with --mapping FILE (written by `deidentify "
+                           "--mapping`) or --pairs FILE.csv (columns original,deidentified)")
     return pairs
-
-
-def _one_series(folder: Path, root: Path, side: str, label: str) -> Any:
-    """The single CT series below ``folder`` (scan_folder); CommandError-safe messages."""
-    from pipeline.dicom_io import scan_folder
-
-    ct = [s for s in scan_folder(folder).series if s.modality == "CT"]
-    if len(ct) == 1:
-        return ct[0]
-    raise ValueError(f"{label}: the {side} folder holds {len(ct)} CT series (need exactly one)")
 
 
 def _expand(pairs: list[Pair]) -> list[Pair]:
@@ -129,53 +177,122 @@ def _expand(pairs: list[Pair]) -> list[Pair]:
     return out
 
 
-def process_pair(pair: Pair, views: list[float], out_dir: Path, backend: str) -> dict[str, Any]:
+def _positions(ref: Any) -> list[tuple[float, ...]]:
+    import pydicom
+
+    pos = []
+    for f in ref.files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        pos.append(tuple(round(float(v), 2) for v in ds.ImagePositionPatient))
+    return sorted(pos)
+
+
+def _original_series(pair: Pair, deid_ref: Any) -> Any:
+    """The original CT series of ``pair``: the only one in its folder, else the one with the
+    de-identified series' number of files and slice positions (kept by `deidentify`)."""
+    from pipeline.dicom_io import scan_folder
+
+    ct = [s for s in scan_folder(pair.original).series if s.modality == "CT"]
+    if len(ct) > 1:
+        n = pair.n_files or deid_ref.n_files
+        ct = [s for s in ct if s.n_files == n]
+    if len(ct) > 1:
+        want = _positions(deid_ref)
+        ct = [s for s in ct if _positions(s) == want]
+    if len(ct) == 1:
+        return ct[0]
+    raise ValueError(f"{pair.label}: the original folder holds {len(ct)} matching CT series "
+                     "(need exactly one)")
+
+
+def _deid_series(pair: Pair) -> Any:
+    from pipeline.dicom_io import scan_folder
+
+    ct = [s for s in scan_folder(pair.deidentified).series if s.modality == "CT"]
+    if len(ct) == 1:
+        return ct[0]
+    raise ValueError(f"{pair.label}: the de-identified folder holds {len(ct)} CT series "
+                     "(need exactly one)")
+
+
+def process_pair(pair: Pair, protocol: Any, out_dir: Path, backend: str,
+                 rescan_salt: int = 0) -> dict[str, Any]:
     """Load, align, render and embed one pair (runs in a worker process). Never raises."""
     try:
         from pipeline import render as R  # first: sets the OpenGL platform
         from pipeline.dicom_io import load_series
-        from pipeline.embed import get_embedder
+        from pipeline.reid_features import subject_features
+        from pipeline.rescan import volume_seed
 
-        ref_o = _one_series(pair.original, pair.original, "original", pair.label)
-        ref_d = _one_series(pair.deidentified, pair.deidentified, "de-identified", pair.label)
+        ref_d = _deid_series(pair)
+        ref_o = _original_series(pair, ref_d)
         vol_o = load_series(ref_o).volume
         vol_d = load_series(ref_d).volume
-        settings = R.RenderSettings()
-        res = R.render_subject(vol_o, vol_d, yaw_degs=views, settings=settings, backend=backend)
-        emb = get_embedder()
-        out: dict[str, Any] = {"label": pair.label, "ok": True, "timings_s": res.timings_s,
-                               "shared_alignment": res.shared_alignment,
-                               "backend": res.original[0].backend}
+        f = subject_features(vol_o, vol_d, label=pair.label,
+                             seed=volume_seed(vol_o, rescan_salt), protocol=protocol,
+                             backend=backend, keep_renders=True)
         subj_dir = out_dir / "renders" / pair.label
-        for cond, rr in (("original", res.original), ("deidentified", res.deidentified)):
-            vecs, det = [], []
-            for v in rr:
-                R.save_png(v.image, subj_dir / f"{cond}_yaw{round(v.yaw_deg):+04d}.png")
-                e = emb.embed(v.image, R.canonical_face_box(v.yaw_deg, settings))
-                vecs.append(e.vector)
-                det.append(e.detected)
-            out[f"{cond}_vectors"] = np.array(vecs)
-            out[f"{cond}_detected"] = det
-        return out
+        rows = []
+        for cond, rs in f.renders.items():
+            R.save_png(rs[0].image, subj_dir / f"{cond}.png")
+            rows.append(np.concatenate([r.image for r in rs], axis=1))
+        R.save_png(np.concatenate(rows, axis=0), subj_dir / "all_views.png")
+        f.renders = {}
+        return {"label": pair.label, "ok": True, "features": f,
+                "backend": backend if backend != "auto" else
+                ("pyrender" if R.opengl_available() else "raycast")}
     except Exception as exc:  # noqa: BLE001 — reported per subject, without identifiers
         name = type(exc).__name__
         msg = str(exc) if name in SAFE_ERRORS or isinstance(exc, ValueError) else ""
         return {"label": pair.label, "ok": False, "error": f"{name}: {msg}" if msg else name}
 
 
+def format_study(study: dict[str, Any]) -> str:
+    """Plain-text table of an :func:`pipeline.reid.evaluate_study` dict (one line per matcher)."""
+    lines = []
+    n = study["n_subjects"]
+    ch = study["chance"]
+    lines.append(f"{n} subjects; chance: rank-1 {ch['rank1']:.2f}, rank-5 {ch['rank5']:.2f}, "
+                 f"AUC {ch['auc']:.2f}")
+    if study["small_cohort"]:
+        lines.append(f"WARNING: fewer than {study['min_subjects']} subjects — the rates and their "
+                     "confidence intervals say little.")
+
+    def fmt(m: dict[str, Any], key: str) -> str:
+        ci = m.get(f"{key}_ci95")
+        return f"{m[key]:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+    for name, entry in study["matchers"].items():
+        for cond in study["conditions"]:
+            m = entry[cond]
+            lines.append(f"  {name:<10s} {cond:<13s} rank-1 {fmt(m, 'rank1'):<20s} "
+                         f"rank-5 {fmt(m, 'rank5'):<20s} AUC {fmt(m, 'auc')}")
+    return "\n".join(lines)
+
+
 class Command(BaseCommand):
-    help = ("Render original and de-identified CT faces, embed them (dlib) and measure "
-            "re-identification (rank-1/5, CMC, AUC with bootstrap CIs) into OUT.")
+    help = ("Render original and de-identified CT faces and measure automated re-identification "
+            "(appearance and surface matchers and their fusion; rank-1/5, CMC, AUC with "
+            "bootstrap CIs) into OUT.")
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("original", type=Path, help="folder of original CT series")
+        parser.add_argument("original", type=Path, help="folder of original CT series "
+                            "(the INPUT folder of `deidentify`)")
         parser.add_argument("deidentified", type=Path, help="folder written by `deidentify`")
         parser.add_argument("out", type=Path, help="output folder (created if missing)")
-        parser.add_argument("--pairs", type=Path, default=None,
-                            help="CSV with columns original,deidentified (relative folder paths)")
-        parser.add_argument("--views", default="0,30,-30",
-                            help="yaw angles in degrees; the first is the gallery view "
-                                 "(default 0,30,-30)")
+        how = parser.add_mutually_exclusive_group()
+        how.add_argument("--mapping", type=Path, default=None,
+                         help="mapping file written by `deidentify --mapping` (pairs the series)")
+        how.add_argument("--pairs", type=Path, default=None,
+                         help="CSV with columns original,deidentified (relative folder paths)")
+        parser.add_argument("--views", default="0,30",
+                            help="gallery and probe yaw in degrees (default 0,30)")
+        parser.add_argument("--no-rescan", action="store_true",
+                            help="gallery = the original itself instead of a simulated second "
+                                 "acquisition (the control then compares a surface with itself)")
+        parser.add_argument("--rescan-seed", type=int, default=0,
+                            help="varies the simulated second acquisitions (default 0; the "
+                                 "same scan and seed always give the same gallery)")
         parser.add_argument("--workers", type=int, default=1, help="subjects processed in parallel")
         parser.add_argument("--backend", choices=("auto", "pyrender", "raycast"), default="auto",
                             help="renderer (default auto: OpenGL/OSMesa, else embree ray casting)")
@@ -184,6 +301,8 @@ class Command(BaseCommand):
         parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
 
     def handle(self, *args: Any, **opts: Any) -> None:
+        from pipeline.reid_features import ReidProtocol
+
         orig_root: Path = opts["original"]
         deid_root: Path = opts["deidentified"]
         out_dir: Path = opts["out"]
@@ -195,11 +314,17 @@ class Command(BaseCommand):
             raise CommandError("--workers must be at least 1")
         if opts["bootstrap"] < 0:
             raise CommandError("--bootstrap must be 0 or more")
-        views = _parse_views(opts["views"])
-        pairs = (_pairs_from_csv(opts["pairs"], orig_root, deid_root) if opts["pairs"]
-                 else _expand(_pairs_by_name(orig_root, deid_root)))
+        gallery_yaw, probe_yaw = _parse_views(opts["views"])
+        if opts["mapping"]:
+            pairs = _pairs_from_mapping(opts["mapping"], orig_root, deid_root)
+        elif opts["pairs"]:
+            pairs = _pairs_from_csv(opts["pairs"], orig_root, deid_root)
+        else:
+            pairs = _expand(_pairs_by_name(orig_root, deid_root))
         if len(pairs) < 2:
             raise CommandError("re-identification needs at least two subjects")
+        protocol = ReidProtocol(gallery_yaw_deg=gallery_yaw, probe_yaw_deg=probe_yaw,
+                                rescan=not opts["no_rescan"])
         out_dir.mkdir(parents=True, exist_ok=True)
 
         show = sys.stderr.isatty() and opts["verbosity"] > 0
@@ -207,12 +332,14 @@ class Command(BaseCommand):
         results: list[dict[str, Any]] = []
         if opts["workers"] == 1:
             for p in pairs:
-                results.append(process_pair(p, views, out_dir, opts["backend"]))
+                results.append(process_pair(p, protocol, out_dir, opts["backend"],
+                                            opts["rescan_seed"]))
                 bar.update(1)
         else:
             ctx = mp.get_context("spawn")
             with ProcessPoolExecutor(max_workers=opts["workers"], mp_context=ctx) as pool:
-                futs = [pool.submit(process_pair, p, views, out_dir, opts["backend"]) for p in pairs]
+                futs = [pool.submit(process_pair, p, protocol, out_dir, opts["backend"],
+                                    opts["rescan_seed"]) for p in pairs]
                 for f in futs:
                     results.append(f.result())
                     bar.update(1)
@@ -224,65 +351,74 @@ class Command(BaseCommand):
             self.stderr.write(f"{r['label']}: failed ({r['error']})")
         if len(ok) < 2:
             raise CommandError(f"only {len(ok)} subject(s) could be processed; need at least two")
-        metrics = self._metrics(ok, failed, views, opts["bootstrap"], opts["seed"], out_dir)
+        metrics = self._metrics(ok, failed, protocol, opts["bootstrap"], opts["seed"], out_dir,
+                                opts["rescan_seed"])
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        self.stdout.write(
-            f"{metrics['n_subjects']} subjects: rank-1 control {metrics['rank1_control']:.0%}, "
-            f"de-identified {metrics['rank1_deidentified']:.0%}; AUC control "
-            f"{metrics['auc_control']:.3f}, de-identified {metrics['auc_deidentified']:.3f}; "
-            f"face found {metrics['face_detected_fraction']:.0%}; metrics: {out_dir / 'metrics.json'}")
+        self.stdout.write(format_study(metrics["study"]))
+        self.stdout.write(f"metrics: {out_dir / 'metrics.json'}")
         if failed:
             raise CommandError(f"{len(failed)} of {len(results)} subject(s) failed")
 
     @staticmethod
-    def _metrics(ok: list[dict[str, Any]], failed: list[dict[str, Any]], views: list[float],
-                 n_boot: int, seed: int, out_dir: Path) -> dict[str, Any]:
+    def _metrics(ok: list[dict[str, Any]], failed: list[dict[str, Any]], protocol: Any,
+                 n_boot: int, seed: int, out_dir: Path, rescan_salt: int = 0) -> dict[str, Any]:
         from pipeline.reid import (
-            evaluate_condition,
+            FUSED,
+            evaluate_similarity,
+            evaluate_study,
             plot_cmc,
             plot_roc,
             plot_similarity_distributions,
-            summarise,
         )
+        from pipeline.reid_features import MATCHERS, study_similarities
 
         ids = [r["label"] for r in ok]
-        probe_view = 1 if len(views) > 1 else 0
-        gallery = np.array([r["original_vectors"][0] for r in ok])
-        control = np.array([r["original_vectors"][probe_view] for r in ok])
-        deid = np.array([r["deidentified_vectors"][probe_view] for r in ok])
-        kw = {"n_bootstrap": n_boot, "seed": seed}
-        conds = {"control": evaluate_condition(control, gallery, ids, ids, **kw),
-                 "deidentified": evaluate_condition(deid, gallery, ids, ids, **kw)}
-        per_view = {}
-        for vi, yaw in enumerate(views):
-            m = evaluate_condition(np.array([r["deidentified_vectors"][vi] for r in ok]),
-                                   gallery, ids, ids, n_bootstrap=0)
-            per_view[f"{yaw:g}"] = {"rank1_deidentified": m.rank1, "rank5_deidentified": m.rank5,
-                                    "auc_deidentified": m.auc}
-        plot_cmc(conds, out_dir / "cmc")
-        plot_roc(conds, out_dir / "roc")
-        plot_similarity_distributions(conds, out_dir / "similarity")
-        np.savez(out_dir / "embeddings.npz", labels=np.array(ids), views_deg=np.array(views),
-                 original=np.array([r["original_vectors"] for r in ok]),
-                 deidentified=np.array([r["deidentified_vectors"] for r in ok]))
-        det_o = np.array([r["original_detected"] for r in ok])
-        det_d = np.array([r["deidentified_detected"] for r in ok])
+        feats = [r["features"] for r in ok]
+        sims = study_similarities(feats)
+        study = evaluate_study(sims, ids, labels=MATCHERS, n_bootstrap=n_boot, seed=seed)
+        plot_cmc(study, out_dir / "cmc")
+        for name in study["matchers"]:
+            plot_cmc(study, out_dir / f"cmc_{name}", matcher=name)
+        for name, conds in sims.items():
+            mets = {c: evaluate_similarity(s, ids, ids, n_bootstrap=0) for c, s in conds.items()}
+            plot_roc(mets, out_dir / f"roc_{name}")
+            plot_similarity_distributions(
+                mets, out_dir / f"scores_{name}",
+                xlabel="cosine similarity (centred)" if name == "appearance"
+                else "−(median depth difference, mm)")
+        conds = list(feats[0].embeddings)
+        np.savez_compressed(
+            out_dir / "features.npz", labels=np.array(ids), conditions=np.array(conds),
+            embeddings=np.array([[f.embeddings[c] for c in conds] for f in feats]),
+            depth_maps=np.array([[f.depth_maps[c] for c in conds] for f in feats]),
+            detected=np.array([[f.detected[c] for c in conds] for f in feats]))
+        primary = study["matchers"][study["primary"]]
+        flat: dict[str, Any] = {}
+        for cond in study["conditions"]:
+            for key in ("rank1", "rank5", "auc"):
+                flat[f"{key}_{cond}"] = primary[cond][key]
+                flat[f"{key}_{cond}_ci95"] = primary[cond].get(f"{key}_ci95")
         return {
             "n_subjects": len(ok),
-            "face_detected_fraction": float(det_o[:, 0].mean()),
-            "face_detected_fraction_by_view": {f"{y:g}": float(det_o[:, i].mean())
-                                               for i, y in enumerate(views)},
-            "face_detected_fraction_deidentified_by_view": {f"{y:g}": float(det_d[:, i].mean())
-                                                            for i, y in enumerate(views)},
-            "gallery_view_deg": views[0],
-            "probe_view_deg": views[probe_view],
-            "control_is_trivial": probe_view == 0,
-            "views_deg": views,
+            "primary_matcher": study["primary"] if study["primary"] != FUSED else FUSED,
+            **flat,
+            "face_detected_fraction": {c: float(np.mean([f.detected[c].mean() for f in feats]))
+                                       for c in conds},
+            "protocol": _jsonable(protocol.as_dict()),
+            "rescan_seed": rescan_salt,
             "render_backend": sorted({r["backend"] for r in ok}),
-            "bootstrap_resamples": n_boot,
-            "bootstrap_seed": seed,
-            **summarise(conds),
-            "per_view_deidentified": per_view,
-            "subjects": ids,
+            "timings_s_mean": {k: float(np.mean([f.timings_s.get(k, 0.0) for f in feats]))
+                               for k in feats[0].timings_s},
+            "study": study,
             "failures": [{"label": r["label"], "error": r["error"]} for r in failed],
         }
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, dict):
+        return {k: _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, np.generic):
+        return o.item()
+    return o
