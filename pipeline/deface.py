@@ -44,7 +44,9 @@ gantry tilt included); volumes in mL, distances in mm.
 
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -406,7 +408,6 @@ def deface(volume: Volume, method: FaceRegionMethod | None = None, *,
         fill_doc = {"kind": "ambient air of this scan (histogram and pixel correlation)",
                     **fill.summary()}
         tp = fill.tile_px
-        rng = np.random.default_rng(fill_seed + 1)
         g = env.grid
         labels = _region_labels(env)
         inside3 = _inside_by(env, 3.0)
@@ -414,7 +415,10 @@ def deface(volume: Volume, method: FaceRegionMethod | None = None, *,
             g.hu <= SOFT_RANGE_HU[1])
         den_px = den.sum(axis=(1, 2)) * g.f * g.f  # per coarse slice, in native pixels
         min_px = KEEP_MIN_MM2 / (env.stack.pixel_mm[0] * env.stack.pixel_mm[1])
-        for k in slices:
+        env.body_grown  # noqa: B018 - computed once, before the threads share it
+
+        def apply_slice(k: int) -> tuple | None:
+            """Remove and fill on native slice ``k``; its QA counts (None: nothing changed)."""
             rs, cs = boxes[k]
             sl = hu[k]
             zone, outside, body = env.slice_masks(k, sl, rs, cs)
@@ -424,33 +428,43 @@ def deface(volume: Volume, method: FaceRegionMethod | None = None, *,
                 zone |= mask[k, rs, cs]
             cand = zone & outside & body
             if not cand.any():
-                continue
+                return None
             sub = sl[rs, cs]
             keep = _keep_bright(sub, cand, min_px, bool((sl >= METAL_HU).any()))
             jj, ii = np.nonzero(cand & ~keep)
             if jj.size == 0:
-                continue
+                return None
             old = sub[jj, ii]
-            a, b = rng.integers(0, tp, 2)
+            a, b = np.random.default_rng([fill_seed, k]).integers(0, tp, 2)  # per slice: any order
             vals = tile[(jj + rs.start + a) % tp, (ii + cs.start + b) % tp]
             if np.issubdtype(out.dtype, np.integer):
                 vals = np.rint(vals)
-            out[k, rs, cs][jj, ii] = vals.astype(out.dtype)
-            changed = old != vals.astype(out.dtype)
+            vals = vals.astype(out.dtype)
+            out[k, rs, cs][jj, ii] = vals
+            changed = old != vals
             jj, ii, old = jj[changed], ii[changed], old[changed]
-            removed += jj.size
-            for t, thr in enumerate(BONE_HU):
-                bone_lost[t] += int(np.count_nonzero(old >= thr))
             kc = g.native_k[k]
             cj, ci = (jj + rs.start) // g.f, (ii + cs.start) // g.f
-            by_region += np.bincount(labels[kc][cj, ci], minlength=len(REGION_NAMES)) * voxel_ml[k]
             soft = (old >= SOFT_RANGE_HU[0]) & (old <= SOFT_RANGE_HU[1])
             n_in = int(np.count_nonzero(inside3[kc][cj, ci] & soft))
-            inside_changed_ml += n_in * voxel_ml[k]
-            if n_in and den_px[kc]:
-                worst_pct = max(worst_pct, 100.0 * n_in / den_px[kc])
             bad = (old <= BODY_THRESHOLD_HU) | ~env.body_grown[kc][cj, ci]
-            outside_body_ml += float(np.count_nonzero(bad)) * voxel_ml[k]
+            return (jj.size, [int(np.count_nonzero(old >= thr)) for thr in BONE_HU],
+                    np.bincount(labels[kc][cj, ci], minlength=len(REGION_NAMES)) * voxel_ml[k],
+                    n_in * voxel_ml[k], (100.0 * n_in / den_px[kc]) if n_in and den_px[kc] else 0.0,
+                    float(np.count_nonzero(bad)) * voxel_ml[k])
+
+        # slices are independent (disjoint writes); numpy releases the GIL for the heavy parts
+        with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
+            for res in pool.map(apply_slice, slices):
+                if res is None:
+                    continue
+                n, lost, regions, in_ml, pct, out_ml = res
+                removed += n
+                bone_lost = [x + y for x, y in zip(bone_lost, lost)]
+                by_region += regions
+                inside_changed_ml += in_ml
+                worst_pct = max(worst_pct, pct)
+                outside_body_ml += out_ml
     t3 = time.perf_counter()
 
     # ---- QA figures

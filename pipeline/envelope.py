@@ -456,12 +456,13 @@ class EnvelopeSettings:
     ear_superior_mm: float = 40.0
     ear_inferior_mm: float = 75.0
     ear_flap_mm: float = 6.0  # ear parts remove only flaps thinner than twice this
+    ear_min_ml: float = 1.0  # ... in pieces of at least this volume (an auricle: 5–15 mL)
     device_hu: float = 100.0  # couches, holders: plastics and carbon fibre at least this dense
     device_reach_mm: float = 40.0  # ... in pieces reaching this far outside the skeleton
     zone_below_menton_mm: float = 25.0  # submental skin
     zone_inferior_fallback_mm: float = 150.0  # below the globes when no mandible is seen
     min_protrusion_mm: float = 10.0  # nose-like: soft tissue this far outside the hull
-    face_depth_mm: float = 4.0
+    face_depth_mm: float = 4.0  # (on grids of ≤ 2.5 mm; coarser grids count from the hull)
     min_face_ml: float = 3.0  # soft tissue ≥ face_depth_mm proud of the skeleton
     doubtful_ml: float = 10.0  # no landmarks but this much proud tissue in front: refuse
 
@@ -702,6 +703,7 @@ def _hull_points(grid: CoarseGrid, bone: np.ndarray) -> np.ndarray:
     """LPS corners of the outermost bone voxels per row and column of every coarse slice."""
     pts = []
     nk, nj, ni = bone.shape
+    # a bone voxel stands for bone anywhere in it (thick slabs are replicated over their cell)
     corners = np.array([[a, b, c] for a in (-0.5, 0.5) for b in (-0.5, 0.5) for c in (-0.5, 0.5)])
     for k in range(nk):
         b = bone[k]
@@ -937,11 +939,20 @@ def _thin_flaps(grid: CoarseGrid, stack: SliceStack, body: np.ndarray, ears: Fac
     box = _bbox(where)
     if box is None:
         return thin
-    r_flap = max(1, int(round(st.ear_flap_mm / min(grid.spacing_mm))))
-    pad = r_flap + 2
+    pad = int(np.ceil(2 * st.ear_flap_mm / min(grid.spacing_mm))) + 2
     box = tuple(slice(max(0, b.start - pad), min(n, b.stop + pad)) for b, n in zip(box, body.shape))
     sub = body[box]
-    flap = sub & ~ndi.binary_opening(sub, iterations=r_flap)
+    # opening by a ball of radius ear_flap_mm (distance transforms: isotropic, in mm)
+    core = ndi.distance_transform_edt(sub, sampling=grid.spacing_mm) > st.ear_flap_mm
+    opened = ndi.distance_transform_edt(~core, sampling=grid.spacing_mm) <= st.ear_flap_mm
+    flap = sub & ~opened
+    # an auricle is a flap of a few mL; slivers of skin along the head's outline are not
+    lab, n = ndi.label(flap, structure=np.ones((3, 3, 3), bool))
+    if n:
+        vox_ml = float(np.prod(grid.spacing_mm)) / 1000.0
+        big = np.bincount(lab.ravel()) * vox_ml >= st.ear_min_ml
+        big[0] = False
+        flap = big[lab]
     thin[box] = ndi.binary_dilation(flap, iterations=1) & sub
     return thin
 
@@ -1101,11 +1112,26 @@ def find_envelope(volume: Volume, settings: EnvelopeSettings | None = None) -> E
     zone = FaceZone([np.array(face), *ears], ["face", "right ear", "left ear"])
     thin = _thin_flaps(grid, stack, body, FaceZone(ears, ["right ear", "left ear"]), st)
     env = result(body, hull, inside, zone, True, "", thin=thin)
-    proud4 = soft_out & env.zone_coarse & ~_grown_inside(inside, grid, st.face_depth_mm)
-    env.face_ml = round(float(proud4.sum()) * voxel_ml, 2)
+    # the depth below which soft tissue is the skeleton's partial-volume rim: the margin,
+    # at coarse resolution (a voxel of 5 mm smears bone over its whole width)
+    depth = st.face_depth_mm if min(grid.spacing_mm) <= 2.5 else 0.0
+    proud = soft_out & env.zone_coarse
+    if depth > 0:
+        proud &= ~_grown_inside(inside, grid, depth)
+    env.face_ml = round(float(proud.sum()) * voxel_ml, 2)
+    if env.face_ml < st.min_face_ml and globes is not None:
+        # eyes, and a face thinner than a few coarse voxels (a coarse series smears the skin
+        # into air): count every voxel of the body outside the skeleton in the zone
+        thin_face_ml = float((body & ~inside & env.zone_coarse).sum()) * voxel_ml
+        if thin_face_ml >= st.min_face_ml:
+            env.face_ml = round(thin_face_ml, 2)
     if env.face_ml < st.min_face_ml:
         env.face_found = False
         env.reason = (f"no facial soft tissue: only {env.face_ml:.1f} mL stands "
-                      f"≥ {st.face_depth_mm:g} mm proud of the skeleton (bare skull or phantom?)")
+                      f"≥ {depth:g} mm proud of the skeleton (bare skull or phantom?)")
+        if globes is not None:  # eyes, yet no face around them: do not call it "no face"
+            env.doubtful = True
+            env.reason = ("eyes were found but hardly any soft tissue in front of the skeleton "
+                          f"({env.face_ml:.1f} mL): the face could not be delimited")
     env.seconds = round(time.perf_counter() - t0, 3)
     return env

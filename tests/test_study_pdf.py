@@ -91,7 +91,8 @@ def test_pdf_pages_render_and_hold_every_figure(pdf_study):
                     "7 Response times", "8 Automated re-identification"):
         assert heading in flat, heading
     assert MATH in flat  # the mathtext-like group name is printed as typed
-    assert "rank-1 identification rate" in flat and "25.0 %" in flat
+    assert "rank-1, de-identified" in flat and "rank-1, control" in flat
+    assert "-choice accuracy" in flat  # the raters beside the matcher, same task
     excluded = [e["rater_id"] for e in doc["excluded_raters"]]
     assert excluded and all(code in flat for code in excluded)
     assert "(one-sided)" in flat and "two-sided" in flat
