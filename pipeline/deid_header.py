@@ -772,6 +772,11 @@ class HeaderDeidentifier:
             meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
             meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
 
+    def stamp(self, ds: Dataset, *, face_removed: bool) -> None:
+        """(Re)write the de-identification method attributes of an already de-identified
+        ``ds`` (e.g. once it is known whether the face was removed: code 113102)."""
+        self._stamp(ds, face_removed)
+
     def _stamp(self, ds: Dataset, face_removed: bool) -> None:
         codes = self.method_codes
         if face_removed:

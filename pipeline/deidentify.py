@@ -28,7 +28,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -261,6 +261,7 @@ class SeriesDeid:
 def deidentify_series(
     loaded: Any, out_dir: Path, *, method: Any, method_warnings: list[str] | None = None,
     project_secret: str, pseudonym: str, date_offset_days: int, dates: str = "shift",
+    qa_picture: Path | None = None,
 ) -> SeriesDeid:
     """De-identify one loaded series (face + PS3.15 header) into ``out_dir``, atomically.
 
@@ -278,8 +279,10 @@ def deidentify_series(
     * ``dates``: ``shift`` by ``date_offset_days`` or ``remove``;
     * the series is written to a temporary folder and renamed
       (:func:`pipeline.dicom_io.write_datasets`), slice for slice in the input's
-      geometry.
+      geometry; ``qa_picture``: also write the QA picture there (PNG).
 
+    The headers are de-identified in a second thread while the face is removed, and
+    the QA picture is drawn while the files are written (two cores).
     Raises ``ValueError`` subclasses (without identifiers) for unusable input.
     """
     volume = loaded.volume
@@ -289,10 +292,22 @@ def deidentify_series(
     face_removed = False
     hu = volume.hu
     name = "none"
-    if method is not None:
-        from pipeline.deface import deface
+    deid = HeaderDeidentifier(project_secret, dates=dates)
+    datasets = _single_frame_datasets(loaded)
 
-        result = deface(volume, method)
+    def headers() -> None:
+        for ds in datasets:
+            deid.deidentify(ds, pseudonym=pseudonym, date_offset_days=date_offset_days,
+                            face_removed=False)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        header_job = pool.submit(headers)
+        if method is not None:
+            from pipeline.deface import deface
+
+            result = deface(volume, method)
+        header_job.result()
+    if result is not None:
         qa = {k: v for k, v in result.qa.as_dict().items() if _jsonable(v)}
         name = str(qa.get("method", getattr(method, "name", "")))
         warnings += [w for w in qa.get("warnings", []) if w not in warnings]
@@ -303,15 +318,18 @@ def deidentify_series(
                 "series, or use --method none to de-identify the header only")
         face_removed = bool(result.qa.face_found and result.qa.removed_voxels > 0)
         hu = result.hu
-    deid = HeaderDeidentifier(project_secret, dates=dates)
-    datasets = _single_frame_datasets(loaded)
-    for k, ds in enumerate(datasets):
-        dicom_io.set_pixel_hu(ds, hu[k])
-        deid.deidentify(ds, pseudonym=pseudonym, date_offset_days=date_offset_days,
-                        face_removed=face_removed)
-    dicom_io.write_datasets(datasets, out_dir)
-    return SeriesDeid(method=name, face_removed=face_removed, qa=qa, warnings=warnings,
-                      slices=len(datasets), volume=volume, hu=hu, defaced=result)
+    res = SeriesDeid(method=name, face_removed=face_removed, qa=qa, warnings=warnings,
+                     slices=len(datasets), volume=volume, hu=hu, defaced=result)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        picture = pool.submit(write_qa_picture, res, qa_picture) if qa_picture else None
+        for k, ds in enumerate(datasets):
+            if face_removed:
+                deid.stamp(ds, face_removed=True)
+            dicom_io.set_pixel_hu(ds, hu[k])
+        dicom_io.write_datasets(datasets, out_dir)
+        if picture is not None:
+            picture.result()
+    return res
 
 
 def write_qa_picture(series: SeriesDeid, path: Path) -> bool:
@@ -354,7 +372,8 @@ def _process_series(job: _SeriesJob) -> SeriesOutcome:
         res = deidentify_series(
             loaded, job.out_dir, method=method, method_warnings=warnings,
             project_secret=job.options.project_secret, pseudonym=job.pseudonym,
-            date_offset_days=job.date_offset_days, dates=job.options.dates)
+            date_offset_days=job.date_offset_days, dates=job.options.dates,
+            qa_picture=job.qa_path)
         outcome.status = "written"
         outcome.output = job.output_rel
         outcome.slices = res.slices
@@ -364,7 +383,9 @@ def _process_series(job: _SeriesJob) -> SeriesOutcome:
         outcome.warnings = res.warnings
         outcome.qa = res.qa
         outcome.face_found = bool(res.qa.get("face_found", False)) if res.qa else None
-        if job.qa_path is not None and write_qa_picture(res, job.qa_path):
+        if job.qa_path is not None and res.defaced is None:
+            job.qa_path.unlink(missing_ok=True)  # header only: no picture (nor an old one)
+        elif job.qa_path is not None:
             outcome.qa_picture = job.qa_rel
     except (ValueError, OSError, pydicom.errors.InvalidDicomError) as exc:
         outcome.error = _safe_message(exc)
