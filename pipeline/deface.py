@@ -53,7 +53,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from scipy import ndimage as ndi
 
-from .envelope import BODY_THRESHOLD_HU, Envelope, EnvelopeSettings, find_envelope
+from .envelope import BODY_THRESHOLD_HU, Envelope, EnvelopeSettings, bbox_of, find_envelope
 from .volume import Volume
 
 __all__ = [
@@ -117,18 +117,6 @@ class FaceRegionMethod(Protocol):
     def face_region(self, volume: Volume) -> RegionResult:
         """Return the removable region (see :class:`RegionResult`)."""
         ...
-
-
-def bbox_of(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
-    """Tight bounding box of a 3D bool mask in array order, or None if empty."""
-    out = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        idx = np.flatnonzero(mask.any(axis=other))
-        if idx.size == 0:
-            return None
-        out.append(slice(int(idx[0]), int(idx[-1]) + 1))
-    return tuple(out)  # type: ignore[return-value]
 
 
 @dataclass

@@ -699,25 +699,33 @@ def _without_streaks(grid: CoarseGrid, bone: np.ndarray) -> np.ndarray:
     return out
 
 
+def outline_pixels(mask: np.ndarray) -> np.ndarray:
+    """``(row, column)`` of the first and last True pixel of every row and every column of a
+    2D mask (N×2 int, unique): the points that decide its convex hull."""
+    if not mask.any():
+        return np.zeros((0, 2), int)
+    nj, ni = mask.shape
+    rows = np.flatnonzero(mask.any(axis=1))
+    first = mask[rows].argmax(axis=1)
+    last = ni - 1 - mask[rows, ::-1].argmax(axis=1)
+    cols = np.flatnonzero(mask.any(axis=0))
+    top = mask[:, cols].argmax(axis=0)
+    bot = nj - 1 - mask[::-1, cols].argmax(axis=0)
+    idx = np.concatenate([np.column_stack([rows, first]), np.column_stack([rows, last]),
+                          np.column_stack([top, cols]), np.column_stack([bot, cols])])
+    return np.unique(idx, axis=0)
+
+
 def _hull_points(grid: CoarseGrid, bone: np.ndarray) -> np.ndarray:
     """LPS corners of the outermost bone voxels per row and column of every coarse slice."""
     pts = []
-    nk, nj, ni = bone.shape
+    nk = bone.shape[0]
     # a bone voxel stands for bone anywhere in it (thick slabs are replicated over their cell)
     corners = np.array([[a, b, c] for a in (-0.5, 0.5) for b in (-0.5, 0.5) for c in (-0.5, 0.5)])
     for k in range(nk):
-        b = bone[k]
-        if not b.any():
+        idx = outline_pixels(bone[k])
+        if not idx.size:
             continue
-        rows = np.flatnonzero(b.any(axis=1))
-        first = b[rows].argmax(axis=1)
-        last = ni - 1 - b[rows, ::-1].argmax(axis=1)
-        cols = np.flatnonzero(b.any(axis=0))
-        top = b[:, cols].argmax(axis=0)
-        bot = nj - 1 - b[::-1, cols].argmax(axis=0)
-        idx = np.concatenate([np.column_stack([rows, first]), np.column_stack([rows, last]),
-                              np.column_stack([top, cols]), np.column_stack([bot, cols])])
-        idx = np.unique(idx, axis=0)
         kk = np.full(len(idx), k, float)
         base = np.column_stack([kk, idx[:, 0], idx[:, 1]])
         pts.append((base[:, None, :] + corners[None, :, :]).reshape(-1, 3))
@@ -796,7 +804,7 @@ def _globe_candidates(grid: CoarseGrid, body: np.ndarray, st: EnvelopeSettings, 
     inside the body. Local maxima over 5³ voxels. Only the body's
     bounding box is searched.
     """
-    box = _bbox(body)
+    box = bbox_of(body)
     if box is None:
         return []
     # the globes lie in the front of the head (scanner −y, any yaw within ±30°): with rows
@@ -834,7 +842,8 @@ def _globe_candidates(grid: CoarseGrid, body: np.ndarray, st: EnvelopeSettings, 
     return [(tuple(int(x) for x in idx[o] * mul + off), float(vals[o])) for o in order]
 
 
-def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
+def bbox_of(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Tight bounding box (slices per axis) of a bool mask, or None if empty."""
     out = []
     for axis in range(mask.ndim):
         other = tuple(a for a in range(mask.ndim) if a != axis)
@@ -936,7 +945,7 @@ def _thin_flaps(grid: CoarseGrid, stack: SliceStack, body: np.ndarray, ears: Fac
     back by one voxel; computed in the bounding box of the ear parts only."""
     thin = np.zeros(body.shape, bool)
     where = _zone_coarse(grid, stack, ears, None) & body
-    box = _bbox(where)
+    box = bbox_of(where)
     if box is None:
         return thin
     pad = int(np.ceil(2 * st.ear_flap_mm / min(grid.spacing_mm))) + 2

@@ -30,7 +30,13 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from .envelope import SkeletonHull, SliceStack, halfspace_row_spans, polygon_row_spans
+from .envelope import (
+    SkeletonHull,
+    SliceStack,
+    halfspace_row_spans,
+    outline_pixels,
+    polygon_row_spans,
+)
 from .volume import Volume
 
 __all__ = ["REALCT_FACE_REGIONS", "RemovalFigures", "face_region_mask", "native_skeleton_hull",
@@ -126,14 +132,10 @@ def native_skeleton_hull(volume: Volume, *, bone_hu: float = 300.0, min_piece_ml
     mask = keep[lab]
     pts = []
     for k in range(mask.shape[0]):
-        m = mask[k]
-        if not m.any():
+        idx = outline_pixels(mask[k])
+        if not idx.size:
             continue
-        rows = np.flatnonzero(m.any(axis=1))
-        first = m[rows].argmax(axis=1)
-        last = m.shape[1] - 1 - m[rows, ::-1].argmax(axis=1)
-        jj = np.concatenate([rows, rows]).astype(float)
-        ii = np.concatenate([first, last]).astype(float)
+        jj, ii = idx[:, 0].astype(float), idx[:, 1].astype(float)
         p = st.origins[k] + np.outer(ii * di, st.row) + np.outer(jj * dj, st.col)
         pts.append(p)
     return SkeletonHull.of_points(np.concatenate(pts), 0.0)

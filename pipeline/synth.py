@@ -1310,19 +1310,14 @@ def _bone_extremes(labels: np.ndarray, grid: _Grid) -> np.ndarray:
     """W coordinates (mm) of the outermost bone/teeth/metal pixels of every plane, ± half a pixel."""
     _, dj, di = grid.spacing
     ox, oy, _ = grid.origin
+    from .envelope import outline_pixels
+
     pts = []
     for p in range(labels.shape[0]):
-        b = np.isin(labels[p], _BONE_OR_METAL)
-        if not b.any():
+        idx = outline_pixels(np.isin(labels[p], _BONE_OR_METAL))
+        if not idx.size:
             continue
-        rows = np.flatnonzero(b.any(axis=1))
-        first = b[rows].argmax(axis=1)
-        last = b.shape[1] - 1 - b[rows, ::-1].argmax(axis=1)
-        cols = np.flatnonzero(b.any(axis=0))
-        top = b[:, cols].argmax(axis=0)
-        bot = b.shape[0] - 1 - b[::-1, cols].argmax(axis=0)
-        jj = np.concatenate([rows, rows, top, bot]).astype(float)
-        ii = np.concatenate([first, last, cols, cols]).astype(float)
+        jj, ii = idx[:, 0].astype(float), idx[:, 1].astype(float)
         for sj in (-0.5, 0.5):
             for si in (-0.5, 0.5):
                 pts.append(np.column_stack([ox + (ii + si) * di,
