@@ -45,6 +45,8 @@ SUMMARY_NAME = "deid-summary.json"
 QA_DIR = "qa-pictures"
 METHODS = ("auto", "anatomical", "model", "none")
 DATE_MODES = ("shift", "remove")
+#: processes that write a series' files (:func:`pipeline.dicom_io.write_datasets`)
+WRITE_PROCESSES = 2
 
 
 class DeidentifyError(ValueError):
@@ -281,8 +283,9 @@ def deidentify_series(
       (:func:`pipeline.dicom_io.write_datasets`), slice for slice in the input's
       geometry; ``qa_picture``: also write the QA picture there (PNG).
 
-    The headers are de-identified in a second thread while the face is removed, and
-    the QA picture is drawn while the files are written (two cores).
+    The headers are de-identified in a second thread while the face is removed; the
+    files are written by this process and a forked one (``WRITE_PROCESSES``) while a
+    thread draws the QA picture (two cores).
     Raises ``ValueError`` subclasses (without identifiers) for unusable input.
     """
     volume = loaded.volume
@@ -322,11 +325,10 @@ def deidentify_series(
                      slices=len(datasets), volume=volume, hu=hu, defaced=result)
     with ThreadPoolExecutor(max_workers=1) as pool:
         picture = pool.submit(write_qa_picture, res, qa_picture) if qa_picture else None
-        for k, ds in enumerate(datasets):
-            if face_removed:
+        if face_removed:
+            for ds in datasets:
                 deid.stamp(ds, face_removed=True)
-            dicom_io.set_pixel_hu(ds, hu[k])
-        dicom_io.write_datasets(datasets, out_dir)
+        dicom_io.write_datasets(datasets, out_dir, pixels_hu=hu, processes=WRITE_PROCESSES)
         if picture is not None:
             picture.result()
     return res

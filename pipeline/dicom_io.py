@@ -289,14 +289,22 @@ def set_pixel_hu(ds: Dataset, hu_slice: np.ndarray) -> None:
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
     if slope == 0:
         raise DicomWriteError("RescaleSlope is 0")
-    if not np.all(np.isfinite(hu_slice)):
-        raise DicomWriteError("the HU slice contains NaN or infinite values")
-
     lo, hi = _stored_range(bits_stored, signed)
-    stored = np.rint((hu_slice.astype(np.float64) - intercept) / slope)
-    stored = np.clip(stored, lo, hi)
     dtype = np.dtype(f"<{'i' if signed else 'u'}{bits_allocated // 8}")
-    pixel_bytes = stored.astype(dtype).tobytes()
+    if hu_slice.dtype.kind in "iu" and slope == 1 and intercept == int(intercept):
+        # integer HU, slope 1 (the usual CT case): exact integer arithmetic, no rounding
+        stored = hu_slice.astype(np.int64 if bits_allocated == 32 else np.int32)
+        if intercept:
+            stored -= int(intercept)
+        s_lo, s_hi = int(stored.min()), int(stored.max())
+        if s_lo < lo or s_hi > hi:
+            np.clip(stored, lo, hi, out=stored)
+    else:
+        if not np.all(np.isfinite(hu_slice)):
+            raise DicomWriteError("the HU slice contains NaN or infinite values")
+        stored = np.rint((hu_slice.astype(np.float64) - intercept) / slope)
+        stored = np.clip(stored, lo, hi)
+    pixel_bytes = stored.astype(dtype, copy=False).tobytes()
 
     if len(pixel_bytes) % 2:  # 8-bit, odd number of pixels: pad to even length
         pixel_bytes += b"\x00"
@@ -339,7 +347,8 @@ def _ensure_file_meta(ds: Dataset) -> None:
 
 
 def write_datasets(
-    datasets: Sequence[Dataset], out_dir: Path, *, filenames: Sequence[str] | None = None
+    datasets: Sequence[Dataset], out_dir: Path, *, filenames: Sequence[str] | None = None,
+    pixels_hu: np.ndarray | None = None, processes: int = 1,
 ) -> list[Path]:
     """Write ``datasets`` as DICOM Part 10 files into ``out_dir``, atomically.
 
@@ -356,12 +365,20 @@ def write_datasets(
     in place (Explicit VR Little Endian unless a TransferSyntaxUID is already
     set). Image datasets without pixel data (e.g. :attr:`LoadedSeries.datasets`
     before :func:`set_pixel_hu`) are rejected with :class:`DicomWriteError`
-    before anything is written. Returns the final file paths, in the order of
-    ``datasets``.
+    before anything is written, unless ``pixels_hu`` (HU ``[k, row, column]``, one
+    slice per dataset) is given: then each dataset gets :func:`set_pixel_hu` of its
+    slice just before it is written. ``processes`` > 1 writes the files in that many
+    forked processes (POSIX; the datasets are not copied, the children write
+    disjoint parts of the temporary folder); a failing child fails the whole write.
+    Returns the final file paths, in the order of ``datasets``.
     """
     out_dir = Path(out_dir)
     n = len(datasets)
+    if pixels_hu is not None and len(pixels_hu) != n:
+        raise DicomWriteError(f"got {len(pixels_hu)} pixel slices for {n} datasets")
     for k, ds in enumerate(datasets):
+        if pixels_hu is not None:
+            continue
         if "Rows" in ds and not any(t in ds for t in (0x7FE00010, 0x7FE00008, 0x7FE00009)):
             raise DicomWriteError(
                 f"dataset {k} is an image without pixel data (headers from load_series need "
@@ -376,9 +393,7 @@ def write_datasets(
     tmp_dir = parent / f".{out_dir.name}.tmp-{secrets.token_hex(8)}"
     tmp_dir.mkdir()
     try:
-        for ds, name in zip(datasets, names, strict=True):
-            _ensure_file_meta(ds)
-            pydicom.dcmwrite(tmp_dir / name, ds, enforce_file_format=True)
+        _write_files(datasets, names, tmp_dir, pixels_hu, processes)
         if out_dir.exists() or out_dir.is_symlink():
             old_dir = parent / f".{out_dir.name}.old-{secrets.token_hex(8)}"
             os.replace(out_dir, old_dir)
@@ -397,6 +412,59 @@ def write_datasets(
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return [out_dir / name for name in names]
+
+
+def _write_part(datasets: Sequence[Dataset], names: Sequence[str], folder: Path,
+                pixels_hu: np.ndarray | None, ks: range) -> None:
+    for k in ks:
+        ds = datasets[k]
+        if pixels_hu is not None:
+            set_pixel_hu(ds, pixels_hu[k])
+        _ensure_file_meta(ds)
+        pydicom.dcmwrite(folder / names[k], ds, enforce_file_format=True)
+
+
+def _write_files(datasets: Sequence[Dataset], names: Sequence[str], folder: Path,
+                 pixels_hu: np.ndarray | None, processes: int) -> None:
+    """Write the files, the last ``processes - 1`` parts in forked children (which see
+    the parent's datasets without copies). A child's failure is raised here as a
+    :class:`DicomWriteError` without its details (they may quote header values)."""
+    n = len(datasets)
+    import multiprocessing
+
+    processes = max(1, min(int(processes), n // 16 or 1))
+    if processes == 1 or not hasattr(os, "fork") or multiprocessing.current_process().daemon:
+        # (a daemonic process, e.g. a multiprocessing.Pool worker, may not fork children)
+        _write_part(datasets, names, folder, pixels_hu, range(n))
+        return
+    ctx = multiprocessing.get_context("fork")
+    bounds = np.linspace(0, n, processes + 1).round().astype(int)
+    pipes = [ctx.Pipe(duplex=False) for _ in bounds[2:]]
+    children = [ctx.Process(target=_write_part_child, daemon=True,
+                            args=(send, datasets, names, folder, pixels_hu, range(a, b)))
+                for (_, send), a, b in zip(pipes, bounds[1:-1], bounds[2:])]
+    for child in children:
+        child.start()
+    try:
+        _write_part(datasets, names, folder, pixels_hu, range(bounds[0], bounds[1]))
+    finally:
+        for child in children:
+            child.join()
+    for (recv, _), child in zip(pipes, children):
+        message = recv.recv() if recv.poll() else ""
+        if child.exitcode != 0 or message:
+            raise DicomWriteError(message or "writing the series failed in a worker process")
+
+
+def _write_part_child(send: Any, *args: Any) -> None:
+    """A forked writer: its error goes to the parent as a message (our own
+    :class:`DicomWriteError` texts, which hold no header values; anything else as a
+    generic text), never as a traceback on stderr."""
+    try:
+        _write_part(*args)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        send.send(str(exc) if isinstance(exc, DicomWriteError)
+                  else f"writing a slice failed ({type(exc).__name__})")
 
 
 # =========================================================================== reading

@@ -942,12 +942,21 @@ def _plastic_devices(grid: CoarseGrid, stack: SliceStack, hull: SkeletonHull, in
 def _thin_flaps(grid: CoarseGrid, stack: SliceStack, body: np.ndarray, ears: FaceZone,
                 st: EnvelopeSettings) -> np.ndarray:
     """The body's thin flaps (auricles): gone after an opening of ``ear_flap_mm``, grown
-    back by one voxel; computed in the bounding box of the ear parts only."""
+    back by one voxel; computed in the bounding box of each ear part only."""
     thin = np.zeros(body.shape, bool)
-    where = _zone_coarse(grid, stack, ears, None) & body
-    box = bbox_of(where)
-    if box is None:
-        return thin
+    for planes, name in zip(ears.parts, ears.names):
+        where = _zone_coarse(grid, stack, FaceZone([planes], [name]), None) & body
+        box = bbox_of(where)
+        if box is not None:
+            thin |= _flaps_in_box(grid, body, box, st)
+    return thin
+
+
+def _flaps_in_box(grid: CoarseGrid, body: np.ndarray, box: tuple[slice, ...],
+                  st: EnvelopeSettings) -> np.ndarray:
+    """:func:`_thin_flaps` in ``box`` (padded so that the opening sees the box's
+    surroundings); a full-size bool mask."""
+    thin = np.zeros(body.shape, bool)
     pad = int(np.ceil(2 * st.ear_flap_mm / min(grid.spacing_mm))) + 2
     box = tuple(slice(max(0, b.start - pad), min(n, b.stop + pad)) for b, n in zip(box, body.shape))
     sub = body[box]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +162,30 @@ def test_set_pixel_hu_uses_slope_intercept_and_clips(tmp_path: Path) -> None:
         set_pixel_hu(ds, np.zeros((3, 4)))
 
 
+@pytest.mark.parametrize(
+    ("signed", "bits_stored", "intercept"),
+    [(1, 16, "0"), (0, 12, "-1024"), (0, 16, "-1024"), (1, 12, "-1024"), (1, 16, "-32000")],
+)
+def test_set_pixel_hu_integer_path_matches_rounding(tmp_path: Path, signed: int,
+                                                    bits_stored: int, intercept: str) -> None:
+    """Integer HU (int16, slope 1) take an exact integer path: the same stored values as
+    rounding the float formula, clipped to BitsStored."""
+    ds = volume_to_datasets(synthetic_volume(shape=(1, 8, 8)))[0]
+    ds.PixelRepresentation = signed
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.RescaleIntercept = intercept
+    ds.RescaleSlope = "1"
+    hu = np.random.default_rng(3).integers(-32768, 32767, size=(8, 8)).astype(np.int16)
+    hu[0, :4] = [-32768, 32767, -1024, 0]
+    set_pixel_hu(ds, hu)
+    back = _saved_and_reread(ds, tmp_path / "c.dcm")
+    lo, hi = ((-(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1) if signed
+              else (0, 2 ** bits_stored - 1))
+    expected = np.clip(np.rint(hu.astype(np.float64) - float(intercept)), lo, hi)
+    np.testing.assert_array_equal(back.pixel_array.astype(np.int64), expected)
+
+
 # --------------------------------------------------------------------------- atomic writes
 
 
@@ -204,6 +230,41 @@ def test_write_failure_keeps_previous_folder(
         write_datasets(volume_to_datasets(synthetic_volume(shape=(2, 8, 8))), out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before
+
+
+def test_write_in_two_processes_gives_the_same_files(tmp_path: Path) -> None:
+    """pixels_hu + processes=2: a forked child writes part of the files; byte for byte
+    what one process writes, read back by SimpleITK."""
+    volume = synthetic_volume(shape=(40, 16, 16))
+    new_hu = volume.hu.copy()
+    new_hu[20:, 4:8, 4:8] = -1000
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    datasets = volume_to_datasets(volume)
+    copies = [copy.deepcopy(ds) for ds in datasets]
+    write_datasets(datasets, one, pixels_hu=new_hu, processes=1)
+    write_datasets(copies, two, pixels_hu=new_hu, processes=2)
+    names = sorted(p.name for p in one.iterdir())
+    assert names == sorted(p.name for p in two.iterdir()) and len(names) == 40
+    for name in names:
+        assert (one / name).read_bytes() == (two / name).read_bytes()
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(two / n) for n in names])
+    back = sitk.GetArrayFromImage(reader.Execute())
+    np.testing.assert_array_equal(back, new_hu)
+
+
+def test_write_failure_in_the_forked_writer_leaves_nothing(tmp_path: Path) -> None:
+    """A slice that cannot be written in the child's part: the parent raises the child's
+    clear message, and neither the temporary nor the output folder is left."""
+    volume = synthetic_volume(shape=(40, 8, 8))
+    datasets = volume_to_datasets(volume)
+    datasets[35].Rows = 9  # shape mismatch, found in the forked writer's half
+    with pytest.raises(DicomWriteError, match="does not match the dataset's Rows"):
+        write_datasets(datasets, tmp_path / "out", pixels_hu=volume.hu, processes=2)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(DicomWriteError, match="3 pixel slices for 40 datasets"):
+        write_datasets(datasets, tmp_path / "out", pixels_hu=volume.hu[:3])
 
 
 def test_write_rejects_bad_filenames(tmp_path: Path) -> None:
