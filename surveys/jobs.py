@@ -253,6 +253,11 @@ def run_stage(run_id: int, job_id: str) -> str:
             nxt = next_stage(run.subject)
             if nxt is not None and nxt.status in ("pending", "failed"):
                 enqueue_stage(nxt)
+    if n == 1 and run.stage == "deidentify" and getattr(settings, "VIEWER_PREWARM", True):
+        # the subject page's viewer data (read once, cached), so its first view is fast
+        from .viewer import prewarm
+
+        prewarm(run.subject)
     return "done"
 
 
