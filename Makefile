@@ -29,7 +29,7 @@ PG_TESTS := tests/test_postgres.py tests/test_jobs_queue.py tests/test_jobs_inte
 	tests/test_security_csp.py tests/test_security_files.py tests/test_security_identity.py \
 	tests/test_security_login.py tests/test_security_misc.py tests/test_security_redis_outage.py \
 	tests/test_security_uploads.py tests/test_security_worker_recovery.py tests/test_security_zip.py \
-	tests/e2e
+	tests/test_viewer.py tests/test_workspace.py tests/e2e
 
 test: $(STAMP) $(JS_STAMP)
 	$(PY) -m pytest -q
