@@ -58,7 +58,8 @@ def page_load(page, url: str, timeout_s: float = 300.0) -> dict[str, float]:
     t0 = time.monotonic()
     while True:
         done = page.evaluate("""() => {
-            const a = document.getElementById('viewer').dataset, b = document.getElementById('viewer3d').dataset;
+            const a = document.getElementById('viewer').dataset;
+            const b = document.getElementById('viewer3d').dataset;
             return a.readyMs && b.readyMs ? [+a.readyMs, +b.readyMs] : null; }""")
         if done:
             return {"slices": done[0] / 1000, "surfaces": done[1] / 1000,

@@ -391,7 +391,8 @@ def _drop_small_components(mesh, min_faces: int):
                            process=False)
 
 
-def _vertex_flags(vertices_lps: np.ndarray, uniform: Volume, near_removed: np.ndarray) -> np.ndarray:
+def _vertex_flags(vertices_lps: np.ndarray, uniform: Volume,
+                  near_removed: np.ndarray) -> np.ndarray:
     inv = np.linalg.inv(uniform.affine())
     ijk = np.column_stack([vertices_lps, np.ones(len(vertices_lps))]) @ inv.T
     i, j, k = (np.rint(ijk[:, a]).astype(np.int64) for a in range(3))

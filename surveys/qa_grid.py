@@ -32,6 +32,7 @@ MIN_FOR_OUTLIERS = 5
 #: Figures a card shows and the grid sorts by: key, label, unit, decimals.
 FIGURES = [
     ("removed_ml", "Removed", "mL", 1),
+    ("nose_ml", "Nose removed", "mL", 1),
     ("inside_pct", "Inside skeleton changed", "%", 2),
     ("outside_ml", "Outside body changed", "mL", 1),
     ("bone_dice", "Bone Dice", "", 4),
@@ -88,7 +89,7 @@ def flag_outliers(cards: list[Card]) -> None:
             v = c.figures.get(key)
             if v is not None and ((op == "<" and v < limit) or (op == ">" and v > limit)):
                 c.flags[key] = why
-    for key in ("removed_ml", "inside_pct", "outside_ml"):
+    for key in ("removed_ml", "nose_ml", "inside_pct", "outside_ml"):
         vals = [c.figures[key] for c in cards if c.figures.get(key) is not None]
         if len(vals) < MIN_FOR_OUTLIERS:
             continue
@@ -117,6 +118,7 @@ def cards(cohort: Cohort) -> list[Card]:
         qa_img = next((i for i in subject.images.all() if i.kind == "qa"), None)
         figures = {
             "removed_ml": None if s is None else s.removed_ml,
+            "nose_ml": None if s is None or not s.qa else s.removed_by_region.get("nose"),
             "inside_pct": None if s is None else s.inside_changed_pct,
             "outside_ml": None if s is None else s.outside_body_ml,
             "bone_dice": None if s is None else s.bone_dice,

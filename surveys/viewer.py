@@ -211,7 +211,8 @@ _OPEN_LOCK = threading.Lock()
 _OPEN_MAX = 16
 
 
-def _geometry_from_meta(meta: dict[str, Any]) -> tuple[pv.SliceGeometry, dict[str, pv.ViewGeometry]]:
+def _geometry_from_meta(meta: dict[str, Any]
+                        ) -> tuple[pv.SliceGeometry, dict[str, pv.ViewGeometry]]:
     g = meta["geometry"]
     geom = pv.SliceGeometry(origins=np.array(g["origins"], float), row=np.array(g["row"]),
                             col=np.array(g["col"]), normal=np.array(g["normal"]),
@@ -248,7 +249,8 @@ def _int16(hu: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(hu), -32767, 32767).astype(np.int16)
 
 
-def _start_images(counts: dict[str, list[int]], views: dict[str, pv.ViewGeometry]) -> dict[str, int]:
+def _start_images(counts: dict[str, list[int]],
+                  views: dict[str, pv.ViewGeometry]) -> dict[str, int]:
     """Where each view opens: the image with the most removed voxels, else the middle."""
     out = {}
     for name, c in counts.items():
@@ -283,8 +285,9 @@ def _build(series: Series, folder: Path, version: str) -> None:
                    "origin_lps_mm": orig.origin_lps_mm.tolist(),
                    "row_cosine": orig.row_cosine.tolist(), "col_cosine": orig.col_cosine.tolist(),
                    "normal": np.asarray(orig.normal).tolist(),
-                   "slice_positions_lps_mm": (None if orig.slice_positions_lps_mm is None
-                                              else np.asarray(orig.slice_positions_lps_mm).tolist())},
+                   "slice_positions_lps_mm": (
+                       None if orig.slice_positions_lps_mm is None
+                       else np.asarray(orig.slice_positions_lps_mm).tolist())},
         "geometry": {"origins": geom.origins.tolist(), "row": geom.row.tolist(),
                      "col": geom.col.tolist(), "normal": geom.normal.tolist(),
                      "pixel_mm": list(geom.pixel_mm), "offsets_mm": geom.offsets_mm.tolist(),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import logging
 import re
 from functools import wraps
 from pathlib import Path
@@ -28,9 +29,11 @@ from pipeline.viewer import VIEWS
 
 from . import viewer
 from .access import cohort_view
+from .jobs import _safe_error as safe_error
 from .models import Cohort, RenderImage, Subject
 from .shared import ensure_local
 
+log = logging.getLogger(__name__)
 LABEL_RE = re.compile(r"S\d{2,4}")
 VERSION_RE = re.compile(r"[0-9a-f]{16}")
 
@@ -130,6 +133,11 @@ def manifest(request: HttpRequest, cohort: Cohort, pseudonym: str) -> JsonRespon
     except viewer.ViewerUnavailable as exc:
         out["message"] = f"The viewers are not available: {exc}."
         return _no_store(JsonResponse(out))
+    except (ValueError, OSError) as exc:  # a stored series that cannot be read
+        log.warning("viewer data of subject row %s series %s not built (%s)", subject.pk,
+                    chosen.label, type(exc).__name__)
+        out["message"] = f"The viewers are not available: {safe_error(exc)}."
+        return _no_store(JsonResponse(out))
     data.touch()
     first = reverse("surveys:viewer_slice", args=[cohort.pk, subject.pseudonym, chosen.label,
                                                   data.version, "axial", 0])
@@ -174,11 +182,16 @@ def mesh_data(request: HttpRequest, cohort: Cohort, pseudonym: str, label: str, 
     :func:`pipeline.viewer.encode_mesh`); built on the first request."""
     if name not in viewer.MESH_NAMES:
         raise Http404("no such mesh")
-    data = _data(_subject(cohort, pseudonym), label, version)
+    subject = _subject(cohort, pseudonym)
+    data = _data(subject, label, version)
     try:
         body = data.mesh_bytes(name)
     except KeyError:
         raise Http404("this surface could not be made for this series") from None
+    except (ValueError, OSError) as exc:
+        log.warning("surfaces of subject row %s series %s not made (%s)", subject.pk, label,
+                    type(exc).__name__)
+        return _no_store(JsonResponse({"error": safe_error(exc)}, status=500))
     return _binary(request, body, gzipped=True)
 
 

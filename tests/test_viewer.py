@@ -323,3 +323,16 @@ def test_prewarm_builds_volumes_and_meshes(site):
     # the cached arrays are the series
     a = np.load(folder / "deid.npy")
     np.testing.assert_array_equal(a, site["ph"].deidentified)
+
+
+def test_a_series_that_cannot_be_read_gives_a_message_not_an_error(client, site):
+    import shutil
+
+    from surveys.stages import data_path
+
+    series = site["subject"].series.get()
+    shutil.rmtree(data_path(series.deid_dir))
+    client.force_login(site["owner"])
+    m = _manifest(client, site)
+    assert m["selected"] is None and m["message"].startswith("The viewers are not available")
+    assert "cohorts/" not in m["message"] and "/data" not in m["message"]  # no path

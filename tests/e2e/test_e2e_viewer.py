@@ -315,7 +315,8 @@ def test_subject_page_follows_a_stage_live(site):
                 f"{site['cohort']}, stage='embeddings').update(status='running', progress=0.4)")
     # the row changes without a reload (the viewer was not used: the page may reload itself
     # once the signature changes, which it does here, so look for either)
-    _wait_across_reloads(page, "(() => { const td = [...document.querySelectorAll('#stages td.stage')]"
+    _wait_across_reloads(page, "(() => { const td = [...document.querySelectorAll("
+                               "'#stages td.stage')]"
                        ".find(t => t.closest('tr').textContent.includes('embeddings'));"
                        " return td && td.textContent.includes('running 40%'); })()", 20)
     plat.manage("shell", "-c",
@@ -323,7 +324,8 @@ def test_subject_page_follows_a_stage_live(site):
                 "StageRun.objects.filter(subject__pseudonym='SUBJ-0002', subject__cohort_id="
                 f"{site['cohort']}, stage='embeddings').update(status='done', progress=1,"
                 " finished=timezone.now())")
-    _wait_across_reloads(page, "(() => { const td = [...document.querySelectorAll('#stages td.stage')]"
+    _wait_across_reloads(page, "(() => { const td = [...document.querySelectorAll("
+                               "'#stages td.stage')]"
                        ".find(t => t.closest('tr').textContent.includes('embeddings'));"
                        " return td && td.className === 'stage done'; })()", 20)
     # a researcher in the middle of reading slices is offered the results, not reloaded
