@@ -253,8 +253,10 @@ def run_stage(run_id: int, job_id: str) -> str:
             nxt = next_stage(run.subject)
             if nxt is not None and nxt.status in ("pending", "failed"):
                 enqueue_stage(nxt)
-    if n == 1 and run.stage == "deidentify" and getattr(settings, "VIEWER_PREWARM", True):
-        # the subject page's viewer data (read once, cached), so its first view is fast
+    if n == 1 and run.stage == "deidentify" and getattr(settings, "VIEWER_PREWARM", True) \
+            and shared_storage() is None:
+        # the subject page's viewer data (read once, cached), so its first view is fast; with
+        # a shared storage the web server's DATA_DIR is not ours: it builds them itself
         from .viewer import prewarm
 
         prewarm(run.subject)

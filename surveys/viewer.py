@@ -22,9 +22,11 @@ Cache folder: ``DATA_DIR/cache/viewer/c<cohort>/s<subject id>/<series label>-<ve
 (no pseudonym, no identifier). ``version`` is a hash of the series row and its last
 de-identification run, so a re-run gets a new folder and the old one is deleted;
 folders of deleted subjects are deleted with them. The cache is local to each machine,
-never copied to the shared storage, and kept below ``VIEWER_CACHE_MAX_BYTES`` (least
-recently used series first). Building is serialised by a lock file per series, so two
-requests never build the same folder twice.
+never copied to the shared storage (with one, the workers do not prewarm: their
+``DATA_DIR`` is not the web server's), and kept below ``VIEWER_CACHE_MAX_BYTES`` (least
+recently used series first). Builds are serialised by ``flock`` on the subject's cache
+folder (meshes: on the series folder), so two requests never build the same data twice,
+and no lock file is left behind.
 """
 
 from __future__ import annotations
@@ -96,14 +98,16 @@ def series_ready(series: Series, run: StageRun | None) -> bool:
 
 
 @contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def _locked(folder: Path):
+    """Exclusive lock on ``folder`` (created if missing) for this block: ``flock`` on the
+    folder itself, so no lock file is left behind."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 @dataclass
@@ -160,7 +164,7 @@ class SeriesData:
         info = self.meshes_info()
         if info is not None:
             return info
-        with _locked(self.folder.parent / f".{self.folder.name}.mesh.lock"):
+        with _locked(self.folder):
             info = self.meshes_info()
             if info is not None:
                 return info
@@ -358,7 +362,7 @@ def open_series(series: Series, run: StageRun | None, *, build: bool = True) -> 
         return data
     if not build:
         raise ViewerUnavailable("not built yet")
-    with _locked(folder.parent / f".{series.label}.lock"):
+    with _locked(folder.parent):  # one build at a time per subject
         data = _open_folder(folder, version)
         if data is None:
             _build(series, folder, version)
@@ -399,15 +403,34 @@ def delete_subject_cache(subject: Subject) -> None:
             _OPEN.pop(key, None)
 
 
+def thumb_dir(cohort_id: int) -> Path:
+    """Folder of the QA grid's cached thumbnails of a cohort (``<image id>-<hash>.png``)."""
+    return Path(settings.DATA_DIR) / "cache" / "thumbs" / f"c{cohort_id:05d}"
+
+
 def _subject_deleted(sender, instance: Subject, **kwargs) -> None:
     delete_subject_cache(instance)
 
 
+def _image_deleted(sender, instance, **kwargs) -> None:
+    cohort_id = Subject.objects.filter(pk=instance.subject_id).values_list(
+        "cohort_id", flat=True).first()
+    folders = [thumb_dir(cohort_id)] if cohort_id is not None else \
+        list((Path(settings.DATA_DIR) / "cache" / "thumbs").glob("c*"))
+    for folder in folders:
+        for f in folder.glob(f"{instance.pk}-*.png"):
+            f.unlink(missing_ok=True)
+
+
 def connect_signals() -> None:
-    """Delete a subject's cached viewer data (identifiable images) with the subject."""
+    """Delete cached copies of identifiable images with what they show: a subject's viewer
+    data with the subject, a QA thumbnail with its image."""
     from django.db.models.signals import post_delete
 
+    from .models import RenderImage
+
     post_delete.connect(_subject_deleted, sender=Subject, dispatch_uid="viewer-cache-delete")
+    post_delete.connect(_image_deleted, sender=RenderImage, dispatch_uid="thumb-cache-delete")
 
 
 def gzip_bytes(data: bytes) -> bytes:

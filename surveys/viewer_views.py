@@ -18,7 +18,6 @@ import io
 import logging
 import re
 from functools import wraps
-from pathlib import Path
 
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404
@@ -230,7 +229,6 @@ THUMB_WIDTH = 360
 @cohort_view("file")
 def image_thumb(request: HttpRequest, cohort: Cohort, image_id: int) -> HttpResponse:
     """A pipeline PNG scaled to :data:`THUMB_WIDTH` pixels wide (QA grid), cached on disk."""
-    from django.conf import settings
     from PIL import Image
 
     img = get_object_or_404(RenderImage, pk=image_id, subject__cohort=cohort)
@@ -241,7 +239,7 @@ def image_thumb(request: HttpRequest, cohort: Cohort, image_id: int) -> HttpResp
         raise Http404("file not available") from None
     key = hashlib.sha256(f"{img.pk}|{img.path}|{st.st_size}|{st.st_mtime_ns}|{THUMB_WIDTH}"
                          .encode()).hexdigest()[:20]
-    cache = Path(settings.DATA_DIR) / "cache" / "thumbs" / f"c{cohort.pk:05d}"
+    cache = viewer.thumb_dir(cohort.pk)
     path = cache / f"{img.pk}-{key}.png"
     try:
         data = path.read_bytes()

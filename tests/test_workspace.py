@@ -305,3 +305,15 @@ def test_rater_images_are_large(settings):
     assert rs.width_px == rs.height_px == settings.RENDER_SIZE_PX == 768
     assert rs.yfov_deg > 18.0
     assert np.isfinite(rs.camera_distance)
+
+
+def test_thumbnail_cache_goes_with_its_image(client, site):
+    from surveys import viewer
+
+    c = site["cohort"]
+    img = site["subjects"][0].images.get(kind="qa")
+    client.force_login(site["owner"])
+    assert client.get(f"/cohorts/{c.pk}/images/{img.pk}/thumb.png").status_code == 200
+    assert list(viewer.thumb_dir(c.pk).glob(f"{img.pk}-*.png"))
+    site["subjects"][0].delete()
+    assert not list(viewer.thumb_dir(c.pk).glob(f"{img.pk}-*.png"))

@@ -10,7 +10,7 @@
   var root = document.getElementById("viewer");
   if (!root) return;
   var OUTSIDE = -32768;
-  var CACHE_MAX = 48;
+  var CACHE_MAX = 32;  // decoded image pairs kept (512×512: about 3 MB each)
   var el = function (id) { return document.getElementById(id); };
   var statusEl = el("vw-status"), panesEl = el("vw-panes"), navEl = el("vw-nav");
   var slider = el("vw-slider"), strip = el("vw-strip"), posEl = el("vw-pos");
