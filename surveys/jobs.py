@@ -259,7 +259,11 @@ def run_stage(run_id: int, job_id: str) -> str:
         # a shared storage the web server's DATA_DIR is not ours: it builds them itself
         from .viewer import prewarm
 
-        prewarm(run.subject)
+        try:
+            prewarm(run.subject)
+        except Exception as exc:  # noqa: BLE001 — the stage is done; the page builds it lazily
+            log.warning("viewer data of subject row %s not prewarmed (%s)", run.subject_id,
+                        type(exc).__name__)
     return "done"
 
 
