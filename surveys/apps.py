@@ -21,6 +21,9 @@ class SurveysConfig(AppConfig):
         from django.conf import settings
 
         from . import checks  # noqa: F401 — registers the deployment checks
+        from .viewer import connect_signals
+
+        connect_signals()
 
         umask = getattr(settings, "FILE_UMASK", None)
         if umask is not None:

@@ -253,6 +253,17 @@ def run_stage(run_id: int, job_id: str) -> str:
             nxt = next_stage(run.subject)
             if nxt is not None and nxt.status in ("pending", "failed"):
                 enqueue_stage(nxt)
+    if n == 1 and run.stage == "deidentify" and getattr(settings, "VIEWER_PREWARM", True) \
+            and shared_storage() is None:
+        # the subject page's viewer data (read once, cached), so its first view is fast; with
+        # a shared storage the web server's DATA_DIR is not ours: it builds them itself
+        from .viewer import prewarm
+
+        try:
+            prewarm(run.subject)
+        except Exception as exc:  # noqa: BLE001 — the stage is done; the page builds it lazily
+            log.warning("viewer data of subject row %s not prewarmed (%s)", run.subject_id,
+                        type(exc).__name__)
     return "done"
 
 

@@ -356,6 +356,16 @@ def _json_default(o: Any) -> Any:
 RENDER_YAWS = (0.0, 30.0)
 
 
+def human_render_settings():
+    """Renders people look at (raters, the subject page): ``settings.RENDER_SIZE_PX`` square
+    (768 by default: large on a large screen) and a field of view that holds the whole
+    head at 30° yaw (18° cut it off). The re-identification features render their own."""
+    from pipeline import render
+
+    px = int(getattr(settings, "RENDER_SIZE_PX", 768))
+    return render.RenderSettings(width_px=px, height_px=px, yfov_deg=22.0)
+
+
 def stage_surfaces(subject: Subject, ctx: StageContext) -> None:
     """Skin surfaces of original and de-identified primary series, aligned and rendered.
 
@@ -373,7 +383,8 @@ def stage_surfaces(subject: Subject, ctx: StageContext) -> None:
     deid = load_stored(s.deid_dir).volume
     ctx.progress(0.2)
     result = render.render_subject(orig, deid, yaw_degs=RENDER_YAWS,
-                                   backend=settings.PIPELINE_RENDER_BACKEND)
+                                   backend=settings.PIPELINE_RENDER_BACKEND,
+                                   settings=human_render_settings())
     ctx.progress(0.9)
     made: list[MadeImage] = []
     with output_folders(subject, "derived/surfaces") as out:

@@ -246,9 +246,15 @@ def _unexpected_message(exc: BaseException) -> str:
             "nothing was imported; see the worker log")
 
 
-def _done_message(result: ImportResult) -> str:
-    return (f"imported {len(result.subjects)} subject(s), {result.n_series} series, "
-            f"{result.n_files} files; processing started")
+def _done_message(result: ImportResult, already_elsewhere: int = 0) -> str:
+    msg = (f"imported {len(result.subjects)} subject(s), {result.n_series} series, "
+           f"{result.n_files} files; processing started")
+    if already_elsewhere:
+        verb = "is" if already_elsewhere == 1 else "are"
+        msg += (f"; {already_elsewhere} of these patients {verb} already in another of your "
+                "cohorts under another pseudonym (pseudonyms are per cohort): see “Patients "
+                "also in your other cohorts” below")
+    return msg
 
 
 def run_upload(upload_id: int, job_id: str) -> str:
@@ -282,8 +288,14 @@ def run_upload(upload_id: int, job_id: str) -> str:
         return "failed"
 
     def commit_with_import(result: ImportResult) -> None:
+        from .overlap import matches
+
+        new = list(cohort.subjects.filter(pseudonym__in=result.subjects))
+        known = len({m.pseudonym for m in matches(upload.uploaded_by, cohort, new)}) \
+            if upload.uploaded_by is not None else 0
         n = CohortUpload.objects.filter(pk=upload_id, rq_job_id=job_id, status="running").update(
-            status="done", message=_done_message(result), n_subjects=len(result.subjects),
+            status="done", message=_done_message(result, known),
+            n_subjects=len(result.subjects),
             n_series=result.n_series, n_files=result.n_files, finished=timezone.now())
         if n != 1:
             raise _Superseded()

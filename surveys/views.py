@@ -82,7 +82,9 @@ def cohort_list(request: HttpRequest) -> HttpResponse:
 @require_GET
 @cohort_view("page")
 def cohort_detail(request: HttpRequest, cohort: Cohort) -> HttpResponse:
-    """Subjects with per-stage status (polled), upload, QA summary and re-id summary."""
+    """Subjects with per-stage status (polled), upload, QA grid and re-id summary."""
+    from . import overlap, qa_grid
+
     subjects = cohort.subjects.prefetch_related("stages", "series")
     reid = getattr(cohort, "reid", None) if hasattr(cohort, "reid") else None
     return render(request, "surveys/cohort_detail.html", {
@@ -91,7 +93,24 @@ def cohort_detail(request: HttpRequest, cohort: Cohort) -> HttpResponse:
         "progress": jobs.cohort_progress(cohort), "uploads": uploads.recent_uploads(cohort),
         "sees_identities": (cohort.keep_mapping
                             and identity.may_see_identities(request.user, cohort)),
-        "identity_accesses": identity.recent_accesses(cohort) if cohort.keep_mapping else []})
+        "identity_accesses": identity.recent_accesses(cohort) if cohort.keep_mapping else [],
+        "qa_cards": qa_grid.cards(cohort), "qa_figures": qa_grid.FIGURES,
+        "missing": missing_from_download(cohort),
+        "overlaps": overlap.matches(request.user, cohort),
+        "overlap_explanation": overlap.EXPLANATION})
+
+
+@require_GET
+@cohort_view("file")
+def qa_grid_fragment(request: HttpRequest, cohort: Cohort) -> HttpResponse:
+    """The QA grid's cards as an HTML fragment (the cohort page swaps them in when the
+    status poll reports new QA)."""
+    from . import qa_grid
+
+    resp = render(request, "surveys/_qa_cards.html", {"cohort": cohort,
+                                                      "qa_cards": qa_grid.cards(cohort)})
+    resp["Cache-Control"] = "private, no-store"
+    return resp
 
 
 @require_GET
@@ -106,6 +125,9 @@ def cohort_status(request: HttpRequest, cohort: Cohort) -> JsonResponse:
                                               "n": reid.n_subjects}
     data["uploads"] = uploads.upload_rows(cohort)
     data["importing"] = any(u["active"] for u in data["uploads"])
+    from . import qa_grid
+
+    data["qa"] = {c.pseudonym: c.signature for c in qa_grid.cards(cohort)}
     return JsonResponse(data)
 
 
@@ -195,18 +217,27 @@ def stage_retry(request: HttpRequest, cohort: Cohort, run_id: int) -> HttpRespon
 @require_GET
 @cohort_view("page")
 def subject_detail(request: HttpRequest, cohort: Cohort, pseudonym: str) -> HttpResponse:
-    """QA figures, original vs de-identified slices and renders of one subject."""
-    subject = get_object_or_404(Subject, cohort=cohort, pseudonym=pseudonym)
+    """QA figures, the slice and surface viewers, the QA picture and the renders of one
+    subject; the page polls the subject's status and offers new results when a stage ends."""
+    from django.contrib.staticfiles import finders
+
+    from . import overlap
+    from .viewer_views import subject_signature
+
+    subject = get_object_or_404(Subject.objects.prefetch_related("stages", "series", "images"),
+                                cohort=cohort, pseudonym=pseudonym)
     images = {(i.kind, i.view, i.variant): i for i in subject.images.all()}
-    slices = [(view, images.get(("slice", view, "original")), images.get(("slice", view, "deid")))
-              for view in ("axial", "sagittal")]
     yaws = sorted({i.view for i in subject.images.all() if i.kind == "render"})
     renders = [(view, images.get(("render", view, "original")), images.get(("render", view, "deid")))
                for view in yaws]
     return render(request, "surveys/subject_detail.html", {
         "cohort": cohort, "subject": subject, "series": subject.series.all(),
-        "stages": subject.stages.order_by("order"), "slices": slices, "renders": renders,
-        "qa_image": images.get(("qa", "deface", "both"))})
+        "stages": subject.stages.order_by("order"), "renders": renders,
+        "qa_image": images.get(("qa", "deface", "both")),
+        "overlaps": overlap.matches(request.user, cohort, [subject]),
+        "overlap_explanation": overlap.EXPLANATION,
+        "signature": subject_signature(subject),
+        "niivue": finders.find("vendor/niivue/niivue.umd.js") is not None})
 
 
 def _file_response(rel: str, content_type: str, filename: str | None = None) -> FileResponse:
@@ -276,14 +307,48 @@ def download_qa(request: HttpRequest, cohort: Cohort) -> HttpResponse:
     return resp
 
 
+def missing_from_download(cohort: Cohort) -> list[dict[str, str]]:
+    """Subjects the de-identified zip would not hold (de-identification not done), with
+    their status and reason, in pseudonym order."""
+    out = []
+    for subject in cohort.subjects.prefetch_related("stages"):
+        run = next((r for r in subject.stages.all() if r.stage == "deidentify"), None)
+        if run is not None and run.status == "done":
+            continue
+        status = run.status if run else "no stage"
+        if run is not None and run.status == "pending":
+            # an earlier stage may be the one that failed
+            before = [r for r in subject.stages.all() if r.order < run.order]
+            failed = next((r for r in before if r.status == "failed"), None)
+            if failed is not None:
+                out.append({"pseudonym": subject.pseudonym, "status": "failed",
+                            "reason": f"{failed.stage}: {failed.error}"})
+                continue
+        reason = run.error if run is not None and run.status == "failed" else {
+            "pending": "not started yet", "queued": "waiting for a worker",
+            "running": "being de-identified now"}.get(status, "")
+        out.append({"pseudonym": subject.pseudonym, "status": status, "reason": reason})
+    return out
+
+
 @require_GET
 @cohort_view("file")
-def download_deid(request: HttpRequest, cohort: Cohort) -> FileResponse:
+def download_deid(request: HttpRequest, cohort: Cohort) -> HttpResponse:
     """Zip of every de-identified series (``<pseudonym>/<Snn>/IM*.dcm``) plus ``qa.csv``.
 
-    Only series whose de-identification finished are included. Built in a
-    temporary file (unlinked at once) and streamed.
+    Only series whose de-identification finished are included. When some subjects are
+    unfinished or failed, a page first lists them (``?confirm=1`` downloads anyway) and
+    the zip then holds ``not-included.csv`` naming them. Built in a temporary file
+    (unlinked at once) and streamed.
     """
+    missing = missing_from_download(cohort)
+    if missing and request.GET.get("confirm") != "1":
+        n_total = cohort.subjects.count()
+        resp = render(request, "surveys/download_confirm.html", {
+            "cohort": cohort, "missing": missing, "n_total": n_total,
+            "n_included": n_total - len(missing)})
+        resp["Cache-Control"] = "private, no-store"
+        return resp
     fh = tempfile.TemporaryFile(dir=tmp_root())
     n = 0
     with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
@@ -304,6 +369,12 @@ def download_deid(request: HttpRequest, cohort: Cohort) -> FileResponse:
         w.writeheader()
         w.writerows(qa_rows(cohort))
         zf.writestr("qa.csv", buf.getvalue())
+        if missing:
+            from .csvsafe import write_csv
+
+            zf.writestr("not-included.csv", write_csv(
+                ({"subject": m["pseudonym"], "status": m["status"], "reason": m["reason"]}
+                 for m in missing), ["subject", "status", "reason"]))
     fh.seek(0)
     resp = FileResponse(fh, content_type="application/zip", as_attachment=True,
                         filename=f"cohort-{cohort.pk}-deidentified.zip")

@@ -234,7 +234,9 @@ def test_enroll_freezes_and_images_match_plan(tmp_path, settings):
     assert (r2.group_index, r0.group_index, r1.group_index) == (0, 0, 1)
     expect = plan_trials([s.pk for s in cohort.subjects.all()], study.conditions, study.views,
                          n_choices=4, trials_per_rater=8, n_practice=1, n_catch=1,
-                         seed=study.seed, rater_index=2, design="between", slot=0)
+                         seed=study.seed, rater_index=2, design="between", slot=0,
+                         view_assignment=study.view_assignment)
+    assert study.view_assignment == "balanced"  # new studies
     got = list(r2.trials.order_by("position"))
     assert [(t.subject_id, t.condition, t.correct_index, tuple(t.candidates)) for t in got] == \
         [(p.subject, p.condition, p.correct_index, p.candidates) for p in expect]

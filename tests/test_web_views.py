@@ -290,7 +290,10 @@ def test_upload_process_and_download(client, db, settings, tmp_path, queue,
     assert not status["importing"]
     subject = cohort.subjects.order_by("pseudonym").first()
     page = client.get(f"/cohorts/{cohort.pk}/subjects/{subject.pseudonym}/").content.decode()
-    assert "anatomical" in page and page.count("/images/") >= 8
+    # QA picture + 2 render pairs as images; slices in the viewer (its manifest below)
+    assert "anatomical" in page and page.count("/images/") >= 5 and 'id="viewer"' in page
+    m = client.get(f"/cohorts/{cohort.pk}/subjects/{subject.pseudonym}/viewer.json").json()
+    assert m["selected"]["label"] == "S01" and m["selected"]["removed_voxels"] > 0
     for img in subject.images.all():
         r = client.get(f"/cohorts/{cohort.pk}/images/{img.pk}.png")
         assert r.status_code == 200 and b"".join(r.streaming_content)[:4] == b"\x89PNG"

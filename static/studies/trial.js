@@ -1,5 +1,6 @@
 /* Rater trial page: preload the trial's images, then show them and start the clock;
    answer by click or keys 1..k (then confidence 1..5 if asked); one submission only;
+   enlarge a face next to the target (⤢, Shift+number, T) and answer from there;
    optional countdown that submits "no answer" when time is up. No external resources. */
 (function () {
   "use strict";
@@ -45,6 +46,48 @@
     Array.prototype.forEach.call(form.querySelectorAll("button"), function (b) { b.disabled = true; });
     form.submit();
   }
+  // ---- enlarge: a face next to the target, as large as the screen allows
+  var dialog = document.getElementById("zoom-dialog");
+  var enlargedField = document.getElementById("enlarged");
+  var enlarged = {}, zoomSlot = null;
+  function recordEnlarged(n) {
+    enlarged[n] = true;
+    if (enlargedField) enlargedField.value = Object.keys(enlarged).sort().join(",");
+  }
+  function zoom(n, viaTarget) {
+    if (!dialog || sent || t0 === null || choice !== null) return;
+    if (n < 1 || n > k) return;
+    zoomSlot = n;
+    document.getElementById("zoom-target").src = document.getElementById("target-img").src;
+    document.getElementById("zoom-cand").src = document.querySelector("#cand-" + n + " img").src;
+    document.getElementById("zoom-caption").textContent = "Face " + n + " of " + k;
+    document.getElementById("zoom-choose").textContent = "Choose face " + n + " (Enter)";
+    if (viaTarget) recordEnlarged(0);
+    recordEnlarged(n);
+    if (!dialog.open) dialog.showModal();
+    document.body.dataset.zoom = String(n);
+  }
+  function unzoom() {
+    if (dialog && dialog.open) dialog.close();
+    zoomSlot = null;
+    document.body.dataset.zoom = "";
+  }
+  if (dialog) {
+    dialog.addEventListener("close", function () { zoomSlot = null; document.body.dataset.zoom = ""; });
+    document.getElementById("zoom-close").addEventListener("click", unzoom);
+    document.getElementById("zoom-prev").addEventListener("click", function () { zoom(zoomSlot > 1 ? zoomSlot - 1 : k); });
+    document.getElementById("zoom-next").addEventListener("click", function () { zoom(zoomSlot < k ? zoomSlot + 1 : 1); });
+    document.getElementById("zoom-choose").addEventListener("click", function () { var n = zoomSlot; unzoom(); choose(n); });
+    dialog.addEventListener("click", function (e) { if (e.target === dialog) unzoom(); });  // backdrop
+  }
+  Array.prototype.forEach.call(document.querySelectorAll("button.zoom"), function (b) {
+    b.addEventListener("click", function (e) {
+      e.preventDefault();
+      var n = parseInt(b.dataset.slot, 10);
+      if (n === 0) zoom(1, true); else zoom(n);
+    });
+  });
+
   function choose(n) {
     if (sent || t0 === null || choice !== null) return;
     choice = n;
@@ -69,6 +112,21 @@
   }
   document.addEventListener("keydown", function (e) {
     if (e.altKey || e.ctrlKey || e.metaKey) return;
+    var digit = /^(Digit|Numpad)([0-9])$/.exec(e.code || "");
+    if (zoomSlot !== null) {  // the enlarged view is open
+      if (e.key === "ArrowLeft") { e.preventDefault(); zoom(zoomSlot > 1 ? zoomSlot - 1 : k); return; }
+      if (e.key === "ArrowRight") { e.preventDefault(); zoom(zoomSlot < k ? zoomSlot + 1 : 1); return; }
+      if (e.key === "Enter") { e.preventDefault(); var z = zoomSlot; unzoom(); choose(z); return; }
+      if (digit && e.shiftKey) { e.preventDefault(); zoom(parseInt(digit[2], 10)); return; }
+      if (digit && choice === null) {
+        var m = parseInt(digit[2], 10);
+        if (m >= 1 && m <= k) { e.preventDefault(); unzoom(); choose(m); }
+        return;
+      }
+      return;  // Esc: the dialog closes itself
+    }
+    if (choice === null && e.shiftKey && digit) { e.preventDefault(); zoom(parseInt(digit[2], 10)); return; }
+    if (choice === null && (e.key === "t" || e.key === "T")) { e.preventDefault(); zoom(1, true); return; }
     var n = parseInt(e.key, 10);
     if (isNaN(n)) return;
     if (choice === null) { if (n >= 1 && n <= k) { e.preventDefault(); choose(n); } }

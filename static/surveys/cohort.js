@@ -60,6 +60,7 @@
     fetch(url, {headers: {"Accept": "application/json"}, credentials: "same-origin"})
       .then(function (r) { return r.json(); })
       .then(function (data) {
+        document.dispatchEvent(new CustomEvent("cohort:status", {detail: data}));
         var summary = document.getElementById("summary");
         if (summary) summary.textContent = data.counts.done + " / " + data.total + " stages done";
         if (data.subjects.length !== known || uploadsChanged(data.uploads)) {

@@ -49,6 +49,10 @@ DESIGNS = [
     ("between", "each rater sees a subject in one condition only (Latin square across raters)"),
     ("within", "each rater sees a subject in every condition (paired; carry-over possible)"),
 ]
+VIEW_ASSIGNMENTS = [
+    ("balanced", "the same target/candidate view pairs in every condition"),
+    ("random", "a view pair drawn per trial"),
+]
 PRIMARY_ANALYSES = [
     ("excluded", "without the raters excluded by the rule"),
     ("all", "all raters (exclusions as a sensitivity analysis)"),
@@ -84,6 +88,10 @@ class Study(models.Model):
         help_text="between: no carry-over, analysed with the mixed model; within: pairs for "
                   "McNemar, but a rater sees each subject's original before its de-identified "
                   "version or after it")
+    view_assignment = models.CharField(
+        "view assignment", max_length=10, choices=VIEW_ASSIGNMENTS, default="balanced",
+        help_text="balanced: both conditions get the same target/candidate view pairs; random "
+                  "(studies created before): drawn per trial")
     trials_per_rater = models.PositiveIntegerField("scored trials per rater", default=8)
     n_practice = models.PositiveSmallIntegerField("practice trials (with feedback)", default=2)
     n_catch = models.PositiveSmallIntegerField("attention-check (catch) trials", default=2)
@@ -303,6 +311,9 @@ class Answer(models.Model):
     rt_suspect = models.BooleanField(default=False,
                                      help_text="browser time disagrees with the server's")
     timed_out = models.BooleanField(default=False)
+    enlarged = models.JSONField(
+        default=list, blank=True,
+        help_text="images the rater enlarged before answering: 0 = target, 1..k = candidates")
     answered_at = models.DateTimeField(default=timezone.now)
 
     def __str__(self) -> str:

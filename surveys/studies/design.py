@@ -54,6 +54,13 @@ Conditions: ``control`` = original target vs original candidates, ``deidentified
 in another view than the target when the study has ≥ 2 views (required for
 ``control``, where the same view would make the target identical to a candidate).
 Catch trials show the target identical to one candidate (same view, original).
+
+Views (``view_assignment``). ``balanced`` (new studies): every condition gets the same
+(target view, candidate view) pairs — the n-th scored trial of each condition of a rater
+uses pair ``(offset + n) mod P`` of the P ordered pairs of distinct views, the offset
+drawn per rater — so a condition is never shown from easier angles than the other, and
+over raters every pair is used equally often. ``random`` (studies created before): each
+trial draws its pair independently.
 """
 
 from __future__ import annotations
@@ -248,7 +255,7 @@ def plan_trials(subjects: Sequence[int], conditions: Sequence[str], views: Seque
                 n_choices: int, trials_per_rater: int, n_practice: int, n_catch: int,
                 seed: int, rater_index: int,
                 practice_subjects: Sequence[int] | None = None, design: str = "within",
-                slot: int | None = None) -> list[PlannedTrial]:
+                slot: int | None = None, view_assignment: str = "random") -> list[PlannedTrial]:
     """Plan the whole session of rater number ``rater_index`` (0-based order of arrival).
 
     ``design`` is ``between`` or ``within`` (see the module docstring); ``slot`` is the
@@ -260,7 +267,8 @@ def plan_trials(subjects: Sequence[int], conditions: Sequence[str], views: Seque
     first condition), then ``trials_per_rater`` main trials with ``n_catch`` catch trials
     inserted at random places; ``position`` runs 0..N-1 in that order. ``subjects`` are
     ids of subjects that have every needed render (practice subjects included);
-    ``views`` are render view names. ``practice_subjects`` are the subjects reserved for
+    ``views`` are render view names; ``view_assignment`` is ``balanced`` or ``random`` (see
+    the module docstring). ``practice_subjects`` are the subjects reserved for
     practice (as stored when the study was frozen); None reserves them here with
     :func:`reserve_practice_subjects`. Practice trials use only them, main and catch
     trials only the other subjects.
@@ -322,9 +330,16 @@ def plan_trials(subjects: Sequence[int], conditions: Sequence[str], views: Seque
         out.append(PlannedTrial(len(out), "practice", practice_cond, s, tv, cv, cands, correct))
         prev = s
     answered: list[int] = []  # answers of earlier trials, oldest first
+    pairs = [(a, b) for a in views for b in views if a != b] or [(views[0], views[0])]
+    offset = int(rng.integers(len(pairs))) if view_assignment == "balanced" else 0
+    per_condition: Counter[str] = Counter()
     for s, c in seq:
         kind = "catch" if c == "catch" else "main"
-        tv, cv = _views(rng, views, same=kind == "catch")
+        if kind == "main" and view_assignment == "balanced":
+            tv, cv = pairs[(offset + per_condition[c]) % len(pairs)]
+            per_condition[c] += 1
+        else:
+            tv, cv = _views(rng, views, same=kind == "catch")
         # between design only: there a subject is the answer at most once, so an earlier
         # answer is never the right one again and is kept out of the distractors; in the
         # within design it is the answer again in its other condition, and keeping it out of

@@ -105,6 +105,10 @@ def preregistration(study: Study, subjects: list[int] | None = None) -> str:
             "ask_confidence": study.ask_confidence, "time_limit_s": study.time_limit_s,
             "seed": study.seed,
             "consent_text_sha256": prereg_digest(study.consent_text or ""),
+            # (absent for studies created before views were balanced: their plans unchanged)
+            **({"view_assignment": "the same (target view, candidate view) pairs in every "
+                                   "condition, rotated per rater"}
+               if study.view_assignment == "balanced" else {}),
         },
         "subjects": {
             "practice": sorted(names[i] for i in ids if i in practice),

@@ -275,6 +275,17 @@ def _float(value: str | None):
     return v if v is None or math.isfinite(v) else None
 
 
+def _enlarged(raw: str, k: int) -> list[int]:
+    """Positions the page reports as enlarged (``"0,2"``: the target and candidate 2);
+    anything that is not a position 0..k is ignored (never a reason to refuse an answer)."""
+    out = set()
+    for part in (raw or "").split(",")[: k + 1]:
+        n = _int(part.strip())
+        if n is not None and 0 <= n <= k:
+            out.add(n)
+    return sorted(out)
+
+
 def _answer_fields(post, study) -> tuple[str | None, int | None, int | None]:
     """(problem, choice, confidence) of a posted answer; ``problem`` says what is wrong
     with it in words for the rater (None: acceptable). A missing choice or confidence is
@@ -344,7 +355,8 @@ def trials(request: HttpRequest) -> HttpResponse:
             return redirect("studies:trials")  # stale/back-button/replayed form: no change
         try:
             answer, _created = record_answer(
-                rater, token, choice, _float(request.POST.get("rt_ms")), confidence)
+                rater, token, choice, _float(request.POST.get("rt_ms")), confidence,
+                enlarged=_enlarged(request.POST.get("enlarged", ""), study.n_choices))
         except StudyClosed:
             return _problem(request, "closed")
         except ValueError:

@@ -88,6 +88,8 @@ DATA_DICTIONARY: dict[str, tuple[str, str, str]] = {
                                   "researcher)", "0 or 1"),
     "exclusion_reason": ("string", "why the rater is excluded", "text; blank"),
     "answered_at": ("datetime", "server time the answer was stored", "ISO 8601, UTC"),
+    "enlarged": ("string", "images the rater enlarged before answering (0 = the target, "
+                           "1 … k = candidates)", "';'-separated positions; blank = none"),
     "design_sha256": ("string", "SHA-256 of the pre-registered design and analysis plan "
                                 "(design.json → preregistration)", "64 hex digits; blank "
                                                                    "before the freeze"),

@@ -51,7 +51,7 @@ EXPORT_COLUMNS = ("rater_id", "rater_group", "subject_id", "condition", "correct
                   "choice", "correct_choice", "trial_kind", "trial_position", "target_view",
                   "candidate_view", "self_reported_profession", "group_mismatch",
                   "years_experience", "rater_excluded", "exclusion_reason", "answered_at",
-                  "design_sha256")
+                  "enlarged", "design_sha256")
 
 #: URL parameters of recruitment panels, read on the invitation page: parameter → Rater field.
 #: Prolific's names first; ``panel_pid`` / ``panel_study`` / ``panel_session`` for other panels.
@@ -258,7 +258,8 @@ def _plan_for(study: Study, rater: Rater, idx: dict, subjects: list[int], practi
     plan = plan_trials(subjects, study.conditions, study.views, n_choices=study.n_choices,
                        trials_per_rater=study.trials_per_rater, n_practice=study.n_practice,
                        n_catch=study.n_catch, seed=study.seed, rater_index=rater_index,
-                       practice_subjects=practice, design=study.design, slot=slot)
+                       practice_subjects=practice, design=study.design, slot=slot,
+                       view_assignment=study.view_assignment)
     trials = Trial.objects.bulk_create([
         Trial(rater=rater, position=p.position, kind=p.kind, condition=p.condition,
               subject_id=p.subject, target_view=p.target_view,
@@ -338,7 +339,8 @@ def current_trial(rater: Rater) -> Trial | None:
 
 
 def record_answer(rater: Rater, trial_token: str, choice: int | None,
-                  client_rt_ms: float | None, confidence: int | None) -> tuple[Answer, bool]:
+                  client_rt_ms: float | None, confidence: int | None,
+                  enlarged: list[int] | None = None) -> tuple[Answer, bool]:
     """Store the answer to the rater's current trial; return (answer, created).
 
     Only the current trial can be answered, once: a replay, a double submit or a
@@ -347,6 +349,8 @@ def record_answer(rater: Rater, trial_token: str, choice: int | None,
     study has a time limit (the page submits it when time is up). The
     server's response time (trial first shown → now, ms) is stored next to the
     browser's; they disagree by more than :data:`RT_SLACK_MS` → ``rt_suspect``.
+    ``enlarged`` lists the images the rater enlarged (0 = target, 1..k = candidates;
+    other values are dropped).
     Raises ``ValueError`` for a trial of someone else or a choice out of range, and
     :class:`StudyClosed` once the researcher has closed the study (even for raters who
     started before).
@@ -385,7 +389,9 @@ def record_answer(rater: Rater, trial_token: str, choice: int | None,
                 trial=trial, choice=choice,
                 correct=choice is not None and choice - 1 == trial.correct_index,
                 confidence=confidence, client_rt_ms=client_rt_ms, server_rt_ms=server_rt,
-                rt_suspect=suspect, timed_out=timed_out, answered_at=now)
+                rt_suspect=suspect, timed_out=timed_out, answered_at=now,
+                enlarged=sorted({int(x) for x in (enlarged or [])
+                                 if 0 <= int(x) <= study.n_choices}))
         except IntegrityError:  # pragma: no cover - concurrent duplicate on another DB
             return Answer.objects.get(trial=trial), False
         if current_trial(rater) is None:
@@ -525,6 +531,7 @@ def response_rows(study: Study, kinds: Iterable[str] = ("main",),
             "rater_excluded": int(bool(ex)),
             "exclusion_reason": "; ".join(ex["reasons"]) if ex else "",
             "answered_at": a.answered_at.isoformat(),
+            "enlarged": ";".join(str(x) for x in (a.enlarged or [])),
             "design_sha256": study.prereg_hash,
         })
     return rows

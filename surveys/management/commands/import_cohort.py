@@ -71,6 +71,15 @@ class Command(BaseCommand):
         self.stdout.write(f"cohort {cohort.pk} ({cohort.name}): imported {len(result.subjects)} "
                           f"subject(s), {result.n_series} series, {result.n_files} files"
                           + (" — pipeline queued" if opts["enqueue"] else ""))
+        from surveys.overlap import EXPLANATION, matches
+
+        new = cohort.subjects.filter(pseudonym__in=result.subjects)
+        found = matches(cohort.owner, cohort, new)
+        for m in found:
+            self.stdout.write(f"note: {m.pseudonym} is the same patient as {m.other_pseudonym} in "
+                              f"cohort {m.other_cohort_id} ({m.other_cohort_name})")
+        if found:
+            self.stdout.write(f"      {EXPLANATION}")
         if not_queued:
             self.stderr.write(f"warning: Redis was not reachable; {len(not_queued)} stage(s) are "
                               "recorded as queued and start when a worker finds Redis again")
