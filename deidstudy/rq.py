@@ -38,6 +38,7 @@ class RecoveringWorker(Worker):
         """:func:`surveys.jobs.recover_stale_stages` and :func:`surveys.uploads.recover_uploads`."""
         from django.db import connections
 
+        # late: rq loads this worker class by name, possibly before Django's apps are ready
         from surveys.jobs import recover_stale_stages
         from surveys.uploads import recover_uploads
 

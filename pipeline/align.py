@@ -56,6 +56,7 @@ import numpy as np
 import trimesh
 from scipy.spatial import cKDTree
 
+from .synth import SubjectParams, generate_head
 from .volume import Volume
 
 __all__ = [
@@ -365,8 +366,6 @@ def default_template() -> BoneTemplate:
     Built on first use (≈0.5 s) and cached per process; origin between the
     pupils, axes Left/Posterior/Superior.
     """
-    from .synth import SubjectParams, generate_head
-
     head = generate_head(SubjectParams(), shape=(84, 100, 100), spacing_mm=(3.0, 2.5, 2.5),
                          pose_deg=(0.0, 0.0, 0.0), noise_hu=0.0, couch=False)
     cloud = bone_cloud(head.volume)

@@ -525,6 +525,7 @@ def sample_plane(volume: Volume, origin: np.ndarray, u_dir: np.ndarray, v_dir: n
     normal) contains it, so thick slices show as the bands they are. Points
     outside the volume read the first array's minimum.
     """
+    # loaded on first use: pulls in scipy
     from .envelope import SliceStack
 
     st = SliceStack.of(volume)
@@ -633,6 +634,7 @@ def _sagittal(volume: Volume, new: np.ndarray, env: Envelope | None,
     a, b = sample_plane(volume, origin, post, -sup, n_u, n_v, step, [volume.hu, new])
     outline = None
     if env.hull is not None:  # the hull's section with the reformat plane, row by row
+        # loaded on first use: pulls in scipy
         from .envelope import polygon_row_spans
 
         poly = env.hull.plane_polygon(origin, post, -sup, left)

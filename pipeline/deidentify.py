@@ -24,9 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -36,7 +34,10 @@ from typing import Any
 import pydicom
 
 from pipeline import dicom_io
+from pipeline.atomic import atomic_write_bytes, atomic_write_text
 from pipeline.deid_header import HeaderDeidentifier, date_offset_days_for, pseudonym_key
+from pipeline.errors import safe_message
+from pipeline.preview import png_bytes
 
 log = logging.getLogger(__name__)
 
@@ -161,19 +162,7 @@ class PseudonymRegistry:
     def save(self) -> None:
         if self.path is None:
             return
-        _atomic_write_text(self.path, json.dumps(self._map, indent=1, sort_keys=True))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write_text(self.path, json.dumps(self._map, indent=1, sort_keys=True))
 
 
 def _patient_identity(first_file: Path) -> dict[str, str]:
@@ -202,6 +191,7 @@ def make_face_method(
     ``none`` returns ``None`` (header-only). ``auto`` uses the detector when a
     model is available and falls back to the anatomical method otherwise.
     """
+    # loaded on first use: pulls in scipy
     from pipeline import deface
 
     if method == "none":
@@ -209,6 +199,7 @@ def make_face_method(
     if method == "anatomical":
         return deface.AnatomicalFaceRegion(), []
     try:  # the detector needs onnxruntime (or ultralytics for .pt weights)
+        # loaded on first use: pulls in scipy
         from pipeline.face_model import make_model_method as model_factory
     except ImportError:
         model_factory = None
@@ -306,6 +297,7 @@ def deidentify_series(
     with ThreadPoolExecutor(max_workers=1) as pool:
         header_job = pool.submit(headers)
         if method is not None:
+            # loaded on first use: pulls in scipy
             from pipeline.deface import deface
 
             result = deface(volume, method)
@@ -338,15 +330,10 @@ def write_qa_picture(series: SeriesDeid, path: Path) -> bool:
     """Write the QA picture of a de-identified series (PNG, atomically); False if none."""
     if series.defaced is None:
         return False
-    from PIL import Image
-
+    # loaded on first use: pulls in scipy
     from pipeline.deface import qa_picture
 
-    img = qa_picture(series.volume, series.defaced)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp"
-    Image.fromarray(img).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, png_bytes(qa_picture(series.volume, series.defaced)))
     return True
 
 
@@ -439,15 +426,9 @@ def _single_frame_datasets(loaded: Any) -> list[pydicom.Dataset]:
 
 
 def _safe_message(exc: BaseException) -> str:
-    """Exception text for users. pipeline errors are written without identifiers;
-    OS errors carry paths, so only their reason is kept."""
-    if isinstance(exc, OSError):
-        return f"file system error: {exc.strerror or exc.__class__.__name__}"
-    if isinstance(exc, pydicom.errors.InvalidDicomError):
-        return "invalid DICOM file in series"
-    text = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-    # SeriesError names the series itself ("series 3 (120 files): …"); the caller does too.
-    return re.sub(r"^series \d+ \(\d+ files?\): ", "", text)
+    """:func:`pipeline.errors.safe_message` without the series prefix a
+    :class:`~pipeline.dicom_io.SeriesError` carries (the caller names the series)."""
+    return re.sub(r"^series \d+ \(\d+ files?\): ", "", safe_message(exc))
 
 
 def _round(x: Any, nd: int = 3) -> float | None:
@@ -568,7 +549,7 @@ def deidentify_folder(
     if any(o.qa_picture for o in outcomes):
         doc["qa_pictures"] = (f"{QA_DIR}/ shows original faces beside the de-identified images: "
                               "keep it with the mapping file, do not share it with the data")
-    _atomic_write_text(summary_path, json.dumps(doc, indent=2))
+    atomic_write_text(summary_path, json.dumps(doc, indent=2))
     if mapping_path is not None:
         by_index = {o.index: o for o in outcomes}
         for row in mapping_rows:
@@ -577,7 +558,7 @@ def deidentify_folder(
                 row["error"] = o.error
                 row.pop("output", None)
         problems = [{"path": str(p.path), "reason": p.reason} for p in scan.problems]
-        _atomic_write_text(Path(mapping_path), json.dumps(
+        atomic_write_text(Path(mapping_path), json.dumps(
             {"series": mapping_rows, "skipped_files": problems}, indent=2, ensure_ascii=False))
     return RunSummary(series=outcomes, skipped_files=skipped, summary_path=summary_path)
 

@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from .detector_data import CLASSES, HU_WINDOWS, hu_to_rgb8
+from .detector_data import CLASSES, HU_WINDOWS, DatasetSpec, hu_to_rgb8, subject_geometry
+from .synth import SubjectParams, generate_head
 
 __all__ = [
     "DEFAULT_WEIGHTS",
@@ -723,9 +724,6 @@ def synthetic_calibration(imgsz: int, *, n_subjects: int = 6, every: int = 3,
     with :data:`pipeline.detector_data.HU_WINDOWS`. Returns float32
     ``(N, 3, imgsz, imgsz)`` in 0…1, the model's input convention.
     """
-    from .detector_data import DatasetSpec, subject_geometry
-    from .synth import SubjectParams, generate_head
-
     spec = DatasetSpec(seed_base=seed_base)
     out = []
     for seed in spec.seeds("train")[:n_subjects]:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .synth import _FEATURE_CODES, SubjectParams, generate_head
+
 __all__ = [
     "CLASSES",
     "HU_WINDOWS",
@@ -232,8 +234,6 @@ def subject_geometry(spec: DatasetSpec, seed: int) -> dict[str, object]:
 
 
 def _subject_images(spec: DatasetSpec, seed: int) -> Iterable[tuple[int, np.ndarray, list]]:
-    from .synth import _FEATURE_CODES, SubjectParams, generate_head
-
     geo = subject_geometry(spec, seed)
     head = generate_head(
         SubjectParams.random(seed), shape=geo["shape"], spacing_mm=geo["spacing_mm"],

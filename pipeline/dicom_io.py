@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import shutil
 import struct
 import threading
@@ -36,8 +35,8 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.datadict import keyword_dict
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
@@ -46,6 +45,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import format_number_as_ds
 
+from .atomic import replace_dir, temp_sibling
 from .volume import Volume
 
 __all__ = [
@@ -390,24 +390,11 @@ def write_datasets(
         names = _validate_filenames(filenames, n)
     parent = out_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = parent / f".{out_dir.name}.tmp-{secrets.token_hex(8)}"
+    tmp_dir = temp_sibling(out_dir)
     tmp_dir.mkdir()
     try:
         _write_files(datasets, names, tmp_dir, pixels_hu, processes)
-        if out_dir.exists() or out_dir.is_symlink():
-            old_dir = parent / f".{out_dir.name}.old-{secrets.token_hex(8)}"
-            os.replace(out_dir, old_dir)
-            try:
-                os.replace(tmp_dir, out_dir)
-            except BaseException:
-                os.replace(old_dir, out_dir)
-                raise
-            if old_dir.is_dir() and not old_dir.is_symlink():
-                shutil.rmtree(old_dir, ignore_errors=True)
-            else:
-                old_dir.unlink(missing_ok=True)
-        else:
-            os.replace(tmp_dir, out_dir)
+        replace_dir(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise

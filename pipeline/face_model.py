@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from .deface import AnatomicalFaceRegion, FaceRegionMethod, RegionResult, bbox_of
 from .detector import DetectorError, load_detector
 from .volume import Volume

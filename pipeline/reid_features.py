@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from .embed import get_embedder
 from .reid import ReidError, embedding_similarity
 from .render import RenderResult, RenderSettings
 from .shape import DepthGrid, depth_points, depth_similarity, frontal_depth_map
@@ -174,9 +175,9 @@ def subject_features(
     :class:`pipeline.surface.SurfaceError`, :class:`pipeline.render.RenderError`
     or :class:`pipeline.embed.EmbedError` when a step fails.
     """
+    # loaded on first use: pulls in trimesh
     from . import render as R
     from .align import alignment_from_volume
-    from .embed import get_embedder
     from .rescan import simulate_rescan
     from .surface import skin_surface, smooth_mesh, strides_for_resolution
 

@@ -1,10 +1,8 @@
 """Standardised offscreen renders of canonical head surfaces (pyrender/OSMesa, embree fallback).
 
-IMPORT ORDER: this module sets ``PYOPENGL_PLATFORM=osmesa`` and
-``LP_NUM_THREADS=0`` (single-threaded llvmpipe, safe to fork) with
-``os.environ.setdefault`` *at import time*. PyOpenGL reads the platform when
-it is first imported, so import :mod:`pipeline.render` before anything else
-imports ``OpenGL`` / ``pyrender`` (or set the variables yourself).
+OpenGL platform: :mod:`pipeline` (the package) sets ``PYOPENGL_PLATFORM=osmesa`` and
+``LP_NUM_THREADS=0`` when it loads (unless already set), so the import order of
+this module does not matter.
 
 Coordinates: meshes are in the canonical head frame of
 :mod:`pipeline.align` (x → subject Left, y → Posterior, z → Superior,
@@ -41,10 +39,6 @@ camera axis in canonical units, 0 where no surface was hit.
 from __future__ import annotations
 
 import os
-
-os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
-os.environ.setdefault("LP_NUM_THREADS", "0")
-
 import queue
 import threading
 from collections.abc import Callable, Sequence
@@ -572,6 +566,7 @@ def render_subject(
     """
     import time
 
+    # loaded on first use: pulls in trimesh
     from .align import alignment_from_volume
     from .surface import skin_surface, smooth_mesh, strides_for_resolution
 

@@ -1253,6 +1253,7 @@ def generate_head(
 
     # ground-truth skeleton hull from the bone of every plane (LPS mm)
     hull_pts = _bone_extremes(labels_p, grid)
+    # loaded on first use: pulls in scipy
     from .envelope import SkeletonHull
 
     hull = SkeletonHull.of_points(hull_pts @ frame.T, 0.0) if len(hull_pts) >= 4 else None
@@ -1310,6 +1311,7 @@ def _bone_extremes(labels: np.ndarray, grid: _Grid) -> np.ndarray:
     """W coordinates (mm) of the outermost bone/teeth/metal pixels of every plane, ± half a pixel."""
     _, dj, di = grid.spacing
     ox, oy, _ = grid.origin
+    # loaded on first use: pulls in scipy
     from .envelope import outline_pixels
 
     pts = []
@@ -1329,6 +1331,7 @@ def _bone_extremes(labels: np.ndarray, grid: _Grid) -> np.ndarray:
 def _ground_truth(head: SynthHead, slab_bone: np.ndarray, slab_struct: np.ndarray,
                   tissue: np.ndarray, thickness: np.ndarray) -> None:
     """Fill the face / ear / inside ground truth of ``head`` from its skeleton hull."""
+    # loaded on first use: pulls in scipy
     from .envelope import SliceStack, halfspace_row_spans, polygon_row_spans
 
     vol, hull = head.volume, head.skeleton_hull

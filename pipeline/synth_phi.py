@@ -27,6 +27,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
+from .dicom_io import volume_to_datasets, write_datasets
 from .synth import SynthHead
 
 __all__ = ["PRIVATE_CREATOR", "PRIVATE_GROUP", "FakePHI", "PHIWriteError", "write_synthetic_series"]
@@ -314,8 +315,6 @@ def write_synthetic_series(
     slice order (k = 0 first).
     """
     from pydicom.uid import JPEG2000Lossless, RLELossless
-
-    from .dicom_io import volume_to_datasets, write_datasets
 
     if compress not in COMPRESSIONS:
         raise PHIWriteError(f"compress must be one of {COMPRESSIONS}, got {compress!r}")

@@ -415,6 +415,7 @@ def surface_meshes(original: Volume, deidentified: Volume, *, resolution_mm: flo
     """
     from scipy import ndimage as ndi
 
+    # loaded on first use: pulls in trimesh
     from .surface import SurfaceError, bone_surface, skin_surface, strides_for_resolution
 
     uo = original.as_uniform()

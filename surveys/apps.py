@@ -20,6 +20,7 @@ class SurveysConfig(AppConfig):
         """
         from django.conf import settings
 
+        # late by design: ready() runs once the app registry can import models
         from . import checks  # noqa: F401 — registers the deployment checks
         from .viewer import connect_signals
 

@@ -45,7 +45,8 @@ from pipeline import dicom_io
 from pipeline.deid_header import pseudonym_key
 
 from .models import Cohort, IdentityLink, Series, StageRun, Subject
-from .shared import push_tree
+from .stages import STAGES
+from .storage.mirror import push_tree
 
 log = logging.getLogger(__name__)
 
@@ -314,8 +315,6 @@ def import_folder(
     the cohort row is locked (``SELECT … FOR UPDATE``; SQLite's immediate transactions
     lock the whole database), so concurrent imports into one cohort are serialised.
     """
-    from .stages import STAGES
-
     say = progress or (lambda msg: None)
     folder = Path(folder)
     if not folder.is_dir():

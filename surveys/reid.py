@@ -16,8 +16,12 @@ from typing import Any
 import numpy as np
 from django.utils import timezone
 
+from pipeline.atomic import atomic_write_bytes
+from pipeline.reid import cmc_figure, evaluate_study, figure_png_bytes, k_choice_accuracy
+
 from .models import Cohort, ReidSummary
-from .shared import push_file
+from .storage.mirror import push_file
+from .storage.paths import cohort_derived_file, data_path
 
 CONDITION_LABELS = {"control": "control (original, other view)",
                     "deidentified": "de-identified"}
@@ -26,7 +30,7 @@ CONDITION_LABELS = {"control": "control (original, other view)",
 def compute_cohort_study(cohort: Cohort, n_bootstrap: int = 2000) -> dict[str, Any] | None:
     """:func:`pipeline.reid.evaluate_study` of the cohort, or None until every subject
     (at least two) has its re-identification features."""
-    from pipeline.reid import evaluate_study
+    # loaded on first use: pulls in trimesh
     from pipeline.reid_features import (
         MATCHERS,
         ReidProtocol,
@@ -46,20 +50,16 @@ def compute_cohort_study(cohort: Cohort, n_bootstrap: int = 2000) -> dict[str, A
 
 def cmc_plot_png(study: dict[str, Any], matcher: str | None = None) -> bytes:
     """PNG of :func:`pipeline.reid.cmc_figure` (both conditions, chance, integer ranks)."""
-    from pipeline.reid import cmc_figure, figure_png_bytes
-
     return figure_png_bytes(cmc_figure(study, matcher))
 
 
 def update_cohort_reid(cohort: Cohort) -> ReidSummary | None:
     """Recompute the cohort summary when every subject has its features (else None)."""
-    from .stages import atomic_write_bytes, data_path
-
     study = compute_cohort_study(cohort)
     if study is None:
         return None
     primary = study["matchers"][study["primary"]]
-    rel = f"{cohort.storage_dir()}/derived/reid-cmc.png"
+    rel = cohort_derived_file(cohort.pk, "reid-cmc.png")
     atomic_write_bytes(data_path(rel), cmc_plot_png(study))
     push_file(rel)
     summary, _ = ReidSummary.objects.update_or_create(cohort=cohort, defaults={
@@ -106,8 +106,6 @@ def human_vs_automated(analysis: dict[str, Any] | None, study: dict[str, Any] | 
     """Per condition: the raters' pooled accuracy beside the automated matchers' accuracy in
     the same ``n_choices``-alternative task (:func:`pipeline.reid.k_choice_accuracy`) and
     their rank-1 among all subjects. Empty when there is no automated result."""
-    from pipeline.reid import k_choice_accuracy
-
     if not study or "matchers" not in study:
         return []
     pooled = ((analysis or {}).get("groups") or {}).get("all") or {}

@@ -4,7 +4,7 @@ The stage list :data:`STAGES` is data: each :class:`Stage` names a function
 ``fn(subject, ctx)`` that reads its ``inputs`` (subject folders, see
 :func:`subject_folder`) below ``settings.DATA_DIR``, rebuilds the output folders it
 owns and updates the database. Outputs are replaced as whole folders
-(:func:`output_folders`: written into hidden temporary siblings, renamed over the
+(:func:`surveys.storage.atomic.output_folders`: written into hidden temporary siblings, renamed over the
 old folders when complete), so a re-run leaves no file of an earlier run behind and
 a killed run leaves the previous state; with a shared storage the replaced folders
 are uploaded as the reference copy. Database rows are updated after the files are
@@ -33,11 +33,8 @@ panels superior up and anterior left. No PNG carries text or header data.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,10 +43,16 @@ import numpy as np
 from django.conf import settings
 from django.db.models import ProtectedError
 
-from .models import RenderImage, Subject
-from .shared import delete_file, ensure_local, push_tree
+from pipeline.deid_header import date_offset_days_for
+from pipeline.deidentify import FaceNotFoundError, deidentify_series, make_face_method
+from pipeline.preview import mid_slices, png_bytes
 
-WINDOW_HU = (-1000.0, 1000.0)
+from .models import RenderImage, Subject
+from .reid import update_cohort_reid
+from .storage.atomic import output_folders
+from .storage.mirror import delete_file
+from .storage.paths import data_path, subject_folder
+from .storage.series import load_stored
 
 
 class StageError(ValueError):
@@ -78,128 +81,6 @@ class Stage:
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def data_path(rel: str) -> Path:
-    """Absolute path of a ``DATA_DIR``-relative path (refuses escaping it)."""
-    root = Path(settings.DATA_DIR).resolve()
-    p = (root / rel).resolve()
-    if root != p and root not in p.parents:
-        raise StageError("stored path lies outside the data folder")
-    return p
-
-
-def subject_folder(subject: Subject, name: str) -> str:
-    """``DATA_DIR``-relative folder ``name`` of ``subject``: ``orig``, ``deid`` or
-    ``derived/<stage>`` → ``cohorts/cNNNNN/<orig|deid|derived>/<pseudonym>[/<stage>]``."""
-    part, _, sub = name.partition("/")
-    if part not in ("orig", "deid", "derived") or (part == "derived") != bool(sub) \
-            or "/" in sub or sub.startswith("."):
-        raise ValueError(f"not a subject folder: {name!r}")
-    rel = f"{subject.cohort.storage_dir()}/{part}/{subject.pseudonym}"
-    return f"{rel}/{sub}" if sub else rel
-
-
-def replace_dir(new: Path, dst: Path) -> None:
-    """Put folder ``new`` in place of ``dst`` (which may not exist) and delete the old one.
-
-    Two renames on one file system (``dst`` away, ``new`` in): readers see the old or
-    the new folder, except for the instant between the renames; on an error the old
-    folder is put back.
-    """
-    if not (dst.exists() or dst.is_symlink()):
-        os.replace(new, dst)
-        return
-    old = dst.parent / f".{dst.name}.old-{secrets.token_hex(6)}"
-    os.replace(dst, old)
-    try:
-        os.replace(new, dst)
-    except BaseException:
-        os.replace(old, dst)
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)
-
-
-@contextmanager
-def output_folders(subject: Subject, *names: str) -> Iterator[dict[str, Path]]:
-    """Rebuild the subject folders ``names`` (see :func:`subject_folder`) as a whole.
-
-    Yields ``{name: temporary folder}`` to write into (hidden siblings of the final
-    folders). When the block completes, each temporary folder replaces its folder
-    (:func:`replace_dir`) and, with a shared storage, the folder is uploaded as the
-    reference copy (:func:`surveys.shared.push_tree`: remote files it no longer holds
-    are deleted). On an error the temporary folders are deleted and the old outputs
-    stay. Leftovers of a killed earlier run are deleted first.
-    """
-    finals = {n: data_path(subject_folder(subject, n)) for n in names}
-    tmps: dict[str, Path] = {}
-    try:
-        for n, final in finals.items():
-            final.parent.mkdir(parents=True, exist_ok=True)
-            for left in (*final.parent.glob(f".{final.name}.tmp-*"),
-                         *final.parent.glob(f".{final.name}.old-*")):
-                shutil.rmtree(left, ignore_errors=True)
-            tmps[n] = final.parent / f".{final.name}.tmp-{secrets.token_hex(6)}"
-            tmps[n].mkdir()
-        yield dict(tmps)
-        for n, final in finals.items():
-            replace_dir(tmps[n], final)
-        for n in names:
-            push_tree(subject_folder(subject, n))
-    finally:
-        for tmp in tmps.values():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """PNG encoding of a uint8 grey ``(H, W)`` or RGB ``(H, W, 3)`` image."""
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def window(hu: np.ndarray, window_hu: tuple[float, float] = WINDOW_HU) -> np.ndarray:
-    """Linear window of HU values to uint8 (``window_hu`` = (low, high) HU)."""
-    lo, hi = window_hu
-    x = (np.asarray(hu, np.float32) - lo) / (hi - lo)
-    return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
-def mid_slices(hu: np.ndarray, spacing_mm: tuple[float, float, float],
-               k: int | None = None, i: int | None = None) -> dict[str, np.ndarray]:
-    """Windowed axial (slice ``k``) and sagittal (column ``i``) images of ``hu[k, j, i]``.
-
-    Axial: rows j (anterior at the top), columns i (patient left on the right).
-    Sagittal: flipped so superior is up, rows j become columns (anterior on the
-    left), resampled along k to square pixels using ``spacing_mm`` (dk, dj, di).
-    """
-    nk, _, ni = hu.shape
-    k = nk // 2 if k is None else k
-    i = ni // 2 if i is None else i
-    axial = window(hu[k])
-    sag = window(hu[::-1, :, i])  # rows: superior → inferior, cols: anterior → posterior
-    dk, dj, _ = spacing_mm
-    rows = max(1, round(nk * dk / dj))
-    idx = np.clip((np.arange(rows) * nk / rows).astype(int), 0, nk - 1)
-    return {"axial": axial, "sagittal": sag[idx]}
 
 
 @dataclass(frozen=True)
@@ -247,22 +128,6 @@ def record_images(subject: Subject, kinds: tuple[str, ...], made: list[MadeImage
             delete_file(rel)
 
 
-def _series_ref(folder: Path):
-    from pipeline import dicom_io
-
-    scan = dicom_io.scan_folder(folder)
-    if len(scan.series) != 1 or scan.problems:
-        raise StageError("stored series folder does not hold exactly one readable series")
-    return scan.series[0]
-
-
-def load_stored(rel_dir: str):
-    """Load a stored series (``DATA_DIR``-relative folder) with :func:`pipeline.dicom_io.load_series`."""
-    from pipeline import dicom_io
-
-    return dicom_io.load_series(_series_ref(data_path(rel_dir)))
-
-
 # ------------------------------------------------------------------ stages
 
 
@@ -283,9 +148,6 @@ def stage_import(subject: Subject, ctx: StageContext) -> None:
 
 def stage_deidentify(subject: Subject, ctx: StageContext) -> None:
     """Face + header de-identification of every series; QA figures and PNGs."""
-    from pipeline.deid_header import date_offset_days_for
-    from pipeline.deidentify import make_face_method
-
     secret = settings.PROJECT_SECRET
     method, method_warnings = make_face_method(settings.PIPELINE_FACE_METHOD)
     offset = date_offset_days_for(subject.patient_key, secret)
@@ -309,8 +171,8 @@ def _deidentify_series(subject: Subject, s, primary, method, method_warnings: li
     path (:func:`pipeline.deidentify.deidentify_series`); slice PNGs and the QA picture of
     the primary series into ``out["derived/deidentify"]``. Sets the QA fields of ``s``
     (not saved)."""
+    # loaded on first use: pulls in scipy
     from pipeline.deface import qa_picture
-    from pipeline.deidentify import FaceNotFoundError, deidentify_series
 
     loaded = load_stored(s.original_dir)
     try:
@@ -360,6 +222,7 @@ def human_render_settings():
     """Renders people look at (raters, the subject page): ``settings.RENDER_SIZE_PX`` square
     (768 by default: large on a large screen) and a field of view that holds the whole
     head at 30° yaw (18° cut it off). The re-identification features render their own."""
+    # loaded on first use: pulls in trimesh
     from pipeline import render
 
     px = int(getattr(settings, "RENDER_SIZE_PX", 768))
@@ -400,6 +263,7 @@ def stage_embeddings(subject: Subject, ctx: StageContext) -> None:
     """Re-identification features of the primary series (:mod:`pipeline.reid_features`:
     re-scanned gallery, original and de-identified probes, dlib descriptors and depth
     maps); the cohort summary is recomputed when every subject has them."""
+    # loaded on first use: pulls in trimesh
     from pipeline import render  # noqa: F401 — first: sets the OpenGL platform
     from pipeline.reid_features import features_to_json, subject_features
     from pipeline.rescan import volume_seed
@@ -420,7 +284,6 @@ def stage_embeddings(subject: Subject, ctx: StageContext) -> None:
                                   "deid": bool(f.detected["deidentified"].any())}
     subject.save(update_fields=["reid_features", "embedding_original", "embedding_deid",
                                 "embedding_detected"])
-    from .reid import update_cohort_reid
 
     update_cohort_reid(subject.cohort)
 

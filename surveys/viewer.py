@@ -37,7 +37,6 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import shutil
 import threading
 import time
@@ -51,8 +50,12 @@ import numpy as np
 from django.conf import settings
 
 from pipeline import viewer as pv
+from pipeline.atomic import replace_dir, temp_sibling
+from pipeline.volume import Volume
 
-from .models import Series, StageRun, Subject
+from .models import RenderImage, Series, StageRun, Subject
+from .storage.mirror import pull_tree
+from .storage.series import load_stored
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +142,6 @@ class SeriesData:
 
     def volumes(self):
         """The two series as :class:`pipeline.volume.Volume` (memory-mapped voxels)."""
-        from pipeline.volume import Volume
-
         g = self.meta["volume"]
         a, b = self.arrays()
         kw = dict(spacing_mm=tuple(g["spacing_mm"]), origin_lps_mm=np.array(g["origin_lps_mm"]),
@@ -171,19 +172,21 @@ class SeriesData:
             t0 = time.perf_counter()
             orig, deid = self.volumes()
             meshes = pv.surface_meshes(orig, deid)
-            tmp = self.folder / f".meshes.tmp-{secrets.token_hex(4)}"
-            tmp.mkdir()
-            info = {"meshes": {}}
-            for name, m in meshes.items():
-                (tmp / f"{name}.bin.gz").write_bytes(pv.encode_mesh(m))
-                info["meshes"][name] = {"faces": m.n_faces, "vertices": int(len(m.vertices_ras)),
-                                        "flagged": int(m.flags.sum())}
-            info["seconds"] = round(time.perf_counter() - t0, 2)
-            (tmp / "meshes.json").write_text(json.dumps(info))
             dst = self.folder / "meshes"
-            if dst.exists():
-                shutil.rmtree(dst, ignore_errors=True)
-            os.replace(tmp, dst)
+            tmp = temp_sibling(dst)
+            tmp.mkdir()
+            try:
+                info = {"meshes": {}}
+                for name, m in meshes.items():
+                    (tmp / f"{name}.bin.gz").write_bytes(pv.encode_mesh(m))
+                    info["meshes"][name] = {"faces": m.n_faces,
+                                            "vertices": int(len(m.vertices_ras)),
+                                            "flagged": int(m.flags.sum())}
+                info["seconds"] = round(time.perf_counter() - t0, 2)
+                (tmp / "meshes.json").write_text(json.dumps(info))
+                replace_dir(tmp, dst)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
             return info
 
     def mesh_bytes(self, name: str) -> bytes:
@@ -264,9 +267,6 @@ def _start_images(counts: dict[str, list[int]],
 
 
 def _build(series: Series, folder: Path, version: str) -> None:
-    from .shared import pull_tree
-    from .stages import load_stored
-
     t0 = time.perf_counter()
     pull_tree(series.original_dir)  # no-op without a shared storage
     pull_tree(series.deid_dir)
@@ -302,7 +302,7 @@ def _build(series: Series, folder: Path, version: str) -> None:
         "seconds": {"load": round(t_load, 2)},
     }
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{secrets.token_hex(4)}"
+    tmp = temp_sibling(folder)
     tmp.mkdir()
     try:
         np.save(tmp / "original.npy", a)
@@ -421,13 +421,11 @@ def _image_deleted(sender, instance, **kwargs) -> None:
         for f in folder.glob(f"{instance.pk}-*.png"):
             f.unlink(missing_ok=True)
 
-
 def connect_signals() -> None:
     """Delete cached copies of identifiable images with what they show: a subject's viewer
     data with the subject, a QA thumbnail with its image."""
     from django.db.models.signals import post_delete
 
-    from .models import RenderImage
 
     post_delete.connect(_subject_deleted, sender=Subject, dispatch_uid="viewer-cache-delete")
     post_delete.connect(_image_deleted, sender=RenderImage, dispatch_uid="thumb-cache-delete")

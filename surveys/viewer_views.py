@@ -24,13 +24,14 @@ from django.shortcuts import get_object_or_404
 from django.urls import reverse
 from django.views.decorators.http import require_GET
 
+from pipeline.atomic import atomic_write_bytes
+from pipeline.errors import safe_message
 from pipeline.viewer import VIEWS
 
 from . import viewer
 from .access import cohort_view
-from .jobs import _safe_error as safe_error
 from .models import Cohort, RenderImage, Subject
-from .shared import ensure_local
+from .storage.mirror import ensure_local
 
 log = logging.getLogger(__name__)
 LABEL_RE = re.compile(r"S\d{2,4}")
@@ -135,7 +136,7 @@ def manifest(request: HttpRequest, cohort: Cohort, pseudonym: str) -> JsonRespon
     except (ValueError, OSError) as exc:  # a stored series that cannot be read
         log.warning("viewer data of subject row %s series %s not built (%s)", subject.pk,
                     chosen.label, type(exc).__name__)
-        out["message"] = f"The viewers are not available: {safe_error(exc)}."
+        out["message"] = f"The viewers are not available: {safe_message(exc)}."
         return _no_store(JsonResponse(out))
     data.touch()
     first = reverse("surveys:viewer_slice", args=[cohort.pk, subject.pseudonym, chosen.label,
@@ -190,7 +191,7 @@ def mesh_data(request: HttpRequest, cohort: Cohort, pseudonym: str, label: str, 
     except (ValueError, OSError) as exc:
         log.warning("surfaces of subject row %s series %s not made (%s)", subject.pk, label,
                     type(exc).__name__)
-        return _no_store(JsonResponse({"error": safe_error(exc)}, status=500))
+        return _no_store(JsonResponse({"error": safe_message(exc)}, status=500))
     return _binary(request, body, gzipped=True)
 
 
@@ -255,7 +256,6 @@ def image_thumb(request: HttpRequest, cohort: Cohort, image_id: int) -> HttpResp
         cache.mkdir(parents=True, exist_ok=True)
         for old in cache.glob(f"{img.pk}-*.png"):
             old.unlink(missing_ok=True)
-        from .stages import atomic_write_bytes
 
         atomic_write_bytes(path, data)
     return _no_store(HttpResponse(data, content_type="image/png"))

@@ -202,3 +202,29 @@ def test_render_subject_same_transform_for_original_and_defaced():
     assert np.median(np.abs(front_o.depth[top][mo & md] - front_d.depth[top][mo & md])) < 0.5
     # the nose (most anterior skin) is gone: de-identified surface is further from the camera
     assert front_d.depth[front_d.mask].min() > front_o.depth[front_o.mask].min() + 5
+
+
+def test_opengl_imported_before_the_render_module_still_renders_offscreen(gl_ok):
+    """The OSMesa platform is set by the ``pipeline`` package, so code that imports
+    pyrender/OpenGL before :mod:`pipeline.render` (but after anything from ``pipeline``)
+    renders offscreen all the same."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import pipeline.volume\n"          # any pipeline module first ...
+        "import OpenGL.GL, pyrender\n"       # ... then OpenGL, before pipeline.render
+        "import os, trimesh\n"
+        "from pipeline.render import RenderSettings, render_view\n"
+        "m = trimesh.creation.icosphere(subdivisions=3, radius=80.0)\n"
+        "r = render_view(m, 0.0, RenderSettings(width_px=64, height_px=64, yfov_deg=28.0,"
+        " target=(0.0, 0.0, 0.0)), backend='pyrender')\n"
+        "print(os.environ['PYOPENGL_PLATFORM'], r.backend, round(float(r.mask.mean()), 2))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYOPENGL_PLATFORM", "DISPLAY")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    assert out.returncode == 0, out.stderr[-2000:]
+    platform, backend, covered = out.stdout.split()
+    assert platform == "osmesa" and backend == "pyrender" and 0.1 < float(covered) < 0.95

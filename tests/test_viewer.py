@@ -198,11 +198,11 @@ def test_viewer_urls_need_the_cohort(client, site):
 
 
 def test_slices_served_from_the_cache_are_the_series(client, site, monkeypatch):
-    from surveys import stages
+    from surveys import viewer
 
     loads = []
-    real = stages.load_stored
-    monkeypatch.setattr(stages, "load_stored", lambda rel: loads.append(rel) or real(rel))
+    real = viewer.load_stored
+    monkeypatch.setattr(viewer, "load_stored", lambda rel: loads.append(rel) or real(rel))
     client.force_login(site["owner"])
     m = _manifest(client, site)
     assert len(loads) == 2  # original + de-identified, read once
@@ -328,7 +328,7 @@ def test_prewarm_builds_volumes_and_meshes(site):
 def test_a_series_that_cannot_be_read_gives_a_message_not_an_error(client, site):
     import shutil
 
-    from surveys.stages import data_path
+    from surveys.storage.paths import data_path
 
     series = site["subject"].series.get()
     shutil.rmtree(data_path(series.deid_dir))

@@ -69,7 +69,7 @@ def test_summary_is_computed_by_pipeline_reid_and_shown_with_ci_chance_and_both_
         client, cohort):
     from PIL import Image
 
-    from surveys.stages import data_path
+    from surveys.storage.paths import data_path
 
     c, owner = cohort
     feats = fake_features(12, seed=3)

@@ -100,7 +100,7 @@ def phantom_volume(ph: Phantom, which: str = "original"):
 
 def qa_png(ph: Phantom) -> bytes:
     """A QA-style picture of the phantom (axial slices, removed voxels in red)."""
-    from surveys.stages import png_bytes, window
+    from pipeline.preview import png_bytes, window
 
     ks = np.linspace(ph.original.shape[0] * 0.3, ph.original.shape[0] * 0.7, 3).astype(int)
     rows = []
@@ -122,9 +122,11 @@ def make_subject(cohort, pseudonym: str, ph: Phantom, *, patient_id: str = "FAKE
     from django.utils import timezone
 
     from pipeline import dicom_io
+    from pipeline.atomic import atomic_write_bytes
     from pipeline.deid_header import pseudonym_key
     from surveys.models import RenderImage, Series, StageRun, Subject
-    from surveys.stages import STAGES, atomic_write_bytes, data_path
+    from surveys.stages import STAGES
+    from surveys.storage.paths import data_path
 
     subject = Subject.objects.create(cohort=cohort, pseudonym=pseudonym,
                                      patient_key=pseudonym_key(patient_id,

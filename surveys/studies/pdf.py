@@ -38,11 +38,26 @@ from reportlab.platypus import (
     TableStyle,
 )
 
+from pipeline.reid import cmc_figure as both_curves
 from pipeline.stats import ALL_GROUPS, format_p
 
 from ..models import Study
 from .participation import exclusion_rule_text, funnel_totals, progress
 from .reid_section import automated_reid
+from .report import (
+    accuracy_cells,
+    accuracy_figure,
+    cmc_figure,
+    design_summary,
+    difficulty,
+    png_bytes,
+    primary_label,
+    rater_table,
+    rt_figure,
+    rt_table,
+    study_results,
+    tests_table,
+)
 
 __all__ = ["build_pdf"]
 
@@ -160,8 +175,6 @@ class _Report:
         self.story.append(Spacer(1, 4))
 
     def figure(self, fig, width_frac: float = 0.82) -> None:
-        from .report import png_bytes
-
         data = png_bytes(fig, dpi=200)
         w_in, h_in = fig.get_size_inches()
         w = BODY_W * width_frac
@@ -171,8 +184,6 @@ class _Report:
 
     # --------------------------------------------------------------- sections
     def build(self) -> bytes:
-        from .report import design_summary, study_results
-
         st = self.study
         self.res = study_results(st)
         self.p("Blinded re-identification study — report", "title")
@@ -231,8 +242,6 @@ class _Report:
                        [0.12, 0.2, 0.14, 0.54])
         else:
             self.p("No rater is excluded.")
-        from .report import rater_table
-
         mism = [r for r in rater_table(self.study) if r["group_mismatch"]]
         if mism:
             self.p("Raters whose self-reported profession contradicts their invitation's group "
@@ -242,8 +251,6 @@ class _Report:
                         for r in mism], [0.2, 0.4, 0.4])
 
     def section_analysis(self, which: str, title: str, full: bool) -> None:
-        from .report import accuracy_cells, accuracy_figure, primary_label, tests_table
-
         st = self.study
         a = self.res[which]
         self.h1(f"{title}: {esc(primary_label(st, which, role=False))}")
@@ -296,8 +303,6 @@ class _Report:
                        [0.2, 0.22, 0.38, 0.2])
 
     def section_difficulty(self) -> None:
-        from .report import difficulty
-
         self.h1("6 Per-subject difficulty")
         rows = difficulty(self.res["rows_kept" if self.study.primary_analysis == "excluded"
                                    else "rows"])
@@ -312,8 +317,6 @@ class _Report:
                    [0.3, 0.3, 0.12, 0.12, 0.16], numeric={2, 3, 4})
 
     def section_rt(self) -> None:
-        from .report import rt_figure, rt_table
-
         self.h1("7 Response times")
         rows = self.res["rows_kept" if self.study.primary_analysis == "excluded" else "rows"]
         tab = rt_table(rows, self.study.groups)
@@ -328,8 +331,6 @@ class _Report:
         self.figure(rt_figure(rows, order=self.study.groups), 0.66)
 
     def section_reid(self) -> None:
-        from .report import cmc_figure
-
         self.h1("8 Automated re-identification")
         info = automated_reid(self.study.cohort, self.res[self.study.primary_analysis],
                               self.study.n_choices)
@@ -343,8 +344,6 @@ class _Report:
                         for r in info["rows"]], [0.34, 0.28, 0.12, 0.14, 0.12],
                        numeric={2, 4})
         if info.get("metrics"):
-            from pipeline.reid import cmc_figure as both_curves
-
             self.figure(both_curves(info["metrics"]), 0.55)
         elif info.get("cmc"):
             self.figure(cmc_figure(info["cmc"]), 0.55)

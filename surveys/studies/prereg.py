@@ -19,6 +19,7 @@ from typing import Any
 from pipeline.stats import MIXED_MODEL_METHOD, Z_95
 
 from ..models import Study, Subject
+from .participation import exclusion_rule_text
 
 __all__ = ["PLAN_FORMAT", "analysis_plan", "prereg_digest", "preregistration", "verify"]
 
@@ -80,14 +81,12 @@ def analysis_plan(study: Study) -> dict[str, Any]:
     }
 
 
-def preregistration(study: Study, subjects: list[int] | None = None) -> str:
+def preregistration(study: Study, subjects: list[int]) -> str:
     """Canonical JSON of the design and analysis plan of ``study`` (see the module doc).
 
-    ``subjects`` are the ids of the subjects with every render (default: read them)."""
-    from .participation import exclusion_rule_text
-    from .service import eligible_subjects
-
-    ids = eligible_subjects(study) if subjects is None else list(subjects)
+    ``subjects`` are the ids of the subjects with every render
+    (:func:`surveys.studies.service.eligible_subjects`)."""
+    ids = list(subjects)
     names = dict(Subject.objects.filter(pk__in=ids).values_list("pk", "pseudonym"))
     practice = set(study.practice_subjects or [])
     plan = {

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..models import ReidSummary
+from ..reid import human_vs_automated, reid_table
+
 __all__ = ["automated_reid"]
 
 
@@ -29,9 +32,6 @@ def automated_reid(cohort, analysis: dict[str, Any] | None = None,
     or ``"auc"``; ``value``/``ci_*``/``chance`` may be None. Pseudonym-free by construction.
     """
     from django.urls import reverse
-
-    from ..models import ReidSummary
-    from ..reid import human_vs_automated, reid_table
 
     summary = ReidSummary.objects.filter(cohort=cohort).first()
     metrics = getattr(summary, "metrics", None) if summary is not None else None

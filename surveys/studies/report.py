@@ -37,7 +37,6 @@ __all__ = [
     "dataset_zip",
     "design_document",
     "difficulty",
-    "pdf_report",
     "png_bytes",
     "practice_note",
     "progress",
@@ -505,10 +504,3 @@ def analysis_json(study: Study) -> str:
            "analysis_all_raters": res["all"],
            "analysis_without_excluded": res["excluded"]}
     return json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False)
-
-
-def pdf_report(study: Study) -> bytes:
-    """The typeset PDF report (:func:`surveys.studies.pdf.build_pdf`)."""
-    from .pdf import build_pdf
-
-    return build_pdf(study)

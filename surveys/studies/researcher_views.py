@@ -8,9 +8,9 @@ page (pages) or 403 (files).
 from __future__ import annotations
 
 import json
-from typing import Any
 from collections.abc import Callable
 from functools import wraps
+from typing import Any
 
 from django.contrib import messages
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseForbidden
@@ -24,6 +24,8 @@ from ..models import Invitation, Rater, Study
 from . import lifecycle
 from .design import DesignError
 from .forms import InvitationForm, StudyForm
+from .rater_views import PREVIEW_KEY, SESSION_KEY
+from .reid_section import automated_reid
 from .service import (
     available_views,
     eligible_subjects,
@@ -38,12 +40,22 @@ from .service import (
 def _rep():
     """The report module, imported on first use: it loads matplotlib and scipy, which the
     rater pages (same URL conf, same worker processes) never need."""
+    # loaded on first use: pulls in matplotlib
     from . import report
 
     return report
 
 
+def _pdf():
+    """The PDF module, imported on first use (ReportLab, matplotlib)."""
+    # loaded on first use: pulls in matplotlib
+    from . import pdf
+
+    return pdf
+
+
 def _power():
+    # loaded on first use: pulls in scipy
     from . import power
 
     return power
@@ -182,8 +194,6 @@ def study_report(request: HttpRequest, study: Study) -> HttpResponse:
     """Report: design and pre-registration hash, recruitment funnel, exclusions, primary
     and sensitivity analyses (accuracy, tests with sidedness), per-subject difficulty,
     response times, automated re-identification."""
-    from .reid_section import automated_reid
-
     rep = _rep()
     res = rep.study_results(study)
     primary = study.primary_analysis
@@ -223,8 +233,6 @@ def plot(request: HttpRequest, study: Study, name: str) -> HttpResponse:
     if name not in ("accuracy", "accuracy-sensitivity", "rt", "cmc"):
         raise Http404("no such plot")
     if name == "cmc":
-        from .reid_section import automated_reid
-
         cmc = automated_reid(study.cohort).get("cmc")
         if not cmc:
             raise Http404("no automated re-identification yet")
@@ -237,6 +245,7 @@ def plot(request: HttpRequest, study: Study, name: str) -> HttpResponse:
         if name == "rt":
             fig = _rep().rt_figure(rows, order=study.groups)
         else:
+            # loaded on first use: pulls in scipy
             from .prereg import paired_conditions, reference_group
 
             fig = _rep().accuracy_figure(_rep().study_analysis(
@@ -276,7 +285,7 @@ def export_analysis(request: HttpRequest, study: Study) -> HttpResponse:
 @study_view("file")
 def export_pdf(request: HttpRequest, study: Study) -> HttpResponse:
     """Typeset PDF report (ReportLab)."""
-    return _download(_rep().pdf_report(study), "application/pdf", f"study-{study.pk}-report.pdf")
+    return _download(_pdf().build_pdf(study), "application/pdf", f"study-{study.pk}-report.pdf")
 
 
 @require_GET
@@ -340,8 +349,6 @@ def study_action(request: HttpRequest, study: Study, action: str) -> HttpRespons
         except DesignError as exc:
             messages.error(request, f"cannot freeze: {exc}")
     elif action == "preview":
-        from .rater_views import PREVIEW_KEY, SESSION_KEY
-
         try:
             rater = start_preview(study, request.POST.get("group") or study.groups[0])
         except DesignError as exc:

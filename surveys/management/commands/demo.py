@@ -37,6 +37,8 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from surveys.models import Cohort
+
 
 def _port_open(host: str, port: int) -> bool:
     try:
@@ -211,8 +213,6 @@ class Command(BaseCommand):
             url = f"http://127.0.0.1:{port}"
             self.stdout.write(f"Web server : {url}")
 
-        from surveys.models import Cohort
-
         password = _new_password()
         call_command("create_researcher", opts["user"], "--password", password, "--staff",
                      stdout=open(os.devnull, "w"))
@@ -249,6 +249,7 @@ class Command(BaseCommand):
     def _progress(self, cohort) -> bool:
         from tqdm import tqdm
 
+        # loaded on first use: pulls in redis
         from surveys.jobs import cohort_progress
 
         p = cohort_progress(cohort)

@@ -16,6 +16,8 @@ from pathlib import Path
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from pipeline import detector, detector_data
+
 
 class Command(BaseCommand):
     help = "Evaluate the facial-feature detector (mAP50, mAP50-95 per class) on held-out subjects."
@@ -31,8 +33,6 @@ class Command(BaseCommand):
         parser.add_argument("--imgsz", type=int, default=None)
 
     def handle(self, *args, **o) -> None:
-        from pipeline import detector, detector_data
-
         weights = Path(o["weights"] or detector.DEFAULT_WEIGHTS).resolve()
         if not weights.is_file():
             raise CommandError("weights file not found")

@@ -17,6 +17,8 @@ from pathlib import Path
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from pipeline import detector, detector_data
+
 
 class Command(BaseCommand):
     help = "Write an INT8-quantized copy of a YOLOv8 ONNX detector and evaluate it."
@@ -34,8 +36,6 @@ class Command(BaseCommand):
                             help="largest accepted mAP50 drop for --make-default (default 0.01)")
 
     def handle(self, *args, **o) -> None:
-        from pipeline import detector, detector_data
-
         src = Path(o["weights"] or detector.DEFAULT_WEIGHTS).resolve()
         if not src.is_file() or src.suffix.lower() != ".onnx":
             raise CommandError("--weights must be an existing .onnx detector")

@@ -41,6 +41,16 @@ import numpy as np
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
+from pipeline.dicom_io import load_series, scan_folder
+from pipeline.reid import (
+    FUSED,
+    evaluate_similarity,
+    evaluate_study,
+    plot_cmc,
+    plot_roc,
+    plot_similarity_distributions,
+)
+
 SAFE_ERRORS = ("SeriesError", "AlignmentError", "SurfaceError", "RenderError", "RenderTimeout",
                "EmbedError", "ReidError", "ShapeError")
 
@@ -190,8 +200,6 @@ def _positions(ref: Any) -> list[tuple[float, ...]]:
 def _original_series(pair: Pair, deid_ref: Any) -> Any:
     """The original CT series of ``pair``: the only one in its folder, else the one with the
     de-identified series' number of files and slice positions (kept by `deidentify`)."""
-    from pipeline.dicom_io import scan_folder
-
     ct = [s for s in scan_folder(pair.original).series if s.modality == "CT"]
     if len(ct) > 1:
         n = pair.n_files or deid_ref.n_files
@@ -206,8 +214,6 @@ def _original_series(pair: Pair, deid_ref: Any) -> Any:
 
 
 def _deid_series(pair: Pair) -> Any:
-    from pipeline.dicom_io import scan_folder
-
     ct = [s for s in scan_folder(pair.deidentified).series if s.modality == "CT"]
     if len(ct) == 1:
         return ct[0]
@@ -219,8 +225,8 @@ def process_pair(pair: Pair, protocol: Any, out_dir: Path, backend: str,
                  rescan_salt: int = 0) -> dict[str, Any]:
     """Load, align, render and embed one pair (runs in a worker process). Never raises."""
     try:
+        # loaded on first use: pulls in trimesh
         from pipeline import render as R  # first: sets the OpenGL platform
-        from pipeline.dicom_io import load_series
         from pipeline.reid_features import subject_features
         from pipeline.rescan import volume_seed
 
@@ -301,6 +307,7 @@ class Command(BaseCommand):
         parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
 
     def handle(self, *args: Any, **opts: Any) -> None:
+        # loaded on first use: pulls in trimesh
         from pipeline.reid_features import ReidProtocol
 
         orig_root: Path = opts["original"]
@@ -362,14 +369,7 @@ class Command(BaseCommand):
     @staticmethod
     def _metrics(ok: list[dict[str, Any]], failed: list[dict[str, Any]], protocol: Any,
                  n_boot: int, seed: int, out_dir: Path, rescan_salt: int = 0) -> dict[str, Any]:
-        from pipeline.reid import (
-            FUSED,
-            evaluate_similarity,
-            evaluate_study,
-            plot_cmc,
-            plot_roc,
-            plot_similarity_distributions,
-        )
+        # loaded on first use: pulls in trimesh
         from pipeline.reid_features import MATCHERS, study_similarities
 
         ids = [r["label"] for r in ok]

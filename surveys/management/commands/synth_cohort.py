@@ -26,6 +26,9 @@ import numpy as np
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
+from pipeline.synth import SubjectParams, SynthError, generate_head
+from pipeline.synth_phi import FakePHI, PHIWriteError, write_synthetic_series
+
 #: Named sizes: (slices, rows, columns), spacing (dk, dj, di) in mm.
 SIZES: dict[str, tuple[tuple[int, int, int], tuple[float, float, float]]] = {
     "tiny": ((40, 48, 48), (6.0, 5.0, 5.0)),
@@ -67,9 +70,6 @@ class Command(BaseCommand):
         parser.add_argument("--force", action="store_true", help="allow a non-empty OUT")
 
     def handle(self, *args, **opts) -> None:
-        from pipeline.synth import SubjectParams, SynthError, generate_head
-        from pipeline.synth_phi import FakePHI, PHIWriteError, write_synthetic_series
-
         out: Path = opts["out"]
         n = int(opts["subjects"])
         seed = int(opts["seed"])

@@ -21,6 +21,8 @@ from pathlib import Path
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from pipeline import detector, detector_data
+
 
 class Command(BaseCommand):
     help = "Train the YOLOv8 facial-feature detector (synthetic data by default) and export ONNX."
@@ -48,8 +50,6 @@ class Command(BaseCommand):
                             help="copy the ONNX + metadata into pipeline/models/ (the shipped model)")
 
     def handle(self, *args, **o) -> None:
-        from pipeline import detector, detector_data
-
         out = (o["out"] or Path(settings.VAR_DIR) / "detector" / "run").resolve()
         out.mkdir(parents=True, exist_ok=True)
         detector.configure_ultralytics(Path(settings.VAR_DIR) / "ultralytics")

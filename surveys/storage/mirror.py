@@ -33,6 +33,8 @@ from pathlib import Path
 
 from django.conf import settings
 
+from .paths import data_path
+
 log = logging.getLogger(__name__)
 
 SHARED_ALIAS = "cohortdata"
@@ -48,8 +50,6 @@ def shared_storage():
 
 
 def _local(rel: str) -> Path:
-    from .stages import data_path
-
     return data_path(rel)
 
 
