@@ -28,7 +28,6 @@ Redis (request killed between the commit and the enqueue, Redis down or flushed)
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import shutil
 import socket
@@ -40,9 +39,12 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import Q
 from django.utils import timezone
 
+from pipeline.errors import safe_message
+
+from . import jobs, rowjobs
 from .importing import (
     ImportRejected,
     ImportResult,
@@ -50,7 +52,9 @@ from .importing import (
     receive_uploaded_files,
     tmp_root,
 )
-from .models import Cohort, CohortUpload
+from .models import Cohort, CohortUpload, JobStatus
+from .overlap import matches
+from .storage.paths import data_path
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +81,6 @@ class _Superseded(Exception):
 
 def get_import_queue():
     """The RQ queue of import jobs (``settings.IMPORT_QUEUE``, by default the pipeline queue)."""
-    from . import jobs
-
     name = getattr(settings, "IMPORT_QUEUE", settings.PIPELINE_QUEUE)
     if name == settings.PIPELINE_QUEUE:
         return jobs.get_pipeline_queue()
@@ -88,8 +90,6 @@ def get_import_queue():
 
 
 def _staging_path(rel: str) -> Path:
-    from .stages import data_path
-
     return data_path(rel)
 
 
@@ -130,29 +130,20 @@ def enqueue_upload(upload: CohortUpload, queue=None, *,
     still has that status and job id (conditional UPDATE); otherwise None, nothing queued.
     """
     job_id = f"upload-{upload.pk}-{secrets.token_hex(6)}"
-    rows = CohortUpload.objects.filter(pk=upload.pk)
-    if expect is not None:
-        rows = rows.filter(status=expect[0], rq_job_id=expect[1])
-    n = rows.update(
-        status="queued", rq_job_id=job_id, message=RECEIVED_MESSAGE, queued_at=timezone.now(),
-        started=None, finished=None, worker_pid=None, worker_host="", heartbeat=None)
-    if expect is not None and n != 1:
+    if not rowjobs.mark_queued(upload, job_id, expect=expect, message=RECEIVED_MESSAGE):
         return None
-    upload.status, upload.rq_job_id, upload.message = "queued", job_id, RECEIVED_MESSAGE
 
     def push() -> None:
-        from .jobs import push_job
-
         # ahead of queued stages: the researcher is watching "importing…"
-        if not push_job(lambda: queue if queue is not None else get_import_queue(),
+        if not rowjobs.push_job(lambda: queue if queue is not None else get_import_queue(),
                         "surveys.uploads.run_upload", upload.pk, job_id, job_id=job_id,
                         at_front=True,
                         job_timeout=int(getattr(settings, "PIPELINE_JOB_TIMEOUT", 3600)),
                         result_ttl=3600, failure_ttl=7 * 86400):
             # Redis is unreachable: the row stays queued, its files are kept, and the
             # status poll (push_waiting) or the recovery enqueues it when Redis is back
-            CohortUpload.objects.filter(pk=upload.pk, rq_job_id=job_id, status="queued").update(
-                message=QUEUE_DOWN_MESSAGE)
+            CohortUpload.objects.filter(pk=upload.pk, rq_job_id=job_id,
+                                        status=JobStatus.QUEUED).update(message=QUEUE_DOWN_MESSAGE)
             upload.message = QUEUE_DOWN_MESSAGE
 
     transaction.on_commit(push)
@@ -168,10 +159,10 @@ def push_waiting(cohort: Cohort, queue=None) -> list[int]:
     """
     cutoff = timezone.now() - timedelta(seconds=PUSH_RETRY_SECONDS)
     pushed = []
-    for up in cohort.uploads.filter(status="queued", message=QUEUE_DOWN_MESSAGE,
+    for up in cohort.uploads.filter(status=JobStatus.QUEUED, message=QUEUE_DOWN_MESSAGE,
                                     queued_at__lt=cutoff):
         with transaction.atomic():
-            if enqueue_upload(up, queue, expect=("queued", up.rq_job_id)) is None:
+            if enqueue_upload(up, queue, expect=(JobStatus.QUEUED, up.rq_job_id)) is None:
                 continue  # somebody else pushed it meanwhile
         up.refresh_from_db(fields=["message"])
         if up.message != QUEUE_DOWN_MESSAGE:
@@ -185,7 +176,7 @@ def retry_upload(upload: CohortUpload, queue=None) -> bool:
     Returns False (and forgets the files) when they are gone: the upload has to be
     repeated.
     """
-    if upload.status != "failed":
+    if upload.status != JobStatus.FAILED:
         return False
     if _received_dir(upload) is None:
         if upload.staging_dir:  # gone from disk: no Retry button any more
@@ -209,14 +200,6 @@ def _received_dir(upload: CohortUpload) -> Path | None:
     return staging if (staging / "received").is_dir() else None
 
 
-def _claim(upload_id: int, job_id: str) -> bool:
-    now = timezone.now()
-    n = CohortUpload.objects.filter(pk=upload_id, status="queued", rq_job_id=job_id).update(
-        status="running", attempts=F("attempts") + 1, started=now, heartbeat=now, finished=None,
-        worker_pid=os.getpid(), worker_host=socket.gethostname()[:255])
-    return n == 1
-
-
 def _elsewhere(upload: CohortUpload) -> bool:
     """True when the upload's files were received on another machine and are not visible here."""
     if upload.staging_host in ("", socket.gethostname()[:255]):
@@ -238,12 +221,10 @@ def _remove_staging(upload: CohortUpload) -> None:
 
 
 def _unexpected_message(exc: BaseException) -> str:
-    """A generic, identifier-free reason for an error that is not a rejection."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return (f"the import failed because of a file system error ({exc.strerror}); "
-                "nothing was imported")
-    return (f"the import failed because of an internal error ({exc.__class__.__name__}); "
-            "nothing was imported; see the worker log")
+    """An identifier-free reason for an error that is not a rejection
+    (:func:`pipeline.errors.safe_message`; library texts are not trusted here)."""
+    reason = safe_message(exc, trust_value_errors=False, internal="see the worker log")
+    return f"the import failed: {reason}; nothing was imported"
 
 
 def _done_message(result: ImportResult, already_elsewhere: int = 0) -> str:
@@ -263,13 +244,8 @@ def run_upload(upload_id: int, job_id: str) -> str:
     Returns ``"done"``, ``"failed"`` or ``"skipped"`` (the row was not waiting for
     this job).
     """
-    from django.db import close_old_connections, connection
-
-    from . import jobs
-
-    if not connection.in_atomic_block:  # (tests run jobs inside a transaction)
-        close_old_connections()
-    if not _claim(upload_id, job_id):
+    rowjobs.start_job()
+    if not rowjobs.claim(CohortUpload, upload_id, job_id):
         log.info("upload #%s: job is stale, skipped", upload_id)
         return "skipped"
     upload = CohortUpload.objects.select_related("cohort").get(pk=upload_id)
@@ -279,30 +255,26 @@ def run_upload(upload_id: int, job_id: str) -> str:
         if _elsewhere(upload):  # keep staging_dir: a worker on that machine deletes the files
             msg = ("the uploaded files are not on this worker's machine; run a worker of the "
                    "import queue on the web server (see the README) and upload them again")
-            CohortUpload.objects.filter(pk=upload_id, rq_job_id=job_id).update(
-                status="failed", message=msg, finished=timezone.now())
+            rowjobs.finish(CohortUpload, upload_id, job_id, JobStatus.FAILED, message=msg)
         else:
-            CohortUpload.objects.filter(pk=upload_id, rq_job_id=job_id).update(
-                status="failed", message=GONE_MESSAGE, finished=timezone.now(), staging_dir="")
+            rowjobs.finish(CohortUpload, upload_id, job_id, JobStatus.FAILED,
+                           message=GONE_MESSAGE, staging_dir="")
         log.warning("upload #%s of cohort %s: received files missing", upload_id, cohort.pk)
         return "failed"
 
     def commit_with_import(result: ImportResult) -> None:
-        from .overlap import matches
-
         new = list(cohort.subjects.filter(pseudonym__in=result.subjects))
         known = len({m.pseudonym for m in matches(upload.uploaded_by, cohort, new)}) \
             if upload.uploaded_by is not None else 0
-        n = CohortUpload.objects.filter(pk=upload_id, rq_job_id=job_id, status="running").update(
-            status="done", message=_done_message(result, known),
-            n_subjects=len(result.subjects),
-            n_series=result.n_series, n_files=result.n_files, finished=timezone.now())
-        if n != 1:
+        if not rowjobs.finish(CohortUpload, upload_id, job_id, JobStatus.DONE,
+                              message=_done_message(result, known),
+                              n_subjects=len(result.subjects), n_series=result.n_series,
+                              n_files=result.n_files):
             raise _Superseded()
         for subject in cohort.subjects.filter(pseudonym__in=result.subjects):
             jobs.enqueue_subject(subject)
 
-    beat = None if connection.in_atomic_block else jobs._Heartbeat(upload_id, job_id, CohortUpload)
+    beat = rowjobs.Heartbeat.for_job(CohortUpload, upload_id, job_id)
     try:
         result = import_received(cohort, staging, before_commit=commit_with_import)
     except _Superseded:  # the files belong to the newer job
@@ -330,9 +302,8 @@ def run_upload(upload_id: int, job_id: str) -> str:
 
 def _fail(upload_id: int, job_id: str, message: str) -> bool:
     """Mark the upload failed if this job still owns it; returns whether it did."""
-    n = CohortUpload.objects.filter(pk=upload_id, rq_job_id=job_id, status="running").update(
-        status="failed", message=message[:1000], finished=timezone.now())
-    return n == 1
+    return rowjobs.finish(CohortUpload, upload_id, job_id, JobStatus.FAILED,
+                          message=message[:1000])
 
 
 def recover_uploads(stale_seconds: int | None = None, keep_failed_seconds: int | None = None,
@@ -353,58 +324,40 @@ def recover_uploads(stale_seconds: int | None = None, keep_failed_seconds: int |
 
     Returns the ids of the re-queued uploads.
     """
-    from .jobs import MAX_CRASHES, QUEUED_GRACE_SECONDS, STALE_SECONDS, _pid_alive, jobs_in_redis
-
-    stale_seconds = STALE_SECONDS if stale_seconds is None else stale_seconds
     keep_failed_seconds = KEEP_FAILED_SECONDS if keep_failed_seconds is None else keep_failed_seconds
-    grace_seconds = QUEUED_GRACE_SECONDS if grace_seconds is None else grace_seconds
     now = timezone.now()
-    host = socket.gethostname()[:255]
-    cutoff = now - timedelta(seconds=stale_seconds)
     requeued: list[int] = []
-    for up in CohortUpload.objects.filter(status="running").filter(
-            Q(worker_host=host) | Q(heartbeat__lt=cutoff)):
-        dead = up.worker_host == host and up.worker_pid and not _pid_alive(up.worker_pid)
-        if not (dead or (up.heartbeat is not None and up.heartbeat < cutoff)):
-            continue
+    for up in rowjobs.abandoned(CohortUpload.objects.all(), stale_seconds):
         if _elsewhere(up):
             continue  # only a worker that sees the received files decides about them
         # conditional on the status and job id read above: a row somebody touched
         # meanwhile is left alone
         crashes = up.crashes + 1
         with transaction.atomic():
-            if _received_dir(up) is not None and crashes >= MAX_CRASHES:
-                if CohortUpload.objects.filter(pk=up.pk, status="running",
-                                               rq_job_id=up.rq_job_id).update(
-                        status="failed", crashes=crashes, finished=now,
-                        message=CRASH_MESSAGE.format(n=crashes)):  # files kept: Retry
+            if _received_dir(up) is not None and crashes >= rowjobs.MAX_CRASHES:
+                if rowjobs.fail_if_owned(up, crashes=crashes,
+                                         message=CRASH_MESSAGE.format(n=crashes)):  # files kept
                     log.warning("upload #%s: its worker died %d times; failed", up.pk, crashes)
             elif _received_dir(up) is not None:
-                if enqueue_upload(up, queue, expect=("running", up.rq_job_id)) is not None:
+                if enqueue_upload(up, queue, expect=(JobStatus.RUNNING, up.rq_job_id)) is not None:
                     CohortUpload.objects.filter(pk=up.pk).update(crashes=crashes)
                     requeued.append(up.pk)
                     log.warning("upload #%s was abandoned by its worker; re-queued", up.pk)
-            elif CohortUpload.objects.filter(pk=up.pk, status="running",
-                                             rq_job_id=up.rq_job_id).update(
-                    status="failed", message="the import was interrupted and " + GONE_MESSAGE,
-                    finished=now, staging_dir=""):
+            elif rowjobs.fail_if_owned(
+                    up, message="the import was interrupted and " + GONE_MESSAGE, staging_dir=""):
                 log.warning("upload #%s was abandoned by its worker; its files are gone", up.pk)
-    grace_cutoff = now - timedelta(seconds=grace_seconds)
-    orphans = list(CohortUpload.objects.filter(status="queued").filter(
-        Q(queued_at__lt=grace_cutoff) | Q(queued_at__isnull=True, created__lt=grace_cutoff)))
-    if orphans:
-        q = queue if queue is not None else get_import_queue()
-        present = jobs_in_redis(q)  # read after the rows: a job enqueued since is seen
-        for up in orphans:
-            if up.rq_job_id and up.rq_job_id in present:
-                continue
-            with transaction.atomic():
-                if enqueue_upload(up, q, expect=("queued", up.rq_job_id)) is not None:
-                    requeued.append(up.pk)
-                    log.warning("upload #%s was queued without a job in Redis; enqueued again",
-                                up.pk)
-    old_failed = Q(status="failed", finished__lt=now - timedelta(seconds=keep_failed_seconds))
-    for up in CohortUpload.objects.exclude(staging_dir="").filter(Q(status="done") | old_failed):
+    q, lost = rowjobs.orphaned(CohortUpload.objects.all(),
+                               lambda: queue if queue is not None else get_import_queue(),
+                               grace_seconds, created_field="created")
+    for up in lost:
+        with transaction.atomic():
+            if enqueue_upload(up, q, expect=(JobStatus.QUEUED, up.rq_job_id)) is not None:
+                requeued.append(up.pk)
+                log.warning("upload #%s was queued without a job in Redis; enqueued again", up.pk)
+    old_failed = Q(status=JobStatus.FAILED,
+                   finished__lt=now - timedelta(seconds=keep_failed_seconds))
+    for up in CohortUpload.objects.exclude(staging_dir="").filter(Q(status=JobStatus.DONE)
+                                                                  | old_failed):
         if not _elsewhere(up):
             _remove_staging(up)
     _remove_unrecorded_staging(max(keep_failed_seconds, 3600))  # never a request's in progress

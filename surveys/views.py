@@ -30,14 +30,17 @@ from django.views.decorators.http import require_GET, require_POST
 
 from deidstudy.middleware import accepts_uploads
 
-from . import identity, jobs, uploads
+from . import identity, jobs, overlap, qa_grid, rowjobs, uploads
 from .access import cohort_upload_gate, cohort_view, cohorts_for, is_researcher, sign_in_required
+from .csvsafe import write_csv
 from .forms import CohortForm
 from .importing import ImportRejected, tmp_root
 from .models import Cohort, CohortUpload, RenderImage, StageRun, Subject
 from .reid import reid_table
-from .shared import ensure_local, pull_tree
-from .stages import STAGES, data_path
+from .stages import STAGES
+from .storage.mirror import ensure_local, pull_tree
+from .storage.paths import data_path
+from .viewer_views import subject_signature
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +86,6 @@ def cohort_list(request: HttpRequest) -> HttpResponse:
 @cohort_view("page")
 def cohort_detail(request: HttpRequest, cohort: Cohort) -> HttpResponse:
     """Subjects with per-stage status (polled), upload, QA grid and re-id summary."""
-    from . import overlap, qa_grid
-
     subjects = cohort.subjects.prefetch_related("stages", "series")
     reid = getattr(cohort, "reid", None) if hasattr(cohort, "reid") else None
     return render(request, "surveys/cohort_detail.html", {
@@ -105,8 +106,6 @@ def cohort_detail(request: HttpRequest, cohort: Cohort) -> HttpResponse:
 def qa_grid_fragment(request: HttpRequest, cohort: Cohort) -> HttpResponse:
     """The QA grid's cards as an HTML fragment (the cohort page swaps them in when the
     status poll reports new QA)."""
-    from . import qa_grid
-
     resp = render(request, "surveys/_qa_cards.html", {"cohort": cohort,
                                                       "qa_cards": qa_grid.cards(cohort)})
     resp["Cache-Control"] = "private, no-store"
@@ -125,7 +124,6 @@ def cohort_status(request: HttpRequest, cohort: Cohort) -> JsonResponse:
                                               "n": reid.n_subjects}
     data["uploads"] = uploads.upload_rows(cohort)
     data["importing"] = any(u["active"] for u in data["uploads"])
-    from . import qa_grid
 
     data["qa"] = {c.pseudonym: c.signature for c in qa_grid.cards(cohort)}
     return JsonResponse(data)
@@ -142,7 +140,7 @@ def cohort_upload(request: HttpRequest, cohort: Cohort) -> HttpResponse:
     {"id", "status"}, "status_url"}`` to XHR/JSON requests, else redirects.
     """
     try:
-        with jobs.push_failures() as not_queued:
+        with rowjobs.push_failures() as not_queued:
             upload = uploads.receive_upload(cohort, request.user, request.FILES.getlist("files"))
     except ImportRejected as exc:
         if _wants_json(request):
@@ -170,7 +168,7 @@ def upload_retry(request: HttpRequest, cohort: Cohort, upload_id: int) -> HttpRe
     if upload.status != "failed":
         ok, msg = False, f"upload #{upload.pk} is {upload.status}; nothing to retry"
     else:
-        with jobs.push_failures() as not_queued:
+        with rowjobs.push_failures() as not_queued:
             ok = uploads.retry_upload(upload)
         if not ok:
             msg = f"upload #{upload.pk}: {uploads.GONE_MESSAGE}"
@@ -188,7 +186,7 @@ def upload_retry(request: HttpRequest, cohort: Cohort, upload_id: int) -> HttpRe
 @cohort_view("file")
 def cohort_run(request: HttpRequest, cohort: Cohort) -> HttpResponse:
     """Enqueue every subject with unfinished (not failed) stages."""
-    with jobs.push_failures() as not_queued, transaction.atomic():
+    with rowjobs.push_failures() as not_queued, transaction.atomic():
         n = jobs.enqueue_cohort(cohort)
     messages.info(request, f"{n} subject(s) queued")
     if not_queued:
@@ -204,7 +202,7 @@ def stage_retry(request: HttpRequest, cohort: Cohort, run_id: int) -> HttpRespon
     if run.status in ("queued", "running"):
         messages.warning(request, f"{run.subject.pseudonym}: {run.stage} is already {run.status}")
     else:
-        with jobs.push_failures() as not_queued:
+        with rowjobs.push_failures() as not_queued:
             jobs.retry_stage(run)
         messages.info(request, f"{run.subject.pseudonym}: {run.stage} queued again")
         if not_queued:
@@ -213,7 +211,6 @@ def stage_retry(request: HttpRequest, cohort: Cohort, run_id: int) -> HttpRespon
         return JsonResponse({"ok": True})
     return redirect(_local_next(request, reverse("surveys:cohort_detail", args=[cohort.pk])))
 
-
 @require_GET
 @cohort_view("page")
 def subject_detail(request: HttpRequest, cohort: Cohort, pseudonym: str) -> HttpResponse:
@@ -221,8 +218,6 @@ def subject_detail(request: HttpRequest, cohort: Cohort, pseudonym: str) -> Http
     subject; the page polls the subject's status and offers new results when a stage ends."""
     from django.contrib.staticfiles import finders
 
-    from . import overlap
-    from .viewer_views import subject_signature
 
     subject = get_object_or_404(Subject.objects.prefetch_related("stages", "series", "images"),
                                 cohort=cohort, pseudonym=pseudonym)
@@ -370,8 +365,6 @@ def download_deid(request: HttpRequest, cohort: Cohort) -> HttpResponse:
         w.writerows(qa_rows(cohort))
         zf.writestr("qa.csv", buf.getvalue())
         if missing:
-            from .csvsafe import write_csv
-
             zf.writestr("not-included.csv", write_csv(
                 ({"subject": m["pseudonym"], "status": m["status"], "reason": m["reason"]}
                  for m in missing), ["subject", "status", "reason"]))

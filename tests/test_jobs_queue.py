@@ -6,30 +6,23 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import fakeredis
 import pytest
 from django.contrib.auth.models import User
 from rq import Queue, SimpleWorker
 
-from surveys import jobs, stages
+from surveys import jobs, rowjobs, stages
 from surveys.importing import import_folder
 from surveys.models import Cohort, StageRun
-from surveys.synthetic import write_synthetic_cohort
 
 
 @pytest.fixture(scope="module")
-def synth_src(tmp_path_factory) -> Path:
-    src = tmp_path_factory.mktemp("synth") / "cohort"
-    write_synthetic_cohort(src, 2, size="tiny", seed=5)
-    return src
+def synth_src(synthetic_cohort) -> Path:
+    return synthetic_cohort(2, seed=5)
 
 
 @pytest.fixture()
-def queue(monkeypatch):
-    conn = fakeredis.FakeStrictRedis()
-    q = Queue("pipeline", connection=conn)
-    monkeypatch.setattr(jobs, "get_pipeline_queue", lambda: q)
-    return q
+def queue(fake_queue):
+    return fake_queue
 
 
 @pytest.fixture()
@@ -189,12 +182,13 @@ def test_heartbeat_is_refreshed_while_a_stage_runs(settings, tmp_path, monkeypat
     run = StageRun.objects.create(subject=subject, stage="import", order=0)
     seen = []
 
-    def slow(subject, ctx):
-        for _ in range(6):
-            time.sleep(0.1)
+    def slow(subject, ctx):  # busy until three beats were seen (no fixed sleep: load-proof)
+        deadline = time.monotonic() + 20
+        while len(set(seen)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
             seen.append(StageRun.objects.get(pk=run.pk).heartbeat)
 
-    monkeypatch.setattr(jobs, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(rowjobs, "HEARTBEAT_SECONDS", 0.05)
     monkeypatch.setitem(stages.STAGE_BY_NAME, "import", stages.Stage("import", "Import", slow))
     monkeypatch.setattr(jobs, "enqueue_stage", lambda r, queue=None: "")
     StageRun.objects.filter(pk=run.pk).update(status="queued", rq_job_id="j1")
@@ -210,12 +204,19 @@ def test_zombie_worker_counts_as_dead():
     import time
 
     p = subprocess.Popen([sys.executable, "-c", "pass"])
-    time.sleep(0.5)  # exited but not reaped: a zombie
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # wait until it exited, not reaped: a zombie
+        with open(f"/proc/{p.pid}/stat", "rb") as fh:
+            if fh.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                break
+        time.sleep(0.01)
+    else:
+        pytest.fail("the child did not exit")
     try:
-        assert not jobs._pid_alive(p.pid)
+        assert not rowjobs.pid_alive(p.pid)
     finally:
         p.wait()
-    assert jobs._pid_alive(os.getpid())
+    assert rowjobs.pid_alive(os.getpid())
 
 
 # ------------------------------------------------------------------ queued rows without a job
@@ -278,7 +279,7 @@ def test_queued_stage_whose_job_redis_holds_is_left_alone(
             Execution.create(job, ttl=600, pipeline=pipe)
             pipe.execute()
         assert job_id in queue.started_job_registry.get_job_ids(cleanup=False)
-    assert job_id in jobs.jobs_in_redis(queue)
+    assert job_id in rowjobs.jobs_in_redis(queue)
     _age_queued(run, 3600)
     with django_capture_on_commit_callbacks(execute=True):
         assert jobs.recover_stale_stages(grace_seconds=120) == []
@@ -314,8 +315,8 @@ def test_heartbeat_survives_a_failed_beat(monkeypatch, caplog):
             def filter(**kw):
                 return _Rows()
 
-    monkeypatch.setattr(jobs, "HEARTBEAT_SECONDS", 0.02)
-    beat = jobs._Heartbeat(1, "job", model=_Model)
+    monkeypatch.setattr(rowjobs, "HEARTBEAT_SECONDS", 0.02)
+    beat = rowjobs.Heartbeat(_Model, 1, "job")
     deadline = time.monotonic() + 5
     while len(beats) < 3 and time.monotonic() < deadline:
         time.sleep(0.02)

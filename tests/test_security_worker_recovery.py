@@ -29,7 +29,7 @@ from tests.e2e.procs import start_platform
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
 def test_killed_work_horse_is_requeued_at_once(tmp_path):
-    from surveys.synthetic import write_synthetic_cohort
+    from tests.factories.dicom_cohorts import write_synthetic_cohort
 
     plat = start_platform(tmp_path / "var")
     try:
@@ -78,7 +78,7 @@ def _dead_pid() -> int:
 @pytest.mark.django_db
 def test_a_stage_whose_worker_keeps_dying_is_failed(settings, tmp_path,
                                                     django_capture_on_commit_callbacks):
-    from surveys import jobs
+    from surveys import jobs, rowjobs
     from surveys.models import Cohort, StageRun, Subject
 
     settings.DATA_DIR = tmp_path / "data"
@@ -88,14 +88,14 @@ def test_a_stage_whose_worker_keeps_dying_is_failed(settings, tmp_path,
                                      pseudonym="SUBJ-0001", patient_key="k")
     run = StageRun.objects.create(subject=subject, stage="surfaces", order=2)
     host = socket.gethostname()[:255]
-    for n in range(1, jobs.MAX_CRASHES + 1):
+    for n in range(1, rowjobs.MAX_CRASHES + 1):
         StageRun.objects.filter(pk=run.pk).update(status="running", rq_job_id=f"j{n}",
                                                   worker_pid=_dead_pid(), worker_host=host,
                                                   attempts=n)
         with django_capture_on_commit_callbacks(execute=True):
             recovered = jobs.recover_stale_stages(queue=q)
         run.refresh_from_db()
-        if n < jobs.MAX_CRASHES:
+        if n < rowjobs.MAX_CRASHES:
             assert recovered == [run.pk] and run.status == "queued" and run.crashes == n
         else:
             assert recovered == [] and run.status == "failed" and run.crashes == n
@@ -110,7 +110,7 @@ def test_a_stage_whose_worker_keeps_dying_is_failed(settings, tmp_path,
 @pytest.mark.django_db
 def test_an_upload_whose_worker_keeps_dying_is_failed_and_kept(settings, tmp_path,
                                                                django_capture_on_commit_callbacks):
-    from surveys import jobs, uploads
+    from surveys import rowjobs, uploads
     from surveys.models import Cohort, CohortUpload
 
     settings.DATA_DIR = tmp_path / "data"
@@ -120,14 +120,14 @@ def test_an_upload_whose_worker_keeps_dying_is_failed_and_kept(settings, tmp_pat
     owner = User.objects.create_user("o")
     up = CohortUpload.objects.create(cohort=Cohort.objects.create(name="c", owner=owner),
                                      staging_dir="tmp/web-upload-x", staging_host=socket.gethostname())
-    for n in range(1, jobs.MAX_CRASHES + 1):
+    for n in range(1, rowjobs.MAX_CRASHES + 1):
         CohortUpload.objects.filter(pk=up.pk).update(status="running", rq_job_id=f"j{n}",
                                                      worker_pid=_dead_pid(),
                                                      worker_host=socket.gethostname()[:255])
         with django_capture_on_commit_callbacks(execute=True):
             uploads.recover_uploads(queue=q)
         up.refresh_from_db()
-        assert up.status == ("queued" if n < jobs.MAX_CRASHES else "failed")
+        assert up.status == ("queued" if n < rowjobs.MAX_CRASHES else "failed")
     assert "stopped 3 times in a row" in up.message and up.retryable
     with django_capture_on_commit_callbacks(execute=True):
         assert uploads.retry_upload(up, queue=q)

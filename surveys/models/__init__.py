@@ -5,5 +5,6 @@ study / rater models (issue #6) go in their own module here and are imported bel
 """
 
 from .cohorts import *
-from .studies import *
+from .rowjob import *
 from .security import *
+from .studies import *

@@ -13,9 +13,10 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+from ..storage.paths import cohort_dir
+from .rowjob import STATUS_CHOICES_NO_PENDING, JobStatus, RowJob
+
 __all__ = [
-    "STAGE_STATUSES",
-    "UPLOAD_STATUSES",
     "Cohort",
     "CohortUpload",
     "IdentityLink",
@@ -26,8 +27,6 @@ __all__ = [
     "Subject",
 ]
 
-STAGE_STATUSES = ("pending", "queued", "running", "done", "failed")
-UPLOAD_STATUSES = ("queued", "running", "done", "failed")
 
 
 class Cohort(models.Model):
@@ -51,7 +50,7 @@ class Cohort(models.Model):
 
     def storage_dir(self) -> str:
         """Folder of this cohort relative to ``settings.DATA_DIR``."""
-        return f"cohorts/c{self.pk:05d}"
+        return cohort_dir(self.pk)
 
 
 class Subject(models.Model):
@@ -139,26 +138,15 @@ class Series(models.Model):
         return dict((self.qa or {}).get("removed_ml_by_region") or {})
 
 
-class StageRun(models.Model):
+class StageRun(RowJob):
     """State of one pipeline stage of one subject (one row per subject and stage)."""
 
     subject = models.ForeignKey(Subject, on_delete=models.CASCADE, related_name="stages")
     stage = models.CharField(max_length=32)
     order = models.PositiveSmallIntegerField(default=0)
-    status = models.CharField(max_length=10, default="pending",
-                              choices=[(s, s) for s in STAGE_STATUSES])
+    status = models.CharField(max_length=10, default=JobStatus.PENDING, choices=JobStatus.choices)
     error = models.TextField(blank=True, help_text="readable reason; never holds identifiers")
-    attempts = models.PositiveIntegerField(default=0)
-    crashes = models.PositiveSmallIntegerField(
-        default=0, help_text="times in a row its worker died while running it (reset by Retry)")
     progress = models.FloatField(default=0.0, help_text="0..1")
-    rq_job_id = models.CharField(max_length=64, blank=True)
-    worker_host = models.CharField(max_length=255, blank=True)
-    worker_pid = models.IntegerField(null=True, blank=True)
-    heartbeat = models.DateTimeField(null=True, blank=True)
-    queued_at = models.DateTimeField(null=True, blank=True)
-    started = models.DateTimeField(null=True, blank=True)
-    finished = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["subject", "order"]
@@ -234,7 +222,7 @@ class IdentityLink(models.Model):
         return f"identity of {self.subject.pseudonym}"
 
 
-class CohortUpload(models.Model):
+class CohortUpload(RowJob):
     """One web upload into a cohort, imported by a background job (:mod:`surveys.uploads`).
 
     The request only stores the received files in a private folder below
@@ -246,8 +234,8 @@ class CohortUpload(models.Model):
     cohort = models.ForeignKey(Cohort, on_delete=models.CASCADE, related_name="uploads")
     uploaded_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL,
                                     null=True, blank=True, related_name="+")
-    status = models.CharField(max_length=10, default="queued",
-                              choices=[(s, s) for s in UPLOAD_STATUSES])
+    status = models.CharField(max_length=10, default=JobStatus.QUEUED,
+                              choices=STATUS_CHOICES_NO_PENDING)
     message = models.TextField(blank=True, help_text="readable result; never holds identifiers")
     n_received = models.PositiveIntegerField(default=0, help_text="files received")
     bytes_received = models.PositiveBigIntegerField(default=0)
@@ -257,17 +245,7 @@ class CohortUpload(models.Model):
     staging_dir = models.CharField(max_length=300, blank=True,
                                    help_text="DATA_DIR-relative folder of the received files")
     staging_host = models.CharField(max_length=255, blank=True)
-    attempts = models.PositiveIntegerField(default=0)
-    crashes = models.PositiveSmallIntegerField(
-        default=0, help_text="times in a row its worker died while importing it (reset by Retry)")
-    rq_job_id = models.CharField(max_length=64, blank=True)
-    worker_host = models.CharField(max_length=255, blank=True)
-    worker_pid = models.IntegerField(null=True, blank=True)
-    heartbeat = models.DateTimeField(null=True, blank=True)
     created = models.DateTimeField(default=timezone.now)
-    queued_at = models.DateTimeField(null=True, blank=True)
-    started = models.DateTimeField(null=True, blank=True)
-    finished = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created", "-pk"]
@@ -276,11 +254,6 @@ class CohortUpload(models.Model):
         return f"upload #{self.pk} to {self.cohort_id}: {self.status}"
 
     @property
-    def active(self) -> bool:
-        """True while the import is waiting or running."""
-        return self.status in ("queued", "running")
-
-    @property
     def retryable(self) -> bool:
         """A failed upload whose received files are still kept."""
-        return self.status == "failed" and bool(self.staging_dir)
+        return self.status == JobStatus.FAILED and bool(self.staging_dir)

@@ -24,6 +24,7 @@ from django.db import models
 from django.utils import timezone
 
 from .cohorts import Cohort, RenderImage, Subject
+from .rowjob import STATUS_CHOICES_NO_PENDING, JobStatus
 
 __all__ = [
     "DEFAULT_CONSENT",
@@ -35,6 +36,7 @@ __all__ = [
     "Answer",
     "Invitation",
     "Rater",
+    "RaterStep",
     "Study",
     "Trial",
     "TrialImage",
@@ -193,10 +195,32 @@ class Invitation(models.Model):
         return None
 
 
+class RaterStep(models.TextChoices):
+    """Where a rater is; the page of each step is ``studies:<value>``."""
+
+    CONSENT = "consent", "consent"
+    QUESTIONNAIRE = "questionnaire", "questionnaire"
+    INSTRUCTIONS = "instructions", "instructions"
+    TRIALS = "trials", "trials"
+    DONE = "done", "done"
+    DECLINED = "declined", "declined"
+
+
 class Rater(models.Model):
     """An anonymous participant; ``code`` (R-0001) is the only name used in exports."""
 
-    STEPS = ("consent", "questionnaire", "instructions", "trials", "done", "declined")
+    Step = RaterStep
+
+    #: The moves a rater can make (:func:`surveys.studies.flow.advance` refuses others);
+    #: a researcher's reset sends ``trials``/``done`` back to ``instructions``.
+    TRANSITIONS = {
+        Step.CONSENT: (Step.QUESTIONNAIRE, Step.DECLINED),
+        Step.QUESTIONNAIRE: (Step.INSTRUCTIONS,),
+        Step.INSTRUCTIONS: (Step.TRIALS,),
+        Step.TRIALS: (Step.DONE, Step.INSTRUCTIONS),
+        Step.DONE: (Step.INSTRUCTIONS,),
+        Step.DECLINED: (),
+    }
     study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="raters")
     invitation = models.ForeignKey(Invitation, on_delete=models.SET_NULL, null=True,
                                    related_name="raters")
@@ -209,7 +233,7 @@ class Rater(models.Model):
     code = models.CharField(max_length=16)
     resume_token = models.CharField(max_length=64, unique=True, default=new_token)
     group = models.CharField(max_length=64, help_text="from the invitation (locked)")
-    step = models.CharField(max_length=16, default="consent")
+    step = models.CharField(max_length=16, default=Step.CONSENT, choices=Step.choices)
     consented_at = models.DateTimeField(null=True, blank=True)
     declined_at = models.DateTimeField(null=True, blank=True)
     years_experience = models.PositiveSmallIntegerField(null=True, blank=True)
@@ -239,6 +263,8 @@ class Rater(models.Model):
             models.UniqueConstraint(fields=["study", "index"], name="uniq_rater_index"),
             models.UniqueConstraint(fields=["study", "panel_pid"], name="uniq_rater_panel_pid",
                                     condition=~models.Q(panel_pid="")),
+            models.CheckConstraint(condition=models.Q(step__in=RaterStep.values),
+                                   name="rater_step_known"),
         ]
 
     @property
@@ -323,12 +349,11 @@ class Answer(models.Model):
 class PowerEstimate(models.Model):
     """A simulation-based power / precision estimate of a study design (run as an RQ job)."""
 
-    STATUSES = [("queued", "queued"), ("running", "running"), ("done", "done"),
-                ("failed", "failed")]
     study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="power_estimates")
     created = models.DateTimeField(default=timezone.now)
     params = models.JSONField(default=dict)
-    status = models.CharField(max_length=10, choices=STATUSES, default="queued")
+    status = models.CharField(max_length=10, choices=STATUS_CHOICES_NO_PENDING,
+                              default=JobStatus.QUEUED)
     result = models.JSONField(null=True, blank=True)
     error = models.CharField(max_length=500, blank=True, default="")
     rq_job_id = models.CharField(max_length=64, blank=True, default="")

@@ -9,6 +9,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from ..models import Answer, Invitation, Rater, Study, Trial
+from .flow import advance
 
 __all__ = ["close_study", "exclude_rater", "include_rater", "reopen_study", "reset_rater",
            "revoke_invitation"]
@@ -56,7 +57,8 @@ def reset_rater(rater: Rater) -> int:
         locked = Rater.objects.select_for_update().get(pk=rater.pk)
         n, _ = Answer.objects.filter(trial__rater=locked).delete()
         Trial.objects.filter(rater=locked).update(shown_at=None)
-        step = "instructions" if locked.step in ("trials", "done") else locked.step
-        Rater.objects.filter(pk=locked.pk).update(step=step, finished=None,
+        if locked.step in (Rater.Step.TRIALS, Rater.Step.DONE):
+            advance(locked, locked.step, Rater.Step.INSTRUCTIONS)
+        Rater.objects.filter(pk=locked.pk).update(finished=None,
                                                   reset_count=locked.reset_count + 1)
     return n

@@ -34,7 +34,9 @@ import numpy as np
 
 from pipeline.stats import fit_mixed_model, wilson_ci
 
+from ..models import JobStatus, PowerEstimate
 from .design import plan_trials, reserve_practice_subjects
+from .service import eligible_subjects
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,6 @@ _SEARCH_GRID = (4, 6, 8, 10, 12, 16, 20, 24, 30, 40, 50, 60, 80, 100, 120, 160, 
 
 def design_of(study) -> dict[str, Any]:
     """The design parameters of a :class:`~surveys.models.Study` that the simulation uses."""
-    from .service import eligible_subjects
-
     subjects = eligible_subjects(study)
     return {"n_subjects": len(subjects), "conditions": list(study.conditions),
             "views": list(study.views), "n_choices": study.n_choices,
@@ -236,10 +236,8 @@ def run_estimate(estimate_id: int) -> str:
     """RQ job: compute a :class:`~surveys.models.PowerEstimate` and store the result."""
     from django.utils import timezone
 
-    from ..models import PowerEstimate
-
-    claimed = PowerEstimate.objects.filter(pk=estimate_id, status="queued").update(
-        status="running")
+    claimed = PowerEstimate.objects.filter(pk=estimate_id, status=JobStatus.QUEUED).update(
+        status=JobStatus.RUNNING)
     if not claimed:
         return "not queued"
     pe = PowerEstimate.objects.select_related("study").get(pk=estimate_id)
@@ -248,10 +246,10 @@ def run_estimate(estimate_id: int) -> str:
     except Exception as exc:  # noqa: BLE001 - recorded for the page, job not retried
         log.exception("power estimate %s failed", estimate_id)
         PowerEstimate.objects.filter(pk=estimate_id).update(
-            status="failed", error=f"{exc.__class__.__name__}: {str(exc)[:300]}",
+            status=JobStatus.FAILED, error=f"{exc.__class__.__name__}: {str(exc)[:300]}",
             finished=timezone.now())
         return "failed"
-    PowerEstimate.objects.filter(pk=estimate_id).update(status="done", result=result,
+    PowerEstimate.objects.filter(pk=estimate_id).update(status=JobStatus.DONE, result=result,
                                                         finished=timezone.now())
     return "done"
 
@@ -261,8 +259,6 @@ def request_estimate(study, inputs: dict | None = None, run_now: bool = False):
     enqueue it (pipeline queue); ``run_now`` computes it in this process instead. When
     Redis is unreachable the estimate is marked failed with what to do."""
     from django.db import transaction
-
-    from ..models import PowerEstimate
 
     inputs = {**DEFAULTS, **(inputs or {})}
     pe = PowerEstimate.objects.create(study=study, params={"design": design_of(study),
@@ -274,13 +270,14 @@ def request_estimate(study, inputs: dict | None = None, run_now: bool = False):
 
     def push() -> None:
         try:
+            # loaded on first use: pulls in redis
             from ..jobs import get_pipeline_queue
 
             job = get_pipeline_queue().enqueue(run_estimate, pe.pk, job_timeout=900)
             PowerEstimate.objects.filter(pk=pe.pk).update(rq_job_id=job.id)
         except Exception as exc:  # noqa: BLE001 - Redis down: say so on the page
-            PowerEstimate.objects.filter(pk=pe.pk, status="queued").update(
-                status="failed", error="the job queue is unavailable "
+            PowerEstimate.objects.filter(pk=pe.pk, status=JobStatus.QUEUED).update(
+                status=JobStatus.FAILED, error="the job queue is unavailable "
                 f"({exc.__class__.__name__}); run: manage.py study_power {study.pk}")
 
     transaction.on_commit(push)

@@ -14,13 +14,16 @@ import re
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
+from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods
 
-from ..models import Rater, Trial
-from ..shared import ensure_local
-from ..stages import data_path
+from ..models import Invitation, Rater, Trial
+from ..models import RaterStep as Step
+from ..storage.mirror import ensure_local
+from ..storage.paths import data_path
 from .design import DesignError
+from .flow import advance
 from .forms import QuestionnaireForm
 from .service import (
     InvitationError,
@@ -92,8 +95,6 @@ def _problem(request: HttpRequest, reason: str) -> HttpResponse:
 @require_http_methods(["GET", "POST"])
 def invitation(request: HttpRequest, token: str) -> HttpResponse:
     """Landing page of an invitation link; POST starts (enrols) a new rater."""
-    from ..models import Invitation
-
     inv = Invitation.objects.select_related("study").filter(token=token).first()
     if inv is None:
         return _problem(request, "invalid")
@@ -202,15 +203,9 @@ def consent(request: HttpRequest) -> HttpResponse:
         return other
     if request.method == "POST":
         if request.POST.get("agree") == "yes":
-            from django.utils import timezone
-
-            Rater.objects.filter(pk=rater.pk, step="consent").update(
-                step="questionnaire", consented_at=timezone.now())
+            advance(rater, Step.CONSENT, Step.QUESTIONNAIRE, consented_at=timezone.now())
             return redirect("studies:questionnaire")
-        from django.utils import timezone
-
-        Rater.objects.filter(pk=rater.pk, step="consent").update(
-            step="declined", declined_at=timezone.now())
+        advance(rater, Step.CONSENT, Step.DECLINED, declined_at=timezone.now())
         return redirect("studies:declined")
     return _page(request, "studies/rater_consent.html",
                  {"study": rater.study, "resume_url": _resume_url(request, rater)})
@@ -226,8 +221,8 @@ def questionnaire(request: HttpRequest) -> HttpResponse:
     form = QuestionnaireForm(request.POST or None, study=rater.study, group=rater.group)
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
-        Rater.objects.filter(pk=rater.pk, step="questionnaire").update(
-            step="instructions", self_reported_profession=data["profession"],
+        advance(
+            rater, Step.QUESTIONNAIRE, Step.INSTRUCTIONS, self_reported_profession=data["profession"],
             years_experience=data.get("years_experience"),
             questionnaire={"familiarity": data["familiarity"]} if "familiarity" in data
             else {})
@@ -340,7 +335,7 @@ def trials(request: HttpRequest) -> HttpResponse:
     rater = session_rater(request)
     if rater is None:
         return redirect("studies:enter_code")
-    if rater.step in ("done",) or (rater.step != "trials"):
+    if rater.step != Step.TRIALS:
         return redirect(f"studies:{rater.step}")
     study = rater.study
     if study.closed and not rater.is_preview:
@@ -413,7 +408,7 @@ def done(request: HttpRequest) -> HttpResponse:
     rater = session_rater(request)
     if rater is None:
         return redirect("studies:enter_code")
-    if rater.step != "done":
+    if rater.step != Step.DONE:
         return redirect(f"studies:{rater.step}")
     study = rater.study
     # the completion code / panel redirect exists only here, i.e. after the last answer is
@@ -431,7 +426,7 @@ def declined(request: HttpRequest) -> HttpResponse:
     rater = session_rater(request)
     if rater is None:
         return redirect("studies:enter_code")
-    if rater.step != "declined":
+    if rater.step != Step.DECLINED:
         return redirect(f"studies:{rater.step}")
     return _page(request, "studies/rater_problem.html",
                  {"title": "Thank you", "text": "You chose not to take part. Nothing else is "

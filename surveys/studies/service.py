@@ -17,8 +17,14 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from ..models import Answer, Invitation, Rater, RenderImage, Study, Trial, TrialImage
+from pipeline.atomic import atomic_write_bytes
+
+from ..models import Answer, Invitation, Rater, RenderImage, Study, Subject, Trial, TrialImage
+from ..storage.mirror import ensure_local
+from ..storage.paths import data_path
 from .design import DesignError, check_design, plan_trials, reserve_practice_subjects
+from .flow import advance
+from .participation import exclusions
 
 __all__ = [
     "EXPORT_COLUMNS",
@@ -132,8 +138,6 @@ def practice_reservation(study: Study) -> dict:
     that would be reserved now (the reservation depends only on the seed and the subjects
     with renders), or empty with ``error`` when the design is impossible.
     """
-    from ..models import Subject
-
     if study.practice_subjects is not None:
         ids, reserved, error = list(study.practice_subjects), True, None
     else:
@@ -158,6 +162,7 @@ def _snapshot_study(study: Study, idx: dict, subjects: list[int]) -> None:
 def _freeze_locked(study: Study, subjects: list[int]) -> None:
     """Freeze ``study`` (row locked by the caller): reserve the practice subjects, store the
     pre-registration (design + analysis plan) and its hash. No-op when frozen."""
+    # loaded on first use: pulls in scipy
     from .prereg import prereg_digest, preregistration
 
     if study.frozen_at is not None and study.practice_subjects is not None and study.prereg_hash:
@@ -285,7 +290,7 @@ def begin_trials(rater: Rater) -> Rater:
     rater of its group would get, without taking the slot.
     """
     if rater.trials.exists():
-        Rater.objects.filter(pk=rater.pk, step="instructions").update(step="trials")
+        advance(rater.pk, Rater.Step.INSTRUCTIONS, Rater.Step.TRIALS)
         rater.refresh_from_db()
         return rater
     study = rater.study
@@ -311,7 +316,7 @@ def begin_trials(rater: Rater) -> Rater:
             _plan_for(study, locked, idx, subjects, list(study.practice_subjects or []),
                       locked.index, slot)
             locked.group_index = slot
-        locked.step = "trials"
+        locked.step = Rater.Step.TRIALS  # also from a test's or preview's earlier step
         locked.trials_started = locked.trials_started or timezone.now()
         locked.save(update_fields=["group_index", "step", "trials_started"])
     rater.refresh_from_db()
@@ -395,7 +400,7 @@ def record_answer(rater: Rater, trial_token: str, choice: int | None,
         except IntegrityError:  # pragma: no cover - concurrent duplicate on another DB
             return Answer.objects.get(trial=trial), False
         if current_trial(rater) is None:
-            Rater.objects.filter(pk=rater.pk).update(step="done", finished=now)
+            advance(rater.pk, Rater.Step.TRIALS, Rater.Step.DONE, finished=now)
     return answer, True
 
 
@@ -431,9 +436,6 @@ def snapshot_renders(study: Study, render_ids) -> int:
     Raters are then shown these copies, so re-running the pipeline on the cohort does not
     change a running study's images.
     """
-    from ..shared import ensure_local
-    from ..stages import atomic_write_bytes, data_path
-
     written = 0
     for ri in RenderImage.objects.filter(pk__in=list(render_ids)).only("pk", "path"):
         dest = data_path(snapshot_rel(study.pk, ri.pk))
@@ -498,8 +500,6 @@ def response_rows(study: Study, kinds: Iterable[str] = ("main",),
     (:func:`surveys.studies.participation.exclusions`); ``exclude_excluded`` drops those
     raters' rows. Only trials of ``kinds``; never a preview's answers.
     """
-    from .participation import exclusions
-
     excluded = exclusions(study)
     qs = (Answer.objects.filter(trial__rater__study=study, trial__kind__in=list(kinds),
                                 trial__rater__is_preview=False)

@@ -13,9 +13,10 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 
-from surveys import jobs
+from surveys import jobs, rowjobs
 from surveys.importing import ImportRejected, import_folder, import_zip
 from surveys.models import Cohort
+from surveys.overlap import EXPLANATION, matches
 
 
 class Command(BaseCommand):
@@ -53,7 +54,7 @@ class Command(BaseCommand):
                 raise CommandError("no owner: create a user first or give --owner USERNAME")
             cohort = None
         try:
-            with jobs.push_failures() as not_queued, transaction.atomic():
+            with rowjobs.push_failures() as not_queued, transaction.atomic():
                 if cohort is None:
                     cohort = Cohort.objects.create(name=opts["name"], owner=owner,
                                                    keep_mapping=opts["keep_mapping"])
@@ -71,7 +72,6 @@ class Command(BaseCommand):
         self.stdout.write(f"cohort {cohort.pk} ({cohort.name}): imported {len(result.subjects)} "
                           f"subject(s), {result.n_series} series, {result.n_files} files"
                           + (" — pipeline queued" if opts["enqueue"] else ""))
-        from surveys.overlap import EXPLANATION, matches
 
         new = cohort.subjects.filter(pseudonym__in=result.subjects)
         found = matches(cohort.owner, cohort, new)
