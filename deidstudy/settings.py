@@ -39,6 +39,13 @@ from django.core.exceptions import ImproperlyConfigured
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
+def _bundled(name: str) -> Path:
+    """The top-level ``templates``/``static`` folder of a checkout, or the copy an
+    installed wheel carries inside this package (see pyproject.toml)."""
+    checkout = BASE_DIR / name
+    return checkout if checkout.is_dir() else Path(__file__).resolve().parent / name
+
+
 def env_bool(name: str, default: bool = False) -> bool:
     value = os.environ.get(name)
     if value is None:
@@ -121,7 +128,7 @@ ROOT_URLCONF = "deidstudy.urls"
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [BASE_DIR / "templates"],
+        "DIRS": [_bundled("templates")],
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [
@@ -161,7 +168,7 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATICFILES_DIRS = [BASE_DIR / "static"]
+STATICFILES_DIRS = [_bundled("static")]
 # Only needed for `collectstatic` (e.g. to serve /static/ from nginx).
 STATIC_ROOT = os.environ.get("DEIDSTUDY_STATIC_ROOT") or None
 # Serve straight from the source folders: no collectstatic step is needed to deploy.

@@ -41,7 +41,7 @@ def run_deidentify(*args: str | Path, var_dir: Path) -> subprocess.CompletedProc
     )
 
 
-def make_cohort(out: Path, *, subjects: int, seed: int, **kw) -> dict:
+def make_dicom_cohort(out: Path, *, subjects: int, seed: int, **kw) -> dict:
     call_command("synth_cohort", str(out), subjects=subjects, seed=seed, size="small", verbosity=0, **kw)
     return json.loads((out / "phi.json").read_text())
 
@@ -50,8 +50,8 @@ def make_cohort(out: Path, *, subjects: int, seed: int, **kw) -> dict:
 def cohort(tmp_path_factory) -> dict:
     """Three subjects: two plain, one RLE-compressed with shuffled file names."""
     base = tmp_path_factory.mktemp("cohort")
-    plain = make_cohort(base / "plain", subjects=2, seed=11)
-    rle = make_cohort(base / "rle", subjects=1, seed=21, compress="rle", shuffle=True)
+    plain = make_dicom_cohort(base / "plain", subjects=2, seed=11)
+    rle = make_dicom_cohort(base / "rle", subjects=1, seed=21, compress="rle", shuffle=True)
     inp = base / "input with spaces é"
     inp.mkdir()
     subjects = []

@@ -21,6 +21,7 @@ import pytest
 from tests.e2e.procs import start_platform
 
 pytestmark = [
+    pytest.mark.postgres,  # its worker or server processes use the announced database
     pytest.mark.integration,
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which("redis-server") is None,
@@ -29,7 +30,7 @@ pytestmark = [
 
 
 def _make_cohort(plat, tmp_path: Path, n: int) -> int:
-    from surveys.synthetic import write_synthetic_cohort  # no DB access
+    from tests.factories.dicom_cohorts import write_synthetic_cohort  # no DB access
 
     src = tmp_path / "src"
     # seed 1: every tiny head aligns (the bone-template alignment rejects about 1 in 30

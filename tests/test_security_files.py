@@ -20,6 +20,7 @@ import pytest
 from tests.e2e.procs import ROOT, start_platform
 
 pytestmark = [
+    pytest.mark.postgres,  # its worker or server processes use the announced database
     pytest.mark.integration,
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed"),
@@ -46,7 +47,7 @@ def umask_022():
 
 
 def test_platform_creates_private_files(tmp_path, umask_022):
-    from surveys.synthetic import write_synthetic_cohort
+    from tests.factories.dicom_cohorts import write_synthetic_cohort
 
     var = tmp_path / "var"
     plat = start_platform(var)  # migrate + create_researcher in subprocesses

@@ -14,7 +14,7 @@ from django.contrib.auth.models import Group, User
 from django.test import Client
 
 from surveys.models import Answer, Cohort, StageRun, Subject
-from tests.test_study_fixtures import make_cohort, make_researcher, make_study
+from tests.factories.studies import make_render_cohort, make_researcher, make_study
 from tests.test_study_rater import start
 
 pytestmark = pytest.mark.django_db
@@ -33,7 +33,7 @@ def test_pasted_invitation_links_and_codes_work(client, settings, tmp_path):
 
     settings.DATA_DIR = tmp_path / "data"
     user = make_researcher()
-    study = make_study(make_cohort(settings.DATA_DIR, user), user)
+    study = make_study(make_render_cohort(settings.DATA_DIR, user), user)
     inv = Invitation.objects.create(study=study, group="general")
     for typed in (inv.token, f"  {inv.token[:10]} {inv.token[10:]} ",
                   f"https://study.example.org/take/i/{inv.token}/",
@@ -87,7 +87,7 @@ def rater_world(settings, tmp_path):
 
     settings.DATA_DIR = tmp_path / "data"
     user = make_researcher()
-    cohort = make_cohort(settings.DATA_DIR, user)
+    cohort = make_render_cohort(settings.DATA_DIR, user)
     study = make_study(cohort, user, ask_confidence=True)
     limited = make_study(cohort, user, name="T", ask_confidence=True, time_limit_s=30)
     return {"inv": Invitation.objects.create(study=study, group="general"),

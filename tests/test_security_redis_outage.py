@@ -17,7 +17,7 @@ from rq import Queue
 
 from surveys import jobs, uploads
 from surveys.models import Cohort, CohortUpload, StageRun, Subject
-from surveys.synthetic import write_synthetic_cohort, zip_folder
+from tests.factories.dicom_cohorts import write_synthetic_cohort, zip_folder
 from tests.e2e.procs import free_port
 
 # real commits: the pushes to Redis happen on commit, inside the request as in production

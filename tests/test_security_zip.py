@@ -14,15 +14,13 @@ import errno
 import zipfile
 from pathlib import Path
 
-import fakeredis
 import pytest
 from django.contrib.auth.models import Group, User
-from rq import Queue, SimpleWorker
+from rq import SimpleWorker
 
-from surveys import jobs
 from surveys.importing import ImportRejected, ZipLimits, safe_extract_zip
 from surveys.models import Cohort, CohortUpload
-from surveys.synthetic import write_synthetic_cohort, zip_folder
+from tests.factories.dicom_cohorts import write_synthetic_cohort, zip_folder
 
 MiB = 1024 * 1024
 
@@ -103,15 +101,13 @@ def test_names_the_file_system_cannot_store_are_refused(tmp_path):
 
 
 @pytest.fixture()
-def researcher(db, settings, tmp_path, monkeypatch):
+def researcher(db, settings, tmp_path, fake_queue):
     settings.DATA_DIR = tmp_path / "data"
     user = User.objects.create_user("r", password="pw")
     user.groups.add(Group.objects.create(name="researcher"))
     cohort = Cohort.objects.create(name="c", owner=user)
     cohort.researchers.add(user)
-    q = Queue("pipeline", connection=fakeredis.FakeStrictRedis())
-    monkeypatch.setattr(jobs, "get_pipeline_queue", lambda: q)
-    return user, cohort, q
+    return user, cohort, fake_queue
 
 
 def upload_and_import(client, researcher, path: Path, capture) -> CohortUpload:

@@ -14,7 +14,7 @@ from surveys.studies.design import (
     practice_subject_count,
     reserve_practice_subjects,
 )
-from tests.test_study_fixtures import VIEWS, make_cohort, make_researcher, make_study
+from tests.factories.studies import VIEWS, make_render_cohort, make_researcher, make_study
 
 # 4 are reserved for practice (k = 4), 7 are left for the scored trials
 SUBJECTS = list(range(11, 22))
@@ -213,7 +213,7 @@ def test_enroll_freezes_and_images_match_plan(tmp_path, settings):
 
     settings.DATA_DIR = tmp_path / "data"
     user = make_researcher()
-    cohort = make_cohort(settings.DATA_DIR, user)
+    cohort = make_render_cohort(settings.DATA_DIR, user)
     study = make_study(cohort, user)
     inv = Invitation.objects.create(study=study, group="general")
     inv_p = Invitation.objects.create(study=study, group="plastic surgeon")
@@ -277,7 +277,7 @@ def test_stored_practice_subjects_survive_a_cohort_change(tmp_path, settings):
 
     settings.DATA_DIR = tmp_path / "data"
     user = make_researcher()
-    big = make_cohort(settings.DATA_DIR, user, n_subjects=14, name="big")
+    big = make_render_cohort(settings.DATA_DIR, user, n_subjects=14, name="big")
     ids = sorted(big.subjects.values_list("pk", flat=True))
     # a seed whose reservation on 10 subjects differs from the one on all 14
     seed = next(s for s in range(1000) if reserve_practice_subjects(ids[:10], 4, 1, s)
@@ -311,7 +311,7 @@ def test_enroll_refuses_too_small_cohort_and_freezes_nothing(tmp_path, settings)
 
     settings.DATA_DIR = tmp_path / "data"
     user = make_researcher()
-    cohort = make_cohort(settings.DATA_DIR, user, n_subjects=7)
+    cohort = make_render_cohort(settings.DATA_DIR, user, n_subjects=7)
     study = make_study(cohort, user, trials_per_rater=4)  # k=4 + 4 practice subjects > 7
     inv = Invitation.objects.create(study=study, group="general")
     with pytest.raises(DesignError, match="set practice trials to 0 or add subjects"):

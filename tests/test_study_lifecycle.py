@@ -13,8 +13,8 @@ import zipfile
 import pytest
 from django.test import Client
 
-from tests.test_study_fixtures import (
-    make_cohort,
+from tests.factories.studies import (
+    make_render_cohort,
     make_researcher,
     make_study,
     questionnaire_answers,
@@ -31,7 +31,7 @@ def world(tmp_path, settings):
     settings.DATA_DIR = tmp_path / "data"
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     user = make_researcher()
-    cohort = make_cohort(settings.DATA_DIR, user)
+    cohort = make_render_cohort(settings.DATA_DIR, user)
     study = make_study(cohort, user, n_catch=2)
     inv = Invitation.objects.create(study=study, group="general")
     inv_p = Invitation.objects.create(study=study, group="plastic surgeon")

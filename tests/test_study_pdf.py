@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from django.test import Client
 
-from tests.test_study_fixtures import make_finished_study
+from tests.factories.studies import make_finished_study
 
 pytestmark = pytest.mark.django_db
 pdfium = pytest.importorskip("pypdfium2")
@@ -127,11 +127,11 @@ def test_mathtext_and_formula_group_names_break_nothing(tmp_path, settings):
 def test_pdf_of_a_study_without_answers(tmp_path, settings):
     """Before anyone took part the PDF still renders: design, empty funnel, "no answers",
     the automated section's note, and "not frozen yet" instead of a hash."""
-    from tests.test_study_fixtures import make_cohort, make_researcher, make_study
+    from tests.factories.studies import make_render_cohort, make_researcher, make_study
 
     settings.DATA_DIR = tmp_path / "data"
     user = make_researcher()
-    study = make_study(make_cohort(settings.DATA_DIR, user), user)
+    study = make_study(make_render_cohort(settings.DATA_DIR, user), user)
     c = Client()
     c.force_login(user)
     pages = render_pages(c.get(f"/studies/{study.pk}/export/report.pdf").content)

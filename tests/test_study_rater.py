@@ -12,8 +12,8 @@ from django.test import Client
 from django.utils import timezone
 from PIL import Image
 
-from tests.test_study_fixtures import (
-    make_cohort,
+from tests.factories.studies import (
+    make_render_cohort,
     make_researcher,
     make_study,
     questionnaire_answers,
@@ -30,7 +30,7 @@ def world(tmp_path, settings):
     settings.DATA_DIR = tmp_path / "data"
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     user = make_researcher()
-    cohort = make_cohort(settings.DATA_DIR, user)
+    cohort = make_render_cohort(settings.DATA_DIR, user)
     study = make_study(cohort, user)
     inv = Invitation.objects.create(study=study, group="general")
     inv2 = Invitation.objects.create(study=study, group="plastic surgeon")
@@ -361,7 +361,7 @@ def test_images_are_frozen_with_the_design(world, settings):
     after = np.asarray(Image.open(io.BytesIO(c.get(f"/take/img/{ti.token}").content)))
     assert before.any() and np.array_equal(before, after)
     # the pixels are those of the original render (independent decoding of the fixture)
-    from tests.test_study_fixtures import synthetic_png
+    from tests.factories.studies import synthetic_png
 
     subj = ti.image.subject
     n = int(subj.pseudonym.split("-")[1]) - 1

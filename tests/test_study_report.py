@@ -18,7 +18,7 @@ from django.test import Client
 from django.utils import timezone
 
 from pipeline.stats import analyze, wilson_ci
-from tests.test_study_fixtures import make_cohort, make_researcher, make_study, run_rater
+from tests.factories.studies import make_render_cohort, make_researcher, make_study, run_rater
 
 pytestmark = pytest.mark.django_db
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def done_study(tmp_path, settings):
     settings.DATA_DIR = tmp_path / "data"
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     user = make_researcher()
-    cohort = make_cohort(settings.DATA_DIR, user)
+    cohort = make_render_cohort(settings.DATA_DIR, user)
     study = make_study(cohort, user, ask_confidence=True)
     inv_g = Invitation.objects.create(study=study, group="general")
     inv_p = Invitation.objects.create(study=study, group="plastic surgeon")
@@ -209,7 +209,7 @@ def test_practice_subjects_previewed_before_the_first_rater(tmp_path, settings):
 
     settings.DATA_DIR = tmp_path / "data"
     user = make_researcher()
-    cohort = make_cohort(settings.DATA_DIR, user)
+    cohort = make_render_cohort(settings.DATA_DIR, user)
     study = make_study(cohort, user)
     ids = reserve_practice_subjects(cohort.subjects.values_list("pk", flat=True), 4, 1,
                                     study.seed)
@@ -240,7 +240,7 @@ def test_create_edit_freeze_and_invite(tmp_path, settings):
     settings.DATA_DIR = tmp_path / "data"
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     user = make_researcher()
-    cohort = make_cohort(settings.DATA_DIR, user, n_subjects=4)
+    cohort = make_render_cohort(settings.DATA_DIR, user, n_subjects=4)
     c = Client()
     c.force_login(user)
     form = {"name": "My study", "cohort": cohort.pk, "n_choices": 4,
@@ -302,7 +302,7 @@ def test_form_defaults_fit_the_demo_cohort(tmp_path, settings):
     settings.DATA_DIR = tmp_path / "data"
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     user = make_researcher()
-    cohort = make_cohort(settings.DATA_DIR, user, n_subjects=12)
+    cohort = make_render_cohort(settings.DATA_DIR, user, n_subjects=12)
     blank = StudyForm()
     data = {name: blank.get_initial_for_field(field, name)
             for name, field in blank.fields.items()}
@@ -345,7 +345,7 @@ def test_empty_study_pages(tmp_path, settings):
     settings.DATA_DIR = tmp_path / "data"
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     user = make_researcher()
-    cohort = make_cohort(settings.DATA_DIR, user, n_subjects=4)
+    cohort = make_render_cohort(settings.DATA_DIR, user, n_subjects=4)
     study = make_study(cohort, user, trials_per_rater=4)
     Invitation.objects.create(study=study, group="general")
     c = Client()

@@ -18,7 +18,7 @@ from pipeline.synth import LABELS, SubjectParams, generate_head
 from surveys import stages
 from surveys.importing import import_folder
 from surveys.models import Cohort
-from surveys.synthetic import fake_identity
+from tests.factories.dicom_cohorts import fake_identity
 from tests.dicom_factory import enhanced_ct_dataset
 
 SHAPE, SPACING = (48, 64, 60), (5.0, 4.0, 4.0)

@@ -17,14 +17,12 @@ from surveys import importing
 from surveys.importing import ImportRejected, ZipLimits, import_folder, import_zip, safe_extract_zip
 from surveys.models import Cohort, IdentityLink, Series, StageRun, Subject
 from surveys.stages import STAGES
-from surveys.synthetic import FAKE_MARKER, write_synthetic_cohort, zip_folder
+from tests.factories.dicom_cohorts import FAKE_MARKER, zip_folder
 
 
 @pytest.fixture(scope="module")
-def synth_src(tmp_path_factory) -> Path:
-    src = tmp_path_factory.mktemp("synth") / "cohort"
-    write_synthetic_cohort(src, 3, size="tiny", seed=3)
-    return src
+def synth_src(synthetic_cohort) -> Path:
+    return synthetic_cohort(3, seed=3)
 
 
 @pytest.fixture()
@@ -495,8 +493,8 @@ def test_web_unexpected_failure_keeps_files_for_a_retry(client, web, src, tmp_pa
     monkeypatch.setattr(importing.os, "replace", flaky)
     upload = _upload_zip(client, web, tmp_path, cap, folder=src)
     assert upload.status == "failed"
-    assert upload.message == ("the import failed because of a file system error (No space left "
-                              "on device); nothing was imported")
+    assert upload.message == ("the import failed: file system error: No space left on device; "
+                              "nothing was imported")
     _assert_nothing_imported(web["cohort"], web["data"])
     assert upload.retryable and (web["data"] / upload.staging_dir / "received").is_dir()
     assert not (web["data"] / upload.staging_dir / "work").exists()

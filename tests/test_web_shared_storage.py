@@ -4,8 +4,8 @@ Machine A imports and runs the first stages; machine B (an empty DATA_DIR) runs 
 remaining stages from the shared copy; machine C (empty again) serves the pages,
 images and the de-identified download. A stage's outputs are authoritative: after a
 re-run the local and the remote copy of its folders hold exactly what it produced,
-and other stages' folders are untouched. :func:`surveys.shared.push_tree` /
-:func:`~surveys.shared.pull_tree` mirror folders in either direction."""
+and other stages' folders are untouched. :func:`surveys.storage.mirror.push_tree` /
+:func:`~surveys.storage.mirror.pull_tree` mirror folders in either direction."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from django.contrib.auth.models import User
 from surveys import jobs
 from surveys.importing import ImportRejected, import_folder
 from surveys.models import Cohort
-from surveys.synthetic import write_synthetic_cohort
+from tests.factories.dicom_cohorts import write_synthetic_cohort
 
 
 @pytest.fixture()
@@ -124,7 +124,7 @@ def _snapshot(root: Path, under: str) -> dict[str, tuple[bytes, int]]:
 def test_rerun_stage_removes_stale_outputs_locally_and_remotely(db, settings, tmp_path, shared,
                                                                 monkeypatch):
     from surveys.models import RenderImage
-    from surveys.shared import shared_storage
+    from surveys.storage.mirror import shared_storage
 
     monkeypatch.setattr(jobs, "enqueue_stage", lambda run, queue=None: "")  # run by hand
     user = User.objects.create_user("r", password="pw")
@@ -189,7 +189,7 @@ def test_push_tree_uploads_before_it_deletes_and_pull_tree_mirrors(db, settings,
                                                                      shared, monkeypatch):
     import os
 
-    from surveys import shared as sh
+    from surveys.storage import mirror as sh
 
     settings.DATA_DIR = tmp_path / "local"
     folder = "cohorts/c00001/derived/SUBJ-0001/surfaces"
@@ -245,7 +245,7 @@ def test_served_files_follow_the_remote_copy(settings, tmp_path, shared):
     the remote copy is unchanged."""
     import os
 
-    from surveys.shared import ensure_local, push_file
+    from surveys.storage.mirror import ensure_local, push_file
 
     rel = "cohorts/c00001/derived/P0001/surfaces/render-yaw+0-deid.png"
     settings.DATA_DIR = tmp_path / "machineA"

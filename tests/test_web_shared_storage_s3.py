@@ -29,8 +29,8 @@ from deidstudy.settings import shared_storage_config
 from surveys import jobs
 from surveys.importing import import_folder
 from surveys.models import Cohort
-from surveys.shared import shared_storage
-from surveys.synthetic import FAKE_MARKER, write_synthetic_cohort
+from surveys.storage.mirror import shared_storage
+from tests.factories.dicom_cohorts import FAKE_MARKER, write_synthetic_cohort
 from tests.test_web_shared_storage import _files, _run
 
 PREFIX = "study-x"
@@ -266,7 +266,7 @@ def test_settings_build_the_s3_storage_from_the_environment(tmp_path):
 
 def test_served_files_follow_the_s3_copy(settings, tmp_path, s3):
     """ensure_local revalidates against the bucket with one HEAD request per file."""
-    from surveys.shared import ensure_local, push_file
+    from surveys.storage.mirror import ensure_local, push_file
 
     rel = "cohorts/c00001/derived/P0001/surfaces/render-yaw+0-deid.png"
     for machine, content in (("machineA", b"first run"), ("machineB", b"the second run")):

@@ -14,28 +14,25 @@ import numpy as np
 import pydicom
 import pytest
 from django.contrib.auth.models import Group, User
-from rq import Queue, SimpleWorker
+from rq import SimpleWorker
 
-from surveys import jobs
+from pipeline.atomic import atomic_write_bytes
+from pipeline.preview import png_bytes
 from surveys.access import RESEARCHER_GROUP
 from surveys.importing import import_folder
 from surveys.models import Cohort, CohortUpload, ReidSummary, RenderImage, StageRun
-from surveys.stages import atomic_write_bytes, data_path, png_bytes
-from surveys.synthetic import FAKE_MARKER, write_synthetic_cohort, zip_folder
+from surveys.storage.paths import data_path
+from tests.factories.dicom_cohorts import FAKE_MARKER, write_synthetic_cohort, zip_folder
 
 
 @pytest.fixture(scope="module")
-def synth_src(tmp_path_factory) -> Path:
-    src = tmp_path_factory.mktemp("synth") / "cohort"
-    write_synthetic_cohort(src, 2, size="tiny", seed=11)
-    return src
+def synth_src(synthetic_cohort) -> Path:
+    return synthetic_cohort(2, seed=11)
 
 
 @pytest.fixture()
-def queue(monkeypatch):
-    q = Queue("pipeline", connection=fakeredis.FakeStrictRedis())
-    monkeypatch.setattr(jobs, "get_pipeline_queue", lambda: q)
-    return q
+def queue(fake_queue):
+    return fake_queue
 
 
 @pytest.fixture()

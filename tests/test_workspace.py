@@ -174,7 +174,7 @@ def test_upload_message_names_patients_known_from_another_cohort(client, db, set
     from surveys import uploads
     from surveys.importing import import_folder
     from surveys.models import Cohort
-    from surveys.synthetic import write_synthetic_cohort, zip_folder
+    from tests.factories.dicom_cohorts import write_synthetic_cohort, zip_folder
 
     settings.DATA_DIR = tmp_path / "data"
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
@@ -266,11 +266,11 @@ def test_balanced_views_are_the_same_in_both_conditions():
 
 def test_enlarged_images_are_recorded_and_exported(client, db, settings, tmp_path):
     from surveys.models import Answer, Invitation
-    from tests.test_study_fixtures import make_cohort, make_researcher, make_study
+    from tests.factories.studies import make_render_cohort, make_researcher, make_study
 
     settings.DATA_DIR = tmp_path / "data"
     user = make_researcher()
-    cohort = make_cohort(settings.DATA_DIR, user)
+    cohort = make_render_cohort(settings.DATA_DIR, user)
     study = make_study(cohort, user, n_practice=0, n_catch=0)
     assert study.view_assignment == "balanced"
     inv = Invitation.objects.create(study=study, group="general")

@@ -19,6 +19,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update"]
 
 pytestmark = [
+    pytest.mark.postgres,  # its worker or server processes use the announced database
     pytest.mark.integration,
     pytest.mark.slow,
     pytest.mark.skipif(not os.path.exists(CHROMIUM),
@@ -43,7 +44,7 @@ def site(tmp_path):
 def test_upload_watch_open_download(site, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    from surveys.synthetic import FAKE_MARKER, write_synthetic_cohort, zip_folder
+    from tests.factories.dicom_cohorts import FAKE_MARKER, write_synthetic_cohort, zip_folder
 
     plat, base = site
     expect.set_options(timeout=30_000)

@@ -14,6 +14,7 @@ from tests.e2e.procs import free_port, start_platform, wait_in_page
 from tests.e2e.test_e2e_cohort import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = [
+    pytest.mark.postgres,  # its worker or server processes use the announced database
     pytest.mark.integration,
     pytest.mark.slow,
     pytest.mark.skipif(not os.path.exists(CHROMIUM),
@@ -26,9 +27,9 @@ import json
 from django.conf import settings
 from django.contrib.auth.models import User
 from surveys.models import Invitation
-from tests.test_study_fixtures import make_cohort, make_study
+from tests.factories.studies import make_render_cohort, make_study
 u = User.objects.get(username="alice")
-cohort = make_cohort(settings.DATA_DIR, u, n_subjects=8)
+cohort = make_render_cohort(settings.DATA_DIR, u, n_subjects=8)
 study = make_study(cohort, u, trials_per_rater=2, n_practice=1, n_catch=0, ask_confidence=True)
 g = Invitation.objects.create(study=study, group="general")
 User.objects.create_superuser("root", password="e2e-root-pw-9")

@@ -17,6 +17,7 @@ from tests.e2e.procs import free_port, start_platform, wait_in_page
 from tests.e2e.test_e2e_cohort import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = [
+    pytest.mark.postgres,  # its worker or server processes use the announced database
     pytest.mark.integration,
     pytest.mark.slow,
     pytest.mark.skipif(not os.path.exists(CHROMIUM),
@@ -30,9 +31,9 @@ from django.conf import settings
 from django.contrib.auth.models import User
 from django.utils import timezone
 from surveys.models import Invitation
-from tests.test_study_fixtures import make_cohort, make_study
+from tests.factories.studies import make_render_cohort, make_study
 u = User.objects.get(username="alice")
-cohort = make_cohort(settings.DATA_DIR, u, n_subjects=10)  # 4 reserved for practice
+cohort = make_render_cohort(settings.DATA_DIR, u, n_subjects=10)  # 4 reserved for practice
 study = make_study(cohort, u, trials_per_rater=6, n_practice=1, n_catch=1, ask_confidence=True)
 g = Invitation.objects.create(study=study, group="general")
 p = Invitation.objects.create(study=study, group="plastic surgeon", max_uses=1)

@@ -25,6 +25,7 @@ from tests.e2e.procs import free_port, start_platform
 from tests.e2e.test_e2e_cohort import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = [
+    pytest.mark.postgres,  # its worker or server processes use the announced database
     pytest.mark.integration,
     pytest.mark.slow,
     pytest.mark.skipif(not os.path.exists(CHROMIUM),
@@ -39,9 +40,9 @@ import json
 from django.conf import settings
 from django.contrib.auth.models import User
 from surveys.models import Invitation
-from tests.test_study_fixtures import make_cohort, make_study
+from tests.factories.studies import make_render_cohort, make_study
 u = User.objects.get(username="alice")
-cohort = make_cohort(settings.DATA_DIR, u, n_subjects=12, name="C-%(name)s")
+cohort = make_render_cohort(settings.DATA_DIR, u, n_subjects=12, name="C-%(name)s")
 study = make_study(cohort, u, name="%(name)s", trials_per_rater=4, n_practice=1, n_catch=2,
                    panel_completion_url="%(panel)s", panel_completion_code="C0DE42")
 g = Invitation.objects.create(study=study, group="general")

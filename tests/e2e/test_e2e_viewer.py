@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 NIIVUE = ROOT / "static" / "vendor" / "niivue" / "niivue.umd.js"
 
 pytestmark = [
+    pytest.mark.postgres,  # its worker or server processes use the announced database
     pytest.mark.integration,
     pytest.mark.slow,
     pytest.mark.skipif(not os.path.exists(CHROMIUM),
@@ -369,9 +370,9 @@ import json
 from django.conf import settings
 from django.contrib.auth.models import User
 from surveys.models import Invitation
-from tests.test_study_fixtures import make_cohort, make_study
+from tests.factories.studies import make_render_cohort, make_study
 u = User.objects.get(username="alice")
-cohort = make_cohort(settings.DATA_DIR, u, n_subjects=8, name="raters")
+cohort = make_render_cohort(settings.DATA_DIR, u, n_subjects=8, name="raters")
 study = make_study(cohort, u, trials_per_rater=4, n_practice=0, n_catch=0)
 print(json.dumps({"token": Invitation.objects.create(study=study, group="general").token,
                   "study": study.pk}))

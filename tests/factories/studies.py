@@ -32,7 +32,7 @@ def synthetic_png(seed: int, variant: str, view: str, pseudonym: str, size: int 
     return buf.getvalue()
 
 
-def make_cohort(data_dir: Path, owner, n_subjects: int = 12, views=VIEWS, name: str = "C1"):
+def make_render_cohort(data_dir: Path, owner, n_subjects: int = 12, views=VIEWS, name: str = "C1"):
     """Cohort with ``n_subjects`` subjects (SUBJ-0001…) and original+deid renders per view.
 
     The default 12 fit :func:`make_study`'s design: 4 subjects reserved for practice, 8 left
@@ -133,7 +133,7 @@ def make_finished_study(data_dir: Path, groups=("general", "plastic surgeon"), p
 
     rng = np.random.default_rng(seed)
     user = make_researcher()
-    cohort = make_cohort(data_dir, user)
+    cohort = make_render_cohort(data_dir, user)
     params = dict(groups=list(groups), lay_groups=[groups[0]], ask_confidence=True)
     params.update(study_kw)
     study = make_study(cohort, user, **params)

@@ -1,4 +1,4 @@
-"""Small synthetic DICOM cohorts with fake identities, for the demo, tests and e2e runs.
+"""Small synthetic DICOM cohorts with fake identities, for the tests and the end-to-end runs.
 
 Each subject is a :func:`pipeline.synth.generate_head` volume written with
 :func:`pipeline.dicom_io.volume_to_datasets`, in ``<out>/<fake patient name>/CT/``
@@ -12,6 +12,9 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline import dicom_io
+from pipeline.synth import SubjectParams, generate_head
 
 FAKE_MARKER = "FAKEPATIENT"
 
@@ -44,9 +47,6 @@ def fake_identity(n: int) -> FakeIdentity:
 def write_synthetic_cohort(out: Path, n_subjects: int, *, size: str = "tiny", seed: int = 1,
                            ) -> list[FakeIdentity]:
     """Write ``n_subjects`` synthetic head CT series under ``out``; returns their identities."""
-    from pipeline import dicom_io
-    from pipeline.synth import SubjectParams, generate_head
-
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
     shape, spacing = SIZES[size]
