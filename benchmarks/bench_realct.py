@@ -31,6 +31,7 @@ from pipeline.deface import deface, qa_picture  # noqa: E402
 from pipeline.deidentify import make_face_method  # noqa: E402
 from pipeline.evaluate import REALCT_FACE_REGIONS, face_region_mask, removal_figures  # noqa: E402
 
+
 def measure(folder: Path, method_name: str, pictures: Path | None = None) -> dict:
     scan = dicom_io.scan_folder(folder)
     loaded = dicom_io.load_series(scan.series[0])

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import render as R  # noqa: E402  (first: sets the OpenGL platform)
 from pipeline.align import default_template  # noqa: E402
 from pipeline.embed import get_embedder  # noqa: E402
-from pipeline.reid_features import MATCHERS, subject_features, study_similarities  # noqa: E402
+from pipeline.reid_features import MATCHERS, study_similarities, subject_features  # noqa: E402
 from pipeline.rescan import volume_seed  # noqa: E402
 from pipeline.synth import SubjectParams, generate_head  # noqa: E402
 from pipeline.volume import Volume  # noqa: E402

@@ -6,9 +6,9 @@ DICOM, see ``tests/viewer_fixture.py``), starts gunicorn on 127.0.0.1 (2 workers
 4 threads) and opens the subject page in Debian's Chromium (headless, software WebGL):
 
 * **cold** — the first visit: the server reads both series once into its viewer cache
-  (``surveys.viewer``) and makes the four surfaces;
+  (``surveys.processing.viewer``) and makes the four surfaces;
 * **prewarmed** — what a researcher normally gets: the worker built the cache after
-  the de-identification stage (``surveys.viewer.prewarm``), timed here too;
+  the de-identification stage (``surveys.processing.viewer.prewarm``), timed here too;
 * **warm** — every later visit (``--repeats`` page loads, median and worst).
 
 "Loaded" = navigation start → both viewers show their first picture (the slice viewer's

@@ -6,11 +6,11 @@ Start workers with::
 
 At start-up, at every maintenance pass (``--maintenance-interval`` seconds, rq's
 default 600) and as soon as one of its work horses dies mid-job the worker calls
-:func:`surveys.jobs.recover_stale_stages`, which
+:func:`surveys.processing.jobs.recover_stale_stages`, which
 re-enqueues stages whose worker process died (same host) or whose heartbeat is
 stale (any host), and stages left ``queued`` for longer than
 ``PIPELINE_QUEUED_GRACE_SECONDS`` without their job in Redis; and
-:func:`surveys.uploads.recover_uploads`, which does the same for upload imports and
+:func:`surveys.cohorts.uploads.recover_uploads`, which does the same for upload imports and
 deletes received upload files that are no longer needed.
 Database connections are closed before the worker forks a work horse, so parent and
 child never share a connection.
@@ -35,12 +35,13 @@ class RecoveringWorker(Worker):
         self.recover()
 
     def recover(self) -> None:
-        """:func:`surveys.jobs.recover_stale_stages` and :func:`surveys.uploads.recover_uploads`."""
+        """:func:`surveys.processing.jobs.recover_stale_stages` and
+        :func:`surveys.cohorts.uploads.recover_uploads`."""
         from django.db import connections
 
         # late: rq loads this worker class by name, possibly before Django's apps are ready
-        from surveys.jobs import recover_stale_stages
-        from surveys.uploads import recover_uploads
+        from surveys.cohorts.uploads import recover_uploads
+        from surveys.processing.jobs import recover_stale_stages
 
         try:
             recover_stale_stages()

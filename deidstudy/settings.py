@@ -277,7 +277,7 @@ PIPELINE_QUEUED_GRACE_SECONDS = int(os.environ.get("DEIDSTUDY_QUEUED_GRACE_SECON
 # A stage or upload whose worker died this many times in a row is failed instead of re-queued.
 PIPELINE_MAX_CRASHES = int(os.environ.get("DEIDSTUDY_MAX_CRASHES", "3"))
 # Viewer data (slices as int16 arrays, meshes) cached below DATA_DIR/cache/viewer on each
-# machine, least recently used series deleted beyond this size (surveys.viewer).
+# machine, least recently used series deleted beyond this size (surveys.processing.viewer).
 VIEWER_CACHE_MAX_BYTES = int(float(os.environ.get("DEIDSTUDY_VIEWER_CACHE_GB", "20")) * 1024**3)
 # The worker builds that cache right after a subject's de-identification (0: on first view).
 VIEWER_PREWARM = os.environ.get("DEIDSTUDY_VIEWER_PREWARM", "1") != "0"

@@ -7,7 +7,7 @@
 from django.contrib import admin
 from django.urls import include, path
 
-from surveys import views as survey_views
+from surveys.cohorts import views as survey_views
 from surveys.login_throttle import ThrottledLoginView
 
 urlpatterns = [

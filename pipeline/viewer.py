@@ -1,6 +1,6 @@
 """Data of the researcher's slice and surface viewers: reformats, removed region, meshes.
 
-Pure numpy (no Django). :mod:`surveys.viewer` caches what is built here and serves it.
+Pure numpy (no Django). :mod:`surveys.processing.viewer` caches what is built here and serves it.
 
 **Slices.** Three views of a series, each a stack of 2D images in display orientation
 (radiological convention):

@@ -6,7 +6,7 @@ from django.db.models.constants import LOOKUP_SEP
 from django.urls import reverse
 from django.utils.html import format_html
 
-from . import jobs
+from .processing import jobs
 from .login_throttle import ThrottledAdminAuthenticationForm
 from .models import (
     Answer, Cohort, CohortUpload, IdentityAccess, IdentityLink, Invitation, LoginThrottle,

@@ -22,7 +22,7 @@ class SurveysConfig(AppConfig):
 
         # late by design: ready() runs once the app registry can import models
         from . import checks  # noqa: F401 — registers the deployment checks
-        from .viewer import connect_signals
+        from .processing.viewer import connect_signals
 
         connect_signals()
 

@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from . import viewer_views, views
+from .cohorts import viewer_views, views
 
 app_name = "surveys"
 

@@ -39,11 +39,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture()
 def fake_queue(monkeypatch):
-    """The pipeline queue on fakeredis (``surveys.jobs.get_pipeline_queue`` patched)."""
+    """The pipeline queue on fakeredis (``surveys.processing.jobs.get_pipeline_queue`` patched)."""
     import fakeredis
     from rq import Queue
 
-    from surveys import jobs
+    from surveys.processing import jobs
 
     q = Queue("pipeline", connection=fakeredis.FakeStrictRedis())
     monkeypatch.setattr(jobs, "get_pipeline_queue", lambda: q)

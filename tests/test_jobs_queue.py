@@ -10,9 +10,9 @@ import pytest
 from django.contrib.auth.models import User
 from rq import Queue, SimpleWorker
 
-from surveys import jobs, rowjobs, stages
-from surveys.importing import import_folder
+from surveys.cohorts.importing import import_folder
 from surveys.models import Cohort, StageRun
+from surveys.processing import jobs, rowjobs, stages
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_enqueue_subject_pushes_first_stage_once(cohort, queue, django_capture_o
     run.refresh_from_db()
     assert run.status == "queued" and queue.job_ids == [run.rq_job_id]
     job = queue.fetch_job(run.rq_job_id)
-    assert job.func_name == "surveys.jobs.run_stage" and job.args == (run.pk, run.rq_job_id)
+    assert job.func_name == "surveys.processing.jobs.run_stage" and job.args == (run.pk, run.rq_job_id)
     assert "FAKE" not in repr(job.args)
 
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from pipeline import render as R  # noqa: F401 — first: OpenGL platform
-from pipeline.reid_features import ReidProtocol, study_similarities, subject_features
 from pipeline.deface import deface
+from pipeline.reid_features import ReidProtocol, study_similarities, subject_features
 from pipeline.synth import SubjectParams, generate_head
 from pipeline.volume import Volume
 

@@ -61,7 +61,7 @@ def retry_world(settings, tmp_path):
     "http:/evil.example", "javascript:alert(1)", " https://evil.example",
 ])
 def test_stage_retry_never_redirects_off_site(client, retry_world, monkeypatch, target):
-    from surveys import jobs
+    from surveys.processing import jobs
 
     user, cohort, run = retry_world
     monkeypatch.setattr(jobs, "retry_stage", lambda run, queue=None: None)
@@ -71,7 +71,7 @@ def test_stage_retry_never_redirects_off_site(client, retry_world, monkeypatch, 
 
 
 def test_stage_retry_follows_a_local_next(client, retry_world, monkeypatch):
-    from surveys import jobs
+    from surveys.processing import jobs
 
     user, cohort, run = retry_world
     monkeypatch.setattr(jobs, "retry_stage", lambda run, queue=None: None)

@@ -15,10 +15,11 @@ from django.contrib.auth.models import Group, User
 from django.utils import timezone
 from rq import Queue
 
-from surveys import jobs, uploads
+from surveys.cohorts import uploads
 from surveys.models import Cohort, CohortUpload, StageRun, Subject
-from tests.factories.dicom_cohorts import write_synthetic_cohort, zip_folder
+from surveys.processing import jobs
 from tests.e2e.procs import free_port
+from tests.factories.dicom_cohorts import write_synthetic_cohort, zip_folder
 
 # real commits: the pushes to Redis happen on commit, inside the request as in production
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -169,7 +169,7 @@ def test_allowed_upload_is_received(world, settings, monkeypatch, django_capture
     import fakeredis
     from rq import Queue
 
-    from surveys import jobs
+    from surveys.processing import jobs
 
     q = Queue("pipeline", connection=fakeredis.FakeStrictRedis())
     monkeypatch.setattr(jobs, "get_pipeline_queue", lambda: q)

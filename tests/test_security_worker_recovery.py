@@ -78,8 +78,8 @@ def _dead_pid() -> int:
 @pytest.mark.django_db
 def test_a_stage_whose_worker_keeps_dying_is_failed(settings, tmp_path,
                                                     django_capture_on_commit_callbacks):
-    from surveys import jobs, rowjobs
     from surveys.models import Cohort, StageRun, Subject
+    from surveys.processing import jobs, rowjobs
 
     settings.DATA_DIR = tmp_path / "data"
     q = Queue("pipeline", connection=fakeredis.FakeStrictRedis())
@@ -110,8 +110,9 @@ def test_a_stage_whose_worker_keeps_dying_is_failed(settings, tmp_path,
 @pytest.mark.django_db
 def test_an_upload_whose_worker_keeps_dying_is_failed_and_kept(settings, tmp_path,
                                                                django_capture_on_commit_callbacks):
-    from surveys import rowjobs, uploads
+    from surveys.cohorts import uploads
     from surveys.models import Cohort, CohortUpload
+    from surveys.processing import rowjobs
 
     settings.DATA_DIR = tmp_path / "data"
     (tmp_path / "data" / "tmp" / "web-upload-x" / "received").mkdir(parents=True)

@@ -18,7 +18,7 @@ import pytest
 from django.contrib.auth.models import Group, User
 from rq import SimpleWorker
 
-from surveys.importing import ImportRejected, ZipLimits, safe_extract_zip
+from surveys.cohorts.importing import ImportRejected, ZipLimits, safe_extract_zip
 from surveys.models import Cohort, CohortUpload
 from tests.factories.dicom_cohorts import write_synthetic_cohort, zip_folder
 

@@ -198,7 +198,7 @@ def test_viewer_urls_need_the_cohort(client, site):
 
 
 def test_slices_served_from_the_cache_are_the_series(client, site, monkeypatch):
-    from surveys import viewer
+    from surveys.processing import viewer
 
     loads = []
     real = viewer.load_stored
@@ -256,7 +256,7 @@ def test_meshes_are_made_once_and_decimated(client, site, monkeypatch):
 def test_a_rerun_gets_new_data_and_the_old_cache_is_deleted(client, site):
     from django.utils import timezone
 
-    from surveys import viewer
+    from surveys.processing import viewer
 
     client.force_login(site["owner"])
     first = _manifest(client, site)["selected"]
@@ -281,8 +281,8 @@ def test_a_rerun_gets_new_data_and_the_old_cache_is_deleted(client, site):
 
 
 def test_cache_deleted_with_the_subject_and_kept_under_the_size_limit(client, site, settings):
-    from surveys import viewer
     from surveys.models import Subject
+    from surveys.processing import viewer
 
     client.force_login(site["owner"])
     _manifest(client, site)
@@ -312,7 +312,7 @@ def test_manifest_of_a_subject_without_deidentified_series(client, site):
 
 
 def test_prewarm_builds_volumes_and_meshes(site):
-    from surveys import viewer
+    from surveys.processing import viewer
 
     viewer.prewarm(site["subject"])
     (folder,) = [p for p in viewer.subject_cache_dir(site["subject"]).iterdir()

@@ -1,6 +1,6 @@
 """The web's de-identification stage is the command line's series path (cases that drifted).
 
-``surveys.stages.stage_deidentify`` calls :func:`pipeline.deidentify.deidentify_series`:
+``surveys.processing.stages.stage_deidentify`` calls :func:`pipeline.deidentify.deidentify_series`:
 a series without a face is written unchanged and not stamped 113102; an Enhanced
 (multi-frame) CT series is written as classic single-frame slices; QA figures and the
 QA picture are recorded.
@@ -15,11 +15,11 @@ from django.contrib.auth.models import User
 
 from pipeline import dicom_io
 from pipeline.synth import LABELS, SubjectParams, generate_head
-from surveys import stages
-from surveys.importing import import_folder
+from surveys.cohorts.importing import import_folder
 from surveys.models import Cohort
-from tests.factories.dicom_cohorts import fake_identity
+from surveys.processing import stages
 from tests.dicom_factory import enhanced_ct_dataset
+from tests.factories.dicom_cohorts import fake_identity
 
 SHAPE, SPACING = (48, 64, 60), (5.0, 4.0, 4.0)
 

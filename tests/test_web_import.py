@@ -13,10 +13,16 @@ import pytest
 from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
 
-from surveys import importing
-from surveys.importing import ImportRejected, ZipLimits, import_folder, import_zip, safe_extract_zip
+from surveys.cohorts import importing
+from surveys.cohorts.importing import (
+    ImportRejected,
+    ZipLimits,
+    import_folder,
+    import_zip,
+    safe_extract_zip,
+)
 from surveys.models import Cohort, IdentityLink, Series, StageRun, Subject
-from surveys.stages import STAGES
+from surveys.processing.stages import STAGES
 from tests.factories.dicom_cohorts import FAKE_MARKER, zip_folder
 
 
@@ -270,7 +276,7 @@ def test_import_zip_and_command(cohort, src, data_dir, tmp_path):
 # ------------------------------------------------------------------ web upload → background job
 #
 # The request only stores the files and queues the import; every safety check runs in
-# the job (surveys.uploads.run_upload). These tests post through the view, run the
+# the job (surveys.cohorts.uploads.run_upload). These tests post through the view, run the
 # queued import job, and check the upload's status row, the cohort and the data folder.
 
 
@@ -280,8 +286,8 @@ def web(db, settings, tmp_path, monkeypatch):
     from django.contrib.auth.models import Group
     from rq import Queue
 
-    from surveys import jobs
     from surveys.access import RESEARCHER_GROUP
+    from surveys.processing import jobs
 
     settings.DATA_DIR = tmp_path / "data"
     settings.FILE_UPLOAD_TEMP_DIR = str(tmp_path / "data" / "tmp")
@@ -312,7 +318,7 @@ def _run_import_jobs(queue, capture) -> list[str]:
     """Run the queued import jobs (not the stage jobs they enqueue) as a worker would."""
     results = []
     for job in list(queue.jobs):
-        if job.func_name == "surveys.uploads.run_upload":
+        if job.func_name == "surveys.cohorts.uploads.run_upload":
             queue.remove(job)
             with capture(execute=True):
                 results.append(job.func(*job.args))
@@ -325,7 +331,7 @@ def _drop_jobs(queue) -> None:
 
 
 def _stage_jobs(queue) -> list:
-    return [j for j in queue.jobs if j.func_name == "surveys.jobs.run_stage"]
+    return [j for j in queue.jobs if j.func_name == "surveys.processing.jobs.run_stage"]
 
 
 def _upload_zip(client, web, tmp_path, capture, members: dict[str, bytes] | None = None,
@@ -447,7 +453,7 @@ def test_web_upload_imports_in_the_job_and_queues_stages(client, web, src, tmp_p
     assert len(_stage_jobs(web["queue"])) == 1  # nothing new queued
     _assert_tmp_clean(web["data"])
     # a duplicate delivery of a finished job does nothing
-    from surveys.uploads import run_upload
+    from surveys.cohorts.uploads import run_upload
 
     assert run_upload(upload.pk, upload.rq_job_id) == "skipped"
 
@@ -520,7 +526,7 @@ def test_web_unexpected_failure_keeps_files_for_a_retry(client, web, src, tmp_pa
 
 def test_web_retry_impossible_once_files_are_gone(client, web, src, tmp_path, monkeypatch,
                                                   django_capture_on_commit_callbacks):
-    from surveys.uploads import recover_uploads
+    from surveys.cohorts.uploads import recover_uploads
 
     cap = django_capture_on_commit_callbacks
     monkeypatch.setattr(importing, "import_folder",
@@ -552,7 +558,7 @@ def test_web_upload_killed_mid_import_is_rerun_completely(client, web, src, tmp_
     import subprocess
     import sys
 
-    from surveys.uploads import recover_uploads
+    from surveys.cohorts.uploads import recover_uploads
 
     cap = django_capture_on_commit_callbacks
     z = zip_folder(src, tmp_path / "c.zip")
@@ -611,8 +617,8 @@ def test_recovery_leaves_other_machines_files_and_removes_unrecorded_ones(web, t
     import os
     import time
 
+    from surveys.cohorts.uploads import STAGING_PREFIX, recover_uploads, run_upload
     from surveys.models import CohortUpload
-    from surveys.uploads import STAGING_PREFIX, recover_uploads, run_upload
 
     elsewhere = CohortUpload.objects.create(
         cohort=web["cohort"], status="running", staging_dir=f"tmp/{STAGING_PREFIX}remote",
@@ -659,8 +665,8 @@ def test_queued_upload_without_a_job_is_enqueued_again_once_after_the_grace(
 
     from django.utils import timezone
 
+    from surveys.cohorts.uploads import recover_uploads
     from surveys.models import CohortUpload
-    from surveys.uploads import recover_uploads
 
     cap = django_capture_on_commit_callbacks
     z = zip_folder(src, tmp_path / "c.zip")
@@ -681,6 +687,6 @@ def test_queued_upload_without_a_job_is_enqueued_again_once_after_the_grace(
     assert _run_import_jobs(web["queue"], cap) == ["done"]
     upload.refresh_from_db()
     assert upload.status == "done" and upload.attempts == 1 and upload.n_subjects == 3
-    from surveys.uploads import run_upload
+    from surveys.cohorts.uploads import run_upload
 
     assert run_upload(upload.pk, lost) == "skipped"

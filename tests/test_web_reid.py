@@ -16,7 +16,7 @@ from pipeline.reid_features import (
 )
 from surveys.access import RESEARCHER_GROUP
 from surveys.models import Cohort, ReidSummary, Subject
-from surveys.reid import compute_cohort_study, reid_table, update_cohort_reid
+from surveys.processing.reid import compute_cohort_study, reid_table, update_cohort_reid
 
 
 def fake_features(n: int, seed: int = 0) -> list[SubjectFeatures]:

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from django.contrib.auth.models import User
 
-from surveys import jobs
-from surveys.importing import ImportRejected, import_folder
+from surveys.cohorts.importing import ImportRejected, import_folder
 from surveys.models import Cohort
+from surveys.processing import jobs
 from tests.factories.dicom_cohorts import write_synthetic_cohort
 
 
@@ -88,7 +88,7 @@ def test_stages_run_on_machines_that_share_only_the_storage(db, settings, tmp_pa
 @pytest.mark.slow
 def test_failed_import_leaves_nothing_in_the_shared_storage(db, settings, tmp_path, shared,
                                                              monkeypatch):
-    from surveys import importing
+    from surveys.cohorts import importing
 
     user = User.objects.create_user("r", password="pw")
     cohort = Cohort.objects.create(name="c", owner=user)

@@ -26,9 +26,9 @@ import pytest
 from django.contrib.auth.models import User
 
 from deidstudy.settings import shared_storage_config
-from surveys import jobs
-from surveys.importing import import_folder
+from surveys.cohorts.importing import import_folder
 from surveys.models import Cohort
+from surveys.processing import jobs
 from surveys.storage.mirror import shared_storage
 from tests.factories.dicom_cohorts import FAKE_MARKER, write_synthetic_cohort
 from tests.test_web_shared_storage import _files, _run
@@ -217,7 +217,7 @@ def test_stages_run_on_machines_that_share_only_the_s3_bucket(db, settings, tmp_
 
 @pytest.mark.slow
 def test_failed_import_leaves_nothing_in_the_s3_bucket(db, settings, tmp_path, s3, monkeypatch):
-    from surveys import importing
+    from surveys.cohorts import importing
 
     user = User.objects.create_user("r", password="pw")
     cohort = Cohort.objects.create(name="c", owner=user)

@@ -19,7 +19,7 @@ from rq import SimpleWorker
 from pipeline.atomic import atomic_write_bytes
 from pipeline.preview import png_bytes
 from surveys.access import RESEARCHER_GROUP
-from surveys.importing import import_folder
+from surveys.cohorts.importing import import_folder
 from surveys.models import Cohort, CohortUpload, ReidSummary, RenderImage, StageRun
 from surveys.storage.paths import data_path
 from tests.factories.dicom_cohorts import FAKE_MARKER, write_synthetic_cohort, zip_folder

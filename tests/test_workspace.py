@@ -16,7 +16,7 @@ import pytest
 from django.contrib.auth.models import Group, User
 from PIL import Image
 
-from surveys.qa_grid import Card, flag_outliers
+from surveys.cohorts.qa_grid import Card, flag_outliers
 from tests.viewer_fixture import head_phantom, make_subject
 
 
@@ -171,8 +171,8 @@ def test_same_patient_in_another_cohort_of_the_researcher(client, site):
 
 
 def test_upload_message_names_patients_known_from_another_cohort(client, db, settings, tmp_path):
-    from surveys import uploads
-    from surveys.importing import import_folder
+    from surveys.cohorts import uploads
+    from surveys.cohorts.importing import import_folder
     from surveys.models import Cohort
     from tests.factories.dicom_cohorts import write_synthetic_cohort, zip_folder
 
@@ -299,7 +299,7 @@ def test_enlarged_images_are_recorded_and_exported(client, db, settings, tmp_pat
 
 
 def test_rater_images_are_large(settings):
-    from surveys.stages import human_render_settings
+    from surveys.processing.stages import human_render_settings
 
     rs = human_render_settings()
     assert rs.width_px == rs.height_px == settings.RENDER_SIZE_PX == 768
@@ -308,7 +308,7 @@ def test_rater_images_are_large(settings):
 
 
 def test_thumbnail_cache_goes_with_its_image(client, site):
-    from surveys import viewer
+    from surveys.processing import viewer
 
     c = site["cohort"]
     img = site["subjects"][0].images.get(kind="qa")

@@ -125,7 +125,7 @@ def make_subject(cohort, pseudonym: str, ph: Phantom, *, patient_id: str = "FAKE
     from pipeline.atomic import atomic_write_bytes
     from pipeline.deid_header import pseudonym_key
     from surveys.models import RenderImage, Series, StageRun, Subject
-    from surveys.stages import STAGES
+    from surveys.processing.stages import STAGES
     from surveys.storage.paths import data_path
 
     subject = Subject.objects.create(cohort=cohort, pseudonym=pseudonym,

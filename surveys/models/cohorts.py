@@ -223,7 +223,7 @@ class IdentityLink(models.Model):
 
 
 class CohortUpload(RowJob):
-    """One web upload into a cohort, imported by a background job (:mod:`surveys.uploads`).
+    """One web upload into a cohort, imported by a background job (:mod:`surveys.cohorts.uploads`).
 
     The request only stores the received files in a private folder below
     ``DATA_DIR/tmp`` (``staging_dir``, a random name) and queues the import. ``message``

@@ -4,7 +4,7 @@ A :class:`RowJob` row (a subject's pipeline stage, a web upload's import) is que
 with a fresh RQ job id; only the job holding that id may claim it (``queued`` →
 ``running``), beat its heartbeat and finish it. The protocol itself — enqueue if
 unchanged, claim, heartbeat, finish, recovery of abandoned and orphaned rows — is
-implemented once, in :mod:`surveys.rowjobs`.
+implemented once, in :mod:`surveys.processing.rowjobs`.
 """
 
 from __future__ import annotations

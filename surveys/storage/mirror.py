@@ -9,7 +9,7 @@ own ``DATA_DIR``, and:
 
 * an import uploads the subject's originals (``orig/<pseudonym>/``) before it commits;
 * a stage first mirrors the folders it reads (its ``inputs``, see
-  :mod:`surveys.stages`) from the storage (:func:`pull_tree`), runs, and when it
+  :mod:`surveys.processing.stages`) from the storage (:func:`pull_tree`), runs, and when it
   replaces its output folders uploads each one as the reference copy
   (:func:`push_tree`): new and changed files first, then the remote files it no
   longer produced are deleted, so the remote folder ends up equal to the local one;

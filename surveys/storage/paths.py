@@ -9,7 +9,10 @@ patient identifier::
         deid/<pseudonym>/<Snn>/              de-identified series (DICOM)
         derived/<pseudonym>/<stage>/         a stage's outputs (PNGs, meshes, JSON)
         derived/<file>                       cohort-wide outputs (e.g. ``reid-cmc.png``)
-    uploads/                                 staging folders of browser uploads
+    studies/sNNNNN/r<render id>.png          a study's frozen, metadata-free render copies
+    tmp/                                     scratch: upload staging, import work folders
+    cache/viewer/cNNNNN/…                    viewer data (rebuilt on demand, evictable)
+    cache/thumbs/cNNNNN/                     QA grid thumbnails (rebuilt on demand)
 """
 
 from __future__ import annotations
@@ -58,6 +61,29 @@ def cohort_derived_file(cohort_id: int, name: str) -> str:
     if "/" in name or name.startswith("."):
         raise ValueError(f"not a cohort output file: {name!r}")
     return f"{cohort_part(cohort_id, 'derived')}/{name}"
+
+
+def study_snapshot(study_id: int, render_id: int) -> str:
+    """A study's frozen copy of a render: ``studies/sNNNNN/r<render id>.png``."""
+    return f"studies/s{int(study_id):05d}/r{int(render_id)}.png"
+
+
+def tmp_root() -> Path:
+    """Private scratch folder ``DATA_DIR/tmp`` (same file system as the cohort store:
+    moving from it into a cohort is a rename), created if missing."""
+    root = data_root() / "tmp"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def viewer_cache_root() -> Path:
+    """``DATA_DIR/cache/viewer``: the viewers' cached series data."""
+    return data_root() / "cache" / "viewer"
+
+
+def thumbs_dir(cohort_id: int) -> Path:
+    """``DATA_DIR/cache/thumbs/cNNNNN``: a cohort's cached QA thumbnails."""
+    return data_root() / "cache" / "thumbs" / f"c{int(cohort_id):05d}"
 
 
 def subject_folder(subject: Any, name: str) -> str:

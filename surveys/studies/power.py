@@ -271,7 +271,7 @@ def request_estimate(study, inputs: dict | None = None, run_now: bool = False):
     def push() -> None:
         try:
             # loaded on first use: pulls in redis
-            from ..jobs import get_pipeline_queue
+            from ..processing.jobs import get_pipeline_queue
 
             job = get_pipeline_queue().enqueue(run_estimate, pe.pk, job_timeout=900)
             PowerEstimate.objects.filter(pk=pe.pk).update(rq_job_id=job.id)

@@ -2,7 +2,7 @@
 
 :func:`automated_reid` is the one place the report reads automated re-identification
 figures from: the cohort's stored :class:`surveys.models.ReidSummary` (computed by
-:func:`surveys.reid.update_cohort_reid` with :mod:`pipeline.reid`: rank-1/5 and AUC with
+:func:`surveys.processing.reid.update_cohort_reid` with :mod:`pipeline.reid`: rank-1/5 and AUC with
 confidence intervals per matcher, control and de-identified probes), with the raters'
 accuracy beside the matchers' in the same task. The page and the PDF print every row.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..models import ReidSummary
-from ..reid import human_vs_automated, reid_table
+from ..processing.reid import human_vs_automated, reid_table
 
 __all__ = ["automated_reid"]
 
@@ -24,7 +24,7 @@ def automated_reid(cohort, analysis: dict[str, Any] | None = None,
     Returns ``{"available": bool, "note": str, "n_subjects": int | None,
     "rows": [{"measure", "matcher", "value", "ci_low", "ci_high", "chance", "unit"}],
     "cmc": [float] | None, "metrics": dict | None}`` plus, for the page,
-    ``reid_table`` / ``reid_compare`` / ``reid_plot_url`` (:mod:`surveys.reid`). Rows come
+    ``reid_table`` / ``reid_compare`` / ``reid_plot_url`` (:mod:`surveys.processing.reid`). Rows come
     from the cohort's :func:`pipeline.reid.evaluate_study` result (rank-1, rank-5 and AUC
     with 95 % CIs per matcher, control and de-identified probes) and, with the raters'
     ``analysis`` and the study's ``n_choices``, the raters' accuracy beside each matcher's

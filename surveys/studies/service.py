@@ -21,7 +21,7 @@ from pipeline.atomic import atomic_write_bytes
 
 from ..models import Answer, Invitation, Rater, RenderImage, Study, Subject, Trial, TrialImage
 from ..storage.mirror import ensure_local
-from ..storage.paths import data_path
+from ..storage.paths import data_path, study_snapshot
 from .design import DesignError, check_design, plan_trials, reserve_practice_subjects
 from .flow import advance
 from .participation import exclusions
@@ -421,12 +421,7 @@ def current_image_path(image_token: str, rater_token: str) -> tuple[str, str] | 
     with connection.cursor() as cur:
         cur.execute(sql, [image_token, rater_token])
         row = cur.fetchone()
-    return (row[0], snapshot_rel(row[2], row[1])) if row else None
-
-
-def snapshot_rel(study_id: int, render_id: int) -> str:
-    """``DATA_DIR``-relative path of a study's frozen copy of a render (no identifier)."""
-    return f"studies/s{int(study_id):05d}/r{int(render_id)}.png"
+    return (row[0], study_snapshot(row[2], row[1])) if row else None
 
 
 def snapshot_renders(study: Study, render_ids) -> int:
@@ -438,7 +433,7 @@ def snapshot_renders(study: Study, render_ids) -> int:
     """
     written = 0
     for ri in RenderImage.objects.filter(pk__in=list(render_ids)).only("pk", "path"):
-        dest = data_path(snapshot_rel(study.pk, ri.pk))
+        dest = data_path(study_snapshot(study.pk, ri.pk))
         if dest.is_file():
             continue
         atomic_write_bytes(dest, clean_png(ensure_local(ri.path)))

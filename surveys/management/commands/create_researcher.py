@@ -8,7 +8,7 @@ Adds the user to the ``researcher`` group (created if missing). Without
 the ``operator`` group may view the pipeline, study and audit tables and retry stages
 and uploads, but not manage accounts — so it cannot make itself a superuser. It is not
 a superuser. ``--superuser`` is the explicit choice for that. Either way nobody sees the
-identity table of a cohort they are not a researcher of (see :mod:`surveys.identity`).
+identity table of a cohort they are not a researcher of (see :mod:`surveys.cohorts.identity`).
 Running the command again resets the account to exactly what its options say.
 """
 

@@ -250,7 +250,7 @@ class Command(BaseCommand):
         from tqdm import tqdm
 
         # loaded on first use: pulls in redis
-        from surveys.jobs import cohort_progress
+        from surveys.processing.jobs import cohort_progress
 
         p = cohort_progress(cohort)
         bar = tqdm(total=p["total"], unit="stage", desc="Pipeline", file=sys.stdout,

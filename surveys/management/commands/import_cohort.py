@@ -13,10 +13,10 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 
-from surveys import jobs, rowjobs
-from surveys.importing import ImportRejected, import_folder, import_zip
+from surveys.cohorts.importing import ImportRejected, import_folder, import_zip
+from surveys.cohorts.overlap import EXPLANATION, matches
 from surveys.models import Cohort
-from surveys.overlap import EXPLANATION, matches
+from surveys.processing import jobs, rowjobs
 
 
 class Command(BaseCommand):

@@ -12,8 +12,8 @@ import time
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from surveys.jobs import cohort_progress
 from surveys.models import Cohort
+from surveys.processing.jobs import cohort_progress
 
 
 class Command(BaseCommand):

@@ -1,16 +1,16 @@
 """Web uploads of DICOM, imported by a background RQ job.
 
 The request (:func:`receive_upload`) only stores the streamed files in a private
-folder ``DATA_DIR/tmp/upload-<random>/received/`` (:func:`surveys.importing.receive_uploaded_files`),
+folder ``DATA_DIR/tmp/upload-<random>/received/`` (:func:`surveys.cohorts.importing.receive_uploaded_files`),
 creates a :class:`~surveys.models.CohortUpload` row (``queued``) and enqueues
 :func:`run_upload` after the transaction commits. The job
 
 1. claims the row with a conditional UPDATE (``queued`` and its current job id), so a
    duplicate or superseded job does nothing;
-2. runs :func:`surveys.importing.import_received` (all the safety checks, all or
+2. runs :func:`surveys.cohorts.importing.import_received` (all the safety checks, all or
    nothing); the row becomes ``done`` with its counts *in the import's transaction*,
    and the new subjects' first stages are enqueued in that transaction too;
-3. on :class:`~surveys.importing.ImportRejected` marks the row ``failed`` with the
+3. on :class:`~surveys.cohorts.importing.ImportRejected` marks the row ``failed`` with the
    rejection's message (it never holds a path or a header value); on any other error
    with a generic message (the log gets the exception class and the code locations,
    not the message, which may carry paths or header values);
@@ -44,17 +44,16 @@ from django.utils import timezone
 
 from pipeline.errors import safe_message
 
-from . import jobs, rowjobs
+from ..models import Cohort, CohortUpload, JobStatus
+from ..processing import jobs, rowjobs
+from ..storage.paths import data_path, data_root, tmp_root
 from .importing import (
     ImportRejected,
     ImportResult,
     import_received,
     receive_uploaded_files,
-    tmp_root,
 )
-from .models import Cohort, CohortUpload, JobStatus
 from .overlap import matches
-from .storage.paths import data_path
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +110,7 @@ def receive_upload(cohort: Cohort, user, files: list) -> CohortUpload:
             upload = CohortUpload.objects.create(
                 cohort=cohort, uploaded_by=user if getattr(user, "pk", None) else None,
                 n_received=n, bytes_received=size, message=RECEIVED_MESSAGE,
-                staging_dir=staging.relative_to(Path(settings.DATA_DIR)).as_posix(),
+                staging_dir=staging.relative_to(data_root()).as_posix(),
                 staging_host=socket.gethostname()[:255])
             enqueue_upload(upload)
     except BaseException:
@@ -136,7 +135,7 @@ def enqueue_upload(upload: CohortUpload, queue=None, *,
     def push() -> None:
         # ahead of queued stages: the researcher is watching "importing…"
         if not rowjobs.push_job(lambda: queue if queue is not None else get_import_queue(),
-                        "surveys.uploads.run_upload", upload.pk, job_id, job_id=job_id,
+                        "surveys.cohorts.uploads.run_upload", upload.pk, job_id, job_id=job_id,
                         at_front=True,
                         job_timeout=int(getattr(settings, "PIPELINE_JOB_TIMEOUT", 3600)),
                         result_ttl=3600, failure_ttl=7 * 86400):
@@ -367,13 +366,11 @@ def recover_uploads(stale_seconds: int | None = None, keep_failed_seconds: int |
 def _remove_unrecorded_staging(older_than_seconds: int) -> None:
     """Delete staging folders older than ``older_than_seconds`` that no upload row refers to
     (a web request killed between storing the files and recording the upload)."""
-    root = Path(settings.DATA_DIR) / "tmp"
-    if not root.is_dir():
-        return
+    root = tmp_root()
     known = set(CohortUpload.objects.exclude(staging_dir="").values_list("staging_dir", flat=True))
     limit = time.time() - older_than_seconds
     for d in root.glob(f"{STAGING_PREFIX}*"):
-        rel = d.relative_to(Path(settings.DATA_DIR)).as_posix()
+        rel = d.relative_to(data_root()).as_posix()
         if d.is_dir() and rel not in known and d.stat().st_mtime < limit:
             log.warning("removing received upload files that no upload refers to")
             shutil.rmtree(d, ignore_errors=True)

@@ -15,7 +15,7 @@ The order of work guarantees that a rejected upload leaves nothing behind:
    folders are deleted again; folders left by an import whose process was killed
    before it committed are removed by the next import into that cohort.
 
-Web uploads are split in two (:mod:`surveys.uploads` runs the second half as an RQ
+Web uploads are split in two (:mod:`surveys.cohorts.uploads` runs the second half as an RQ
 job): :func:`receive_uploaded_files` only moves the streamed files into a private
 folder, :func:`import_received` unpacks and imports them. The received files are
 never modified, so an interrupted import can simply run again.
@@ -44,9 +44,10 @@ from django.db import transaction
 from pipeline import dicom_io
 from pipeline.deid_header import pseudonym_key
 
-from .models import Cohort, IdentityLink, Series, StageRun, Subject
-from .stages import STAGES
-from .storage.mirror import push_tree
+from ..models import Cohort, IdentityLink, Series, StageRun, Subject
+from ..processing.stages import STAGES
+from ..storage.mirror import push_tree
+from ..storage.paths import cohort_part, data_path, tmp_root
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +95,6 @@ class ImportResult:
     n_series: int = 0
     n_files: int = 0
     ignored_files: int = 0
-
-
-def tmp_root() -> Path:
-    """Private scratch folder below ``DATA_DIR`` (same file system as the cohort store)."""
-    root = Path(settings.DATA_DIR) / "tmp"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 #: Longest name part most file systems accept (bytes, UTF-8).
@@ -307,7 +301,7 @@ def import_folder(
     subject already in the cohort. With ``move`` the files are moved (``folder``
     must be on the ``DATA_DIR`` file system for this to be cheap), else copied.
     Creates the :class:`Subject`, :class:`Series` and pending :class:`StageRun`
-    rows (stages from :data:`surveys.stages.STAGES`). ``before_commit(result)`` runs
+    rows (stages from :data:`surveys.processing.stages.STAGES`). ``before_commit(result)`` runs
     inside the import's transaction after the rows are created: what it writes commits
     together with the import, and if it raises nothing is imported.
 
@@ -353,7 +347,7 @@ def import_folder(
         by_patient.setdefault(pseudonym_key(patient, secret), []).append(p)
     # order subjects by their key so pseudonyms do not follow the upload's (name) order
     keys = sorted(by_patient)
-    cohort_dir = Path(settings.DATA_DIR) / cohort.storage_dir()
+    orig_dir = data_path(cohort_part(cohort.pk, "orig"))
     moved: list[Path] = []
     names: list[str] = []
     result = ImportResult(cohort_id=cohort.pk, ignored_files=ignored)
@@ -363,7 +357,7 @@ def import_folder(
             _refuse_known(cohort, by_patient, planned)
             names = _next_pseudonyms(cohort, len(keys))
             for key, pseudonym in zip(keys, names):
-                _remove_orphan(cohort_dir / "orig" / pseudonym)
+                _remove_orphan(orig_dir / pseudonym)
                 subject = Subject.objects.create(cohort=cohort, pseudonym=pseudonym, patient_key=key)
                 if cohort.keep_mapping:
                     ident = by_patient[key][0].patient
@@ -373,8 +367,8 @@ def import_folder(
                 series_sorted = sorted(by_patient[key], key=lambda p: p.series_key)
                 for n, p in enumerate(series_sorted, start=1):
                     label = f"S{n:02d}"
-                    rel = f"{cohort.storage_dir()}/orig/{pseudonym}/{label}"
-                    target = Path(settings.DATA_DIR) / rel
+                    rel = f"{cohort_part(cohort.pk, 'orig', pseudonym)}/{label}"
+                    target = data_path(rel)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     tmp = target.parent / f".{label}.incoming"
                     shutil.rmtree(tmp, ignore_errors=True)
@@ -399,18 +393,18 @@ def import_folder(
                 result.subjects.append(pseudonym)
                 say(f"imported {pseudonym} ({len(series_sorted)} series)")
             for pseudonym in result.subjects:  # shared storage (if any) before the commit
-                push_tree(f"{cohort.storage_dir()}/orig/{pseudonym}")
+                push_tree(cohort_part(cohort.pk, "orig", pseudonym))
             if before_commit is not None:
                 before_commit(result)
     except BaseException:
         for path in moved:
             shutil.rmtree(path, ignore_errors=True)
         for sub in names:
-            d = cohort_dir / "orig" / sub
+            d = orig_dir / sub
             if d.is_dir() and not any(d.iterdir()):
                 d.rmdir()
             try:
-                push_tree(f"{cohort.storage_dir()}/orig/{sub}")  # nothing local: clears remote
+                push_tree(cohort_part(cohort.pk, "orig", sub))  # nothing local: clears remote
             except Exception:  # noqa: BLE001 — the original error matters more
                 log.exception("could not clean the shared storage after a failed import")
         raise

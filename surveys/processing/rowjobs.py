@@ -37,7 +37,7 @@ from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 from redis.exceptions import RedisError
 
-from .models import JobStatus, RowJob
+from ..models import JobStatus, RowJob
 
 log = logging.getLogger(__name__)
 

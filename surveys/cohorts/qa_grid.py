@@ -19,7 +19,7 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 
-from .models import Cohort
+from ..models import Cohort
 
 #: Absolute limits: (figure, comparison, value, why).
 LIMITS = [

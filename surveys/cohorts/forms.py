@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django import forms
 
-from .models import Cohort
+from ..models import Cohort
 
 
 class CohortForm(forms.ModelForm):

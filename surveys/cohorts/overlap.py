@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from django.db.models import Q
 
-from .models import Cohort, Subject
+from ..models import Cohort, Subject
 
 EXPLANATION = ("Pseudonyms are assigned per cohort, so the same patient has a different "
                "pseudonym in each cohort (de-identified cohorts shared separately cannot be "

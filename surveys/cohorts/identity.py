@@ -17,8 +17,8 @@ import logging
 from django.db import transaction
 from django.http import HttpRequest
 
-from .login_throttle import client_address
-from .models import Cohort, IdentityAccess
+from ..login_throttle import client_address
+from ..models import Cohort, IdentityAccess
 
 audit = logging.getLogger("deidstudy.audit")
 

@@ -30,16 +30,17 @@ from django.views.decorators.http import require_GET, require_POST
 
 from deidstudy.middleware import accepts_uploads
 
-from . import identity, jobs, overlap, qa_grid, rowjobs, uploads
-from .access import cohort_upload_gate, cohort_view, cohorts_for, is_researcher, sign_in_required
-from .csvsafe import write_csv
+from ..access import cohort_upload_gate, cohort_view, cohorts_for, is_researcher, sign_in_required
+from ..csvsafe import write_csv
+from ..models import Cohort, CohortUpload, RenderImage, StageRun, Subject
+from ..processing import jobs, rowjobs
+from ..processing.reid import reid_table
+from ..processing.stages import STAGES
+from ..storage.mirror import ensure_local, pull_tree
+from ..storage.paths import data_path, tmp_root
+from . import identity, overlap, qa_grid, uploads
 from .forms import CohortForm
-from .importing import ImportRejected, tmp_root
-from .models import Cohort, CohortUpload, RenderImage, StageRun, Subject
-from .reid import reid_table
-from .stages import STAGES
-from .storage.mirror import ensure_local, pull_tree
-from .storage.paths import data_path
+from .importing import ImportRejected
 from .viewer_views import subject_signature
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def cohort_status(request: HttpRequest, cohort: Cohort) -> JsonResponse:
 def cohort_upload(request: HttpRequest, cohort: Cohort) -> HttpResponse:
     """Receive zip archive(s) or DICOM files (streamed to disk) and queue their import.
 
-    The checks and the import run in a background job (:mod:`surveys.uploads`); the
+    The checks and the import run in a background job (:mod:`surveys.cohorts.uploads`); the
     cohort page shows the upload's status. Answers JSON ``{"ok", "message", "upload":
     {"id", "status"}, "status_url"}`` to XHR/JSON requests, else redirects.
     """
@@ -378,7 +379,7 @@ def download_deid(request: HttpRequest, cohort: Cohort) -> HttpResponse:
 @cohort_view("page")
 def identity_mapping(request: HttpRequest, cohort: Cohort) -> HttpResponse:
     """Pseudonym → identity table, only if the cohort kept it, only for its own researchers;
-    shown on explicit POST and recorded (:mod:`surveys.identity`)."""
+    shown on explicit POST and recorded (:mod:`surveys.cohorts.identity`)."""
     if not cohort.keep_mapping or not identity.may_see_identities(request.user, cohort):
         raise Http404("no identity mapping")
     if request.method != "POST":

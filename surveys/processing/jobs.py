@@ -1,7 +1,7 @@
 """RQ jobs of the per-subject pipeline: enqueue, claim, run, chain, retry and recover.
 
 State lives in :class:`surveys.models.StageRun` (one row per subject and stage);
-the row + job protocol is :mod:`surveys.rowjobs` (shared with the uploads). A job
+the row + job protocol is :mod:`surveys.processing.rowjobs` (shared with the uploads). A job
 first *claims* its row with a conditional UPDATE (``status=queued`` and the row's
 current job id), so a duplicate or stale job — e.g. re-delivered after a worker
 died — does nothing, and two workers on one queue never process the same stage twice. On success the next
@@ -24,11 +24,11 @@ from django.utils import timezone
 
 from pipeline.errors import safe_message
 
+from ..models import ACTIVE_STATUSES, Cohort, JobStatus, StageRun, Subject
+from ..storage.mirror import pull_tree, shared_storage
+from ..storage.paths import subject_folder
 from . import rowjobs
-from .models import ACTIVE_STATUSES, Cohort, JobStatus, StageRun, Subject
 from .stages import STAGE_BY_NAME, StageContext
-from .storage.mirror import pull_tree, shared_storage
-from .storage.paths import subject_folder
 from .viewer import prewarm
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def enqueue_stage(run: StageRun, queue=None, *, expect: tuple[str, str] | None =
     """Mark ``run`` queued with a fresh job id and enqueue it after the transaction commits.
 
     Returns the job id. Any older job of this row becomes stale (its claim fails). When
-    Redis cannot be reached the row stays queued (see :func:`surveys.rowjobs.push_job`).
+    Redis cannot be reached the row stays queued (see :func:`surveys.processing.rowjobs.push_job`).
     With ``expect=(status, job_id)`` the row is changed only if it still has that
     status and job id (a conditional UPDATE, for recovery); otherwise nothing is
     enqueued and None is returned.
@@ -60,7 +60,7 @@ def enqueue_stage(run: StageRun, queue=None, *, expect: tuple[str, str] | None =
 
     def push() -> None:
         rowjobs.push_job(lambda: queue if queue is not None else get_pipeline_queue(),
-                 "surveys.jobs.run_stage", run.pk, job_id, job_id=job_id,
+                 "surveys.processing.jobs.run_stage", run.pk, job_id, job_id=job_id,
                  job_timeout=int(getattr(settings, "PIPELINE_JOB_TIMEOUT", 3600)),
                  result_ttl=3600, failure_ttl=7 * 86400)
 
@@ -163,11 +163,11 @@ def recover_stale_stages(stale_seconds: int | None = None, queue=None,
                          grace_seconds: int | None = None) -> list[int]:
     """Re-enqueue stages whose worker is gone or whose job is lost; returns the row ids.
 
-    * ``running`` and abandoned (:func:`surveys.rowjobs.abandoned`; ``stale_seconds``
-      default :data:`surveys.rowjobs.STALE_SECONDS`): re-queued, or failed with
-      :data:`CRASH_MESSAGE` after :data:`surveys.rowjobs.MAX_CRASHES` such ends in a row;
+    * ``running`` and abandoned (:func:`surveys.processing.rowjobs.abandoned`; ``stale_seconds``
+      default :data:`surveys.processing.rowjobs.STALE_SECONDS`): re-queued, or failed with
+      :data:`CRASH_MESSAGE` after :data:`surveys.processing.rowjobs.MAX_CRASHES` such ends in a row;
     * ``queued`` for longer than ``grace_seconds`` while Redis holds no job with the
-      row's job id (:func:`surveys.rowjobs.orphaned`): enqueued again.
+      row's job id (:func:`surveys.processing.rowjobs.orphaned`): enqueued again.
 
     Each row is changed with a conditional UPDATE on the status and job id read here,
     so a row somebody changed meanwhile is left alone, and a late delivery of the old

@@ -2,7 +2,7 @@
 
 The subject page's slice viewer and 3D viewer (``static/surveys/viewer.js``,
 ``viewer3d.js``) read a series through the permission-checked views of
-:mod:`surveys.viewer_views`; this module builds and caches what they serve
+:mod:`surveys.cohorts.viewer_views`; this module builds and caches what they serve
 (:mod:`pipeline.viewer` does the geometry):
 
 * **volumes** — the original and de-identified series as int16 arrays
@@ -53,9 +53,10 @@ from pipeline import viewer as pv
 from pipeline.atomic import replace_dir, temp_sibling
 from pipeline.volume import Volume
 
-from .models import RenderImage, Series, StageRun, Subject
-from .storage.mirror import pull_tree
-from .storage.series import load_stored
+from ..models import RenderImage, Series, StageRun, Subject
+from ..storage.mirror import pull_tree
+from ..storage.paths import thumbs_dir, viewer_cache_root
+from ..storage.series import load_stored
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class ViewerUnavailable(Exception):
 
 
 def cache_root() -> Path:
-    return Path(settings.DATA_DIR) / "cache" / "viewer"
+    return viewer_cache_root()
 
 
 def subject_cache_dir(subject: Subject) -> Path:
@@ -405,7 +406,7 @@ def delete_subject_cache(subject: Subject) -> None:
 
 def thumb_dir(cohort_id: int) -> Path:
     """Folder of the QA grid's cached thumbnails of a cohort (``<image id>-<hash>.png``)."""
-    return Path(settings.DATA_DIR) / "cache" / "thumbs" / f"c{cohort_id:05d}"
+    return thumbs_dir(cohort_id)
 
 
 def _subject_deleted(sender, instance: Subject, **kwargs) -> None:
@@ -416,7 +417,7 @@ def _image_deleted(sender, instance, **kwargs) -> None:
     cohort_id = Subject.objects.filter(pk=instance.subject_id).values_list(
         "cohort_id", flat=True).first()
     folders = [thumb_dir(cohort_id)] if cohort_id is not None else \
-        list((Path(settings.DATA_DIR) / "cache" / "thumbs").glob("c*"))
+        list(thumbs_dir(0).parent.glob("c*"))
     for folder in folders:
         for f in folder.glob(f"{instance.pk}-*.png"):
             f.unlink(missing_ok=True)

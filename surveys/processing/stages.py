@@ -47,12 +47,12 @@ from pipeline.deid_header import date_offset_days_for
 from pipeline.deidentify import FaceNotFoundError, deidentify_series, make_face_method
 from pipeline.preview import mid_slices, png_bytes
 
-from .models import RenderImage, Subject
+from ..models import RenderImage, Subject
+from ..storage.atomic import output_folders
+from ..storage.mirror import delete_file
+from ..storage.paths import cohort_part, data_path, subject_folder
+from ..storage.series import load_stored
 from .reid import update_cohort_reid
-from .storage.atomic import output_folders
-from .storage.mirror import delete_file
-from .storage.paths import data_path, subject_folder
-from .storage.series import load_stored
 
 
 class StageError(ValueError):
@@ -300,5 +300,5 @@ STAGE_BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
 def remove_subject_outputs(subject: Subject) -> None:
     """Delete the derived and de-identified folders of a subject (not the originals)."""
     for part in ("deid", "derived"):
-        d = data_path(f"{subject.cohort.storage_dir()}/{part}/{subject.pseudonym}")
+        d = data_path(cohort_part(subject.cohort_id, part, subject.pseudonym))
         shutil.rmtree(d, ignore_errors=True)

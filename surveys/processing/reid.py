@@ -19,9 +19,9 @@ from django.utils import timezone
 from pipeline.atomic import atomic_write_bytes
 from pipeline.reid import cmc_figure, evaluate_study, figure_png_bytes, k_choice_accuracy
 
-from .models import Cohort, ReidSummary
-from .storage.mirror import push_file
-from .storage.paths import cohort_derived_file, data_path
+from ..models import Cohort, ReidSummary
+from ..storage.mirror import push_file
+from ..storage.paths import cohort_derived_file, data_path
 
 CONDITION_LABELS = {"control": "control (original, other view)",
                     "deidentified": "de-identified"}

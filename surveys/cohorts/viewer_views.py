@@ -3,10 +3,10 @@ status, QA thumbnails.
 
 Every view goes through :func:`surveys.access.cohort_view` (anonymous 403, other users
 404) and addresses a subject by its pseudonym within the cohort, a series by its label
-(``S01``) and the cached data by an opaque version (:func:`surveys.viewer.series_version`).
+(``S01``) and the cached data by an opaque version (:func:`surveys.processing.viewer.series_version`).
 Payloads hold pixel values, geometry in millimetres and mesh coordinates only — no
 header value, no identifier. Responses are ``private, no-store``: the data are cached
-on the server (:mod:`surveys.viewer`) and in the page's memory, never in the browser's
+on the server (:mod:`surveys.processing.viewer`) and in the page's memory, never in the browser's
 disk cache (these are identifiable images).
 """
 
@@ -28,10 +28,10 @@ from pipeline.atomic import atomic_write_bytes
 from pipeline.errors import safe_message
 from pipeline.viewer import VIEWS
 
-from . import viewer
-from .access import cohort_view
-from .models import Cohort, RenderImage, Subject
-from .storage.mirror import ensure_local
+from ..access import cohort_view
+from ..models import Cohort, RenderImage, Subject
+from ..processing import viewer
+from ..storage.mirror import ensure_local
 
 log = logging.getLogger(__name__)
 LABEL_RE = re.compile(r"S\d{2,4}")
