@@ -390,6 +390,22 @@ def find_skeleton(hu: np.ndarray, grid: CanonicalGrid, *, bone_hu: float = 200.0
     if aperture is not None:
         holes |= aperture
     front_filled = _harmonic_fill(front, holes)
+    # across an orbit the membrane is the line from the supraorbital to the infraorbital
+    # margin in every column (the cornea lies about on it): the rims' most anterior bone
+    # within 10 mm above and below the opening
+    n10 = int(round(10.0 / s))
+    for o in orbits:
+        for c in np.flatnonzero(o.any(axis=0)):
+            rows = np.flatnonzero(o[:, c])
+            up = front[rows.max() + 1:rows.max() + 1 + n10, c]
+            dn = front[max(0, rows.min() - n10):rows.min(), c]
+            if not (np.isfinite(up).any() and np.isfinite(dn).any()):
+                continue
+            k_up = rows.max() + 1 + int(np.nanargmin(up))
+            k_dn = max(0, rows.min() - n10) + int(np.nanargmin(dn))
+            t = (np.arange(len(zs)) - k_dn) / max(k_up - k_dn, 1)
+            line = front[k_dn, c] + t * (front[k_up, c] - front[k_dn, c])
+            front_filled[rows, c] = line[rows]
 
     # ---------------------------------------------------------------- midline profile
     mid = np.abs(xs) <= 2.0 + 1e-6
@@ -593,6 +609,8 @@ DEFAULT_DEPTH_RANGE_MM = 35.0
 #: Soft tissue in front of the bridged orbital opening (closed lids over a cornea that sits
 #: about on the line between the supra- and infraorbital margins; mm).
 EYELID_MM = 2.0
+#: The predicted skin is smoothed with a Gaussian of this width (mm).
+FIELD_SMOOTHING_MM = 2.5
 #: Alar width = piriform aperture width + this (mm).
 ALAR_EXCESS_MM = 10.0
 #: Nasal tip projection in front of subnasale, mm: allowed range (two-tangent result clamped).
@@ -674,17 +692,21 @@ def tissue_depth_field(hu: np.ndarray, grid: CanonicalGrid, *, scale: float = 1.
     approximation, done with distance transforms instead of clay strips):
 
     1. landmarks on the bone (:func:`find_skeleton`); the orbital openings and the piriform
-       aperture are bridged by a membrane (a harmonic surface spanning their rims);
-    2. every point of the bone surface (and membrane) gets a soft-tissue depth: the
-       landmarks' depths (:data:`TISSUE_DEPTHS_MM`) spread by a Gaussian kernel of
-       :data:`DEPTH_KERNEL_MM`, falling back to :data:`DEFAULT_DEPTH_MM` far from every
-       landmark; :data:`EYELID_MM` in front of the orbital membranes;
+       aperture are bridged by a membrane (across an orbit, in every column, the straight
+       line from the supraorbital to the infraorbital margin — the cornea lies about on
+       it; across the aperture a harmonic surface spanning its rim);
+    2. every point of the bone surface gets a soft-tissue depth: the landmarks' depths
+       (:data:`TISSUE_DEPTHS_MM`) spread by a Gaussian kernel of :data:`DEPTH_KERNEL_MM`,
+       falling back to :data:`DEFAULT_DEPTH_MM` far from every landmark; the membranes get
+       :data:`EYELID_MM` (closed lids; over the aperture the nose of step 3 stands);
     3. the skin is the set of points within that depth of their nearest bone point (an
        offset surface perpendicular to the bone, like the depth pegs of a reconstruction),
        plus a generic nose placed by :func:`nose_landmarks`;
     4. only the face counts: in front of the ear canals (behind the gonia and zygia by at
        most 10 mm). (Inside the head the field is positive too — around the septum, in the
        sinuses —; :func:`paint_skin` fills only air, and air the skin encloses is not seen.)
+    5. the field is smoothed (:data:`FIELD_SMOOTHING_MM`), as the clay between the depth
+       pegs is.
 
     ``scale`` is the alignment's canonical units per mm (depths are in mm).
     """
@@ -696,19 +718,17 @@ def tissue_depth_field(hu: np.ndarray, grid: CanonicalGrid, *, scale: float = 1.
     nz, ny, nx = grid.shape
     # 1. membranes across the orbits and the aperture
     env = sk.bone.copy()
-    membrane_eye = np.zeros_like(env)
-    holes = [(o, True) for o in sk.orbits] + ([(sk.aperture, False)] if sk.aperture is not None
-                                              else [])
+    membrane = np.zeros_like(env)
+    holes = list(sk.orbits) + ([sk.aperture] if sk.aperture is not None else [])
     yy = ys[None, :, None]
-    for mask, is_eye in holes:
+    for mask in holes:
         if mask is None or not mask.any():
             continue
         f = np.where(mask, sk.front_filled, np.nan)[:, None, :]
         with np.errstate(invalid="ignore"):
             plate = (yy >= f) & (yy <= f + 3.0)
         env |= plate
-        if is_eye:
-            membrane_eye |= plate
+        membrane |= plate
     # 2. depths on the envelope's surface
     surf = env & ~ndi.binary_erosion(env)
     kz, jy, ix = np.nonzero(surf)
@@ -723,7 +743,9 @@ def tissue_depth_field(hu: np.ndarray, grid: CanonicalGrid, *, scale: float = 1.
         depth = (w @ ld + w0 * DEFAULT_DEPTH_MM * scale) / (w.sum(axis=1) + w0)
     else:
         depth = np.full(len(sp), DEFAULT_DEPTH_MM * scale)
-    depth[membrane_eye[kz, jy, ix]] = EYELID_MM * scale
+    # the bridged openings: closed lids over the orbits; the nose over the aperture is the
+    # generic nose below, not a depth
+    depth[membrane[kz, jy, ix]] = EYELID_MM * scale
     dimg = np.zeros(env.shape, dtype=np.float32)
     dimg[kz, jy, ix] = depth
     # 3. offset surface: within the depth of the nearest envelope point
@@ -746,6 +768,8 @@ def tissue_depth_field(hu: np.ndarray, grid: CanonicalGrid, *, scale: float = 1.
             if k in sk.points]
     y_lim = (max(back) + 10.0) if back else 0.0
     s[:, ys > y_lim, :] = np.minimum(s[:, ys > y_lim, :], -(ys[ys > y_lim] - y_lim)[None, :, None])
+    # 5. smooth, as the strips between the depth pegs are smoothed
+    s = ndi.gaussian_filter(s, FIELD_SMOOTHING_MM / step)
     return s.astype(np.float32), sk
 
 
