@@ -85,6 +85,7 @@ def test_the_shipped_model_on_a_held_out_head_and_as_an_attack():
 
     seed = 4321  # in no training, validation or reported cohort range
     m = SF.load_model()
+    assert SF.check_held_out(m, [seed])["disjoint"]
     d = SF.training_pair(seed, "medium")
     cells = face_cells(m.radial) & np.isfinite(d["y"])
     err = np.abs(m.predict_map(d["x"]) - d["y"])[cells].mean()
