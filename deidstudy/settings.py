@@ -22,6 +22,8 @@ DEIDSTUDY_RQ_QUEUE     name of the pipeline queue (default "pipeline").
 DEIDSTUDY_IMPORT_QUEUE queue of the upload imports (default: the pipeline queue).
 DEIDSTUDY_SHARED_STORAGE  "s3" or "path:/folder": share cohort files between machines.
 DEIDSTUDY_FACE_METHOD  face method of the web pipeline (auto/anatomical/model/none).
+DEIDSTUDY_REID_ATTACKS reconstruction attacks of the embeddings stage (default
+                       "tissue_depth,learned"; "none").
 DEIDSTUDY_VAR_DIR      state folder (database, originals, outputs); default ./var.
 DEIDSTUDY_PROJECT_SECRET secret for UID hashing and pseudonymisation (required in production).
 DEIDSTUDY_UMASK        umask of every process (default 077: files 0600, folders 0700).
@@ -269,6 +271,12 @@ ZIP_MAX_MEMBERS = int(os.environ.get("DEIDSTUDY_ZIP_MAX_MEMBERS", "200000"))
 # Face method of the web pipeline (see pipeline.deidentify.METHODS).
 PIPELINE_FACE_METHOD = os.environ.get("DEIDSTUDY_FACE_METHOD", "auto")
 PIPELINE_RENDER_BACKEND = os.environ.get("DEIDSTUDY_RENDER_BACKEND", "auto")
+# Reconstruction attacks the embeddings stage runs on every de-identified scan
+# (pipeline.reconstruct.ATTACKS, comma-separated; "none" for none).
+PIPELINE_REID_ATTACKS = tuple(
+    a.strip().replace("-", "_") for a in
+    os.environ.get("DEIDSTUDY_REID_ATTACKS", "tissue_depth,learned").split(",")
+    if a.strip() and a.strip() != "none")
 # A running stage whose heartbeat (every 30 s) is older than this counts as abandoned.
 PIPELINE_STALE_SECONDS = int(os.environ.get("DEIDSTUDY_STALE_SECONDS", "1800"))
 # A stage or upload "queued" for longer than this whose job Redis does not hold (the process

@@ -53,6 +53,7 @@ __all__ = [
     "bootstrap_weights",
     "cmc_curve",
     "cmc_figure",
+    "condition_label",
     "cosine_similarity_matrix",
     "embedding_similarity",
     "evaluate_condition",
@@ -79,7 +80,8 @@ __all__ = [
 TIE_RULE = ("Ties are broken at random and the expected value is reported: a probe whose own "
             "subject is tied with t others counts as identified at each tied rank with "
             "probability 1/(t+1); a tied genuine/impostor pair counts ½ in the AUC.")
-#: Probe conditions of a study, in display order.
+#: Probe conditions of a study, in display order (reconstruction attacks add
+#: ``attack_<name>`` conditions after them, see :func:`condition_label`).
 CONDITIONS = ("control", "deidentified")
 #: Name of the score-level fusion of all matchers in :func:`evaluate_study`.
 FUSED = "fused"
@@ -542,7 +544,19 @@ def evaluate_study(
 # --------------------------------------------------------------------------- plots
 
 _CONDITION_STYLE = {"control": ("C0", "-", "control (original)"),
-                    "deidentified": ("C3", "-", "de-identified")}
+                    "deidentified": ("C3", "-", "de-identified"),
+                    "attack_tissue_depth": ("C2", "--", "de-identified + tissue-depth reconstruction"),
+                    "attack_learned": ("C1", "-.", "de-identified + learned reconstruction")}
+
+
+def condition_label(condition: str) -> str:
+    """Words for a probe condition (plots, reports): ``attack_<name>`` conditions are
+    "de-identified + <name> reconstruction"."""
+    if condition in _CONDITION_STYLE:
+        return _CONDITION_STYLE[condition][2]
+    if condition.startswith("attack_"):
+        return f"de-identified + {condition[len('attack_'):].replace('_', '-')} reconstruction"
+    return condition
 
 
 def _figure(width_in: float = 5.0, height_in: float = 3.6) -> tuple[Any, Any]:
@@ -590,7 +604,7 @@ def cmc_figure(study: Mapping[str, Any], matcher: str | None = None, *, width_in
     k = np.arange(1, n + 1)
     for i, cond in enumerate(study["conditions"]):
         met = entry[cond]
-        colour, style, label = _CONDITION_STYLE.get(cond, (f"C{i + 4}", "-", cond))
+        colour, style, label = _CONDITION_STYLE.get(cond, (f"C{i + 4}", "-", condition_label(cond)))
         ci = met.get("rank1_ci95")
         ci_txt = f", 95% CI {ci[0]:.2f}–{ci[1]:.2f}" if ci else ""
         ax.step(k, met["cmc"], where="post", color=colour, linestyle=style, marker="o",
@@ -622,11 +636,11 @@ def plot_similarity_distributions(conditions: Mapping[str, ConditionMetrics],
     pad = max(1e-3, 0.02 * (hi - lo))
     bins = np.linspace(lo - pad, hi + pad, 50)
     for idx, (name, met) in enumerate(conditions.items()):
-        colour = _CONDITION_STYLE.get(name, (f"C{idx}",))[0]
+        colour = _CONDITION_STYLE.get(name, (f"C{idx + 4}",))[0]
         ax.hist(met.genuine, bins=bins, density=True, histtype="stepfilled", alpha=0.35,
-                color=colour, label=f"{name}: genuine")
+                color=colour, label=f"{condition_label(name)}: genuine")
         ax.hist(met.impostor.ravel(), bins=bins, density=True, histtype="step", color=colour,
-                linestyle="--", label=f"{name}: impostor")
+                linestyle="--", label=f"{condition_label(name)}: impostor")
     ax.set_xlim(bins[0], bins[-1])
     ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
@@ -640,8 +654,9 @@ def plot_roc(conditions: Mapping[str, ConditionMetrics], stem: str | Path) -> li
     fig, ax = _figure(4.2, 4.0)
     for idx, (name, met) in enumerate(conditions.items()):
         fpr, tpr, _t = roc_curve(met.genuine, met.impostor)
-        colour = _CONDITION_STYLE.get(name, (f"C{idx}",))[0]
-        ax.plot(fpr, tpr, color=colour, label=f"{name} (AUC {met.auc:.3f})")
+        colour, style = _CONDITION_STYLE.get(name, (f"C{idx + 4}", "-"))[:2]
+        ax.plot(fpr, tpr, color=colour, linestyle=style,
+                label=f"{condition_label(name)} (AUC {met.auc:.3f})")
     ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle=":", label="chance")
     ax.set_xlabel("false match rate")
     ax.set_ylabel("true match rate")

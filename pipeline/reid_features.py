@@ -23,7 +23,13 @@ For one subject (:func:`subject_features`):
 4. Views: every combination of the camera elevations ``elevations_deg`` and
    the head-fixed lights ``light_azimuths_deg`` (the light does not turn with
    the camera, so a surface looks the same from every view up to projection).
-5. Matchers (:data:`MATCHERS`):
+5. Reconstruction attacks (``attacks``, :mod:`pipeline.reconstruct`): from the
+   de-identified volume alone, a face is rebuilt on the kept skull (tissue-depth
+   landmarks, a learned skull-to-face model); each reconstruction is a probe condition
+   ``attack_<name>`` rendered, meshed and embedded exactly like the de-identified probe
+   (same alignment — the attacker's, from the de-identified bone —, crop, smoothing,
+   views).
+6. Matchers (:data:`MATCHERS`):
 
    * ``appearance`` — dlib's ResNet face descriptor (``face-recognition-models``)
      of every view (face box: HOG detector, else the canonical face box);
@@ -50,12 +56,15 @@ from .render import RenderResult, RenderSettings
 from .shape import DepthGrid, depth_points, depth_similarity, frontal_depth_map
 
 __all__ = [
+    "ATTACK_PREFIX",
     "CONDITIONS_WITH_GALLERY",
     "MATCHERS",
     "ReidProtocol",
     "SubjectFeatures",
+    "attack_condition",
     "features_from_json",
     "features_to_json",
+    "is_attack_condition",
     "study_similarities",
     "subject_features",
 ]
@@ -67,9 +76,23 @@ MATCHERS: dict[str, str] = {
     "surface": "frontal depth map from the renders' depth buffers, robust (median) depth "
                "distance of cohort-centred maps",
 }
-#: Feature sets of a subject: the gallery and the two probe conditions.
+#: Feature sets of a subject: the gallery and the two probe conditions (plus one
+#: ``attack_<name>`` condition per reconstruction attack that was run, see
+#: :func:`attack_condition`).
 CONDITIONS_WITH_GALLERY = ("gallery", "control", "deidentified")
+#: Prefix of the probe conditions of reconstruction attacks.
+ATTACK_PREFIX = "attack_"
 _FORMAT = 1
+
+
+def attack_condition(attack: str) -> str:
+    """Probe condition name of a reconstruction attack (``tissue_depth`` → ``attack_tissue_depth``)."""
+    return ATTACK_PREFIX + attack
+
+
+def is_attack_condition(condition: str) -> bool:
+    """Whether ``condition`` is the probe condition of a reconstruction attack."""
+    return condition.startswith(ATTACK_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -122,8 +145,10 @@ class SubjectFeatures:
     (n_views,) whether the HOG detector found the face (else the canonical
     box was used), ``depth_maps[c]`` (n_z, n_x) frontal depth map (NaN =
     unseen), for ``c`` in :data:`CONDITIONS_WITH_GALLERY` (``deidentified``
-    missing when no de-identified volume was given). ``renders[c]`` holds the
-    views when asked for.
+    missing when no de-identified volume was given) and the ``attack_<name>``
+    conditions of the attacks that were run. ``renders[c]`` holds the views
+    when asked for; ``attacks[name]`` what each attack found (landmarks found
+    and missing, voxels added; no image).
     """
 
     label: str
@@ -135,6 +160,7 @@ class SubjectFeatures:
     renders: dict[str, list[RenderResult]] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
     faces: dict[str, int] = field(default_factory=dict)
+    attacks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def fused_embedding(self, condition: str) -> np.ndarray:
         """Mean of the unit-length descriptors of a condition's views (128-d)."""
@@ -165,15 +191,21 @@ def subject_features(
     keep_renders: bool = False,
     template: Any = None,
     timeout_s: float = 120.0,
+    attacks: Sequence[str] = (),
+    attack_model: Any = None,
 ) -> SubjectFeatures:
     """Gallery, control and de-identified features of one subject (see the module docstring).
 
     ``original`` / ``deidentified`` are :class:`pipeline.volume.Volume` (HU,
     LPS); ``seed`` fixes the simulated re-scan of the gallery (use
-    :func:`pipeline.rescan.volume_seed` of the original).
+    :func:`pipeline.rescan.volume_seed` of the original). ``attacks`` names
+    reconstruction attacks (:data:`pipeline.reconstruct.ATTACKS`) to run on the
+    de-identified volume (``attack_model``: another learned model than the
+    shipped one).
     Raises :class:`pipeline.align.AlignmentError`,
-    :class:`pipeline.surface.SurfaceError`, :class:`pipeline.render.RenderError`
-    or :class:`pipeline.embed.EmbedError` when a step fails.
+    :class:`pipeline.surface.SurfaceError`, :class:`pipeline.render.RenderError`,
+    :class:`pipeline.embed.EmbedError` or
+    :class:`pipeline.reconstruct.ReconstructionError` when a step fails.
     """
     # loaded on first use: pulls in trimesh
     from . import render as R
@@ -220,14 +252,36 @@ def subject_features(
         ("gallery", gallery_volume, gallery_crop, gallery_alignment, protocol.gallery_yaw_deg),
         ("control", original, crop, alignment, protocol.probe_yaw_deg),
     ]
+    attack_info: dict[str, dict[str, Any]] = {}
     if deidentified is not None:
         if _same_geometry(original, deidentified):
+            al_d = alignment
             sources.append(("deidentified", deidentified, crop, alignment, protocol.probe_yaw_deg))
         else:  # another grid: align its own (identical) bone
             al_d = alignment_from_volume(deidentified, template)
             sources.append(("deidentified", deidentified, R.canonical_crop(deidentified, al_d, box),
                             al_d, protocol.probe_yaw_deg))
             t0 = tick("alignment", t0)
+        if attacks:
+            # loaded on first use: pulls in scipy
+            from .reconstruct import reconstruct
+
+            # the attacker aligns the de-identified bone; the alignment depends on the bone
+            # mask and grid alone, so the original's is the attacker's when both are equal
+            if al_d is alignment and not np.array_equal(original.hu >= 300, deidentified.hu >= 300):
+                al_d = alignment_from_volume(deidentified, template)
+                t0 = tick("alignment", t0)
+            for name in attacks:
+                rec = reconstruct(deidentified, name, alignment=al_d, model=attack_model,
+                                  stride=strides_for_resolution(deidentified,
+                                                                protocol.resolution_mm))
+                sources.append((attack_condition(name), rec.volume,
+                                R.canonical_crop(rec.volume, al_d, box), al_d,
+                                protocol.probe_yaw_deg))
+                attack_info[name] = {"voxels_added": rec.voxels_added,
+                                     "landmarks_found": sorted(rec.landmarks),
+                                     "landmarks_missing": list(rec.missing)}
+                t0 = tick("reconstruction", t0)
 
     embedder = get_embedder(upsample=0)  # faces fill the renders: no upsampling needed
     emb: dict[str, np.ndarray] = {}
@@ -259,13 +313,14 @@ def subject_features(
             renders[name] = rs
     return SubjectFeatures(label=label, embeddings=emb, detected=det, depth_maps=depth,
                            alignment=alignment, gallery_alignment=gallery_alignment,
-                           renders=renders, timings_s=t, faces=faces)
+                           renders=renders, timings_s=t, faces=faces, attacks=attack_info)
 
 
 def study_similarities(features: Sequence[SubjectFeatures]) -> dict[str, dict[str, np.ndarray]]:
     """``{matcher: {condition: (n, n) similarity}}`` of a cohort, probes × gallery, in list order.
 
-    Conditions are ``control`` and, when every subject has it, ``deidentified``.
+    Conditions are ``control`` and, when every subject has them, ``deidentified``
+    and the ``attack_<name>`` conditions (sorted by name).
     Matchers: ``appearance`` (:func:`pipeline.reid.embedding_similarity` of the
     fused descriptors) and ``surface`` (:func:`pipeline.shape.depth_similarity`).
     """
@@ -274,6 +329,8 @@ def study_similarities(features: Sequence[SubjectFeatures]) -> dict[str, dict[st
     conditions = ["control"]
     if all("deidentified" in f.embeddings for f in features):
         conditions.append("deidentified")
+    conditions += sorted(c for c in features[0].embeddings if is_attack_condition(c)
+                         and all(c in f.embeddings for f in features))
     gallery_e = np.array([f.fused_embedding("gallery") for f in features])
     gallery_d = np.array([f.depth_maps["gallery"] for f in features])
     out: dict[str, dict[str, np.ndarray]] = {"appearance": {}, "surface": {}}
@@ -309,6 +366,7 @@ def features_to_json(f: SubjectFeatures) -> dict[str, Any]:
         "detected": {c: [bool(x) for x in v] for c, v in f.detected.items()},
         "depth_maps": {c: _encode(v, "float16") for c, v in f.depth_maps.items()},
         "faces": dict(f.faces),
+        "attacks": dict(f.attacks),
     }
 
 
@@ -322,4 +380,5 @@ def features_from_json(d: Mapping[str, Any], label: str = "") -> SubjectFeatures
         detected={c: np.asarray(v, dtype=bool) for c, v in d["detected"].items()},
         depth_maps={c: _decode(v).astype(float) for c, v in d["depth_maps"].items()},
         faces=dict(d.get("faces", {})),
+        attacks=dict(d.get("attacks", {})),
     )

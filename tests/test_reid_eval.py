@@ -85,6 +85,78 @@ def test_deidentify_then_reid_eval_with_the_mapping_just_works(chain, capsys):
         assert Path(s["dicom_folder"]).name not in blob
 
 
+@pytest.mark.slow
+def test_reid_eval_with_the_reconstruction_attacks(chain, capsys):
+    """--attack all: faces rebuilt on the de-identified skulls are probes like the others,
+    in metrics.json (flat keys and the study table), the plots and the renders."""
+    base, _phi = chain
+    out = base / "out-attacks"
+    call_command("reid_eval", str(base / "cohort" / "dicom"), str(base / "deid"), str(out),
+                 "--mapping", str(base / "mapping.json"), "--bootstrap", "100",
+                 "--attack", "all")
+    metrics = json.loads((out / "metrics.json").read_text())
+    study = metrics["study"]
+    assert study["conditions"] == ["control", "deidentified", "attack_learned",
+                                   "attack_tissue_depth"]
+    fused = study["matchers"]["fused"]
+    for name in ("tissue_depth", "learned"):
+        cond = f"attack_{name}"
+        for key in ("rank1", "rank5", "auc"):
+            assert metrics[f"{key}_{cond}"] == fused[cond][key]
+            lo, hi = metrics[f"{key}_{cond}_ci95"]
+            assert 0.0 <= lo <= fused[cond][key] <= hi <= 1.0
+        for m in ("appearance", "surface"):
+            assert study["matchers"][m][cond]["n_probes"] == 3
+        assert metrics["attacks"][name]["condition"] == cond
+        assert metrics["attacks"][name]["voxels_added_mean"] > 100
+    assert metrics["attacks"]["tissue_depth"]["landmarks_found_mean"] >= 15
+    assert metrics["attacks"]["learned"]["model"]["train_seeds"][0] >= 300000
+    held_out = metrics["attacks"]["learned"]["held_out"]
+    assert held_out["disjoint"] is True and held_out["subject_seeds"] == [60, 61, 62]
+    assert set(metrics["face_detected_fraction"]) == {
+        "gallery", "control", "deidentified", "attack_tissue_depth", "attack_learned"}
+    feats = np.load(out / "features.npz")
+    assert {"attack_tissue_depth", "attack_learned"} <= set(feats["conditions"])
+    for label in ("SUBJ-0001_S01", "SUBJ-0002_S01", "SUBJ-0003_S01"):
+        names = {x.name for x in (out / "renders" / label).iterdir()}
+        assert {"attack_tissue_depth.png", "attack_learned.png", "deidentified.png"} <= names
+    # the rebuilt face differs from the de-identified surface it was built on
+    d = feats["depth_maps"]
+    conds = list(feats["conditions"])
+    de, td = d[:, conds.index("deidentified")], d[:, conds.index("attack_tissue_depth")]
+    both = np.isfinite(de) & np.isfinite(td)
+    assert np.median(np.abs(de - td)[both]) > 1.0
+    assert "attack_tissue_depth" in capsys.readouterr().out  # the printed table
+    from pipeline.reid import cmc_figure
+
+    legend = [t.get_text() for t in cmc_figure(study).axes[0].get_legend().get_texts()]
+    assert any(t.startswith("de-identified + tissue-depth reconstruction: rank-1") for t in legend)
+    assert any(t.startswith("de-identified + learned reconstruction: rank-1") for t in legend)
+    assert (out / "roc_surface.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_reid_eval_refuses_a_learned_model_that_saw_the_cohort(chain, tmp_path):
+    """The learned attack is only evaluated on heads it was neither trained nor validated on:
+    a model whose card lists the cohort's seeds (60–62) is refused before anything runs."""
+    from pipeline import skull_to_face as SF
+
+    base, _phi = chain
+    rg = SF.RadialGrid(theta0=-4.0, theta1=4.0, phi0=-2.0, phi1=2.0)
+    rng = np.random.default_rng(0)
+    for card in ({"train_seeds": [0, 61], "validation_seeds": [900, 910]},  # trained on 60
+                 {"train_seeds": [0, 50], "validation_seeds": [62, 70]},  # validated on 62
+                 {"train_seeds": [0, 50]}):  # the card does not say
+        path = tmp_path / f"m{len(card)}{card['train_seeds'][1]}.npz"
+        SF.fit_model(rng.normal(size=(8, 30)), rng.normal(size=(8, 15)), k=2, lam=1.0, rg=rg,
+                     card=card).save(path)
+        with pytest.raises(CommandError, match="trained or validated on|no validation_seeds"):
+            call_command("reid_eval", str(base / "cohort" / "dicom"), str(base / "deid"),
+                         str(tmp_path / "out"), "--mapping", str(base / "mapping.json"),
+                         "--attack", "learned", "--learned-model", str(path))
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
 def _mapping(tmp_path, rows):
     m = tmp_path / "m.json"
     m.write_text(json.dumps({"series": rows, "skipped_files": []}))

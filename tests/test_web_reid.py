@@ -153,3 +153,72 @@ def test_study_report_shows_the_raters_beside_the_automated_matchers(done_study)
     pdf_after = c.get(f"/studies/{study.pk}/export/report.pdf").content
     assert pdf_after.count(b"/Type /Page\n") + pdf_after.count(b"/Type /Page ") > \
         pdf_before.count(b"/Type /Page\n") + pdf_before.count(b"/Type /Page ")
+
+
+def with_attacks(feats: list[SubjectFeatures], seed: int = 5) -> list[SubjectFeatures]:
+    """Add two reconstruction-attack probes: ``attack_tissue_depth`` resembles the gallery
+    (a face rebuilt on the skull that identifies), ``attack_learned`` is noise."""
+    rng = np.random.default_rng(seed)
+    for f in feats:
+        f.embeddings["attack_tissue_depth"] = f.embeddings["gallery"] + 0.3 * rng.normal(
+            size=f.embeddings["gallery"].shape)
+        f.embeddings["attack_learned"] = rng.normal(size=f.embeddings["gallery"].shape)
+        f.depth_maps["attack_tissue_depth"] = f.depth_maps["gallery"] + 0.05 * rng.normal(
+            size=f.depth_maps["gallery"].shape)
+        f.depth_maps["attack_learned"] = rng.normal(size=f.depth_maps["gallery"].shape)
+        for c in ("attack_tissue_depth", "attack_learned"):
+            f.detected[c] = np.ones(6, bool)
+        f.attacks = {"tissue_depth": {"voxels_added": 10}, "learned": {"voxels_added": 12}}
+    return feats
+
+
+def test_cohort_page_shows_deidentified_beside_deidentified_plus_reconstruction(client, cohort):
+    import re
+
+    c, owner = cohort
+    feats = with_attacks(fake_features(12, seed=3))
+    _subjects(c, feats)
+    back = features_from_json(c.subjects.first().reid_features)
+    assert back.attacks["learned"] == {"voxels_added": 12}
+    summary = update_cohort_reid(c)
+    m = summary.metrics
+    assert m["conditions"] == ["control", "deidentified", "attack_learned", "attack_tissue_depth"]
+    assert m["matchers"]["fused"]["attack_tissue_depth"]["rank1"] == 1.0
+    assert m["matchers"]["fused"]["attack_learned"]["rank1"] < 0.5
+    table = reid_table(m)
+    assert table["side_by_side_labels"] == [
+        "de-identified", "de-identified + learned reconstruction",
+        "de-identified + tissue-depth reconstruction"]
+    assert [r["matcher"] for r in table["side_by_side"]] == ["appearance", "surface", "fused"]
+    client.force_login(owner)
+    page = client.get(f"/cohorts/{c.pk}/").content.decode()
+    side = page[page.index('id="reid-side-by-side"'):]
+    side = side[:side.index("</table>")]
+    fused = re.search(r'data-matcher="fused" class="primary">(.*?)</tr>', side, re.DOTALL).group(1)
+    cells = re.findall(r'data-condition="([a-z_]+)">([^<]*)</td>', fused)
+    assert [k for k, _ in cells] == ["deidentified", "attack_learned", "attack_tissue_depth"]
+    assert cells[2][1].startswith("1.00 [1.00, 1.00]; 1.00")
+    assert "De-identified + tissue-depth reconstruction: rank-1 <b>1.00</b>" in page
+    # every matcher × condition row of the main table, attacks included
+    for cond in ("attack_learned", "attack_tissue_depth"):
+        assert f'data-matcher="surface" data-condition="{cond}"' in page
+
+
+@pytest.mark.django_db
+def test_study_report_and_pdf_show_the_reconstruction_attacks(done_study):
+    import pypdfium2 as pdfium
+
+    study, c, cohort = done_study["study"], done_study["client"], done_study["cohort"]
+    subjects = list(cohort.subjects.order_by("pseudonym"))
+    for s, f in zip(subjects, with_attacks(fake_features(len(subjects), seed=9))):
+        s.reid_features = features_to_json(f)
+        s.save(update_fields=["reid_features"])
+    update_cohort_reid(cohort)
+    page = c.get(f"/studies/{study.pk}/report/").content.decode()
+    assert 'id="reid-side-by-side"' in page
+    assert "de-identified + tissue-depth reconstruction" in page.lower()
+    pdf = pdfium.PdfDocument(c.get(f"/studies/{study.pk}/export/report.pdf").content)
+    text = " ".join(pdf[i].get_textpage().get_text_range() for i in range(len(pdf)))
+    text = " ".join(text.split())
+    assert "De-identified beside de-identified + reconstruction" in text
+    assert "de-identified + tissue-depth reconstruction" in text

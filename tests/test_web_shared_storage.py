@@ -69,6 +69,9 @@ def test_stages_run_on_machines_that_share_only_the_storage(db, settings, tmp_pa
         for stage in ("surfaces", "embeddings"):
             _run(subject.stages.get(stage=stage))
     assert cohort.reid.n_subjects == 2
+    # the stage rebuilds faces on the de-identified skulls by default (both attacks)
+    assert cohort.reid.metrics["conditions"] == [
+        "control", "deidentified", "attack_learned", "attack_tissue_depth"]
     remote = _files(shared)
     assert any("/deid/" in f for f in remote) and any("render-yaw+0-deid.png" in f for f in remote)
     assert "cohorts/c{:05d}/derived/reid-cmc.png".format(cohort.pk) in remote

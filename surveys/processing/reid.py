@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from pipeline.atomic import atomic_write_bytes
 from pipeline.reid import cmc_figure, evaluate_study, figure_png_bytes, k_choice_accuracy
+from pipeline.reid import condition_label as words
 
 from ..models import Cohort, ReidSummary
 from ..storage.mirror import push_file
@@ -25,6 +26,11 @@ from ..storage.paths import cohort_derived_file, data_path
 
 CONDITION_LABELS = {"control": "control (original, other view)",
                     "deidentified": "de-identified"}
+
+
+def condition_label(condition: str) -> str:
+    """Words for a probe condition; reconstruction attacks are "de-identified + … reconstruction"."""
+    return CONDITION_LABELS.get(condition) or words(condition)
 
 
 def compute_cohort_study(cohort: Cohort, n_bootstrap: int = 2000) -> dict[str, Any] | None:
@@ -76,6 +82,11 @@ def reid_table(study: dict[str, Any] | None) -> dict[str, Any] | None:
     ``rows``: one per matcher and condition with the rates, their 95 % CIs
     and n; plus ``chance``, ``n``, ``small_cohort``, ``min_subjects``,
     ``tie_rule`` and the primary matcher's de-identified and control rank-1.
+    With reconstruction attacks (conditions ``attack_<name>``), ``side_by_side``
+    has one row per matcher with the de-identified probe's rank-1 and AUC (with
+    CIs) beside each "de-identified + reconstruction" probe's
+    (``side_by_side_labels`` are the column titles), and ``rank1_attacks`` the
+    primary matcher's rank-1 of each attack.
     """
     if not study or "matchers" not in study:
         return None
@@ -84,7 +95,7 @@ def reid_table(study: dict[str, Any] | None) -> dict[str, Any] | None:
         for cond in study["conditions"]:
             m = entry[cond]
             row = {"matcher": name, "label": entry.get("label", name), "condition": cond,
-                   "condition_label": CONDITION_LABELS.get(cond, cond), "n": m["n_probes"],
+                   "condition_label": condition_label(cond), "n": m["n_probes"],
                    "primary": name == study["primary"]}
             for key in ("rank1", "rank5", "auc"):
                 lo, hi = m.get(f"{key}_ci95") or (None, None)
@@ -92,7 +103,25 @@ def reid_table(study: dict[str, Any] | None) -> dict[str, Any] | None:
             rows.append(row)
     primary = study["matchers"][study["primary"]]
     protocol = study.get("protocol") or {}
+    attacks = [c for c in study["conditions"] if c.startswith("attack_")]
+    side = []
+    if attacks and "deidentified" in study["conditions"]:
+        for name, entry in study["matchers"].items():
+            cells = []
+            for cond in ["deidentified", *attacks]:
+                m = entry[cond]
+                lo, hi = m.get("rank1_ci95") or (None, None)
+                alo, ahi = m.get("auc_ci95") or (None, None)
+                cells.append({"condition": cond, "rank1": m["rank1"], "rank1_lo": lo,
+                              "rank1_hi": hi, "auc": m["auc"], "auc_lo": alo, "auc_hi": ahi})
+            side.append({"matcher": name, "label": entry.get("label", name),
+                         "primary": name == study["primary"], "cells": cells})
     return {"rows": rows, "chance": study["chance"], "n": study["n_subjects"],
+            "side_by_side": side,
+            "side_by_side_labels": [condition_label(c) for c in ["deidentified", *attacks]]
+            if side else [],
+            "rank1_attacks": [{"condition": c, "label": condition_label(c),
+                               "rank1": primary[c]["rank1"]} for c in attacks],
             "gallery_yaw": protocol.get("gallery_yaw_deg"),
             "probe_yaw": protocol.get("probe_yaw_deg"),
             "small_cohort": study["small_cohort"], "min_subjects": study["min_subjects"],
@@ -113,7 +142,7 @@ def human_vs_automated(analysis: dict[str, Any] | None, study: dict[str, Any] | 
     for cond in study["conditions"]:
         human = pooled.get(cond) or {}
         row: dict[str, Any] = {
-            "condition": cond, "condition_label": CONDITION_LABELS.get(cond, cond),
+            "condition": cond, "condition_label": condition_label(cond),
             "human_n": human.get("n"), "human_accuracy": human.get("accuracy"),
             "human_lo": human.get("ci_low"), "human_hi": human.get("ci_high"),
             "chance": 1.0 / n_choices, "automated": []}

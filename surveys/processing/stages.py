@@ -21,7 +21,9 @@ Stages (per subject; folders below ``cohorts/cNNNNN/``):
 ``surfaces``      skin surfaces of original and de-identified primary series,
                   bone-based canonical alignment, standardised renders. Reads
                   ``orig`` and ``deid``; owns ``derived/<pseudonym>/surfaces/``;
-``embeddings``    dlib face embeddings of the frontal renders; when every subject
+``embeddings``    dlib face embeddings and depth maps of the renders (gallery, control,
+                  de-identified, and faces rebuilt on the de-identified skull by the
+                  reconstruction attacks); when every subject
                   of the cohort has them, the cohort re-identification summary
                   (``derived/reid-cmc.png``). Reads ``derived/<pseudonym>/surfaces``.
 
@@ -261,7 +263,8 @@ def stage_surfaces(subject: Subject, ctx: StageContext) -> None:
 
 def stage_embeddings(subject: Subject, ctx: StageContext) -> None:
     """Re-identification features of the primary series (:mod:`pipeline.reid_features`:
-    re-scanned gallery, original and de-identified probes, dlib descriptors and depth
+    re-scanned gallery, original and de-identified probes, the reconstruction attacks of
+    ``settings.PIPELINE_REID_ATTACKS`` on the de-identified scan, dlib descriptors and depth
     maps); the cohort summary is recomputed when every subject has them."""
     # loaded on first use: pulls in trimesh
     from pipeline import render  # noqa: F401 — first: sets the OpenGL platform
@@ -275,7 +278,8 @@ def stage_embeddings(subject: Subject, ctx: StageContext) -> None:
     deid = load_stored(s.deid_dir).volume
     ctx.progress(0.2)
     f = subject_features(orig, deid, label=subject.pseudonym, seed=volume_seed(orig),
-                         backend=settings.PIPELINE_RENDER_BACKEND)
+                         backend=settings.PIPELINE_RENDER_BACKEND,
+                         attacks=settings.PIPELINE_REID_ATTACKS)
     ctx.progress(0.8)
     subject.reid_features = features_to_json(f)
     subject.embedding_original = [float(x) for x in f.fused_embedding("control")]

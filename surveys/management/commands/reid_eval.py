@@ -8,6 +8,10 @@ For every subject (original CT, de-identified CT) the chain of
 * the control   — the original, rendered at the probe view (default 30°);
 * the test      — the de-identified scan, rendered at the probe view,
 
+* with ``--attack tissue-depth|learned|all`` — a face rebuilt on the skull of the
+  de-identified scan alone (:mod:`pipeline.reconstruct`), rendered at the probe view
+  like the test (conditions ``attack_tissue_depth``, ``attack_learned``),
+
 and :func:`pipeline.reid.evaluate_study` measures closed-set identification
 (rank-1, rank-5, CMC, ROC AUC with bootstrap 95 % CIs, chance level) for each
 matcher — ``appearance`` (dlib face descriptor of the renders) and
@@ -52,7 +56,10 @@ from pipeline.reid import (
 )
 
 SAFE_ERRORS = ("SeriesError", "AlignmentError", "SurfaceError", "RenderError", "RenderTimeout",
-               "EmbedError", "ReidError", "ShapeError")
+               "EmbedError", "ReidError", "ShapeError", "ReconstructionError")
+#: ``--attack`` choices → attack names of :data:`pipeline.reconstruct.ATTACKS`.
+ATTACK_CHOICES = {"none": (), "tissue-depth": ("tissue_depth",), "learned": ("learned",),
+                  "all": ("tissue_depth", "learned")}
 
 
 @dataclass(frozen=True)
@@ -222,7 +229,8 @@ def _deid_series(pair: Pair) -> Any:
 
 
 def process_pair(pair: Pair, protocol: Any, out_dir: Path, backend: str,
-                 rescan_salt: int = 0) -> dict[str, Any]:
+                 rescan_salt: int = 0, attacks: tuple[str, ...] = (),
+                 model_path: Path | None = None) -> dict[str, Any]:
     """Load, align, render and embed one pair (runs in a worker process). Never raises."""
     try:
         # loaded on first use: pulls in trimesh
@@ -236,7 +244,8 @@ def process_pair(pair: Pair, protocol: Any, out_dir: Path, backend: str,
         vol_d = load_series(ref_d).volume
         f = subject_features(vol_o, vol_d, label=pair.label,
                              seed=volume_seed(vol_o, rescan_salt), protocol=protocol,
-                             backend=backend, keep_renders=True)
+                             backend=backend, keep_renders=True, attacks=attacks,
+                             attack_model=_learned_model(model_path, attacks))
         subj_dir = out_dir / "renders" / pair.label
         rows = []
         for cond, rs in f.renders.items():
@@ -251,6 +260,15 @@ def process_pair(pair: Pair, protocol: Any, out_dir: Path, backend: str,
         name = type(exc).__name__
         msg = str(exc) if name in SAFE_ERRORS or isinstance(exc, ValueError) else ""
         return {"label": pair.label, "ok": False, "error": f"{name}: {msg}" if msg else name}
+
+
+def _learned_model(path: Path | None, attacks: tuple[str, ...]) -> Any:
+    if path is None or "learned" not in attacks:
+        return None  # the shipped model
+    # loaded on first use: pulls in scipy
+    from pipeline.skull_to_face import load_model
+
+    return load_model(path)
 
 
 def format_study(study: dict[str, Any]) -> str:
@@ -305,6 +323,13 @@ class Command(BaseCommand):
         parser.add_argument("--bootstrap", type=int, default=2000,
                             help="bootstrap resamples for the 95%% CIs (default 2000)")
         parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+        parser.add_argument("--attack", choices=tuple(ATTACK_CHOICES), default="none",
+                            help="also rebuild a face on each de-identified skull and match it "
+                                 "(tissue-depth landmarks, the learned skull-to-face model, or "
+                                 "all); default none")
+        parser.add_argument("--learned-model", type=Path, default=None,
+                            help="skull-to-face model of the learned attack (default: the shipped "
+                                 "pipeline/models/skull_to_face.npz)")
 
     def handle(self, *args: Any, **opts: Any) -> None:
         # loaded on first use: pulls in trimesh
@@ -337,16 +362,33 @@ class Command(BaseCommand):
         show = sys.stderr.isatty() and opts["verbosity"] > 0
         bar = tqdm(total=len(pairs), unit="subject", disable=not show, file=sys.stderr)
         results: list[dict[str, Any]] = []
+        attacks = ATTACK_CHOICES[opts["attack"]]
+        model_path = opts["learned_model"].resolve() if opts["learned_model"] else None
+        held_out: dict[str, Any] | None = None
+        if "learned" in attacks:
+            # loaded on first use: pulls in scipy
+            from pipeline.reconstruct import ReconstructionError
+            from pipeline.skull_to_face import check_held_out, load_model
+
+            try:
+                model = load_model(model_path)
+                seeds = synthetic_seeds(orig_root)
+                held_out = (check_held_out(model, seeds) if seeds is not None else {
+                    "synthetic": False, "disjoint": True,
+                    "note": "no phi.json of synth_cohort beside the originals: not synthetic "
+                            "heads; the model was trained on synthetic heads only"})
+            except ReconstructionError as exc:
+                raise CommandError(str(exc)) from None
         if opts["workers"] == 1:
             for p in pairs:
                 results.append(process_pair(p, protocol, out_dir, opts["backend"],
-                                            opts["rescan_seed"]))
+                                            opts["rescan_seed"], attacks, model_path))
                 bar.update(1)
         else:
             ctx = mp.get_context("spawn")
             with ProcessPoolExecutor(max_workers=opts["workers"], mp_context=ctx) as pool:
                 futs = [pool.submit(process_pair, p, protocol, out_dir, opts["backend"],
-                                    opts["rescan_seed"]) for p in pairs]
+                                    opts["rescan_seed"], attacks, model_path) for p in pairs]
                 for f in futs:
                     results.append(f.result())
                     bar.update(1)
@@ -359,7 +401,7 @@ class Command(BaseCommand):
         if len(ok) < 2:
             raise CommandError(f"only {len(ok)} subject(s) could be processed; need at least two")
         metrics = self._metrics(ok, failed, protocol, opts["bootstrap"], opts["seed"], out_dir,
-                                opts["rescan_seed"])
+                                opts["rescan_seed"], attacks, model_path, held_out)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         self.stdout.write(format_study(metrics["study"]))
         self.stdout.write(f"metrics: {out_dir / 'metrics.json'}")
@@ -368,7 +410,9 @@ class Command(BaseCommand):
 
     @staticmethod
     def _metrics(ok: list[dict[str, Any]], failed: list[dict[str, Any]], protocol: Any,
-                 n_boot: int, seed: int, out_dir: Path, rescan_salt: int = 0) -> dict[str, Any]:
+                 n_boot: int, seed: int, out_dir: Path, rescan_salt: int = 0,
+                 attacks: tuple[str, ...] = (), model_path: Path | None = None,
+                 held_out: dict[str, Any] | None = None) -> dict[str, Any]:
         # loaded on first use: pulls in trimesh
         from pipeline.reid_features import MATCHERS, study_similarities
 
@@ -409,9 +453,50 @@ class Command(BaseCommand):
             "render_backend": sorted({r["backend"] for r in ok}),
             "timings_s_mean": {k: float(np.mean([f.timings_s.get(k, 0.0) for f in feats]))
                                for k in feats[0].timings_s},
+            "attacks": _attack_summary(attacks, feats, model_path, held_out),
             "study": study,
             "failures": [{"label": r["label"], "error": r["error"]} for r in failed],
         }
+
+
+def synthetic_seeds(orig_root: Path) -> list[int] | None:
+    """Seeds of the subjects of a ``manage.py synth_cohort`` cohort whose DICOM folder is
+    ``orig_root`` (its ``phi.json`` beside or inside it), or None for other data."""
+    for phi in (orig_root / "phi.json", orig_root.parent / "phi.json"):
+        if phi.is_file():
+            try:
+                return [int(s["seed"]) for s in json.loads(phi.read_text())["subjects"]]
+            except (ValueError, KeyError, TypeError):
+                raise CommandError(f"{phi.name} beside the originals is not synth_cohort's") from None
+    return None
+
+
+def _attack_summary(attacks: tuple[str, ...], feats: list[Any], model_path: Path | None = None,
+                    held_out: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What each reconstruction attack is, its model card (learned) and what it found."""
+    # loaded on first use: pulls in scipy
+    from pipeline.reconstruct import ATTACKS, LANDMARK_NAMES
+
+    out: dict[str, Any] = {}
+    for name in attacks:
+        entry: dict[str, Any] = {"condition": f"attack_{name}", "description": ATTACKS[name],
+                                 "voxels_added_mean": float(np.mean(
+                                     [f.attacks[name]["voxels_added"] for f in feats]))}
+        if name == "tissue_depth":
+            found = [len(f.attacks[name]["landmarks_found"]) for f in feats]
+            entry["landmarks_found_mean"] = float(np.mean(found))
+            entry["landmarks_searched"] = len(LANDMARK_NAMES)
+        if name == "learned":
+            # loaded on first use: pulls in scipy
+            from pipeline.skull_to_face import load_model
+
+            card = load_model(model_path).card
+            entry["model"] = {k: card.get(k) for k in (
+                "train_seeds", "validation_seeds", "n_train", "acquisitions", "k", "lam",
+                "validation_mae_mm", "validation_mae_mm_mean_face")}
+            entry["held_out"] = held_out
+        out[name] = entry
+    return out
 
 
 def _jsonable(o: Any) -> Any:
