@@ -60,6 +60,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from itertools import pairwise
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -505,6 +506,10 @@ class _HeadModel:
 
     # ------------------------------------------------------------------ layout
     def _build(self) -> None:
+        """Lay out every shape of the head (head-local mm) in steps; ``lm`` carries the
+        landmarks and the values one step hands on to the next. The steps run in the order
+        of the random draws of the idiosyncratic jitter (``jc``/``jr``): reordering them
+        changes every seed's head (``tests/test_synth.py`` pins them)."""
         p = self.p
         m = 3.0  # bbox margin (mm)
         xe = p.eye_spacing_mm / 2.0
@@ -522,7 +527,24 @@ class _HeadModel:
             """Idiosyncratic relative jitter of radii."""
             return r if rng is None else tuple(np.asarray(r, float) * np.clip(1 + rng.normal(0.0, rel, 3),
                                                                               0.8, 1.2))
-        # ---------------------------------------------------------------- landmarks
+        lm = SimpleNamespace(fw=fw, jc=jc, jr=jr, jw=jw, m=m, t_soft=t_soft, xe=xe)
+        self._layout_landmarks(lm)
+        self._layout_cranium_neck(lm)
+        self._layout_facial_skeleton(lm)
+        self._layout_mandible(lm)
+        self._layout_cavities(lm)
+        self._layout_inner_structures(lm)
+        self._layout_soft_tissue(lm)
+        self._layout_eyes(lm)
+        self._layout_nose(lm)
+        self._layout_lips(lm)
+        self._layout_ears(lm)
+        self._layout_face_region(lm)
+
+    def _layout_landmarks(self, lm: SimpleNamespace) -> None:
+        """Landmarks (head-local mm): cranium, brow, eyes, nose, mouth, chin, ears."""
+        p = self.p
+        t_soft, xe = lm.t_soft, lm.xe
         a_cr, b_cr = p.skull_width_mm / 2.0, p.skull_length_mm / 2.0
         zc_cr = 30.0
         c_cr = p.vertex_height_mm - zc_cr
@@ -559,15 +581,28 @@ class _HeadModel:
         zr = (ear_z - zc_cr) / c_cr
         head_half = a_cr * math.sqrt(max(0.05, 1 - zr ** 2))
         self.head_half_at_ear = head_half
+        vars(lm).update(a_cr=a_cr, b_cr=b_cr, brow_at_eye=brow_at_eye, brow_front=brow_front,
+                        c_cr=c_cr, ear_y=ear_y, ear_z=ear_z, head_half=head_half, lf=lf, mw=mw,
+                        rt=rt, y_bb=y_bb, y_inc=y_inc, y_lip=y_lip, y_pog=y_pog, y_sn=y_sn,
+                        y_tip=y_tip, yc_cr=yc_cr, ye=ye, yn=yn, z_me=z_me, z_occ=z_occ, z_sn=z_sn,
+                        z_st=z_st, z_tip=z_tip, zb=zb, zc_cr=zc_cr, zn=zn)
 
-        # ---------------------------------------------------------------- cranium, neck
+    def _layout_cranium_neck(self, lm: SimpleNamespace) -> None:
+        """Cranium and neck."""
+        p = self.p
+        yc_cr, zc_cr, a_cr, b_cr, c_cr, m = lm.yc_cr, lm.zc_cr, lm.a_cr, lm.b_cr, lm.c_cr, lm.m
         self.cranium = _Ellipsoid((0, yc_cr, zc_cr), (a_cr, b_cr, c_cr),
                                   shear=p.forehead_slope, margin=m + 14)
         neck = _Ellipsoid((0, 16.0, -215.0), (p.neck_radius_mm, p.neck_radius_mm + 10, 175.0),
                           margin=m + 14)
         self.g_neck = _Group("neck", [_u(neck)])
 
-        # ---------------------------------------------------------------- facial skeleton
+    def _layout_facial_skeleton(self, lm: SimpleNamespace) -> None:
+        """Facial bones (brow ridges, zygomas, orbital rims, maxilla, nasal bones), dental arch, palate."""
+        p = self.p
+        y_bb, zb, jc, xe, jr, fw, ye = lm.y_bb, lm.zb, lm.jc, lm.xe, lm.jr, lm.fw, lm.ye
+        head_half, ear_y, y_sn, z_occ, z_sn = lm.head_half, lm.ear_y, lm.y_sn, lm.z_occ, lm.z_sn
+        yn, zn, y_inc, t_soft, m = lm.yn, lm.zn, lm.y_inc, lm.t_soft, lm.m
         brow_bone = _Ellipsoid((0, y_bb + 10.0, zb - 4.0), (14.0, 10.0, 10.0))
         ridges = [_Ellipsoid(jc((s * (xe + 1.0), y_bb + 9.0 + 2.5, zb - 1.0), 1.0), jr((25.0, 9.0, 7.5)),
                              rot=_rotmat(yaw_deg=s * 18.0, roll_deg=-s * (2.0 + 0.5 * p.brow_arch_deg)))
@@ -611,7 +646,13 @@ class _HeadModel:
         self.g_facebone = _Group("facebone", facebone_ops, margin=grow)
         # upper alveolus and palate: bone only (the lips and perioral pad shape that skin)
         self.g_upper_jaw = _Group("upper_jaw", [_u(palate), *[_u(c, 4) for c in up_chain]], margin=m)
+        vars(lm).update(arch_pt=arch_pt, aw=aw, grow=grow, maxilla=maxilla, mx_r=mx_r)
 
+    def _layout_mandible(self, lm: SimpleNamespace) -> None:
+        """Mandible and the smooth skin envelope of the jaw."""
+        jw, ear_y, z_me, y_pog, arch_pt = lm.jw, lm.ear_y, lm.z_me, lm.y_pog, lm.arch_pt
+        z_occ, head_half, ear_z, jc, jr = lm.z_occ, lm.head_half, lm.ear_z, lm.jc, lm.jr
+        grow, t_soft, m = lm.grow, lm.t_soft, lm.m
         # mandible
         jb = jw - 14.0
         y_gon = ear_y - 20.0
@@ -647,7 +688,13 @@ class _HeadModel:
                   _u(_chain("jaw_alveolus_skin", alv_pts, 5.0 + tj, margin=m), 12)]
         js_ops += [_u(_Offset(q, -tj), 12) for q in (rami[0], rami[1], chin_b)]
         self.g_jawskin = _Group("jawskin", js_ops, margin=m)
+        vars(lm).update(jb=jb, y_gon=y_gon, y_pog_b=y_pog_b, z_gon=z_gon)
 
+    def _layout_cavities(self, lm: SimpleNamespace) -> None:
+        """Orbits, the air cavities inside bone, the inner anatomy's own draws (mucosa, fluid level, fillings), vestibule, turbinates."""
+        p = self.p
+        xe, ye, m, grow, z_sn, y_sn, mx_r = lm.xe, lm.ye, lm.m, lm.grow, lm.z_sn, lm.y_sn, lm.mx_r
+        maxilla, y_bb, zb = lm.maxilla, lm.y_bb, lm.zb
         self.orbits = [_Ellipsoid((s * (xe + 1.0), ye + 14.0, 0.5), (17.5, 26.0, 16.5), margin=m)
                        for s in (-1, 1)]
         self.g_orbits = _Group("orbits", [_u(o) for o in self.orbits], margin=grow)
@@ -678,6 +725,12 @@ class _HeadModel:
                         (s * 6.0, y_sn + 14.0, z_sn + 6.0), 3.0, margin=m)) for s in (-1, 1)])
         self.turbinates = [_Ellipsoid((s * 8.5, y_sn + 50.0, zz), (3.5, 26.0, 4.0), margin=m)
                            for s in (-1, 1) for zz in (z_sn + 5.0, z_sn + 16.0)]
+
+    def _layout_inner_structures(self, lm: SimpleNamespace) -> None:
+        """Eye muscles, tongue and oral air, pterygoids, pharynx, teeth and fillings, cervical spine, globes, ventricles."""
+        ye, m, y_inc, z_occ, aw, jw, y_gon = lm.ye, lm.m, lm.y_inc, lm.z_occ, lm.aw, lm.jw, lm.y_gon
+        y_sn, z_sn, z_st, arch_pt, yc_cr = lm.y_sn, lm.z_sn, lm.z_st, lm.arch_pt, lm.yc_cr
+        zc_cr = lm.zc_cr
         # orbits: four recti from the apex to the globe (inside the orbital fat)
         self.eye_muscles = []
         for c in self.eye_c:
@@ -722,7 +775,13 @@ class _HeadModel:
         self.ventricles = [_Ellipsoid((s * 7.0, yc_cr - 8.0, zc_cr + 10.0), (4.5, 26.0, 8.0), margin=m)
                            for s in (-1, 1)]
 
-        # ---------------------------------------------------------------- soft-tissue shapes
+    def _layout_soft_tissue(self, lm: SimpleNamespace) -> None:
+        """Soft-tissue pads (malar, buccal, masseter, temporalis, submental, perioral), brows, sockets, chin."""
+        p = self.p
+        jc, xe, ye, jr, m, z_st, fw, jb = lm.jc, lm.xe, lm.ye, lm.jr, lm.m, lm.z_st, lm.fw, lm.jb
+        y_gon, z_gon, y_pog_b, z_me, y_lip = lm.y_gon, lm.z_gon, lm.y_pog_b, lm.z_me, lm.y_lip
+        mw, brow_at_eye, zb, brow_front = lm.mw, lm.brow_at_eye, lm.zb, lm.brow_front
+        y_pog = lm.y_pog
         f = p.cheek_fullness_mm
         malar = [_Ellipsoid(jc((s * (xe + 6.0), ye + 14.0, -20.0), 2.0), jr((15.0, 14.0 + 0.4 * f, 12.0)),
                             margin=m)
@@ -754,6 +813,10 @@ class _HeadModel:
                           margin=m)
         self.g_chin = _Group("chin", [_u(chin)])
 
+    def _layout_eyes(self, lm: SimpleNamespace) -> None:
+        """Eyes and lids (one group per side for left/right feature ids)."""
+        p = self.p
+        m = lm.m
         # eyes and lids (one group per side for left/right feature ids)
         half_open = p.eye_opening_mm / 2.0
         self.g_eye = []
@@ -764,6 +827,11 @@ class _HeadModel:
             lid = _Lid(c, 14.0, 15.0, half_open, margin=m, tilt_deg=side * p.canthal_tilt_deg)
             self.g_eye.append(_Group("eye", [_u(ball), _u(cornea, 1.0), _u(lid, 1.0)]))
 
+    def _layout_nose(self, lm: SimpleNamespace) -> None:
+        """Nose: dorsum, tip, alae, base, columella, nostrils."""
+        p = self.p
+        y_tip, rt, z_tip, yn, zn, m, jc = lm.y_tip, lm.rt, lm.z_tip, lm.yn, lm.zn, lm.m, lm.jc
+        y_sn, z_sn, jr = lm.y_sn, lm.z_sn, lm.jr
         # nose
         ra = 5.5
         d_end = np.array((0, y_tip + rt + 0.5, z_tip + 0.7 * rt))
@@ -785,6 +853,10 @@ class _HeadModel:
                                       _u(alae[1], 3), _u(columella, 2)])
         self.g_nostrils = _Group("nostrils", [_u(nostrils[0]), _u(nostrils[1])])
 
+    def _layout_lips(self, lm: SimpleNamespace) -> None:
+        """Lips and mouth."""
+        p = self.p
+        jc, y_lip, z_st, jr, mw, lf, m = lm.jc, lm.y_lip, lm.z_st, lm.jr, lm.mw, lm.lf, lm.m
         # lips
         upper = _Ellipsoid(jc((0, y_lip + 12.0, z_st + 4.0), 0.7), jr((mw, 12.0, 3.5 + 0.35 * lf), 0.05),
                            margin=m)
@@ -795,6 +867,10 @@ class _HeadModel:
         self.g_mouth = _Group("mouth", [_u(_Ellipsoid((0, y_lip + 4.0, z_st), (mw - 3.0, 6.0, 0.8),
                                                        margin=m))])
 
+    def _layout_ears(self, lm: SimpleNamespace) -> None:
+        """Ears and ear canals."""
+        p = self.p
+        head_half, ear_y, ear_z, m = lm.head_half, lm.ear_y, lm.ear_z, lm.m
         # ears
         self.g_ear = []
         for s in (-1, 1):
@@ -814,6 +890,9 @@ class _HeadModel:
                                    (s * (head_half - 18.0), ear_y + 2.0, ear_z - 2.0), 3.0, margin=m)
                           for s in (-1, 1)]
 
+    def _layout_face_region(self, lm: SimpleNamespace) -> None:
+        """Box holding the facial skeleton, cavities, features and ear canals; face soft-tissue limits."""
+        zb, z_me, fw, ear_y = lm.zb, lm.z_me, lm.fw, lm.ear_y
         # box holding the facial skeleton, its cavities, the facial features and ear canals
         boxes = [self.g_facebone, self.g_mandible, self.g_upper_jaw, self.g_orbits, self.g_aircav, *self.ear_canal,
                  self.g_nose, self.g_lips, self.g_chin, self.g_brow, *self.g_eye]
