@@ -72,6 +72,20 @@ def test_export_writes_prelabelled_yolo_dataset_without_identifiers(ct_folder, t
         assert {"obj.names", "obj.data", "train.txt"} <= members
         assert z.read("obj.names").decode().split() == list(CLASSES)
         assert len([m for m in members if m.startswith("obj_train_data/")]) == len(imgs)
+        # readable as CVAT reads it: obj.data's class count, train.txt names every image, and each
+        # image's annotation file is the dataset's label file
+        data = dict(line.split(" = ") for line in z.read("obj.data").decode().splitlines())
+        assert int(data["classes"]) == len(CLASSES) and data["train"] in members
+        listed = z.read("train.txt").decode().split()
+        assert sorted(Path(m).stem for m in listed) == sorted(p.stem for p in imgs)
+        for m in listed:
+            assert m.startswith("obj_train_data/") and m.endswith(".png")
+            stem = Path(m).stem
+            got = z.read(f"obj_train_data/{stem}.txt").decode()
+            assert got == (out / "labels" / "train" / f"{stem}.txt").read_text()
+        for m in members:
+            for ident in phi.identifiers():
+                assert ident not in m
     assert (out / "data.yaml").read_text().count("names:") == 1
 
 

@@ -85,6 +85,43 @@ def test_detection_report_and_dataset_with_an_oracle(tmp_path):
     assert x == pytest.approx((i0 + i1) / 2 / 3 / 171, abs=1e-4) and w == pytest.approx((i1 - i0) / 3 / 171, abs=1e-4)
 
 
+class _Partial(_Oracle):
+    """The oracle with misses: no nose on slices 0-2, one eye on slice ``eye_k`` moved off its
+    globe (IoU < 0.5), and a false ear box on slice 27 (no ear labelled there)."""
+
+    def __init__(self, lab, f, eye_k):
+        super().__init__(lab, f)
+        self.eye_k = eye_k
+
+    def detect(self, slices, *, conf=0.25, **_):
+        out = super().detect(slices, conf=conf)
+        for k, d in enumerate(out):
+            keep = [i for i, c in enumerate(d.class_ids) if not (CLASSES[c] == "nose" and k < 3)]
+            b, c = d.boxes[keep].copy(), d.class_ids[keep]
+            if k == self.eye_k:
+                i = int(np.flatnonzero(c == CLASSES.index("eyes"))[0])
+                b[i] += np.array([1, 0, 1, 0], np.float32) * (b[i, 2] - b[i, 0])  # shifted by its width
+            if k == 27:
+                b = np.vstack([b, [[10, 10, 20, 20]]]).astype(np.float32)
+                c = np.append(c, CLASSES.index("ears"))
+            out[k] = Detection(b, np.full(len(c), 0.9, np.float32), c)
+        return out
+
+
+def test_detection_report_counts_misses_and_false_boxes():
+    lab = load_labels(LABELS / "ge-head-ct.json")
+    assert not lab.boxes(27, "ears")
+    eye_k = lab.visible["eyes"][0]
+    n_eyes = sum(len(lab.boxes(k, "eyes")) for k in lab.slices)
+    hu = np.full((28, 512, 512), -1000, np.int16)
+    rep = detection_report(_Partial(lab, 3, eye_k), hu, lab, conf=0.3)["per_class"]
+    assert rep["nose"] == {"instances": 7, "found": 4, "recall": round(4 / 7, 3), "slices_visible": 7,
+                           "slices_found": 4, "slices_with_false_boxes": 0}
+    assert rep["eyes"]["found"] == n_eyes - 1 and rep["eyes"]["recall"] == round((n_eyes - 1) / n_eyes, 3)
+    assert rep["eyes"]["slices_found"] == len(lab.visible["eyes"]) - 1
+    assert rep["ears"]["slices_with_false_boxes"] == 1 and rep["ears"]["recall"] == 1.0
+
+
 @needs_real
 @needs_model
 def test_shipped_model_finds_the_real_face():
