@@ -451,6 +451,29 @@ def test_train_detector_rejects_missing_user_dataset(tmp_path, settings):
         call_command("train_detector", "--data", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "r"))
 
 
+def test_train_detector_domain_options_reach_the_dataset(tmp_path, settings, monkeypatch):
+    """--domain / --max-slices / --workers build the domain-randomised dataset."""
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    from pipeline import detector_data
+
+    seen = {}
+
+    def fake_build(out_dir, spec, *, workers=1, **_):
+        seen.update(spec=spec, workers=workers)
+        raise RuntimeError("stop before training")
+
+    settings.VAR_DIR = tmp_path
+    monkeypatch.setattr(detector_data, "build_dataset", fake_build)
+    with pytest.raises(RuntimeError, match="stop before training"):
+        call_command("train_detector", "--domain", "--max-slices", "7", "--workers", "2", "--subjects", "3",
+                     "--out", str(tmp_path / "r"), stdout=StringIO())
+    assert seen["spec"].domain is True and seen["spec"].max_slices == 7 and seen["spec"].n_train == 3
+    assert seen["workers"] == 2
+
+
 @needs_model
 @pytest.mark.slow
 def test_eval_detector_writes_figures(tmp_path, settings):
