@@ -104,6 +104,13 @@ def test_ear_boxes_bridge_to_the_face(head):
     without = ModelFaceRegion(loaded_detector=OracleDetector(head.volume.hu, one), detect_every_mm=1.0,
                               bridge_ears=False).face_region(head.volume).mask[k]
     assert without.sum() < with_bridge.sum()
+    # the auricles are a removal class: the ear boxes' soft tissue is in the region even without
+    # the bridge (an oracle with only the ear boxes)
+    ears_only = {q: [r for r in rows if r[0] == "ears"] for q, rows in one.items()}
+    only = ModelFaceRegion(loaded_detector=OracleDetector(head.volume.hu, ears_only), detect_every_mm=1.0,
+                           bridge_ears=False).face_region(head.volume).mask[k]
+    ear_soft = head.ear_soft_tissue_mask[k]
+    assert ear_soft.any() and only[ear_soft].mean() > 0.9
     rows = np.array([r[1:] for r in table[k]], float)
     i0, j0, i1, j1 = rows[:, 0].min(), rows[:, 1].min(), rows[:, 2].max(), rows[:, 3].max()
     jj, ii = np.nonzero(with_bridge)
