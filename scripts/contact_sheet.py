@@ -8,7 +8,10 @@ Every tile is the detector's soft-tissue channel (−250…250 HU), 192 px. With
 the synthetic tiles show their exact labels (red nose, blue eyes, green ears, magenta lips,
 grey face).
 
-    .venv/bin/python scripts/contact_sheet.py OUT.png [--seeds 7000-7011] [--boxes]
+    .venv/bin/python scripts/contact_sheet.py OUT.png [--seeds 7000-7011] [--boxes] [--width 960]
+
+The sheet is written small: scaled to ``--width`` pixels, with a palette of 59 greys and
+the five box colours (docs/detector-contact-sheet.png: ``--boxes``, default seeds).
 """
 
 from __future__ import annotations
@@ -48,6 +51,18 @@ def _tile(hu: np.ndarray, boxes=None):
     return np.asarray(canvas)
 
 
+def small(img, width: int):
+    """``img`` (PIL RGB) scaled to ``width`` px and mapped to 59 greys plus the box colours."""
+    from PIL import Image
+
+    if width and img.width != width:
+        img = img.resize((width, round(img.height * width / img.width)), Image.LANCZOS)
+    colours = [(round(i * 255 / 58),) * 3 for i in range(59)] + list(COLOURS.values())
+    pal = Image.new("P", (1, 1))
+    pal.putpalette([v for c in colours for v in c] + [0] * (768 - 3 * len(colours)))
+    return img.convert("RGB").quantize(palette=pal, dither=Image.Dither.NONE)
+
+
 def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
@@ -58,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--real-slices", default="0,2,4,6,8,11")
     ap.add_argument("--per-row", type=int, default=6)
     ap.add_argument("--boxes", action="store_true")
+    ap.add_argument("--width", type=int, default=960, help="output width in pixels (0: full size)")
     args = ap.parse_args(argv)
     a, _, b = args.seeds.partition("-")
     seeds = list(range(int(a), int(b or a) + 1))
@@ -83,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0))) for r in rows]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows, axis=0)).save(args.out, optimize=True)
+    small(Image.fromarray(np.concatenate(rows, axis=0)), args.width).save(args.out, optimize=True)
     print(f"written: {args.out}")
     return 0
 
