@@ -34,7 +34,14 @@ from typing import Any
 
 import numpy as np
 
-from .detector_data import CLASSES, HU_WINDOWS, DatasetSpec, hu_to_rgb8, subject_geometry
+from .detector_data import (
+    CLASSES,
+    HU_WINDOWS,
+    DatasetSpec,
+    domain_head,
+    hu_to_rgb8,
+    subject_geometry,
+)
 from .synth import SubjectParams, generate_head
 
 __all__ = [
@@ -715,21 +722,25 @@ def evaluate_yolo(weights: Path, data_yaml: Path, *, split: str = "test", imgsz:
 
 
 def synthetic_calibration(imgsz: int, *, n_subjects: int = 6, every: int = 3,
-                          seed_base: int = 7000) -> np.ndarray:
+                          seed_base: int = 7000, domain: bool = False) -> np.ndarray:
     """Calibration batch for :func:`quantize_onnx`: letterboxed synthetic slices.
 
     Slices with facial features (every ``every``-th) of ``n_subjects`` training
     subjects (seeds ``seed_base …``, the training range of
     :class:`pipeline.detector_data.DatasetSpec`, never the test seeds), windowed
-    with :data:`pipeline.detector_data.HU_WINDOWS`. Returns float32
-    ``(N, 3, imgsz, imgsz)`` in 0…1, the model's input convention.
+    with :data:`pipeline.detector_data.HU_WINDOWS`; ``domain``: the
+    domain-randomised heads (:func:`pipeline.detector_data.domain_head`).
+    Returns float32 ``(N, 3, imgsz, imgsz)`` in 0…1, the model's input convention.
     """
     spec = DatasetSpec(seed_base=seed_base)
     out = []
     for seed in spec.seeds("train")[:n_subjects]:
-        geo = subject_geometry(spec, seed)
-        head = generate_head(SubjectParams.random(seed), shape=geo["shape"], spacing_mm=geo["spacing_mm"],
-                             noise_hu=geo["noise_hu"], noise_seed=seed)
+        if domain:
+            head = domain_head(seed)
+        else:
+            geo = subject_geometry(spec, seed)
+            head = generate_head(SubjectParams.random(seed), shape=geo["shape"], spacing_mm=geo["spacing_mm"],
+                                 noise_hu=geo["noise_hu"], noise_seed=seed)
         ks = [k for k, b in enumerate(head.feature_boxes) if b][::every]
         lb, _, _ = letterbox(hu_to_rgb8(head.volume.hu[ks]), imgsz)
         out.append(lb.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0))

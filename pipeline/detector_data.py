@@ -17,6 +17,13 @@ tissue a defacer should remove). Classes are :data:`CLASSES`.
 
 Subjects are split into train / val / test **by subject** (disjoint seed
 ranges), never by slice, so evaluation is on held-out faces.
+
+``DatasetSpec(domain=True)`` draws *domain-randomised* heads
+(:mod:`pipeline.synth_domain`: hollow noses, thin auricles, skull base, head
+holders, trauma, kernels, noise) acquired as routine head CT is
+(:func:`domain_acquisition`: gantry tilt, head pose, 0.6–7 mm slices, fields of
+view 200–310 mm, variable slice spacing, the head off the centre). Their nose
+label is the nose standing out of the face (see :mod:`pipeline.synth_domain`).
 """
 
 from __future__ import annotations
@@ -25,10 +32,12 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .synth import _FEATURE_CODES, SubjectParams, generate_head
+from .synth_domain import DomainParams
 
 __all__ = [
     "CLASSES",
@@ -36,6 +45,7 @@ __all__ = [
     "DatasetError",
     "DatasetSpec",
     "build_dataset",
+    "domain_acquisition",
     "hu_to_rgb8",
     "slice_labels",
     "spec_from_metadata",
@@ -178,7 +188,10 @@ class DatasetSpec:
     (uniform, per subject), a random pose and noise. All slices with a labelled
     box are written plus ``negatives_fraction`` × that number of empty slices.
     ``min_visible_fraction``: see :func:`volume_labels` (0 labels every
-    fragment of ≥ 6 pixels).
+    fragment of ≥ 6 pixels). ``domain``: domain-randomised heads and
+    acquisitions (:func:`domain_acquisition`; ``size_px``, ``pixel_mm``,
+    ``slice_mm`` and ``noise_hu`` are then not used). ``max_slices``: at most
+    this many labelled slices per subject (0: all), drawn at random.
     """
 
     n_train: int = 30
@@ -192,6 +205,8 @@ class DatasetSpec:
     min_visible_fraction: float = 0.0
     seed_base: int = 7000
     classes: tuple[str, ...] = field(default=CLASSES)
+    domain: bool = False
+    max_slices: int = 0
 
     def seeds(self, split: str) -> list[int]:
         """Subject seeds of a split (``train``, ``val`` or ``test``)."""
@@ -233,16 +248,67 @@ def subject_geometry(spec: DatasetSpec, seed: int) -> dict[str, object]:
     }
 
 
+def domain_acquisition(seed: int) -> dict[str, Any]:
+    """A routine head-CT acquisition for a domain-randomised subject (deterministic in ``seed``).
+
+    Field of view 200–310 mm on 150–200 pixels (1.0–2.1 mm, as the detector sees
+    512² slices after its in-plane stride); gantry tilt 0° (35 %) or −8…+27°; head
+    pose yaw ±12°, pitch ±15°, roll ±7°; slices 2.5–6 mm apart, 0.6–7 mm thick, or
+    (30 %) 4–5 mm slices through the face then 7–10 mm above, as many routine
+    protocols have. Returns keyword arguments of
+    :func:`pipeline.synth.generate_head` (without ``params`` / ``domain``) plus
+    ``"fov_mm"``.
+    """
+    rng = np.random.default_rng([int(seed), 0xDA7A])
+    fov = float(rng.uniform(200.0, 310.0))
+    n = int(rng.integers(150, 201))
+    px = fov / n
+    tilt = 0.0 if rng.random() < 0.35 else float(rng.uniform(-8.0, 27.0))
+    pose = (float(rng.uniform(-12, 12)), float(rng.uniform(-15, 15)), float(rng.uniform(-7, 7)))
+    extent = 270.0
+    if rng.random() < 0.3:
+        d1, d2 = float(rng.uniform(4.0, 5.0)), float(rng.uniform(7.0, 10.0))
+        z1 = float(rng.uniform(80.0, 130.0))
+        pos = np.concatenate([np.arange(0.0, z1, d1), z1 + np.arange(0.0, extent - z1, d2)])
+        thick = np.where(pos < z1, d1, d2)
+    else:
+        dk = float(rng.uniform(2.5, 6.0))
+        pos = np.arange(0.0, extent, dk)
+        thick = np.full(pos.size, float(np.clip(dk * rng.uniform(0.3, 1.2), 0.6, 7.0)))
+    return {"shape": (int(pos.size), n, n), "spacing_mm": (float(np.median(np.diff(pos))), px, px),
+            "positions_mm": pos, "thickness_mm": thick, "tilt_deg": tilt, "pose_deg": pose, "fov_mm": fov}
+
+
+def domain_head(seed: int) -> Any:
+    """The domain-randomised head of subject ``seed`` with its acquisition (see
+    :func:`domain_acquisition`); a :class:`pipeline.synth.SynthHead`."""
+    acq = domain_acquisition(seed)
+    dom = DomainParams.random(seed, fov_mm=acq.pop("fov_mm"))
+    params = dom.adjust_params(SubjectParams.random(seed))
+    sc = dom.size_scale  # a child's head: drawn smaller by sampling it more coarsely
+    dk, dj, di = acq["spacing_mm"]
+    return generate_head(params, shape=acq["shape"], spacing_mm=(dk / sc, dj / sc, di / sc),
+                         positions_mm=acq["positions_mm"] / sc, thickness_mm=np.minimum(acq["thickness_mm"] / sc, 10.0),
+                         tilt_deg=acq["tilt_deg"], pose_deg=acq["pose_deg"], noise_seed=seed,
+                         couch=False, metal=dom.metal, domain=dom)
+
+
 def _subject_images(spec: DatasetSpec, seed: int) -> Iterable[tuple[int, np.ndarray, list]]:
-    geo = subject_geometry(spec, seed)
-    head = generate_head(
-        SubjectParams.random(seed), shape=geo["shape"], spacing_mm=geo["spacing_mm"],
-        noise_hu=geo["noise_hu"], noise_seed=seed,
-    )
+    if spec.domain:
+        head = domain_head(seed)
+    else:
+        geo = subject_geometry(spec, seed)
+        head = generate_head(
+            SubjectParams.random(seed), shape=geo["shape"], spacing_mm=geo["spacing_mm"],
+            noise_hu=geo["noise_hu"], noise_seed=seed,
+        )
     rgb = hu_to_rgb8(head.volume.hu)
     labels = volume_labels(head.feature_ids, head.face_label_mask, _FEATURE_CODES,
                            spec.min_visible_fraction)
     pos = [k for k, b in enumerate(labels) if b]
+    if spec.max_slices and len(pos) > spec.max_slices:
+        pick = np.random.default_rng([seed, 0x5E1]).choice(len(pos), spec.max_slices, replace=False)
+        pos = [pos[i] for i in sorted(pick)]
     neg = [k for k, b in enumerate(labels) if not b and head.volume.hu[k].max() > -300]
     rng = np.random.default_rng([seed, 0x4E6])
     n_neg = min(len(neg), int(round(spec.negatives_fraction * len(pos))))
@@ -251,49 +317,72 @@ def _subject_images(spec: DatasetSpec, seed: int) -> Iterable[tuple[int, np.ndar
         yield int(k), rgb[k], labels[k]
 
 
+def _write_subject(args: tuple[DatasetSpec, int, str, str]) -> tuple[int, int]:
+    """Write one subject's slices (images + labels); returns (images, boxes)."""
+    from PIL import Image
+
+    spec, seed, img_dir, lab_dir = args
+    n_img = n_box = 0
+    for k, img, boxes in _subject_images(spec, seed):
+        stem = f"s{seed:05d}_k{k:03d}"
+        Image.fromarray(img).save(Path(img_dir) / f"{stem}.png")
+        h, w = img.shape[:2]
+        lines = [
+            f"{c} {(i0 + i1) / 2 / w:.6f} {(j0 + j1) / 2 / h:.6f} "
+            f"{(i1 - i0) / w:.6f} {(j1 - j0) / h:.6f}"
+            for c, i0, j0, i1, j1 in boxes
+        ]
+        (Path(lab_dir) / f"{stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+        n_img += 1
+        n_box += len(boxes)
+    return n_img, n_box
+
+
 def build_dataset(
     out_dir: Path,
     spec: DatasetSpec | None = None,
     *,
     splits: Sequence[str] = ("train", "val", "test"),
     progress: bool = False,
+    workers: int = 1,
 ) -> Path:
     """Write a YOLO dataset (PNG images + label txt + ``data.yaml``) to ``out_dir``.
 
     Layout: ``images/<split>/sNNNNN_kNNN.png``, ``labels/<split>/…txt``,
     ``data.yaml`` (Ultralytics format; ``path`` absolute) and ``spec.json``
     (the :class:`DatasetSpec` plus window and class list). File names contain
-    only the synthetic subject seed and slice index. Returns the path of
+    only the synthetic subject seed and slice index. ``workers`` > 1 generates
+    subjects in that many processes (same files). Returns the path of
     ``data.yaml``.
     """
-    from PIL import Image
-
     spec = spec or DatasetSpec()
     out_dir = Path(out_dir).resolve()
     counts: dict[str, dict[str, int]] = {}
-    for split in splits:
-        img_dir = out_dir / "images" / split
-        lab_dir = out_dir / "labels" / split
-        img_dir.mkdir(parents=True, exist_ok=True)
-        lab_dir.mkdir(parents=True, exist_ok=True)
-        n_img = n_box = 0
-        seeds = spec.seeds(split)
-        for si, seed in enumerate(seeds):
-            if progress:
-                print(f"[dataset] {split} subject {si + 1}/{len(seeds)}", flush=True)
-            for k, img, boxes in _subject_images(spec, seed):
-                stem = f"s{seed:05d}_k{k:03d}"
-                Image.fromarray(img).save(img_dir / f"{stem}.png")
-                h, w = img.shape[:2]
-                lines = [
-                    f"{c} {(i0 + i1) / 2 / w:.6f} {(j0 + j1) / 2 / h:.6f} "
-                    f"{(i1 - i0) / w:.6f} {(j1 - j0) / h:.6f}"
-                    for c, i0, j0, i1, j1 in boxes
-                ]
-                (lab_dir / f"{stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
-                n_img += 1
-                n_box += len(boxes)
-        counts[split] = {"subjects": len(seeds), "images": n_img, "boxes": n_box}
+    pool = None
+    if workers > 1:
+        import multiprocessing as mp
+
+        pool = mp.get_context("spawn").Pool(workers)
+    try:
+        for split in splits:
+            img_dir = out_dir / "images" / split
+            lab_dir = out_dir / "labels" / split
+            img_dir.mkdir(parents=True, exist_ok=True)
+            lab_dir.mkdir(parents=True, exist_ok=True)
+            seeds = spec.seeds(split)
+            jobs = [(spec, seed, str(img_dir), str(lab_dir)) for seed in seeds]
+            results = pool.imap(_write_subject, jobs) if pool is not None else map(_write_subject, jobs)
+            n_img = n_box = 0
+            for si, (ni, nb) in enumerate(results):
+                if progress:
+                    print(f"[dataset] {split} subject {si + 1}/{len(seeds)}", flush=True)
+                n_img += ni
+                n_box += nb
+            counts[split] = {"subjects": len(seeds), "images": n_img, "boxes": n_box}
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
     names = "\n".join(f"  {i}: {n}" for i, n in enumerate(spec.classes))
     yaml_lines = [f"path: {out_dir}"]
     for split in ("train", "val", "test"):

@@ -5,8 +5,12 @@
     canonical view (slice axis → Superior, rows → Posterior so the face is at
     the top, columns → patient Left), only on slices that contain the body and
     at a slice stride of about ``detect_every_mm``. Per detected slice the boxes
-    of the removal classes (``face``, ``eyes``, ``nose``, ``lips``; never
-    ``ears``) enlarged by ``box_margin_mm`` form a 2D mask.
+    of the removal classes (``face``, ``eyes``, ``nose``, ``lips``, ``ears``)
+    enlarged by ``box_margin_mm`` form a 2D mask; on a slice with ear boxes the
+    rectangle spanning them and the face's boxes is added (the cheeks, temples
+    and pre-auricular skin between the face and the auricles, which the
+    ``face`` class — trained to stop 25 mm in front of the ear canals — leaves
+    out).
     The masks are **smoothed across neighbouring slices**: a detection on a
     single slice whose neighbours have none is dropped (isolated false box), a
     one-slice gap between two detected slices is filled, and slices between
@@ -43,8 +47,8 @@ from .volume import Volume
 
 __all__ = ["REMOVAL_CLASSES", "AutoFaceRegion", "ModelFaceRegion", "make_model_method"]
 
-#: canonical classes whose boxes define removable soft tissue (ears are kept)
-REMOVAL_CLASSES: tuple[str, ...] = ("face", "eyes", "nose", "lips")
+#: canonical classes whose boxes define removable soft tissue (the auricles too: they identify)
+REMOVAL_CLASSES: tuple[str, ...] = ("face", "eyes", "nose", "lips", "ears")
 
 
 def _canonical(volume: Volume) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
@@ -80,7 +84,8 @@ class ModelFaceRegion:
     instead. ``conf``: box score threshold.
     ``detect_every_mm``: slice stride for running the detector (boxes are
     carried to the slices in between). ``box_margin_mm``: in-plane enlargement
-    of each box.
+    of each box. ``bridge_ears``: on slices with ear boxes, also the rectangle
+    spanning the ear boxes and the other removal boxes.
     """
 
     weights: Path | None = None
@@ -90,6 +95,7 @@ class ModelFaceRegion:
     box_margin_mm: float = 3.0
     body_threshold_hu: float = -500.0
     removal_classes: tuple[str, ...] = REMOVAL_CLASSES
+    bridge_ears: bool = True
     name: str = "model"
     loaded_detector: Any = field(default=None, repr=False)
 
@@ -148,6 +154,7 @@ class ModelFaceRegion:
         slice_masks = np.zeros((run.size, npp, nl), bool)
         found: dict[str, int] = {}
         for r, det in enumerate(dets):
+            spans: dict[str, list[tuple[int, int, int, int]]] = {}
             for box, cid in zip(det.boxes, det.class_ids):
                 name = canon[int(cid)]
                 if name is None:
@@ -159,6 +166,10 @@ class ModelFaceRegion:
                 a0, a1 = int(max(0, np.floor(j0 - mp))), int(min(npp, np.ceil(j1 + mp)))
                 b0, b1 = int(max(0, np.floor(i0 - ml))), int(min(nl, np.ceil(i1 + ml)))
                 slice_masks[r, a0:a1, b0:b1] = True
+                spans.setdefault("ears" if name == "ears" else "face", []).append((a0, a1, b0, b1))
+            if self.bridge_ears and len(spans) == 2:  # face to the auricles: the cheeks and temples
+                allb = np.array(spans["ears"] + spans["face"])
+                slice_masks[r, allb[:, 0].min():allb[:, 1].max(), allb[:, 2].min():allb[:, 3].max()] = True
         # smoothing across neighbouring detected slices
         anyr = slice_masks.reshape(run.size, -1).any(1)
         keep = anyr.copy()

@@ -33,6 +33,10 @@ code  name                meaning
 12    lens                eye lens (+80)
 13    internal_air        sinuses, nasal airway, pharynx, ear canal (−990)
 14    couch               scanner head-rest (+150); not part of the patient
+15    fluid               blood / fluid level in a sinus (+50)
+16    metal               dental fillings (+3071)
+17    holder              plastic head holder (+350); only with ``domain``
+18    foam                foam pad / pillow (−850); only with ``domain``
 ====  ==================  ===============================================
 
 Facial-feature ground truth: ``SynthHead.feature_masks`` has soft-tissue
@@ -108,6 +112,8 @@ LABELS: dict[str, int] = {
     "couch": 14,
     "fluid": 15,
     "metal": 16,
+    "holder": 17,
+    "foam": 18,
 }
 _L = LABELS
 
@@ -115,7 +121,7 @@ _L = LABELS
 LABEL_HU: dict[int, float] = {
     0: -1000.0, 1: 45.0, 2: -100.0, 3: 50.0, 4: 35.0, 5: 1450.0, 6: 450.0,
     7: 2300.0, 8: 40.0, 9: 30.0, 10: 6.0, 11: 10.0, 12: 80.0, 13: -990.0, 14: 150.0,
-    15: 50.0, 16: 3071.0,
+    15: 50.0, 16: 3071.0, 17: 350.0, 18: -850.0,
 }
 
 #: Documented plausible HU range per label (what a radiologist would accept).
@@ -124,6 +130,7 @@ LABEL_HU_RANGE: dict[int, tuple[float, float]] = {
     4: (10.0, 70.0), 5: (1000.0, 1800.0), 6: (300.0, 600.0), 7: (2000.0, 2500.0),
     8: (32.0, 48.0), 9: (22.0, 38.0), 10: (-5.0, 15.0), 11: (0.0, 20.0), 12: (60.0, 100.0),
     13: (-1024.0, -900.0), 14: (50.0, 250.0), 15: (30.0, 70.0), 16: (2500.0, 3071.0),
+    17: (150.0, 500.0), 18: (-950.0, -550.0),
 }
 
 #: Label codes counted as (non-bone, non-brain) soft tissue of the patient.
@@ -620,6 +627,7 @@ class _HeadModel:
         z_mx_top, z_mx_bot = -15.0, z_occ + 10.0
         mx_r = (fw - 34.0, 30.0, (z_mx_top - z_mx_bot) / 2.0 + 2.0)
         maxilla = _Ellipsoid((0, y_mx + mx_r[1], (z_mx_top + z_mx_bot) / 2.0), mx_r)
+        self.maxilla = maxilla
         frontal_proc = [_Capsule((s * 12.0, y_sn + 15.0, z_sn + 10.0), (s * 9.0, yn + 11.0, zn + 2.0), 5.0)
                         for s in (-1, 1)]
         nasal_bone = _Capsule((0, yn + 10.0, zn + 2.0),
@@ -1141,6 +1149,7 @@ class SynthHead:
     rotation_lps: np.ndarray | None = None
     tilt_deg: float = 0.0
     face_label_mask: np.ndarray | None = None
+    domain: Any = None
 
     @property
     def bone_mask(self) -> np.ndarray:
@@ -1248,6 +1257,7 @@ def generate_head(
     positions_mm: Any = None,
     thickness_mm: Any = None,
     metal: bool = False,
+    domain: Any = None,
 ) -> SynthHead:
     """Voxelise a synthetic head CT.
 
@@ -1274,6 +1284,12 @@ def generate_head(
       slice averages planes ≤ 1 mm apart across its slab (partial volume);
     * ``metal``: dental fillings (3071 HU) with streak artefacts.
 
+    ``domain``: a :class:`pipeline.synth_domain.DomainParams` (domain
+    randomisation for detector training: body habitus, age, a hollow nose and
+    thin auricles, skull base, head holders, pathology, HU and kernel
+    variety; see that module). ``None`` (default) gives exactly the heads of
+    earlier versions.
+
     Deterministic for equal arguments. Raises :class:`SynthError` for invalid
     input.
     """
@@ -1293,6 +1309,8 @@ def generate_head(
     shape = (nk, shape[1], shape[2])
 
     model = _HeadModel(params)
+    if domain is not None:  # domain randomisation: extra anatomy, see pipeline.synth_domain
+        domain.extend_model(model)
     # patient frame of the slices: row, column, plane normal (tilted about L)
     t = math.radians(float(tilt_deg))
     row = np.array([1.0, 0.0, 0.0])
@@ -1312,6 +1330,8 @@ def generate_head(
     plane_y = -zc[plane_owner] * math.sin(t)
     order = np.argsort(plane_z, kind="stable")
     origin = np.array([-(ni - 1) * di / 2.0, -(nj - 1) * dj / 2.0, 0.0])
+    if domain is not None:  # the head off the centre of the field of view
+        origin[:2] -= np.asarray(domain.fov_shift_mm, float)
     centre = frame.T @ -(rot_lps @ mid_local)  # W of the head-local origin; local mid → LPS 0
     n_planes = plane_z.size
     grid = _Grid((n_planes, nj, ni), (dk, dj, di), origin, rot, centre,
@@ -1364,8 +1384,12 @@ def generate_head(
     tissue = hu_f > -400.0  # noise-free: more tissue than air in the voxel (or its slab)
     if metal:
         _add_streaks(hu_f, labels, (dj, di), noise_seed)
-    hu = _finish_hu(hu_f, (float(np.median(np.diff(z_tab))) if nk > 1 else dk, dj, di),
-                    blur_sigma_mm, noise_hu, noise_seed, blur_slices=n_planes == nk)
+    if domain is not None:
+        hu = domain.finish_hu(hu_f, labels, (float(np.median(np.diff(z_tab))) if nk > 1 else dk, dj, di),
+                              blur_sigma_mm, noise_hu, noise_seed, blur_slices=n_planes == nk)
+    else:
+        hu = _finish_hu(hu_f, (float(np.median(np.diff(z_tab))) if nk > 1 else dk, dj, di),
+                        blur_sigma_mm, noise_hu, noise_seed, blur_slices=n_planes == nk)
     del hu_f
     boxes = _feature_boxes(feat)
     # slice k's first pixel: W (ox, oy + plane_y, plane_z) for its centre plane
@@ -1381,7 +1405,7 @@ def generate_head(
                      feature_boxes=boxes, params=params, pose_deg=pose,
                      head_centre_lps_mm=frame @ np.asarray(centre, float), structures=struct,
                      skeleton_hull=hull, rotation_lps=rot_lps, tilt_deg=float(tilt_deg),
-                     face_label_mask=face_label)
+                     face_label_mask=face_label, domain=domain)
     _ground_truth(head, slab_any_bone, slab_any_struct, tissue, thick)
     return head
 
@@ -1507,6 +1531,9 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
         _combine(E, slab.eval(model.g_upper_jaw), "u", 5.0, base=fb)
     _combine(S, slab.eval(model.g_jawskin), "u", 10.0)
     _combine(S, slab.eval(model.g_pads), "u", 16.0)
+    dom = getattr(model, "domain", None)  # domain randomisation (pipeline.synth_domain) or None
+    if dom is not None:
+        dom.skin_unions(model, slab, S)
     r_brow = slab.eval(model.g_brow)
     r_chin = slab.eval(model.g_chin)
     _combine(S, r_brow, "u", 6.0)
@@ -1516,9 +1543,15 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
     for r in r_eyes:
         _combine(S, r, "u", 1.5)
     r_nose = slab.eval(model.g_nose)
-    _combine(S, r_nose, "u", 5.0)
     r_lips = slab.eval(model.g_lips)
-    _combine(S, r_lips, "u", 5.0)
+    nose_s0 = None
+    if dom is None:
+        _combine(S, r_nose, "u", 5.0)
+        _combine(S, r_lips, "u", 5.0)
+    else:  # domain heads: the lips first, so that the nose is what stands out of the face
+        _combine(S, r_lips, "u", 5.0)
+        nose_s0 = None if r_nose is None else S[r_nose[0]].copy()
+        _combine(S, r_nose, "u", 4.0)
     r_ears = [slab.eval(g) for g in model.g_ear]
     for r in r_ears:
         _combine(S, r, "u", 3.0)
@@ -1534,7 +1567,7 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
         return E[tuple(slice(a.start - b.start, a.stop - b.start) for a, b in zip(s, fb))]
 
     # ----------------------------------------------------------------- soft tissue layers
-    layer = np.digitize(S, _SKIN_DEPTHS)  # 0 deep, 1 fat, 2 skin, 3 outside
+    layer = np.digitize(S, _SKIN_DEPTHS if dom is None else dom.skin_depths)  # 0 deep, 1 fat, 2 skin, 3 out
     inside = layer < 3
     labels[inside] = _SKIN_LAYER_LABELS[layer[inside]]
     del layer, inside
@@ -1621,8 +1654,11 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
         for ec in model.ear_canal:
             _paint(labels, slab.eval(ec), L["internal_air"], where=lambda s: is_body(s) & (E_at(s) >= 0))
     # teeth, and fillings of dental metal when asked for
-    _paint(labels, slab.eval(model.g_teeth), L["teeth"])
-    if metal:
+    if dom is not None:
+        dom.paint_inner(model, slab, labels, S, r_nose, nose_s0)
+    if dom is None or not dom.edentulous:
+        _paint(labels, slab.eval(model.g_teeth), L["teeth"])
+    if metal and (dom is None or not dom.edentulous):
         _paint(labels, slab.eval(model.g_fillings), L["metal"], where=lambda s: labels[s] == L["teeth"])
     # spine
     _paint(labels, slab.eval(model.spine_arch), L["cortical_bone"], where=is_body)
@@ -1663,7 +1699,9 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
             rel_f = tuple(slice(a.start - b.start, a.stop - b.start) for a, b in zip(ssl, fb))
             fsl = ffb[rel_f]
             m = (d[rel_d] < 0.0) & soft[rel_f] & (fsl == 0)
-            if code >= 3:  # nose, lips, brow, chin: only the soft tissue in front of the skeleton
+            if code == 3 and nose_s0 is not None:  # domain heads: the nose standing out of the face
+                m = (nose_s0[rel_d] >= 0.0) & soft[rel_f] & (fsl == 0)
+            elif code >= 3:  # nose, lips, brow, chin: only the soft tissue in front of the skeleton
                 m &= ~bone_any[rel_f]
             fsl[m] = code
         # ------------------------------------------------------------- face soft tissue
@@ -1718,9 +1756,13 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
     # ----------------------------------------------------------------- couch (scanner frame)
     if couch:
         _couch(model, slab, labels)
+    if dom is not None:
+        dom.paint_holder(model, slab, labels)
 
     # ----------------------------------------------------------------- HU (noise-free)
-    hu[...] = _LUT[labels]
+    hu[...] = _LUT[labels] if dom is None else dom.lut[labels]
+    if dom is not None:
+        dom.texture(model, slab, labels, hu)
     edge = np.abs(S) < np.float32(0.5 * aa_mm)
     if edge.any():
         s_e = S[edge]

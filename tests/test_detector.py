@@ -451,6 +451,29 @@ def test_train_detector_rejects_missing_user_dataset(tmp_path, settings):
         call_command("train_detector", "--data", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "r"))
 
 
+def test_train_detector_domain_options_reach_the_dataset(tmp_path, settings, monkeypatch):
+    """--domain / --max-slices / --workers build the domain-randomised dataset."""
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    from pipeline import detector_data
+
+    seen = {}
+
+    def fake_build(out_dir, spec, *, workers=1, **_):
+        seen.update(spec=spec, workers=workers)
+        raise RuntimeError("stop before training")
+
+    settings.VAR_DIR = tmp_path
+    monkeypatch.setattr(detector_data, "build_dataset", fake_build)
+    with pytest.raises(RuntimeError, match="stop before training"):
+        call_command("train_detector", "--domain", "--max-slices", "7", "--workers", "2", "--subjects", "3",
+                     "--out", str(tmp_path / "r"), stdout=StringIO())
+    assert seen["spec"].domain is True and seen["spec"].max_slices == 7 and seen["spec"].n_train == 3
+    assert seen["workers"] == 2
+
+
 @needs_model
 @pytest.mark.slow
 def test_eval_detector_writes_figures(tmp_path, settings):
@@ -470,3 +493,52 @@ def test_eval_detector_writes_figures(tmp_path, settings):
     figures = json.loads((tmp_path / "m.eval.json").read_text())
     assert 0.0 <= figures["mAP50"] <= 1.0 and "nose" in figures["per_class"]
     assert figures["data"]["seeds"] and figures["per_class"]["face"]["mAP50"] > 0.9
+
+
+REALCT = Path(__file__).resolve().parents[2] / "shared" / "realct"
+REAL_LABELS = Path(__file__).resolve().parent / "data" / "realct_labels" / "ge-head-ct.json"
+
+
+@needs_model
+@pytest.mark.slow
+@pytest.mark.skipif(not (REALCT / "ge-head-ct").is_dir(), reason="../shared/realct not beside the checkout")
+def test_eval_detector_real_labels(tmp_path, settings):
+    """--real-labels: Ultralytics mAP50 on the labelled real slices and, at the model method's
+    threshold, the per-class counts of the labelled series (those of pipeline.real_labels)."""
+    from io import StringIO
+
+    from django.core.management import CommandError, call_command
+
+    from pipeline.face_model import ModelFaceRegion
+    from pipeline.real_labels import load_labels
+
+    settings.VAR_DIR = tmp_path
+    w = tmp_path / "m.onnx"
+    shutil.copyfile(SHIPPED_ONNX, w)
+    shutil.copyfile(SHIPPED_ONNX.with_suffix(".json"), w.with_suffix(".json"))
+    (tmp_path / "m.eval.json").write_text(json.dumps({"mAP50": 0.5, "per_class": {}}))
+    out = StringIO()
+    call_command("eval_detector", "--weights", str(w), "--real-labels", str(REAL_LABELS),
+                 "--real-root", str(REALCT), "--no-synthetic", stdout=out)
+    assert "real series ge-head-ct: mAP50" in out.getvalue()
+    figures = json.loads((tmp_path / "m.eval.json").read_text())
+    assert figures["mAP50"] == 0.5  # --no-synthetic keeps the earlier synthetic figures
+    real = figures["real"]["ge-head-ct"]
+    assert 0.0 <= real["mAP50"] <= 1.0 and set(real["per_class_map"]) <= set(CLASSES)
+    rep = real["at_threshold"]
+    assert rep["conf"] == ModelFaceRegion.conf and "boxes" not in rep
+    lab = load_labels(REAL_LABELS)
+    for c in ("face", "eyes", "nose", "ears"):
+        v = rep["per_class"][c]
+        assert v["instances"] == sum(len(lab.boxes(k, c)) for k in lab.slices)
+        assert v["slices_visible"] == len(lab.visible[c])
+        assert 0 <= v["slices_found"] <= v["slices_visible"] and 0 <= v["found"] <= v["instances"]
+    with pytest.raises(CommandError, match="needs --real-labels"):
+        call_command("eval_detector", "--weights", str(w), "--no-synthetic")
+    with pytest.raises(CommandError, match="not found under --real-root"):
+        call_command("eval_detector", "--weights", str(w), "--real-labels", str(REAL_LABELS),
+                     "--real-root", str(tmp_path), "--no-synthetic")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(CommandError, match="cannot read the label file"):
+        call_command("eval_detector", "--weights", str(w), "--real-labels", str(bad), "--no-synthetic")

@@ -144,3 +144,41 @@ def test_dataset_spec_records_the_visible_fraction(tmp_path):
     dd.build_dataset(tmp_path / "all", spec0, splits=("train",))
     n_all = sum(len(p.read_text().splitlines()) for p in (tmp_path / "all" / "labels" / "train").glob("*.txt"))
     assert 0 < n_boxes < n_all
+
+
+def test_domain_dataset_max_slices_and_workers(tmp_path):
+    """DatasetSpec(domain=True): domain heads at their routine acquisition, at most ``max_slices``
+    labelled slices a subject, image size from the acquisition; workers=2 writes the same files."""
+    from PIL import Image
+
+    spec = dd.DatasetSpec(n_train=2, n_val=0, n_test=0, domain=True, max_slices=4,
+                          negatives_fraction=0.0, min_visible_fraction=0.2)
+    dd.build_dataset(tmp_path / "one", spec, splits=("train",))
+    dd.build_dataset(tmp_path / "two", spec, splits=("train",), workers=2)
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.*")
+                   if p.suffix in (".png", ".txt"))
+    assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.*")
+                           if p.suffix in (".png", ".txt"))
+    for f in files:
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+    imgs = sorted((tmp_path / "one" / "images" / "train").glob("*.png"))
+    for seed in spec.seeds("train"):
+        mine = [p for p in imgs if p.stem.startswith(f"s{seed:05d}_")]
+        assert len(mine) == 4  # capped (every domain head has more labelled slices)
+        n = dd.domain_acquisition(seed)["shape"][1]
+        assert all(Image.open(p).size == (n, n) for p in mine)
+    # the labels of one image are the domain head's boxes on that slice
+    from pipeline.synth import _FEATURE_CODES
+
+    seed = spec.seeds("train")[0]
+    head = dd.domain_head(seed)
+    lab = sorted((tmp_path / "one" / "labels" / "train").glob(f"s{seed:05d}_*.txt"))[1]
+    k = int(lab.stem.split("_k")[1])
+    n = head.volume.hu.shape[1]
+    got = []
+    for line in lab.read_text().splitlines():
+        c, x, y, bw, bh = line.split()
+        x, y, bw, bh = float(x) * n, float(y) * n, float(bw) * n, float(bh) * n
+        got.append((int(c), round(x - bw / 2), round(y - bh / 2), round(x + bw / 2), round(y + bh / 2)))
+    expect = dd.volume_labels(head.feature_ids, head.face_label_mask, _FEATURE_CODES, 0.2)[k]
+    assert got and sorted(got) == sorted(expect)

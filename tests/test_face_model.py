@@ -86,10 +86,35 @@ def test_model_region_with_oracle_boxes(head):
     assert removed_fraction(hu, res.hu, head.feature_masks["nose"] & face) > 0.95
     assert removed_fraction(hu, res.hu, head.feature_masks["lips"] & face) > 0.9
     assert removed_fraction(hu, res.hu, face) > 0.85
-    # ears are not a removal class: their boxes alone never cause removal
-    ear_only = head.feature_masks["ears"] & ~res.region.mask
-    assert ear_only.sum() > 0.5 * head.feature_masks["ears"].sum()
+    # the auricles are removed too, and the cheeks between the face and the ears
+    assert removed_fraction(hu, res.hu, head.ear_soft_tissue_mask) > 0.8
     assert res.qa.bone_dice == 1.0 and not res.qa.warnings
+
+
+def test_ear_boxes_bridge_to_the_face(head):
+    """On a slice with ear boxes the region spans them and the face's boxes; without the
+    bridge only the boxes themselves."""
+    table = gt_boxes(head)
+    ks = [k for k, rows in table.items() if {r[0] for r in rows} >= {"ears", "face"}]
+    assert ks
+    k = ks[len(ks) // 2]
+    one = {k - 1: table[k - 1], k: table[k], k + 1: table[k + 1]}
+    with_bridge = ModelFaceRegion(loaded_detector=OracleDetector(head.volume.hu, one),
+                                  detect_every_mm=1.0).face_region(head.volume).mask[k]
+    without = ModelFaceRegion(loaded_detector=OracleDetector(head.volume.hu, one), detect_every_mm=1.0,
+                              bridge_ears=False).face_region(head.volume).mask[k]
+    assert without.sum() < with_bridge.sum()
+    # the auricles are a removal class: the ear boxes' soft tissue is in the region even without
+    # the bridge (an oracle with only the ear boxes)
+    ears_only = {q: [r for r in rows if r[0] == "ears"] for q, rows in one.items()}
+    only = ModelFaceRegion(loaded_detector=OracleDetector(head.volume.hu, ears_only), detect_every_mm=1.0,
+                           bridge_ears=False).face_region(head.volume).mask[k]
+    ear_soft = head.ear_soft_tissue_mask[k]
+    assert ear_soft.any() and only[ear_soft].mean() > 0.9
+    rows = np.array([r[1:] for r in table[k]], float)
+    i0, j0, i1, j1 = rows[:, 0].min(), rows[:, 1].min(), rows[:, 2].max(), rows[:, 3].max()
+    jj, ii = np.nonzero(with_bridge)
+    assert ii.min() <= i0 and ii.max() >= i1 - 1 and jj.min() <= j0 and jj.max() >= j1 - 1
 
 
 def test_slice_stride_carries_boxes(head):

@@ -5,6 +5,14 @@ of the synthetic generator (seeds disjoint from training, same acquisition
 ranges as recorded in the model's metadata). ``--data DATA.yaml`` evaluates on
 a user's YOLO dataset instead. The figures are printed and written next to the
 weights as ``<weights stem>.eval.json``.
+
+``--real-labels FILE`` (repeatable) adds a labelled real series
+(:mod:`pipeline.real_labels`; the series folder is ``--real-root/<series>``,
+default ``../shared/realct``): Ultralytics mAP50 per class on its slices as the
+detector sees them, and, at the method's score threshold ``--conf``, per class
+the labelled boxes found (IoU ≥ 0.5) and the slices where the class is visible
+and found. They go under ``"real"`` in the JSON. **The synthetic figures are
+not real-world figures.**
 """
 
 from __future__ import annotations
@@ -16,7 +24,8 @@ from pathlib import Path
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from pipeline import detector, detector_data
+from pipeline import detector, detector_data, dicom_io
+from pipeline.real_labels import detection_report, load_labels, yolo_dataset
 
 
 class Command(BaseCommand):
@@ -31,6 +40,15 @@ class Command(BaseCommand):
         parser.add_argument("--subjects", type=int, default=None,
                             help="number of synthetic test subjects (default: as in the metadata)")
         parser.add_argument("--imgsz", type=int, default=None)
+        parser.add_argument("--real-labels", type=Path, action="append", default=[],
+                            help="label file of a real series (e.g. tests/data/realct_labels/ge-head-ct.json)")
+        parser.add_argument("--real-root", type=Path, default=None,
+                            help="folder holding the labelled series (default ../shared/realct)")
+        parser.add_argument("--conf", type=float, default=None,
+                            help="score threshold of the real-series figures (default: the model "
+                                 "method's, pipeline.face_model.ModelFaceRegion.conf)")
+        parser.add_argument("--no-synthetic", action="store_true",
+                            help="only the real series (keeps the synthetic figures of an earlier run)")
 
     def handle(self, *args, **o) -> None:
         weights = Path(o["weights"] or detector.DEFAULT_WEIGHTS).resolve()
@@ -40,6 +58,16 @@ class Command(BaseCommand):
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         imgsz = o["imgsz"] or int(meta.get("imgsz", 256))
         detector.configure_ultralytics(Path(settings.VAR_DIR) / "ultralytics")
+        out = weights.with_name(weights.stem + ".eval.json")
+        real = self._real(weights, imgsz, o) if o["real_labels"] else None
+        if o["no_synthetic"]:
+            if real is None:
+                raise CommandError("--no-synthetic needs --real-labels")
+            old = json.loads(out.read_text()) if out.is_file() else {}
+            old["real"] = real
+            out.write_text(json.dumps(old, indent=1) + "\n")
+            self.stdout.write(f"written: {out}")
+            return
         with tempfile.TemporaryDirectory(prefix="eval-detector-") as tmp:
             if o["data"] is not None:
                 data_yaml = Path(o["data"]).resolve()
@@ -66,6 +94,40 @@ class Command(BaseCommand):
         for name, c in m["per_class"].items():
             w(f"{name:<8} {c['mAP50']:>7.3f} {c['mAP50_95']:>9.3f} {c['instances'] or 0:>6}")
         w(f"{'all':<8} {m['mAP50']:>7.3f} {m['mAP50_95']:>9.3f}")
-        out = weights.with_name(weights.stem + ".eval.json")
+        if real is not None:
+            m["real"] = real
         out.write_text(json.dumps(m, indent=1) + "\n")
         w(f"written: {out}")
+
+    def _real(self, weights: Path, imgsz: int, o: dict) -> dict:
+        # loaded on first use: pulls in scipy
+        from pipeline.face_model import ModelFaceRegion
+
+        root = o["real_root"] or Path(settings.BASE_DIR).parent / "shared" / "realct"
+        conf = o["conf"] if o["conf"] is not None else ModelFaceRegion.conf
+        det = detector.load_detector(weights)
+        res = {}
+        w = self.stdout.write
+        for path in o["real_labels"]:
+            try:
+                labels = load_labels(path)
+            except (OSError, ValueError, KeyError) as exc:
+                raise CommandError(f"cannot read the label file ({exc.__class__.__name__})") from None
+            folder = root / labels.series
+            if not folder.is_dir():
+                raise CommandError(f"labelled series {labels.series!r} not found under --real-root")
+            vol = dicom_io.load_series(dicom_io.scan_folder(folder).series[0]).volume
+            with tempfile.TemporaryDirectory(prefix="eval-real-") as tmp:
+                y = yolo_dataset(vol.hu, labels, Path(tmp), imgsz=imgsz, windows=det.meta.hu_windows)
+                m = detector.evaluate_yolo(weights, y, split="test", imgsz=imgsz)
+            rep = detection_report(det, vol.hu, labels, conf=conf)
+            rep.pop("boxes", None)
+            res[labels.series] = {"mAP50": m["mAP50"], "mAP50_95": m["mAP50_95"],
+                                  "per_class_map": {c: v["mAP50"] for c, v in m["per_class"].items()},
+                                  "at_threshold": rep}
+            w(f"real series {labels.series}: mAP50 {m['mAP50']:.3f}; at conf {conf}:")
+            for c, v in rep["per_class"].items():
+                if v["instances"]:
+                    w(f"  {c:<6} {v['found']}/{v['instances']} boxes, {v['slices_found']}/{v['slices_visible']} "
+                      f"slices (mAP50 {m['per_class'].get(c, {}).get('mAP50', 0.0):.3f})")
+        return res

@@ -47,7 +47,8 @@ class Command(BaseCommand):
                                "no --no-eval)")
         dst = src.with_name(src.stem + ".int8.onnx")
         self.stdout.write(f"calibrating on {o['calibration_subjects']} synthetic training subjects")
-        calib = detector.synthetic_calibration(imgsz, n_subjects=o["calibration_subjects"])
+        domain = bool(((meta.get("data") or {}).get("spec") or {}).get("domain"))
+        calib = detector.synthetic_calibration(imgsz, n_subjects=o["calibration_subjects"], domain=domain)
         try:
             detector.quantize_onnx(src, dst, calib)
         except detector.DetectorError as exc:
@@ -61,7 +62,8 @@ class Command(BaseCommand):
             f"{', '.join(detector.QUANTIZED_OPS)} (box decoder in float, DFL softmax on the last axis), "
             "per-channel S8 weights, U8 activations, min/max calibration",
             "calibration": f"{calib.shape[0]} slices with facial features from "
-                           f"{o['calibration_subjects']} synthetic training-range subjects",
+                           f"{o['calibration_subjects']} synthetic training-range subjects"
+                           + (" (domain-randomised)" if domain else ""),
         }
         if not o["no_eval"] and (meta.get("data") or {}).get("spec"):
             detector.configure_ultralytics(Path(settings.VAR_DIR) / "ultralytics")

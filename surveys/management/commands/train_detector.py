@@ -36,6 +36,13 @@ class Command(BaseCommand):
         parser.add_argument("--val-subjects", type=int, default=4)
         parser.add_argument("--test-subjects", type=int, default=6)
         parser.add_argument("--size-px", type=int, default=160, help="synthetic slice size (pixels)")
+        parser.add_argument("--domain", action="store_true",
+                            help="domain-randomised synthetic heads and acquisitions (pipeline.synth_domain): "
+                                 "the shipped model's training data")
+        parser.add_argument("--max-slices", type=int, default=0,
+                            help="at most this many labelled slices per synthetic subject (0: all)")
+        parser.add_argument("--workers", type=int, default=1,
+                            help="processes generating the synthetic subjects")
         parser.add_argument("--min-visible-fraction", type=float, default=0.2,
                             help="label a feature on a slice only when its area is at least this "
                                  "fraction of its largest cross-section (synthetic data)")
@@ -64,9 +71,10 @@ class Command(BaseCommand):
         else:
             spec = detector_data.DatasetSpec(n_train=o["subjects"], n_val=o["val_subjects"],
                                              n_test=o["test_subjects"], size_px=o["size_px"],
-                                             min_visible_fraction=o["min_visible_fraction"])
+                                             min_visible_fraction=o["min_visible_fraction"],
+                                             domain=o["domain"], max_slices=o["max_slices"])
             self.stdout.write(f"building synthetic dataset ({spec.n_train}/{spec.n_val}/{spec.n_test} subjects)")
-            data_yaml = detector_data.build_dataset(out / "dataset", spec)
+            data_yaml = detector_data.build_dataset(out / "dataset", spec, workers=o["workers"])
             counts = json.loads((out / "dataset" / "spec.json").read_text())["counts"]
             data_info = {"source": "pipeline.detector_data synthetic heads", "spec": asdict(spec),
                          "counts": counts}

@@ -1,0 +1,152 @@
+"""Labelled real CT for the detector: label files, YOLO datasets and per-class detection figures.
+
+A label file (JSON, e.g. ``tests/data/realct_labels/ge-head-ct.json``) holds, per
+native slice ``k`` of a series (in :func:`pipeline.dicom_io.load_series` order),
+boxes ``[class, i0, j0, i1, j1]`` in native pixels (column/row, exclusive end)
+of the detector classes (:data:`pipeline.detector_data.CLASSES`), plus
+``"visible"``: per class, the slices where it is visible. File names and JSON
+hold no identifier: slices are numbered, series named by their folder.
+
+* :func:`yolo_dataset` writes the series as a YOLO dataset *as the detector
+  sees it* (in-plane stride ``floor(size / imgsz)`` as in
+  :class:`pipeline.face_model.ModelFaceRegion`, HU windows of the model) for
+  Ultralytics' mAP (:func:`pipeline.detector.evaluate_yolo`);
+* :func:`detection_report` runs a loaded detector at a threshold and reports per
+  class the labelled instances, how many a box of that class matches (IoU ≥
+  0.5, one to one), and on how many of the slices where the class is visible it
+  is found (every labelled instance on the slice matched).
+
+Array conventions: ``hu[k, j, i]`` as in :class:`pipeline.volume.Volume`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .detector_data import CLASSES, HU_WINDOWS, hu_to_rgb8
+
+__all__ = ["RealLabels", "detection_report", "load_labels", "match_boxes", "yolo_dataset"]
+
+
+@dataclass
+class RealLabels:
+    """Boxes per native slice: ``slices[k] = [(class, i0, j0, i1, j1), …]``."""
+
+    series: str
+    slices: dict[int, list[tuple[str, int, int, int, int]]]
+    visible: dict[str, list[int]] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def boxes(self, k: int, cls: str) -> list[tuple[int, int, int, int]]:
+        return [tuple(b[1:]) for b in self.slices.get(k, []) if b[0] == cls]  # type: ignore[misc]
+
+
+def load_labels(path: Path) -> RealLabels:
+    """Read a label file (see the module docstring); raises ``ValueError`` if malformed."""
+    d = json.loads(Path(path).read_text())
+    slices: dict[int, list] = {}
+    for k, boxes in d["slices"].items():
+        out = []
+        for b in boxes:
+            if len(b) != 5 or b[0] not in CLASSES or not (b[1] < b[3] and b[2] < b[4]):
+                raise ValueError(f"bad box {b!r} on slice {k}")
+            out.append((str(b[0]), int(b[1]), int(b[2]), int(b[3]), int(b[4])))
+        slices[int(k)] = out
+    vis = {c: [int(k) for k in ks] for c, ks in (d.get("visible") or {}).items()}
+    info = {k: v for k, v in d.items() if k not in ("slices", "visible")}
+    return RealLabels(str(d.get("series", "")), slices, vis, info)
+
+
+def _stride(shape: tuple[int, ...], imgsz: int) -> int:
+    return max(1, int(np.floor(max(shape[-2:]) / imgsz)))
+
+
+def yolo_dataset(hu: np.ndarray, labels: RealLabels, out_dir: Path, *, imgsz: int = 160,
+                 windows=HU_WINDOWS, split: str = "test") -> Path:
+    """Write every slice of ``hu`` with its boxes as a YOLO dataset (split ``split``), at the
+    detector's in-plane stride for ``imgsz``; returns ``data.yaml``. Images are
+    ``slice-KKK.png``."""
+    from PIL import Image
+
+    out_dir = Path(out_dir).resolve()
+    f = _stride(hu.shape, imgsz)
+    img_dir, lab_dir = out_dir / "images" / split, out_dir / "labels" / split
+    img_dir.mkdir(parents=True, exist_ok=True)
+    lab_dir.mkdir(parents=True, exist_ok=True)
+    for k in range(hu.shape[0]):
+        img = hu_to_rgb8(hu[k, ::f, ::f], windows)
+        Image.fromarray(img).save(img_dir / f"slice-{k:03d}.png")
+        h, w = img.shape[:2]
+        lines = []
+        for c, i0, j0, i1, j1 in labels.slices.get(k, []):
+            a, b, cc, dd = i0 / f, j0 / f, i1 / f, j1 / f
+            lines.append(f"{CLASSES.index(c)} {(a + cc) / 2 / w:.6f} {(b + dd) / 2 / h:.6f} "
+                         f"{(cc - a) / w:.6f} {(dd - b) / h:.6f}")
+        (lab_dir / f"slice-{k:03d}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+    names = "\n".join(f"  {i}: {n}" for i, n in enumerate(CLASSES))
+    yaml = [f"path: {out_dir}"] + [f"{s}: images/{split}" for s in ("train", "val", "test")]
+    (out_dir / "data.yaml").write_text("\n".join(yaml) + f"\nnames:\n{names}\n")
+    return out_dir / "data.yaml"
+
+
+def _iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    u = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / u if u > 0 else 0.0
+
+
+def match_boxes(truth: list, pred: list, iou: float = 0.5) -> int:
+    """Greedy one-to-one matches (highest IoU first) of predicted to true boxes at ≥ ``iou``."""
+    pairs = sorted(((_iou(t, p), a, b) for a, t in enumerate(truth) for b, p in enumerate(pred)), reverse=True)
+    used_t, used_p, n = set(), set(), 0
+    for v, a, b in pairs:
+        if v < iou:
+            break
+        if a in used_t or b in used_p:
+            continue
+        used_t.add(a)
+        used_p.add(b)
+        n += 1
+    return n
+
+
+def detection_report(detector: Any, hu: np.ndarray, labels: RealLabels, *, conf: float,
+                     iou: float = 0.5) -> dict[str, Any]:
+    """Per class: labelled instances, matched instances (recall), visible slices and slices
+    where every labelled instance is found, false boxes on slices without that class,
+    at score threshold ``conf``; plus the boxes found per slice (native pixels)."""
+    f = _stride(hu.shape, detector.meta.imgsz)
+    dets = detector.detect(np.ascontiguousarray(hu[:, ::f, ::f]), conf=conf)
+    canon = [detector.meta.canonical(c) for c in range(len(detector.meta.classes))]
+    per: dict[str, dict[str, Any]] = {}
+    found: dict[int, list] = {}
+    for c in CLASSES:
+        inst = hit = vis = vis_found = false_slices = 0
+        for k in range(hu.shape[0]):
+            truth = labels.boxes(k, c)
+            pred = [tuple(float(v) * f for v in b) for b, cid in zip(dets[k].boxes, dets[k].class_ids)
+                    if canon[int(cid)] == c]
+            n = match_boxes(truth, pred, iou) if truth and pred else 0
+            inst += len(truth)
+            hit += n
+            if truth:
+                vis += 1
+                vis_found += int(n == len(truth))
+            elif pred:
+                false_slices += 1
+        if inst or false_slices:
+            per[c] = {"instances": inst, "found": hit, "recall": round(hit / inst, 3) if inst else None,
+                      "slices_visible": vis, "slices_found": vis_found, "slices_with_false_boxes": false_slices}
+    for k, d in enumerate(dets):
+        rows = [[canon[int(cid)] or str(int(cid)), *[round(float(v) * f, 1) for v in b], round(float(s), 3)]
+                for b, s, cid in zip(d.boxes, d.scores, d.class_ids)]
+        if rows:
+            found[k] = rows
+    return {"series": labels.series, "conf": conf, "iou": iou, "per_class": per, "boxes": found}

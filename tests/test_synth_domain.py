@@ -1,0 +1,209 @@
+"""Domain-randomised synthetic heads (pipeline.synth_domain): exact labels, variety, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.detector_data import domain_acquisition
+from pipeline.synth import LABELS, SOFT_TISSUE_LABELS, SubjectParams, generate_head
+from pipeline.synth_domain import DomainParams
+
+KW = {"shape": (40, 112, 112), "spacing_mm": (4.0, 2.0, 2.0), "pose_deg": (0.0, 0.0, 0.0), "couch": False}
+
+
+def _head(seed: int, **over):
+    dom = DomainParams.random(seed, fov_mm=224.0)
+    dom.fov_shift_mm = (0.0, 0.0)
+    for k, v in over.items():
+        setattr(dom, k, v)
+    params = dom.adjust_params(SubjectParams.random(seed))
+    return generate_head(params, noise_seed=seed, domain=dom, **KW), dom
+
+
+@pytest.fixture(scope="module")
+def head():
+    h, _ = _head(3, nose_hollow=True, holder="cradle", foam=True, edentulous=False, pathology=[])
+    return h
+
+
+def test_draws_are_deterministic_and_vary():
+    a, b = DomainParams.random(5), DomainParams.random(5)
+    assert a.to_dict() == b.to_dict()
+    draws = [DomainParams.random(s) for s in range(60)]
+    assert {d.age for d in draws} == {"child", "adult", "elderly"}
+    assert {d.kernel for d in draws} == {"soft", "bone"}
+    assert {d.holder for d in draws} == {"cradle", "couch", "none"}
+    assert any(d.edentulous for d in draws) and any(d.pathology for d in draws)
+    assert min(d.fat_mm for d in draws) < 3 and max(d.fat_mm for d in draws) > 10
+    for s, d in enumerate(draws):  # age, sex and habitus keep every subject valid
+        d.adjust_params(SubjectParams.random(s)).validate()
+
+
+def test_same_arguments_same_domain_head():
+    a, _ = _head(11)
+    b, _ = _head(11)
+    assert np.array_equal(a.volume.hu, b.volume.hu) and np.array_equal(a.labels, b.labels)
+    assert a.feature_boxes == b.feature_boxes
+
+
+def test_hollow_nose_is_labelled_and_holds_air(head):
+    nose = head.feature_masks["nose"]
+    assert nose.sum() > 50
+    assert np.isin(head.labels[nose], SOFT_TISSUE_LABELS).all()
+    # the nasal airway inside the nose: air between the nose's walls on its slices
+    air_inside = 0
+    for k in np.flatnonzero(nose.reshape(nose.shape[0], -1).any(1)):
+        jj, ii = np.nonzero(nose[k])
+        box = head.labels[k, jj.min():jj.max() + 1, ii.min():ii.max() + 1]
+        air_inside += int((box == LABELS["internal_air"]).sum())
+    assert air_inside > 5
+    # nasal bones in its upper part: bone inside the nose's box on some slice
+    bone_in_box = 0
+    for k in np.flatnonzero(nose.reshape(nose.shape[0], -1).any(1)):
+        jj, ii = np.nonzero(nose[k])
+        box = head.labels[k, jj.min():jj.max() + 1, ii.min():ii.max() + 1]
+        bone_in_box += int((box == LABELS["cortical_bone"]).sum())
+    assert bone_in_box > 0
+
+
+def test_ears_are_thin_flaps_attached_to_the_head(head):
+    from scipy import ndimage as ndi
+
+    ears = head.feature_masks["ears"]
+    assert ears.sum() > 30
+    body = head.labels != 0
+    for k in np.flatnonzero(ears.reshape(ears.shape[0], -1).any(1)):
+        lab, n = ndi.label(body[k])
+        # every ear pixel belongs to the head's connected body (no floating auricle)
+        main = lab == np.bincount(lab[lab > 0]).argmax()
+        assert (ears[k] & ~main).sum() <= 0.1 * ears[k].sum() + 2
+
+
+def test_ground_truth_stays_consistent(head):
+    face = head.face_soft_tissue_mask
+    assert face.any()
+    assert not (face & np.isin(head.labels, (5, 6, 7, 16))).any()
+    assert not (face & (head.structures > 0)).any()
+    holder = np.isin(head.labels, (LABELS["holder"], LABELS["foam"]))
+    assert holder.any() and not (holder & (head.feature_ids > 0)).any()
+    assert not (holder & face).any()
+
+
+def test_edentulous_and_trauma():
+    h, dom = _head(21, edentulous=True, metal=False, pathology=[
+        {"kind": "fracture", "site": "nasal", "side": 1, "scale": 1.2, "normal": [0.0, 0.3, 1.0],
+         "gap_mm": 2.5, "emphysema": True},
+        {"kind": "haematoma", "site": "periorbital", "side": -1, "scale": 1.0, "hu": 40.0, "oedema_hu": 10.0},
+    ])
+    assert not (h.labels == LABELS["teeth"]).any()
+    ref, _ = _head(21, edentulous=False, pathology=[])
+    assert (ref.labels == LABELS["teeth"]).any()
+    assert (h.labels != ref.labels).any()
+
+
+def test_domain_acquisition_is_routine_head_ct():
+    accs = [domain_acquisition(s) for s in range(40)]
+    tilts = [a["tilt_deg"] for a in accs]
+    assert any(t == 0 for t in tilts) and max(tilts) > 15
+    for a in accs:
+        pos = a["positions_mm"]
+        assert np.all(np.diff(pos) > 0) and 0.6 <= a["thickness_mm"].min() and a["thickness_mm"].max() <= 10
+        assert 150 <= a["shape"][1] <= 200 and 200 <= a["fov_mm"] <= 310
+    assert any(len(np.unique(np.round(np.diff(a["positions_mm"]), 3))) > 1 for a in accs)
+    a, b = domain_acquisition(7), domain_acquisition(7)
+    assert np.array_equal(a.pop("positions_mm"), b.pop("positions_mm"))
+    assert np.array_equal(a.pop("thickness_mm"), b.pop("thickness_mm")) and a == b
+
+
+# sha1 of (labels, feature_ids, face/ear masks, structures, feature_boxes) and of the int16 HU of
+# plain heads, recorded with the generator before pipeline.synth_domain existed (main, 7c2e8e9^)
+_BASELINE = {
+    4: ("08e74f2b94f172387de2e05465f85efa6c79d2a4", "677a4b20aa70c4473e99352e4e9769de771ceb43"),
+    27001: ("5a8712fc7626bd87b01ba8dff63721323c58d573", "91eece46fd309b88997e9c9a5ea110f2a9e49c79"),
+}
+
+
+@pytest.mark.parametrize("seed", sorted(_BASELINE))
+def test_plain_heads_bit_identical_to_the_baseline(seed):
+    """domain=None: the generator's old heads, voxel for voxel (other tests' ground truth)."""
+    import hashlib
+
+    kw = {4: dict(shape=(40, 72, 72), spacing_mm=(4.0, 3.2, 3.2)),
+          27001: dict(shape=(24, 80, 80), spacing_mm=(6.0, 2.8, 2.8), tilt_deg=15, thickness_mm=6.0, metal=True)}
+    h = generate_head(SubjectParams.random(seed), noise_seed=seed, **kw[seed])
+    assert h.domain is None
+    assert not np.isin(h.labels, (LABELS["holder"], LABELS["foam"])).any()
+    m = hashlib.sha1()
+    for a in (h.labels, h.feature_ids, h.face_soft_tissue_mask, h.face_label_mask, h.structures,
+              h.ear_soft_tissue_mask):
+        m.update(np.ascontiguousarray(a).tobytes())
+    m.update(repr(h.feature_boxes).encode())
+    assert h.volume.hu.dtype == np.int16
+    hu = hashlib.sha1(np.ascontiguousarray(h.volume.hu).tobytes()).hexdigest()
+    assert (m.hexdigest(), hu) == _BASELINE[seed]
+
+
+@pytest.mark.parametrize("seed", [3, 8, 14])
+def test_nose_label_is_the_pyramid_standing_out_of_the_face(seed):
+    """What a labeller draws: on the nose's main slices the tip (the most anterior point of the
+    head) is nose, and the label reaches back over the nasal pyramid, not only the tip's cap."""
+    h, dom = _head(seed, nose_hollow=True, holder="none", foam=False, pathology=[])
+    nose, lab = h.feature_masks["nose"], h.labels
+    body = lab != 0
+    area = nose.reshape(nose.shape[0], -1).sum(1)
+    main = np.flatnonzero(area >= 0.5 * area.max())
+    assert main.size >= 2
+    depth_px = []
+    for k in main:
+        j0 = np.flatnonzero(body[k].any(1)).min()  # row = posterior: the most anterior row
+        assert nose[k, j0].any() and not (body[k, j0] & ~nose[k, j0]).all()
+        jj, _ = np.nonzero(nose[k])
+        depth_px.append(jj.max() - jj.min() + 1)
+        # only soft tissue is nose; the hollow's air and the nasal bones are not
+        assert np.isin(lab[k][nose[k]], SOFT_TISSUE_LABELS).all()
+    # the pyramid: at least 60 % of the nose's projection (the tip's cap alone is ~ 1/3)
+    projection_px = h.params.nose_projection_mm / KW["spacing_mm"][1]
+    assert max(depth_px) >= 0.6 * projection_px, (max(depth_px), projection_px)
+
+
+def _valid_boxes(head):
+    """Every detector box is the exact bounding box of its class's pixels on that slice, inside
+    the image, and on the body (not on the holder or foam)."""
+    from pipeline.detector_data import CLASSES, slice_labels
+    from pipeline.synth import _FEATURE_CODES
+
+    n_k, n_j, n_i = head.labels.shape
+    body = ~np.isin(head.labels, (0, LABELS["holder"], LABELS["foam"]))
+    found = set()
+    for k in range(n_k):
+        for c, i0, j0, i1, j1 in slice_labels(head.feature_ids[k], head.face_label_mask[k], _FEATURE_CODES):
+            name = CLASSES[c]
+            found.add(name)
+            assert 0 <= i0 < i1 <= n_i and 0 <= j0 < j1 <= n_j
+            if name == "face":
+                mask = head.face_label_mask[k]
+            else:
+                mask = np.isin(head.feature_ids[k], [v for v, n in _FEATURE_CODES.items() if n == name])
+            sub = mask[j0:j1, i0:i1]
+            # tight: the box's border rows/columns hold the class's pixels
+            assert sub[0].any() and sub[-1].any() and sub[:, 0].any() and sub[:, -1].any(), (k, name)
+            assert body[k][j0:j1, i0:i1][sub].all(), (k, name)
+    return found
+
+
+def test_tilt_fov_and_holder_variants_give_valid_boxes():
+    """Routine acquisitions (gantry tilt, a field of view cutting the face, a head holder):
+    exact, valid boxes for the classes that are in the image."""
+    from pipeline.detector_data import domain_acquisition, domain_head
+
+    def pick(cond):
+        return next(s for s in range(7000, 7400) if cond(a := domain_acquisition(s), DomainParams.random(s, fov_mm=a["fov_mm"])))
+
+    tilted = pick(lambda a, d: a["tilt_deg"] > 15 and d.holder == "cradle")
+    cut = pick(lambda a, d: abs(d.fov_shift_mm[1]) > 20 or abs(d.fov_shift_mm[0]) > 20)
+    for seed in (tilted, cut):
+        head = domain_head(seed)
+        assert np.isin(head.labels, (LABELS["holder"], LABELS["foam"])).any() or head.domain.holder != "cradle"
+        found = _valid_boxes(head)
+        assert {"face", "nose"} <= found, (seed, found)
