@@ -1513,14 +1513,37 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
     fb = slab.slices(model.face_box)  # slab-relative box of the face; None if the slab misses it
     if fb is not None:
         fb = (fb[0], slice(0, fb[1].stop), fb[2])  # from the anterior edge (for "bone in front")
-        fshape = tuple(s.stop - s.start for s in fb)
-    # ----------------------------------------------------------------- bone field E (face box)
+    # the steps run in this order and hand their results on in ``st``
+    st = SimpleNamespace(L=L, aa_mm=aa_mm, couch=couch, face=face, fb=fb, feat=feat, hu=hu,
+                         labels=labels, metal=metal, model=model, shape=shape, slab=slab,
+                         struct=struct)
+    _slab_bone_field(st)
+    _slab_skin_field(st)
+    _slab_soft_layers(st)
+    _slab_cranium(st)
+    _slab_face_bone_and_eyes(st)
+    _slab_air_and_sinuses(st)
+    _slab_mouth_teeth_spine(st)
+    _slab_features(st)
+    _slab_structures(st)
+    _slab_couch(st)
+    _slab_hu(st)
+
+
+def _slab_bone_field(st: SimpleNamespace) -> None:
+    """Bone distance field E of the facial skeleton and orbits (face box only)."""
+    fb, slab, model = st.fb, st.slab, st.model
     E = None
     if fb is not None:
-        E = np.full(fshape, _BIG, np.float32)
+        E = np.full(tuple(s.stop - s.start for s in fb), _BIG, np.float32)
         _combine(E, slab.eval(model.g_facebone), "u", 0.0, base=fb)
         _combine(E, slab.eval(model.g_orbits), "s", 2.0, base=fb)
-    # ----------------------------------------------------------------- skin field S
+    vars(st).update(E=E)
+
+
+def _slab_skin_field(st: SimpleNamespace) -> None:
+    """Skin distance field S: cranium, neck, face over bone, pads, features, cavities."""
+    shape, slab, model, E, fb = st.shape, st.slab, st.model, st.E, st.fb
     S = np.full(shape, _BIG, np.float32)
     r_cr = slab.eval(model.cranium)
     _combine(S, r_cr, "u", 0.0)
@@ -1565,14 +1588,23 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
 
     def E_at(s):  # E on a slab-relative box inside the face box
         return E[tuple(slice(a.start - b.start, a.stop - b.start) for a, b in zip(s, fb))]
+    vars(st).update(E_at=E_at, S=S, dom=dom, nose_s0=nose_s0, r_air=r_air, r_brow=r_brow,
+                    r_chin=r_chin, r_cr=r_cr, r_ears=r_ears, r_eyes=r_eyes, r_lips=r_lips,
+                    r_nose=r_nose)
 
-    # ----------------------------------------------------------------- soft tissue layers
+
+def _slab_soft_layers(st: SimpleNamespace) -> None:
+    """Soft-tissue layers by skin depth: muscle, fat, skin."""
+    S, dom, labels = st.S, st.dom, st.labels
     layer = np.digitize(S, _SKIN_DEPTHS if dom is None else dom.skin_depths)  # 0 deep, 1 fat, 2 skin, 3 out
     inside = layer < 3
     labels[inside] = _SKIN_LAYER_LABELS[layer[inside]]
     del layer, inside
 
-    # ----------------------------------------------------------------- cranium: vault, brain
+
+def _slab_cranium(st: SimpleNamespace) -> None:
+    """Cranium: tables, diploe, CSF, cortex and white matter, fissure, ventricles."""
+    r_cr, model, slab, labels, L = st.r_cr, st.model, st.slab, st.labels, st.L
     if r_cr is not None:
         sl, C = r_cr
         C = C + np.float32(model.p.scalp_mm)  # skull outer surface: C < 0
@@ -1595,7 +1627,11 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
         for v in model.ventricles:
             _paint(labels, slab.eval(v), L["csf"], where=lambda s: labels[s] == L["white_matter"])
 
-    # ----------------------------------------------------------------- facial bone and contents
+
+def _slab_face_bone_and_eyes(st: SimpleNamespace) -> None:
+    """Facial bone, orbital fat, globes (sclera, vitreous, lens) and recti."""
+    E, labels, fb, L, S, E_at, model = st.E, st.labels, st.fb, st.L, st.S, st.E_at, st.model
+    slab = st.slab
     if E is not None:
         lab = labels[fb]
         lab[E < 0] = L["cancellous_bone"]
@@ -1611,6 +1647,12 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
         _paint(labels, slab.eval(lens), L["lens"])
     r_em = slab.eval(model.g_eye_muscles)
     _paint(labels, r_em, L["muscle"], where=lambda s: labels[s] == L["fat"])
+    vars(st).update(r_em=r_em)
+
+
+def _slab_air_and_sinuses(st: SimpleNamespace) -> None:
+    """Air cavities inside the body, turbinates, sinus mucosa and a fluid level."""
+    labels, L, r_air, S, slab, model = st.labels, st.L, st.r_air, st.S, st.slab, st.model
     # air cavities (inside the body)
     is_body = lambda s: labels[s] != L["air"]
     # cavities replace bone and soft tissue only (never brain, CSF or eyes)
@@ -1633,6 +1675,14 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
         if n < 2 and model.fluid_side == (1 if n == 1 else -1):
             level = np.float32(model.sinuses[n].c[2] + model.fluid_level_mm)
             lab[(lab == L["internal_air"]) & (d < 0) & (slab.z[sl] < level)] = L["fluid"]
+    vars(st).update(is_body=is_body, r_sinus=r_sinus)
+
+
+def _slab_mouth_teeth_spine(st: SimpleNamespace) -> None:
+    """Tongue, oral air, pterygoids, nasal septum, ear canals, teeth and fillings, spine."""
+    labels, S, slab, model, L, r_air, E = st.labels, st.S, st.slab, st.model, st.L, st.r_air, st.E
+    is_body, E_at, dom, r_nose, nose_s0 = st.is_body, st.E_at, st.dom, st.r_nose, st.nose_s0
+    metal = st.metal
     # oral cavity: the tongue, a thin air space under the palate; pterygoid muscles
     mouth_soft = lambda s: np.isin(labels[s], (1, 2, 3, 4)) & (S[s] < -4.0)
     r_tongue = slab.eval(model.tongue)
@@ -1674,8 +1724,14 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
         lab[m] = L["cancellous_bone"]
         lab[m & (d > -1.5)] = L["cortical_bone"]
         lab[m & disc] = L["soft_tissue"]
+    vars(st).update(r_nc=r_nc, r_oral=r_oral, r_tongue=r_tongue)
 
-    # ----------------------------------------------------------------- features
+
+def _slab_features(st: SimpleNamespace) -> None:
+    """Facial-feature ids and the face soft-tissue mask."""
+    r_ears, feat, labels, fb, r_eyes = st.r_ears, st.feat, st.labels, st.fb, st.r_eyes
+    r_nose, r_lips, r_brow, r_chin, nose_s0 = st.r_nose, st.r_lips, st.r_brow, st.r_chin, st.nose_s0
+    slab, model, S, r_nc, face = st.slab, st.model, st.S, st.r_nc, st.face
     for res, code in ((r_ears[0], 7), (r_ears[1], 8)):
         if res is not None:
             sl, d = res
@@ -1726,7 +1782,11 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
         lab_face |= (ffb >= 1) & (ffb <= 6)
         face[fb] = fm.astype(np.uint8) | (lab_face.astype(np.uint8) << 1)
 
-    # ----------------------------------------------------------------- inner structures (ids)
+
+def _slab_structures(st: SimpleNamespace) -> None:
+    """Inner-structure ids (globes, orbits, sinuses, oral cavity, …, brain)."""
+    struct, labels, model, slab, r_em, L = st.struct, st.labels, st.model, st.slab, st.r_em, st.L
+    r_nc, r_sinus, r_tongue, r_oral = st.r_nc, st.r_sinus, st.r_tongue, st.r_oral
     def mark(res, code: int, where: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         if res is None:
             return
@@ -1753,13 +1813,20 @@ def _fill_slab(model: _HeadModel, slab: _Slab, labels: np.ndarray, feat: np.ndar
     brain = np.isin(labels, (8, 9, 10)) & (struct == 0)
     struct[brain] = STRUCTURES["brain"]
 
-    # ----------------------------------------------------------------- couch (scanner frame)
+
+def _slab_couch(st: SimpleNamespace) -> None:
+    """The scanner's head rest (and, on domain heads, holders and pads)."""
+    couch, model, slab, labels, dom = st.couch, st.model, st.slab, st.labels, st.dom
     if couch:
         _couch(model, slab, labels)
     if dom is not None:
         dom.paint_holder(model, slab, labels)
 
-    # ----------------------------------------------------------------- HU (noise-free)
+
+def _slab_hu(st: SimpleNamespace) -> None:
+    """Noise-free HU from the labels, with a partial-volume skin edge."""
+    hu, dom, labels, model, slab, S = st.hu, st.dom, st.labels, st.model, st.slab, st.S
+    aa_mm = st.aa_mm
     hu[...] = _LUT[labels] if dom is None else dom.lut[labels]
     if dom is not None:
         dom.texture(model, slab, labels, hu)
