@@ -55,7 +55,7 @@ from pipeline.volume import Volume
 
 from ..models import RenderImage, Series, StageRun, Subject
 from ..storage.mirror import pull_tree
-from ..storage.paths import thumbs_dir, viewer_cache_root
+from ..storage.paths import thumbs_dir, thumbs_root, viewer_cache_root
 from ..storage.series import load_stored
 
 log = logging.getLogger(__name__)
@@ -417,7 +417,7 @@ def _image_deleted(sender, instance, **kwargs) -> None:
     cohort_id = Subject.objects.filter(pk=instance.subject_id).values_list(
         "cohort_id", flat=True).first()
     folders = [thumb_dir(cohort_id)] if cohort_id is not None else \
-        list(thumbs_dir(0).parent.glob("c*"))
+        list(thumbs_root().glob("c*"))
     for folder in folders:
         for f in folder.glob(f"{instance.pk}-*.png"):
             f.unlink(missing_ok=True)

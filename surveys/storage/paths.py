@@ -81,9 +81,14 @@ def viewer_cache_root() -> Path:
     return data_root() / "cache" / "viewer"
 
 
+def thumbs_root() -> Path:
+    """``DATA_DIR/cache/thumbs``: the QA grids' cached thumbnails, one folder per cohort."""
+    return data_root() / "cache" / "thumbs"
+
+
 def thumbs_dir(cohort_id: int) -> Path:
     """``DATA_DIR/cache/thumbs/cNNNNN``: a cohort's cached QA thumbnails."""
-    return data_root() / "cache" / "thumbs" / f"c{int(cohort_id):05d}"
+    return thumbs_root() / f"c{int(cohort_id):05d}"
 
 
 def subject_folder(subject: Any, name: str) -> str:
