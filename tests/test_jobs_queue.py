@@ -288,6 +288,48 @@ def test_queued_stage_whose_job_redis_holds_is_left_alone(
     assert queue.job_ids == ([job_id] if where == "queued" else [])
 
 
+@pytest.mark.parametrize("worker_state", ["dead", "alive", "unregistered"])
+def test_queued_stage_taken_by_a_worker_that_died_is_enqueued_again_at_once(
+        cohort, queue, django_capture_on_commit_callbacks, worker_state):
+    """A worker killed between RQ's dequeue and the row's claim leaves the row ``queued``
+    with a job in the started registry: recovery (e.g. the restarted worker's start) must
+    not wait for the grace period or RQ's clean-up, unless that worker is alive."""
+    import os
+    import subprocess
+    import sys
+
+    from rq.executions import Execution
+    from rq.worker import Worker
+
+    run = cohort.subjects.order_by("pseudonym").first().stages.get(stage="import")
+    with django_capture_on_commit_callbacks(execute=True):
+        job_id = jobs.enqueue_stage(run)
+    job = queue.fetch_job(job_id)
+    queue.remove(job)  # dequeued ...
+    with queue.connection.pipeline() as pipe:  # ... and started by worker "w1"
+        Execution.create(job, ttl=600, pipeline=pipe, worker_name="w1")
+        pipe.execute()
+    if worker_state != "unregistered":
+        w = Worker([queue], name="w1", connection=queue.connection)
+        w.register_birth()
+        pid = os.getpid()
+        if worker_state == "dead":
+            child = subprocess.Popen([sys.executable, "-c", "pass"])
+            child.wait()  # reaped: its pid no longer exists
+            pid = child.pid
+        queue.connection.hset(w.key, "pid", pid)
+    expect_lost = worker_state != "alive"
+    assert (job_id in rowjobs.jobs_held_by_dead_workers(queue)) == expect_lost
+    with django_capture_on_commit_callbacks(execute=True):  # the row is seconds old
+        recovered = jobs.recover_stale_stages(grace_seconds=120)
+    run.refresh_from_db()
+    if expect_lost:
+        assert recovered == [run.pk] and run.status == "queued" and run.rq_job_id != job_id
+        assert queue.job_ids == [run.rq_job_id]
+    else:
+        assert recovered == [] and run.rq_job_id == job_id and queue.job_ids == []
+
+
 def test_heartbeat_survives_a_failed_beat(monkeypatch, caplog):
     """One failing beat (e.g. a briefly locked database) must not end the heartbeats of a
     long job: recovery would then take it for abandoned and run it a second time."""

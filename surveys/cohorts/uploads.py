@@ -352,7 +352,7 @@ def recover_uploads(stale_seconds: int | None = None, keep_failed_seconds: int |
         with transaction.atomic():
             if enqueue_upload(up, q, expect=(JobStatus.QUEUED, up.rq_job_id)) is not None:
                 requeued.append(up.pk)
-                log.warning("upload #%s was queued without a job in Redis; enqueued again", up.pk)
+                log.warning("upload #%s was queued but its job is lost; enqueued again", up.pk)
     old_failed = Q(status=JobStatus.FAILED,
                    finished__lt=now - timedelta(seconds=keep_failed_seconds))
     for up in CohortUpload.objects.exclude(staging_dir="").filter(Q(status=JobStatus.DONE)

@@ -167,7 +167,8 @@ def recover_stale_stages(stale_seconds: int | None = None, queue=None,
       default :data:`surveys.processing.rowjobs.STALE_SECONDS`): re-queued, or failed with
       :data:`CRASH_MESSAGE` after :data:`surveys.processing.rowjobs.MAX_CRASHES` such ends in a row;
     * ``queued`` for longer than ``grace_seconds`` while Redis holds no job with the
-      row's job id (:func:`surveys.processing.rowjobs.orphaned`): enqueued again.
+      row's job id, or (at any age) whose job a worker that died took before claiming the
+      row (:func:`surveys.processing.rowjobs.orphaned`): enqueued again.
 
     Each row is changed with a conditional UPDATE on the status and job id read here,
     so a row somebody changed meanwhile is left alone, and a late delivery of the old
@@ -194,8 +195,9 @@ def recover_stale_stages(stale_seconds: int | None = None, queue=None,
         with transaction.atomic():
             if enqueue_stage(run, q, expect=(JobStatus.QUEUED, run.rq_job_id)) is not None:
                 recovered.append(run.pk)
-                log.warning("stage row %s (%s of %s) was queued without a job in Redis; "
-                            "enqueued again", run.pk, run.stage, run.subject.pseudonym)
+                log.warning("stage row %s (%s of %s) was queued but its job is lost (not in "
+                            "Redis, or taken by a dead worker); enqueued again", run.pk, run.stage,
+                            run.subject.pseudonym)
     return recovered
 
 

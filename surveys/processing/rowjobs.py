@@ -15,7 +15,7 @@ row #N with token T". The protocol:
 * **recovery**: :func:`abandoned` rows (``running``, and the worker process on this
   host is gone or the heartbeat is older than :data:`STALE_SECONDS`) and
   :func:`orphaned` rows (``queued`` longer than :data:`QUEUED_GRACE_SECONDS` without a
-  job in Redis); the caller decides what to do with each (re-queue, or fail after
+  job in Redis, or whose job a dead worker took before claiming the row); the caller decides what to do with each (re-queue, or fail after
   :data:`MAX_CRASHES` deaths in a row, see :func:`fail_if_owned`).
 """
 
@@ -36,6 +36,8 @@ from django.db import close_old_connections, connection
 from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 from redis.exceptions import RedisError
+from rq.executions import Execution
+from rq.worker import Worker
 
 from ..models import JobStatus, RowJob
 
@@ -119,6 +121,36 @@ def jobs_in_redis(queue: Any) -> set[str]:
     ids.update(queue.intermediate_queue.get_job_ids())
     ids.update(queue.started_job_registry.get_job_ids(cleanup=False))
     return ids
+
+
+def jobs_held_by_dead_workers(queue: Any) -> set[str]:
+    """Ids of jobs a worker took from ``queue`` (its started registry) and will never run
+    to the end: the worker's process on this host no longer exists, the worker is no longer
+    registered, or the entry's heartbeat expired (90 s without a beat by default).
+
+    Such a job may never have claimed its row (killed between RQ's dequeue and the claim):
+    the row still says ``queued`` with this job id, and only this check tells it is lost
+    before RQ's own clean-up, which can take the job's whole timeout.
+    """
+    registry = queue.started_job_registry
+    out = set(registry.get_expired_job_ids())
+    host = this_host()
+    for job_id, execution_id in registry.get_job_and_execution_ids(cleanup=False):
+        if job_id in out:
+            continue
+        try:
+            name = Execution.fetch(execution_id, job_id, queue.connection).worker_name
+        except ValueError:  # the execution record expired with its worker
+            out.add(job_id)
+            continue
+        if not name:
+            continue
+        worker = Worker.find_by_key(Worker.redis_worker_namespace_prefix + name,
+                                    connection=queue.connection)
+        if worker is None or ((worker.hostname or "")[:255] == host and worker.pid
+                              and not pid_alive(worker.pid)):
+            out.add(job_id)
+    return out
 
 
 def mark_queued(row: RowJob, job_id: str, *, expect: tuple[str, str] | None = None,
@@ -249,22 +281,26 @@ def abandoned(rows: QuerySet, stale_seconds: int | None = None) -> Iterator[RowJ
 def orphaned(rows: QuerySet, queue_getter: Callable[[], Any],
              grace_seconds: int | None = None, *,
              created_field: str | None = None) -> tuple[Any, list[RowJob]]:
-    """``(queue, rows)``: the ``queued`` rows of ``rows`` older than ``grace_seconds``
-    (default :data:`QUEUED_GRACE_SECONDS`) whose job Redis does not hold.
+    """``(queue, rows)``: the ``queued`` rows of ``rows`` whose job will not run: older than
+    ``grace_seconds`` (default :data:`QUEUED_GRACE_SECONDS`) with no job in Redis, or — at
+    any age — whose job a dead worker took (:func:`jobs_held_by_dead_workers`).
 
-    A row without ``queued_at`` counts as old, or, with ``created_field``, when that
-    time is older. Redis is asked only when there is a candidate (``queue`` is None
-    otherwise).
+    A row without ``queued_at`` counts as old, or, with ``created_field``, when that time
+    is older. Redis is asked only when a row is queued (``queue`` is None otherwise).
     """
     grace_seconds = QUEUED_GRACE_SECONDS if grace_seconds is None else grace_seconds
     cutoff = timezone.now() - timedelta(seconds=grace_seconds)
     never = Q(queued_at__isnull=True)
     if created_field is not None:
         never &= Q(**{f"{created_field}__lt": cutoff})
-    candidates = list(rows.filter(status=JobStatus.QUEUED).filter(Q(queued_at__lt=cutoff)
-                                                                   | never))
-    if not candidates:
+    queued = list(rows.filter(status=JobStatus.QUEUED))
+    if not queued:
         return None, []  # no Redis round trip in the common case
+    old = {r.pk for r in rows.filter(status=JobStatus.QUEUED).filter(Q(queued_at__lt=cutoff)
+                                                                      | never)}
     queue = queue_getter()
     present = jobs_in_redis(queue)  # read after the rows: a job enqueued since is seen
-    return queue, [r for r in candidates if not (r.rq_job_id and r.rq_job_id in present)]
+    dead = jobs_held_by_dead_workers(queue)
+    lost = [r for r in queued
+            if r.rq_job_id in dead or (r.pk in old and r.rq_job_id not in present)]
+    return queue, lost
