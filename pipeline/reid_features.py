@@ -173,13 +173,6 @@ def _uniform(volume: Any) -> Any:
     return as_uniform() if callable(as_uniform) else volume
 
 
-def _same_geometry(a: Any, b: Any) -> bool:
-    return (a.shape == b.shape and np.allclose(a.spacing_mm, b.spacing_mm)
-            and np.allclose(a.origin_lps_mm, b.origin_lps_mm)
-            and np.allclose(a.row_cosine, b.row_cosine) and np.allclose(a.col_cosine, b.col_cosine)
-            and np.allclose(a.normal, b.normal))
-
-
 def subject_features(
     original: Any,
     deidentified: Any | None = None,
@@ -254,7 +247,7 @@ def subject_features(
     ]
     attack_info: dict[str, dict[str, Any]] = {}
     if deidentified is not None:
-        if _same_geometry(original, deidentified):
+        if original.same_grid(deidentified):
             al_d = alignment
             sources.append(("deidentified", deidentified, crop, alignment, protocol.probe_yaw_deg))
         else:  # another grid: align its own (identical) bone

@@ -531,13 +531,6 @@ def canonical_crop(volume: Any, alignment: Any,
     return tuple(out)  # type: ignore[return-value]
 
 
-def _same_geometry(a: Any, b: Any) -> bool:
-    return (a.shape == b.shape and np.allclose(a.spacing_mm, b.spacing_mm)
-            and np.allclose(a.origin_lps_mm, b.origin_lps_mm)
-            and np.allclose(a.row_cosine, b.row_cosine) and np.allclose(a.col_cosine, b.col_cosine)
-            and np.allclose(a.normal, b.normal))
-
-
 def render_subject(
     original: Any,
     deidentified: Any | None = None,
@@ -597,7 +590,7 @@ def render_subject(
     shared = True
     if deidentified is not None:
         t0 = time.perf_counter()
-        shared = _same_geometry(original, deidentified)
+        shared = original.same_grid(deidentified)
         al_d = alignment if shared else alignment_from_volume(deidentified, template)
         crop_d = crop if shared else canonical_crop(deidentified, al_d, settings.mesh_box)
         mesh_d = mesh_of(deidentified, crop_d, al_d)

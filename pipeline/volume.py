@@ -90,6 +90,15 @@ class Volume:
         k = np.arange(self.hu.shape[0], dtype=float)[:, None]
         return self.origin_lps_mm[None, :] + k * (self.spacing_mm[0] * self.normal)[None, :]
 
+    def same_grid(self, other: Volume) -> bool:
+        """True when ``other`` has this volume's voxel grid: shape, spacing, origin and
+        orientation (LPS mm, to ``np.allclose`` tolerance)."""
+        return (self.shape == other.shape and np.allclose(self.spacing_mm, other.spacing_mm)
+                and np.allclose(self.origin_lps_mm, other.origin_lps_mm)
+                and np.allclose(self.row_cosine, other.row_cosine)
+                and np.allclose(self.col_cosine, other.col_cosine)
+                and np.allclose(self.normal, other.normal))
+
     def plane_normal(self) -> np.ndarray:
         """Unit normal of the slice planes, ``cross(row_cosine, col_cosine)``."""
         n = np.cross(self.row_cosine, self.col_cosine)

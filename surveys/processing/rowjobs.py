@@ -290,17 +290,18 @@ def orphaned(rows: QuerySet, queue_getter: Callable[[], Any],
     """
     grace_seconds = QUEUED_GRACE_SECONDS if grace_seconds is None else grace_seconds
     cutoff = timezone.now() - timedelta(seconds=grace_seconds)
-    never = Q(queued_at__isnull=True)
-    if created_field is not None:
-        never &= Q(**{f"{created_field}__lt": cutoff})
+
+    def old(row: RowJob) -> bool:
+        if row.queued_at is not None:
+            return row.queued_at < cutoff
+        return created_field is None or getattr(row, created_field) < cutoff
+
     queued = list(rows.filter(status=JobStatus.QUEUED))
     if not queued:
         return None, []  # no Redis round trip in the common case
-    old = {r.pk for r in rows.filter(status=JobStatus.QUEUED).filter(Q(queued_at__lt=cutoff)
-                                                                      | never)}
     queue = queue_getter()
     present = jobs_in_redis(queue)  # read after the rows: a job enqueued since is seen
     dead = jobs_held_by_dead_workers(queue)
     lost = [r for r in queued
-            if r.rq_job_id in dead or (r.pk in old and r.rq_job_id not in present)]
+            if r.rq_job_id in dead or (old(r) and r.rq_job_id not in present)]
     return queue, lost

@@ -76,12 +76,8 @@ class ViewerUnavailable(Exception):
     """The series has no viewer data (yet); the message is shown to researchers."""
 
 
-def cache_root() -> Path:
-    return viewer_cache_root()
-
-
 def subject_cache_dir(subject: Subject) -> Path:
-    return cache_root() / f"c{subject.cohort_id:05d}" / f"s{subject.pk}"
+    return viewer_cache_root() / f"c{subject.cohort_id:05d}" / f"s{subject.pk}"
 
 
 def deid_run(subject: Subject) -> StageRun | None:
@@ -325,7 +321,7 @@ def _prune_versions(folder: Path, label: str) -> None:
 
 def _enforce_limit(keep: Path) -> None:
     limit = int(getattr(settings, "VIEWER_CACHE_MAX_BYTES", 0) or 0)
-    root = cache_root()
+    root = viewer_cache_root()
     if limit <= 0 or not root.is_dir():
         return
     folders = [p for p in root.glob("c*/s*/*") if p.is_dir() and not p.name.startswith(".")]
