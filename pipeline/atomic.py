@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -57,3 +59,19 @@ def replace_dir(new: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         old.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(dst: Path) -> Iterator[Path]:
+    """Fill a fresh hidden sibling folder of ``dst`` (yielded; parents created) that
+    replaces ``dst`` (:func:`replace_dir`) when the block ends without an exception;
+    on an exception it is deleted and ``dst`` stays as it was."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(dst)
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_dir(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -25,7 +25,7 @@ import copy
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +37,7 @@ from pipeline import dicom_io
 from pipeline.atomic import atomic_write_bytes, atomic_write_text
 from pipeline.deid_header import HeaderDeidentifier, date_offset_days_for, pseudonym_key
 from pipeline.errors import safe_message
+from pipeline.forked import ForkedCall, ForkedCallError
 from pipeline.preview import png_bytes
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ SUMMARY_NAME = "deid-summary.json"
 QA_DIR = "qa-pictures"
 METHODS = ("auto", "anatomical", "model", "none")
 DATE_MODES = ("shift", "remove")
-#: processes that write a series' files (:func:`pipeline.dicom_io.write_datasets`)
+#: processes (threads) that write a series' files (:func:`pipeline.dicom_io.write_datasets`,
+#: :func:`pipeline.dicom_io.write_prefixed`)
 WRITE_PROCESSES = 2
 
 
@@ -254,7 +256,7 @@ class SeriesDeid:
 def deidentify_series(
     loaded: Any, out_dir: Path, *, method: Any, method_warnings: list[str] | None = None,
     project_secret: str, pseudonym: str, date_offset_days: int, dates: str = "shift",
-    qa_picture: Path | None = None,
+    qa_picture: Path | None = None, headers_ahead: HeadersAhead | None = None,
 ) -> SeriesDeid:
     """De-identify one loaded series (face + PS3.15 header) into ``out_dir``, atomically.
 
@@ -274,9 +276,15 @@ def deidentify_series(
       (:func:`pipeline.dicom_io.write_datasets`), slice for slice in the input's
       geometry; ``qa_picture``: also write the QA picture there (PNG).
 
-    The headers are de-identified in a second thread while the face is removed; the
-    files are written by this process and a forked one (``WRITE_PROCESSES``) while a
-    thread draws the QA picture (two cores).
+    While the face is removed, a child process reads the files again, de-identifies
+    their headers (stamped 113102, the usual outcome) and encodes them
+    (:class:`HeadersAhead`; started before the series was loaded when the caller
+    passes ``headers_ahead``); the files are then written from those prefixes and
+    the defaced pixels by two threads while a third draws the QA picture (two
+    cores). When that cannot be used (no face removed, multi-frame input, an
+    unusual dataset, no child process) the headers are de-identified here and
+    written with :func:`pipeline.dicom_io.write_datasets`: the files are the same
+    byte for byte.
     Raises ``ValueError`` subclasses (without identifiers) for unusable input.
     """
     volume = loaded.volume
@@ -294,36 +302,111 @@ def deidentify_series(
             deid.deidentify(ds, pseudonym=pseudonym, date_offset_days=date_offset_days,
                             face_removed=False)
 
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        header_job = pool.submit(headers)
-        if method is not None:
-            # loaded on first use: pulls in scipy
-            from pipeline.deface import deface
+    early = headers_ahead
+    if early is None and method is not None:
+        early = HeadersAhead.start(loaded.files, project_secret=project_secret, dates=dates,
+                                   pseudonym=pseudonym, date_offset_days=date_offset_days)
+    encoded = None
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            header_job = pool.submit(headers) if early is None else None
+            if method is not None:
+                # loaded on first use: pulls in scipy
+                from pipeline.deface import deface
 
-            result = deface(volume, method)
-        header_job.result()
-    if result is not None:
-        qa = {k: v for k, v in result.qa.as_dict().items() if _jsonable(v)}
-        name = str(qa.get("method", getattr(method, "name", "")))
-        warnings += [w for w in qa.get("warnings", []) if w not in warnings]
-        env = result.region.envelope
-        if not result.qa.face_found and env is not None and env.doubtful:
-            raise FaceNotFoundError(
-                f"face not removed ({result.qa.no_face_reason}); nothing written — check the "
-                "series, or use --method none to de-identify the header only")
-        face_removed = bool(result.qa.face_found and result.qa.removed_voxels > 0)
-        hu = result.hu
+                result = deface(volume, method)
+            if header_job is not None:
+                header_job.result()
+        if result is not None:
+            qa = {k: v for k, v in result.qa.as_dict().items() if _jsonable(v)}
+            name = str(qa.get("method", getattr(method, "name", "")))
+            warnings += [w for w in qa.get("warnings", []) if w not in warnings]
+            env = result.region.envelope
+            if not result.qa.face_found and env is not None and env.doubtful:
+                raise FaceNotFoundError(
+                    f"face not removed ({result.qa.no_face_reason}); nothing written — check the "
+                    "series, or use --method none to de-identify the header only")
+            face_removed = bool(result.qa.face_found and result.qa.removed_voxels > 0)
+            hu = result.hu
+        if early is not None and face_removed and datasets is loaded.datasets:
+            encoded = early.result(loaded.files)
+    finally:
+        if early is not None:
+            early.cancel()
+    if early is not None and encoded is None:
+        headers()  # not done here yet: the child did them (with a 113102 stamp)
     res = SeriesDeid(method=name, face_removed=face_removed, qa=qa, warnings=warnings,
                      slices=len(datasets), volume=volume, hu=hu, defaced=result)
     with ThreadPoolExecutor(max_workers=1) as pool:
         picture = pool.submit(write_qa_picture, res, qa_picture) if qa_picture else None
-        if face_removed:
-            for ds in datasets:
-                deid.stamp(ds, face_removed=True)
-        dicom_io.write_datasets(datasets, out_dir, pixels_hu=hu, processes=WRITE_PROCESSES)
+        if encoded is not None:
+            dicom_io.write_prefixed([p for p, _ in encoded], [f for _, f in encoded], hu, out_dir,
+                                    threads=WRITE_PROCESSES)
+        else:
+            if face_removed:
+                for ds in datasets:
+                    deid.stamp(ds, face_removed=True)
+            dicom_io.write_datasets(datasets, out_dir, pixels_hu=hu, processes=WRITE_PROCESSES)
         if picture is not None:
             picture.result()
     return res
+
+
+class HeadersAhead:
+    """The de-identified headers of a series' files, encoded in a child process
+    (:func:`pipeline.dicom_io.encode_files`) while this one loads and defaces it.
+
+    The child reads the files itself, so it can start before the series is loaded
+    (a fork of a small process: few copy-on-write faults for this one, see
+    :class:`pipeline.forked.ForkedCall`). Headers are stamped as a series whose face
+    was removed (code 113102).
+    """
+
+    def __init__(self, call: ForkedCall, files: list[Path]) -> None:
+        self._call = call
+        self._index = {Path(f): i for i, f in enumerate(files)}
+
+    @classmethod
+    def start(cls, files: Sequence[Path], *, project_secret: str, dates: str, pseudonym: str,
+              date_offset_days: int) -> HeadersAhead | None:
+        """Start encoding ``files`` (one slice each); None when no child can be started."""
+        files = [Path(f) for f in files]
+        if len(set(files)) != len(files):
+            return None  # multi-frame input: the slices are not the files
+        call = ForkedCall.start(_encode_files, files, project_secret, dates, pseudonym,
+                                date_offset_days)
+        return None if call is None else cls(call, files)
+
+    def result(self, files: Sequence[Path]) -> list[tuple[bytes, dicom_io.PixelFormat]] | None:
+        """The encoded headers in the order of ``files`` (the loaded slices); None when the
+        child failed or a file is not one it encoded (the caller writes them itself)."""
+        try:
+            encoded = self._call.result()
+        except ForkedCallError as exc:
+            log.warning("encoding the headers ahead failed (%s); writing them here", exc)
+            return None
+        if encoded is None:
+            return None
+        try:
+            return [encoded[self._index[Path(f)]] for f in files]
+        except KeyError:
+            return None
+
+    def cancel(self) -> None:
+        """Stop the child if it still runs."""
+        self._call.cancel()
+
+
+def _encode_files(files: list[Path], project_secret: str, dates: str, pseudonym: str,
+                  date_offset_days: int) -> list[tuple[bytes, dicom_io.PixelFormat]] | None:
+    """In the child: read, de-identify (stamped 113102) and encode ``files``."""
+    deid = HeaderDeidentifier(project_secret, dates=dates)
+
+    def prepare(ds: pydicom.Dataset) -> None:
+        deid.deidentify(ds, pseudonym=pseudonym, date_offset_days=date_offset_days,
+                        face_removed=True)
+
+    return dicom_io.encode_files(files, prepare)
 
 
 def write_qa_picture(series: SeriesDeid, path: Path) -> bool:
@@ -354,15 +437,20 @@ def _process_series(job: _SeriesJob) -> SeriesOutcome:
     """Load, deface, de-identify and write one series, and its QA picture. Never raises."""
     outcome = SeriesOutcome(index=job.index, n_files=len(job.ref.files), status="failed",
                             pseudonym=job.pseudonym)
+    ahead = None
     try:
-        loaded = dicom_io.load_series(job.ref)
         method, warnings = make_face_method(job.options.method, job.options.weights,
                                             job.options.class_map)
+        if method is not None:  # the headers are encoded while the series loads
+            ahead = HeadersAhead.start(job.ref.files, project_secret=job.options.project_secret,
+                                       dates=job.options.dates, pseudonym=job.pseudonym,
+                                       date_offset_days=job.date_offset_days)
+        loaded = dicom_io.load_series(job.ref)
         res = deidentify_series(
             loaded, job.out_dir, method=method, method_warnings=warnings,
             project_secret=job.options.project_secret, pseudonym=job.pseudonym,
             date_offset_days=job.date_offset_days, dates=job.options.dates,
-            qa_picture=job.qa_path)
+            qa_picture=job.qa_path, headers_ahead=ahead)
         outcome.status = "written"
         outcome.output = job.output_rel
         outcome.slices = res.slices
@@ -382,6 +470,9 @@ def _process_series(job: _SeriesJob) -> SeriesOutcome:
         # No traceback: exception texts from deep inside libraries may carry input paths.
         log.error("unexpected %s in input series #%d", exc.__class__.__name__, job.index)
         outcome.error = f"internal error ({exc.__class__.__name__}); please report it"
+    finally:
+        if ahead is not None:
+            ahead.cancel()
     return outcome
 
 
@@ -418,9 +509,14 @@ def _single_frame_datasets(loaded: Any) -> list[pydicom.Dataset]:
             if elem.keyword in _MULTIFRAME_ONLY or elem.tag.group == 0x0002:
                 continue
             ds[elem.tag] = copy.deepcopy(elem)
+        for keyword in ("StudyDate", "StudyTime"):  # not today's, when the source has none
+            if keyword not in src:
+                setattr(ds, keyword, "")
         ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+        # (pydicom's default root: with ``prefix=None`` the entropy would be ignored and
+        # the UID random)
         ds.SOPInstanceUID = pydicom.uid.generate_uid(
-            prefix=None, entropy_srcs=[str(src.get("SOPInstanceUID", "")), str(frame)])
+            entropy_srcs=[str(src.get("SOPInstanceUID", "")), str(frame)])
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     return classic
 

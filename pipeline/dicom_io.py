@@ -21,13 +21,14 @@ content.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
-import shutil
 import struct
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -45,7 +46,8 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import format_number_as_ds
 
-from .atomic import replace_dir, temp_sibling
+from .atomic import atomic_dir
+from .forked import ForkedCall, ForkedCallError
 from .volume import Volume
 
 __all__ = [
@@ -257,66 +259,197 @@ def _stored_range(bits_stored: int, signed: bool) -> tuple[int, int]:
     return 0, (1 << bits_stored) - 1
 
 
+@dataclass(frozen=True)
+class PixelFormat:
+    """How a single-frame dataset stores its pixels (:func:`set_pixel_hu`'s rules).
+
+    Stored values are ``round((hu - intercept) / slope)`` clipped to what
+    ``bits_stored`` and ``signed`` can hold, little endian in a container of
+    ``bits_allocated`` bits.
+    """
+
+    rows: int
+    cols: int
+    bits_allocated: int
+    bits_stored: int
+    signed: bool
+    slope: float
+    intercept: float
+
+    @classmethod
+    def of(cls, ds: Dataset) -> PixelFormat:
+        """The format of ``ds``; :class:`DicomWriteError` for what cannot be written."""
+        if int(ds.get("SamplesPerPixel", 1)) != 1:
+            raise DicomWriteError("only single-sample (greyscale) images are supported")
+        if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+            raise DicomWriteError("set_pixel_hu needs a single-frame dataset")
+        bits_allocated = int(ds.get("BitsAllocated", 16))
+        if bits_allocated not in (8, 16, 32):
+            raise DicomWriteError(f"BitsAllocated {bits_allocated} is not supported")
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        if slope == 0:
+            raise DicomWriteError("RescaleSlope is 0")
+        return cls(rows=int(ds.Rows), cols=int(ds.Columns), bits_allocated=bits_allocated,
+                   bits_stored=int(ds.get("BitsStored", bits_allocated)),
+                   signed=int(ds.get("PixelRepresentation", 0)) == 1, slope=slope,
+                   intercept=float(ds.get("RescaleIntercept", 0) or 0))
+
+    @property
+    def vr(self) -> str:
+        """The Pixel Data's value representation."""
+        return "OB" if self.bits_allocated == 8 else "OW"
+
+    @property
+    def n_bytes(self) -> int:
+        """Length of the Pixel Data value (padded to even)."""
+        n = self.rows * self.cols * self.bits_allocated // 8
+        return n + n % 2
+
+    def stored_bytes(self, hu_slice: np.ndarray) -> bytes:
+        """The Pixel Data value of ``hu_slice`` (HU, ``[row, column]``), padded to even length."""
+        hu_slice = np.asarray(hu_slice)
+        if hu_slice.shape != (self.rows, self.cols):
+            raise DicomWriteError(
+                f"slice shape {hu_slice.shape} does not match the dataset's Rows×Columns "
+                f"{(self.rows, self.cols)}"
+            )
+        lo, hi = _stored_range(self.bits_stored, self.signed)
+        dtype = np.dtype(f"<{'i' if self.signed else 'u'}{self.bits_allocated // 8}")
+        slope, intercept = self.slope, self.intercept
+        if hu_slice.dtype.kind in "iu" and slope == 1 and intercept == int(intercept):
+            # integer HU, slope 1 (the usual CT case): exact integer arithmetic, no rounding
+            stored = hu_slice.astype(np.int64 if self.bits_allocated == 32 else np.int32)
+            if intercept:
+                stored -= int(intercept)
+            s_lo, s_hi = int(stored.min()), int(stored.max())
+            if s_lo < lo or s_hi > hi:
+                np.clip(stored, lo, hi, out=stored)
+        else:
+            if not np.all(np.isfinite(hu_slice)):
+                raise DicomWriteError("the HU slice contains NaN or infinite values")
+            stored = np.rint((hu_slice.astype(np.float64) - intercept) / slope)
+            stored = np.clip(stored, lo, hi)
+        pixel_bytes = stored.astype(dtype, copy=False).tobytes()
+        if len(pixel_bytes) % 2:  # 8-bit, odd number of pixels: pad to even length
+            pixel_bytes += b"\x00"
+        return pixel_bytes
+
+
 def set_pixel_hu(ds: Dataset, hu_slice: np.ndarray) -> None:
     """Replace the pixel data of a single-frame ``ds`` with ``hu_slice`` (HU, ``[row, column]``).
 
     Stored values are ``round((hu - RescaleIntercept) / RescaleSlope)``
     (slope 1 / intercept 0 when absent), clipped to the range representable
     with the dataset's BitsStored and PixelRepresentation, in a container of
-    BitsAllocated bits. The transfer syntax becomes Explicit VR Little Endian
-    (uncompressed), whatever it was before; all other attributes, including
-    UIDs, are kept. The dataset is modified in place.
+    BitsAllocated bits (:class:`PixelFormat`). The transfer syntax becomes
+    Explicit VR Little Endian (uncompressed), whatever it was before; all other
+    attributes, including UIDs, are kept. The dataset is modified in place.
 
     Raises :class:`DicomWriteError` for shape mismatch, non-grey images,
     multi-frame datasets or unsupported bit depths.
     """
-    hu_slice = np.asarray(hu_slice)
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    if hu_slice.shape != (rows, cols):
-        raise DicomWriteError(
-            f"slice shape {hu_slice.shape} does not match the dataset's Rows×Columns {(rows, cols)}"
-        )
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise DicomWriteError("only single-sample (greyscale) images are supported")
-    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
-        raise DicomWriteError("set_pixel_hu needs a single-frame dataset")
-    bits_allocated = int(ds.get("BitsAllocated", 16))
-    if bits_allocated not in (8, 16, 32):
-        raise DicomWriteError(f"BitsAllocated {bits_allocated} is not supported")
-    bits_stored = int(ds.get("BitsStored", bits_allocated))
-    signed = int(ds.get("PixelRepresentation", 0)) == 1
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    if slope == 0:
-        raise DicomWriteError("RescaleSlope is 0")
-    lo, hi = _stored_range(bits_stored, signed)
-    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits_allocated // 8}")
-    if hu_slice.dtype.kind in "iu" and slope == 1 and intercept == int(intercept):
-        # integer HU, slope 1 (the usual CT case): exact integer arithmetic, no rounding
-        stored = hu_slice.astype(np.int64 if bits_allocated == 32 else np.int32)
-        if intercept:
-            stored -= int(intercept)
-        s_lo, s_hi = int(stored.min()), int(stored.max())
-        if s_lo < lo or s_hi > hi:
-            np.clip(stored, lo, hi, out=stored)
-    else:
-        if not np.all(np.isfinite(hu_slice)):
-            raise DicomWriteError("the HU slice contains NaN or infinite values")
-        stored = np.rint((hu_slice.astype(np.float64) - intercept) / slope)
-        stored = np.clip(stored, lo, hi)
-    pixel_bytes = stored.astype(dtype, copy=False).tobytes()
-
-    if len(pixel_bytes) % 2:  # 8-bit, odd number of pixels: pad to even length
-        pixel_bytes += b"\x00"
+    fmt = PixelFormat.of(ds)
+    pixel_bytes = fmt.stored_bytes(hu_slice)
     if "PixelData" in ds:
         del ds["PixelData"]
     ds.PixelData = pixel_bytes
-    ds["PixelData"].VR = "OB" if bits_allocated == 8 else "OW"
+    ds["PixelData"].VR = fmt.vr
+    _set_pixel_header(ds)
+
+
+def _set_pixel_header(ds: Dataset) -> None:
+    """What :func:`set_pixel_hu` changes in the header besides the Pixel Data."""
     if not hasattr(ds, "file_meta") or ds.file_meta is None:
         ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     if "PhotometricInterpretation" not in ds or str(ds.PhotometricInterpretation).startswith("YBR"):
         ds.PhotometricInterpretation = "MONOCHROME2"
+
+
+def encode_prefix(ds: Dataset) -> tuple[bytes, PixelFormat] | None:
+    """The bytes :func:`write_datasets` (``pixels_hu`` given) writes for ``ds`` before
+    the Pixel Data value, and the format of that value.
+
+    ``prefix + fmt.stored_bytes(hu_slice)`` is byte for byte the file that
+    ``set_pixel_hu(ds, hu_slice)`` and :func:`write_datasets` would write, so the
+    header can be encoded before the pixels are known (:func:`write_prefixed`).
+    ``ds`` is modified in place as :func:`set_pixel_hu` would (the transfer syntax,
+    the file meta) and loses its Pixel Data. None when the shortcut does not apply
+    (multi-frame, an element after the Pixel Data, float pixel data): write such a dataset with
+    :func:`write_datasets`. Raises :class:`DicomWriteError` as :func:`set_pixel_hu`.
+    """
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        return None
+    fmt = PixelFormat.of(ds)
+    if any(int(tag) > _PIXEL_DATA_TAG or int(tag) in _FLOAT_PIXEL_TAGS for tag in ds.keys()):
+        return None
+    if "PixelData" in ds:
+        del ds["PixelData"]
+    _set_pixel_header(ds)
+    _ensure_file_meta(ds)
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    # the Pixel Data element's header in Explicit VR Little Endian: tag, VR, 2 reserved
+    # bytes, 4-byte length
+    head = struct.pack("<HH2sHI", _PIXEL_DATA_TAG >> 16, _PIXEL_DATA_TAG & 0xFFFF,
+                       fmt.vr.encode(), 0, fmt.n_bytes)
+    return buffer.getvalue() + head, fmt
+
+
+def encode_files(
+    paths: Sequence[Path], prepare: Callable[[Dataset], None],
+) -> list[tuple[bytes, PixelFormat]] | None:
+    """:func:`encode_prefix` of each file of ``paths`` after ``prepare(dataset)`` (e.g. the
+    header de-identification), reading the files as :func:`load_series` does
+    (:func:`read_dataset`); pydicom's warnings are captured (they may quote values).
+    None when a file does not allow the shortcut (see :func:`encode_prefix`)."""
+    encoded = []
+    with _quiet_pydicom():
+        for path in paths:
+            ds = read_dataset(Path(path))
+            if "PixelData" in ds:
+                del ds["PixelData"]
+            prepare(ds)
+            one = encode_prefix(ds)
+            if one is None:
+                return None
+            encoded.append(one)
+    return encoded
+
+
+def write_prefixed(
+    prefixes: Sequence[bytes], formats: Sequence[PixelFormat], pixels_hu: np.ndarray,
+    out_dir: Path, *, filenames: Sequence[str] | None = None, threads: int = 2,
+) -> list[Path]:
+    """Write one file per slice of ``pixels_hu`` (HU ``[k, row, column]``) from headers
+    encoded beforehand (:func:`encode_prefix`), atomically as :func:`write_datasets`
+    (temporary sibling folder, renamed; nothing left behind on failure).
+
+    File ``k`` is ``prefixes[k]`` followed by ``formats[k].stored_bytes(pixels_hu[k])``;
+    names as in :func:`write_datasets`. ``threads`` convert and write slices side by
+    side (numpy and file writes release the GIL). Returns the final file paths.
+    """
+    out_dir = Path(out_dir)
+    n = len(prefixes)
+    if len(formats) != n or len(pixels_hu) != n:
+        raise DicomWriteError(f"got {len(pixels_hu)} pixel slices and {len(formats)} formats "
+                              f"for {n} headers")
+    names = [f"IM{i + 1:05d}.dcm" for i in range(n)] if filenames is None else \
+        _validate_filenames(filenames, n)
+    def write_part(folder: Path, ks: range) -> None:
+        for k in ks:
+            pixel_bytes = formats[k].stored_bytes(pixels_hu[k])
+            with open(folder / names[k], "wb") as f:
+                f.write(prefixes[k])
+                f.write(pixel_bytes)
+
+    threads = max(1, min(int(threads), n // 16 or 1))
+    bounds = np.linspace(0, n, threads + 1).round().astype(int)
+    with atomic_dir(out_dir) as tmp_dir, ThreadPoolExecutor(max_workers=threads) as pool:
+        jobs = [pool.submit(write_part, tmp_dir, range(a, b)) for a, b in zip(bounds, bounds[1:])]
+        for job in jobs:
+            job.result()
+    return [out_dir / name for name in names]
 
 
 def _validate_filenames(filenames: Sequence[str], n: int) -> list[str]:
@@ -388,16 +521,8 @@ def write_datasets(
         names = [f"IM{i + 1:05d}.dcm" for i in range(n)]
     else:
         names = _validate_filenames(filenames, n)
-    parent = out_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = temp_sibling(out_dir)
-    tmp_dir.mkdir()
-    try:
+    with atomic_dir(out_dir) as tmp_dir:
         _write_files(datasets, names, tmp_dir, pixels_hu, processes)
-        replace_dir(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return [out_dir / name for name in names]
 
 
@@ -415,43 +540,28 @@ def _write_files(datasets: Sequence[Dataset], names: Sequence[str], folder: Path
                  pixels_hu: np.ndarray | None, processes: int) -> None:
     """Write the files, the last ``processes - 1`` parts in forked children (which see
     the parent's datasets without copies). A child's failure is raised here as a
-    :class:`DicomWriteError` without its details (they may quote header values)."""
+    :class:`DicomWriteError` with our own message only (others may quote header values)."""
     n = len(datasets)
-    import multiprocessing
-
     processes = max(1, min(int(processes), n // 16 or 1))
-    if processes == 1 or not hasattr(os, "fork") or multiprocessing.current_process().daemon:
-        # (a daemonic process, e.g. a multiprocessing.Pool worker, may not fork children)
-        _write_part(datasets, names, folder, pixels_hu, range(n))
-        return
-    ctx = multiprocessing.get_context("fork")
     bounds = np.linspace(0, n, processes + 1).round().astype(int)
-    pipes = [ctx.Pipe(duplex=False) for _ in bounds[2:]]
-    children = [ctx.Process(target=_write_part_child, daemon=True,
-                            args=(send, datasets, names, folder, pixels_hu, range(a, b)))
-                for (_, send), a, b in zip(pipes, bounds[1:-1], bounds[2:])]
-    for child in children:
-        child.start()
+    children = []
     try:
+        for a, b in zip(bounds[1:-1], bounds[2:]):
+            child = ForkedCall.start(_write_part, datasets, names, folder, pixels_hu, range(a, b),
+                                     safe_errors=(DicomWriteError,))
+            if child is None:  # cannot fork here: this process writes everything
+                bounds = np.array([0, n])
+                break
+            children.append(child)
         _write_part(datasets, names, folder, pixels_hu, range(bounds[0], bounds[1]))
+        for child in children:
+            try:
+                child.result()
+            except ForkedCallError as exc:
+                raise DicomWriteError(str(exc)) from None
     finally:
         for child in children:
-            child.join()
-    for (recv, _), child in zip(pipes, children):
-        message = recv.recv() if recv.poll() else ""
-        if child.exitcode != 0 or message:
-            raise DicomWriteError(message or "writing the series failed in a worker process")
-
-
-def _write_part_child(send: Any, *args: Any) -> None:
-    """A forked writer: its error goes to the parent as a message (our own
-    :class:`DicomWriteError` texts, which hold no header values; anything else as a
-    generic text), never as a traceback on stderr."""
-    try:
-        _write_part(*args)
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        send.send(str(exc) if isinstance(exc, DicomWriteError)
-                  else f"writing a slice failed ({type(exc).__name__})")
+            child.cancel()
 
 
 # =========================================================================== reading
@@ -951,21 +1061,15 @@ def _as_floats(value: Any, n: int, what: str, label: str) -> np.ndarray:
     return arr
 
 
-def _read_file_frames(path: Path, file_index: int, label: str) -> tuple[Dataset, list[_Frame]]:
-    """Read one file fully (single read), decode its pixels and return its frames."""
+def read_dataset(path: Path, label: str = "the series") -> Dataset:
+    """Read one file fully (single read) as :func:`load_series` does, Pixel Data included;
+    a legacy file without File Meta gets the TransferSyntaxUID its encoding implies.
+    Raises :class:`SeriesError` (naming only ``label``) when it cannot be read."""
     try:
         with open(path, "rb") as f:
             ds, _ = _read_quietly(f, force=True)
     except Exception as exc:  # noqa: BLE001
         raise SeriesError(f"{label}: a file could not be read ({type(exc).__name__})") from exc
-    modality = str(ds.get("Modality", "") or "")
-    if modality != "CT":
-        shown = modality if modality.isalnum() and len(modality) <= 4 else "missing/invalid"
-        raise SeriesError(f"{label}: modality is {shown}, only CT is supported")
-    if "PixelData" not in ds:
-        raise SeriesError(f"{label}: a file has no pixel data")
-    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-        raise SeriesError(f"{label}: only greyscale (SamplesPerPixel = 1) images are supported")
     if "TransferSyntaxUID" not in ds.file_meta:  # legacy file without file meta
         implicit_vr, little_endian = getattr(ds, "original_encoding", (True, True))
         ds.file_meta.TransferSyntaxUID = (
@@ -974,12 +1078,28 @@ def _read_file_frames(path: Path, file_index: int, label: str) -> tuple[Dataset,
             else ExplicitVRLittleEndian if little_endian is not False
             else pydicom.uid.ExplicitVRBigEndian
         )
+    return ds
+
+
+def _read_file_frames(path: Path, file_index: int, label: str) -> tuple[Dataset, list[_Frame]]:
+    """Read one file fully (single read), decode its pixels and return its frames."""
+    ds = read_dataset(path, label)
+    modality = str(ds.get("Modality", "") or "")
+    if modality != "CT":
+        shown = modality if modality.isalnum() and len(modality) <= 4 else "missing/invalid"
+        raise SeriesError(f"{label}: modality is {shown}, only CT is supported")
+    if "PixelData" not in ds:
+        raise SeriesError(f"{label}: a file has no pixel data")
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise SeriesError(f"{label}: only greyscale (SamplesPerPixel = 1) images are supported")
     tsu = ds.file_meta.get("TransferSyntaxUID")
     tsu_name = tsu.name if tsu is not None and tsu.is_transfer_syntax else "unknown"
     if tsu is not None and not tsu.is_transfer_syntax:
         raise SeriesError(f"{label}: unsupported transfer syntax ({tsu_name})")
     try:
-        pixels = ds.pixel_array
+        pixels = _native_pixels(ds)
+        if pixels is None:
+            pixels = ds.pixel_array
     except Exception as exc:  # noqa: BLE001
         raise SeriesError(
             f"{label}: pixel data could not be decoded (transfer syntax {tsu_name}; "
@@ -1012,6 +1132,32 @@ def _read_file_frames(path: Path, file_index: int, label: str) -> tuple[Dataset,
             )
         )
     return ds, frames
+
+
+def _native_pixels(ds: Dataset) -> np.ndarray | None:
+    """The stored values of an uncompressed little-endian single-frame greyscale image,
+    read straight from its bytes (what ``ds.pixel_array`` returns, without pydicom's
+    per-call decoder set-up); None for anything else (the caller asks pydicom)."""
+    tsu = ds.file_meta.get("TransferSyntaxUID")
+    if tsu not in (ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian):
+        return None
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1 or int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        return None
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    if bits not in (8, 16, 32) or "PixelData" not in ds:
+        return None
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    n = rows * cols * bits // 8
+    data = ds.PixelData
+    if not isinstance(data, bytes) or len(data) < n or rows <= 0 or cols <= 0:
+        return None
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    pixels = np.frombuffer(data, dtype=dtype, count=rows * cols).reshape(rows, cols)
+    unused = bits - int(ds.get("BitsStored", bits) or bits)
+    if unused > 0:  # as pydicom: ignore the unused high bits (sign-extend signed values)
+        pixels = np.right_shift(np.left_shift(pixels, unused), unused)
+    return pixels
 
 
 def _thickness_or_none(value: Any) -> float | None:
