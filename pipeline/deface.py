@@ -53,7 +53,14 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from scipy import ndimage as ndi
 
-from .envelope import BODY_THRESHOLD_HU, Envelope, EnvelopeSettings, bbox_of, find_envelope
+from .envelope import (
+    BODY_THRESHOLD_HU,
+    Envelope,
+    EnvelopeSettings,
+    bbox_of,
+    find_envelope,
+    in_slabs,
+)
 from .volume import Volume
 
 __all__ = [
@@ -162,7 +169,7 @@ class AirFill:
     def of(cls, volume: Volume, env: Envelope, slices: list[int], seed: int = 0) -> AirFill:
         rng = np.random.default_rng(seed)
         g = env.grid
-        far = ~ndi.binary_dilation(env.body, iterations=3)
+        far = ~in_slabs(ndi.binary_dilation, env.body, 3, iterations=3)
         vals, pairs_a, pairs_b = [], [], []
         for k in slices[:: max(1, len(slices) // 6)]:
             sl = volume.hu[k]
@@ -258,6 +265,8 @@ class DefaceResult:
     hu: np.ndarray
     qa: DefaceQA
     region: RegionResult
+    #: native slice indices where ``hu`` differs from the input (ascending)
+    changed_slices: tuple[int, ...] = ()
 
     @property
     def envelope(self) -> Envelope | None:
@@ -281,7 +290,8 @@ def _region_labels(env: Envelope) -> np.ndarray:
     g = env.grid
     lab = np.full(g.hu.shape, REGION_NAMES.index("other"), np.uint8)
     # every cell a removed voxel can fall in (coarse borders included)
-    cand = ndi.binary_dilation(~env.inside & env.zone_coarse, iterations=1) & env.body_grown
+    cand = in_slabs(ndi.binary_dilation, ~env.inside & env.zone_coarse, 1,
+                    iterations=1) & env.body_grown
     if lm.anchor is None or not cand.any():
         return lab
     idx = np.nonzero(cand)
@@ -350,6 +360,27 @@ def deface(volume: Volume, method: FaceRegionMethod | None = None, *,
     if not (np.issubdtype(hu.dtype, np.floating) or
             (np.issubdtype(hu.dtype, np.integer) and np.iinfo(hu.dtype).min < 0)):
         raise DefaceError(f"hu must be a signed array of Hounsfield units, got dtype {hu.dtype}")
+    # the copy to edit and the bone count before need only ``hu``: a second thread makes
+    # them while the region and envelope are found (numpy releases the GIL)
+    with ThreadPoolExecutor(max_workers=1) as side:
+        return _deface(volume, method, settings, fill_seed, side)
+
+
+def _copy_and_count_bone(hu: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """A copy of ``hu`` and its voxel counts ≥ each of :data:`BONE_HU`."""
+    out = hu.copy()
+    bone = [0] * len(BONE_HU)
+    for k0 in range(0, hu.shape[0], 16):
+        blk = hu[k0:k0 + 16]
+        for t, thr in enumerate(BONE_HU):
+            bone[t] += int(np.count_nonzero(blk >= thr))
+    return out, bone
+
+
+def _deface(volume: Volume, method: FaceRegionMethod, settings: EnvelopeSettings | None,
+            fill_seed: int, side: ThreadPoolExecutor) -> DefaceResult:
+    hu = volume.hu
+    copy_job = side.submit(_copy_and_count_bone, hu)
     t0 = time.perf_counter()
     region = method.face_region(volume)
     mask = region.mask
@@ -363,7 +394,8 @@ def deface(volume: Volume, method: FaceRegionMethod | None = None, *,
         region.envelope = env
     t2 = time.perf_counter()
     warnings = list(region.warnings)
-    out = hu.copy()
+    out, bone_before = copy_job.result()
+    changed_k: list[int] = []
     voxel_ml = volume.slice_voxel_volumes_ml()
     by_region = np.zeros(len(REGION_NAMES))
     removed = 0
@@ -382,6 +414,9 @@ def deface(volume: Volume, method: FaceRegionMethod | None = None, *,
         elif env.hull is None:
             face_found = False  # nothing protects the inside: refuse to cut
     if face_found:
+        env.body_grown  # noqa: B018 - computed once, before the threads share it
+        env.zone_coarse  # noqa: B018 - (the same)
+        labels_job = side.submit(_region_labels, env)
         boxes = dict(env.native_boxes_of_zone()) if region.use_zone else {}
         if mask is not None:
             mb = region.bbox or bbox_of(mask)
@@ -397,13 +432,12 @@ def deface(volume: Volume, method: FaceRegionMethod | None = None, *,
                     **fill.summary()}
         tp = fill.tile_px
         g = env.grid
-        labels = _region_labels(env)
         inside3 = _inside_by(env, 3.0)
         den = inside3 & env.zone_coarse & env.body & (g.hu >= SOFT_RANGE_HU[0]) & (
             g.hu <= SOFT_RANGE_HU[1])
         den_px = den.sum(axis=(1, 2)) * g.f * g.f  # per coarse slice, in native pixels
         min_px = KEEP_MIN_MM2 / (env.stack.pixel_mm[0] * env.stack.pixel_mm[1])
-        env.body_grown  # noqa: B018 - computed once, before the threads share it
+        labels = labels_job.result()
 
         def apply_slice(k: int) -> tuple | None:
             """Remove and fill on native slice ``k``; its QA counts (None: nothing changed)."""
@@ -443,9 +477,10 @@ def deface(volume: Volume, method: FaceRegionMethod | None = None, *,
 
         # slices are independent (disjoint writes); numpy releases the GIL for the heavy parts
         with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
-            for res in pool.map(apply_slice, slices):
-                if res is None:
+            for k, res in zip(slices, pool.map(apply_slice, slices)):
+                if res is None or not res[0]:
                     continue
+                changed_k.append(k)
                 n, lost, regions, in_ml, pct, out_ml = res
                 removed += n
                 bone_lost = [x + y for x, y in zip(bone_lost, lost)]
@@ -456,11 +491,6 @@ def deface(volume: Volume, method: FaceRegionMethod | None = None, *,
     t3 = time.perf_counter()
 
     # ---- QA figures
-    bone_before = [0, 0]
-    for k0 in range(0, hu.shape[0], 16):
-        blk = hu[k0:k0 + 16]
-        for t, thr in enumerate(BONE_HU):
-            bone_before[t] += int(np.count_nonzero(blk >= thr))
     dice = [1.0 if b == 0 else 2.0 * (b - lost) / (2 * b - lost)
             for b, lost in zip(bone_before, bone_lost)]
     removed_ml = float(by_region.sum())
@@ -500,13 +530,13 @@ def deface(volume: Volume, method: FaceRegionMethod | None = None, *,
                  "apply": round(t3 - t2, 3), "qa": round(time.perf_counter() - t3, 3)},
         details=dict(region.details),
     )
-    return DefaceResult(out, qa, region)
+    return DefaceResult(out, qa, region, tuple(changed_k))
 
 
 def _inside_by(env: Envelope, depth_mm: float) -> np.ndarray:
     """Coarse mask of the hull shrunk by ≈ ``depth_mm`` (whole coarse voxels, rounded up)."""
     n = max(1, int(np.ceil(depth_mm / min(env.grid.spacing_mm))))
-    return ndi.binary_erosion(env.inside, iterations=n)
+    return in_slabs(ndi.binary_erosion, env.inside, n, iterations=n)
 
 
 # --------------------------------------------------------------------------- QA picture
@@ -564,7 +594,7 @@ def qa_picture(volume: Volume, result: DefaceResult, *, n_axial: int = 4,
     """
     hu, new = volume.hu, result.hu
     env = result.region.envelope
-    changed_k = [k for k in range(hu.shape[0]) if np.any(new[k] != hu[k])]
+    changed_k = list(result.changed_slices)
     if changed_k:
         pick = np.unique(np.linspace(changed_k[0], changed_k[-1], n_axial).round().astype(int))
     else:

@@ -39,6 +39,8 @@ Array conventions: ``hu[k, j, i]`` (slice, row, column) as in
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,20 +153,36 @@ class CoarseGrid:
 
 
 def _pool_inplane(hu: np.ndarray, f: int, fill: float = -1000.0) -> np.ndarray:
-    """Mean of ``f × f`` pixel blocks of every slice (edges padded with ``fill``), float32."""
+    """Mean of ``f × f`` pixel blocks of every slice (edges padded with ``fill``), float32.
+
+    Integer HU are summed exactly (int32) in blocks of 16 slices, on two threads.
+    """
     nk, nj, ni = hu.shape
     if f == 1:
         return hu.astype(np.float32)
     pj, pi = (-nj) % f, (-ni) % f
     mj, mi = (nj + pj) // f, (ni + pi) // f
     out = np.empty((nk, mj, mi), np.float32)
-    acc = np.int32 if np.issubdtype(hu.dtype, np.integer) else np.float32
-    for k in range(nk):  # slice by slice: no full-size temporary
-        s = hu[k]
-        if pj or pi:
-            s = np.pad(s, ((0, pj), (0, pi)), constant_values=fill)
-        rows = s.reshape(mj, f, mi * f).sum(axis=1, dtype=acc)  # integer sums: exact, fast
-        out[k] = rows.reshape(mj, mi, f).sum(axis=2)
+    integer = np.issubdtype(hu.dtype, np.integer)
+
+    def pool(k0: int) -> None:
+        s = hu[k0:k0 + 16]
+        if pj or pi:  # no full-size temporary: 16 slices at a time
+            s = np.pad(s, ((0, 0), (0, pj), (0, pi)), constant_values=fill)
+        if not integer:
+            rows = s.reshape(len(s), mj, f, mi * f).sum(axis=2, dtype=np.float32)
+            out[k0:k0 + 16] = rows.reshape(len(s), mj, mi, f).sum(axis=3)
+            return
+        rows = s[:, 0::f].astype(np.int32)  # integer sums: exact, fast
+        for a in range(1, f):
+            rows += s[:, a::f]
+        block = rows[:, :, 0::f].copy()
+        for a in range(1, f):
+            block += rows[:, :, a::f]
+        out[k0:k0 + 16] = block
+
+    with ThreadPoolExecutor(max_workers=2) as workers:  # numpy releases the GIL
+        list(workers.map(pool, range(0, nk, 16)))
     out *= np.float32(1.0 / (f * f))
     return out
 
@@ -582,7 +600,7 @@ class Envelope:
         """The coarse body grown by one voxel of partial-volume skin, never into a device."""
         grown = getattr(self, "_body_grown_cache", None)
         if grown is None:
-            grown = ndi.binary_dilation(self.body, iterations=1) & ~self.devices
+            grown = in_slabs(ndi.binary_dilation, self.body, 1, iterations=1) & ~self.devices
             self._body_grown_cache = grown
         return grown
 
@@ -604,7 +622,7 @@ class Envelope:
         if self.zone is None:
             return {}
         cand = ~self.inside & self.body_grown & self.zone_coarse
-        cand = ndi.binary_dilation(cand, iterations=1)
+        cand = in_slabs(ndi.binary_dilation, cand, 1, iterations=1)
         out: dict[int, tuple[slice, slice]] = {}
         nj, ni = g.native_shape
         any_rows, any_cols = cand.any(axis=2), cand.any(axis=1)
@@ -618,6 +636,32 @@ class Envelope:
 
 
 # --------------------------------------------------------------------------- finding
+
+
+def in_slabs(op: Callable[..., np.ndarray], mask: np.ndarray, halo: int,
+             **kwargs: Any) -> np.ndarray:
+    """``op(mask, **kwargs)`` for a local operation on a 3D bool mask, computed on the two
+    halves of axis 0 in two threads (scipy.ndimage releases the GIL).
+
+    ``halo``: how many slices away along axis 0 an output voxel's inputs may lie (the
+    iterations of a dilation or erosion by a one-voxel structure, twice that for an
+    opening). Each half is computed with that many neighbouring slices on either side,
+    so the result is the same array as ``op(mask, **kwargs)``.
+    """
+    n = mask.shape[0]
+    if n < 4 * halo + 16:
+        return op(mask, **kwargs)
+    mid = n // 2
+    out = np.empty(mask.shape, bool)
+
+    def part(a: int, b: int) -> None:
+        lo, hi = max(0, a - halo), min(n, b + halo)
+        out[a:b] = op(mask[lo:hi], **kwargs)[a - lo:b - lo]
+
+    with ThreadPoolExecutor(max_workers=2) as workers:
+        for job in [workers.submit(part, 0, mid), workers.submit(part, mid, n)]:
+            job.result()
+    return out
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
@@ -640,10 +684,10 @@ def _body_mask(grid: CoarseGrid, threshold_hu: float) -> tuple[np.ndarray, np.nd
     rest of the tissue mask: it is never changed.
     """
     tissue = grid.hu > threshold_hu
-    opened = ndi.binary_opening(tissue, iterations=1)
+    opened = in_slabs(ndi.binary_opening, tissue, 2, iterations=1)
     core = _largest_component(opened if opened.any() else tissue)
     soft = tissue & (grid.hu < 120.0)
-    body = core | (ndi.binary_dilation(core, iterations=2) & soft)
+    body = core | (in_slabs(ndi.binary_dilation, core, 2, iterations=2) & soft)
     body = _largest_component(body)
     return body, tissue & ~body
 
@@ -670,7 +714,7 @@ def _bone_and_rails(grid: CoarseGrid, body: np.ndarray, st: EnvelopeSettings, vo
     if not big.any():
         big[int(np.argmax(sizes))] = sizes.max() >= st.min_bone_ml
     reach = max(1, int(round(st.near_bone_mm / min(grid.spacing_mm))))
-    near = ndi.binary_dilation(big[lab], iterations=reach)
+    near = in_slabs(ndi.binary_dilation, big[lab], reach, iterations=reach)
     close = np.zeros(n + 1, bool)
     close[np.unique(lab[near & bright])] = True
     ok = sizes >= st.min_bone_ml
@@ -765,14 +809,16 @@ def _grown_inside(inside: np.ndarray, grid: CoarseGrid, margin_mm: float) -> np.
     step = min(grid.spacing_mm)
     if margin_mm < 3.0 * step:  # a few voxels: dilate directly
         n = max(1, int(round(margin_mm / step)))
-        return ndi.binary_dilation(inside, structure=np.ones((3, 3, 3), bool), iterations=n)
+        return in_slabs(ndi.binary_dilation, inside, n, structure=np.ones((3, 3, 3), bool),
+                        iterations=n)
     shape = inside.shape
     pad = [(0, (-n) % 2) for n in shape]
     pooled = np.pad(inside, pad).reshape(
         (shape[0] + pad[0][1]) // 2, 2, (shape[1] + pad[1][1]) // 2, 2,
         (shape[2] + pad[2][1]) // 2, 2).any(axis=(1, 3, 5))
     n = max(1, int(round(margin_mm / (2.0 * min(grid.spacing_mm)))))
-    grown = ndi.binary_dilation(pooled, structure=np.ones((3, 3, 3), bool), iterations=n)
+    grown = in_slabs(ndi.binary_dilation, pooled, n, structure=np.ones((3, 3, 3), bool),
+                     iterations=n)
     full = grown.repeat(2, 0).repeat(2, 1).repeat(2, 2)
     return full[:shape[0], :shape[1], :shape[2]] | inside
 
@@ -942,13 +988,19 @@ def _plastic_devices(grid: CoarseGrid, stack: SliceStack, hull: SkeletonHull, in
 def _thin_flaps(grid: CoarseGrid, stack: SliceStack, body: np.ndarray, ears: FaceZone,
                 st: EnvelopeSettings) -> np.ndarray:
     """The body's thin flaps (auricles): gone after an opening of ``ear_flap_mm``, grown
-    back by one voxel; computed in the bounding box of each ear part only."""
-    thin = np.zeros(body.shape, bool)
-    for planes, name in zip(ears.parts, ears.names):
+    back by one voxel; computed in the bounding box of each ear part only (one thread
+    per ear: the distance transforms release the GIL)."""
+
+    def flaps(planes: np.ndarray, name: str) -> np.ndarray | None:
         where = _zone_coarse(grid, stack, FaceZone([planes], [name]), None) & body
         box = bbox_of(where)
-        if box is not None:
-            thin |= _flaps_in_box(grid, body, box, st)
+        return None if box is None else _flaps_in_box(grid, body, box, st)
+
+    thin = np.zeros(body.shape, bool)
+    with ThreadPoolExecutor(max_workers=2) as workers:
+        for part in workers.map(flaps, ears.parts, ears.names):
+            if part is not None:
+                thin |= part
     return thin
 
 
@@ -993,6 +1045,13 @@ def find_envelope(volume: Volume, settings: EnvelopeSettings | None = None) -> E
     ``face_found=False`` with a reason instead.
     """
     st = settings or EnvelopeSettings()
+    # a second thread grows the hull (for the protrusion and face-volume thresholds)
+    # while this one looks for devices, globes and ears
+    with ThreadPoolExecutor(max_workers=1) as side:
+        return _find_envelope(volume, st, side)
+
+
+def _find_envelope(volume: Volume, st: EnvelopeSettings, side: ThreadPoolExecutor) -> Envelope:
     t0 = time.perf_counter()
     grid = coarse_grid(volume, st.grid_mm)
     stack = SliceStack.of(volume)
@@ -1013,7 +1072,7 @@ def find_envelope(volume: Volume, settings: EnvelopeSettings | None = None) -> E
     voxel_ml = float(np.prod(grid.spacing_mm)) / 1000.0
     bone, other = _bone_and_rails(grid, body, st, voxel_ml)
     if other.any():  # bright material that is not bone (rails pressed to an ear): not body
-        near_other = ndi.binary_dilation(other, iterations=1)
+        near_other = in_slabs(ndi.binary_dilation, other, 1, iterations=1)
         body &= ~near_other
         devices = devices | near_other
     if not bone.any():
@@ -1025,14 +1084,19 @@ def find_envelope(volume: Volume, settings: EnvelopeSettings | None = None) -> E
         return result(body, None, empty, None, False,
                       "the bone in the field of view is flat or tiny: no facial skeleton")
     inside = _inside_coarse(grid, stack, hull)
+    # the depth below which soft tissue is the skeleton's partial-volume rim: the margin,
+    # at coarse resolution (a voxel of 5 mm smears bone over its whole width)
+    depth = st.face_depth_mm if min(grid.spacing_mm) <= 2.5 else 0.0
+    grown_protrusion = side.submit(_grown_inside, inside, grid, st.min_protrusion_mm)
+    grown_depth = side.submit(_grown_inside, inside, grid, depth) if depth > 0 else None
     device = _plastic_devices(grid, stack, hull, inside, st)
     if device.any():  # a couch, holder or frame the head lies in: neither body nor removable
-        near_device = ndi.binary_dilation(device, iterations=1)
+        near_device = in_slabs(ndi.binary_dilation, device, 1, iterations=1)
         body &= ~near_device
         devices = devices | near_device
 
     soft_out = body & ~inside & (grid.hu > -200.0) & (grid.hu < 200.0)
-    proud_idx = np.argwhere(soft_out & ~_grown_inside(inside, grid, st.min_protrusion_mm))
+    proud_idx = np.argwhere(soft_out & ~grown_protrusion.result())
     proud = grid.lps(*proud_idx.T) if proud_idx.size else np.zeros((0, 3))
     globes = _find_globes(grid, body, hull, st)
     lm.axes = _head_axes(globes)
@@ -1130,12 +1194,9 @@ def find_envelope(volume: Volume, settings: EnvelopeSettings | None = None) -> E
     zone = FaceZone([np.array(face), *ears], ["face", "right ear", "left ear"])
     thin = _thin_flaps(grid, stack, body, FaceZone(ears, ["right ear", "left ear"]), st)
     env = result(body, hull, inside, zone, True, "", thin=thin)
-    # the depth below which soft tissue is the skeleton's partial-volume rim: the margin,
-    # at coarse resolution (a voxel of 5 mm smears bone over its whole width)
-    depth = st.face_depth_mm if min(grid.spacing_mm) <= 2.5 else 0.0
     proud = soft_out & env.zone_coarse
-    if depth > 0:
-        proud &= ~_grown_inside(inside, grid, depth)
+    if grown_depth is not None:
+        proud &= ~grown_depth.result()
     env.face_ml = round(float(proud.sum()) * voxel_ml, 2)
     if env.face_ml < st.min_face_ml and globes is not None:
         # eyes, and a face thinner than a few coarse voxels (a coarse series smears the skin

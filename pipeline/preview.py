@@ -19,10 +19,14 @@ from PIL import Image
 WINDOW_HU = (-1000.0, 1000.0)
 
 
-def png_bytes(image: np.ndarray) -> bytes:
-    """PNG encoding of a uint8 grey ``(H, W)`` or RGB ``(H, W, 3)`` image."""
+def png_bytes(image: np.ndarray, compress_level: int = 3) -> bytes:
+    """PNG encoding of a uint8 grey ``(H, W)`` or RGB ``(H, W, 3)`` image.
+
+    zlib level 3: on CT pictures as small as Pillow's default 6 and half the time.
+    """
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG",
+                                                     compress_level=compress_level)
     return buf.getvalue()
 
 
