@@ -50,6 +50,8 @@ DATE_MODES = ("shift", "remove")
 #: processes (threads) that write a series' files (:func:`pipeline.dicom_io.write_datasets`,
 #: :func:`pipeline.dicom_io.write_prefixed`)
 WRITE_PROCESSES = 2
+#: the least time (s) a series waits for its headers encoded ahead (:class:`HeadersAhead`)
+AHEAD_MIN_WAIT_S = 10.0
 
 
 class DeidentifyError(ValueError):
@@ -379,9 +381,12 @@ class HeadersAhead:
 
     def result(self, files: Sequence[Path]) -> list[tuple[bytes, dicom_io.PixelFormat]] | None:
         """The encoded headers in the order of ``files`` (the loaded slices); None when the
-        child failed or a file is not one it encoded (the caller writes them itself)."""
+        child failed, is still not done after a generous wait (≈ 30× its usual time: a
+        stuck child must not stall the series) or a file is not one it encoded (the caller
+        writes them itself)."""
         try:
-            encoded = self._call.result()
+            encoded = self._call.result(
+                timeout_s=max(AHEAD_MIN_WAIT_S, 0.05 * len(self._index)))
         except ForkedCallError as exc:
             log.warning("encoding the headers ahead failed (%s); writing them here", exc)
             return None

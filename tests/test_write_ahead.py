@@ -196,7 +196,7 @@ def test_enhanced_ct_takes_the_plain_path(tmp_path: Path, monkeypatch) -> None:
     assert asked == []
 
 
-@pytest.mark.parametrize("failure", ["raises", "returns_none", "dies"])
+@pytest.mark.parametrize("failure", ["raises", "returns_none", "dies", "hangs"])
 def test_a_failing_child_falls_back_to_the_same_files(tmp_path: Path, monkeypatch,
                                                       synthetic_cohort, failure: str) -> None:
     src = synthetic_cohort(1, seed=9)
@@ -208,9 +208,14 @@ def test_a_failing_child_falls_back_to_the_same_files(tmp_path: Path, monkeypatc
             raise ValueError("PatientName DOE^JOHN is odd")
         if failure == "dies":
             os._exit(1)
+        if failure == "hangs":
+            import time
+
+            time.sleep(120)
         return None
 
     monkeypatch.setattr(deid_mod, "_encode_files", broken)
+    monkeypatch.setattr(deid_mod, "AHEAD_MIN_WAIT_S", 0.5)
     summary = deidentify_folder(src, tmp_path / "out", opts)
     assert reference.ok and summary.ok
     assert _files(tmp_path / "out") == _files(tmp_path / "ref")
