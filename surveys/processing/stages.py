@@ -46,14 +46,20 @@ from django.conf import settings
 from django.db.models import ProtectedError
 
 from pipeline.deid_header import date_offset_days_for
-from pipeline.deidentify import FaceNotFoundError, deidentify_series, make_face_method
+from pipeline.deidentify import (
+    FaceNotFoundError,
+    HeadersAhead,
+    deidentify_series,
+    make_face_method,
+)
+from pipeline.dicom_io import load_series
 from pipeline.preview import mid_slices, png_bytes
 
 from ..models import RenderImage, Subject
 from ..storage.atomic import output_folders
 from ..storage.mirror import delete_file
 from ..storage.paths import cohort_part, data_path, subject_folder
-from ..storage.series import load_stored
+from ..storage.series import load_stored, stored_series_ref
 from .reid import update_cohort_reid
 
 
@@ -176,14 +182,22 @@ def _deidentify_series(subject: Subject, s, primary, method, method_warnings: li
     # loaded on first use: pulls in scipy
     from pipeline.deface import qa_picture
 
-    loaded = load_stored(s.original_dir)
+    ref = stored_series_ref(data_path(s.original_dir))
+    # the headers are encoded in a child while the series loads and the face is removed
+    ahead = None if method is None else HeadersAhead.start(
+        ref.files, project_secret=settings.PROJECT_SECRET, dates="shift",
+        pseudonym=subject.pseudonym, date_offset_days=offset)
     try:
         res = deidentify_series(
-            loaded, out["deid"] / s.label, method=method, method_warnings=method_warnings,
-            project_secret=settings.PROJECT_SECRET, pseudonym=subject.pseudonym,
-            date_offset_days=offset, dates="shift")
+            load_series(ref), out["deid"] / s.label, method=method,
+            method_warnings=method_warnings, project_secret=settings.PROJECT_SECRET,
+            pseudonym=subject.pseudonym, date_offset_days=offset, dates="shift",
+            headers_ahead=ahead)
     except FaceNotFoundError as exc:
         raise StageError(str(exc)) from None
+    finally:
+        if ahead is not None:
+            ahead.cancel()
     s.method = res.method
     s.removed_ml = res.removed_ml
     s.bone_dice = res.bone_dice
