@@ -9,7 +9,9 @@ This module orchestrates the pieces of :mod:`pipeline`:
    (facial soft tissue → air, bone kept) → header de-identification
    (:class:`pipeline.deid_header.HeaderDeidentifier`) →
    :func:`pipeline.dicom_io.write_datasets` into ``output_dir/<pseudonym>/<Snn>``,
-   written to a temporary folder and renamed, so a failing series leaves nothing;
+   written to a temporary folder and renamed, so a failing series leaves nothing (for
+   speed the headers are de-identified and encoded in a forked child while the series
+   loads and the face is removed, :class:`HeadersAhead`; the files are the same bytes);
 4. a summary JSON without identifiers (``deid-summary.json``) in ``output_dir``
    and, only when asked for, a mapping file pseudonym → identity that must lie
    outside ``output_dir``.
