@@ -12,6 +12,11 @@
    outside the ground-truth face (mL).
 
     .venv/bin/python benchmarks/bench_detector.py [speed] [e2e] [quality] [--subjects 6]
+    .venv/bin/python benchmarks/bench_detector.py speed --models /path/to/candidate
+
+``--models DIR``: ``speed`` of a candidate before it is shipped (a folder holding
+``face_yolov8n.int8.onnx``, ``face_yolov8n.onnx`` and ``face_yolov8n.pt`` with
+their ``.json`` metadata, as ``pipeline/models``).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ def _head(seed: int, shape=(64, 160, 160), spacing=(4.0, 1.6, 1.6)):
     return generate_head(SubjectParams.random(seed), shape=shape, spacing_mm=spacing, noise_seed=seed)
 
 
-def bench_speed(batch: int = 32, rounds: int = 9) -> None:
+def bench_speed(batch: int = 32, rounds: int = 9, models: Path | None = None) -> None:
     """ms/slice of the same batch through each backend: whole ``detect()`` calls (HU windowing,
     letterbox, inference, decoding, NMS). After a warm-up call each, the backends run in turn
     for ``rounds`` rounds, so a slow spell of a shared machine hits all of them, with a pause
@@ -48,14 +53,18 @@ def bench_speed(batch: int = 32, rounds: int = 9) -> None:
     hu = head.volume.hu[ks[0]:ks[0] + batch]
     if hu.shape[0] < batch:
         hu = np.concatenate([hu] * (batch // hu.shape[0] + 1))[:batch]
-    pt = det.DEFAULT_WEIGHTS.with_suffix(".pt")
+    int8_w, float_w = det.INT8_WEIGHTS, det.DEFAULT_WEIGHTS
+    if models is not None:
+        int8_w, float_w = Path(models) / int8_w.name, Path(models) / float_w.name
+    pt = float_w.with_suffix(".pt")
     print(f"speed: batch of {batch} slices {hu.shape[1]}×{hu.shape[2]}, {det._cpu_cores()} cores, "
-          f"default ONNX weights {det.default_weights().name}, {rounds} rounds")
+          f"{'weights in ' + str(models) if models is not None else 'default ONNX weights ' + det.default_weights().name}"
+          f", {rounds} rounds")
     backends = {}
-    for name, weights, sessions in [("ONNX INT8 (default)", det.INT8_WEIGHTS, None),
-                                    ("ONNX INT8, 1 session", det.INT8_WEIGHTS, 1),
-                                    ("ONNX float", det.DEFAULT_WEIGHTS, None),
-                                    ("ONNX float, 1 session", det.DEFAULT_WEIGHTS, 1)]:
+    for name, weights, sessions in [("ONNX INT8 (default)", int8_w, None),
+                                    ("ONNX INT8, 1 session", int8_w, 1),
+                                    ("ONNX float", float_w, None),
+                                    ("ONNX float, 1 session", float_w, 1)]:
         if weights.is_file():
             backends[name] = det.load_detector(weights, sessions=sessions)
     if pt.is_file():
@@ -168,12 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--subjects", type=int, default=6)
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--models", type=Path, default=None,
+                    help="folder with a candidate's face_yolov8n.{int8.onnx,onnx,pt} (speed only)")
     args = ap.parse_args(argv)
     if not det.DEFAULT_WEIGHTS.is_file():
         print("the shipped model is missing (pipeline/models/face_yolov8n.onnx)")
         return 1
     if "speed" in args.parts:
-        bench_speed()
+        bench_speed(models=args.models)
     if "quality" in args.parts:
         bench_quality(args.subjects)
     if "e2e" in args.parts:

@@ -22,8 +22,10 @@ ranges), never by slice, so evaluation is on held-out faces.
 (:mod:`pipeline.synth_domain`: hollow noses, thin auricles, skull base, head
 holders, trauma, kernels, noise) acquired as routine head CT is
 (:func:`domain_acquisition`: gantry tilt, head pose, 0.6–7 mm slices, fields of
-view 200–310 mm, variable slice spacing, the head off the centre). Their nose
-label is the nose standing out of the face (see :mod:`pipeline.synth_domain`).
+view 200–310 mm, variable slice spacing, the head off the centre). The nose
+label of plain and domain heads alike is the nose standing out of the face
+(what a person draws on a real slice; see :mod:`pipeline.synth`), so held-out
+figures on either kind of head measure the same class.
 """
 
 from __future__ import annotations

@@ -42,6 +42,14 @@ code  name                meaning
 Facial-feature ground truth: ``SynthHead.feature_masks`` has soft-tissue
 masks ``"eyes"`` (eyeballs and lids), ``"nose"``, ``"lips"``, ``"brow"``,
 ``"chin"`` and ``"ears"``; they are disjoint (priority in that order).
+The ``"nose"`` mask is what a person labelling a slice draws: the soft tissue
+of the nose standing out of the face (inside the skin with the nose, outside
+the skin the face would have without it, the lips included), so it reaches
+back over the nasal pyramid above the tip; plain and domain-randomised heads
+(:mod:`pipeline.synth_domain`) share this definition. (Until issue 16 a plain
+head's nose was the nose primitive's soft tissue with no bone in front of it;
+the change touches only ``feature_ids``, ``feature_boxes`` and
+``face_label_mask``, never the HU or the tissue labels.)
 ``SynthHead.feature_boxes[k]`` lists ``(class_name, i0, j0, i1, j1)`` pixel
 boxes (column/row, inclusive–exclusive) of the features present on slice
 ``k``; eyes and ears get one box per side.
@@ -1569,6 +1577,11 @@ def _slab_skin_field(st: SimpleNamespace) -> None:
     r_lips = slab.eval(model.g_lips)
     nose_s0 = None
     if dom is None:
+        # the face without the nose (lips united as below), for the nose label only: the
+        # skin field S itself, hence HU and tissue labels, is the generator's old one
+        if r_nose is not None:
+            nose_s0 = S[r_nose[0]].copy()
+            _combine(nose_s0, r_lips, "u", 5.0, base=r_nose[0])
         _combine(S, r_nose, "u", 5.0)
         _combine(S, r_lips, "u", 5.0)
     else:  # domain heads: the lips first, so that the nose is what stands out of the face
@@ -1755,7 +1768,7 @@ def _slab_features(st: SimpleNamespace) -> None:
             rel_f = tuple(slice(a.start - b.start, a.stop - b.start) for a, b in zip(ssl, fb))
             fsl = ffb[rel_f]
             m = (d[rel_d] < 0.0) & soft[rel_f] & (fsl == 0)
-            if code == 3 and nose_s0 is not None:  # domain heads: the nose standing out of the face
+            if code == 3 and nose_s0 is not None:  # the nose standing out of the face (all heads)
                 m = (nose_s0[rel_d] >= 0.0) & soft[rel_f] & (fsl == 0)
             elif code >= 3:  # nose, lips, brow, chin: only the soft tissue in front of the skeleton
                 m &= ~bone_any[rel_f]

@@ -39,8 +39,9 @@ face):
 The **nose label** of a domain head is what a person labelling a slice draws:
 the soft tissue of the nose standing out of the face (inside the skin with the
 nose, outside the skin the face would have without it), including the nasal
-pyramid over the nasal bones. Plain heads keep their old definition (nose
-soft tissue with no bone in front of it).
+pyramid over the nasal bones. Plain heads (``domain=None``) use the same
+definition (with their own solid nose), so a held-out evaluation on plain and
+domain heads measures one thing.
 
 Head-local coordinates as in :mod:`pipeline.synth` (mm; x Left, y Posterior,
 z Superior; origin between the pupils).

@@ -174,8 +174,12 @@ def test_onnx_finds_the_nose(head_slices):
     """Boxes of the shipped model on a held-out subject overlap the ground-truth nose boxes."""
     d = det.load_detector()
     hu = head_slices.volume.hu
-    nose_k = [k for k, b in enumerate(head_slices.feature_boxes) if any(c == "nose" for c, *_ in b)]
-    k = nose_k[len(nose_k) // 2]
+    # the slice through the nasal tip (the nose box reaching furthest forward, to the smallest
+    # row); above it the label reaches over the nasal pyramid, which the shipped model's
+    # training labels did not include
+    front = {k: (j0, k) for k, b in enumerate(head_slices.feature_boxes)
+             for c, i0, j0, i1, j1 in b if c == "nose"}
+    k = min(front, key=front.get)
     res = d.detect(hu[k:k + 1])[0]
     gt = [b[1:] for b in head_slices.feature_boxes[k] if b[0] == "nose"][0]
     nose = res.boxes[res.class_ids == CLASSES.index("nose")]
