@@ -3,7 +3,8 @@
 The child sees this process's memory as it was at the fork (no copies, no
 pickling of the arguments); only its return value travels back, pickled through
 a pipe. A failing child reports the exception's type name only (a message could
-quote header values), never a traceback on stderr. Where ``fork`` is unavailable
+quote header values), or the message of an exception the caller declared safe,
+never a traceback on stderr. Where ``fork`` is unavailable
 (not POSIX, or inside a daemonic process, e.g. a ``multiprocessing.Pool``
 worker, which may not have children) :meth:`ForkedCall.start` returns None and
 the caller does the work itself.

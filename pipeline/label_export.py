@@ -42,6 +42,7 @@ import numpy as np
 
 from .detector_data import CLASSES, HU_WINDOWS, hu_to_rgb8
 from .dicom_io import load_series, scan_folder
+from .real_labels import box_iou
 from .volume import Volume
 
 __all__ = ["ExportSummary", "export_folder", "series_prelabels"]
@@ -83,14 +84,6 @@ def _largest(mask: np.ndarray) -> np.ndarray:
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
     return lab == int(np.argmax(sizes))
-
-
-def _iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    u = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / u if u > 0 else 0.0
 
 
 def series_prelabels(volume: Volume, *, detector: Any = None, conf: float = 0.25
@@ -163,7 +156,7 @@ def series_prelabels(volume: Volume, *, detector: Any = None, conf: float = 0.25
                 b = _bbox(nat[k])
                 if b is None:
                     continue
-                same = [q for q in out.get(k, []) if q[0] == name and _iou(q[1:5], b) >= 0.3]
+                same = [q for q in out.get(k, []) if q[0] == name and box_iou(q[1:5], b) >= 0.3]
                 if not same:
                     out.setdefault(k, []).append((name, *b, "model"))
         if not env.face_found:  # no face for the anatomy: keep the model's boxes only with eyes or a nose

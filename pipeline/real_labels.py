@@ -94,7 +94,8 @@ def yolo_dataset(hu: np.ndarray, labels: RealLabels, out_dir: Path, *, imgsz: in
     return out_dir / "data.yaml"
 
 
-def _iou(a, b) -> float:
+def box_iou(a, b) -> float:
+    """Intersection over union of two boxes ``(x0, y0, x1, y1)`` (any units, x1 ≥ x0)."""
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = ix * iy
@@ -104,7 +105,7 @@ def _iou(a, b) -> float:
 
 def match_boxes(truth: list, pred: list, iou: float = 0.5) -> int:
     """Greedy one-to-one matches (highest IoU first) of predicted to true boxes at ≥ ``iou``."""
-    pairs = sorted(((_iou(t, p), a, b) for a, t in enumerate(truth) for b, p in enumerate(pred)), reverse=True)
+    pairs = sorted(((box_iou(t, p), a, b) for a, t in enumerate(truth) for b, p in enumerate(pred)), reverse=True)
     used_t, used_p, n = set(), set(), 0
     for v, a, b in pairs:
         if v < iou:
