@@ -59,8 +59,11 @@ def secrets_of(world) -> list[str]:
 
 
 def strip_tokens(text: str, rater) -> str:
-    """``text`` without the rater's random tokens (trial, image, resume)."""
+    """``text`` without the rater's random tokens (trial, image, resume) and the form's random
+    CSRF token (64 letters and digits: it holds a word such as "yaw" now and then)."""
     from surveys.models import TrialImage
+
+    text = re.sub(r'(name="csrfmiddlewaretoken" value=")[^"]*"', r'\1TOKEN"', text)
 
     toks = [rater.resume_token] + list(rater.trials.values_list("token", flat=True)) + list(
         TrialImage.objects.filter(trial__rater=rater).values_list("token", flat=True))
