@@ -10,6 +10,12 @@ for p in "${want[@]}"; do
 done
 # npm installs the browser libraries (scripts/vendor_js.sh); any Node.js ≥ 18 will do
 command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
+# The virtual environment takes about 7.5 GB (PyTorch's wheel alone is 5.5 GB) and pip unpacks
+# through a temporary folder: say so before pip fails half-way with "No space left on device".
+free_kb=$(df -Pk . 2>/dev/null | awk 'NR==2 {print $4}')
+if [ ! -x .venv/bin/python ] && [ -n "${free_kb:-}" ] && [ "$free_kb" -lt $((10 * 1024 * 1024)) ]; then
+  echo "WARNING: $((free_kb / 1024)) MB free here; installing deidstudy's .venv needs about 10 GB" >&2
+fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = "0" ]; then
   echo "Installing Debian packages: ${missing[*]}"
