@@ -148,7 +148,7 @@ def volume_labels(
     feature_ids: np.ndarray,
     face_mask: np.ndarray,
     feature_codes: dict[int, str],
-    min_visible_fraction: float = 0.0,
+    min_visible_fraction: float | Mapping[str, float] = 0.0,
 ) -> list[list[tuple[int, int, int, int, int]]]:
     """Ground-truth boxes of every axial slice ``k`` of a volume (see :func:`slice_labels`).
 
@@ -160,23 +160,74 @@ def volume_labels(
     told from its neighbours (where does the brow end and the forehead begin?);
     labelling them adds label noise, not information. Removal does not depend
     on them: the defacing region is smoothed across slices and, in ``auto``,
-    joined with the anatomical region.
+    joined with the anatomical region. A mapping gives the fraction per class name
+    (``{"nose": 0.05, "eyes": 0.2, ...}``; classes it leaves out: 0), as a person labels a
+    real series: the globe only where its cross-section is clear, but the nose and the
+    auricle on every slice where they are seen.
     """
-    if not 0.0 <= min_visible_fraction < 1.0:
-        raise DatasetError("min_visible_fraction must be in [0, 1)")
+    fractions = _class_fractions(min_visible_fraction)
     floors: dict[int, int] = {}
-    if min_visible_fraction > 0:
-        n_k = feature_ids.shape[0]
-        flat = feature_ids.reshape(n_k, -1)
-        for code in np.unique(feature_ids):
-            if code == 0:
-                continue
-            per_slice = np.count_nonzero(flat == code, axis=1)
-            floors[int(code)] = int(np.ceil(min_visible_fraction * per_slice.max()))
+    n_k = feature_ids.shape[0]
+    flat = feature_ids.reshape(n_k, -1)
+    for code in np.unique(feature_ids):
+        frac = fractions.get(feature_codes.get(int(code), ""), 0.0)
+        if code == 0 or frac <= 0:
+            continue
+        per_slice = np.count_nonzero(flat == code, axis=1)
+        floors[int(code)] = int(np.ceil(frac * per_slice.max()))
+    if fractions.get("face", 0.0) > 0:
         face_area = np.count_nonzero(face_mask.reshape(n_k, -1), axis=1)
-        floors[0] = int(np.ceil(min_visible_fraction * face_area.max()))
+        floors[0] = int(np.ceil(fractions["face"] * face_area.max()))
     return [slice_labels(feature_ids[k], face_mask[k], feature_codes, floors)
             for k in range(feature_ids.shape[0])]
+
+
+def _class_fractions(min_visible_fraction: float | Mapping[str, float]) -> dict[str, float]:
+    """``min_visible_fraction`` as a fraction per class name (a float applies to all)."""
+    if isinstance(min_visible_fraction, Mapping):
+        unknown = set(min_visible_fraction) - set(CLASSES)
+        if unknown:
+            raise DatasetError(f"min_visible_fraction: unknown classes {sorted(unknown)} (classes: {', '.join(CLASSES)})")
+        fractions = {str(k): float(v) for k, v in min_visible_fraction.items()}
+    else:
+        fractions = dict.fromkeys(CLASSES, float(min_visible_fraction))
+    if not all(0.0 <= v < 1.0 for v in fractions.values()):
+        raise DatasetError("min_visible_fraction must be in [0, 1)")
+    return fractions
+
+
+#: The visible-fraction rule of the shipped model's labels: the globe only where its
+#: cross-section is clear (as the real labels are drawn), the nose and the auricle on every
+#: slice where they are seen (all but their last slivers).
+VISIBLE_FRACTIONS: dict[str, float] = {"face": 0.2, "eyes": 0.2, "lips": 0.2, "nose": 0.05, "ears": 0.05}
+
+
+def parse_visible_fraction(text: str) -> float | dict[str, float]:
+    """``"0.2"`` → 0.2 (every class); ``"0.2,nose=0.05,ears=0.05"`` → a fraction per class
+    (the bare number for the classes not named; without one they take 0). Raises
+    :class:`DatasetError` with the reason."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    default: float | None = None
+    per: dict[str, float] = {}
+    try:
+        for p in parts:
+            if "=" in p:
+                k, v = p.split("=", 1)
+                per[k.strip()] = float(v)
+            elif default is None:
+                default = float(p)
+            else:
+                raise ValueError
+    except ValueError:
+        raise DatasetError(f"min_visible_fraction: expected a number or 'N,class=N,...', got {text!r}") from None
+    if not per:
+        if default is None:
+            raise DatasetError("min_visible_fraction: empty")
+        _class_fractions(default)  # range check
+        return default
+    out = {c: (default or 0.0) for c in CLASSES} | per
+    _class_fractions(out)
+    return out
 
 
 @dataclass
@@ -190,7 +241,7 @@ class DatasetSpec:
     (uniform, per subject), a random pose and noise. All slices with a labelled
     box are written plus ``negatives_fraction`` × that number of empty slices.
     ``min_visible_fraction``: see :func:`volume_labels` (0 labels every
-    fragment of ≥ 6 pixels). ``domain``: domain-randomised heads and
+    fragment of ≥ 6 pixels; a dict gives it per class). ``domain``: domain-randomised heads and
     acquisitions (:func:`domain_acquisition`; ``size_px``, ``pixel_mm``,
     ``slice_mm`` and ``noise_hu`` are then not used). ``max_slices``: at most
     this many labelled slices per subject (0: all), drawn at random.
@@ -204,7 +255,7 @@ class DatasetSpec:
     slice_mm: tuple[float, float] = (2.5, 5.0)
     noise_hu: tuple[float, float] = (5.0, 25.0)
     negatives_fraction: float = 0.15
-    min_visible_fraction: float = 0.0
+    min_visible_fraction: float | dict[str, float] = 0.0
     seed_base: int = 7000
     classes: tuple[str, ...] = field(default=CLASSES)
     domain: bool = False

@@ -129,6 +129,14 @@ def test_volume_labels_drop_slivers_below_the_visible_fraction():
     assert dd.volume_labels(ids, face, codes, 0.2)[2] == dd.slice_labels(ids[2], face[2], codes)
     with pytest.raises(dd.DatasetError, match="min_visible_fraction"):
         dd.volume_labels(ids, face, codes, 1.0)
+    # per class: the nose on every slice where it is seen, the face only where it is large
+    assert classes_per_slice({"face": 0.2, "nose": 0.05}) == [[], [0, nose], [0, nose], [0, nose], [nose]]
+    assert classes_per_slice({"face": 0.2, "nose": 0.2}) == classes_per_slice(0.2)
+    assert classes_per_slice({"nose": 0.2}) == [[], [0], [0, nose], [0, nose], [0]]
+    with pytest.raises(dd.DatasetError, match="unknown classes.*'noze'"):
+        dd.volume_labels(ids, face, codes, {"noze": 0.1})
+    with pytest.raises(dd.DatasetError, match="min_visible_fraction"):
+        dd.volume_labels(ids, face, codes, {"nose": -0.1})
 
 
 def test_dataset_spec_records_the_visible_fraction(tmp_path):

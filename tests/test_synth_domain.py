@@ -119,13 +119,15 @@ def test_domain_acquisition_is_routine_head_ct():
 # Plain heads (domain=None). "tissue": sha1 of (labels, face/ear removal masks, structures) and
 # "hu": sha1 of the int16 HU, recorded with the generator before pipeline.synth_domain existed
 # (main, 7c2e8e9^): unchanged. "det": sha1 of the detection labels (feature_ids, face_label_mask,
-# feature_boxes), recorded when plain heads took the domain heads' nose label (the nose standing
-# out of the face); before that the whole set hashed to 08e74f2b… (seed 4) and 5a8712fc… (27001).
+# feature_boxes), recorded when the nose label came to end at the nasofacial junction
+# (synth.NOSE_LABEL_MIN_MM = 2); with the nose label's first version (the nose standing out of
+# the face by any amount) it was c6c9d6ef… (seed 4) and 20278c70… (27001), and before plain heads
+# took that label the whole set hashed to 08e74f2b… and 5a8712fc….
 _BASELINE = {
     4: {"tissue": "361f0278662231e72396b2995f26b9c28dcdd0b6", "hu": "677a4b20aa70c4473e99352e4e9769de771ceb43",
-        "det": "c6c9d6ef4e24c332a6971bb8a25fd13bdf3d5d3c"},
+        "det": "70b3b2715d05b13c00606d724d3de71b4b80eb8a"},
     27001: {"tissue": "e4c6f6e606e4e4cbdef0cd92cb7dc69d2e246d9d", "hu": "91eece46fd309b88997e9c9a5ea110f2a9e49c79",
-            "det": "20278c706e5182788dabf456ec64a4fa2a6ceaed"},
+            "det": "7e7b1faf9da7fc931a0c2f8149a908a990a51416"},
 }
 
 
@@ -181,6 +183,30 @@ def test_nose_label_is_the_pyramid_standing_out_of_the_face(seed, plain):
     # the pyramid: at least 60 % of the nose's projection (the tip's cap alone is ~ 1/3)
     projection_px = h.params.nose_projection_mm / KW["spacing_mm"][1]
     assert max(depth_px) >= 0.6 * projection_px, (max(depth_px), projection_px)
+
+
+@pytest.mark.parametrize("seed", [3, 14, 33])
+def test_nose_label_ends_at_the_nasofacial_junction(seed, monkeypatch):
+    """The nose label leaves out the smooth blend's skirt (tissue standing out of the face by
+    less than synth.NOSE_LABEL_MIN_MM): a subset of the label without the rule, never wider on
+    any slice, narrower overall, and the HU are the same either way."""
+    from pipeline import synth
+
+    assert synth.NOSE_LABEL_MIN_MM == 2.0
+    kw = dict(nose_hollow=True, holder="none", foam=False, pathology=[])
+    h2, _ = _head(seed, **kw)
+    monkeypatch.setattr(synth, "NOSE_LABEL_MIN_MM", 0.0)
+    h0, _ = _head(seed, **kw)
+    assert np.array_equal(h0.volume.hu, h2.volume.hu)
+    n0, n2 = h0.feature_masks["nose"], h2.feature_masks["nose"]
+    assert n2.any() and not (n2 & ~n0).any()
+
+    def widths(m):
+        return np.array([np.ptp(np.flatnonzero(m[k].any(0))) + 1 if m[k].any() else 0 for k in range(m.shape[0])])
+
+    w0, w2 = widths(n0), widths(n2)
+    assert (w2 <= w0).all() and w2.sum() < w0.sum()
+    assert n2.sum() < 0.95 * n0.sum()
 
 
 def _valid_boxes(head):

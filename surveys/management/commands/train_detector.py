@@ -43,9 +43,10 @@ class Command(BaseCommand):
                             help="at most this many labelled slices per synthetic subject (0: all)")
         parser.add_argument("--workers", type=int, default=1,
                             help="processes generating the synthetic subjects")
-        parser.add_argument("--min-visible-fraction", type=float, default=0.2,
+        parser.add_argument("--min-visible-fraction", default="0.2,nose=0.05,ears=0.05",
                             help="label a feature on a slice only when its area is at least this "
-                                 "fraction of its largest cross-section (synthetic data)")
+                                 "fraction of its largest cross-section (synthetic data): a number, or "
+                                 "per class as '0.2,nose=0.05,ears=0.05' (the default)")
         parser.add_argument("--model", default="yolov8n.yaml", help="Ultralytics model yaml")
         parser.add_argument("--epochs", type=int, default=60)
         parser.add_argument("--time-hours", type=float, default=None,
@@ -57,6 +58,10 @@ class Command(BaseCommand):
                             help="copy the ONNX + metadata into pipeline/models/ (the shipped model)")
 
     def handle(self, *args, **o) -> None:
+        try:
+            fraction = detector_data.parse_visible_fraction(o["min_visible_fraction"])
+        except detector_data.DatasetError as exc:
+            raise CommandError(str(exc)) from None
         out = (o["out"] or Path(settings.VAR_DIR) / "detector" / "run").resolve()
         out.mkdir(parents=True, exist_ok=True)
         detector.configure_ultralytics(Path(settings.VAR_DIR) / "ultralytics")
@@ -71,7 +76,7 @@ class Command(BaseCommand):
         else:
             spec = detector_data.DatasetSpec(n_train=o["subjects"], n_val=o["val_subjects"],
                                              n_test=o["test_subjects"], size_px=o["size_px"],
-                                             min_visible_fraction=o["min_visible_fraction"],
+                                             min_visible_fraction=fraction,
                                              domain=o["domain"], max_slices=o["max_slices"])
             self.stdout.write(f"building synthetic dataset ({spec.n_train}/{spec.n_val}/{spec.n_test} subjects)")
             data_yaml = detector_data.build_dataset(out / "dataset", spec, workers=o["workers"])
