@@ -124,8 +124,8 @@ def test_detection_report_counts_misses_and_false_boxes():
 
 @needs_real
 @needs_model
-@pytest.mark.xfail(strict=True, reason="issue 16 targets not reached: the shipped model (candidate G) finds "
-                   "the nose on 1 of 7 slices, eyes on 7/8 and ears on 2/17 at conf 0.3 (see README)")
+@pytest.mark.xfail(strict=True, reason="issue 16 targets not reached: the shipped model (candidate J2) finds "
+                   "the nose on 3 of 7 slices, eyes on 6/8 and ears on 2/17 at conf 0.3 (see README)")
 def test_shipped_model_finds_the_real_face():
     """Targets of issue 16 at the model method's threshold (pipeline.face_model)."""
     from pipeline import dicom_io
