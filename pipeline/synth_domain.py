@@ -38,8 +38,9 @@ face):
 
 The **nose label** of a domain head is what a person labelling a slice draws:
 the soft tissue of the nose standing out of the face (inside the skin with the
-nose, outside the skin the face would have without it), including the nasal
-pyramid over the nasal bones. Plain heads (``domain=None``) use the same
+nose, outside the skin the face would have without it by at least
+:data:`pipeline.synth.NOSE_LABEL_MIN_MM`, the nasofacial junction), including the
+nasal pyramid over the nasal bones. Plain heads (``domain=None``) use the same
 definition (with their own solid nose), so a held-out evaluation on plain and
 domain heads measures one thing.
 

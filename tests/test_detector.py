@@ -181,8 +181,7 @@ def test_onnx_finds_the_nose(head_slices):
     d = det.load_detector()
     hu = head_slices.volume.hu
     # the slice through the nasal tip (the nose box reaching furthest forward, to the smallest
-    # row); above it the label reaches over the nasal pyramid, which the shipped model's
-    # training labels did not include
+    # row): the nose every model must find, whatever its label does over the pyramid above
     front = {k: (j0, k) for k, b in enumerate(head_slices.feature_boxes)
              for c, i0, j0, i1, j1 in b if c == "nose"}
     k = min(front, key=front.get)

@@ -43,10 +43,11 @@ class Command(BaseCommand):
                             help="at most this many labelled slices per synthetic subject (0: all)")
         parser.add_argument("--workers", type=int, default=1,
                             help="processes generating the synthetic subjects")
-        parser.add_argument("--min-visible-fraction", default="0.2,nose=0.05,ears=0.05",
+        parser.add_argument("--min-visible-fraction",
+                            default=",".join(f"{c}={v:g}" for c, v in detector_data.VISIBLE_FRACTIONS.items()),
                             help="label a feature on a slice only when its area is at least this "
                                  "fraction of its largest cross-section (synthetic data): a number, or "
-                                 "per class as '0.2,nose=0.05,ears=0.05' (the default)")
+                                 "per class as '0.2,nose=0.05,ears=0.05' (default: %(default)s)")
         parser.add_argument("--model", default="yolov8n.yaml", help="Ultralytics model yaml")
         parser.add_argument("--epochs", type=int, default=60)
         parser.add_argument("--time-hours", type=float, default=None,
