@@ -157,3 +157,15 @@ def test_staff_option_makes_an_operator_not_a_superuser(client, world, monkeypat
     assert not ops.groups.filter(name="operator").exists()
     call_command("create_researcher", "boss", "--superuser", stdout=None)
     assert User.objects.get(username="boss").is_superuser
+
+
+@pytest.mark.django_db
+def test_demo_account_with_a_password_starting_with_a_dash():
+    """The demo's random password starts with "-" one time in 64 (token_urlsafe): it must
+    reach create_researcher as the password, not be parsed as an option (a fresh-clone CI run
+    once failed on exactly that)."""
+    from surveys.management.commands.demo import _create_researcher
+
+    _create_researcher("demo-ops", "-Xy_z0AbC1dE")
+    ops = User.objects.get(username="demo-ops")
+    assert ops.check_password("-Xy_z0AbC1dE") and ops.is_staff and not ops.is_superuser

@@ -214,8 +214,7 @@ class Command(BaseCommand):
             self.stdout.write(f"Web server : {url}")
 
         password = _new_password()
-        call_command("create_researcher", opts["user"], "--password", password, "--staff",
-                     stdout=open(os.devnull, "w"))
+        _create_researcher(opts["user"], password)
         self.stdout.write(f"Researcher : user {opts['user']!r}  password {password!r}")
 
         inp = out / "input"
@@ -342,3 +341,11 @@ def _new_password() -> str:
     import secrets
 
     return secrets.token_urlsafe(9)
+
+
+def _create_researcher(user: str, password: str) -> None:
+    """The demo's operator account. The password goes in as an option value, not as an argv
+    word: a ``token_urlsafe`` password starts with "-" one time in 64, which argparse would
+    take for an option ("argument --password: expected one argument")."""
+    with open(os.devnull, "w") as devnull:
+        call_command("create_researcher", user, password=password, staff=True, stdout=devnull)
