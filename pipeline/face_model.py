@@ -4,7 +4,8 @@
     Runs the detector (:mod:`pipeline.detector`) on axial slices in a
     canonical view (slice axis → Superior, rows → Posterior so the face is at
     the top, columns → patient Left), only on slices that contain the body and
-    at a slice stride of about ``detect_every_mm``. Per detected slice the boxes
+    at a slice stride of about ``detect_every_mm``, and links its boxes across
+    those slices (:mod:`pipeline.slice_linking`). Per detected slice the boxes
     of the removal classes (``face``, ``eyes``, ``nose``, ``lips``, ``ears``)
     enlarged by ``box_margin_mm`` form a 2D mask; on a slice with ear boxes the
     rectangle spanning them and the face's boxes is added (the cheeks, temples
@@ -43,6 +44,7 @@ import numpy as np
 
 from .deface import AnatomicalFaceRegion, FaceRegionMethod, RegionResult, bbox_of
 from .detector import DetectorError, load_detector
+from .slice_linking import detect_linked
 from .volume import Volume
 
 __all__ = ["REMOVAL_CLASSES", "AutoFaceRegion", "ModelFaceRegion", "make_model_method"]
@@ -81,7 +83,10 @@ class ModelFaceRegion:
     ``weights``/``class_map``: see :func:`pipeline.detector.load_detector`
     (default: the shipped ONNX model); ``loaded_detector``: an already loaded
     detector (anything with ``.meta`` and ``.detect(hu_slices, conf=)``), used
-    instead. ``conf``: box score threshold.
+    instead. ``conf``: box score threshold. ``link_slices``: rescore the boxes across the
+    slices run (:mod:`pipeline.slice_linking`) before the threshold, so that a nose or
+    globe found on one slice is kept on its neighbours where it scores lower; a chain
+    never rises above its best box, so nothing appears that no slice found.
     ``detect_every_mm``: slice stride for running the detector (boxes are
     carried to the slices in between). ``box_margin_mm``: in-plane enlargement
     of each box. ``bridge_ears``: on slices with ear boxes, also the rectangle
@@ -91,6 +96,7 @@ class ModelFaceRegion:
     weights: Path | None = None
     class_map: Path | None = None
     conf: float = 0.3
+    link_slices: bool = True
     detect_every_mm: float = 3.0
     box_margin_mm: float = 3.0
     body_threshold_hu: float = -500.0
@@ -146,7 +152,7 @@ class ModelFaceRegion:
         f = max(1, int(np.floor(max(npp, nl) / imgsz)))
         slices = np.ascontiguousarray(view[run, ::f, ::f])
         t1 = time.perf_counter()
-        dets = self.loaded_detector.detect(slices, conf=self.conf)
+        dets = detect_linked(self.loaded_detector, slices, conf=self.conf, link=self.link_slices)
         t2 = time.perf_counter()
         meta = self.loaded_detector.meta
         canon = [meta.canonical(c) for c in range(len(meta.classes))]

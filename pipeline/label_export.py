@@ -14,7 +14,9 @@ RGB) with **pre-labels** in YOLO format:
 * ``eyes``: the globes found by the envelope (a 24 mm sphere each), cut by the
   slice plane, 2 mm of lids around them;
 * ``eyes``, ``nose``, ``lips``, ``ears`` from the detector (default the shipped
-  model, score ≥ ``conf``) where the anatomy gave none of that class nearby.
+  model, score ≥ ``conf`` after linking its boxes across neighbouring slices as the
+  model method does, :mod:`pipeline.slice_linking`) where the anatomy gave none of
+  that class nearby.
 
 Every pre-label is a proposal: a person must check and correct each box (nose
 and lips come from the model only).
@@ -135,7 +137,9 @@ def series_prelabels(volume: Volume, *, detector: Any = None, conf: float = 0.25
         axes, flips = _canonical(volume)
         view = _to_view(hu, axes, flips)
         f = max(1, int(np.floor(max(view.shape[1:]) / detector.meta.imgsz)))
-        dets = detector.detect(np.ascontiguousarray(view[:, ::f, ::f]), conf=conf)
+        from .slice_linking import detect_linked
+
+        dets = detect_linked(detector, np.ascontiguousarray(view[:, ::f, ::f]), conf=conf)
         canon = [detector.meta.canonical(c) for c in range(len(detector.meta.classes))]
         for s, det in enumerate(dets):
             for box, cid in zip(det.boxes, det.class_ids):

@@ -11,10 +11,12 @@ hold no identifier: slices are numbered, series named by their folder.
   sees it* (in-plane stride ``floor(size / imgsz)`` as in
   :class:`pipeline.face_model.ModelFaceRegion`, HU windows of the model) for
   Ultralytics' mAP (:func:`pipeline.detector.evaluate_yolo`);
-* :func:`detection_report` runs a loaded detector at a threshold and reports per
-  class the labelled instances, how many a box of that class matches (IoU ≥
-  0.5, one to one), and on how many of the slices where the class is visible it
-  is found (every labelled instance on the slice matched).
+* :func:`detection_report` runs a loaded detector at a threshold, its boxes linked
+  across neighbouring slices as the model method does (:mod:`pipeline.slice_linking`;
+  ``link=False``: each slice alone), and reports per class the labelled instances,
+  how many a box of that class matches (IoU ≥ 0.5, one to one), and on how many of
+  the slices where the class is visible it is found (every labelled instance on the
+  slice matched).
 
 Array conventions: ``hu[k, j, i]`` as in :class:`pipeline.volume.Volume`.
 """
@@ -119,12 +121,18 @@ def match_boxes(truth: list, pred: list, iou: float = 0.5) -> int:
 
 
 def detection_report(detector: Any, hu: np.ndarray, labels: RealLabels, *, conf: float,
-                     iou: float = 0.5) -> dict[str, Any]:
+                     iou: float = 0.5, link: bool = True) -> dict[str, Any]:
     """Per class: labelled instances, matched instances (recall), visible slices and slices
     where every labelled instance is found, false boxes on slices without that class,
-    at score threshold ``conf``; plus the boxes found per slice (native pixels)."""
+    at score threshold ``conf``; plus the boxes found per slice (native pixels).
+    ``link``: boxes rescored across neighbouring slices first
+    (:func:`pipeline.slice_linking.detect_linked`), as :class:`pipeline.face_model.ModelFaceRegion`
+    does; ``False``: every slice scored alone."""
+    # loaded on first use: the detector module is only needed with a detector
+    from .slice_linking import detect_linked
+
     f = _stride(hu.shape, detector.meta.imgsz)
-    dets = detector.detect(np.ascontiguousarray(hu[:, ::f, ::f]), conf=conf)
+    dets = detect_linked(detector, np.ascontiguousarray(hu[:, ::f, ::f]), conf=conf, link=link)
     canon = [detector.meta.canonical(c) for c in range(len(detector.meta.classes))]
     per: dict[str, dict[str, Any]] = {}
     found: dict[int, list] = {}
@@ -150,4 +158,5 @@ def detection_report(detector: Any, hu: np.ndarray, labels: RealLabels, *, conf:
                 for b, s, cid in zip(d.boxes, d.scores, d.class_ids)]
         if rows:
             found[k] = rows
-    return {"series": labels.series, "conf": conf, "iou": iou, "per_class": per, "boxes": found}
+    return {"series": labels.series, "conf": conf, "iou": iou, "linked": link, "per_class": per,
+            "boxes": found}

@@ -122,20 +122,39 @@ def test_detection_report_counts_misses_and_false_boxes():
     assert rep["ears"]["slices_with_false_boxes"] == 1 and rep["ears"]["recall"] == 1.0
 
 
-@needs_real
-@needs_model
-@pytest.mark.xfail(strict=True, reason="issue 16 targets not reached: the shipped model (candidate J2) finds "
-                   "the nose on 3 of 7 slices, eyes on 6/8 and ears on 2/17 at conf 0.3 (see README)")
-def test_shipped_model_finds_the_real_face():
-    """Targets of issue 16 at the model method's threshold (pipeline.face_model)."""
+def _shipped_report(link: bool = True) -> dict:
     from pipeline import dicom_io
     from pipeline.detector import load_detector
     from pipeline.face_model import ModelFaceRegion
 
     vol = dicom_io.load_series(dicom_io.scan_folder(REALCT / "ge-head-ct").series[0]).volume
     lab = load_labels(LABELS / "ge-head-ct.json")
-    rep = detection_report(load_detector(), vol.hu, lab, conf=ModelFaceRegion.conf)["per_class"]
+    return detection_report(load_detector(), vol.hu, lab, conf=ModelFaceRegion.conf, link=link)["per_class"]
+
+
+@needs_real
+@needs_model
+def test_shipped_model_finds_the_real_nose_and_eyes():
+    """Issue 16's nose and eye targets at the model method's threshold, its boxes linked
+    across slices as the model method uses them (pipeline.slice_linking)."""
+    rep = _shipped_report()
     assert rep["nose"]["slices_found"] >= 6, rep["nose"]
     assert rep["eyes"]["found"] >= 0.8 * rep["eyes"]["instances"], rep["eyes"]
+    assert rep["eyes"]["slices_found"] >= 0.8 * rep["eyes"]["slices_visible"], rep["eyes"]
+    # linking only adds boxes on the objects' neighbouring slices: no nose box where there is none
+    assert rep["nose"]["slices_with_false_boxes"] == 0, rep["nose"]
+    # scored slice by slice, the same model misses the upper nose (3/7): what linking adds
+    alone = _shipped_report(link=False)
+    assert alone["nose"]["slices_found"] < rep["nose"]["slices_found"], alone["nose"]
+
+
+@needs_real
+@needs_model
+@pytest.mark.xfail(strict=True, reason="issue 16 targets not reached: the shipped model (J2, boxes linked "
+                   "across slices) finds the ears on 2/17 slices (12/32 auricles) and the rule-drawn face box "
+                   "on 7/16 at conf 0.3 and IoU 0.5 (see README)")
+def test_shipped_model_finds_the_real_ears_and_face():
+    """Issue 16's ear target (and the face box) at the model method's threshold."""
+    rep = _shipped_report()
     assert rep["ears"]["found"] >= 0.8 * rep["ears"]["instances"], rep["ears"]
     assert rep["face"]["found"] >= 0.8 * rep["face"]["instances"], rep["face"]
