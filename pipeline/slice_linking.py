@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .detector import Detection
+from .detector import _iou_one_to_many as _iou  # (x0, y0, x1, y1) box vs (N, 4) boxes
 
 __all__ = ["LINK_FLOOR", "LINK_IOU", "detect_linked", "link_slices"]
 
@@ -42,16 +43,6 @@ LINK_IOU = 0.5
 LINK_FLOOR = 0.1
 #: a box of the chain's slice overlapping a chain box by more than this is not linked again
 _SUPPRESS_IOU = 0.3
-
-
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one box ``(x0, y0, x1, y1)`` with each of ``boxes`` (N, 4)."""
-    ix = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
-    iy = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
-    inter = ix * iy
-    union = ((box[2] - box[0]) * (box[3] - box[1])
-             + (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) - inter)
-    return inter / np.maximum(union, 1e-9)
 
 
 def link_slices(dets: Sequence[Detection], *, link_iou: float = LINK_IOU,

@@ -150,11 +150,11 @@ def test_shipped_model_finds_the_real_nose_and_eyes():
 
 @needs_real
 @needs_model
-@pytest.mark.xfail(strict=True, reason="issue 16 targets not reached: the shipped model (J2, boxes linked "
-                   "across slices) finds the ears on 2/17 slices (12/32 auricles) and the rule-drawn face box "
-                   "on 7/16 at conf 0.3 and IoU 0.5 (see README)")
-def test_shipped_model_finds_the_real_ears_and_face():
-    """Issue 16's ear target (and the face box) at the model method's threshold."""
+@pytest.mark.xfail(strict=True, reason="issue 16 target not reached: the shipped model (J2, boxes linked "
+                   "across slices) finds the ears on 2/17 slices (12/32 auricles) at conf 0.3 and IoU 0.5 (see README)")
+def test_shipped_model_finds_the_real_ears():
+    """Issue 16's ear target at the model method's threshold. (The ``face`` box is not a target:
+    its IoU with the rule-drawn real face box sits around the 0.5 cut, see README.)"""
     rep = _shipped_report()
     assert rep["ears"]["found"] >= 0.8 * rep["ears"]["instances"], rep["ears"]
-    assert rep["face"]["found"] >= 0.8 * rep["face"]["instances"], rep["face"]
+    assert rep["ears"]["slices_found"] >= 0.8 * rep["ears"]["slices_visible"], rep["ears"]
