@@ -24,7 +24,8 @@ face):
   with a rounded dorsum, alae, columella, the airway inside it, nasal bones in
   its upper part; its apex angle and wall thickness vary), thin curled auricles
   (a curved shell 2–4.5 mm thick with a helix rim, lobe and concha, protruding
-  0–40°), the skull base (petrous ridges, mastoid air cells, clivus), C1 and the
+  0–40°, carried 6–14 mm off the head by the concha's back wall, 2–6 mm when
+  pressed by a holder), the skull base (petrous ridges, mastoid air cells, clivus), C1 and the
   dens, a wide upper neck, ethmoid air cells.
 * **Facial trauma**: soft-tissue swelling, haematoma (denser soft tissue),
   fractures (gaps through nasal bones, orbital rims, zygoma, maxilla,
@@ -247,6 +248,7 @@ class DomainParams:
     ear_protrusion_deg: float = 20.0
     ear_A_mm: float = 16.0
     ear_concave: bool = True
+    ear_concha_mm: float = 9.0
     # skull base and neck
     skull_base: bool = True
     mastoid_air: float = 0.4
@@ -307,6 +309,9 @@ class DomainParams:
         d.ear_protrusion_deg = float(re.uniform(0.0, 10.0) if pressed else re.uniform(10.0, 42.0))
         d.ear_A_mm = float(re.uniform(13.0, 19.0))
         d.ear_concave = bool(re.random() < 0.75)
+        # the concha's back wall carries the pinna away from the head: the helix stands
+        # 15-20 mm off the mastoid skin in adults; a holder or pad presses it in
+        d.ear_concha_mm = float(re.uniform(2.0, 6.0) if pressed else re.uniform(6.0, 14.0))
         rs = _rng(seed, 4)
         d.skull_base = bool(rs.random() < 0.92)
         d.mastoid_air = float(rs.uniform(0.1, 0.6))
@@ -453,9 +458,15 @@ class DomainParams:
         A = self.ear_A_mm
         R = max(self.ear_R_mm, A + 2.0)
         sag = R - math.sqrt(R * R - A * A)  # how far the cap's edge leaves its tangent plane
+        C = self.ear_concha_mm
         for s in (-1, 1):
-            # the auricle leaves the head along its front edge (attached 3 mm inside the skin)
-            root = np.array([s * (hh - 3.0), ear_y - 2.0, ear_z])
+            # the auricle leaves the head along its front edge (attached 3 mm inside the skin),
+            # carried C mm out by the concha's back wall: a plate from the head to the pinna
+            head_root = np.array([s * (hh - 3.0), ear_y - 2.0, ear_z])
+            root = head_root + np.array([s * C, 0.0, 0.0])
+            # the wall: rungs from the head to the pinna's root, 5 mm thick, smooth-joined
+            wall = [_Capsule(head_root + np.array([0.0, 3.0, zw]), root + np.array([0.0, 3.0, zw]), 2.5,
+                             margin=m) for zw in np.linspace(-0.8 * B, 0.8 * B, 7)]
             e_p = np.array([s * math.sin(phi), math.cos(phi), 0.0])  # along the pinna, backwards
             n_out = np.array([s * math.cos(phi), -math.sin(phi), 0.0])  # the pinna's lateral normal
             e_z = np.array([0.0, math.sin(tilt), math.cos(tilt)])
@@ -469,10 +480,11 @@ class DomainParams:
             e1 /= np.linalg.norm(e1)
             shell = _Shell(centre, R, self.ear_half_mm, axis, e1, A, B, margin=m)
             rim = _Shell(centre, R, self.ear_half_mm + 0.9, axis, e1, A, B, ring=0.8, margin=m)
-            rootb = _Ellipsoid(root + e_p * 4.0 + np.array([0.0, 0.0, -2.0]), (5.0, 8.0, 11.0), margin=m)
+            rootb = _Ellipsoid(head_root + e_p * 4.0 + np.array([0.0, 0.0, -2.0]), (5.0, 8.0, 11.0), margin=m)
             lobe = _Ellipsoid(root + e_p * (0.35 * A) - e_z * (0.72 * B), (3.5, 7.0, 8.0), margin=m)
             concha = _Ellipsoid(root + n_out * 5.0 + e_p * 5.0 - e_z * 2.0, (4.0, 7.0, 9.0), margin=m)
-            ears.append(_Group("ear", [_u(rootb), _u(shell, 2.0), _u(rim, 1.0), _u(lobe, 2.0),
+            ears.append(_Group("ear", [_u(rootb), *[_u(w, 3.0) for w in wall], _u(shell, 2.0), _u(rim, 1.0),
+                                       _u(lobe, 2.0),
                                        _s(concha, 1.5)]))
         model.g_ear = ears
         # ---------------------------------------------------------- skull base, C1, neck, ethmoid

@@ -80,6 +80,38 @@ def test_ears_are_thin_flaps_attached_to_the_head(head):
         assert (ears[k] & ~main).sum() <= 0.1 * ears[k].sum() + 2
 
 
+def _ear_protrusion_mm(h) -> float:
+    """How far the auricles stand out of the head: the largest distance (mm, in-plane) of an
+    ear voxel from the body without the ears, over the slices."""
+    from scipy import ndimage as ndi
+
+    ears, body = h.feature_masks["ears"], h.labels != 0
+    sp = h.volume.spacing_mm
+    out = 0.0
+    for k in np.flatnonzero(ears.reshape(ears.shape[0], -1).any(1)):
+        rest = ndi.binary_opening(ndi.binary_fill_holes(body[k] & ~ears[k]), iterations=2)
+        dist = ndi.distance_transform_edt(~rest, sampling=sp[1:])
+        out = max(out, float(dist[ears[k] & body[k]].max()))
+    return out
+
+
+def test_auricles_stand_off_the_head_as_real_ones_do():
+    """The concha's back wall carries the pinna: free auricles stand 15-35 mm out of the head
+    (adults: the helix 15-20 mm off the mastoid skin; ge-head-ct's labelled auricles 10-27 mm wide), about
+    the wall's width more than the pinna alone at the same angle; pressed ones less."""
+    def protrusion(seed, deg, concha):
+        return _ear_protrusion_mm(_head(seed, ear_protrusion_deg=deg, ear_concha_mm=concha, holder="none",
+                                        foam=False, pathology=[])[0])
+
+    for seed, concha in ((3, 8.0), (8, 12.0)):
+        free, alone = protrusion(seed, 12.0, concha), protrusion(seed, 12.0, 0.0)
+        assert 15.0 <= free <= 35.0 and free - alone >= 0.6 * concha, (seed, free, alone)
+    assert protrusion(3, 4.0, 3.0) < 15.0
+    draws = [DomainParams.random(s) for s in range(40)]
+    assert all(2.0 <= d.ear_concha_mm <= 14.0 for d in draws)
+    assert sum(d.ear_concha_mm >= 6.0 for d in draws) > 20
+
+
 def test_ground_truth_stays_consistent(head):
     face = head.face_soft_tissue_mask
     assert face.any()
