@@ -62,33 +62,40 @@ def link_slices(dets: Sequence[Detection], *, link_iou: float = LINK_IOU,
         idx = [np.flatnonzero((np.asarray(d.class_ids) == c) & (np.asarray(d.scores) >= floor)) for d in dets]
         own = [np.asarray(d.scores, np.float64)[i] for d, i in zip(dets, idx)]
         boxes = [np.asarray(d.boxes, np.float64)[i] for d, i in zip(dets, idx)]
-        # links[k][a]: the boxes of slice k-1 that box a of slice k may follow
-        links: list[list[np.ndarray]] = [[np.empty(0, np.int64) for _ in range(len(idx[0]))]] if n else []
+        # links[k][a, b]: box a of slice k may follow box b of slice k-1
+        links = [np.zeros((len(idx[0]), 0), bool)] if n else []
         for k in range(1, n):
-            links.append([np.flatnonzero(_iou(b, boxes[k - 1]) >= link_iou) if len(boxes[k - 1])
-                          else np.empty(0, np.int64) for b in boxes[k]])
+            m = np.zeros((len(idx[k]), len(idx[k - 1])), bool)
+            for a, b in enumerate(boxes[k]):
+                if len(idx[k - 1]):
+                    m[a] = _iou(b, boxes[k - 1]) >= link_iou
+            links.append(m)
         alive = [np.ones(len(i), bool) for i in idx]
-        while True:
-            best: list[np.ndarray] = []
-            back: list[np.ndarray] = []
-            for k in range(n):
-                total = np.where(alive[k], own[k], -np.inf)
-                prev = np.full(len(idx[k]), -1, np.int64)
-                if k > 0:
-                    for a in np.flatnonzero(alive[k]):
-                        cand = links[k][a]
-                        if cand.size:
-                            cand = cand[alive[k - 1][cand]]
-                        if cand.size:
-                            j = cand[np.argmax(best[k - 1][cand])]
-                            total[a] += best[k - 1][j]
-                            prev[a] = j
-                best.append(total)
-                back.append(prev)
-            ends = [(float(b.max()), k) for k, b in enumerate(best) if b.size and np.isfinite(b.max())]
-            if not ends:
-                break
-            _, k = max(ends)
+        best: list[np.ndarray] = [np.empty(0)] * n  # best chain sum ending at each box (-inf: dead)
+        back: list[np.ndarray] = [np.empty(0, np.int64)] * n  # its predecessor on slice k-1 (-1: none)
+        top = np.full(n, -np.inf)  # best[k].max() per slice
+
+        def update(k: int) -> bool:
+            """Recompute slice k's chain sums from slice k-1's; True if they changed."""
+            total = np.where(alive[k], own[k], -np.inf)
+            prev = np.full(len(total), -1, np.int64)
+            if k > 0 and links[k].size:
+                cand = np.where(links[k], best[k - 1][None, :], -np.inf)
+                j = np.argmax(cand, axis=1)
+                v = cand[np.arange(len(j)), j]
+                ok = np.isfinite(v) & alive[k]
+                total[ok] += v[ok]
+                prev[ok] = j[ok]
+            changed = not (np.array_equal(total, best[k]) and np.array_equal(prev, back[k]))
+            best[k], back[k] = total, prev
+            top[k] = total.max() if total.size else -np.inf
+            return changed
+
+        for k in range(n):
+            update(k)
+        while n and np.isfinite(top.max()):
+            # the chain with the highest score sum (ties: the later end slice, as max over (sum, k))
+            k = int(n - 1 - np.argmax(top[::-1]))
             a = int(np.argmax(best[k]))
             chain: list[tuple[int, int]] = []
             while a >= 0:
@@ -101,6 +108,12 @@ def link_slices(dets: Sequence[Detection], *, link_iou: float = LINK_IOU,
                 scores[kk][g] = max(scores[kk][g], np.float32(mean))
                 alive[kk] &= _iou(boxes[kk][aa], boxes[kk]) <= _SUPPRESS_IOU
                 alive[kk][aa] = False
+            # only the chain's slices lost boxes: recompute from its first slice on, until
+            # the sums stop changing after its last
+            k0, k1 = chain[-1][0], chain[0][0]
+            for kk in range(k0, n):
+                if not update(kk) and kk > k1:
+                    break
     return [Detection(np.asarray(d.boxes), s, np.asarray(d.class_ids)) for d, s in zip(dets, scores)]
 
 
