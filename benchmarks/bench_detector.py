@@ -10,8 +10,12 @@
    subjects (seeds never used in training): bone Dice, facial soft tissue
    removed %, nose / lips removed %, brain voxels changed, soft tissue removed
    outside the ground-truth face (mL).
+4. ``link``: seconds of :func:`pipeline.slice_linking.link_slices` on stacks of
+   random clutter boxes (the worst case: many short chains) and of parallel
+   objects seen on every slice (target: under 1 s for 600 slices × 20 boxes, a
+   small part of a series' detection time).
 
-    .venv/bin/python benchmarks/bench_detector.py [speed] [e2e] [quality] [--subjects 6]
+    .venv/bin/python benchmarks/bench_detector.py [speed] [e2e] [quality] [link] [--subjects 6]
     .venv/bin/python benchmarks/bench_detector.py speed --models /path/to/candidate
 
 ``--models DIR``: ``speed`` of a candidate before it is shipped (a folder holding
@@ -171,9 +175,32 @@ def bench_quality(n_subjects: int = 6) -> None:
                                            f"{'':>11}" for k in keys))
 
 
+def bench_link() -> None:
+    from pipeline.slice_linking import link_slices
+
+    rng = np.random.default_rng(0)
+    print("linking boxes across slices (pipeline.slice_linking), best of 3:")
+    for n, m in ((300, 10), (600, 20)):
+        clutter, parallel = [], []
+        for _ in range(n):
+            xy, wh = rng.uniform(0, 140, (m, 2)), rng.uniform(10, 40, (m, 2))
+            clutter.append(det.Detection(np.c_[xy, xy + wh].astype(np.float32),
+                                         rng.uniform(0.1, 0.9, m).astype(np.float32), rng.integers(0, 5, m)))
+            x0 = np.arange(m, dtype=np.float32)[:, None] * 50.0 + rng.uniform(-1, 1, (m, 1)).astype(np.float32)
+            parallel.append(det.Detection(np.c_[x0, x0 * 0 + 10, x0 + 30, x0 * 0 + 40].astype(np.float32),
+                                          rng.uniform(0.1, 0.9, m).astype(np.float32), np.zeros(m, np.int64)))
+        for name, stack in (("random clutter", clutter), ("parallel objects", parallel)):
+            best = np.inf
+            for _ in range(3):
+                t = time.perf_counter()
+                link_slices(stack)
+                best = min(best, time.perf_counter() - t)
+            print(f"  {n} slices x {m} boxes, {name:<16} {best:6.2f} s  ({1e3 * best / n:.2f} ms/slice)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("parts", nargs="*", default=["speed", "e2e", "quality"])
+    ap.add_argument("parts", nargs="*", default=["speed", "e2e", "quality", "link"])
     ap.add_argument("--subjects", type=int, default=6)
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--size", type=int, default=512)
@@ -189,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_quality(args.subjects)
     if "e2e" in args.parts:
         bench_e2e(args.slices, args.size)
+    if "link" in args.parts:
+        bench_link()
     return 0
 
 
