@@ -45,6 +45,7 @@ import numpy as np
 from .detector_data import CLASSES, HU_WINDOWS, hu_to_rgb8
 from .dicom_io import load_series, scan_folder
 from .real_labels import box_iou
+from .slice_linking import detect_linked
 from .volume import Volume
 
 __all__ = ["ExportSummary", "export_folder", "series_prelabels"]
@@ -137,8 +138,6 @@ def series_prelabels(volume: Volume, *, detector: Any = None, conf: float = 0.25
         axes, flips = _canonical(volume)
         view = _to_view(hu, axes, flips)
         f = max(1, int(np.floor(max(view.shape[1:]) / detector.meta.imgsz)))
-        from .slice_linking import detect_linked
-
         dets = detect_linked(detector, np.ascontiguousarray(view[:, ::f, ::f]), conf=conf)
         canon = [detector.meta.canonical(c) for c in range(len(detector.meta.classes))]
         for s, det in enumerate(dets):

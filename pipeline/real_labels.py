@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from .detector_data import CLASSES, HU_WINDOWS, hu_to_rgb8
+from .slice_linking import detect_linked
 
 __all__ = ["RealLabels", "detection_report", "load_labels", "match_boxes", "yolo_dataset"]
 
@@ -128,9 +129,6 @@ def detection_report(detector: Any, hu: np.ndarray, labels: RealLabels, *, conf:
     ``link``: boxes rescored across neighbouring slices first
     (:func:`pipeline.slice_linking.detect_linked`), as :class:`pipeline.face_model.ModelFaceRegion`
     does; ``False``: every slice scored alone."""
-    # loaded on first use: the detector module is only needed with a detector
-    from .slice_linking import detect_linked
-
     f = _stride(hu.shape, detector.meta.imgsz)
     dets = detect_linked(detector, np.ascontiguousarray(hu[:, ::f, ::f]), conf=conf, link=link)
     canon = [detector.meta.canonical(c) for c in range(len(detector.meta.classes))]
