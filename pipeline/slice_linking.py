@@ -15,7 +15,9 @@ score, a box can only rise to a threshold ``conf`` when some box of its chain
 already reached it: linking extends a detection to the neighbouring slices of
 the same object, it never creates an object that no slice found (a phantom or
 a head without a face stays without boxes). Boxes below ``floor`` never join
-a chain (they are the detector's background noise).
+a chain (they are the detector's background noise). A box overlapping a
+chain's box on the same slice (IoU > 0.3) is not linked again but keeps its
+own score (Seq-NMS drops it; here the detector's own NMS has already run).
 
 Boxes are ``(i0, j0, i1, j1)`` in slice pixels (column, row), as
 :class:`pipeline.detector.Detection`; slices are given in their order along
@@ -120,7 +122,8 @@ def link_slices(dets: Sequence[Detection], *, link_iou: float = LINK_IOU,
 def detect_linked(detector: Any, hu_slices: np.ndarray, *, conf: float, link: bool = True,
                   link_iou: float = LINK_IOU, floor: float = LINK_FLOOR) -> list[Detection]:
     """``detector.detect`` on neighbouring slices ``hu_slices[k, j, i]`` (HU), linked
-    across slices (:func:`link_slices`) when ``link``, keeping boxes scoring ≥ ``conf``.
+    across slices (:func:`link_slices`) when ``link``, keeping boxes scoring above ``conf``
+    (``score > conf``, as the detector's own threshold).
 
     The detector runs at ``min(conf, floor)`` so that the boxes a chain can lift
     above ``conf`` are seen. ``detector``: anything with ``.detect(hu_slices, conf=)``.
