@@ -187,7 +187,7 @@ def bench_link() -> None:
             clutter.append(det.Detection(np.c_[xy, xy + wh].astype(np.float32),
                                          rng.uniform(0.1, 0.9, m).astype(np.float32), rng.integers(0, 5, m)))
             x0 = np.arange(m, dtype=np.float32)[:, None] * 50.0 + rng.uniform(-1, 1, (m, 1)).astype(np.float32)
-            parallel.append(det.Detection(np.c_[x0, x0 * 0 + 10, x0 + 30, x0 * 0 + 40].astype(np.float32),
+            parallel.append(det.Detection(np.c_[x0, np.full_like(x0, 10), x0 + 30, np.full_like(x0, 40)],
                                           rng.uniform(0.1, 0.9, m).astype(np.float32), np.zeros(m, np.int64)))
         for name, stack in (("random clutter", clutter), ("parallel objects", parallel)):
             best = np.inf

@@ -68,8 +68,8 @@ def link_slices(dets: Sequence[Detection], *, link_iou: float = LINK_IOU,
         links = [np.zeros((len(idx[0]), 0), bool)] if n else []
         for k in range(1, n):
             m = np.zeros((len(idx[k]), len(idx[k - 1])), bool)
-            for a, b in enumerate(boxes[k]):
-                if len(idx[k - 1]):
+            if m.size:
+                for a, b in enumerate(boxes[k]):
                     m[a] = _iou(b, boxes[k - 1]) >= link_iou
             links.append(m)
         alive = [np.ones(len(i), bool) for i in idx]

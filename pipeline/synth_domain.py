@@ -484,8 +484,7 @@ class DomainParams:
             lobe = _Ellipsoid(root + e_p * (0.35 * A) - e_z * (0.72 * B), (3.5, 7.0, 8.0), margin=m)
             concha = _Ellipsoid(root + n_out * 5.0 + e_p * 5.0 - e_z * 2.0, (4.0, 7.0, 9.0), margin=m)
             ears.append(_Group("ear", [_u(rootb), *[_u(w, 3.0) for w in wall], _u(shell, 2.0), _u(rim, 1.0),
-                                       _u(lobe, 2.0),
-                                       _s(concha, 1.5)]))
+                                       _u(lobe, 2.0), _s(concha, 1.5)]))
         model.g_ear = ears
         # ---------------------------------------------------------- skull base, C1, neck, ethmoid
         rs = _rng(self.seed, 10)
