@@ -95,6 +95,46 @@ def _ear_protrusion_mm(h) -> float:
     return out
 
 
+@pytest.mark.parametrize("domain", [True, False])
+def test_ear_label_begins_at_the_skin_of_the_head_without_ears(monkeypatch, domain):
+    """The ear label is what a person labelling a slice draws: the auricle from the skin out, as in
+    tests/data/realct_labels/ge-head-ct.json, not the ear primitives' root inside the head. Checked
+    against the same head generated again without its ears; the removal ground truth keeps the
+    whole ear."""
+    from pipeline import synth
+
+    def make():
+        if domain:
+            return _head(5, holder="none", foam=False, pathology=[])[0]
+        return generate_head(SubjectParams.random(5), noise_seed=5, **KW)
+
+    h = make()
+    far = lambda: synth._Group("ear", [synth._u(synth._Sphere((0.0, 0.0, 1.0e5), 0.5))])
+    layout = synth._HeadModel._layout_ears
+
+    def no_ears(self, lm):
+        layout(self, lm)
+        self.g_ear = [far(), far()]
+
+    extend = DomainParams.extend_model
+
+    def extend_no_ears(self, model):
+        extend(self, model)
+        model.g_ear = [far(), far()]
+
+    monkeypatch.setattr(synth._HeadModel, "_layout_ears", no_ears)
+    monkeypatch.setattr(DomainParams, "extend_model", extend_no_ears)
+    bare = make()
+    assert not bare.feature_masks["ears"].any()
+    body = bare.labels != 0
+    ears = h.feature_masks["ears"]
+    assert ears.sum() > 200
+    assert not (ears & body).any()  # nothing of the label lies inside the head without ears
+    # the ear's root inside that head is ear tissue to remove, but not labelled
+    root = h.ear_soft_tissue_mask & body & ~ears
+    assert root.sum() > 0.1 * ears.sum(), (root.sum(), ears.sum())
+
+
 def test_auricles_stand_off_the_head_as_real_ones_do():
     """The concha's back wall carries the pinna: free auricles stand 15-35 mm out of the head
     (adults: the helix 15-20 mm off the mastoid skin; ge-head-ct's labelled auricles 10-27 mm wide), about
@@ -151,22 +191,23 @@ def test_domain_acquisition_is_routine_head_ct():
 # Plain heads (domain=None). "tissue": sha1 of (labels, face/ear removal masks, structures) and
 # "hu": sha1 of the int16 HU, recorded with the generator before pipeline.synth_domain existed
 # (main, 7c2e8e9^): unchanged. "det": sha1 of the detection labels (feature_ids, face_label_mask,
-# feature_boxes), recorded when the nose label came to end at the nasofacial junction
-# (synth.NOSE_LABEL_MIN_MM = 2); with the nose label's first version (the nose standing out of
-# the face by any amount) it was c6c9d6ef… (seed 4) and 20278c70… (27001), and before plain heads
-# took that label the whole set hashed to 08e74f2b… and 5a8712fc….
+# feature_boxes), recorded when the ear label came to begin at the skin of the head without ears
+# (synth.EAR_LABEL_MIN_MM = 0; "tissue" and "hu" unchanged by it). Before that, with the whole ear
+# as its label, it was 70b3b271… (seed 4) and 7e7b1faf… (27001); with the nose label's first
+# version (the nose standing out of the face by any amount) c6c9d6ef… and 20278c70…, and before
+# plain heads took that label the whole set hashed to 08e74f2b… and 5a8712fc….
 _BASELINE = {
     4: {"tissue": "361f0278662231e72396b2995f26b9c28dcdd0b6", "hu": "677a4b20aa70c4473e99352e4e9769de771ceb43",
-        "det": "70b3b2715d05b13c00606d724d3de71b4b80eb8a"},
+        "det": "df7ea969b5af2b955f43fa186a96bce8be1f43e9"},
     27001: {"tissue": "e4c6f6e606e4e4cbdef0cd92cb7dc69d2e246d9d", "hu": "91eece46fd309b88997e9c9a5ea110f2a9e49c79",
-            "det": "7e7b1faf9da7fc931a0c2f8149a908a990a51416"},
+            "det": "0a2ae0115edac7f12de5b5f3d3cefe6b1cd5446b"},
 }
 
 
 @pytest.mark.parametrize("seed", sorted(_BASELINE))
 def test_plain_heads_bit_identical_to_the_baseline(seed):
     """domain=None: the generator's old heads, voxel for voxel (other tests' ground truth); only
-    the derived detection labels (the nose) follow the domain heads' definition."""
+    the derived detection labels (the nose, the ears) follow the domain heads' definition."""
     import hashlib
 
     kw = {4: dict(shape=(40, 72, 72), spacing_mm=(4.0, 3.2, 3.2)),
