@@ -174,8 +174,8 @@ NOSE_LABEL_MIN_MM = 2.0
 # How far (mm) a voxel must stand out of the head without the ears to be labelled ear: the skin
 # where the auricle's root meets the head, where the real labels in
 # tests/data/realct_labels/ge-head-ct.json begin. The ear primitives reach 3-8 mm into the head
-# (17 % of the ear voxels of seed 7007); labelled as ear, that root taught the detector boxes
-# 4-7 mm too far into the real head. The root keeps its own codes (:data:`_EAR_ROOT_CODES`)
+# (17 % of the ear voxels of seed 7007); with that root labelled as ear, the model shipped before
+# (J2) drew its real ear boxes 4-7 mm too far into the head on slices 9-14. The root keeps its own codes (:data:`_EAR_ROOT_CODES`)
 # while a head is generated, so that the ears' removal ground truth (``ear_soft_tissue_mask``)
 # and the face zone, which exclude the whole ear, are what they were.
 EAR_LABEL_MIN_MM = 0.0
