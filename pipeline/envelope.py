@@ -65,6 +65,9 @@ __all__ = [
 
 #: Voxels above this are (more) tissue than air: the patient's body at the skin.
 BODY_THRESHOLD_HU = -500.0
+#: Landmark note when the anatomical method finds no nose tip in front of the skeleton (the
+#: zone is then placed from the globes; ``auto`` says so when the detector's nose boxes are used).
+NO_NOSE_NOTE = "no nose-like protrusion found in front of the skeleton"
 
 
 # --------------------------------------------------------------------------- geometry
@@ -1110,7 +1113,7 @@ def _find_envelope(volume: Volume, st: EnvelopeSettings, side: ThreadPoolExecuto
         ok &= (rel @ sup <= 10.0) & (rel @ sup >= -90.0)
         lm.nose_tip = proud[ok][int(np.argmax(hull.distance_outside(proud[ok])))] if ok.any() else None
         if lm.nose_tip is None:
-            lm.notes.append("no nose-like protrusion found in front of the skeleton")
+            lm.notes.append(NO_NOSE_NOTE)
     else:
         lm.nose_tip = _nose_without_globes(grid, body, hull, proud)
     if lm.anchor is None and lm.nose_tip is not None:

@@ -44,6 +44,7 @@ import numpy as np
 
 from .deface import AnatomicalFaceRegion, FaceRegionMethod, RegionResult, bbox_of
 from .detector import DetectorError, load_detector
+from .envelope import NO_NOSE_NOTE
 from .slice_linking import detect_linked
 from .volume import Volume
 
@@ -269,6 +270,9 @@ class AutoFaceRegion:
             details["source"] = "anatomical"
             details["seconds"] = round(time.perf_counter() - t0, 3)
             return RegionResult(None, warnings, details, None, envelope=env, use_zone=True)
+        # the anatomical method's own nose finder missed, but the detector's nose is removed
+        warnings = [f"{w} by the anatomical method; the detector's nose boxes are removed"
+                    if w == NO_NOSE_NOTE else w for w in warnings]
         lo, hi = max(0, s_range[0]), min(ns, s_range[1])
         masks[:lo] = False
         masks[hi:] = False

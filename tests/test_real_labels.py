@@ -158,3 +158,22 @@ def test_shipped_model_finds_the_real_ears():
     rep = _shipped_report()
     assert rep["ears"]["found"] >= 0.8 * rep["ears"]["instances"], rep["ears"]
     assert rep["ears"]["slices_found"] >= 0.8 * rep["ears"]["slices_visible"], rep["ears"]
+
+
+@needs_real
+@needs_model
+def test_auto_uses_the_shipped_model_on_the_real_head():
+    """``auto`` takes the model's boxes on ge-head-ct (no fallback to the anatomical zone alone),
+    and its warnings do not say "no nose" where the detector's nose is removed."""
+    from pipeline import dicom_io
+    from pipeline.deface import deface
+    from pipeline.envelope import NO_NOSE_NOTE
+    from pipeline.face_model import AutoFaceRegion
+
+    vol = dicom_io.load_series(dicom_io.scan_folder(REALCT / "ge-head-ct").series[0]).volume
+    res = deface(vol, AutoFaceRegion())
+    details = res.region.details
+    assert details["source"] == "anatomical+model", res.qa.warnings
+    assert details["model"]["found"]["nose"] > 0 and details["model"]["found"]["eyes"] > 0
+    assert not any("no plausible face" in w for w in res.qa.warnings), res.qa.warnings
+    assert NO_NOSE_NOTE not in res.qa.warnings, res.qa.warnings
