@@ -32,7 +32,10 @@ face):
   mandible), emphysema (air bubbles), hemosinus (a fluid level or an
   opacified maxillary sinus).
 * **Scanner**: a U-shaped plastic head holder and foam pads (or the curved
-  couch, or nothing), HU of every tissue, soft or bone kernel (blur or
+  couch, or nothing); the head rests nearer one side of the holder
+  (:attr:`DomainParams.holder_shift_mm`), and an auricle that would reach the
+  holder's wall lies pressed against the head instead (flatter angle, then a
+  shorter concha wall: ``model.ear_fit``); HU of every tissue, soft or bone kernel (blur or
   sharpening), white or correlated noise 3–80 HU, beam-hardening streaks between
   the petrous bones, a reconstruction circle, the head off the centre of the
   field of view (the face may be cut).
@@ -213,6 +216,53 @@ def _rng(seed: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), 0xD0A1, int(stream)])
 
 
+#: How far (mm) every sampled point of an auricle's mid-surface stays inside the head holder's inner
+#: wall: the shell's half-thickness and helix rim (at most 3.2 mm) plus 1 mm for the head's pose.
+EAR_HOLDER_CLEARANCE_MM = 4.2
+
+
+def _auricle(s: int, head_root: np.ndarray, phi_rad: float, C: float, A: float, B: float, R: float,
+             half_mm: float, concave: bool, m: float) -> tuple[list, np.ndarray]:
+    """One auricle (side ``s``: -1 patient right, +1 left; head-local mm) protruding ``phi_rad``
+    from the head, carried ``C`` mm off it by the concha's back wall (``A``, ``B``: the pinna's
+    half-width and half-length, ``R``: its curvature radius, ``half_mm``: its half-thickness).
+    Returns the group's operations and points (n, 3) on the auricle's mid-surface, its wall and
+    its lobe (for the fit against a head holder)."""
+    tilt = math.radians(12.0)
+    R = max(R, A + 2.0)
+    sag = R - math.sqrt(R * R - A * A)  # how far the cap's edge leaves its tangent plane
+    root = head_root + np.array([s * C, 0.0, 0.0])
+    # the wall: rungs from the head to the pinna's root, 5 mm thick, smooth-joined
+    wall = [_Capsule(head_root + np.array([0.0, 3.0, zw]), root + np.array([0.0, 3.0, zw]), 2.5, margin=m)
+            for zw in np.linspace(-0.8 * B, 0.8 * B, 7)]
+    e_p = np.array([s * math.sin(phi_rad), math.cos(phi_rad), 0.0])  # along the pinna, backwards
+    n_out = np.array([s * math.cos(phi_rad), -math.sin(phi_rad), 0.0])  # the pinna's lateral normal
+    e_z = np.array([0.0, math.sin(tilt), math.cos(tilt)])
+    e_z -= (e_z @ e_p) * e_p
+    e_z /= np.linalg.norm(e_z)
+    sign = 1.0 if concave else -1.0  # +1: the sphere's centre lateral (bowl facing out)
+    p0 = root + e_p * A - sign * sag * n_out + e_z * 3.0
+    centre = p0 + sign * R * n_out
+    axis = -sign * n_out
+    e1 = e_p - (e_p @ axis) * axis
+    e1 /= np.linalg.norm(e1)
+    shell = _Shell(centre, R, half_mm, axis, e1, A, B, margin=m)
+    rim = _Shell(centre, R, half_mm + 0.9, axis, e1, A, B, ring=0.8, margin=m)
+    rootb = _Ellipsoid(head_root + e_p * 4.0 + np.array([0.0, 0.0, -2.0]), (5.0, 8.0, 11.0), margin=m)
+    lobe_c = root + e_p * (0.35 * A) - e_z * (0.72 * B)
+    lobe = _Ellipsoid(lobe_c, (3.5, 7.0, 8.0), margin=m)
+    concha = _Ellipsoid(root + n_out * 5.0 + e_p * 5.0 - e_z * 2.0, (4.0, 7.0, 9.0), margin=m)
+    parts = [_u(rootb), *[_u(w, 3.0) for w in wall], _u(shell, 2.0), _u(rim, 1.0), _u(lobe, 2.0), _s(concha, 1.5)]
+    # mid-surface of the cap: q1 along e1, q2 along e2 inside the elliptic window
+    q1, q2 = (g.ravel() for g in np.meshgrid(np.linspace(-A, A, 13), np.linspace(-B, B, 13)))
+    keep = (q1 / A) ** 2 + (q2 / B) ** 2 <= 1.0
+    q1, q2 = q1[keep], q2[keep]
+    e2 = np.cross(axis, e1)
+    cap = centre + np.outer(q1, e1) + np.outer(q2, e2) + np.outer(np.sqrt(R * R - q1 * q1), axis)
+    lobe_pts = lobe_c + np.array([[s * 3.5, 0, 0], [0, 7.0, 0], [0, -7.0, 0], [0, 0, -8.0]])
+    return parts, np.vstack([cap, root + np.array([s * 2.5, 0.0, 0.0]), lobe_pts])
+
+
 # ----------------------------------------------------------------------------- parameters
 
 
@@ -263,6 +313,7 @@ class DomainParams:
     holder_gap_mm: float = 12.0
     holder_mm: float = 3.0
     holder_front_mm: float = 0.0
+    holder_shift_mm: float = 0.0  # the holder's midline left (+x) of the head's: the head lies to one side
     foam: bool = True
     foam_mm: float = 20.0
     hu_jitter: dict[str, float] = field(default_factory=dict)
@@ -325,6 +376,10 @@ class DomainParams:
         d.holder_gap_mm = float(rh.uniform(4.0, 30.0))
         d.holder_mm = float(rh.uniform(2.0, 5.0))
         d.holder_front_mm = float(rh.uniform(-50.0, 30.0))
+        # a head rarely lies in the middle of the holder: it rests nearer one side, whose ear the
+        # holder then presses against the head (the ear fit in extend_model); own stream, so
+        # the other draws are what they were
+        d.holder_shift_mm = float(_rng(seed, 1000).uniform(-1.0, 1.0) * (d.holder_gap_mm + 5.0))
         d.foam = bool(rh.random() < 0.6)
         d.foam_mm = float(rh.uniform(5.0, 35.0))
         ru = _rng(seed, 8)
@@ -451,40 +506,24 @@ class DomainParams:
         hh = model.head_half_at_ear
         ear_y = model.yc_cr - 2.0
         ear_z = -10.0 + p.ear_height_mm
-        ears = []
-        phi = math.radians(self.ear_protrusion_deg)
-        tilt = math.radians(12.0)
-        B = p.ear_length_mm / 2.0
-        A = self.ear_A_mm
-        R = max(self.ear_R_mm, A + 2.0)
-        sag = R - math.sqrt(R * R - A * A)  # how far the cap's edge leaves its tangent plane
-        C = self.ear_concha_mm
+        wall_d = self._holder_wall(model)
+        ears, model.ear_fit = [], []
         for s in (-1, 1):
-            # the auricle leaves the head along its front edge (attached 3 mm inside the skin),
-            # carried C mm out by the concha's back wall: a plate from the head to the pinna
+            # the auricle leaves the head along its front edge (attached 3 mm inside the skin)
             head_root = np.array([s * (hh - 3.0), ear_y - 2.0, ear_z])
-            root = head_root + np.array([s * C, 0.0, 0.0])
-            # the wall: rungs from the head to the pinna's root, 5 mm thick, smooth-joined
-            wall = [_Capsule(head_root + np.array([0.0, 3.0, zw]), root + np.array([0.0, 3.0, zw]), 2.5,
-                             margin=m) for zw in np.linspace(-0.8 * B, 0.8 * B, 7)]
-            e_p = np.array([s * math.sin(phi), math.cos(phi), 0.0])  # along the pinna, backwards
-            n_out = np.array([s * math.cos(phi), -math.sin(phi), 0.0])  # the pinna's lateral normal
-            e_z = np.array([0.0, math.sin(tilt), math.cos(tilt)])
-            e_z -= (e_z @ e_p) * e_p
-            e_z /= np.linalg.norm(e_z)
-            sign = 1.0 if self.ear_concave else -1.0  # +1: the sphere's centre lateral (bowl facing out)
-            p0 = root + e_p * A - sign * sag * n_out + e_z * 3.0
-            centre = p0 + sign * R * n_out
-            axis = -sign * n_out
-            e1 = e_p - (e_p @ axis) * axis
-            e1 /= np.linalg.norm(e1)
-            shell = _Shell(centre, R, self.ear_half_mm, axis, e1, A, B, margin=m)
-            rim = _Shell(centre, R, self.ear_half_mm + 0.9, axis, e1, A, B, ring=0.8, margin=m)
-            rootb = _Ellipsoid(head_root + e_p * 4.0 + np.array([0.0, 0.0, -2.0]), (5.0, 8.0, 11.0), margin=m)
-            lobe = _Ellipsoid(root + e_p * (0.35 * A) - e_z * (0.72 * B), (3.5, 7.0, 8.0), margin=m)
-            concha = _Ellipsoid(root + n_out * 5.0 + e_p * 5.0 - e_z * 2.0, (4.0, 7.0, 9.0), margin=m)
-            ears.append(_Group("ear", [_u(rootb), *[_u(w, 3.0) for w in wall], _u(shell, 2.0), _u(rim, 1.0),
-                                       _u(lobe, 2.0), _s(concha, 1.5)]))
+            deg, C = self.ear_protrusion_deg, self.ear_concha_mm
+            while True:
+                parts, pts = _auricle(s, head_root, math.radians(deg), C, self.ear_A_mm,
+                                      p.ear_length_mm / 2.0, self.ear_R_mm, self.ear_half_mm,
+                                      self.ear_concave, m)
+                # an ear does not pass through the holder: one that would reach its wall lies
+                # pressed against the head (its angle first, then the concha's wall, as a hand
+                # folding it would; at most flat: 0 degrees, 2 mm)
+                if wall_d is None or wall_d(pts).max() <= -EAR_HOLDER_CLEARANCE_MM or (deg <= 0.0 and C <= 2.0):
+                    break
+                deg, C = (max(deg - 2.0, 0.0), C) if deg > 0.0 else (deg, max(C - 1.0, 2.0))
+            model.ear_fit.append((deg, C))
+            ears.append(_Group("ear", parts))
         model.g_ear = ears
         # ---------------------------------------------------------- skull base, C1, neck, ethmoid
         rs = _rng(self.seed, 10)
@@ -659,7 +698,7 @@ class DomainParams:
                 lab[w] = L["cancellous_bone"]
                 lab[w & (d > -1.5)] = L["cortical_bone"]
         if self.c1:
-            body = lambda sl: labels[sl] != 0  # noqa: E731
+            body = lambda sl: labels[sl] != 0
             S_._paint(labels, slab.eval(self.canal), L["csf"], where=body)
             S_._paint(labels, slab.eval(self.cord), L["soft_tissue"], where=body)
             for q in (self.c1_ring, *self.c1_masses, self.dens):
@@ -685,6 +724,25 @@ class DomainParams:
         for b in self.bubbles:
             S_._paint(labels, slab.eval(b), L["internal_air"], where=lambda sl: np.isin(labels[sl], _SOFT))
 
+    def _holder_wall(self, model: Any):
+        """The U-shaped holder's signed distance (mm; < 0 inside, between the head and the wall)
+        as a function of head-local points (n, 3), where the holder stands (behind its front
+        edge), the head's pose and the gantry tilt left out; ``None`` without a U-shaped holder.
+        The same shape as :meth:`paint_holder` draws."""
+        if self.holder != "cradle":
+            return None
+        _, hi = model.head_extent()
+        W = model.p.skull_width_mm / 2.0 + 6.0 + self.holder_gap_mm
+        yc = hi[1] - 4.0 + 2.0 + self.foam_mm * float(self.foam) - W
+        front, shift = self.holder_front_mm, self.holder_shift_mm
+
+        def dist(pts: np.ndarray) -> np.ndarray:
+            x, y = pts[:, 0] - shift, pts[:, 1]
+            d = np.where(y < yc, np.abs(x) - W, np.hypot(x, y - yc) - W)
+            return np.where(y >= front, d, -np.inf)
+
+        return dist
+
     def paint_holder(self, model: Any, slab: Any, labels: np.ndarray) -> None:
         """U-shaped plastic head holder and foam pads around the head, or the curved couch
         (``couch`` of ``generate_head`` is the plain generator's), in scanner coordinates."""
@@ -698,7 +756,7 @@ class DomainParams:
         back_y = float(grid.centre[1] + (grid.rot @ np.array([0.0, hi[1] - 4.0, 0.0]))[1])
         W = model.p.skull_width_mm / 2.0 + 6.0 + self.holder_gap_mm
         yc = back_y + 2.0 + self.foam_mm * float(self.foam) - W
-        wx = (slab.world_x - _F32(grid.centre[0]))
+        wx = slab.world_x - _F32(grid.centre[0] + self.holder_shift_mm)
         wy = slab.world_y
         circ = np.sqrt(wx * wx + (wy - _F32(yc)) ** 2) - _F32(W)
         d = np.where(wy < _F32(yc), np.abs(wx) - _F32(W), circ)

@@ -95,28 +95,16 @@ def _ear_protrusion_mm(h) -> float:
     return out
 
 
-@pytest.mark.parametrize("domain", [True, False])
-def test_ear_label_begins_at_the_skin_of_the_head_without_ears(monkeypatch, domain):
-    """The ear label is what a person labelling a slice draws: the auricle from the skin out, as in
-    tests/data/realct_labels/ge-head-ct.json, not the ear primitives' root inside the head. Checked
-    against the same head generated again without its ears; the removal ground truth keeps the
-    whole ear."""
+def _without_ears(monkeypatch):
+    """Make the following heads without auricles (nothing else changes)."""
     from pipeline import synth
 
-    def make():
-        if domain:
-            return _head(5, holder="none", foam=False, pathology=[])[0]
-        return generate_head(SubjectParams.random(5), noise_seed=5, **KW)
-
-    h = make()
     far = lambda: synth._Group("ear", [synth._u(synth._Sphere((0.0, 0.0, 1.0e5), 0.5))])
-    layout = synth._HeadModel._layout_ears
+    layout, extend = synth._HeadModel._layout_ears, DomainParams.extend_model
 
     def no_ears(self, lm):
         layout(self, lm)
         self.g_ear = [far(), far()]
-
-    extend = DomainParams.extend_model
 
     def extend_no_ears(self, model):
         extend(self, model)
@@ -124,6 +112,22 @@ def test_ear_label_begins_at_the_skin_of_the_head_without_ears(monkeypatch, doma
 
     monkeypatch.setattr(synth._HeadModel, "_layout_ears", no_ears)
     monkeypatch.setattr(DomainParams, "extend_model", extend_no_ears)
+
+
+@pytest.mark.parametrize("domain", [True, False])
+def test_ear_label_begins_at_the_skin_of_the_head_without_ears(monkeypatch, domain):
+    """The ear label is what a person labelling a slice draws: the auricle from the skin out, as in
+    tests/data/realct_labels/ge-head-ct.json, not the ear primitives' root inside the head. Checked
+    against the same head generated again without its ears; the removal ground truth keeps the
+    whole ear."""
+
+    def make():
+        if domain:
+            return _head(5, holder="none", foam=False, pathology=[])[0]
+        return generate_head(SubjectParams.random(5), noise_seed=5, **KW)
+
+    h = make()
+    _without_ears(monkeypatch)
     bare = make()
     assert not bare.feature_masks["ears"].any()
     body = bare.labels != 0
@@ -150,6 +154,46 @@ def test_auricles_stand_off_the_head_as_real_ones_do():
     draws = [DomainParams.random(s) for s in range(40)]
     assert all(2.0 <= d.ear_concha_mm <= 14.0 for d in draws)
     assert sum(d.ear_concha_mm >= 6.0 for d in draws) > 20
+
+
+def test_the_holder_presses_the_ear_it_would_cut(monkeypatch):
+    """A head resting near one side of a U-shaped holder: that ear lies pressed against the head
+    (as ge-head-ct's right ear lies flat beside its holder), not through the holder's wall; the
+    other ear keeps its drawn angle."""
+    over = {"holder": "cradle", "foam": False, "holder_gap_mm": 6.0, "holder_front_mm": -50.0, "pathology": [],
+            "ear_protrusion_deg": 30.0, "ear_concha_mm": 12.0}
+    holder = LABELS["holder"]
+    results = {}
+    for shift in (10.0, -10.0):  # the holder moved to the head's left (+x): the head rests on its right side
+        h, _ = _head(3, holder_shift_mm=shift, **over)
+        with monkeypatch.context() as mp:
+            _without_ears(mp)
+            bare, _ = _head(3, holder_shift_mm=shift, **over)
+        # the holder is painted where air is: every voxel of its wall is there, with ears or without
+        assert (h.labels == holder).sum() == (bare.labels == holder).sum() > 1000
+        results[shift] = h
+    # the near ear was pressed (angle first), the far one kept its 30 degrees
+    fit = {shift: _fit(shift, over) for shift in results}
+    assert fit[10.0][0][0] < 30.0 and fit[10.0][1] == (30.0, 12.0), fit
+    assert fit[-10.0][1][0] < 30.0 and fit[-10.0][0] == (30.0, 12.0), fit
+    # and it lies flatter: less of the right auricle (patient right: columns < mid) stands out of the head
+    ears = results[10.0].feature_masks["ears"]
+    mid = ears.shape[2] // 2
+    right_near = ears[:, :, :mid].sum()
+    right_far = results[-10.0].feature_masks["ears"][:, :, :mid].sum()
+    assert right_near < right_far, (right_near, right_far)
+
+
+def _fit(shift: float, over: dict) -> list[tuple[float, float]]:
+    """The ear fit (angle in degrees, concha wall in mm; right, left) of seed 3 drawn with ``over``."""
+    from pipeline import synth
+
+    dom = DomainParams.random(3, fov_mm=224.0)
+    for k, v in {**over, "holder_shift_mm": shift}.items():
+        setattr(dom, k, v)
+    model = synth._HeadModel(dom.adjust_params(SubjectParams.random(3)))
+    dom.extend_model(model)
+    return [(round(a, 3), round(c, 3)) for a, c in model.ear_fit]
 
 
 def test_ground_truth_stays_consistent(head):
