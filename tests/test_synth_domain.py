@@ -157,9 +157,8 @@ def test_auricles_stand_off_the_head_as_real_ones_do():
 
 
 def test_the_holder_presses_the_ear_it_would_cut(monkeypatch):
-    """A head resting near one side of a U-shaped holder: that ear lies pressed against the head
-    (as ge-head-ct's right ear lies flat beside its holder), not through the holder's wall; the
-    other ear keeps its drawn angle."""
+    """A head resting near one side of a U-shaped holder (as ge-head-ct's does): that ear lies
+    pressed against the head, not through the holder's wall; the other ear keeps its drawn angle."""
     over = {"holder": "cradle", "foam": False, "holder_gap_mm": 6.0, "holder_front_mm": -50.0, "pathology": [],
             "ear_protrusion_deg": 30.0, "ear_concha_mm": 12.0}
     holder = LABELS["holder"]
