@@ -332,12 +332,19 @@ def domain_acquisition(seed: int) -> dict[str, Any]:
             "positions_mm": pos, "thickness_mm": thick, "tilt_deg": tilt, "pose_deg": pose, "fov_mm": fov}
 
 
+def domain_subject(seed: int) -> tuple[SubjectParams, DomainParams, dict[str, Any]]:
+    """What :func:`domain_head` draws for subject ``seed`` before generating it: the subject's
+    parameters (adjusted by its domain draw), the :class:`DomainParams` and the acquisition
+    (:func:`domain_acquisition` without ``fov_mm``, which the draw took)."""
+    acq = domain_acquisition(seed)
+    dom = DomainParams.random(seed, fov_mm=acq.pop("fov_mm"))
+    return dom.adjust_params(SubjectParams.random(seed)), dom, acq
+
+
 def domain_head(seed: int) -> Any:
     """The domain-randomised head of subject ``seed`` with its acquisition (see
     :func:`domain_acquisition`); a :class:`pipeline.synth.SynthHead`."""
-    acq = domain_acquisition(seed)
-    dom = DomainParams.random(seed, fov_mm=acq.pop("fov_mm"))
-    params = dom.adjust_params(SubjectParams.random(seed))
+    params, dom, acq = domain_subject(seed)
     sc = dom.size_scale  # a child's head: drawn smaller by sampling it more coarsely
     dk, dj, di = acq["spacing_mm"]
     return generate_head(params, shape=acq["shape"], spacing_mm=(dk / sc, dj / sc, di / sc),

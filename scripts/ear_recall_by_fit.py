@@ -28,18 +28,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline import synth
-from pipeline.detector_data import domain_acquisition
+from pipeline.detector_data import domain_subject
 from pipeline.real_labels import box_iou
-from pipeline.synth import SubjectParams
-from pipeline.synth_domain import DomainParams
 
 _NAME = re.compile(r"^s(\d+)_k(\d+)$")
 
 
 def pressed_ears(seed: int) -> tuple[bool, bool]:
     """Whether the holder pressed the (patient right, left) ear of domain head ``seed``."""
-    dom = DomainParams.random(seed, fov_mm=domain_acquisition(seed)["fov_mm"])
-    model = synth._HeadModel(dom.adjust_params(SubjectParams.random(seed)))
+    params, dom, _ = domain_subject(seed)
+    model = synth._HeadModel(params)
     dom.extend_model(model)
     drawn = (dom.ear_protrusion_deg, dom.ear_concha_mm)
     return tuple(fit != drawn for fit in model.ear_fit)  # type: ignore[return-value]
