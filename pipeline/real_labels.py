@@ -33,7 +33,8 @@ import numpy as np
 from .detector_data import CLASSES, HU_WINDOWS, hu_to_rgb8
 from .slice_linking import detect_linked
 
-__all__ = ["RealLabels", "detection_report", "load_labels", "match_boxes", "yolo_dataset"]
+__all__ = ["RealLabels", "detection_report", "label_agreement", "load_labels", "match_boxes", "match_pairs",
+           "yolo_dataset"]
 
 
 @dataclass
@@ -106,19 +107,53 @@ def box_iou(a, b) -> float:
     return inter / u if u > 0 else 0.0
 
 
-def match_boxes(truth: list, pred: list, iou: float = 0.5) -> int:
-    """Greedy one-to-one matches (highest IoU first) of predicted to true boxes at ≥ ``iou``."""
+def match_pairs(truth: list, pred: list, iou: float = 0.5) -> list[tuple[int, int, float]]:
+    """Greedy one-to-one matches (highest IoU first) of predicted to true boxes at IoU ≥ ``iou``:
+    ``(truth index, pred index, IoU)`` for each match (``iou=0`` pairs every overlapping box)."""
     pairs = sorted(((box_iou(t, p), a, b) for a, t in enumerate(truth) for b, p in enumerate(pred)), reverse=True)
-    used_t, used_p, n = set(), set(), 0
+    used_t, used_p, out = set(), set(), []
     for v, a, b in pairs:
-        if v < iou:
+        if v < iou or v <= 0.0:
             break
         if a in used_t or b in used_p:
             continue
         used_t.add(a)
         used_p.add(b)
-        n += 1
-    return n
+        out.append((a, b, v))
+    return out
+
+
+def match_boxes(truth: list, pred: list, iou: float = 0.5) -> int:
+    """Greedy one-to-one matches (highest IoU first) of predicted to true boxes at ≥ ``iou``."""
+    return len(match_pairs(truth, pred, iou))
+
+
+def label_agreement(first: RealLabels, second: RealLabels, cls: str, *, iou: float = 0.5) -> dict[str, Any]:
+    """How two labellers' boxes of class ``cls`` on the same series agree.
+
+    Per slice, boxes are paired one to one by IoU (greedy, highest first, any overlap). Returns
+    the boxes of each (``first``, ``second``), the pairs, the pairs at IoU ≥ ``iou``
+    (``agree``), the median and lowest IoU of the pairs, the slices either labeller shows the
+    class on and those where every box of both is in a pair at ≥ ``iou`` (``slices_agree``), and
+    per slice the pairs' IoUs and the boxes only one labeller drew (``per_slice``)."""
+    ious: list[float] = []
+    per: dict[int, dict[str, Any]] = {}
+    n1 = n2 = slices = slices_agree = 0
+    for k in sorted(set(first.slices) | set(second.slices)):
+        a, b = first.boxes(k, cls), second.boxes(k, cls)
+        if not a and not b:
+            continue
+        pairs = match_pairs(a, b, 0.0)
+        v = [round(p[2], 3) for p in pairs]
+        n1, n2, slices = n1 + len(a), n2 + len(b), slices + 1
+        ious.extend(p[2] for p in pairs)
+        slices_agree += int(len(a) == len(b) == sum(x >= iou for x in v))
+        per[k] = {"iou": v, "only_first": len(a) - len(pairs), "only_second": len(b) - len(pairs)}
+    arr = np.asarray(ious)
+    return {"class": cls, "iou_threshold": iou, "first": n1, "second": n2, "pairs": len(ious),
+            "agree": int((arr >= iou).sum()), "median_iou": round(float(np.median(arr)), 3) if len(arr) else None,
+            "min_iou": round(float(arr.min()), 3) if len(arr) else None, "slices": slices,
+            "slices_agree": slices_agree, "per_slice": per}
 
 
 def detection_report(detector: Any, hu: np.ndarray, labels: RealLabels, *, conf: float,
