@@ -243,7 +243,8 @@ class DatasetSpec:
     ``min_visible_fraction``: see :func:`volume_labels` (0 labels every
     fragment of ≥ 6 pixels; a dict gives it per class). ``domain``: domain-randomised heads and
     acquisitions (:func:`domain_acquisition`; ``size_px``, ``pixel_mm``,
-    ``slice_mm`` and ``noise_hu`` are then not used). ``max_slices``: at most
+    ``slice_mm`` and ``noise_hu`` are then not used; ``domain_px_scale``: its
+    ``px_scale``, finer pixels for a detector run at a larger ``imgsz``). ``max_slices``: at most
     this many labelled slices per subject (0: all), drawn at random.
     """
 
@@ -260,6 +261,7 @@ class DatasetSpec:
     classes: tuple[str, ...] = field(default=CLASSES)
     domain: bool = False
     max_slices: int = 0
+    domain_px_scale: float = 1.0
 
     def seeds(self, split: str) -> list[int]:
         """Subject seeds of a split (``train``, ``val`` or ``test``)."""
@@ -301,11 +303,14 @@ def subject_geometry(spec: DatasetSpec, seed: int) -> dict[str, object]:
     }
 
 
-def domain_acquisition(seed: int) -> dict[str, Any]:
+def domain_acquisition(seed: int, *, px_scale: float = 1.0) -> dict[str, Any]:
     """A routine head-CT acquisition for a domain-randomised subject (deterministic in ``seed``).
 
-    Field of view 200–310 mm on 150–200 pixels (1.0–2.1 mm, as the detector sees
-    512² slices after its in-plane stride); gantry tilt 0° (35 %) or −8…+27°; head
+    Field of view 200–310 mm on 150–200 pixels (1.0–2.1 mm, as a detector run at
+    ``imgsz`` 160 sees 512² slices after its in-plane stride of 3); ``px_scale``: that
+    many times more pixels across the same field of view (1.6: 240–320 pixels, 0.6–1.3 mm,
+    as a detector at ``imgsz`` 256 sees them after its stride of 2), every other draw the
+    same; gantry tilt 0° (35 %) or −8…+27°; head
     pose yaw ±12°, pitch ±15°, roll ±7°; slices 2.5–6 mm apart, 0.6–7 mm thick, or
     (30 %) 4–5 mm slices through the face then 7–10 mm above, as many routine
     protocols have. Returns keyword arguments of
@@ -314,7 +319,7 @@ def domain_acquisition(seed: int) -> dict[str, Any]:
     """
     rng = np.random.default_rng([int(seed), 0xDA7A])
     fov = float(rng.uniform(200.0, 310.0))
-    n = int(rng.integers(150, 201))
+    n = int(round(int(rng.integers(150, 201)) * px_scale))
     px = fov / n
     tilt = 0.0 if rng.random() < 0.35 else float(rng.uniform(-8.0, 27.0))
     pose = (float(rng.uniform(-12, 12)), float(rng.uniform(-15, 15)), float(rng.uniform(-7, 7)))
@@ -332,19 +337,19 @@ def domain_acquisition(seed: int) -> dict[str, Any]:
             "positions_mm": pos, "thickness_mm": thick, "tilt_deg": tilt, "pose_deg": pose, "fov_mm": fov}
 
 
-def domain_subject(seed: int) -> tuple[SubjectParams, DomainParams, dict[str, Any]]:
+def domain_subject(seed: int, *, px_scale: float = 1.0) -> tuple[SubjectParams, DomainParams, dict[str, Any]]:
     """What :func:`domain_head` draws for subject ``seed`` before generating it: the subject's
     parameters (adjusted by its domain draw), the :class:`DomainParams` and the acquisition
-    (:func:`domain_acquisition` without ``fov_mm``, which the draw took)."""
-    acq = domain_acquisition(seed)
+    (:func:`domain_acquisition` with ``px_scale``, without ``fov_mm``, which the draw took)."""
+    acq = domain_acquisition(seed, px_scale=px_scale)
     dom = DomainParams.random(seed, fov_mm=acq.pop("fov_mm"))
     return dom.adjust_params(SubjectParams.random(seed)), dom, acq
 
 
-def domain_head(seed: int) -> Any:
+def domain_head(seed: int, *, px_scale: float = 1.0) -> Any:
     """The domain-randomised head of subject ``seed`` with its acquisition (see
-    :func:`domain_acquisition`); a :class:`pipeline.synth.SynthHead`."""
-    params, dom, acq = domain_subject(seed)
+    :func:`domain_acquisition`, also for ``px_scale``); a :class:`pipeline.synth.SynthHead`."""
+    params, dom, acq = domain_subject(seed, px_scale=px_scale)
     sc = dom.size_scale  # a child's head: drawn smaller by sampling it more coarsely
     dk, dj, di = acq["spacing_mm"]
     return generate_head(params, shape=acq["shape"], spacing_mm=(dk / sc, dj / sc, di / sc),
@@ -355,7 +360,7 @@ def domain_head(seed: int) -> Any:
 
 def _subject_images(spec: DatasetSpec, seed: int) -> Iterable[tuple[int, np.ndarray, list]]:
     if spec.domain:
-        head = domain_head(seed)
+        head = domain_head(seed, px_scale=spec.domain_px_scale)
     else:
         geo = subject_geometry(spec, seed)
         head = generate_head(

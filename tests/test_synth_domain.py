@@ -231,6 +231,38 @@ def test_domain_acquisition_is_routine_head_ct():
     assert np.array_equal(a.pop("thickness_mm"), b.pop("thickness_mm")) and a == b
 
 
+def test_finer_pixels_keep_the_acquisition_and_the_head(tmp_path):
+    """``px_scale`` (DatasetSpec.domain_px_scale) draws the same field of view, tilt, pose and
+    slices on that many times more pixels; the head drawn is the same in millimetres."""
+    import json
+
+    from PIL import Image
+
+    from pipeline import detector_data as dd
+
+    for s in range(30):
+        a, b = domain_acquisition(s), domain_acquisition(s, px_scale=1.6)
+        n = b["shape"][1]
+        assert n == round(a["shape"][1] * 1.6) and 240 <= n <= 320 and b["shape"][2] == n
+        assert b["spacing_mm"][1] == pytest.approx(b["fov_mm"] / n) and b["spacing_mm"][1] < a["spacing_mm"][1]
+        for key in ("positions_mm", "thickness_mm"):
+            assert np.array_equal(a.pop(key), b.pop(key))
+        assert (a["tilt_deg"], a["pose_deg"], a["fov_mm"], a["shape"][0]) == (b["tilt_deg"], b["pose_deg"], b["fov_mm"], b["shape"][0])
+    seed = 7003
+    coarse, fine = dd.domain_head(seed), dd.domain_head(seed, px_scale=1.6)
+    vox = [np.prod(h.volume.spacing_mm) for h in (coarse, fine)]
+    for code in (1, 3, 7):  # an eye, the nose, an ear: the same in mL, within partial-volume differences
+        ml = [(h.feature_ids == code).sum() * v for h, v in zip((coarse, fine), vox)]
+        assert ml[0] > 0 and ml[1] == pytest.approx(ml[0], rel=0.05), (code, ml)
+    spec = dd.DatasetSpec(domain=True, n_train=1, n_val=0, n_test=0, max_slices=2, seed_base=seed,
+                          domain_px_scale=1.6)
+    dd.build_dataset(tmp_path / "ds", spec, splits=("train",), workers=1)
+    imgs = sorted((tmp_path / "ds" / "images" / "train").glob("*.png"))
+    assert len(imgs) >= 2 and all(Image.open(p).size == fine.volume.hu.shape[1:][::-1] for p in imgs)
+    meta = json.loads((tmp_path / "ds" / "spec.json").read_text())
+    assert dd.spec_from_metadata({"data": meta}).domain_px_scale == 1.6
+
+
 # Plain heads (domain=None). "tissue": sha1 of (labels, face/ear removal masks, structures) and
 # "hu": sha1 of the int16 HU, recorded with the generator before pipeline.synth_domain existed
 # (main, 7c2e8e9^): unchanged. "det": sha1 of the detection labels (feature_ids, face_label_mask,
