@@ -317,6 +317,8 @@ def domain_acquisition(seed: int, *, px_scale: float = 1.0) -> dict[str, Any]:
     :func:`pipeline.synth.generate_head` (without ``params`` / ``domain``) plus
     ``"fov_mm"``.
     """
+    if not 0.25 <= px_scale <= 8.0:
+        raise DatasetError(f"px_scale must be between 0.25 and 8 (got {px_scale!r})")
     rng = np.random.default_rng([int(seed), 0xDA7A])
     fov = float(rng.uniform(200.0, 310.0))
     n = int(round(int(rng.integers(150, 201)) * px_scale))

@@ -248,6 +248,9 @@ def test_finer_pixels_keep_the_acquisition_and_the_head(tmp_path):
         for key in ("positions_mm", "thickness_mm"):
             assert np.array_equal(a.pop(key), b.pop(key))
         assert (a["tilt_deg"], a["pose_deg"], a["fov_mm"], a["shape"][0]) == (b["tilt_deg"], b["pose_deg"], b["fov_mm"], b["shape"][0])
+    for bad in (0.0, -1.0, 100.0):
+        with pytest.raises(dd.DatasetError, match="px_scale"):
+            domain_acquisition(3, px_scale=bad)
     seed = 7003
     coarse, fine = dd.domain_head(seed), dd.domain_head(seed, px_scale=1.6)
     vox = [np.prod(h.volume.spacing_mm) for h in (coarse, fine)]
