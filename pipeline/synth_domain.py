@@ -263,6 +263,13 @@ def _auricle(s: int, head_root: np.ndarray, phi_rad: float, C: float, A: float, 
     return parts, np.vstack([cap, root + np.array([s * 2.5, 0.0, 0.0]), lobe_pts])
 
 
+def _u_distance(x: np.ndarray, y: np.ndarray, yc: float, W: float) -> np.ndarray:
+    """Signed distance (mm; < 0 inside) to the inner wall of a U opening towards −y: the walls
+    x = ±W below ``yc``, joined by a half circle of radius ``W`` about (0, ``yc``). Works in the
+    dtype of ``x``, ``y`` (pass float32 scalars for float32 grids)."""
+    return np.where(y < yc, np.abs(x) - W, np.sqrt(x * x + (y - yc) ** 2) - W)
+
+
 # ----------------------------------------------------------------------------- parameters
 
 
@@ -732,16 +739,20 @@ class DomainParams:
         if self.holder != "cradle":
             return None
         _, hi = model.head_extent()
-        W = model.p.skull_width_mm / 2.0 + 6.0 + self.holder_gap_mm
-        yc = hi[1] - 4.0 + 2.0 + self.foam_mm * float(self.foam) - W
+        W, yc = self._holder_u(model, hi[1] - 4.0)
         front, shift = self.holder_front_mm, self.holder_shift_mm
 
         def dist(pts: np.ndarray) -> np.ndarray:
-            x, y = pts[:, 0] - shift, pts[:, 1]
-            d = np.where(y < yc, np.abs(x) - W, np.hypot(x, y - yc) - W)
-            return np.where(y >= front, d, -np.inf)
+            d = _u_distance(pts[:, 0] - shift, pts[:, 1], yc, W)
+            return np.where(pts[:, 1] >= front, d, -np.inf)
 
         return dist
+
+    def _holder_u(self, model: Any, back_y: float) -> tuple[float, float]:
+        """The U-shaped holder's inner half-width ``W`` (mm) and the y (mm) of its arc's centre,
+        for the back of the head at ``back_y`` (4 mm inside its extent; its foam pad behind it)."""
+        W = model.p.skull_width_mm / 2.0 + 6.0 + self.holder_gap_mm
+        return W, back_y + 2.0 + self.foam_mm * float(self.foam) - W
 
     def paint_holder(self, model: Any, slab: Any, labels: np.ndarray) -> None:
         """U-shaped plastic head holder and foam pads around the head, or the curved couch
@@ -754,12 +765,10 @@ class DomainParams:
             return
         _, hi = model.head_extent()
         back_y = float(grid.centre[1] + (grid.rot @ np.array([0.0, hi[1] - 4.0, 0.0]))[1])
-        W = model.p.skull_width_mm / 2.0 + 6.0 + self.holder_gap_mm
-        yc = back_y + 2.0 + self.foam_mm * float(self.foam) - W
+        W, yc = self._holder_u(model, back_y)
         wx = slab.world_x - _F32(grid.centre[0] + self.holder_shift_mm)
         wy = slab.world_y
-        circ = np.sqrt(wx * wx + (wy - _F32(yc)) ** 2) - _F32(W)
-        d = np.where(wy < _F32(yc), np.abs(wx) - _F32(W), circ)
+        d = _u_distance(wx, wy, _F32(yc), _F32(W))
         front = _F32(grid.centre[1] + self.holder_front_mm)
         shell = (d >= 0) & (d <= _F32(self.holder_mm)) & (wy >= front)
         pad = (d < -0.5) & (wy > _F32(back_y + 2.0)) if self.foam else None
