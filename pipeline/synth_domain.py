@@ -23,9 +23,10 @@ face):
 * **Anatomy the plain generator lacks**: a hollow nose (a triangular pyramid
   with a rounded dorsum, alae, columella, the airway inside it, nasal bones in
   its upper part; its apex angle and wall thickness vary), thin curled auricles
-  (a curved shell 2–4.5 mm thick with a helix rim, lobe and concha, protruding
-  0–40°, carried 6–14 mm off the head by the concha's back wall, 2–6 mm when
-  pressed by a holder), the skull base (petrous ridges, mastoid air cells, clivus), C1 and the
+  (a curved shell 2–4.5 mm thick with a rolled helix rim 4–10 mm thick, lobe and
+  concha, protruding 0–40°, in three of four free ears its lower part up to 60°
+  further, carried 6–14 mm off the head by the concha's back
+  wall, 2–6 mm when pressed by a holder), the skull base (petrous ridges, mastoid air cells, clivus), C1 and the
   dens, a wide upper neck, ethmoid air cells.
 * **Facial trauma**: soft-tissue swelling, haematoma (denser soft tissue),
   fractures (gaps through nasal bones, orbital rims, zygoma, maxilla,
@@ -34,8 +35,10 @@ face):
 * **Scanner**: a U-shaped plastic head holder and foam pads (or the curved
   couch, or nothing); the head rests nearer one side of the holder
   (:attr:`DomainParams.holder_shift_mm`), and an auricle that would reach the
-  holder's wall lies pressed against the head instead (flatter angle, then a
-  shorter concha wall: ``model.ear_fit``); HU of every tissue, soft or bone kernel (blur or
+  holder's wall either lies pressed against the head instead (flatter angle, then a
+  shorter concha wall: ``model.ear_fit``) or, in half of the draws
+  (:attr:`DomainParams.ear_fold`), keeps its angle and folds back along the wall,
+  its edge and lobule against it (``model.ear_folded``); HU of every tissue, soft or bone kernel (blur or
   sharpening), white or correlated noise 3–80 HU, beam-hardening streaks between
   the petrous bones, a reconstruction circle, the head off the centre of the
   field of view (the face may be cut).
@@ -146,14 +149,16 @@ class _Shell(_Prim):
     """A cap of a cylindrical shell: axis through ``c`` along ``e2 = n × e1``, radius ``R``,
     half-thickness ``h``; the cap faces ``n`` (unit, from the axis), cut by an elliptic
     window of half-axes ``A`` along ``e1`` (the curved direction) and ``B`` along ``e2``.
-    ``ring`` > 0 keeps only the outer band ``ring … 1`` of the window (a rim)."""
+    ``ring`` > 0 keeps only the outer band ``ring … 1`` of the window (a rim); ``z_band``
+    (``(lo, hi)``, head-local z in mm) keeps only that band of heights."""
 
-    def __init__(self, c, R, h, n, e1, A, B, ring=0.0, margin=3.0) -> None:
+    def __init__(self, c, R, h, n, e1, A, B, ring=0.0, margin=3.0, z_band=None) -> None:
         self.c = np.asarray(c, float)
         self.R, self.h = float(R), float(h)
         self.n, self.e1 = np.asarray(n, float), np.asarray(e1, float)
         self.e2 = np.cross(self.n, self.e1)
         self.A, self.B, self.ring = float(A), float(B), float(ring)
+        self.z_band = None if z_band is None else (float(z_band[0]), float(z_band[1]))
         p0 = self.c + self.R * self.n
         ext = max(self.A, self.B) + self.h + margin
         self.lo, self.hi = p0 - ext, p0 + ext
@@ -171,6 +176,8 @@ class _Shell(_Prim):
             np.maximum(f, (_F32(self.ring) - ell) * s, out=f)
         side = -(vx * _F32(self.n[0]) + vy * _F32(self.n[1]) + vz * _F32(self.n[2]))
         np.maximum(f, side, out=f)
+        if self.z_band is not None:
+            f = np.maximum(f, np.maximum(z - _F32(self.z_band[1]), _F32(self.z_band[0]) - z))
         return f
 
 
@@ -212,55 +219,103 @@ def _value_noise(table: np.ndarray, x, y, z, cell_mm: float) -> np.ndarray:
     return out
 
 
+class _MirrorX(_Prim):
+    """``prim`` reflected in the plane x = ``x0`` (head-local mm): an auricle's part that folds
+    back along a holder's wall."""
+
+    def __init__(self, prim: _Prim, x0: float) -> None:
+        self.prim, self.x0 = prim, float(x0)
+        self.lo, self.hi = prim.lo.copy(), prim.hi.copy()
+        self.lo[0], self.hi[0] = 2.0 * self.x0 - prim.hi[0], 2.0 * self.x0 - prim.lo[0]
+
+    def sdf(self, x, y, z):
+        return self.prim.sdf(_F32(2.0 * self.x0) - x, y, z)
+
+
+class _InsideHolder(_Prim):
+    """Inside the U-shaped holder's inner wall by at least ``clear_mm`` (< 0 there; head-local mm,
+    see :func:`_u_distance`; no bound in front of the holder's front edge ``front_y``), over the
+    box ``lo``…``hi`` (intersected with a group, it cuts what reaches the wall)."""
+
+    def __init__(self, W: float, yc: float, shift: float, front_y: float, clear_mm: float, lo, hi) -> None:
+        self.W, self.yc, self.shift, self.front_y, self.clear = W, yc, shift, front_y, clear_mm
+        self.lo, self.hi = np.asarray(lo, float), np.asarray(hi, float)
+
+    def sdf(self, x, y, z):
+        d = _u_distance(x - _F32(self.shift), y, _F32(self.yc), _F32(self.W))
+        d = d + _F32(self.clear)
+        d = np.where(y >= _F32(self.front_y), d, _F32(-1e3))
+        return np.broadcast_to(d, np.broadcast_shapes(x.shape, y.shape, z.shape)).astype(_F32)
+
+
 def _rng(seed: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), 0xD0A1, int(stream)])
 
 
-#: How far (mm) every sampled point of an auricle's mid-surface stays inside the head holder's inner
-#: wall: the shell's half-thickness and helix rim (at most 3.2 mm) plus 1 mm for the head's pose.
-EAR_HOLDER_CLEARANCE_MM = 4.2
+#: How far (mm), beyond the helix rim's half-thickness, every sampled point of an auricle's
+#: mid-surface stays inside the head holder's inner wall: an allowance for the head's pose.
+EAR_HOLDER_POSE_MM = 1.0
 
 
 def _auricle(s: int, head_root: np.ndarray, phi_rad: float, C: float, A: float, B: float, R: float,
-             half_mm: float, concave: bool, m: float) -> tuple[list, np.ndarray]:
+             half_mm: float, concave: bool, m: float, helix_mm: float = 0.9,
+             low_phi_rad: float | None = None, low_frac: float = 1.0) -> tuple[list, np.ndarray]:
     """One auricle (side ``s``: -1 patient right, +1 left; head-local mm) protruding ``phi_rad``
     from the head, carried ``C`` mm off it by the concha's back wall (``A``, ``B``: the pinna's
-    half-width and half-length, ``R``: its curvature radius, ``half_mm``: its half-thickness).
+    half-width and half-length, ``R``: its curvature radius, ``half_mm``: its half-thickness,
+    ``helix_mm``: how much thicker (half-thickness, mm) its rolled rim, the helix, is).
+    ``low_phi_rad``: the lower part of the pinna (below 0.3 ``B`` under its middle: concha floor,
+    antitragus, lobule) protrudes at this angle instead (it stands further out than the upper
+    part in most people), ``low_frac`` × ``A`` wide; ``None``: the pinna is one cap.
     Returns the group's operations and points (n, 3) on the auricle's mid-surface, its wall and
     its lobe (for the fit against a head holder)."""
     tilt = math.radians(12.0)
     R = max(R, A + 2.0)
-    sag = R - math.sqrt(R * R - A * A)  # how far the cap's edge leaves its tangent plane
     root = head_root + np.array([s * C, 0.0, 0.0])
     # the wall: rungs from the head to the pinna's root, 5 mm thick, smooth-joined
     wall = [_Capsule(head_root + np.array([0.0, 3.0, zw]), root + np.array([0.0, 3.0, zw]), 2.5, margin=m)
             for zw in np.linspace(-0.8 * B, 0.8 * B, 7)]
-    e_p = np.array([s * math.sin(phi_rad), math.cos(phi_rad), 0.0])  # along the pinna, backwards
-    n_out = np.array([s * math.cos(phi_rad), -math.sin(phi_rad), 0.0])  # the pinna's lateral normal
-    e_z = np.array([0.0, math.sin(tilt), math.cos(tilt)])
-    e_z -= (e_z @ e_p) * e_p
-    e_z /= np.linalg.norm(e_z)
     sign = 1.0 if concave else -1.0  # +1: the sphere's centre lateral (bowl facing out)
-    p0 = root + e_p * A - sign * sag * n_out + e_z * 3.0
-    centre = p0 + sign * R * n_out
-    axis = -sign * n_out
-    e1 = e_p - (e_p @ axis) * axis
-    e1 /= np.linalg.norm(e1)
-    shell = _Shell(centre, R, half_mm, axis, e1, A, B, margin=m)
-    rim = _Shell(centre, R, half_mm + 0.9, axis, e1, A, B, ring=0.8, margin=m)
+
+    def cap(phi: float, z_band, A: float):
+        sag = R - math.sqrt(R * R - A * A)  # how far the cap's edge leaves its tangent plane
+        e_p = np.array([s * math.sin(phi), math.cos(phi), 0.0])  # along the pinna, backwards
+        n_out = np.array([s * math.cos(phi), -math.sin(phi), 0.0])  # the pinna's lateral normal
+        e_z = np.array([0.0, math.sin(tilt), math.cos(tilt)])
+        e_z -= (e_z @ e_p) * e_p
+        e_z /= np.linalg.norm(e_z)
+        p0 = root + e_p * A - sign * sag * n_out + e_z * 3.0
+        centre = p0 + sign * R * n_out
+        axis = -sign * n_out
+        e1 = e_p - (e_p @ axis) * axis
+        e1 /= np.linalg.norm(e1)
+        shell = _Shell(centre, R, half_mm, axis, e1, A, B, margin=m, z_band=z_band)
+        rim = _Shell(centre, R, half_mm + helix_mm, axis, e1, A, B, ring=0.8, margin=m, z_band=z_band)
+        # mid-surface of the cap: q1 along e1, q2 along e2 inside the elliptic window
+        q1, q2 = (g.ravel() for g in np.meshgrid(np.linspace(-A, A, 13), np.linspace(-B, B, 13)))
+        keep = (q1 / A) ** 2 + (q2 / B) ** 2 <= 1.0
+        q1, q2 = q1[keep], q2[keep]
+        e2 = np.cross(axis, e1)
+        pts = centre + np.outer(q1, e1) + np.outer(q2, e2) + np.outer(np.sqrt(R * R - q1 * q1), axis)
+        if z_band is not None:
+            pts = pts[(pts[:, 2] >= z_band[0]) & (pts[:, 2] <= z_band[1])]
+        return [_u(shell, 2.0), _u(rim, 1.0)], pts, e_p, n_out, e_z
+
+    if low_phi_rad is None:
+        caps, pts, e_p, n_out, e_z = cap(phi_rad, None, A)
+        e_pl, e_zl = e_p, e_z
+    else:
+        z_split = float(root[2]) + 3.0 - 0.3 * B
+        caps, pts, e_p, n_out, e_z = cap(phi_rad, (z_split, np.inf), A)
+        low, low_pts, e_pl, _, e_zl = cap(low_phi_rad, (-np.inf, z_split), low_frac * A)
+        caps, pts = caps + low, np.vstack([pts, low_pts])
     rootb = _Ellipsoid(head_root + e_p * 4.0 + np.array([0.0, 0.0, -2.0]), (5.0, 8.0, 11.0), margin=m)
-    lobe_c = root + e_p * (0.35 * A) - e_z * (0.72 * B)
+    lobe_c = root + e_pl * (0.35 * A) - e_zl * (0.72 * B)
     lobe = _Ellipsoid(lobe_c, (3.5, 7.0, 8.0), margin=m)
     concha = _Ellipsoid(root + n_out * 5.0 + e_p * 5.0 - e_z * 2.0, (4.0, 7.0, 9.0), margin=m)
-    parts = [_u(rootb), *[_u(w, 3.0) for w in wall], _u(shell, 2.0), _u(rim, 1.0), _u(lobe, 2.0), _s(concha, 1.5)]
-    # mid-surface of the cap: q1 along e1, q2 along e2 inside the elliptic window
-    q1, q2 = (g.ravel() for g in np.meshgrid(np.linspace(-A, A, 13), np.linspace(-B, B, 13)))
-    keep = (q1 / A) ** 2 + (q2 / B) ** 2 <= 1.0
-    q1, q2 = q1[keep], q2[keep]
-    e2 = np.cross(axis, e1)
-    cap = centre + np.outer(q1, e1) + np.outer(q2, e2) + np.outer(np.sqrt(R * R - q1 * q1), axis)
+    parts = [_u(rootb), *[_u(w, 3.0) for w in wall], *caps, _u(lobe, 2.0), _s(concha, 1.5)]
     lobe_pts = lobe_c + np.array([[s * 3.5, 0, 0], [0, 7.0, 0], [0, -7.0, 0], [0, 0, -8.0]])
-    return parts, np.vstack([cap, root + np.array([s * 2.5, 0.0, 0.0]), lobe_pts])
+    return parts, np.vstack([pts, root + np.array([s * 2.5, 0.0, 0.0]), lobe_pts])
 
 
 def _u_distance(x: np.ndarray, y: np.ndarray, yc: float, W: float) -> np.ndarray:
@@ -306,6 +361,10 @@ class DomainParams:
     ear_A_mm: float = 16.0
     ear_concave: bool = True
     ear_concha_mm: float = 9.0
+    ear_helix_mm: float = 0.9  # the helix rim's half-thickness beyond the shell's
+    ear_fold: bool = False  # an ear reaching the holder's wall folds along it (else: pressed to the head)
+    ear_low_deg: float = 0.0  # the lower pinna protrudes this much more than the upper (0: one cap)
+    ear_low_frac: float = 0.6  # and is this fraction of the pinna's width
     # skull base and neck
     skull_base: bool = True
     mastoid_air: float = 0.4
@@ -370,6 +429,16 @@ class DomainParams:
         # the concha's back wall carries the pinna away from the head: the helix stands
         # 15-20 mm off the mastoid skin in adults; a holder or pad presses it in
         d.ear_concha_mm = float(re.uniform(2.0, 6.0) if pressed else re.uniform(6.0, 14.0))
+        # own stream, so the other draws are what they were: a rolled helix 2-10 mm thick at the
+        # free edge (a knob in cross-section), and how an ear that reaches the holder gives way
+        rf = _rng(seed, 1001)
+        d.ear_helix_mm = float(rf.uniform(1.0, 3.0))
+        d.ear_fold = bool(rf.random() < 0.5)
+        # the lower pinna (concha floor, antitragus, lobule) stands out further than the upper
+        # in three of four free ears; an ear pressed by a pad lies flat as a whole
+        low = float(rf.uniform(0.0, 60.0))
+        d.ear_low_deg = low if rf.random() < 0.75 and not pressed else 0.0
+        d.ear_low_frac = float(rf.uniform(0.45, 0.8))
         rs = _rng(seed, 4)
         d.skull_base = bool(rs.random() < 0.92)
         d.mastoid_air = float(rs.uniform(0.1, 0.6))
@@ -514,22 +583,45 @@ class DomainParams:
         ear_y = model.yc_cr - 2.0
         ear_z = -10.0 + p.ear_height_mm
         wall_d = self._holder_wall(model)
-        ears, model.ear_fit = [], []
+        rim_mm = self.ear_half_mm + self.ear_helix_mm
+        clear = rim_mm + EAR_HOLDER_POSE_MM
+        ears, model.ear_fit, model.ear_folded = [], [], []
         for s in (-1, 1):
             # the auricle leaves the head along its front edge (attached 3 mm inside the skin)
             head_root = np.array([s * (hh - 3.0), ear_y - 2.0, ear_z])
             deg, C = self.ear_protrusion_deg, self.ear_concha_mm
-            while True:
-                parts, pts = _auricle(s, head_root, math.radians(deg), C, self.ear_A_mm,
-                                      p.ear_length_mm / 2.0, self.ear_R_mm, self.ear_half_mm,
-                                      self.ear_concave, m)
+
+            def draw(deg: float, C: float) -> tuple[list, np.ndarray]:
+                # the lower pinna stands out further by ear_low_deg (less as the ear is pressed
+                # flatter; at most 85 degrees: straight out from the head)
+                low = None
+                if self.ear_low_deg > 0.0:
+                    drawn = max(self.ear_protrusion_deg, 1e-6)
+                    low = math.radians(min(deg + self.ear_low_deg * min(deg / drawn, 1.0), 85.0))
+                return _auricle(s, head_root, math.radians(deg), C, self.ear_A_mm, p.ear_length_mm / 2.0,
+                                self.ear_R_mm, self.ear_half_mm, self.ear_concave, m, self.ear_helix_mm, low,
+                                self.ear_low_frac)
+
+            parts, pts = draw(deg, C)
+            reaches = wall_d is not None and wall_d(pts).max() > -clear
+            if reaches and self.ear_fold:
+                # it keeps its angle and folds back along the wall where it meets it, the lobule
+                # and the free edge lying against the holder (as ge-head-ct's right ear does)
+                ears.append(self._folded_ear(model, parts, s, rim_mm))
+                model.ear_fit.append((deg, C))
+                model.ear_folded.append(True)
+                continue
+            while reaches:
                 # an ear does not pass through the holder: one that would reach its wall lies
                 # pressed against the head (its angle first, then the concha's wall, as a hand
                 # folding it would; at most flat: 0 degrees, 2 mm)
-                if wall_d is None or wall_d(pts).max() <= -EAR_HOLDER_CLEARANCE_MM or (deg <= 0.0 and C <= 2.0):
+                if deg <= 0.0 and C <= 2.0:
                     break
                 deg, C = (max(deg - 2.0, 0.0), C) if deg > 0.0 else (deg, max(C - 1.0, 2.0))
+                parts, pts = draw(deg, C)
+                reaches = wall_d(pts).max() > -clear
             model.ear_fit.append((deg, C))
+            model.ear_folded.append(False)
             ears.append(_Group("ear", parts))
         model.g_ear = ears
         # ---------------------------------------------------------- skull base, C1, neck, ethmoid
@@ -730,6 +822,21 @@ class DomainParams:
             lab[near & (dist < _F32(gap / 2)) & np.isin(lab, (5, 6))] = L["soft_tissue"]
         for b in self.bubbles:
             S_._paint(labels, slab.eval(b), L["internal_air"], where=lambda sl: np.isin(labels[sl], _SOFT))
+
+    def _folded_ear(self, model: Any, parts: list, s: int, rim_mm: float) -> _Group:
+        """Auricle ``parts`` (side ``s``) folded back where they meet the U-shaped holder's wall:
+        reflected in the plane ``rim_mm`` + 0.5 mm inside the straight wall on that side, and
+        both cut 0.5 mm inside the wall, so the sheet turns along the wall and lies against it
+        (head-local mm; the head's pose left out, as in :meth:`_holder_wall`)."""
+        _, hi = model.head_extent()
+        W, yc = self._holder_u(model, hi[1] - 4.0)
+        x0 = self.holder_shift_mm + s * (W - 0.5 - rim_mm)
+        own = _Group("ear", parts)
+        mirrored = _Group("ear", [S_._Op(o.kind, _MirrorX(o.prim, x0), o.k) for o in parts])
+        lo = np.minimum(own.lo, mirrored.lo)
+        hi_box = np.maximum(own.hi, mirrored.hi)
+        inside = _InsideHolder(W, yc, self.holder_shift_mm, self.holder_front_mm, 0.5, lo, hi_box)
+        return _Group("ear", [_u(own), _u(mirrored), S_._Op("i", inside, 0.0)])
 
     def _holder_wall(self, model: Any):
         """The U-shaped holder's signed distance (mm; < 0 inside, between the head and the wall)

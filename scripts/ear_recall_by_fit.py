@@ -7,8 +7,8 @@
 ``DatasetSpec(domain=True)`` (its ``spec.json`` says so). Each labelled ear box of the split
 counts as found when the model draws an ear box scoring ≥ ``--conf`` with IoU ≥ ``--iou`` on the
 same image. Ears are split by the generator's ear fit (``model.ear_fit`` of
-:class:`pipeline.synth_domain.DomainParams`): *pressed* when the holder changed the ear's drawn
-angle or concha wall, else *free*. The side of a box is taken from its centre: the image's left
+:class:`pipeline.synth_domain.DomainParams`): *pressed* when the holder changed the ear (folded it
+along its wall, or changed its drawn angle or concha wall), else *free*. The side of a box is taken from its centre: the image's left
 half is the patient's right (columns run to patient left). Image names hold only the subject seed
 and slice (``sNNNNN_kNNN.png``).
 """
@@ -35,12 +35,13 @@ _NAME = re.compile(r"^s(\d+)_k(\d+)$")
 
 
 def pressed_ears(seed: int) -> tuple[bool, bool]:
-    """Whether the holder pressed the (patient right, left) ear of domain head ``seed``."""
+    """Whether the holder pressed or folded the (patient right, left) ear of domain head ``seed``."""
     params, dom, _ = domain_subject(seed)
     model = synth._HeadModel(params)
     dom.extend_model(model)
     drawn = (dom.ear_protrusion_deg, dom.ear_concha_mm)
-    return tuple(fit != drawn for fit in model.ear_fit)  # type: ignore[return-value]
+    return tuple(folded or fit != drawn  # type: ignore[return-value]
+                 for fit, folded in zip(model.ear_fit, model.ear_folded))
 
 
 def ear_recall_by_fit(data_dir: Path, detector: Any, *, split: str = "test", conf: float = 0.3,

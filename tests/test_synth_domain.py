@@ -160,7 +160,7 @@ def test_the_holder_presses_the_ear_it_would_cut(monkeypatch):
     """A head resting near one side of a U-shaped holder (as ge-head-ct's does): that ear lies
     pressed against the head, not through the holder's wall; the other ear keeps its drawn angle."""
     over = {"holder": "cradle", "foam": False, "holder_gap_mm": 6.0, "holder_front_mm": -50.0, "pathology": [],
-            "ear_protrusion_deg": 30.0, "ear_concha_mm": 12.0}
+            "ear_protrusion_deg": 30.0, "ear_concha_mm": 12.0, "ear_fold": False}
     holder = LABELS["holder"]
     results = {}
     for shift in (10.0, -10.0):  # the holder moved to the head's left (+x): the head rests on its right side
@@ -183,8 +183,9 @@ def test_the_holder_presses_the_ear_it_would_cut(monkeypatch):
     assert right_near < right_far, (right_near, right_far)
 
 
-def _fit(shift: float, over: dict) -> list[tuple[float, float]]:
-    """The ear fit (angle in degrees, concha wall in mm; right, left) of seed 3 drawn with ``over``."""
+def _fit(shift: float, over: dict, folded: bool = False) -> list:
+    """The ear fit (angle in degrees, concha wall in mm; right, left) of seed 3 drawn with ``over``;
+    ``folded``: whether each ear was folded along the holder instead."""
     from pipeline import synth
 
     dom = DomainParams.random(3, fov_mm=224.0)
@@ -192,7 +193,49 @@ def _fit(shift: float, over: dict) -> list[tuple[float, float]]:
         setattr(dom, k, v)
     model = synth._HeadModel(dom.adjust_params(SubjectParams.random(3)))
     dom.extend_model(model)
-    return [(round(a, 3), round(c, 3)) for a, c in model.ear_fit]
+    return list(model.ear_folded) if folded else [(round(a, 3), round(c, 3)) for a, c in model.ear_fit]
+
+
+def _right_gap_px(h) -> tuple[int, int]:
+    """(columns between the right ear's most lateral voxel and the holder's inner wall, ear voxels)
+    over the slices where both are, in the right half (patient right: low columns)."""
+    ears = h.feature_masks["ears"]
+    mid = ears.shape[2] // 2
+    holder = h.labels == LABELS["holder"]
+    gaps = []
+    for k in range(ears.shape[0]):
+        for j in range(ears.shape[1]):
+            e, w = np.flatnonzero(ears[k, j, :mid]), np.flatnonzero(holder[k, j, :mid])
+            if e.size and w.size and w.max() < e.min():
+                gaps.append(e.min() - w.max() - 1)
+    return min(gaps), int(ears[:, :, :mid].sum())
+
+
+def test_an_ear_that_reaches_the_holder_can_fold_along_it():
+    """The other way an ear gives way to the holder (ge-head-ct's right ear: its lower part stands
+    out to the wall, the edge and lobule lying against it): it keeps its angle and folds back along
+    the wall. Drawn as often as the pressed ear; the far ear and the holder are as before."""
+    over = {"holder": "cradle", "foam": False, "holder_gap_mm": 6.0, "holder_front_mm": -50.0, "pathology": [],
+            "ear_protrusion_deg": 30.0, "ear_concha_mm": 12.0, "holder_shift_mm": 10.0}
+    folded, _ = _head(3, ear_fold=True, **over)
+    pressed, _ = _head(3, ear_fold=False, **over)
+    assert _fit(10.0, {**over, "ear_fold": True}, folded=True) == [True, False]
+    assert _fit(10.0, {**over, "ear_fold": True})[0] == (30.0, 12.0)  # it keeps its angle and wall
+    holder = LABELS["holder"]
+    assert (folded.labels == holder).sum() == (pressed.labels == holder).sum() > 1000
+    gap_f, n_f = _right_gap_px(folded)
+    gap_p, n_p = _right_gap_px(pressed)
+    # folded: the auricle lies against the wall (within a 2 mm pixel); pressed: it keeps off it
+    assert gap_f <= 1 < gap_p, (gap_f, gap_p)
+    # and it stands further out from the head than the pressed one, with its tissue
+    assert n_f > n_p, (n_f, n_p)
+    # the left ear (free) is the same voxel for voxel
+    mid = folded.labels.shape[2] // 2
+    assert np.array_equal(folded.feature_masks["ears"][:, :, mid:], pressed.feature_masks["ears"][:, :, mid:])
+    # both ways are drawn
+    draws = [DomainParams.random(s) for s in range(200)]
+    assert 60 < sum(d.ear_fold for d in draws) < 140
+    assert all(1.0 <= d.ear_helix_mm <= 3.0 for d in draws)
 
 
 def test_ground_truth_stays_consistent(head):
@@ -400,3 +443,27 @@ def test_tilt_fov_and_holder_variants_give_valid_boxes():
         assert np.isin(head.labels, (LABELS["holder"], LABELS["foam"])).any() or head.domain.holder != "cradle"
         found = _valid_boxes(head)
         assert {"face", "nose"} <= found, (seed, found)
+
+
+def test_the_lower_pinna_can_stand_further_out():
+    """The lower part of the auricle (concha floor, antitragus, lobule) stands out further than the
+    upper part in most people, as on ge-head-ct's lower ear slices, where the flap runs straight
+    out from the head: ``ear_low_deg`` turns it out, the upper part stays as it was."""
+    over = {"holder": "none", "pathology": [], "ear_protrusion_deg": 15.0, "ear_concha_mm": 8.0, "ear_low_frac": 0.6}
+    one, _ = _head(3, ear_low_deg=0.0, **over)
+    out, _ = _head(3, ear_low_deg=60.0, **over)
+    a, b = one.feature_masks["ears"], out.feature_masks["ears"]
+    ks = np.flatnonzero(a.any((1, 2)) | b.any((1, 2)))
+    assert ks.size >= 6
+    mid = a.shape[2] // 2
+
+    def reach(m, k):  # columns from the midline to the right ear's most lateral voxel (patient right: low columns)
+        cols = np.flatnonzero(m[k, :, :mid].any(0))
+        return mid - cols.min() if cols.size else 0
+
+    low, high = ks[: ks.size // 3], ks[-(ks.size // 3):]
+    assert sum(reach(b, k) for k in low) > sum(reach(a, k) for k in low) + 2 * low.size
+    assert all(np.array_equal(a[k], b[k]) for k in high)
+    draws = [DomainParams.random(s) for s in range(200)]
+    assert 80 < sum(d.ear_low_deg > 0 for d in draws) < 160
+    assert all(d.ear_low_deg == 0 for d in draws if d.ear_protrusion_deg < 10.0 and d.ear_concha_mm < 6.0)
