@@ -23,7 +23,7 @@ face):
 * **Anatomy the plain generator lacks**: a hollow nose (a triangular pyramid
   with a rounded dorsum, alae, columella, the airway inside it, nasal bones in
   its upper part; its apex angle and wall thickness vary), thin curled auricles
-  (a curved shell 2–4.5 mm thick with a rolled helix rim 4–10 mm thick, lobe and
+  (a curved shell 2–4.5 mm thick with a rolled helix rim 4–11 mm thick, lobe and
   concha, protruding 0–40°, in three of four free ears its lower part up to 60°
   further, carried 6–14 mm off the head by the concha's back
   wall, 2–6 mm when pressed by a holder), the skull base (petrous ridges, mastoid air cells, clivus), C1 and the
@@ -429,7 +429,7 @@ class DomainParams:
         # the concha's back wall carries the pinna away from the head: the helix stands
         # 15-20 mm off the mastoid skin in adults; a holder or pad presses it in
         d.ear_concha_mm = float(re.uniform(2.0, 6.0) if pressed else re.uniform(6.0, 14.0))
-        # own stream, so the other draws are what they were: a rolled helix 2-10 mm thick at the
+        # own stream, so the other draws are what they were: a rolled helix 4-11 mm thick at the
         # free edge (a knob in cross-section), and how an ear that reaches the holder gives way
         rf = _rng(seed, 1001)
         d.ear_helix_mm = float(rf.uniform(1.0, 3.0))
