@@ -7,10 +7,10 @@
 ``DatasetSpec(domain=True)`` (its ``spec.json`` says so). Each labelled ear box of the split
 counts as found when the model draws an ear box scoring ≥ ``--conf`` with IoU ≥ ``--iou`` on the
 same image. Ears are split by the generator's ear fit (``model.ear_fit`` of
-:class:`pipeline.synth_domain.DomainParams`): *pressed* when the holder changed the ear (folded it
-along its wall, or changed its drawn angle or concha wall), else *free*. The side of a box is taken from its centre: the image's left
-half is the patient's right (columns run to patient left). Image names hold only the subject seed
-and slice (``sNNNNN_kNNN.png``).
+:class:`pipeline.synth_domain.DomainParams`): *pressed* when the holder changed the ear (folded
+it along its wall, ``model.ear_folded``, or changed its drawn angle or concha wall), else *free*.
+The side of a box is taken from its centre: the image's left half is the patient's right (columns
+run to patient left). Image names hold only the subject seed and slice (``sNNNNN_kNNN.png``).
 """
 
 from __future__ import annotations

@@ -467,3 +467,14 @@ def test_the_lower_pinna_can_stand_further_out():
     draws = [DomainParams.random(s) for s in range(200)]
     assert 80 < sum(d.ear_low_deg > 0 for d in draws) < 160
     assert all(d.ear_low_deg == 0 for d in draws if d.ear_protrusion_deg < 10.0 and d.ear_concha_mm < 6.0)
+
+
+def test_the_helix_is_a_thicker_rolled_rim():
+    """The free edge of the auricle, the helix, is a rolled rim thicker than the flap: more ear
+    tissue with a thicker rim (``ear_helix_mm``), the same ear where the rim is not."""
+    over = {"holder": "none", "pathology": [], "ear_low_deg": 0.0}
+    thin, _ = _head(3, ear_helix_mm=0.9, **over)
+    thick, _ = _head(3, ear_helix_mm=3.0, **over)
+    a, b = thin.feature_masks["ears"], thick.feature_masks["ears"]
+    assert b.sum() > 1.15 * a.sum(), (a.sum(), b.sum())
+    assert not (a & ~b).any()  # the thicker rim only adds to the ear
