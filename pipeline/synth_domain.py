@@ -232,14 +232,22 @@ class _MirrorX(_Prim):
         return self.prim.sdf(_F32(2.0 * self.x0) - x, y, z)
 
 
-class _InsideHolder(_Prim):
-    """Inside the U-shaped holder's inner wall by at least ``clear_mm`` (< 0 there; head-local mm,
-    see :func:`_u_distance`; no bound in front of the holder's front edge ``front_y``), over the
-    box ``lo``…``hi`` (intersected with a group, it cuts what reaches the wall)."""
+class _HolderWall(_Prim):
+    """The U-shaped holder's inner wall in head-local mm (the head's pose and the gantry tilt
+    left out): half-width ``W``, arc centre ``yc``, midline at x = ``shift``, standing behind
+    ``front_y`` (see :func:`_u_distance`). :meth:`at` gives the signed distance (< 0 inside)
+    of points; as a primitive over the box ``lo``…``hi`` its field is < 0 where a point is at
+    least ``clear_mm`` inside the wall (intersected with a group, it cuts what reaches the wall)."""
 
-    def __init__(self, W: float, yc: float, shift: float, front_y: float, clear_mm: float, lo, hi) -> None:
+    def __init__(self, W: float, yc: float, shift: float, front_y: float, clear_mm: float = 0.0,
+                 lo=(0.0, 0.0, 0.0), hi=(0.0, 0.0, 0.0)) -> None:
         self.W, self.yc, self.shift, self.front_y, self.clear = W, yc, shift, front_y, clear_mm
         self.lo, self.hi = np.asarray(lo, float), np.asarray(hi, float)
+
+    def at(self, pts: np.ndarray) -> np.ndarray:
+        """Signed distance (mm) of points (n, 3) to the wall; -inf in front of the holder."""
+        d = _u_distance(pts[:, 0] - self.shift, pts[:, 1], self.yc, self.W)
+        return np.where(pts[:, 1] >= self.front_y, d, -np.inf)
 
     def sdf(self, x, y, z):
         d = _u_distance(x - _F32(self.shift), y, _F32(self.yc), _F32(self.W))
@@ -582,7 +590,7 @@ class DomainParams:
         hh = model.head_half_at_ear
         ear_y = model.yc_cr - 2.0
         ear_z = -10.0 + p.ear_height_mm
-        wall_d = self._holder_wall(model)
+        wall = self._holder_wall(model)
         rim_mm = self.ear_half_mm + self.ear_helix_mm
         clear = rim_mm + EAR_HOLDER_POSE_MM
         ears, model.ear_fit, model.ear_folded = [], [], []
@@ -603,11 +611,11 @@ class DomainParams:
                                 self.ear_low_frac)
 
             parts, pts = draw(deg, C)
-            reaches = wall_d is not None and wall_d(pts).max() > -clear
+            reaches = wall is not None and wall.at(pts).max() > -clear
             if reaches and self.ear_fold:
                 # it keeps its angle and folds back along the wall where it meets it, the lobule
                 # and the free edge lying against the holder (as ge-head-ct's right ear does)
-                ears.append(self._folded_ear(model, parts, s, rim_mm))
+                ears.append(self._folded_ear(wall, parts, s, rim_mm))
                 model.ear_fit.append((deg, C))
                 model.ear_folded.append(True)
                 continue
@@ -619,7 +627,7 @@ class DomainParams:
                     break
                 deg, C = (max(deg - 2.0, 0.0), C) if deg > 0.0 else (deg, max(C - 1.0, 2.0))
                 parts, pts = draw(deg, C)
-                reaches = wall_d(pts).max() > -clear
+                reaches = wall.at(pts).max() > -clear
             model.ear_fit.append((deg, C))
             model.ear_folded.append(False)
             ears.append(_Group("ear", parts))
@@ -823,37 +831,29 @@ class DomainParams:
         for b in self.bubbles:
             S_._paint(labels, slab.eval(b), L["internal_air"], where=lambda sl: np.isin(labels[sl], _SOFT))
 
-    def _folded_ear(self, model: Any, parts: list, s: int, rim_mm: float) -> _Group:
+    def _folded_ear(self, wall: _HolderWall, parts: list, s: int, rim_mm: float) -> _Group:
         """Auricle ``parts`` (side ``s``) folded back where they meet the U-shaped holder's wall:
         reflected in the plane ``rim_mm`` + 0.5 mm inside the straight wall on that side, and
         both cut 0.5 mm inside the wall, so the sheet turns along the wall and lies against it
         (head-local mm; the head's pose left out, as in :meth:`_holder_wall`)."""
-        _, hi = model.head_extent()
-        W, yc = self._holder_u(model, hi[1] - 4.0)
-        x0 = self.holder_shift_mm + s * (W - 0.5 - rim_mm)
+        x0 = wall.shift + s * (wall.W - 0.5 - rim_mm)
         own = _Group("ear", parts)
         mirrored = _Group("ear", [S_._Op(o.kind, _MirrorX(o.prim, x0), o.k) for o in parts])
         lo = np.minimum(own.lo, mirrored.lo)
         hi_box = np.maximum(own.hi, mirrored.hi)
-        inside = _InsideHolder(W, yc, self.holder_shift_mm, self.holder_front_mm, 0.5, lo, hi_box)
+        inside = _HolderWall(wall.W, wall.yc, wall.shift, wall.front_y, 0.5, lo, hi_box)
         return _Group("ear", [_u(own), _u(mirrored), S_._Op("i", inside, 0.0)])
 
-    def _holder_wall(self, model: Any):
-        """The U-shaped holder's signed distance (mm; < 0 inside, between the head and the wall)
-        as a function of head-local points (n, 3), where the holder stands (behind its front
-        edge), the head's pose and the gantry tilt left out; ``None`` without a U-shaped holder.
-        The same shape as :meth:`paint_holder` draws."""
+    def _holder_wall(self, model: Any) -> _HolderWall | None:
+        """The U-shaped holder's inner wall in head-local mm (:class:`_HolderWall`; its ``at``
+        gives the signed distance of points, < 0 between the head and the wall), the head's pose
+        and the gantry tilt left out; ``None`` without a U-shaped holder. The same shape as
+        :meth:`paint_holder` draws."""
         if self.holder != "cradle":
             return None
         _, hi = model.head_extent()
         W, yc = self._holder_u(model, hi[1] - 4.0)
-        front, shift = self.holder_front_mm, self.holder_shift_mm
-
-        def dist(pts: np.ndarray) -> np.ndarray:
-            d = _u_distance(pts[:, 0] - shift, pts[:, 1], yc, W)
-            return np.where(pts[:, 1] >= front, d, -np.inf)
-
-        return dist
+        return _HolderWall(W, yc, self.holder_shift_mm, self.holder_front_mm)
 
     def _holder_u(self, model: Any, back_y: float) -> tuple[float, float]:
         """The U-shaped holder's inner half-width ``W`` (mm) and the y (mm) of its arc's centre,
