@@ -16,7 +16,8 @@ hold no identifier: slices are numbered, series named by their folder.
   ``link=False``: each slice alone), and reports per class the labelled instances,
   how many a box of that class matches (IoU ≥ 0.5, one to one), and on how many of
   the slices where the class is visible it is found (every labelled instance on the
-  slice matched).
+  slice matched); with ``diagnose``, why each labelled box was not found
+  (:func:`explain_misses`: no box, a box in the wrong place, or a box below the threshold).
 
 Array conventions: ``hu[k, j, i]`` as in :class:`pipeline.volume.Volume`.
 """
@@ -33,8 +34,8 @@ import numpy as np
 from .detector_data import CLASSES, HU_WINDOWS, hu_to_rgb8
 from .slice_linking import detect_linked
 
-__all__ = ["RealLabels", "detection_report", "label_agreement", "load_labels", "match_boxes", "match_pairs",
-           "yolo_dataset"]
+__all__ = ["RealLabels", "detection_report", "explain_misses", "label_agreement", "load_labels", "match_boxes",
+           "match_pairs", "yolo_dataset"]
 
 
 @dataclass
@@ -156,19 +157,74 @@ def label_agreement(first: RealLabels, second: RealLabels, cls: str, *, iou: flo
             "slices_agree": slices_agree, "per_slice": per}
 
 
+def explain_misses(labels: RealLabels, boxes: dict[int, list], weak_boxes: dict[int, list], *,
+                   conf: float, iou: float = 0.5) -> list[dict[str, Any]]:
+    """Why each labelled box that no box matches was missed (pure; native pixels).
+
+    ``boxes`` / ``weak_boxes``: per slice ``k``, rows ``[class, i0, j0, i1, j1, score]``
+    found at the threshold ``conf`` and at a lower one (the same detector run, as
+    :func:`detection_report` returns them). A labelled box counts as found as in
+    :func:`detection_report` (one-to-one matches at IoU ≥ ``iou``). For every other one
+    returns ``{"slice", "class", "box", "why", "iou", "score"}``: ``why`` is
+    ``"misplaced"`` when a box of its class scoring above ``conf`` overlaps it, but at
+    IoU < ``iou`` (``iou``, ``score``: the best-overlapping such box); else ``"weak"``
+    when a box at IoU ≥ ``iou`` exists below ``conf`` (its best score and that box's IoU);
+    else ``"none"`` (no box of its class overlaps it; ``iou`` / ``score`` are ``None``).
+    Listed by slice, then class.
+    """
+    out: list[dict[str, Any]] = []
+    for k in sorted(labels.slices):
+        for c in CLASSES:
+            truth = labels.boxes(k, c)
+            if not truth:
+                continue
+            sure = [tuple(r[1:6]) for r in boxes.get(k, []) if r[0] == c]
+            weak = [tuple(r[1:6]) for r in weak_boxes.get(k, []) if r[0] == c]
+            matched = {a for a, _, _ in match_pairs(truth, [b[:4] for b in sure], iou)}
+            for a, t in enumerate(truth):
+                if a in matched:
+                    continue
+                over = max(((box_iou(t, b[:4]), b[4]) for b in sure), default=(0.0, 0.0))
+                good = max(((b[4], box_iou(t, b[:4])) for b in weak if box_iou(t, b[:4]) >= iou),
+                           default=None)
+                row: dict[str, Any] = {"slice": k, "class": c, "box": list(t)}
+                if over[0] > 0.0:
+                    row.update(why="misplaced", iou=round(over[0], 3), score=round(float(over[1]), 3))
+                elif good is not None:
+                    row.update(why="weak", iou=round(good[1], 3), score=round(float(good[0]), 3))
+                else:
+                    row.update(why="none", iou=None, score=None)
+                out.append(row)
+    return out
+
+
 def detection_report(detector: Any, hu: np.ndarray, labels: RealLabels, *, conf: float,
-                     iou: float = 0.5, link: bool = True) -> dict[str, Any]:
+                     iou: float = 0.5, link: bool = True, diagnose: float | None = None) -> dict[str, Any]:
     """Per class: labelled instances, matched instances (recall), visible slices and slices
     where every labelled instance is found, false boxes on slices without that class,
     at score threshold ``conf``; plus the boxes found per slice (native pixels).
     ``link``: boxes rescored across neighbouring slices first
     (:func:`pipeline.slice_linking.detect_linked`), as :class:`pipeline.face_model.ModelFaceRegion`
-    does; ``False``: every slice scored alone."""
+    does; ``False``: every slice scored alone. ``diagnose`` (a score below ``conf``): the
+    detector is run a second time at that threshold and ``"misses"`` lists why each labelled
+    box was not found (:func:`explain_misses`)."""
+    if diagnose is not None and not 0.0 < diagnose < conf:
+        raise ValueError("diagnose must be a score between 0 and conf")
     f = _stride(hu.shape, detector.meta.imgsz)
-    dets = detect_linked(detector, np.ascontiguousarray(hu[:, ::f, ::f]), conf=conf, link=link)
+    slices = np.ascontiguousarray(hu[:, ::f, ::f])
+    dets = detect_linked(detector, slices, conf=conf, link=link)
     canon = [detector.meta.canonical(c) for c in range(len(detector.meta.classes))]
+
+    def rows_of(detections: list) -> dict[int, list]:  # native pixels, unrounded
+        found: dict[int, list] = {}
+        for k, d in enumerate(detections):
+            rows = [[canon[int(cid)] or str(int(cid)), *[float(v) * f for v in b], float(s)]
+                    for b, s, cid in zip(d.boxes, d.scores, d.class_ids)]
+            if rows:
+                found[k] = rows
+        return found
+
     per: dict[str, dict[str, Any]] = {}
-    found: dict[int, list] = {}
     for c in CLASSES:
         inst = hit = vis = vis_found = false_slices = 0
         for k in range(hu.shape[0]):
@@ -186,10 +242,11 @@ def detection_report(detector: Any, hu: np.ndarray, labels: RealLabels, *, conf:
         if inst or false_slices:
             per[c] = {"instances": inst, "found": hit, "recall": round(hit / inst, 3) if inst else None,
                       "slices_visible": vis, "slices_found": vis_found, "slices_with_false_boxes": false_slices}
-    for k, d in enumerate(dets):
-        rows = [[canon[int(cid)] or str(int(cid)), *[round(float(v) * f, 1) for v in b], round(float(s), 3)]
-                for b, s, cid in zip(d.boxes, d.scores, d.class_ids)]
-        if rows:
-            found[k] = rows
-    return {"series": labels.series, "conf": conf, "iou": iou, "linked": link, "per_class": per,
-            "boxes": found}
+    found = rows_of(dets)
+    out = {"series": labels.series, "conf": conf, "iou": iou, "linked": link, "per_class": per,
+           "boxes": {k: [[r[0], *(round(v, 1) for v in r[1:5]), round(r[5], 3)] for r in rows]
+                     for k, rows in found.items()}}
+    if diagnose is not None:
+        weak = rows_of(detect_linked(detector, slices, conf=diagnose, link=link))
+        out["misses"] = explain_misses(labels, found, weak, conf=conf, iou=iou)
+    return out

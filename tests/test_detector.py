@@ -560,6 +560,11 @@ def test_eval_detector_real_labels(tmp_path, settings):
         assert v["instances"] == sum(len(lab.boxes(k, c)) for k in lab.slices)
         assert v["slices_visible"] == len(lab.visible[c])
         assert 0 <= v["slices_found"] <= v["slices_visible"] and 0 <= v["found"] <= v["instances"]
+    # every labelled box not found is explained, once, in the JSON and the printout
+    missed = sum(v["instances"] - v["found"] for v in rep["per_class"].values())
+    assert len(rep["misses"]) == missed
+    assert all(x["why"] in ("misplaced", "weak", "none") for x in rep["misses"])
+    assert out.getvalue().count(": misplaced") + out.getvalue().count(": weak") + out.getvalue().count(": none") == missed
     with pytest.raises(CommandError, match="needs --real-labels"):
         call_command("eval_detector", "--weights", str(w), "--no-synthetic")
     with pytest.raises(CommandError, match="not found under --real-root"):

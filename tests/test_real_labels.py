@@ -17,7 +17,14 @@ import pytest
 
 from pipeline.detector import DEFAULT_WEIGHTS, Detection, ModelMeta
 from pipeline.detector_data import CLASSES
-from pipeline.real_labels import detection_report, load_labels, match_boxes, yolo_dataset
+from pipeline.real_labels import (
+    RealLabels,
+    detection_report,
+    explain_misses,
+    load_labels,
+    match_boxes,
+    yolo_dataset,
+)
 
 LABELS = Path(__file__).resolve().parent / "data" / "realct_labels"
 REALCT = Path(__file__).resolve().parents[2] / "shared" / "realct"
@@ -83,6 +90,7 @@ def test_detection_report_and_dataset_with_an_oracle(tmp_path):
     i0, j0, i1, j1 = lab.slices[0][0][1:]
     assert CLASSES[c] == lab.slices[0][0][0]
     assert x == pytest.approx((i0 + i1) / 2 / 3 / 171, abs=1e-4) and w == pytest.approx((i1 - i0) / 3 / 171, abs=1e-4)
+    assert yc == pytest.approx((j0 + j1) / 2 / 3 / 171, abs=1e-4) and h == pytest.approx((j1 - j0) / 3 / 171, abs=1e-4)
 
 
 class _Partial(_Oracle):
@@ -120,6 +128,40 @@ def test_detection_report_counts_misses_and_false_boxes():
     assert rep["eyes"]["found"] == n_eyes - 1 and rep["eyes"]["recall"] == round((n_eyes - 1) / n_eyes, 3)
     assert rep["eyes"]["slices_found"] == len(lab.visible["eyes"]) - 1
     assert rep["ears"]["slices_with_false_boxes"] == 1 and rep["ears"]["recall"] == 1.0
+
+
+def test_explain_misses_names_why_each_labelled_box_was_not_found():
+    lab = RealLabels("s", {0: [("ears", 0, 0, 10, 10), ("ears", 100, 0, 110, 10), ("nose", 50, 50, 60, 60)],
+                           1: [("ears", 0, 0, 10, 10)], 2: [("eyes", 0, 0, 10, 10)]})
+    found = {0: [["ears", 0, 0, 10, 10, 0.9],  # found
+                 ["ears", 104, 0, 114, 10, 0.8],  # IoU 0.43: misplaced
+                 ["eyes", 50, 50, 60, 60, 0.9]],  # another class on the nose: not the nose
+             1: [["ears", 0, 0, 10, 10, 0.9], ["ears", 1, 0, 11, 10, 0.9]]}  # found once
+    weak = {0: found[0] + [["nose", 50, 50, 60, 61, 0.12], ["nose", 50, 50, 60, 62, 0.2]],
+            2: [["eyes", 3, 0, 13, 10, 0.25], ["eyes", 0, 0, 10, 10, 0.1]]}
+    m = explain_misses(lab, found, weak, conf=0.3)
+    assert m == [
+        {"slice": 0, "class": "nose", "box": [50, 50, 60, 60], "why": "weak", "iou": round(100 / 120, 3), "score": 0.2},
+        {"slice": 0, "class": "ears", "box": [100, 0, 110, 10], "why": "misplaced", "iou": 0.429, "score": 0.8},
+        {"slice": 2, "class": "eyes", "box": [0, 0, 10, 10], "why": "weak", "iou": 0.538, "score": 0.25},
+    ]
+    # without the low-threshold boxes, the weak ones have no box at all
+    assert [x["why"] for x in explain_misses(lab, found, {}, conf=0.3)] == ["none", "misplaced", "none"]
+    # a box matched to one label does not also count for the second label it overlaps
+    two = RealLabels("s", {0: [("ears", 0, 0, 10, 10), ("ears", 2, 0, 12, 10)]})
+    assert [x["why"] for x in explain_misses(two, {0: [["ears", 0, 0, 10, 10, 0.9]]}, {}, conf=0.3)] == ["misplaced"]
+
+
+def test_detection_report_diagnoses_the_oracle_misses():
+    lab = load_labels(LABELS / "ge-head-ct.json")
+    eye_k = lab.visible["eyes"][0]
+    hu = np.full((28, 512, 512), -1000, np.int16)
+    rep = detection_report(_Partial(lab, 3, eye_k), hu, lab, conf=0.3, diagnose=0.05)
+    why = {(x["slice"], x["class"]): x["why"] for x in rep["misses"]}
+    assert why == {(0, "nose"): "none", (1, "nose"): "none", (2, "nose"): "none", (eye_k, "eyes"): "none"}
+    assert "misses" not in detection_report(_Partial(lab, 3, eye_k), hu, lab, conf=0.3)
+    with pytest.raises(ValueError, match="diagnose"):
+        detection_report(_Partial(lab, 3, eye_k), hu, lab, conf=0.3, diagnose=0.5)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,9 @@ weights as ``<weights stem>.eval.json``.
 default ``../shared/realct``): Ultralytics mAP50 per class on its slices as the
 detector sees them, and, at the method's score threshold ``--conf``, per class
 the labelled boxes found (IoU ≥ 0.5) and the slices where the class is visible
-and found. They go under ``"real"`` in the JSON. **The synthetic figures are
+and found, and why each labelled box that was not found was missed (no box, a
+box in the wrong place, or one below the threshold: the detector run again at
+:data:`MISS_FLOOR`). They go under ``"real"`` in the JSON. **The synthetic figures are
 not real-world figures.**
 """
 
@@ -26,6 +28,9 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from pipeline import detector, detector_data, dicom_io
 from pipeline.real_labels import detection_report, load_labels, yolo_dataset
+
+#: score down to which boxes are looked for when explaining a missed labelled box ("weak")
+MISS_FLOOR = 0.05
 
 
 class Command(BaseCommand):
@@ -120,7 +125,7 @@ class Command(BaseCommand):
             with tempfile.TemporaryDirectory(prefix="eval-real-") as tmp:
                 y = yolo_dataset(vol.hu, labels, Path(tmp), imgsz=imgsz, windows=det.meta.hu_windows)
                 m = detector.evaluate_yolo(weights, y, split="test", imgsz=imgsz)
-            rep = detection_report(det, vol.hu, labels, conf=conf)
+            rep = detection_report(det, vol.hu, labels, conf=conf, diagnose=min(MISS_FLOOR, conf / 2))
             alone = detection_report(det, vol.hu, labels, conf=conf, link=False)
             for r in (rep, alone):
                 r.pop("boxes", None)
@@ -136,4 +141,11 @@ class Command(BaseCommand):
                       f"slices ({a.get('found', 0)}/{a.get('instances', 0)}, "
                       f"{a.get('slices_found', 0)}/{a.get('slices_visible', 0)}); "
                       f"mAP50 {m['per_class'].get(c, {}).get('mAP50', 0.0):.3f}")
+            if rep["misses"]:
+                w(f"  not found (linked), why: 'misplaced' = a box above {conf} at IoU < 0.5, 'weak' = a box "
+                  f"at IoU >= 0.5 below {conf}, 'none' = no box of the class on it:")
+            for x in rep["misses"]:
+                i0, j0, i1, j1 = x["box"]
+                how = "" if x["why"] == "none" else f" (IoU {x['iou']:.2f}, score {x['score']:.2f})"
+                w(f"    slice {x['slice']:>3} {x['class']:<6} columns {i0}-{i1}, rows {j0}-{j1}: {x['why']}{how}")
         return res
