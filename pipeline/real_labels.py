@@ -166,10 +166,11 @@ def explain_misses(labels: RealLabels, boxes: dict[int, list], weak_boxes: dict[
     :func:`detection_report` returns them). A labelled box counts as found as in
     :func:`detection_report` (one-to-one matches at IoU ≥ ``iou``). For every other one
     returns ``{"slice", "class", "box", "why", "iou", "score"}``: ``why`` is
-    ``"misplaced"`` when a box of its class scoring above ``conf`` overlaps it, but at
-    IoU < ``iou`` (``iou``, ``score``: the best-overlapping such box); else ``"weak"``
-    when a box at IoU ≥ ``iou`` exists below ``conf`` (its best score and that box's IoU);
-    else ``"none"`` (no box of its class overlaps it; ``iou`` / ``score`` are ``None``).
+    ``"misplaced"`` when a box of its class scoring above ``conf`` overlaps it but is not
+    matched to it (IoU < ``iou``, or the box went to another labelled box; ``iou``,
+    ``score``: the best-overlapping such box); else ``"weak"`` when ``weak_boxes`` has a box
+    at IoU ≥ ``iou`` (its best score and that box's IoU); else ``"none"`` (no box of its
+    class overlaps it; ``iou`` / ``score`` are ``None``).
     Listed by slice, then class.
     """
     out: list[dict[str, Any]] = []

@@ -567,6 +567,9 @@ def test_eval_detector_real_labels(tmp_path, settings):
     assert out.getvalue().count(": misplaced") + out.getvalue().count(": weak") + out.getvalue().count(": none") == missed
     with pytest.raises(CommandError, match="needs --real-labels"):
         call_command("eval_detector", "--weights", str(w), "--no-synthetic")
+    with pytest.raises(CommandError, match="--conf must be"):
+        call_command("eval_detector", "--weights", str(w), "--real-labels", str(REAL_LABELS),
+                     "--real-root", str(REALCT), "--conf", "1.5", "--no-synthetic")
     with pytest.raises(CommandError, match="not found under --real-root"):
         call_command("eval_detector", "--weights", str(w), "--real-labels", str(REAL_LABELS),
                      "--real-root", str(tmp_path), "--no-synthetic")

@@ -110,6 +110,8 @@ class Command(BaseCommand):
 
         root = o["real_root"] or Path(settings.BASE_DIR).parent / "shared" / "realct"
         conf = o["conf"] if o["conf"] is not None else ModelFaceRegion.conf
+        if not 0.0 <= conf < 1.0:
+            raise CommandError("--conf must be a score from 0 up to 1")
         det = detector.load_detector(weights)
         res = {}
         w = self.stdout.write
@@ -125,7 +127,8 @@ class Command(BaseCommand):
             with tempfile.TemporaryDirectory(prefix="eval-real-") as tmp:
                 y = yolo_dataset(vol.hu, labels, Path(tmp), imgsz=imgsz, windows=det.meta.hu_windows)
                 m = detector.evaluate_yolo(weights, y, split="test", imgsz=imgsz)
-            rep = detection_report(det, vol.hu, labels, conf=conf, diagnose=min(MISS_FLOOR, conf / 2))
+            rep = detection_report(det, vol.hu, labels, conf=conf,
+                                   diagnose=min(MISS_FLOOR, conf / 2) if conf > 0 else None)
             alone = detection_report(det, vol.hu, labels, conf=conf, link=False)
             for r in (rep, alone):
                 r.pop("boxes", None)
@@ -141,10 +144,11 @@ class Command(BaseCommand):
                       f"slices ({a.get('found', 0)}/{a.get('instances', 0)}, "
                       f"{a.get('slices_found', 0)}/{a.get('slices_visible', 0)}); "
                       f"mAP50 {m['per_class'].get(c, {}).get('mAP50', 0.0):.3f}")
-            if rep["misses"]:
+            misses = rep.get("misses", [])
+            if misses:
                 w(f"  not found (linked), why: 'misplaced' = a box above {conf} at IoU < 0.5, 'weak' = a box "
                   f"at IoU >= 0.5 below {conf}, 'none' = no box of the class on it:")
-            for x in rep["misses"]:
+            for x in misses:
                 i0, j0, i1, j1 = x["box"]
                 how = "" if x["why"] == "none" else f" (IoU {x['iou']:.2f}, score {x['score']:.2f})"
                 w(f"    slice {x['slice']:>3} {x['class']:<6} columns {i0}-{i1}, rows {j0}-{j1}: {x['why']}{how}")
