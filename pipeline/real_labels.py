@@ -186,8 +186,7 @@ def explain_misses(labels: RealLabels, boxes: dict[int, list], weak_boxes: dict[
                 if a in matched:
                     continue
                 over = max(((box_iou(t, b[:4]), b[4]) for b in sure), default=(0.0, 0.0))
-                good = max(((b[4], box_iou(t, b[:4])) for b in weak if box_iou(t, b[:4]) >= iou),
-                           default=None)
+                good = max(((b[4], v) for b in weak if (v := box_iou(t, b[:4])) >= iou), default=None)
                 row: dict[str, Any] = {"slice": k, "class": c, "box": list(t)}
                 if over[0] > 0.0:
                     row.update(why="misplaced", iou=round(over[0], 3), score=round(float(over[1]), 3))
@@ -225,13 +224,13 @@ def detection_report(detector: Any, hu: np.ndarray, labels: RealLabels, *, conf:
                 found[k] = rows
         return found
 
+    found = rows_of(dets)
     per: dict[str, dict[str, Any]] = {}
     for c in CLASSES:
         inst = hit = vis = vis_found = false_slices = 0
         for k in range(hu.shape[0]):
             truth = labels.boxes(k, c)
-            pred = [tuple(float(v) * f for v in b) for b, cid in zip(dets[k].boxes, dets[k].class_ids)
-                    if canon[int(cid)] == c]
+            pred = [tuple(r[1:5]) for r in found.get(k, []) if r[0] == c]
             n = match_boxes(truth, pred, iou) if truth and pred else 0
             inst += len(truth)
             hit += n
@@ -243,7 +242,6 @@ def detection_report(detector: Any, hu: np.ndarray, labels: RealLabels, *, conf:
         if inst or false_slices:
             per[c] = {"instances": inst, "found": hit, "recall": round(hit / inst, 3) if inst else None,
                       "slices_visible": vis, "slices_found": vis_found, "slices_with_false_boxes": false_slices}
-    found = rows_of(dets)
     out = {"series": labels.series, "conf": conf, "iou": iou, "linked": link, "per_class": per,
            "boxes": {k: [[r[0], *(round(v, 1) for v in r[1:5]), round(r[5], 3)] for r in rows]
                      for k, rows in found.items()}}
