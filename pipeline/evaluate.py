@@ -39,8 +39,8 @@ from .envelope import (
 )
 from .volume import Volume
 
-__all__ = ["REALCT_FACE_REGIONS", "RemovalFigures", "face_region_mask", "native_skeleton_hull",
-           "removal_figures"]
+__all__ = ["REALCT_FACE_REGIONS", "LabelledRemoval", "RemovalFigures", "face_region_mask",
+           "labelled_removal", "native_skeleton_hull", "removal_figures"]
 
 #: Where "outside removed" is counted on the shared real CT (``../shared/realct/``): the
 #: ``ge-head-ct`` face's slices are its 14 slices of 4 mm (nose, orbits, ears; the 7 mm slices
@@ -146,6 +146,28 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
 
 
+def _hull_masks(volume: Volume, hull: SkeletonHull | None) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks (shape of ``volume.hu``): inside ``hull`` shrunk by 3 mm, and more than
+    3 mm outside it (with no hull: nothing inside, everything outside)."""
+    st = SliceStack.of(volume)
+    nk, nj, ni = volume.hu.shape
+    dj, di = st.pixel_mm
+    rows = np.arange(nj)
+    cols = np.arange(ni)[None, :]
+    inside3 = np.zeros(volume.hu.shape, bool)
+    outside3 = np.ones(volume.hu.shape, bool)
+    if hull is not None:
+        grown = hull.grown(3.0)
+        for k in range(nk):
+            o = st.origins[k]
+            lo, hi = halfspace_row_spans(hull.equations, o, st.row, st.col, rows, dj, di, ni, 3.0)
+            inside3[k] = (cols >= lo[:, None]) & (cols <= hi[:, None])
+            lo, hi = polygon_row_spans(grown.plane_polygon(o, st.row, st.col, st.normal),
+                                       rows, dj, di)
+            outside3[k] = ~((cols >= lo[:, None]) & (cols <= hi[:, None]))
+    return inside3, outside3
+
+
 def removal_figures(volume: Volume, out_hu: np.ndarray, *, hull: SkeletonHull | None = None,
                     region: np.ndarray | None = None) -> RemovalFigures:
     """Figures of the change from ``volume.hu`` to ``out_hu`` (see module docstring).
@@ -159,22 +181,8 @@ def removal_figures(volume: Volume, out_hu: np.ndarray, *, hull: SkeletonHull | 
     changed = out_hu != hu
     patient = _patient(hu)
     soft = (hu >= SOFT_HU[0]) & (hu <= SOFT_HU[1])
-    st = SliceStack.of(volume)
-    nk, nj, ni = hu.shape
-    dj, di = st.pixel_mm
-    rows = np.arange(nj)
-    cols = np.arange(ni)[None, :]
-    inside3 = np.zeros(hu.shape, bool)
-    outside3 = np.ones(hu.shape, bool)
-    if hull is not None:
-        grown = hull.grown(3.0)
-        for k in range(nk):
-            o = st.origins[k]
-            lo, hi = halfspace_row_spans(hull.equations, o, st.row, st.col, rows, dj, di, ni, 3.0)
-            inside3[k] = (cols >= lo[:, None]) & (cols <= hi[:, None])
-            lo, hi = polygon_row_spans(grown.plane_polygon(o, st.row, st.col, st.normal),
-                                       rows, dj, di)
-            outside3[k] = ~((cols >= lo[:, None]) & (cols <= hi[:, None]))
+    nk = hu.shape[0]
+    inside3, outside3 = _hull_masks(volume, hull)
     ins = soft & inside3
     n_in = int(ins.sum())
     in_pct = 100.0 * int((ins & changed).sum()) / n_in if n_in else 0.0
@@ -195,3 +203,68 @@ def removal_figures(volume: Volume, out_hu: np.ndarray, *, hull: SkeletonHull | 
         outside_soft_removed_pct=round(out_pct, 3), outside_body_changed_voxels=int(bad.sum()),
         bone_dice_300=_dice(hu >= 300, out_hu >= 300), bone_dice_150=_dice(hu >= 150, out_hu >= 150),
         changed_voxels=int(changed.sum()))
+
+
+@dataclass
+class LabelledRemoval:
+    """What a face removal did to the soft tissue of one class's labelled boxes (see
+    :func:`labelled_removal`): voxels, percentages 0–100."""
+
+    boxes: int
+    soft_voxels: int
+    removed_pct: float | None
+    boxes_counted: int
+    boxes_removed_90: int
+    worst_box_removed_pct: float | None
+    per_box: list[dict[str, Any]]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def labelled_removal(volume: Volume, out_hu: np.ndarray,
+                     boxes: dict[int, list[tuple[str, int, int, int, int]]], *,
+                     hull: SkeletonHull | None = None, min_voxels: int = 50) -> dict[str, LabelledRemoval]:
+    """Per labelled class: how much of the patient's soft tissue (−200…200 HU) more than 3 mm
+    outside the facial skeleton (:func:`native_skeleton_hull`) *inside that class's labelled
+    boxes* the change from ``volume.hu`` to ``out_hu`` removed — i.e. whether the auricles, the
+    external nose and the lids a labeller drew are gone, whatever boxes a detector drew.
+
+    ``boxes``: ``{k: [(class, i0, j0, i1, j1), …]}``, native pixel boxes (column ``i``, row
+    ``j``, exclusive ends) on slice ``k`` of ``volume.hu[k, j, i]`` (the format of
+    :class:`pipeline.real_labels.RealLabels.slices`). Per box: slice, class, soft voxels there
+    and the percentage changed; a box counts towards ``boxes_removed_90`` and
+    ``worst_box_removed_pct`` when it holds at least ``min_voxels`` such voxels (a globe's box
+    holds almost none outside the skeleton: its lids are thin). Raises ``ValueError`` on a box
+    outside the volume.
+    """
+    hu = volume.hu
+    if out_hu.shape != hu.shape:
+        raise ValueError(f"output shape {out_hu.shape} is not the input's {hu.shape}")
+    hull = hull or native_skeleton_hull(volume)
+    _, outside3 = _hull_masks(volume, hull)
+    tissue = (hu >= SOFT_HU[0]) & (hu <= SOFT_HU[1]) & outside3 & _patient(hu)
+    changed = out_hu != hu
+    nk, nj, ni = hu.shape
+    per_class: dict[str, list[dict[str, Any]]] = {}
+    for k in sorted(boxes):
+        for cls, i0, j0, i1, j1 in boxes[k]:
+            if not (0 <= k < nk and 0 <= i0 < i1 <= ni and 0 <= j0 < j1 <= nj):
+                raise ValueError(f"box {[cls, i0, j0, i1, j1]} on slice {k} is outside the "
+                                 f"volume ({nk} slices of {nj}×{ni})")
+            t = tissue[k, j0:j1, i0:i1]
+            n = int(t.sum())
+            gone = int((t & changed[k, j0:j1, i0:i1]).sum())
+            per_class.setdefault(cls, []).append(
+                {"slice": int(k), "box": [int(i0), int(j0), int(i1), int(j1)], "soft_voxels": n,
+                 "removed_voxels": gone, "removed_pct": round(100.0 * gone / n, 2) if n else None})
+    out: dict[str, LabelledRemoval] = {}
+    for cls, rows in per_class.items():
+        n = sum(r["soft_voxels"] for r in rows)
+        gone = sum(r["removed_voxels"] for r in rows)
+        counted = [r["removed_pct"] for r in rows if r["soft_voxels"] >= min_voxels]
+        out[cls] = LabelledRemoval(
+            boxes=len(rows), soft_voxels=n, removed_pct=round(100.0 * gone / n, 2) if n else None,
+            boxes_counted=len(counted), boxes_removed_90=sum(p >= 90.0 for p in counted),
+            worst_box_removed_pct=min(counted) if counted else None, per_box=rows)
+    return out

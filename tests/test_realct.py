@@ -16,10 +16,17 @@ import pytest
 
 from pipeline import dicom_io
 from pipeline.deface import deface
-from pipeline.deidentify import DeidOptions, deidentify_folder
-from pipeline.evaluate import REALCT_FACE_REGIONS, face_region_mask, removal_figures
+from pipeline.deidentify import DeidOptions, deidentify_folder, make_face_method
+from pipeline.evaluate import (
+    REALCT_FACE_REGIONS,
+    face_region_mask,
+    labelled_removal,
+    removal_figures,
+)
+from pipeline.real_labels import load_labels
 
 REALCT = Path(__file__).resolve().parents[2] / "shared" / "realct"
+LABELS = Path(__file__).resolve().parent / "data" / "realct_labels" / "ge-head-ct.json"
 pytestmark = pytest.mark.skipif(not REALCT.is_dir(), reason="../shared/realct not beside the checkout")
 
 
@@ -47,6 +54,39 @@ def test_ge_face_outside_the_skeleton_removed_inside_kept(ge) -> None:
     # the globes are found where they are (measured on the images: x ≈ −54/+20, y ≈ −78)
     r, le = res.qa.landmarks["globe_right_lps_mm"], res.qa.landmarks["globe_left_lps_mm"]
     assert r[0] < -40 and le[0] > 10 and -95 < r[1] < -60 and -95 < le[1] < -60
+
+
+@pytest.fixture(scope="module")
+def ge_labelled(ge):
+    """What ``deidentify``'s default method (``auto``: the anatomical zone plus the shipped
+    detector's boxes) removes in the labelled boxes."""
+    loaded, _ = ge
+    res = deface(loaded.volume, make_face_method("auto")[0])
+    return labelled_removal(loaded.volume, res.hu, load_labels(LABELS).slices)
+
+
+def test_ge_labelled_eyelids_face_and_auricles_removed(ge_labelled) -> None:
+    """The hand-labelled boxes (tests/data/realct_labels): the soft tissue in them more than
+    3 mm outside the skeleton is what the default method has to take."""
+    face, eyes, ears = ge_labelled["face"], ge_labelled["eyes"], ge_labelled["ears"]
+    assert face.boxes == 16 and face.removed_pct >= 99.5 and face.worst_box_removed_pct >= 99.0
+    assert eyes.boxes_counted == 13 and eyes.worst_box_removed_pct >= 99.0  # the lids, all of them
+    assert ears.boxes == 32 and ears.removed_pct >= 84.0
+    left = [b for b in ears.per_box if b["box"][0] > 256]  # image right = patient left
+    right = [b for b in ears.per_box if b["box"][0] < 256]
+    assert len(left) == 15 and min(b["removed_pct"] for b in left) >= 85.0, left
+    assert min(b["removed_pct"] for b in right if b["slice"] >= 3) >= 78.0, right
+    # the external nose on these slices (mid-nose up) is the bony pyramid under 1-3 mm of
+    # skin: inside the skeleton's hull, kept by design; only slice 0 has tissue to count
+    assert [b["slice"] for b in ge_labelled["nose"].per_box if b["soft_voxels"] >= 50] == [0]
+
+
+@pytest.mark.xfail(strict=True, reason="known gap (README): on slices 0-2 the right auricle's lower "
+                   "part lies behind the face zone, is too thick for the ear zone's flap rule, and no "
+                   "detector box there reaches the threshold; auto removes 23-52 % of it")
+def test_ge_right_auricle_lowest_slices_removed(ge_labelled) -> None:
+    low = [b for b in ge_labelled["ears"].per_box if b["box"][0] < 256 and b["slice"] <= 2]
+    assert len(low) == 3 and min(b["removed_pct"] for b in low) >= 80.0, low
 
 
 def test_ge_orbits_sinuses_nasal_cavity_untouched(ge) -> None:
