@@ -14,6 +14,14 @@ structure, air (≤ −500 HU) changed, bone Dice at 300 and 150 HU, seconds.
 ``--acquisition``: ``default`` (140×150×130 at 2.0 × 1.7 × 1.7 mm), ``thick-5mm-tilt18``
 (5 mm slabs, gantry tilt 18.5°), ``tilted-4-7mm`` (4 mm then 7 mm slabs, tilt 15°, as
 the shared real GE head CT), ``thick-7mm``, ``coarse-pixels`` (2.95 mm pixels).
+
+``--domain``: the domain-randomised heads instead (:func:`pipeline.detector_data.domain_head`:
+body habitus, thin auricles, head holders and pads, HU and kernel variety, each with its own
+acquisition, so ``--acquisition``, ``--pose`` and ``--metal`` do not apply), e.g.
+``--domain --seeds 27000-27019`` (the detector's held-out domain subjects); also counted:
+voxels of the holder, pads and couch changed.
+
+    .venv/bin/python benchmarks/bench_deface_quality.py --method auto --domain --seeds 27000-27019
 """
 
 from __future__ import annotations
@@ -42,6 +50,10 @@ ACQUISITIONS = {
 }
 
 
+#: what the patient is not: the scanner's couch, a head holder, pads
+DEVICE_LABELS = [LABELS[n] for n in ("couch", "holder", "foam")]
+
+
 def measure(head, res) -> dict[str, float]:
     before, after = head.volume.hu, res.hu
     changed = after != before
@@ -62,6 +74,7 @@ def measure(head, res) -> dict[str, float]:
             "inside_detail": inside, "brain_changed": int((changed & head.brain_mask).sum()),
             "air_changed": int((changed & (before <= -500)).sum()),
             "bone_label_changed": int((changed & bone).sum()),
+            "devices_changed": int((changed & np.isin(head.labels, DEVICE_LABELS)).sum()),
             "dice300": dice(300), "dice150": dice(150), "face_found": res.qa.face_found}
 
 
@@ -72,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--acquisition", choices=sorted(ACQUISITIONS), default="default")
     ap.add_argument("--pose", default=None, help="yaw,pitch,roll in degrees (default: random ±4°)")
     ap.add_argument("--metal", action="store_true", help="dental fillings with streaks")
+    ap.add_argument("--domain", action="store_true", help="domain-randomised heads (own acquisitions)")
     args = ap.parse_args(argv)
+    if args.domain and (args.pose or args.metal or args.acquisition != "default"):
+        ap.error("--domain heads draw their own acquisition, pose and metal")
     pose = tuple(float(x) for x in args.pose.split(",")) if args.pose else None
     a, b = (int(x) for x in args.seeds.split("-"))
     if args.method == "anatomical":
@@ -84,8 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     kw = dict(ACQUISITIONS[args.acquisition])
     rows, seconds = [], []
     for seed in range(a, b + 1):
-        head = generate_head(SubjectParams.random(seed), noise_seed=seed, pose_deg=pose,
-                             metal=args.metal, **kw)
+        if args.domain:
+            from pipeline.detector_data import domain_head
+
+            head = domain_head(seed)
+        else:
+            head = generate_head(SubjectParams.random(seed), noise_seed=seed, pose_deg=pose,
+                                 metal=args.metal, **kw)
         t = time.perf_counter()
         res = deface(head.volume, method)
         seconds.append(time.perf_counter() - t)
@@ -93,12 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(m)
         print(f"seed {seed}: face {m['face']:.4f} nose {m['nose']:.4f} lips {m['lips']:.4f} "
               f"ears {m['ears']:.3f} | inside changed {m['inside_changed']} brain "
-              f"{m['brain_changed']} air {m['air_changed']} bone {m['bone_label_changed']} | "
+              f"{m['brain_changed']} air {m['air_changed']} bone {m['bone_label_changed']} "
+              f"devices {m['devices_changed']} | "
               f"Dice300 {m['dice300']:.5f} Dice150 {m['dice150']:.5f} | {seconds[-1]:.2f} s",
               flush=True)
     face = np.array([r["face"] for r in rows])
-    print(f"\n{args.method}, {args.acquisition}, pose {pose or 'random ±4°'}"
-          f"{', metal' if args.metal else ''}, seeds {a}-{b}:")
+    what = "domain heads" if args.domain else (f"{args.acquisition}, pose {pose or 'random ±4°'}"
+                                               f"{', metal' if args.metal else ''}")
+    print(f"\n{args.method}, {what}, seeds {a}-{b}:")
     print(f"  facial soft tissue removed: mean {face.mean():.4f}, worst {face.min():.4f}, "
           f"seeds ≥ 0.99: {int((face >= 0.99).sum())}/{len(face)}")
     for key in ("nose", "lips", "ears"):
@@ -106,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {key}: mean {np.nanmean(v):.4f}, worst {np.nanmin(v):.4f}")
     print(f"  inner structures changed (voxels, all seeds): {sum(r['inside_changed'] for r in rows)}; "
           f"brain {sum(r['brain_changed'] for r in rows)}; air {sum(r['air_changed'] for r in rows)}; "
-          f"bone {sum(r['bone_label_changed'] for r in rows)}")
+          f"bone {sum(r['bone_label_changed'] for r in rows)}; holder, pads and couch "
+          f"{sum(r['devices_changed'] for r in rows)}")
     print(f"  bone Dice 300 HU min {min(r['dice300'] for r in rows):.6f}, "
           f"150 HU min {min(r['dice150'] for r in rows):.6f}")
     print(f"  face found {sum(r['face_found'] for r in rows)}/{len(rows)}; "

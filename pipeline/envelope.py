@@ -480,6 +480,7 @@ class EnvelopeSettings:
     ear_min_ml: float = 1.0  # ... in pieces of at least this volume (an auricle: 5–15 mL)
     device_hu: float = 100.0  # couches, holders: plastics and carbon fibre at least this dense
     device_reach_mm: float = 40.0  # ... in pieces reaching this far outside the skeleton
+    device_depth_mm: float = 3.0  # bone lies under skin: a big bright piece mostly shallower is a device
     zone_below_menton_mm: float = 25.0  # submental skin
     zone_inferior_fallback_mm: float = 150.0  # below the globes when no mandible is seen
     min_protrusion_mm: float = 10.0  # nose-like: soft tissue this far outside the hull
@@ -706,6 +707,14 @@ def _bone_and_rails(grid: CoarseGrid, body: np.ndarray, st: EnvelopeSettings, vo
     hyoid). Bright pieces ≥ ``min_bone_ml`` further away are not bone: a head
     holder's rail pressed against an ear, a frame, a foreign body. Pieces
     smaller than ``min_bone_ml`` (noise, piercings) are neither.
+
+    A big piece other than the largest is bone only if most of it lies at least
+    ``device_depth_mm`` inside the body (in-plane): a skeleton lies under skin, while a
+    dense head holder the head rests on joins the body where it is pressed to the skin
+    (so the opening in :func:`_body_mask` cannot cut it off) yet lies at its surface
+    (:func:`pipeline.evaluate.native_skeleton_hull` asks the same of every piece).
+    Without this a holder's shell counted as skeleton: its hull then held the auricles
+    and the cheeks beside it, and nothing there was removed.
     """
     bright = (grid.hu >= st.bone_threshold_hu) & body
     lab, n = ndi.label(bright, structure=np.ones((3, 3, 3), bool))
@@ -714,6 +723,16 @@ def _bone_and_rails(grid: CoarseGrid, body: np.ndarray, st: EnvelopeSettings, vo
     sizes = np.bincount(lab.ravel()) * voxel_ml
     sizes[0] = 0.0
     big = sizes >= st.big_bone_ml
+    if big.sum() > 1:
+        deep = np.stack([ndi.distance_transform_edt(b, sampling=grid.spacing_mm[1:]) >= st.device_depth_mm
+                         for b in body])
+        frac = ndi.sum_labels(deep, lab, np.arange(n + 1)) / np.maximum(
+            np.bincount(lab.ravel(), minlength=n + 1), 1)
+        shallow = big & (frac < 0.5)
+        shallow[int(np.argmax(sizes))] = False  # the largest piece is the skeleton (a bare skull too)
+        big &= ~shallow
+    else:
+        shallow = np.zeros(n + 1, bool)
     if not big.any():
         big[int(np.argmax(sizes))] = sizes.max() >= st.min_bone_ml
     reach = max(1, int(round(st.near_bone_mm / min(grid.spacing_mm))))
@@ -721,7 +740,7 @@ def _bone_and_rails(grid: CoarseGrid, body: np.ndarray, st: EnvelopeSettings, vo
     close = np.zeros(n + 1, bool)
     close[np.unique(lab[near & bright])] = True
     ok = sizes >= st.min_bone_ml
-    bone_ok = big | (close & ok)
+    bone_ok = big | (close & ok & ~shallow)
     bone_ok[0] = False
     other = ok & ~bone_ok
     other[0] = False
