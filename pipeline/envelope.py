@@ -478,6 +478,8 @@ class EnvelopeSettings:
     ear_inferior_mm: float = 75.0
     ear_flap_mm: float = 6.0  # ear parts remove only flaps thinner than twice this
     ear_min_ml: float = 1.0  # ... in pieces of at least this volume (an auricle: 5–15 mL)
+    ear_max_ml: float = 20.0  # ... and, where the body's opening cut it off, at most this (0: never)
+    device_pixel_hu: float = 300.0  # ... and not beside native pixels this dense outside the body
     device_hu: float = 100.0  # couches, holders: plastics and carbon fibre at least this dense
     device_reach_mm: float = 40.0  # ... in pieces reaching this far outside the skeleton
     device_depth_mm: float = 3.0  # bone lies under skin: a big bright piece mostly shallower is a device
@@ -1008,15 +1010,43 @@ def _plastic_devices(grid: CoarseGrid, stack: SliceStack, hull: SkeletonHull, in
 
 
 def _thin_flaps(grid: CoarseGrid, stack: SliceStack, body: np.ndarray, ears: FaceZone,
-                st: EnvelopeSettings) -> np.ndarray:
+                st: EnvelopeSettings, avoid: np.ndarray | None = None) -> np.ndarray:
     """The body's thin flaps (auricles): gone after an opening of ``ear_flap_mm``, grown
     back by one voxel; computed in the bounding box of each ear part only (one thread
-    per ear: the distance transforms release the GIL)."""
+    per ear: the distance transforms release the GIL).
+
+    Also an auricle that :func:`_body_mask` left out (its thin root cut by the opening,
+    so it stands apart from the body in the coarse grid): a connected piece of soft
+    tissue (above the body threshold, below 120 HU, not next to denser material outside
+    the body, not in ``avoid``) of ``ear_min_ml``–``ear_max_ml`` that touches the body,
+    where it is part of a flap (a larger piece is a pad or a holder's shell of
+    soft-tissue density, and stays). Such voxels are in the result but not in ``body``:
+    the caller adds them to it.
+    """
+    loose = None
+    if st.ear_max_ml > 0:
+        # soft tissue next to the body but not in it, in pieces of at most ear_max_ml: a pad
+        # or a holder's shell of soft-tissue density is one larger piece and stays
+        dense = grid.hu >= 120.0
+        soft = (grid.hu > st.body_threshold_hu) & ~dense & ~body
+        # never a device's partial-volume rim (a rail's edge is as soft as skin)
+        soft &= ~in_slabs(ndi.binary_dilation, dense & ~body, 1, iterations=1)
+        if avoid is not None:
+            soft &= ~avoid
+        lab, n = ndi.label(soft, structure=np.ones((3, 3, 3), bool))
+        if n:
+            sizes = np.bincount(lab.ravel(), minlength=n + 1) * (float(np.prod(grid.spacing_mm)) / 1000.0)
+            ok = np.zeros(n + 1, bool)
+            ok[np.unique(lab[in_slabs(ndi.binary_dilation, body, 1, iterations=1) & soft])] = True
+            ok &= (sizes >= st.ear_min_ml) & (sizes <= st.ear_max_ml)
+            ok[0] = False
+            loose = ok[lab] if ok.any() else None
+    reach = body if loose is None else body | loose
 
     def flaps(planes: np.ndarray, name: str) -> np.ndarray | None:
-        where = _zone_coarse(grid, stack, FaceZone([planes], [name]), None) & body
+        where = _zone_coarse(grid, stack, FaceZone([planes], [name]), None) & reach
         box = bbox_of(where)
-        return None if box is None else _flaps_in_box(grid, body, box, st)
+        return None if box is None else _flaps_in_box(grid, body, box, st, loose)
 
     thin = np.zeros(body.shape, bool)
     with ThreadPoolExecutor(max_workers=2) as workers:
@@ -1026,26 +1056,38 @@ def _thin_flaps(grid: CoarseGrid, stack: SliceStack, body: np.ndarray, ears: Fac
     return thin
 
 
+def _flap_pieces(grid: CoarseGrid, mask: np.ndarray, st: EnvelopeSettings
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flaps of ``mask`` (gone after an opening by a ball of radius ``ear_flap_mm``):
+    their labels, and every label's volume (mL)."""
+    core = ndi.distance_transform_edt(mask, sampling=grid.spacing_mm) > st.ear_flap_mm
+    opened = ndi.distance_transform_edt(~core, sampling=grid.spacing_mm) <= st.ear_flap_mm
+    lab, n = ndi.label(mask & ~opened, structure=np.ones((3, 3, 3), bool))
+    sizes = np.bincount(lab.ravel(), minlength=n + 1) * (float(np.prod(grid.spacing_mm)) / 1000.0)
+    sizes[0] = 0.0
+    return lab, sizes, np.arange(n + 1)
+
+
 def _flaps_in_box(grid: CoarseGrid, body: np.ndarray, box: tuple[slice, ...],
-                  st: EnvelopeSettings) -> np.ndarray:
+                  st: EnvelopeSettings, loose: np.ndarray | None = None) -> np.ndarray:
     """:func:`_thin_flaps` in ``box`` (padded so that the opening sees the box's
-    surroundings); a full-size bool mask."""
+    surroundings); a full-size bool mask. ``loose``: pieces of soft tissue next to the
+    body but not in it; a flap that holds some of them is taken whole."""
     thin = np.zeros(body.shape, bool)
     pad = int(np.ceil(2 * st.ear_flap_mm / min(grid.spacing_mm))) + 2
     box = tuple(slice(max(0, b.start - pad), min(n, b.stop + pad)) for b, n in zip(box, body.shape))
     sub = body[box]
-    # opening by a ball of radius ear_flap_mm (distance transforms: isotropic, in mm)
-    core = ndi.distance_transform_edt(sub, sampling=grid.spacing_mm) > st.ear_flap_mm
-    opened = ndi.distance_transform_edt(~core, sampling=grid.spacing_mm) <= st.ear_flap_mm
-    flap = sub & ~opened
     # an auricle is a flap of a few mL; slivers of skin along the head's outline are not
-    lab, n = ndi.label(flap, structure=np.ones((3, 3, 3), bool))
-    if n:
-        vox_ml = float(np.prod(grid.spacing_mm)) / 1000.0
-        big = np.bincount(lab.ravel()) * vox_ml >= st.ear_min_ml
-        big[0] = False
-        flap = big[lab]
+    lab, sizes, _ = _flap_pieces(grid, sub, st)
+    flap = (sizes >= st.ear_min_ml)[lab]
     thin[box] = ndi.binary_dilation(flap, iterations=1) & sub
+    if loose is not None and loose[box].any():
+        extra = loose[box]
+        lab, sizes, ids = _flap_pieces(grid, sub | extra, st)
+        has_extra = np.bincount(lab[extra], minlength=ids.size) > 0
+        ok = has_extra & (sizes >= st.ear_min_ml)
+        ok[0] = False
+        thin[box] |= ok[lab]
     return thin
 
 
@@ -1088,6 +1130,7 @@ def _find_envelope(volume: Volume, st: EnvelopeSettings, side: ThreadPoolExecuto
                         seconds=round(time.perf_counter() - t0, 3), settings=st, thin=thin)
 
     body, devices = _body_mask(grid, st.body_threshold_hu)
+    hard = empty  # rims of bright devices (rails, holders): never the patient's
     if not body.any():
         return result(empty, None, empty, None, False,
                       "no body in the field of view (nothing above -500 HU)")
@@ -1097,6 +1140,7 @@ def _find_envelope(volume: Volume, st: EnvelopeSettings, side: ThreadPoolExecuto
         near_other = in_slabs(ndi.binary_dilation, other, 1, iterations=1)
         body &= ~near_other
         devices = devices | near_other
+        hard = hard | near_other
     if not bone.any():
         return result(body, None, empty, None, False,
                       "no bone in the field of view: the facial skeleton cannot be found")
@@ -1116,6 +1160,7 @@ def _find_envelope(volume: Volume, st: EnvelopeSettings, side: ThreadPoolExecuto
         near_device = in_slabs(ndi.binary_dilation, device, 1, iterations=1)
         body &= ~near_device
         devices = devices | near_device
+        hard = hard | near_device
 
     soft_out = body & ~inside & (grid.hu > -200.0) & (grid.hu < 200.0)
     proud_idx = np.argwhere(soft_out & ~grown_protrusion.result())
@@ -1214,7 +1259,18 @@ def _find_envelope(volume: Volume, st: EnvelopeSettings, side: ThreadPoolExecuto
                       plane(-sup, st.ear_inferior_mm), plane(-side * left, -st.ear_lateral_mm)])
             for side in (-1.0, 1.0)]
     zone = FaceZone([np.array(face), *ears], ["face", "right ear", "left ear"])
-    thin = _thin_flaps(grid, stack, body, FaceZone(ears, ["right ear", "left ear"]), st)
+    if st.ear_max_ml > 0:
+        # native pixels of a device (a rail's 300-400 HU core) that the coarse grid's mean
+        # smears to soft-tissue values: at least 1.5 of them in a coarse voxel outside the body
+        px = coarse_grid(volume.with_hu((volume.hu >= st.device_pixel_hu).astype(np.int16)),
+                         st.grid_mm).hu
+        rim = (px * (grid.f * grid.f) >= 1.5) & ~body
+        hard = hard | in_slabs(ndi.binary_dilation, rim, 1, iterations=1)
+    thin = _thin_flaps(grid, stack, body, FaceZone(ears, ["right ear", "left ear"]), st, avoid=hard)
+    cut_off = thin & ~body  # auricles the body's opening had cut off: the patient's after all
+    if cut_off.any():
+        body = body | cut_off
+        devices = devices & ~cut_off
     env = result(body, hull, inside, zone, True, "", thin=thin)
     proud = soft_out & env.zone_coarse
     if grown_depth is not None:
