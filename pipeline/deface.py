@@ -413,6 +413,10 @@ def _deface(volume: Volume, method: FaceRegionMethod, settings: EnvelopeSettings
             face_found, reason = False, "; ".join(region.warnings) or "the method found no face"
         elif env.hull is None:
             face_found = False  # nothing protects the inside: refuse to cut
+        elif not face_found and env.doubtful:
+            # the anatomy located no eyes or nose, yet soft tissue stands in front of the
+            # skeleton: the method's own boxes say where the face is (the hull still protects)
+            face_found, reason = True, ""
     if face_found:
         env.body_grown  # noqa: B018 - computed once, before the threads share it
         env.zone_coarse  # noqa: B018 - (the same)

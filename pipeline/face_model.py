@@ -27,7 +27,10 @@
     eyes/lips). A missed box cannot leave a nose behind (the anatomical zone is
     always used); a false box removes nothing inside the skeleton. When the
     model is not plausible the anatomical zone is used with a warning in the
-    QA summary; when the anatomy finds no face, nothing is removed.
+    QA summary; when the anatomy finds no face, nothing is removed — unless it is
+    *doubtful* (soft tissue stands in front of the skeleton, but no eyes or nose were
+    located: a child, a swollen face) and has a skeleton hull: then the detector runs
+    on every slice and, if plausible, its boxes alone are removed (with a warning).
 
 Array conventions: ``volume.hu[k, j, i]`` in HU with DICOM LPS geometry
 (:class:`pipeline.volume.Volume`); distances in mm.
@@ -246,6 +249,19 @@ class AutoFaceRegion:
         env = anat.envelope
         warnings: list[str] = list(anat.warnings)
         details: dict[str, Any] = {"anatomical": dict(anat.details)}
+        if env is not None and not env.face_found and env.doubtful and env.hull is not None:
+            # soft tissue stands in front of the skeleton but the anatomy located no eyes or
+            # nose (a child, a swollen face): the detector's boxes alone, if it finds a face
+            masks, mdet = self.model.detect_masks(volume, (0, volume.hu.shape[_canonical(volume)[0][0]]))
+            details["model"] = mdet
+            found = mdet.get("found", {})
+            if found.get("nose", 0) > 0 and (found.get("eyes", 0) + found.get("lips", 0)) > 0 and masks.any():
+                region, box = self.model._to_volume(volume, masks)
+                details["source"] = "model"
+                details["seconds"] = round(time.perf_counter() - t0, 3)
+                warnings.append("the anatomical method located no face (eyes, nose); the detector's "
+                                "boxes were removed instead")
+                return RegionResult(region, warnings, details, box, envelope=env, use_zone=False)
         if env is None or not env.face_found:
             details["source"] = "anatomical"
             details["seconds"] = round(time.perf_counter() - t0, 3)
