@@ -1262,9 +1262,12 @@ def _find_envelope(volume: Volume, st: EnvelopeSettings, side: ThreadPoolExecuto
     if st.ear_max_ml > 0:
         # native pixels of a device (a rail's 300-400 HU core) that the coarse grid's mean
         # smears to soft-tissue values: at least 1.5 of them in a coarse voxel outside the body
-        px = coarse_grid(volume.with_hu((volume.hu >= st.device_pixel_hu).astype(np.int16)),
-                         st.grid_mm).hu
-        rim = (px * (grid.f * grid.f) >= 1.5) & ~body
+        # (half of one where a coarse voxel is one pixel)
+        dense_px = np.greater_equal(volume.hu, st.device_pixel_hu,
+                                    out=np.empty(volume.hu.shape, np.int16), casting="unsafe")
+        px = coarse_grid(volume.with_hu(dense_px), st.grid_mm).hu
+        del dense_px
+        rim = (px * (grid.f * grid.f) >= (1.5 if grid.f > 1 else 0.5)) & ~body
         hard = hard | in_slabs(ndi.binary_dilation, rim, 1, iterations=1)
     thin = _thin_flaps(grid, stack, body, FaceZone(ears, ["right ear", "left ear"]), st, avoid=hard)
     cut_off = thin & ~body  # auricles the body's opening had cut off: the patient's after all
