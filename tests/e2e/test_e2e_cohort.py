@@ -29,6 +29,19 @@ pytestmark = [
 ]
 
 
+#: records in sessionStorage that the upload progress bar was un-hidden (a MutationObserver
+#: runs before the reload the upload's success schedules)
+BAR_SHOWN = """
+document.addEventListener("DOMContentLoaded", function () {
+  var bar = document.getElementById("upload-progress");
+  if (!bar) return;
+  new MutationObserver(function () {
+    if (!bar.hidden) sessionStorage.setItem("uploadBarShown", "1");
+  }).observe(bar, {attributes: true, attributeFilter: ["hidden"]});
+});
+"""
+
+
 @pytest.fixture()
 def site(tmp_path):
     plat = start_platform(tmp_path / "var", researcher=("alice", "e2e-pass-42"))
@@ -59,6 +72,10 @@ def test_upload_watch_open_download(site, tmp_path):
         try:
             page = browser.new_page(accept_downloads=True)
             page.set_default_timeout(30_000)
+            # the progress bar is shown only while the upload runs, and the page reloads
+            # 0.8 s after it: record that it was shown (in the tab's sessionStorage, which
+            # survives the reload) instead of racing the reload on a busy machine
+            page.add_init_script(BAR_SHOWN)
             page.goto(f"{base}/")
             page.fill("input[name=username]", "alice")
             page.fill("input[name=password]", "e2e-pass-42")
@@ -71,9 +88,9 @@ def test_upload_watch_open_download(site, tmp_path):
             page.set_input_files("#upload-files", str(upload))
             page.click("#upload-button")
             # progress bar shown during the upload; the request only receives the files
-            expect(page.locator("#upload-progress")).to_be_visible()
             expect(page.locator("ul.messages")).to_contain_text(
                 "upload received, importing in the background", timeout=60_000)
+            assert page.evaluate("sessionStorage.getItem('uploadBarShown')") == "1"
             # the import runs in a worker; the page polls and shows the upload's result
             expect(page.locator("#uploads tr.upload.done")).to_contain_text(
                 "imported 2 subject(s)", timeout=60_000)
