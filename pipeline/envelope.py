@@ -65,6 +65,8 @@ __all__ = [
 
 #: Voxels above this are (more) tissue than air: the patient's body at the skin.
 BODY_THRESHOLD_HU = -500.0
+#: soft tissue (skin, auricles) lies below this; holders, rails and bone above it
+SOFT_MAX_HU = 120.0
 #: Landmark note when the anatomical method finds no nose tip in front of the skeleton (the
 #: zone is then placed from the globes; ``auto`` says so when the detector's nose boxes are used).
 NO_NOSE_NOTE = "no nose-like protrusion found in front of the skeleton"
@@ -692,7 +694,7 @@ def _body_mask(grid: CoarseGrid, threshold_hu: float) -> tuple[np.ndarray, np.nd
     tissue = grid.hu > threshold_hu
     opened = in_slabs(ndi.binary_opening, tissue, 2, iterations=1)
     core = _largest_component(opened if opened.any() else tissue)
-    soft = tissue & (grid.hu < 120.0)
+    soft = tissue & (grid.hu < SOFT_MAX_HU)
     body = core | (in_slabs(ndi.binary_dilation, core, 2, iterations=2) & soft)
     body = _largest_component(body)
     return body, tissue & ~body
@@ -1017,8 +1019,8 @@ def _thin_flaps(grid: CoarseGrid, stack: SliceStack, body: np.ndarray, ears: Fac
 
     Also an auricle that :func:`_body_mask` left out (its thin root cut by the opening,
     so it stands apart from the body in the coarse grid): a connected piece of soft
-    tissue (above the body threshold, below 120 HU, not next to denser material outside
-    the body, not in ``avoid``) of ``ear_min_ml``–``ear_max_ml`` that touches the body,
+    tissue (above the body threshold, below ``SOFT_MAX_HU``, not in ``avoid``: the rims of
+    devices, :func:`_device_rims`) of ``ear_min_ml``–``ear_max_ml`` that touches the body,
     where it is part of a flap (a larger piece is a pad or a holder's shell of
     soft-tissue density, and stays). Such voxels are in the result but not in ``body``:
     the caller adds them to it.
@@ -1027,10 +1029,7 @@ def _thin_flaps(grid: CoarseGrid, stack: SliceStack, body: np.ndarray, ears: Fac
     if st.ear_max_ml > 0:
         # soft tissue next to the body but not in it, in pieces of at most ear_max_ml: a pad
         # or a holder's shell of soft-tissue density is one larger piece and stays
-        dense = grid.hu >= 120.0
-        soft = (grid.hu > st.body_threshold_hu) & ~dense & ~body
-        # never a device's partial-volume rim (a rail's edge is as soft as skin)
-        soft &= ~in_slabs(ndi.binary_dilation, dense & ~body, 1, iterations=1)
+        soft = (grid.hu > st.body_threshold_hu) & (grid.hu < SOFT_MAX_HU) & ~body
         if avoid is not None:
             soft &= ~avoid
         lab, n = ndi.label(soft, structure=np.ones((3, 3, 3), bool))
@@ -1054,6 +1053,21 @@ def _thin_flaps(grid: CoarseGrid, stack: SliceStack, body: np.ndarray, ears: Fac
             if part is not None:
                 thin |= part
     return thin
+
+
+def _device_rims(volume: Volume, grid: CoarseGrid, body: np.ndarray, st: EnvelopeSettings
+                 ) -> np.ndarray:
+    """Coarse voxels beside (one voxel) dense material outside the body: coarse voxels at
+    ``SOFT_MAX_HU`` or more, and native pixels of a device (a rail's 300-400 HU core) that the
+    coarse grid's mean smears to soft-tissue values (at least 1.5 pixels ≥ ``device_pixel_hu``
+    in a coarse voxel, half of one where a coarse voxel is one pixel). A rail's partial-volume
+    edge is as soft as skin: these voxels are never taken for an auricle."""
+    dense_px = np.greater_equal(volume.hu, st.device_pixel_hu,
+                                out=np.empty(volume.hu.shape, np.int16), casting="unsafe")
+    px = coarse_grid(volume.with_hu(dense_px), st.grid_mm).hu
+    del dense_px
+    dense = (grid.hu >= SOFT_MAX_HU) | (px * (grid.f * grid.f) >= (1.5 if grid.f > 1 else 0.5))
+    return in_slabs(ndi.binary_dilation, dense & ~body, 1, iterations=1)
 
 
 def _flap_pieces(grid: CoarseGrid, mask: np.ndarray, st: EnvelopeSettings
@@ -1260,15 +1274,7 @@ def _find_envelope(volume: Volume, st: EnvelopeSettings, side: ThreadPoolExecuto
             for side in (-1.0, 1.0)]
     zone = FaceZone([np.array(face), *ears], ["face", "right ear", "left ear"])
     if st.ear_max_ml > 0:
-        # native pixels of a device (a rail's 300-400 HU core) that the coarse grid's mean
-        # smears to soft-tissue values: at least 1.5 of them in a coarse voxel outside the body
-        # (half of one where a coarse voxel is one pixel)
-        dense_px = np.greater_equal(volume.hu, st.device_pixel_hu,
-                                    out=np.empty(volume.hu.shape, np.int16), casting="unsafe")
-        px = coarse_grid(volume.with_hu(dense_px), st.grid_mm).hu
-        del dense_px
-        rim = (px * (grid.f * grid.f) >= (1.5 if grid.f > 1 else 0.5)) & ~body
-        hard = hard | in_slabs(ndi.binary_dilation, rim, 1, iterations=1)
+        hard = hard | _device_rims(volume, grid, body, st)
     thin = _thin_flaps(grid, stack, body, FaceZone(ears, ["right ear", "left ear"]), st, avoid=hard)
     cut_off = thin & ~body  # auricles the body's opening had cut off: the patient's after all
     if cut_off.any():

@@ -254,8 +254,7 @@ class AutoFaceRegion:
             # nose (a child, a swollen face): the detector's boxes alone, if it finds a face
             masks, mdet = self.model.detect_masks(volume, (0, volume.hu.shape[_canonical(volume)[0][0]]))
             details["model"] = mdet
-            found = mdet.get("found", {})
-            if found.get("nose", 0) > 0 and (found.get("eyes", 0) + found.get("lips", 0)) > 0 and masks.any():
+            if _plausible(mdet) and masks.any():
                 region, box = self.model._to_volume(volume, masks)
                 details["source"] = "model"
                 details["seconds"] = round(time.perf_counter() - t0, 3)
@@ -278,9 +277,7 @@ class AutoFaceRegion:
         s_range = (int(s_idx.min()) - m, int(s_idx.max()) + 1 + m)
         masks, mdet = self.model.detect_masks(volume, s_range)
         details["model"] = mdet
-        found = mdet.get("found", {})
-        plausible = found.get("nose", 0) > 0 and (found.get("eyes", 0) + found.get("lips", 0)) > 0
-        if not plausible or not masks.any():
+        if not _plausible(mdet) or not masks.any():
             warnings.append("the detector found no plausible face (nose + eyes/lips); "
                             "used the anatomical zone")
             details["source"] = "anatomical"
@@ -296,6 +293,13 @@ class AutoFaceRegion:
         details["source"] = "anatomical+model"
         details["seconds"] = round(time.perf_counter() - t0, 3)
         return RegionResult(region, warnings, details, box, envelope=env, use_zone=True)
+
+
+def _plausible(details: dict[str, Any]) -> bool:
+    """A detection run (``details`` of :meth:`ModelFaceRegion.detect_masks`) found a face:
+    a nose and eyes or lips."""
+    found = details.get("found", {})
+    return found.get("nose", 0) > 0 and (found.get("eyes", 0) + found.get("lips", 0)) > 0
 
 
 def make_model_method(
