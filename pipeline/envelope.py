@@ -751,6 +751,48 @@ def _bone_and_rails(grid: CoarseGrid, body: np.ndarray, st: EnvelopeSettings, vo
     return bone_ok[lab], other[lab]
 
 
+def _chin_profile(post_mm: np.ndarray, sup_mm: np.ndarray, start_mm: float = 30.0,
+                  bin_mm: float = 2.0, step_back_mm: float = 20.0, depth_mm: float = 20.0,
+                  give_up_mm: float = 40.0) -> np.ndarray | None:
+    """Which midline bone points belong to the face's front profile (bool mask), or None.
+
+    ``post_mm``/``sup_mm``: the points' distance behind and above the globes
+    (head axes before the pitch is known). Walking down in ``bin_mm`` steps from
+    ``start_mm`` below the globes (below the nasal bones, whose tip stands far in
+    front of the bony septum under it), the most anterior bone of each step is the profile (maxilla,
+    teeth, mandible) while it stays within ``step_back_mm`` of the step above it
+    (forward is always fine); a step whose front lies further back is the spine
+    or the hyoid behind the chin and is skipped, and after ``give_up_mm`` of such
+    steps (or of steps without bone) the profile has ended. The points within
+    ``depth_mm`` behind the front of the profile's steps are returned; the lowest
+    of them is the menton. A gap where the jaws are apart (edentulous, mouth
+    open) is bridged when the mandible's front is back within ``step_back_mm``
+    before ``give_up_mm``.
+    """
+    below = sup_mm <= -start_mm
+    if not below.any():
+        return None
+    level = np.floor((-start_mm - sup_mm) / bin_mm).astype(int)  # 0: start_mm below the globes
+    n = int(level[below].max()) + 1
+    front = np.full(n, np.inf)
+    np.minimum.at(front, level[below], post_mm[below])
+    keep = np.zeros(n, bool)
+    running, missed = None, 0.0
+    for i in range(n):
+        f = front[i]
+        if np.isfinite(f) and (running is None or f - running <= step_back_mm):
+            keep[i], running, missed = True, f, 0.0
+            continue
+        missed += bin_mm
+        if running is not None and missed > give_up_mm:
+            break
+    if not keep.any():
+        return None
+    ok = below.copy()
+    ok[below] = keep[level[below]] & (post_mm[below] <= front[level[below]] + depth_mm)
+    return ok if ok.any() else None
+
+
 def _without_streaks(grid: CoarseGrid, bone: np.ndarray) -> np.ndarray:
     """``bone`` without the bright streaks dental metal throws across its slices.
 
@@ -1218,15 +1260,19 @@ def _find_envelope(volume: Volume, st: EnvelopeSettings, side: ThreadPoolExecuto
     inferior = -st.zone_inferior_fallback_mm
     b_idx = np.argwhere(bone)
     b_rel = grid.lps(b_idx[:, 0], b_idx[:, 1], b_idx[:, 2]) - lm.anchor
-    # (the chin stays in front of the spine for any pitch within ±35°: P from −75 to 50 mm)
+    # (the chin lies within P −75 to 50 mm for any pitch within ±35°)
     mid = (np.abs(b_rel @ left) <= 15.0) & (b_rel @ post <= 50.0) & (b_rel @ post >= -75.0)
     if mid.any():
-        s_mid = b_rel[mid] @ sup
+        # the face's front profile, not the spine or hyoid below and behind the chin
+        chin = _chin_profile(b_rel[mid] @ post, b_rel[mid] @ sup)
+        if chin is None:  # no bone 30 mm below the globes: the field of view ends above
+            chin = np.ones(int(mid.sum()), bool)
+        s_mid = b_rel[mid][chin] @ sup
         low = float(s_mid.min())
         body_idx = np.argwhere(body[:, ::2, ::2]) * np.array([1, 2, 2])
         below_fov = float(((grid.lps(*body_idx.T) - lm.anchor) @ sup).min())
         if low < -80.0 and low - below_fov > 5.0:
-            lm.menton = lm.anchor + b_rel[mid][int(np.argmin(s_mid))]
+            lm.menton = lm.anchor + b_rel[mid][chin][int(np.argmin(s_mid))]
         elif low - below_fov <= 5.0:
             inferior = -np.inf  # the face continues below the field of view
             lm.notes.append("the face is cut by the lower edge of the field of view")
