@@ -1028,14 +1028,30 @@ def _nose_without_globes(grid: CoarseGrid, body: np.ndarray, hull: SkeletonHull,
 
 
 def _plastic_devices(grid: CoarseGrid, stack: SliceStack, hull: SkeletonHull, inside: np.ndarray,
-                     st: EnvelopeSettings) -> np.ndarray:
+                     st: EnvelopeSettings, body: np.ndarray) -> np.ndarray:
     """Couches, head holders and frames: dense material (≥ ``device_hu``) outside the skeleton
     whose connected piece reaches ≥ ``device_reach_mm`` outside the hull (no patient tissue
-    that dense lies that far from the skull: cartilage of the nose and ears is closer)."""
+    that dense lies that far from the skull: cartilage of the nose and ears is closer).
+
+    The skin's own rim is no bridge between a device and the face: with a sharp (bone)
+    kernel, edge enhancement and noise lift the body's outermost voxels above ``device_hu``
+    all round the head, and a holder touching the skin anywhere then took that whole rim,
+    face included, for itself (a domain head kept 38 % of its face so). The pieces are
+    therefore found without the *skin rim*: voxels of ``body`` below the bone threshold
+    next to air (≤ the body threshold) on the one side and to soft tissue lying deeper
+    (−200 HU to ``device_hu``, not next to air) on the other — a holder's own edge faces
+    air or the partial-volume gap, not soft tissue. The pieces found are grown back three
+    voxels in-plane through dense material (a holder's rim, the contact with the skin).
+    """
     dense = (grid.hu >= st.device_hu) & ~inside
     if not dense.any():
         return dense
-    lab, n = ndi.label(dense, structure=np.ones((3, 3, 3), bool))
+    square = np.ones((1, 3, 3), bool)
+    near_air = in_slabs(ndi.binary_dilation, grid.hu <= st.body_threshold_hu, 0, structure=square)
+    deep_soft = (grid.hu > -200.0) & (grid.hu < st.device_hu) & ~near_air
+    rim = (body & (grid.hu < st.bone_threshold_hu) & near_air
+           & in_slabs(ndi.binary_dilation, deep_soft, 0, structure=square))
+    lab, n = ndi.label(dense & ~rim, structure=np.ones((3, 3, 3), bool))
     # per piece, its voxels at the extremes of each axis: the farthest from the skull is one
     objs = ndi.find_objects(lab)
     ids = []
@@ -1050,7 +1066,7 @@ def _plastic_devices(grid: CoarseGrid, stack: SliceStack, hull: SkeletonHull, in
             ids.append(c)
     if not ids:
         return dense & False
-    return np.isin(lab, ids)
+    return ndi.binary_dilation(np.isin(lab, ids), structure=square, iterations=3, mask=dense)
 
 
 def _thin_flaps(grid: CoarseGrid, stack: SliceStack, body: np.ndarray, ears: FaceZone,
@@ -1211,7 +1227,7 @@ def _find_envelope(volume: Volume, st: EnvelopeSettings, side: ThreadPoolExecuto
     depth = st.face_depth_mm if min(grid.spacing_mm) <= 2.5 else 0.0
     grown_protrusion = side.submit(_grown_inside, inside, grid, st.min_protrusion_mm)
     grown_depth = side.submit(_grown_inside, inside, grid, depth) if depth > 0 else None
-    device = _plastic_devices(grid, stack, hull, inside, st)
+    device = _plastic_devices(grid, stack, hull, inside, st, body)
     if device.any():  # a couch, holder or frame the head lies in: neither body nor removable
         near_device = in_slabs(ndi.binary_dilation, device, 1, iterations=1)
         body &= ~near_device

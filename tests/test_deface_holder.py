@@ -110,3 +110,56 @@ def test_a_soft_shell_the_head_touches_is_not_a_flap() -> None:
     body, thin, grid = _flap_head(30, shell=True)
     f = grid.f
     assert not thin[:, :, 96 // f].any()
+
+
+# ------------------------------------------------------------------ the skin's rim is no bridge
+
+
+def _rim_head(rim_hu: int) -> np.ndarray:
+    """30 slices, 2-mm voxels (the coarse grid is the image): soft tissue (40 HU) around a
+    hollow bone box 30 mm under the skin, its outermost voxel ``rim_hu`` (a sharp kernel's
+    edge enhancement), and a 4-mm holder shell of 300 HU pressed along its right side,
+    reaching 30 mm beyond the body above and below it (rows 5-94)."""
+    hu = np.full((30, 100, 100), -1000, np.int16)
+    hu[:, 20:81, 20:81] = rim_hu
+    hu[:, 21:80, 21:80] = 40
+    hu[:, 35:66, 35:66] = 700
+    hu[:, 39:62, 39:62] = 30  # the skull's content
+    hu[:, 5:95, 81:83] = 300
+    return hu
+
+
+@pytest.mark.parametrize("rim_hu", [40, 160])
+def test_the_skin_rim_does_not_join_a_holder(rim_hu: int) -> None:
+    """A holder touching one side of the head is a device; the skin rim all round the head is
+    not, however dense a sharp kernel draws it (before: with a 160-HU rim the whole rim, the
+    far side's included, was the holder's, and the face in it was never removed)."""
+    vol = Volume(hu=_rim_head(rim_hu), spacing_mm=(2.0, 2.0, 2.0))
+    env = E.find_envelope(vol)
+    dev = env.devices
+    assert env.grid.f == 1 and dev.shape == vol.hu.shape
+    assert dev[:, 50, 81:83].all() and dev[:, 8, 81:83].all()  # the holder
+    # the rim facing away from it (front) and on the far side; not on the first and last two
+    # slices, where the body's opening cuts a rim above 120 HU off the body whatever holds it
+    inner = slice(2, -2)
+    assert not dev[inner, 20, 30:70].any()
+    assert not dev[inner, 30:70, 20].any()
+    assert env.body[inner, 20, 30:70].all() and env.body[inner, 30:70, 20].all()
+
+
+@pytest.mark.slow
+def test_domain_head_with_a_sharp_kernel_in_a_cradle_loses_its_face() -> None:
+    """Domain head 28023 (held out; bone kernel, sharpened, noise 41 HU; a cradle its
+    auricles touch): the rim linked the cradle to the whole face. Before: 62 % of the face
+    and 23 % of the auricles removed; now 99 % and 85 %, cradle untouched."""
+    from pipeline.detector_data import domain_head
+
+    head = domain_head(28023)
+    res = deface(head.volume)
+    changed = res.hu != head.volume.hu
+    holder = np.isin(head.labels, [LABELS["holder"], LABELS["foam"]])
+    assert holder.any()
+    assert changed[head.face_soft_tissue_mask].mean() >= 0.98
+    assert changed[head.ear_soft_tissue_mask].mean() >= 0.80
+    assert not (changed & holder).any()
+    assert sum(int((changed & m).sum()) for m in head.inside_masks().values()) == 0
