@@ -1154,8 +1154,9 @@ class SynthHead:
       within the face (head-local: 30 mm above the brow to 3 mm below the
       menton, within the bizygomatic width, 25 mm in front of the ear canals),
       not the ears; only voxels that are more tissue than air (noise-free HU
-      > −400) and, with thick slices, whose whole slab holds no bone and no
-      inner structure;
+      > −400), inside the reconstruction circle of a domain head (outside it the
+      image holds −1024 HU: no tissue to remove) and, with thick slices, whose
+      whole slab holds no bone and no inner structure;
     * ``ear_soft_tissue_mask`` — the auricles' soft tissue outside the hull
       (the whole ear, its root in the head included);
     * :meth:`inside_masks` — what must stay: every structure of
@@ -1416,6 +1417,9 @@ def generate_head(
             slab_any_struct[k] = (struct_p[ps] > 0).any(axis=0)
     del hu_p, labels_p, feat_p, face_p, struct_p
     tissue = hu_f > -400.0  # noise-free: more tissue than air in the voxel (or its slab)
+    outside = domain.outside_reconstruction(nj, ni) if domain is not None else None
+    if outside is not None:  # the image holds nothing there: nothing to remove
+        tissue &= ~outside
     if metal:
         _add_streaks(hu_f, labels, (dj, di), noise_seed)
     if domain is not None:

@@ -906,6 +906,15 @@ class DomainParams:
                 w = (d < 0) & np.isin(labels[sl], _SOFT)
                 hu[sl][w] += _F32(dhu)
 
+    def outside_reconstruction(self, nj: int, ni: int) -> np.ndarray | None:
+        """Pixels (``nj × ni`` bool) outside the reconstruction circle, which the image fills
+        with −1024 HU (it holds no data there), or None without a circle."""
+        if not self.recon_circle:
+            return None
+        jj, ii = np.mgrid[:nj, :ni]
+        r = min(nj, ni) / 2.0
+        return (jj - (nj - 1) / 2) ** 2 + (ii - (ni - 1) / 2) ** 2 > r * r
+
     # ------------------------------------------------------------------ HU finish
     def finish_hu(self, hu: np.ndarray, labels: np.ndarray, spacing_mm, blur_sigma_mm: float,
                   noise_hu: float, noise_seed: int, blur_slices: bool = True) -> np.ndarray:
@@ -931,11 +940,7 @@ class DomainParams:
         rng = np.random.default_rng([int(noise_seed), int(self.seed), 0x401F])
         out = np.empty(hu.shape, np.int16)
         nk, nj, ni = hu.shape
-        circle = None
-        if self.recon_circle:
-            jj, ii = np.mgrid[:nj, :ni]
-            r = min(nj, ni) / 2.0
-            circle = (jj - (nj - 1) / 2) ** 2 + (ii - (ni - 1) / 2) ** 2 > r * r
+        circle = self.outside_reconstruction(nj, ni)
         for k in range(nk):
             sl = hu[k]
             if self.noise_hu > 0:
