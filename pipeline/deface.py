@@ -84,6 +84,9 @@ SOFT_RANGE_HU = (-200.0, 200.0)
 KEEP_LOW_HU, KEEP_SEED_HU, KEEP_MIN_MM2 = 150.0, 300.0, 2.0
 #: Dental metal and its streaks: slices holding voxels this dense.
 METAL_HU = 2800.0
+#: A bright cluster at the air around the patient is the skin's sharpened edge unless it reaches
+#: this (cortical bone; the edge overshoot of bone kernels stays below 500 HU on domain heads).
+SKIN_EDGE_MAX_HU = 1000.0
 #: Facial regions of the removed-volume figures (assigned from the landmarks).
 REGION_NAMES = ("nose", "lips", "chin", "cheeks", "eyelids", "forehead", "ears", "other")
 
@@ -317,10 +320,21 @@ def _region_labels(env: Envelope) -> np.ndarray:
     return lab
 
 
-def _keep_bright(sl: np.ndarray, cand: np.ndarray, min_px: float, metal: bool) -> np.ndarray:
+def _keep_bright(sl: np.ndarray, cand: np.ndarray, min_px: float, metal: bool,
+                 exterior: np.ndarray | None = None,
+                 devices: np.ndarray | None = None) -> np.ndarray:
     """In-plane clusters of candidate voxels ≥ 150 HU that reach 300 HU and cover ≥ ``min_px``
     (bone outside the hull: a fragment, a thin nasal tip). In a slice with dental metal
-    (``metal``) a line-like cluster (second-moment axes ratio > 6) is a streak, not bone."""
+    (``metal``) a line-like cluster (second-moment axes ratio > 6) is a streak, not bone.
+
+    ``exterior``: air outside the patient (:meth:`Envelope.exterior_air`). A cluster with at
+    least half its pixels next to it is the skin's own edge, not bone: a sharp (bone) kernel
+    lifts the skin's outermost pixels to 150–450 HU all over the face, and kept, that
+    bright line outlined the face it was meant to remove. Bone lies under skin; where the
+    skin over a nasal bone is a pixel thin, the bone's cluster holds cortical bone
+    (≥ ``SKIN_EDGE_MAX_HU``), which no skin edge reaches, and stays. A cluster
+    touching ``devices`` (pixels near a holder, rail or couch) stays kept: a device's edge
+    that reached the candidates is not written either."""
     bright = cand & (sl >= KEEP_LOW_HU)
     if not bright.any():
         return bright
@@ -330,6 +344,15 @@ def _keep_bright(sl: np.ndarray, cand: np.ndarray, min_px: float, metal: bool) -
     seeded[np.unique(lab[cand & (sl >= KEEP_SEED_HU)])] = True
     keep = seeded & (sizes >= min_px)
     keep[0] = False
+    if exterior is not None and keep.any() and exterior.any():
+        near = ndi.binary_dilation(exterior, structure=np.ones((3, 3), bool))
+        at_edge = np.bincount(lab[near], minlength=n + 1)
+        peak = np.zeros(n + 1)
+        peak[1:] = ndi.maximum(sl, lab, np.arange(1, n + 1))
+        skin = (2 * at_edge >= sizes) & (peak < SKIN_EDGE_MAX_HU)
+        if devices is not None and devices.any():
+            skin[np.unique(lab[devices])] = False
+        keep &= ~skin
     if metal:
         for c in np.flatnonzero(keep & (sizes <= 5000)):  # streak pieces are small
             jj, ii = np.nonzero(lab == c)
@@ -420,6 +443,7 @@ def _deface(volume: Volume, method: FaceRegionMethod, settings: EnvelopeSettings
     if face_found:
         env.body_grown  # noqa: B018 - computed once, before the threads share it
         env.zone_coarse  # noqa: B018 - (the same)
+        env.exterior_coarse  # noqa: B018 - (the same)
         labels_job = side.submit(_region_labels, env)
         boxes = dict(env.native_boxes_of_zone()) if region.use_zone else {}
         if mask is not None:
@@ -456,7 +480,8 @@ def _deface(volume: Volume, method: FaceRegionMethod, settings: EnvelopeSettings
             if not cand.any():
                 return None
             sub = sl[rs, cs]
-            keep = _keep_bright(sub, cand, min_px, bool((sl >= METAL_HU).any()))
+            keep = _keep_bright(sub, cand, min_px, bool((sl >= METAL_HU).any()),
+                                env.exterior_air(k, sl, rs, cs), env.devices_near(k, rs, cs))
             jj, ii = np.nonzero(cand & ~keep)
             if jj.size == 0:
                 return None

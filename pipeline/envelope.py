@@ -578,13 +578,7 @@ class Envelope:
         kc = int(g.native_k[k])
 
         def native(coarse: np.ndarray) -> np.ndarray:
-            """A coarse slice's values on the native pixels of ``[rows, cols]``."""
-            r0, c0 = rows.start // g.f, cols.start // g.f
-            blk = coarse[r0:(rows.stop - 1) // g.f + 1, c0:(cols.stop - 1) // g.f + 1]
-            if g.f > 1:
-                blk = np.repeat(np.repeat(blk, g.f, axis=0), g.f, axis=1)
-            a, b = rows.start - r0 * g.f, cols.start - c0 * g.f
-            return blk[a:a + len(r), b:b + c.shape[1]]
+            return _on_native(coarse, g.f, rows, cols)
 
         zone = np.zeros((len(r), c.shape[1]), bool)
         if self.zone is not None:
@@ -602,6 +596,42 @@ class Envelope:
             outside = (c < hlo[:, None]) | (c > hhi[:, None])
         body = native(self.body_grown[kc]) & (hu_slice[rows, cols] > self.settings.body_threshold_hu)
         return zone, outside, body
+
+    def exterior_air(self, k: int, hu_slice: np.ndarray, rows: slice, cols: slice) -> np.ndarray:
+        """Native pixels of slice ``k`` on ``[rows, cols]`` that are air outside the patient
+        (≤ the body threshold, within one coarse voxel of air connected in-plane to the
+        image's border), not an air cavity inside the head (sinus, nasal or oral airway)."""
+        ext = _on_native(self.exterior_coarse[int(self.grid.native_k[k])], self.grid.f, rows, cols)
+        return ext & (hu_slice[rows, cols] <= self.settings.body_threshold_hu)
+
+    @property
+    def exterior_coarse(self) -> np.ndarray:
+        """Coarse voxels within one voxel (in-plane) of the air around the patient (computed
+        once): air connected in its slice to the border of the image through passages at
+        least five voxels (≈ 10 mm) wide, grown back two voxels into the air it came from —
+        not an ear canal with the mastoid cells behind it, a nostril or a mouth's slit."""
+        ext = getattr(self, "_exterior_cache", None)
+        if ext is None:
+            g = self.grid
+            air = g.hu <= self.settings.body_threshold_hu
+            square = np.ones((1, 3, 3), bool)
+            wide = in_slabs(ndi.binary_opening, air, 0, structure=square, iterations=2)
+            plane = np.zeros((3, 3, 3), bool)
+            plane[1] = True
+            lab, _ = ndi.label(wide, structure=plane)
+            edge = np.unique(np.concatenate([lab[:, 0].ravel(), lab[:, -1].ravel(),
+                                             lab[:, :, 0].ravel(), lab[:, :, -1].ravel()]))
+            ext = np.isin(lab, edge[edge > 0])
+            ext = ndi.binary_dilation(ext, structure=square, iterations=2, mask=air)
+            ext = in_slabs(ndi.binary_dilation, ext, 0, structure=square)
+            self._exterior_cache = ext
+        return ext
+
+    def devices_near(self, k: int, rows: slice, cols: slice) -> np.ndarray:
+        """Native pixels of slice ``k`` on ``[rows, cols]`` within one coarse voxel of a device."""
+        kc = int(self.grid.native_k[k])
+        near = ndi.binary_dilation(self.devices[kc], structure=np.ones((3, 3), bool))
+        return _on_native(near, self.grid.f, rows, cols)
 
     @property
     def body_grown(self) -> np.ndarray:
@@ -644,6 +674,17 @@ class Envelope:
 
 
 # --------------------------------------------------------------------------- finding
+
+
+def _on_native(coarse: np.ndarray, f: int, rows: slice, cols: slice) -> np.ndarray:
+    """A coarse slice's values on the native pixels ``[rows, cols]`` (pixel ``(j, i)`` lies
+    in coarse voxel ``(j // f, i // f)``)."""
+    r0, c0 = rows.start // f, cols.start // f
+    blk = coarse[r0:(rows.stop - 1) // f + 1, c0:(cols.stop - 1) // f + 1]
+    if f > 1:
+        blk = np.repeat(np.repeat(blk, f, axis=0), f, axis=1)
+    a, b = rows.start - r0 * f, cols.start - c0 * f
+    return blk[a:a + rows.stop - rows.start, b:b + cols.stop - cols.start]
 
 
 def in_slabs(op: Callable[..., np.ndarray], mask: np.ndarray, halo: int,
