@@ -797,18 +797,17 @@ def _chin_profile(post_mm: np.ndarray, sup_mm: np.ndarray, start_mm: float = 30.
                   give_up_mm: float = 40.0) -> np.ndarray | None:
     """Which midline bone points belong to the face's front profile (bool mask), or None.
 
-    ``post_mm``/``sup_mm``: the points' distance behind and above the globes
-    (head axes before the pitch is known). Walking down in ``bin_mm`` steps from
-    ``start_mm`` below the globes (below the nasal bones, whose tip stands far in
-    front of the bony septum under it), the most anterior bone of each step is the profile (maxilla,
-    teeth, mandible) while it stays within ``step_back_mm`` of the step above it
-    (forward is always fine); a step whose front lies further back is the spine
-    or the hyoid behind the chin and is skipped, and after ``give_up_mm`` of such
-    steps (or of steps without bone) the profile has ended. The points within
-    ``depth_mm`` behind the front of the profile's steps are returned; the lowest
-    of them is the menton. A gap where the jaws are apart (edentulous, mouth
-    open) is bridged when the mandible's front is back within ``step_back_mm``
-    before ``give_up_mm``.
+    ``post_mm``/``sup_mm``: the points' distance behind and above the globes (mm, head
+    axes before the pitch is known). Walking down in ``bin_mm`` steps from ``start_mm``
+    below the globes (below the nasal bones, whose tip stands far in front of the bony
+    septum under it), the most anterior bone of each step is the profile (maxilla, teeth,
+    mandible) while it stays within ``step_back_mm`` of the step above it (forward is
+    always fine); a step whose front lies further back is the spine or the hyoid behind
+    the chin and is skipped, and after ``give_up_mm`` of such steps (or of steps without
+    bone) the profile has ended. The points within ``depth_mm`` behind the front of the
+    profile's steps are returned; the lowest of them is the menton. A gap where the jaws
+    are apart (edentulous, mouth open) is bridged when the mandible's front is back within
+    ``step_back_mm`` before ``give_up_mm``.
     """
     below = sup_mm <= -start_mm
     if not below.any():
