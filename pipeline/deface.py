@@ -444,6 +444,7 @@ def _deface(volume: Volume, method: FaceRegionMethod, settings: EnvelopeSettings
         env.body_grown  # noqa: B018 - computed once, before the threads share it
         env.zone_coarse  # noqa: B018 - (the same)
         env.exterior_coarse  # noqa: B018 - (the same)
+        env.devices_near(0, slice(0, 1), slice(0, 1))  # (the same: its coarse mask)
         labels_job = side.submit(_region_labels, env)
         boxes = dict(env.native_boxes_of_zone()) if region.use_zone else {}
         if mask is not None:

@@ -628,10 +628,13 @@ class Envelope:
         return ext
 
     def devices_near(self, k: int, rows: slice, cols: slice) -> np.ndarray:
-        """Native pixels of slice ``k`` on ``[rows, cols]`` within one coarse voxel of a device."""
-        kc = int(self.grid.native_k[k])
-        near = ndi.binary_dilation(self.devices[kc], structure=np.ones((3, 3), bool))
-        return _on_native(near, self.grid.f, rows, cols)
+        """Native pixels of slice ``k`` on ``[rows, cols]`` within one coarse voxel (in-plane)
+        of a device."""
+        near = getattr(self, "_devices_near_cache", None)
+        if near is None:  # once per volume, not per native slice
+            near = in_slabs(ndi.binary_dilation, self.devices, 0, structure=np.ones((1, 3, 3), bool))
+            self._devices_near_cache = near
+        return _on_native(near[int(self.grid.native_k[k])], self.grid.f, rows, cols)
 
     @property
     def body_grown(self) -> np.ndarray:
