@@ -15,6 +15,13 @@ structure, air (≤ −500 HU) changed, bone Dice at 300 and 150 HU, seconds.
 (5 mm slabs, gantry tilt 18.5°), ``tilted-4-7mm`` (4 mm then 7 mm slabs, tilt 15°, as
 the shared real GE head CT), ``thick-7mm``, ``coarse-pixels`` (2.95 mm pixels).
 
+``--shell HU[,GAP]``: a dense shell over the face of each plain head (a mask, splint or cast
+pressed onto it, ``GAP`` mm off the skin with a cushion along its rim;
+:func:`pipeline.synth.face_shell`, 3.5 mm thick); its voxels are left out of the figures.
+
+    .venv/bin/python benchmarks/bench_deface_quality.py --method auto --shell 350
+    .venv/bin/python benchmarks/bench_deface_quality.py --method auto --shell 350,4
+
 ``--domain``: the domain-randomised heads instead (:func:`pipeline.detector_data.domain_head`:
 body habitus, thin auricles, head holders and pads, HU and kernel variety, each with its own
 acquisition, so ``--acquisition``, ``--pose`` and ``--metal`` do not apply), e.g.
@@ -36,7 +43,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.deface import AnatomicalFaceRegion, deface  # noqa: E402
-from pipeline.synth import LABELS, SubjectParams, generate_head  # noqa: E402
+from pipeline.synth import LABELS, SubjectParams, face_shell, generate_head  # noqa: E402
 
 ACQUISITIONS = {
     "default": dict(shape=(140, 150, 130), spacing_mm=(2.0, 1.7, 1.7)),
@@ -54,14 +61,24 @@ ACQUISITIONS = {
 DEVICE_LABELS = [LABELS[n] for n in ("couch", "holder", "foam")]
 
 
-def measure(head, res) -> dict[str, float]:
-    before, after = head.volume.hu, res.hu
+def measure(head, res, hu: np.ndarray | None = None, skip: np.ndarray | None = None
+            ) -> dict[str, float]:
+    """Figures of ``res`` (a defacing of ``head``, or of ``hu``: its HU with an object added
+    whose voxels ``skip`` are left out of the removal figures)."""
+    before, after = (head.volume.hu if hu is None else hu), res.hu
     changed = after != before
     face = head.face_soft_tissue_mask
     fm = head.feature_masks
     bone = np.isin(head.labels, [LABELS[n] for n in ("cortical_bone", "cancellous_bone", "teeth")])
+    shell_removed = None
+    if skip is not None and skip.any():
+        shell_removed = float((after != before)[skip].mean())
+    if skip is not None:
+        changed = changed & ~skip
 
     def frac(m):
+        if skip is not None:
+            m = m & ~skip
         return float(changed[m].mean()) if m.any() else float("nan")
 
     def dice(t):
@@ -75,7 +92,8 @@ def measure(head, res) -> dict[str, float]:
             "air_changed": int((changed & (before <= -500)).sum()),
             "bone_label_changed": int((changed & bone).sum()),
             "devices_changed": int((changed & np.isin(head.labels, DEVICE_LABELS)).sum()),
-            "dice300": dice(300), "dice150": dice(150), "face_found": res.qa.face_found}
+            "dice300": dice(300), "dice150": dice(150), "face_found": res.qa.face_found,
+            "shell_removed": shell_removed}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,10 +103,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--acquisition", choices=sorted(ACQUISITIONS), default="default")
     ap.add_argument("--pose", default=None, help="yaw,pitch,roll in degrees (default: random ±4°)")
     ap.add_argument("--metal", action="store_true", help="dental fillings with streaks")
-    ap.add_argument("--domain", action="store_true", help="domain-randomised heads (own acquisitions)")
+    ap.add_argument("--domain", action="store_true",
+                    help="domain-randomised heads (own acquisitions)")
+    ap.add_argument("--shell", default=None, metavar="HU[,GAP]",
+                    help="a dense shell over the face (HU; GAP mm off the skin, default 0)")
     args = ap.parse_args(argv)
-    if args.domain and (args.pose or args.metal or args.acquisition != "default"):
-        ap.error("--domain heads draw their own acquisition, pose and metal")
+    if args.domain and (args.pose or args.metal or args.shell
+                        or args.acquisition != "default"):
+        ap.error("--domain heads draw their own acquisition, pose and metal (and no shell)")
+    shell = None
+    if args.shell:
+        try:
+            shell = tuple(float(x) for x in args.shell.split(","))
+        except ValueError:
+            ap.error("--shell takes HU[,GAP], e.g. 350 or 350,4")
+        if not 1 <= len(shell) <= 2:
+            ap.error("--shell takes HU[,GAP], e.g. 350 or 350,4")
     pose = tuple(float(x) for x in args.pose.split(",")) if args.pose else None
     a, b = (int(x) for x in args.seeds.split("-"))
     if args.method == "anatomical":
@@ -107,20 +137,26 @@ def main(argv: list[str] | None = None) -> int:
         else:
             head = generate_head(SubjectParams.random(seed), noise_seed=seed, pose_deg=pose,
                                  metal=args.metal, **kw)
+        hu = skip = None
+        volume = head.volume
+        if shell is not None:
+            hu, skip = face_shell(head, shell[0], shell[1] if len(shell) > 1 else 0.0)
+            volume = volume.with_hu(hu)
         t = time.perf_counter()
-        res = deface(head.volume, method)
+        res = deface(volume, method)
         seconds.append(time.perf_counter() - t)
-        m = measure(head, res)
+        m = measure(head, res, hu, skip)
         rows.append(m)
         print(f"seed {seed}: face {m['face']:.4f} nose {m['nose']:.4f} lips {m['lips']:.4f} "
               f"ears {m['ears']:.3f} | inside changed {m['inside_changed']} brain "
               f"{m['brain_changed']} air {m['air_changed']} bone {m['bone_label_changed']} "
               f"devices {m['devices_changed']} | "
-              f"Dice300 {m['dice300']:.5f} Dice150 {m['dice150']:.5f} | {seconds[-1]:.2f} s",
-              flush=True)
+              f"Dice300 {m['dice300']:.5f} Dice150 {m['dice150']:.5f} | {seconds[-1]:.2f} s"
+              + (f" | shell removed {m['shell_removed']:.3f}" if shell else ""), flush=True)
     face = np.array([r["face"] for r in rows])
     what = "domain heads" if args.domain else (f"{args.acquisition}, pose {pose or 'random ±4°'}"
-                                               f"{', metal' if args.metal else ''}")
+                                               f"{', metal' if args.metal else ''}"
+                                               f"{f', shell {args.shell}' if shell else ''}")
     print(f"\n{args.method}, {what}, seeds {a}-{b}:")
     print(f"  facial soft tissue removed: mean {face.mean():.4f}, worst {face.min():.4f}, "
           f"seeds ≥ 0.99: {int((face >= 0.99).sum())}/{len(face)}")
@@ -133,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{sum(r['devices_changed'] for r in rows)}")
     print(f"  bone Dice 300 HU min {min(r['dice300'] for r in rows):.6f}, "
           f"150 HU min {min(r['dice150'] for r in rows):.6f}")
+    if shell:
+        print(f"  shell's voxels removed: mean {np.mean([r['shell_removed'] for r in rows]):.3f}")
     print(f"  face found {sum(r['face_found'] for r in rows)}/{len(rows)}; "
           f"deface {np.mean(seconds):.2f} s per head")
     return 0

@@ -322,7 +322,8 @@ def _region_labels(env: Envelope) -> np.ndarray:
 
 def _keep_bright(sl: np.ndarray, cand: np.ndarray, min_px: float, metal: bool,
                  exterior: np.ndarray | None = None,
-                 devices: np.ndarray | None = None) -> np.ndarray:
+                 devices: np.ndarray | None = None,
+                 plastic: np.ndarray | None = None) -> np.ndarray:
     """In-plane clusters of candidate voxels ≥ 150 HU that reach 300 HU and cover ≥ ``min_px``
     (bone outside the hull: a fragment, a thin nasal tip). In a slice with dental metal
     (``metal``) a line-like cluster (second-moment axes ratio > 6) is a streak, not bone.
@@ -334,7 +335,9 @@ def _keep_bright(sl: np.ndarray, cand: np.ndarray, min_px: float, metal: bool,
     skin over a nasal bone is a pixel thin, the bone's cluster holds cortical bone
     (≥ ``SKIN_EDGE_MAX_HU``), which no skin edge reaches, and stays. A cluster
     touching ``devices`` (pixels near a holder, rail or couch) stays kept: a device's edge
-    that reached the candidates is not written either."""
+    that reached the candidates is not written either. A cluster touching ``plastic``
+    (:meth:`Envelope.plastic_pixels`: a dense shell on the skin, not bone) is not kept: a
+    mask or splint pressed to the face is a cast of it."""
     bright = cand & (sl >= KEEP_LOW_HU)
     if not bright.any():
         return bright
@@ -353,6 +356,9 @@ def _keep_bright(sl: np.ndarray, cand: np.ndarray, min_px: float, metal: bool,
         if devices is not None and devices.any():
             skin[np.unique(lab[devices])] = False
         keep &= ~skin
+    if plastic is not None and keep.any() and plastic.any():
+        keep[np.unique(lab[plastic & bright])] = False
+        keep[0] = False
     if metal:
         for c in np.flatnonzero(keep & (sizes <= 5000)):  # streak pieces are small
             jj, ii = np.nonzero(lab == c)
@@ -482,7 +488,8 @@ def _deface(volume: Volume, method: FaceRegionMethod, settings: EnvelopeSettings
                 return None
             sub = sl[rs, cs]
             keep = _keep_bright(sub, cand, min_px, bool((sl >= METAL_HU).any()),
-                                env.exterior_air(k, sl, rs, cs), env.devices_near(k, rs, cs))
+                                env.exterior_air(k, sl, rs, cs), env.devices_near(k, rs, cs),
+                                env.plastic_pixels(k, rs, cs))
             jj, ii = np.nonzero(cand & ~keep)
             if jj.size == 0:
                 return None

@@ -70,6 +70,18 @@ SOFT_MAX_HU = 120.0
 #: Landmark note when the anatomical method finds no nose tip in front of the skeleton (the
 #: zone is then placed from the globes; ``auto`` says so when the detector's nose boxes are used).
 NO_NOSE_NOTE = "no nose-like protrusion found in front of the skeleton"
+#: native HU that a skeleton's cortex (cortical bone, teeth) reaches and plastics do not: bright
+#: material at the body's surface without a pixel this dense is a mask, splint or shell on the skin
+CORTEX_HU = 1000.0
+#: ... when at least this fraction of such a piece's voxels lies beside the air around the patient
+#: (pressed shells on synthetic heads: 0.70-0.79; the real head's thin bones: 0; domain heads'
+#: bone: at most 0.57, but 0.78 for a 0.5-mL nasal bone under one 1.3-mm pixel of skin) ...
+SHELL_EXPOSED = 0.6
+#: ... and the piece holds at least this much (mL; pressed shells 4-20 mL). Of such a shell, a
+#: piece not beside the air is taken only if no pixel of it reaches this (thin bone under the
+#: skin: 700-1000 HU on the real head's 4-mm slices; a 350-HU shell's inner fragments: < 500)
+SHELL_MIN_ML = 1.0
+SHELL_MAX_HU = 600.0
 
 
 # --------------------------------------------------------------------------- geometry
@@ -555,6 +567,7 @@ class Envelope:
     settings: EnvelopeSettings = field(default_factory=EnvelopeSettings)
     thin: np.ndarray | None = None
     doubtful: bool = False  # no face located, yet soft tissue stands proud in front
+    plastic: np.ndarray | None = None  # a shell on the face: neither bone nor device
 
     # ------------------------------------------------------------ per native slice
     def slice_masks(self, k: int, hu_slice: np.ndarray, rows: slice | None = None,
@@ -612,20 +625,16 @@ class Envelope:
         not an ear canal with the mastoid cells behind it, a nostril or a mouth's slit."""
         ext = getattr(self, "_exterior_cache", None)
         if ext is None:
-            g = self.grid
-            air = g.hu <= self.settings.body_threshold_hu
-            square = np.ones((1, 3, 3), bool)
-            wide = in_slabs(ndi.binary_opening, air, 0, structure=square, iterations=2)
-            plane = np.zeros((3, 3, 3), bool)
-            plane[1] = True
-            lab, _ = ndi.label(wide, structure=plane)
-            edge = np.unique(np.concatenate([lab[:, 0].ravel(), lab[:, -1].ravel(),
-                                             lab[:, :, 0].ravel(), lab[:, :, -1].ravel()]))
-            ext = np.isin(lab, edge[edge > 0])
-            ext = ndi.binary_dilation(ext, structure=square, iterations=2, mask=air)
-            ext = in_slabs(ndi.binary_dilation, ext, 0, structure=square)
+            ext = _exterior_coarse(self.grid, self.settings.body_threshold_hu)
             self._exterior_cache = ext
         return ext
+
+    def plastic_pixels(self, k: int, rows: slice, cols: slice) -> np.ndarray:
+        """Native pixels of slice ``k`` on ``[rows, cols]`` in :attr:`plastic` (a dense shell on
+        the skin that is not bone; all False when there is none)."""
+        if self.plastic is None or not self.plastic.any():
+            return np.zeros((rows.stop - rows.start, cols.stop - cols.start), bool)
+        return _on_native(self.plastic[int(self.grid.native_k[k])], self.grid.f, rows, cols)
 
     def devices_near(self, k: int, rows: slice, cols: slice) -> np.ndarray:
         """Native pixels of slice ``k`` on ``[rows, cols]`` within one coarse voxel (in-plane)
@@ -677,6 +686,21 @@ class Envelope:
 
 
 # --------------------------------------------------------------------------- finding
+
+
+def _exterior_coarse(grid: CoarseGrid, body_threshold_hu: float) -> np.ndarray:
+    """:attr:`Envelope.exterior_coarse` of ``grid``."""
+    air = grid.hu <= body_threshold_hu
+    square = np.ones((1, 3, 3), bool)
+    wide = in_slabs(ndi.binary_opening, air, 0, structure=square, iterations=2)
+    plane = np.zeros((3, 3, 3), bool)
+    plane[1] = True
+    lab, _ = ndi.label(wide, structure=plane)
+    edge = np.unique(np.concatenate([lab[:, 0].ravel(), lab[:, -1].ravel(),
+                                     lab[:, :, 0].ravel(), lab[:, :, -1].ravel()]))
+    ext = np.isin(lab, edge[edge > 0])
+    ext = ndi.binary_dilation(ext, structure=square, iterations=2, mask=air)
+    return in_slabs(ndi.binary_dilation, ext, 0, structure=square)
 
 
 def _on_native(coarse: np.ndarray, f: int, rows: slice, cols: slice) -> np.ndarray:
@@ -793,6 +817,172 @@ def _bone_and_rails(grid: CoarseGrid, body: np.ndarray, st: EnvelopeSettings, vo
     other = ok & ~bone_ok
     other[0] = False
     return bone_ok[lab], other[lab]
+
+
+def _reaching(volume: Volume, grid: CoarseGrid, where: np.ndarray, hu: float,
+              st: EnvelopeSettings) -> np.ndarray:
+    """Coarse voxels holding a native pixel of ``hu`` or more, looked for where ``where`` has
+    voxels (its native slices, in-plane its bounding box; elsewhere False)."""
+    box = bbox_of(where)
+    if box is None:
+        return np.zeros(where.shape, bool)
+    ks = np.flatnonzero(np.isin(grid.native_k, np.arange(box[0].start, box[0].stop)))
+    f = grid.f
+    rs = slice(box[1].start * f, min(volume.hu.shape[1], box[1].stop * f))
+    cs = slice(box[2].start * f, min(volume.hu.shape[2], box[2].stop * f))
+    hot = np.zeros(volume.hu.shape, np.int16)
+    hot[ks, rs, cs] = volume.hu[ks, rs, cs] >= hu
+    return coarse_grid(volume.with_hu(hot), st.grid_mm).hu > 0.0
+
+
+def _surface_plastic(volume: Volume, grid: CoarseGrid, stack: SliceStack, bone: np.ndarray,
+                     clean: np.ndarray, st: EnvelopeSettings
+                     ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Coarse voxels of ``bone`` that are a dense shell on the skin, not bone; and the
+    :func:`_exterior_coarse` mask when it was computed (None otherwise). ``clean``: ``bone``
+    without metal streaks (:func:`_without_streaks`), for the hull.
+
+    A mask, splint, cast or dressing pressed onto the face is as bright as bone on the
+    coarse grid (a 350-HU shell: 250 HU and more) and, where the skin under it is thin,
+    joins the skull's piece through the skin's partial volume; the skeleton's hull then
+    spanned the shell, the whole face lay inside it and nothing was removed (synthetic
+    heads: nose and lips 0 %, while the QA said the detector's nose was removed).
+
+    Bone has a cortex (a native pixel of ``CORTEX_HU`` or more in its coarse voxels, in any
+    native slice they pool), which plastics do not reach, and lies under skin. Candidates:
+    bone voxels without such a pixel outside the hull of the bone with one (grown by
+    ``hull_margin_mm``). A shell: candidates within a voxel of each other (the shell's
+    voxels that pool a cortex pixel stay bone and split it) holding ``SHELL_MIN_ML`` or
+    more, at least ``SHELL_EXPOSED`` of whose voxels lie beside a dense native pixel next to
+    the air around the patient (:func:`_exposed_dense`). Of a shell, its 26-connected pieces
+    beside such a pixel are taken, and those no pixel of which reaches ``SHELL_MAX_HU``
+    (inner fragments), not a thin bone under the skin beneath it. On the real head CT of
+    4-mm slices the nasal bones and the maxilla's front wall peak at 700-1000 HU and lie
+    outside the cortical bone's hull, but none of them is beside such a pixel: skin covers
+    bone.
+    """
+    empty = np.zeros(bone.shape, bool)
+    if not bone.any():
+        return empty, None
+    voxel_ml = float(np.prod(grid.spacing_mm)) / 1000.0
+    exterior = _exterior_coarse(grid, st.body_threshold_hu)
+    # bone beside the air around the patient (a voxel beside an exposed pixel lies next to
+    # that air's voxels): on most heads too little for a shell, and the search ends here
+    near = bone & in_slabs(ndi.binary_dilation, exterior, 0, structure=np.ones((1, 3, 3), bool))
+    exposed = _exposed_dense(volume, grid, near, exterior, st)
+    if exposed.sum() * voxel_ml < SHELL_EXPOSED * SHELL_MIN_ML:  # no shell can qualify
+        return empty, exterior
+    soft = bone & ~_reaching(volume, grid, bone, CORTEX_HU, st)
+    exposed &= soft
+    if exposed.sum() * voxel_ml < SHELL_EXPOSED * SHELL_MIN_ML or not (clean & ~soft).any():
+        return empty, exterior
+    hull = SkeletonHull.of_points(_hull_points(grid, clean & ~soft), st.hull_margin_mm)
+    if hull is None:
+        return empty, exterior
+    out = soft & ~_inside_coarse(grid, stack, hull)
+    exposed &= out
+    if exposed.sum() * voxel_ml < SHELL_EXPOSED * SHELL_MIN_ML:
+        return empty, exterior
+
+    def exposure(lab: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        count = np.bincount(lab.ravel(), minlength=n + 1)
+        return count, ndi.sum_labels(exposed, lab, np.arange(n + 1)) / np.maximum(count, 1)
+
+    # a shell: pieces a voxel apart (its cortex-pooled voxels stay bone and split it), together
+    # big enough and mostly beside the air; of them, the pieces that reach the air themselves
+    # and those without a pixel of SHELL_MAX_HU (not a thin bone under the shell's skin)
+    group, n = ndi.label(in_slabs(ndi.binary_dilation, out, 1, structure=np.ones((3, 3, 3), bool)))
+    group[~out] = 0
+    count, frac = exposure(group, n)
+    shell = (frac >= SHELL_EXPOSED) & (count * voxel_ml >= SHELL_MIN_ML)
+    shell[0] = False
+    piece, m = ndi.label(out, structure=np.ones((3, 3, 3), bool))
+    _, own = exposure(piece, m)
+    in_shell = np.zeros(m + 1, bool)
+    in_shell[np.unique(piece[shell[group]])] = True
+    if in_shell.any():  # a piece under the skin is bone unless no pixel of it reaches bone's HU
+        dense = _reaching(volume, grid, piece > 0, SHELL_MAX_HU, st)
+        dense = ndi.maximum(dense, piece, np.arange(m + 1)) > 0
+        in_shell &= (own > 0.0) | ~dense
+    in_shell[0] = False
+    return in_shell[piece], exterior
+
+
+def _exposed_dense(volume: Volume, grid: CoarseGrid, where: np.ndarray, exterior: np.ndarray,
+                   st: EnvelopeSettings) -> np.ndarray:
+    """Coarse voxels of ``where`` within one voxel (in-plane) of a native pixel of
+    ``bone_threshold_hu`` or more next to (8-neighbourhood) air outside the patient
+    (``exterior``: :func:`_exterior_coarse`; not a sinus, the nasal cavity or a nostril). Only
+    pixels at least 5 mm inside the image's inscribed circle count: where the field of view
+    cuts a face, its bone meets the padding or the image's border."""
+    out = np.zeros(where.shape, bool)
+    square = np.ones((3, 3), bool)
+    nj, ni = volume.hu.shape[1:]
+    dj, di = (float(x) for x in volume.spacing_mm[1:])
+    radius = min(nj * dj, ni * di) / 2.0 - 5.0
+    f = grid.f
+    for k in np.flatnonzero(np.isin(grid.native_k, np.flatnonzero(where.any(axis=(1, 2))))):
+        kc = int(grid.native_k[k])
+        box = bbox_of(where[kc])
+        if box is None:
+            continue
+        rs = slice(max(0, (box[0].start - 2) * f), min(nj, (box[0].stop + 2) * f))
+        cs = slice(max(0, (box[1].start - 2) * f), min(ni, (box[1].stop + 2) * f))
+        sl = volume.hu[k, rs, cs]
+        y = (np.arange(rs.start, rs.stop) - (nj - 1) / 2.0)[:, None] * dj
+        x = (np.arange(cs.start, cs.stop) - (ni - 1) / 2.0)[None, :] * di
+        air = _on_native(exterior[kc], f, rs, cs) & (sl <= st.body_threshold_hu)
+        hit = ((sl >= st.bone_threshold_hu) & ndi.binary_dilation(air, square)
+               & (np.hypot(y, x) <= radius))
+        jj, ii = np.nonzero(hit)
+        if jj.size:
+            out[kc, np.minimum((jj + rs.start) // f, out.shape[1] - 1),
+                np.minimum((ii + cs.start) // f, out.shape[2] - 1)] = True
+    return in_slabs(ndi.binary_dilation, out, 0, structure=np.ones((1, 3, 3), bool)) & where
+
+
+def _face_shells(volume: Volume, grid: CoarseGrid, stack: SliceStack, other: np.ndarray,
+                 exterior: np.ndarray, face: FaceZone, lm: Landmarks, st: EnvelopeSettings
+                 ) -> np.ndarray:
+    """Pieces of ``other`` (bright material that is not bone, :func:`_bone_and_rails`) that
+    are a shell on the face: ``SHELL_MIN_ML`` or more, at least half of their voxels in
+    front of the globes' coronal plane and reaching within 15 mm of the midline there (over
+    the nose or mouth; a holder's walls lie beside or behind the head), at least half in the
+    ``face`` zone, no native pixel of ``CORTEX_HU`` and at least ``SHELL_EXPOSED`` of their
+    voxels beside the air around the patient (:func:`_exposed_dense`). Cheapest tests first."""
+    none = np.zeros(other.shape, bool)
+    if lm.anchor is None:
+        return none
+    lab, n = ndi.label(other, structure=np.ones((3, 3, 3), bool))
+    count = np.bincount(lab.ravel(), minlength=n + 1)
+    ok = count * (float(np.prod(grid.spacing_mm)) / 1000.0) >= SHELL_MIN_ML
+    ok[0] = False
+    if not ok.any():
+        return none
+    idx = np.argwhere(ok[lab])
+    rel = grid.lps(*idx.T) - lm.anchor
+    left, post, _ = lm.axes
+    ids = lab[tuple(idx.T)]
+    front = rel @ post < 0.0
+    ok &= np.bincount(ids[front], minlength=n + 1) * 2 >= count
+    ok &= np.bincount(ids[front & (np.abs(rel @ left) <= 15.0)], minlength=n + 1) > 0
+    ok[0] = False
+    if not ok.any():
+        return none
+    ok &= ndi.sum_labels(_zone_coarse(grid, stack, face, None), lab, np.arange(n + 1)) * 2 >= count
+    ok[0] = False
+    if not ok.any():
+        return none
+    cand = ok[lab]
+    ok &= ndi.sum_labels(_exposed_dense(volume, grid, cand, exterior, st), lab,
+                         np.arange(n + 1)) >= SHELL_EXPOSED * count
+    ok[0] = False
+    if not ok.any():
+        return none
+    cortex = _reaching(volume, grid, ok[lab], CORTEX_HU, st)
+    ok &= ndi.maximum(cortex, lab, np.arange(n + 1)) == 0
+    ok[0] = False
+    return ok[lab]
 
 
 def _chin_profile(post_mm: np.ndarray, sup_mm: np.ndarray, start_mm: float = 30.0,
@@ -1237,12 +1427,17 @@ def _find_envelope(volume: Volume, st: EnvelopeSettings, side: ThreadPoolExecuto
     empty = np.zeros(grid.hu.shape, bool)
     lm = Landmarks()
     devices = empty
+    plastic = exterior = None
 
     def result(body, hull, inside, zone, found, reason, face_ml=0.0, thin=None) -> Envelope:
-        return Envelope(grid=grid, stack=stack, body=body, devices=devices, hull=hull,
-                        inside=inside, landmarks=lm, zone=zone, face_found=found,
-                        reason=reason, face_ml=round(face_ml, 2),
-                        seconds=round(time.perf_counter() - t0, 3), settings=st, thin=thin)
+        env = Envelope(grid=grid, stack=stack, body=body, devices=devices, hull=hull,
+                       inside=inside, landmarks=lm, zone=zone, face_found=found,
+                       reason=reason, face_ml=round(face_ml, 2),
+                       seconds=round(time.perf_counter() - t0, 3), settings=st, thin=thin,
+                       plastic=plastic)
+        if exterior is not None:  # computed for the shell test: the same as the property's
+            env._exterior_cache = exterior
+        return env
 
     body, devices = _body_mask(grid, st.body_threshold_hu)
     hard = empty  # rims of bright devices (rails, holders): never the patient's
@@ -1251,6 +1446,11 @@ def _find_envelope(volume: Volume, st: EnvelopeSettings, side: ThreadPoolExecuto
                       "no body in the field of view (nothing above -500 HU)")
     voxel_ml = float(np.prod(grid.spacing_mm)) / 1000.0
     bone, other = _bone_and_rails(grid, body, st, voxel_ml)
+    clean = _without_streaks(grid, bone)  # (the hull's points: not a metal streak's)
+    plastic, exterior = _surface_plastic(volume, grid, stack, bone, clean, st)
+    bone &= ~plastic
+    clean &= ~plastic
+    devices_outside, body_with_other, device = devices, body, empty
     if other.any():  # bright material that is not bone (rails pressed to an ear): not body
         near_other = in_slabs(ndi.binary_dilation, other, 1, iterations=1)
         body &= ~near_other
@@ -1259,8 +1459,7 @@ def _find_envelope(volume: Volume, st: EnvelopeSettings, side: ThreadPoolExecuto
     if not bone.any():
         return result(body, None, empty, None, False,
                       "no bone in the field of view: the facial skeleton cannot be found")
-    hull = SkeletonHull.of_points(_hull_points(grid, _without_streaks(grid, bone)),
-                                  st.hull_margin_mm)
+    hull = SkeletonHull.of_points(_hull_points(grid, clean), st.hull_margin_mm)
     if hull is None:
         return result(body, None, empty, None, False,
                       "the bone in the field of view is flat or tiny: no facial skeleton")
@@ -1378,6 +1577,25 @@ def _find_envelope(volume: Volume, st: EnvelopeSettings, side: ThreadPoolExecuto
                       plane(-sup, st.ear_inferior_mm), plane(-side * left, -st.ear_lateral_mm)])
             for side in (-1.0, 1.0)]
     zone = FaceZone([np.array(face), *ears], ["face", "right ear", "left ear"])
+    if other.any():
+        # a shell on the face that the skin's partial volume did not join to the skull is no
+        # device either: it and the skin under it are the face's (a cast of it)
+        if exterior is None:
+            exterior = _exterior_coarse(grid, st.body_threshold_hu)
+        face_part = FaceZone([np.array(face)], ["face"])
+        shells = _face_shells(volume, grid, stack, other, exterior, face_part, lm, st)
+        if shells.any():
+            # the shell's thin parts, which the body's opening left outside the body: the
+            # tissue outside it connected to the shell, in the face zone
+            lab, _ = ndi.label(devices_outside | shells, structure=np.ones((3, 3, 3), bool))
+            ids = np.unique(lab[shells])
+            cast = np.isin(lab, ids[ids > 0]) & _zone_coarse(grid, stack, face_part, None)
+            kept = in_slabs(ndi.binary_dilation, (other | device) & ~cast, 1, iterations=1)
+            released = in_slabs(ndi.binary_dilation, cast, 1, iterations=1) & ~kept
+            body = body | (released & body_with_other) | cast
+            devices = (devices_outside & ~cast) | kept
+            hard = (hard & ~released) | kept
+            plastic = plastic | cast
     if st.ear_max_ml > 0:
         hard = hard | _device_rims(volume, grid, body, st)
     thin = _thin_flaps(grid, stack, body, FaceZone(ears, ["right ear", "left ear"]), st, avoid=hard)

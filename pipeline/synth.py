@@ -94,6 +94,7 @@ __all__ = [
     "SubjectParams",
     "SynthError",
     "SynthHead",
+    "face_shell",
     "generate_head",
     "head_local_to_lps",
     "render_skin_frontal",
@@ -1223,6 +1224,32 @@ def head_local_to_lps(head: SynthHead, points_mm: np.ndarray) -> np.ndarray:
     pts = np.asarray(points_mm, float).reshape(-1, 3)
     rot = head.rotation_lps if head.rotation_lps is not None else _rotation(head.pose_deg)
     return pts @ rot.T + head.head_centre_lps_mm
+
+
+def face_shell(head: SynthHead, shell_hu: float = 350.0, gap_mm: float = 0.0,
+               thick_mm: float = 3.5, reach_mm: float = 25.0) -> tuple[np.ndarray, np.ndarray]:
+    """``head``'s HU with a dense shell over its face (a mask, splint, cast or dressing) and
+    the shell's mask (both shaped like ``head.volume.hu``).
+
+    The shell is ``thick_mm`` thick, ``gap_mm`` off the skin (0: pressed onto it), over the
+    nose, the lips and the face within ``reach_mm`` of them; with a gap, a cushion along its
+    rim (its outer 3 mm) reaches down to the skin. Flat ``shell_hu``, no noise (a test
+    object). The ground truth of ``head`` still holds outside the shell's voxels.
+    """
+    from scipy import ndimage as ndi
+
+    v = head.volume
+    sp = np.asarray(v.spacing_mm, float)
+    hu = v.hu.copy()
+    off = ndi.distance_transform_edt(~(hu > -500), sampling=sp)  # mm outside the body
+    fm = head.feature_masks
+    near = ndi.distance_transform_edt(~(fm["nose"] | fm["lips"]), sampling=sp)
+    shell = (off > gap_mm) & (off <= gap_mm + thick_mm) & (near <= reach_mm)
+    if gap_mm > 0:
+        rim = (near <= reach_mm) & (near > reach_mm - 3.0)
+        shell |= (off > 0) & (off <= gap_mm + thick_mm) & rim
+    hu[shell] = np.asarray(shell_hu).astype(hu.dtype)
+    return hu, shell
 
 
 # ----------------------------------------------------------------------------- generator

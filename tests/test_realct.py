@@ -89,6 +89,28 @@ def test_ge_right_auricle_lowest_slices_removed(ge_labelled) -> None:
     assert len(low) == 3 and min(b["removed_pct"] for b in low) >= 80.0, low
 
 
+def test_ge_thin_facial_bones_are_not_taken_for_a_shell_on_the_face(ge) -> None:
+    """On 4-mm slices the nasal bones and the maxilla's front wall peak at 700-1000 HU: no
+    cortex pixel, outside the hull of the bone that has one, like a shell pressed on the face
+    (pipeline.envelope._surface_plastic). Skin covers them, so they stay bone."""
+    from pipeline import envelope as E
+
+    loaded, res = ge
+    env = res.envelope
+    assert env.plastic is not None and not env.plastic.any()
+    # the cortex-and-hull test alone would have taken them (the exposure test keeps them)
+    vol, g, st = loaded.volume, env.grid, env.settings
+    body, _ = E._body_mask(g, st.body_threshold_hu)
+    bone, _ = E._bone_and_rails(g, body, st, float(np.prod(g.spacing_mm)) / 1000.0)
+    cortex = E.coarse_grid(vol.with_hu((vol.hu >= E.CORTEX_HU).astype(np.int16))).hu > 0
+    no_cortex = bone & ~cortex
+    hull = E.SkeletonHull.of_points(E._hull_points(g, bone & ~no_cortex), st.hull_margin_mm)
+    beyond = no_cortex & ~E._inside_coarse(g, env.stack, hull)
+    assert float(beyond.sum() * np.prod(g.spacing_mm)) / 1000.0 >= 1.0
+    exterior = E._exterior_coarse(g, st.body_threshold_hu)
+    assert not E._exposed_dense(vol, g, beyond, exterior, st).any()
+
+
 def test_ge_orbits_sinuses_nasal_cavity_untouched(ge) -> None:
     """The slices through the orbits: nothing behind the orbital rims changes."""
     loaded, res = ge
