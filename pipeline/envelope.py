@@ -1450,7 +1450,7 @@ def _find_envelope(volume: Volume, st: EnvelopeSettings, side: ThreadPoolExecuto
     plastic, exterior = _surface_plastic(volume, grid, stack, bone, clean, st)
     bone &= ~plastic
     clean &= ~plastic
-    devices_outside, body_with_other, device = devices, body, empty
+    devices_outside, body_with_other, device = devices, body.copy(), empty
     if other.any():  # bright material that is not bone (rails pressed to an ear): not body
         near_other = in_slabs(ndi.binary_dilation, other, 1, iterations=1)
         body &= ~near_other
