@@ -614,8 +614,8 @@ class Envelope:
         """Native pixels of slice ``k`` on ``[rows, cols]`` that are air outside the patient
         (≤ the body threshold, within one coarse voxel of air connected in-plane to the
         image's border), not an air cavity inside the head (sinus, nasal or oral airway)."""
-        ext = _on_native(self.exterior_coarse[int(self.grid.native_k[k])], self.grid.f, rows, cols)
-        return ext & (hu_slice[rows, cols] <= self.settings.body_threshold_hu)
+        return _air_outside(self.exterior_coarse, self.grid, k, hu_slice[rows, cols], rows, cols,
+                            self.settings.body_threshold_hu)
 
     @property
     def exterior_coarse(self) -> np.ndarray:
@@ -701,6 +701,15 @@ def _exterior_coarse(grid: CoarseGrid, body_threshold_hu: float) -> np.ndarray:
     ext = np.isin(lab, edge[edge > 0])
     ext = ndi.binary_dilation(ext, structure=square, iterations=2, mask=air)
     return in_slabs(ndi.binary_dilation, ext, 0, structure=square)
+
+
+def _air_outside(exterior: np.ndarray, grid: CoarseGrid, k: int, hu_block: np.ndarray,
+                 rows: slice, cols: slice, threshold_hu: float) -> np.ndarray:
+    """Native pixels of slice ``k`` on ``[rows, cols]`` (``hu_block``: their HU) that are air
+    outside the patient: at or below ``threshold_hu`` in ``exterior``
+    (:func:`_exterior_coarse`)."""
+    near = _on_native(exterior[int(grid.native_k[k])], grid.f, rows, cols)
+    return near & (hu_block <= threshold_hu)
 
 
 def _on_native(coarse: np.ndarray, f: int, rows: slice, cols: slice) -> np.ndarray:
@@ -819,20 +828,24 @@ def _bone_and_rails(grid: CoarseGrid, body: np.ndarray, st: EnvelopeSettings, vo
     return bone_ok[lab], other[lab]
 
 
-def _reaching(volume: Volume, grid: CoarseGrid, where: np.ndarray, hu: float,
-              st: EnvelopeSettings) -> np.ndarray:
-    """Coarse voxels holding a native pixel of ``hu`` or more, looked for where ``where`` has
-    voxels (its native slices, in-plane its bounding box; elsewhere False)."""
-    box = bbox_of(where)
-    if box is None:
-        return np.zeros(where.shape, bool)
-    ks = np.flatnonzero(np.isin(grid.native_k, np.arange(box[0].start, box[0].stop)))
-    f = grid.f
-    rs = slice(box[1].start * f, min(volume.hu.shape[1], box[1].stop * f))
-    cs = slice(box[2].start * f, min(volume.hu.shape[2], box[2].stop * f))
-    hot = np.zeros(volume.hu.shape, np.int16)
-    hot[ks, rs, cs] = volume.hu[ks, rs, cs] >= hu
-    return coarse_grid(volume.with_hu(hot), st.grid_mm).hu > 0.0
+def _dense_share(volume: Volume, grid: CoarseGrid, hu: float, st: EnvelopeSettings,
+                 where: np.ndarray | None = None) -> np.ndarray:
+    """Per coarse voxel, the share of its native pixels at ``hu`` or more (the coarse grid's
+    pooling of a 0/1 copy of the volume). ``where``: count only where it has voxels (its
+    native slices, in-plane its bounding box; 0 elsewhere)."""
+    if where is None:
+        hot = np.greater_equal(volume.hu, hu, out=np.empty(volume.hu.shape, np.int16),
+                               casting="unsafe")
+    else:
+        hot = np.zeros(volume.hu.shape, np.int16)
+        box = bbox_of(where)
+        if box is not None:
+            ks = np.flatnonzero(np.isin(grid.native_k, np.arange(box[0].start, box[0].stop)))
+            f = grid.f
+            rs = slice(box[1].start * f, min(volume.hu.shape[1], box[1].stop * f))
+            cs = slice(box[2].start * f, min(volume.hu.shape[2], box[2].stop * f))
+            hot[ks, rs, cs] = volume.hu[ks, rs, cs] >= hu
+    return coarse_grid(volume.with_hu(hot), st.grid_mm).hu
 
 
 def _surface_plastic(volume: Volume, grid: CoarseGrid, stack: SliceStack, bone: np.ndarray,
@@ -872,7 +885,7 @@ def _surface_plastic(volume: Volume, grid: CoarseGrid, stack: SliceStack, bone: 
     exposed = _exposed_dense(volume, grid, near, exterior, st)
     if exposed.sum() * voxel_ml < SHELL_EXPOSED * SHELL_MIN_ML:  # no shell can qualify
         return empty, exterior
-    soft = bone & ~_reaching(volume, grid, bone, CORTEX_HU, st)
+    soft = bone & (_dense_share(volume, grid, CORTEX_HU, st, bone) <= 0.0)
     exposed &= soft
     if exposed.sum() * voxel_ml < SHELL_EXPOSED * SHELL_MIN_ML or not (clean & ~soft).any():
         return empty, exterior
@@ -901,7 +914,7 @@ def _surface_plastic(volume: Volume, grid: CoarseGrid, stack: SliceStack, bone: 
     in_shell = np.zeros(m + 1, bool)
     in_shell[np.unique(piece[shell[group]])] = True
     if in_shell.any():  # a piece under the skin is bone unless no pixel of it reaches bone's HU
-        dense = _reaching(volume, grid, piece > 0, SHELL_MAX_HU, st)
+        dense = _dense_share(volume, grid, SHELL_MAX_HU, st, piece > 0)
         dense = ndi.maximum(dense, piece, np.arange(m + 1)) > 0
         in_shell &= (own > 0.0) | ~dense
     in_shell[0] = False
@@ -931,7 +944,7 @@ def _exposed_dense(volume: Volume, grid: CoarseGrid, where: np.ndarray, exterior
         sl = volume.hu[k, rs, cs]
         y = (np.arange(rs.start, rs.stop) - (nj - 1) / 2.0)[:, None] * dj
         x = (np.arange(cs.start, cs.stop) - (ni - 1) / 2.0)[None, :] * di
-        air = _on_native(exterior[kc], f, rs, cs) & (sl <= st.body_threshold_hu)
+        air = _air_outside(exterior, grid, k, sl, rs, cs, st.body_threshold_hu)
         hit = ((sl >= st.bone_threshold_hu) & ndi.binary_dilation(air, square)
                & (np.hypot(y, x) <= radius))
         jj, ii = np.nonzero(hit)
@@ -979,7 +992,7 @@ def _face_shells(volume: Volume, grid: CoarseGrid, stack: SliceStack, other: np.
     ok[0] = False
     if not ok.any():
         return none
-    cortex = _reaching(volume, grid, ok[lab], CORTEX_HU, st)
+    cortex = _dense_share(volume, grid, CORTEX_HU, st, ok[lab])
     ok &= ndi.maximum(cortex, lab, np.arange(n + 1)) == 0
     ok[0] = False
     return ok[lab]
@@ -1353,10 +1366,7 @@ def _device_rims(volume: Volume, grid: CoarseGrid, body: np.ndarray, st: Envelop
     coarse grid's mean smears to soft-tissue values (at least 1.5 pixels ≥ ``device_pixel_hu``
     in a coarse voxel, half of one where a coarse voxel is one pixel). A rail's partial-volume
     edge is as soft as skin: these voxels are never taken for an auricle."""
-    dense_px = np.greater_equal(volume.hu, st.device_pixel_hu,
-                                out=np.empty(volume.hu.shape, np.int16), casting="unsafe")
-    px = coarse_grid(volume.with_hu(dense_px), st.grid_mm).hu
-    del dense_px
+    px = _dense_share(volume, grid, st.device_pixel_hu, st)
     dense = (grid.hu >= SOFT_MAX_HU) | (px * (grid.f * grid.f) >= (1.5 if grid.f > 1 else 0.5))
     return in_slabs(ndi.binary_dilation, dense & ~body, 1, iterations=1)
 
