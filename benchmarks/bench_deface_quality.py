@@ -146,13 +146,18 @@ def main(argv: list[str] | None = None) -> int:
         res = deface(volume, method)
         seconds.append(time.perf_counter() - t)
         m = measure(head, res, hu, skip)
+        check = res.qa.nose_check
+        m["nose_check"] = check.get("removed_pct") if check else None
+        m["nose_flagged"] = bool(check.get("nose_may_be_left")) if check else False
         rows.append(m)
         print(f"seed {seed}: face {m['face']:.4f} nose {m['nose']:.4f} lips {m['lips']:.4f} "
               f"ears {m['ears']:.3f} | inside changed {m['inside_changed']} brain "
               f"{m['brain_changed']} air {m['air_changed']} bone {m['bone_label_changed']} "
               f"devices {m['devices_changed']} | "
               f"Dice300 {m['dice300']:.5f} Dice150 {m['dice150']:.5f} | {seconds[-1]:.2f} s"
-              + (f" | shell removed {m['shell_removed']:.3f}" if shell else ""), flush=True)
+              + (f" | shell removed {m['shell_removed']:.3f}" if shell else "")
+              + f" | nose check {'-' if m['nose_check'] is None else format(m['nose_check'], '.1f')}"
+              + (" FLAGGED" if m["nose_flagged"] else ""), flush=True)
     face = np.array([r["face"] for r in rows])
     what = "domain heads" if args.domain else (f"{args.acquisition}, pose {pose or 'random ±4°'}"
                                                f"{', metal' if args.metal else ''}"
@@ -171,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
           f"150 HU min {min(r['dice150'] for r in rows):.6f}")
     if shell:
         print(f"  shell's voxels removed: mean {np.mean([r['shell_removed'] for r in rows]):.3f}")
+    # the QA's nose check (DefaceQA.nose_check) against the ground truth: does it flag the
+    # heads whose nose was not removed, and only those?
+    low = [r for r in rows if r["nose"] < 0.9]  # (NaN: no nose in the image)
+    print(f"  nose check: flagged {sum(r['nose_flagged'] for r in rows)}/{len(rows)} heads; "
+          f"of the {len(low)} with < 90 % of the nose removed, {sum(r['nose_flagged'] for r in low)} "
+          f"flagged; checked {sum(r['nose_check'] is not None for r in rows)}")
     print(f"  face found {sum(r['face_found'] for r in rows)}/{len(rows)}; "
           f"deface {np.mean(seconds):.2f} s per head")
     return 0

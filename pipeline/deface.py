@@ -34,7 +34,9 @@ Two steps, so that different region finders plug in:
 :func:`deface` returns the new array and QA figures (:class:`DefaceQA`): removed
 mL per facial region, soft tissue changed inside the skeleton (%), mL changed
 outside the body, bone Dice at 300 and at 150 HU, the landmarks, the fill, the
-geometry that was assumed. :func:`qa_picture` draws axial slices and a sagittal
+geometry that was assumed, and the nose check (of the soft tissue outside the
+skeleton around the nose — the detector's nose boxes, else the anatomy's nose
+region — the share removed; a warning when the nose may be left). :func:`qa_picture` draws axial slices and a sagittal
 reformat, original beside de-identified, with the removed region overlaid.
 
 Array conventions: ``hu[k, j, i]`` (slice, row, column) in HU, DICOM LPS
@@ -70,6 +72,7 @@ __all__ = [
     "DefaceQA",
     "DefaceResult",
     "FaceRegionMethod",
+    "MODEL_NOSE_NOTE",
     "REGION_NAMES",
     "RegionResult",
     "bbox_of",
@@ -89,6 +92,15 @@ METAL_HU = 2800.0
 SKIN_EDGE_MAX_HU = 1000.0
 #: Facial regions of the removed-volume figures (assigned from the landmarks).
 REGION_NAMES = ("nose", "lips", "chin", "cheeks", "eyelids", "forehead", "ears", "other")
+#: What ``auto`` says when the detector's nose stands in for the anatomy's (kept only when the
+#: nose check below finds the soft tissue outside the skeleton in the nose boxes removed).
+MODEL_NOSE_NOTE = "the detector's nose boxes are removed"
+#: The nose check (the detector's nose boxes, else the anatomy's nose region): with less soft
+#: tissue than ``NOSE_OUTSIDE_MIN_ML`` outside the skeleton's hull there, there is none; the nose
+#: may be left (and the QA says so) when less than ``NOSE_REMOVED_PCT`` of it was removed, or
+#: when there is none but at least ``NOSE_INSIDE_ML`` inside the hull under at least
+#: ``NOSE_DENSE_AIR_ML`` of dense material (≥ ``KEEP_SEED_HU``) at the air around the patient.
+NOSE_OUTSIDE_MIN_ML, NOSE_INSIDE_ML, NOSE_DENSE_AIR_ML, NOSE_REMOVED_PCT = 0.5, 2.0, 1.0, 90.0
 
 
 class DefaceError(ValueError):
@@ -107,7 +119,10 @@ class RegionResult:
     ``envelope``: the :class:`pipeline.envelope.Envelope` when the method
     computed it (else :func:`deface` does). ``warnings``: human-readable
     (never patient identifiers); ``details``: method-specific numbers;
-    ``bbox``: optional bounding box of ``mask`` in array order.
+    ``bbox``: optional bounding box of ``mask`` in array order. ``nose``: optional
+    bool array shaped like ``volume.hu`` where the method found the nose (the detector's
+    nose boxes): :func:`deface` checks that the soft tissue outside the skeleton there
+    was removed (``DefaceQA.nose_check``).
     """
 
     mask: np.ndarray | None
@@ -116,6 +131,7 @@ class RegionResult:
     bbox: tuple[slice, slice, slice] | None = None
     envelope: Envelope | None = None
     use_zone: bool = False
+    nose: np.ndarray | None = None
 
 
 @runtime_checkable
@@ -233,6 +249,13 @@ class DefaceQA:
     −500 HU or outside the patient. ``bone_dice`` / ``bone_dice_150``: Dice of
     voxels ≥ 300 / ≥ 150 HU before vs after. ``geometry``: what was assumed
     about the series (irregular spacing, tilt, slice thickness, pixel size).
+    ``nose_check``: around the nose — the method's nose boxes (the detector's) or else the
+    anatomy's nose region (:func:`_landmark_nose`) — the soft tissue (−200…200 HU) outside
+    the skeleton hull (``outside_ml``), the share of it removed (``removed_pct``; None below
+    :data:`NOSE_OUTSIDE_MIN_ML`), what lies inside the hull (``inside_ml``), the material
+    ≥ 300 HU at the air around the patient there (``dense_at_air_ml``: a cast or mask),
+    whether the nose may be left (``nose_may_be_left``, with a warning) and ``source``
+    (``"detector"`` / ``"anatomy"``); empty when no face was found or neither located a nose.
     """
 
     method: str
@@ -255,6 +278,7 @@ class DefaceQA:
     warnings: list[str]
     seconds: dict[str, float]
     details: dict[str, Any]
+    nose_check: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain-JSON-serialisable dict."""
@@ -538,6 +562,15 @@ def _deface(volume: Volume, method: FaceRegionMethod, settings: EnvelopeSettings
             inside_pct = 100.0 * inside_changed_ml / den_ml
     if not face_found:
         warnings.append(f"no face found: {reason}; nothing removed")
+    nose_check: dict[str, Any] = {}
+    nose, source = region.nose, "detector"
+    if face_found and (nose is None or not nose.any()):
+        nose, source = _landmark_nose(volume, env), "anatomy"
+    if face_found and nose is not None and nose.any():
+        nose_check, nose_warning = _nose_check(volume, env, nose, out, source)
+        if nose_warning:  # what auto promised of the detector's nose did not happen
+            warnings = [w.replace(MODEL_NOSE_NOTE, "the detector's nose boxes were used")
+                        for w in warnings] + [nose_warning]
     lm = env.landmarks
     qa = DefaceQA(
         method=method.name,
@@ -566,8 +599,102 @@ def _deface(volume: Volume, method: FaceRegionMethod, settings: EnvelopeSettings
                  "envelope": round(env.seconds, 3),
                  "apply": round(t3 - t2, 3), "qa": round(time.perf_counter() - t3, 3)},
         details=dict(region.details),
+        nose_check=nose_check,
     )
     return DefaceResult(out, qa, region, tuple(changed_k))
+
+
+def _landmark_nose(volume: Volume, env: Envelope) -> np.ndarray | None:
+    """The anatomy's nose region shaped like ``volume.hu`` (None without the globes' centres):
+    within 20 mm of the midline, in front of the globes' centres, from 10 mm below the nose tip
+    to 8 mm below the globes' centres (the ``nose`` of the removed-volume figures), along the
+    head's axes (:class:`pipeline.envelope.Landmarks`; LPS mm). Without a nose tip (none stood
+    out of the hull: a nose may lie inside it), the tip is taken 45 mm below the globes."""
+    lm, st = env.landmarks, env.stack
+    if lm.anchor is None:
+        return None
+    left, post, sup = lm.axes
+    tip_z = -45.0 if lm.nose_tip is None else float((lm.nose_tip - lm.anchor) @ sup)
+    z_lo, z_hi = tip_z - 10.0, -8.0
+    dj, di = st.pixel_mm
+    nk, nj, ni = volume.hu.shape
+    jj = np.arange(nj, dtype=np.float32)[:, None] * np.float32(dj)
+    ii = np.arange(ni, dtype=np.float32)[None, :] * np.float32(di)
+    corners = np.array([[0.0, 0.0], [0.0, ni - 1.0], [nj - 1.0, 0.0], [nj - 1.0, ni - 1.0]])
+    out = np.zeros((nk, nj, ni), bool)
+    for k in range(nk):
+        o = st.origins[k] - lm.anchor
+        # a linear function's range over the slice is its range over the corners
+        zc = o @ sup + corners[:, 1] * di * (st.row @ sup) + corners[:, 0] * dj * (st.col @ sup)
+        if zc.max() < z_lo or zc.min() >= z_hi:
+            continue
+
+        def along(ax: np.ndarray, o: np.ndarray = o) -> np.ndarray:
+            return np.float32(o @ ax) + ii * np.float32(st.row @ ax) + jj * np.float32(st.col @ ax)
+
+        z = along(sup)
+        out[k] = (z >= z_lo) & (z < z_hi) & (np.abs(along(left)) <= 20.0) & (along(post) <= 0.0)
+    return out
+
+
+def _nose_check(volume: Volume, env: Envelope, nose: np.ndarray, new_hu: np.ndarray,
+                source: str = "detector") -> tuple[dict[str, Any], str | None]:
+    """Was the soft tissue around the nose (``nose``, shaped like ``volume.hu``: the
+    detector's nose boxes or the anatomy's nose region, says ``source``) removed where it
+    lies outside the skeleton's hull? Returns the figures (mL, %) and a warning when the nose
+    may be left: the boxes hold no soft tissue outside the hull but some inside it, under
+    material as dense as bone at the air around the patient (a cast on the face joined the
+    skeleton), or too little of what lies outside was removed (kept as a device's margin or
+    as bone, outside the region; see :data:`NOSE_REMOVED_PCT` and the others).
+    Soft tissue: :data:`SOFT_RANGE_HU` in the input, in or out of the body mask (a device's
+    margin is counted); removed: changed in ``new_hu``."""
+    box = bbox_of(nose)
+    voxel_ml = volume.slice_voxel_volumes_ml()
+    outside_ml = removed_ml = inside_ml = dense_air_ml = 0.0
+    if box is not None:
+        rs, cs = box[1], box[2]
+        for k in range(box[0].start, box[0].stop):
+            m = nose[k, rs, cs]
+            if not m.any():
+                continue
+            sl = volume.hu[k]
+            outside = env.slice_masks(k, sl, rs, cs)[1]
+            sub = sl[rs, cs]
+            soft = m & (sub >= SOFT_RANGE_HU[0]) & (sub <= SOFT_RANGE_HU[1])
+            out_soft = soft & outside
+            outside_ml += np.count_nonzero(out_soft) * voxel_ml[k]
+            removed_ml += np.count_nonzero(out_soft & (new_hu[k, rs, cs] != sub)) * voxel_ml[k]
+            inside_ml += np.count_nonzero(soft & ~outside) * voxel_ml[k]
+            # dense material at the air around the patient: a cast or mask on the face (skin,
+            # even a sharpened skin edge, lies below it; bone lies under skin)
+            air = ndi.binary_dilation(env.exterior_air(k, sl, rs, cs), np.ones((3, 3), bool))
+            dense_air_ml += np.count_nonzero(air & m & (sub >= KEEP_SEED_HU)) * voxel_ml[k]
+    pct = 100.0 * removed_ml / outside_ml if outside_ml > 0 else 0.0
+    figures: dict[str, Any] = {
+        "outside_ml": round(float(outside_ml), 2), "inside_ml": round(float(inside_ml), 2),
+        "removed_pct": round(float(pct), 1) if outside_ml >= NOSE_OUTSIDE_MIN_ML else None,
+        "dense_at_air_ml": round(float(dense_air_ml), 2),
+        "nose_may_be_left": True, "source": source}
+    if outside_ml < NOSE_OUTSIDE_MIN_ML:
+        # none outside: a nose that is bone under thin skin (ge-head-ct's upper nose), one the
+        # field of view cuts off — or one inside a hull that spans a cast lying on it
+        if inside_ml < NOSE_INSIDE_ML or dense_air_ml < NOSE_DENSE_AIR_ML:
+            figures["nose_may_be_left"] = False
+            return figures, None
+        where = ("the detector found a nose, but its boxes hold" if source == "detector" else
+                 "where the anatomy places the nose there is")
+        return figures, (
+            f"{where} no soft tissue outside the facial skeleton ({inside_ml:.1f} mL inside the "
+            f"skeleton's hull is kept) and {dense_air_ml:.1f} mL of material as dense as bone at "
+            "the air over it: a cast or mask on the face may count as skeleton and the nose may "
+            "be left; review this series")
+    if pct < NOSE_REMOVED_PCT:
+        return figures, (
+            f"only {pct:.0f} % of the soft tissue outside the facial skeleton in "
+            f"{'the detector' if source == 'detector' else 'the anatomy'}'s nose region "
+            f"({outside_ml:.1f} mL) was removed: the nose may be left; review this series")
+    figures["nose_may_be_left"] = False
+    return figures, None
 
 
 def _inside_by(env: Envelope, depth_mm: float) -> np.ndarray:

@@ -25,7 +25,10 @@
     **plus** the detector's boxes on the slices of the anatomical face range ±
     a margin, when the model is *plausible* (a nose and at least one of
     eyes/lips). A missed box cannot leave a nose behind (the anatomical zone is
-    always used); a false box removes nothing inside the skeleton. When the
+    always used); a false box removes nothing inside the skeleton. The ``nose``
+    boxes go to :func:`pipeline.deface.deface` separately (``RegionResult.nose``),
+    which checks that the soft tissue outside the skeleton in them was removed
+    (``DefaceQA.nose_check``) and warns when it was not. When the
     model is not plausible the anatomical zone is used with a warning in the
     QA summary; when the anatomy finds no face, nothing is removed — unless it is
     *doubtful* (soft tissue stands in front of the skeleton, but no eyes or nose were
@@ -45,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from .deface import AnatomicalFaceRegion, FaceRegionMethod, RegionResult, bbox_of
+from .deface import MODEL_NOSE_NOTE, AnatomicalFaceRegion, FaceRegionMethod, RegionResult, bbox_of
 from .detector import DetectorError, load_detector
 from .envelope import NO_NOSE_NOTE
 from .slice_linking import detect_linked
@@ -129,6 +132,16 @@ class ModelFaceRegion:
         (``found``), the canonical slices run, and timings. ``s_range``
         restricts the slices run to ``[start, stop)`` in canonical S order.
         """
+        masks, _, details = self.detect_masks_and_nose(volume, s_range)
+        return masks, details
+
+    def detect_masks_and_nose(
+        self, volume: Volume, s_range: tuple[int, int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """:meth:`detect_masks` plus the ``nose`` boxes alone (enlarged and carried across
+        slices as the removal masks are): ``(masks, nose, details)``, both masks bool in the
+        canonical view. :func:`pipeline.deface.deface` checks that the soft tissue outside the
+        skeleton in the nose boxes was removed."""
         t0 = time.perf_counter()
         axes, flips = _canonical(volume)
         view = _to_view(volume.hu, axes, flips)
@@ -146,11 +159,12 @@ class ModelFaceRegion:
         if cand.size and run[-1] != cand[-1]:
             run = np.append(run, cand[-1])
         masks = np.zeros(view.shape, bool)
+        nose = np.zeros(view.shape, bool)
         details: dict[str, Any] = {"slices_run": int(run.size), "detect_stride": stride,
                                    "found": {}}
         if run.size == 0:
             details["seconds_detect"] = round(time.perf_counter() - t0, 3)
-            return masks, details
+            return masks, nose, details
         # in-plane downsampling before windowing: the model input is imgsz pixels anyway
         imgsz = self.loaded_detector.meta.imgsz
         f = max(1, int(np.floor(max(npp, nl) / imgsz)))
@@ -162,6 +176,7 @@ class ModelFaceRegion:
         canon = [meta.canonical(c) for c in range(len(meta.classes))]
         mp, ml = self.box_margin_mm / dp, self.box_margin_mm / dl
         slice_masks = np.zeros((run.size, npp, nl), bool)
+        slice_nose = np.zeros((run.size, npp, nl), bool)
         found: dict[str, int] = {}
         for r, det in enumerate(dets):
             spans: dict[str, list[tuple[int, int, int, int]]] = {}
@@ -176,6 +191,8 @@ class ModelFaceRegion:
                 a0, a1 = int(max(0, np.floor(j0 - mp))), int(min(npp, np.ceil(j1 + mp)))
                 b0, b1 = int(max(0, np.floor(i0 - ml))), int(min(nl, np.ceil(i1 + ml)))
                 slice_masks[r, a0:a1, b0:b1] = True
+                if name == "nose":
+                    slice_nose[r, a0:a1, b0:b1] = True
                 spans.setdefault("ears" if name == "ears" else "face", []).append((a0, a1, b0, b1))
             if self.bridge_ears and len(spans) == 2:  # face to the auricles: the cheeks and temples
                 allb = np.array(spans["ears"] + spans["face"])
@@ -188,21 +205,14 @@ class ModelFaceRegion:
                 left = r > 0 and anyr[r - 1]
                 right = r + 1 < run.size and anyr[r + 1]
                 keep[r] = left or right or run.size == 1
-        slice_masks[~keep] = False
-        filled = slice_masks.copy()
-        for r in range(1, run.size - 1):
-            if not keep[r] and keep[r - 1] and keep[r + 1]:
-                filled[r] = slice_masks[r - 1] | slice_masks[r + 1]
-        for r in range(run.size):
-            masks[run[r]] = filled[r]
-            if r + 1 < run.size and run[r + 1] - run[r] > 1 and filled[r].any() and filled[r + 1].any():
-                masks[run[r] + 1:run[r + 1]] = filled[r] | filled[r + 1]
+        _carry(slice_masks, keep, run, masks)
+        _carry(slice_nose, keep, run, nose)
         details["found"] = found
         details["isolated_dropped"] = int(np.count_nonzero(anyr & ~keep))
         details["seconds_prepare"] = round(t1 - t0, 3)
         details["seconds_detect"] = round(t2 - t1, 3)
         details["model_slices_with_region"] = int(np.count_nonzero(masks.reshape(ns, -1).any(1)))
-        return masks, details
+        return masks, nose, details
 
     def _to_volume(self, volume: Volume, masks_view: np.ndarray) -> tuple[np.ndarray, tuple | None]:
         """Canonical per-slice masks → a mask shaped like ``volume.hu``, plus its bbox."""
@@ -219,14 +229,33 @@ class ModelFaceRegion:
         detector finds no facial feature.
         """
         t0 = time.perf_counter()
-        masks, details = self.detect_masks(volume)
+        masks, nose, details = self.detect_masks_and_nose(volume)
         region, box = self._to_volume(volume, masks)
         warnings = []
         if box is None:
             warnings.append("the detector found no facial feature; nothing removed")
         details["backend"] = getattr(self.loaded_detector, "backend", "")
         details["seconds"] = round(time.perf_counter() - t0, 3)
-        return RegionResult(region, warnings, details, box)
+        return RegionResult(region, warnings, details, box, nose=self._nose_volume(volume, nose))
+
+    def _nose_volume(self, volume: Volume, nose_view: np.ndarray) -> np.ndarray | None:
+        """The nose boxes shaped like ``volume.hu`` (None: no nose box)."""
+        return self._to_volume(volume, nose_view)[0] if nose_view.any() else None
+
+
+def _carry(slice_masks: np.ndarray, keep: np.ndarray, run: np.ndarray, masks: np.ndarray) -> None:
+    """Write the per-run-slice masks into ``masks`` (canonical view, in place): slices not
+    kept are dropped, a one-slice gap between two kept slices gets the union of both, and the
+    slices between two run slices with a mask get the union of both."""
+    slice_masks[~keep] = False
+    filled = slice_masks.copy()
+    for r in range(1, run.size - 1):
+        if not keep[r] and keep[r - 1] and keep[r + 1]:
+            filled[r] = slice_masks[r - 1] | slice_masks[r + 1]
+    for r in range(run.size):
+        masks[run[r]] = filled[r]
+        if r + 1 < run.size and run[r + 1] - run[r] > 1 and filled[r].any() and filled[r + 1].any():
+            masks[run[r] + 1:run[r + 1]] = filled[r] | filled[r + 1]
 
 
 @dataclass
@@ -252,7 +281,8 @@ class AutoFaceRegion:
         if env is not None and not env.face_found and env.doubtful and env.hull is not None:
             # soft tissue stands in front of the skeleton but the anatomy located no eyes or
             # nose (a child, a swollen face): the detector's boxes alone, if it finds a face
-            masks, mdet = self.model.detect_masks(volume, (0, volume.hu.shape[_canonical(volume)[0][0]]))
+            masks, nose, mdet = self.model.detect_masks_and_nose(
+                volume, (0, volume.hu.shape[_canonical(volume)[0][0]]))
             details["model"] = mdet
             if _plausible(mdet) and masks.any():
                 region, box = self.model._to_volume(volume, masks)
@@ -260,7 +290,8 @@ class AutoFaceRegion:
                 details["seconds"] = round(time.perf_counter() - t0, 3)
                 warnings.append("the anatomical method located no face (eyes, nose); the detector's "
                                 "boxes were removed instead")
-                return RegionResult(region, warnings, details, box, envelope=env, use_zone=False)
+                return RegionResult(region, warnings, details, box, envelope=env, use_zone=False,
+                                    nose=self.model._nose_volume(volume, nose))
         if env is None or not env.face_found:
             details["source"] = "anatomical"
             details["seconds"] = round(time.perf_counter() - t0, 3)
@@ -275,7 +306,7 @@ class AutoFaceRegion:
         ds = float(np.mean(env.stack.cells_mm)) if axes[0] == 0 else float(volume.spacing_mm[axes[0]])
         m = int(np.ceil(self.margin_mm / max(ds, 1e-6)))
         s_range = (int(s_idx.min()) - m, int(s_idx.max()) + 1 + m)
-        masks, mdet = self.model.detect_masks(volume, s_range)
+        masks, nose, mdet = self.model.detect_masks_and_nose(volume, s_range)
         details["model"] = mdet
         if not _plausible(mdet) or not masks.any():
             warnings.append("the detector found no plausible face (nose + eyes/lips); "
@@ -284,15 +315,16 @@ class AutoFaceRegion:
             details["seconds"] = round(time.perf_counter() - t0, 3)
             return RegionResult(None, warnings, details, None, envelope=env, use_zone=True)
         # the anatomical method's own nose finder missed, but the detector's nose is removed
-        warnings = [f"{w} by the anatomical method; the detector's nose boxes are removed"
+        # (deface checks that it was, and says so when it was not)
+        warnings = [f"{w} by the anatomical method; {MODEL_NOSE_NOTE}"
                     if w == NO_NOSE_NOTE else w for w in warnings]
         lo, hi = max(0, s_range[0]), min(ns, s_range[1])
-        masks[:lo] = False
-        masks[hi:] = False
+        masks[:lo] = masks[hi:] = nose[:lo] = nose[hi:] = False
         region, box = self.model._to_volume(volume, masks)
         details["source"] = "anatomical+model"
         details["seconds"] = round(time.perf_counter() - t0, 3)
-        return RegionResult(region, warnings, details, box, envelope=env, use_zone=True)
+        return RegionResult(region, warnings, details, box, envelope=env, use_zone=True,
+                            nose=self.model._nose_volume(volume, nose))
 
 
 def _plausible(details: dict[str, Any]) -> bool:

@@ -90,7 +90,31 @@ def test_every_series_written(cohort):
         qa = s["qa"]
         assert qa["inside_soft_changed_pct"] == 0.0 and qa["outside_body_changed_ml"] == 0.0
         assert qa["bone_dice_150"] >= 0.99 and sum(qa["removed_ml_by_region"].values()) > 0
+        assert qa["nose_check"]["removed_pct"] >= 90.0 and not qa["nose_check"]["nose_may_be_left"]
+    assert proc.stdout.count("% removed") == 3 and "REVIEW" not in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_nose_that_may_be_left_asks_for_review():
+    """The summary line carries the nose check; when the nose may be left, a REVIEW line
+    (for stderr) repeats the warning."""
+    from pipeline.deidentify import SeriesOutcome
+    from surveys.management.commands.deidentify import series_lines
+
+    warning = ("only 70 % of the soft tissue outside the facial skeleton in the detector's "
+               "nose region (10.3 mL) was removed: the nose may be left; review this series")
+    s = SeriesOutcome(index=0, n_files=140, status="written", output="SUBJ-0001/CT-1",
+                      slices=140, method="auto", removed_ml=180.0, bone_dice=1.0,
+                      face_found=True, warnings=[warning],
+                      qa={"inside_soft_changed_pct": 0.0, "outside_body_changed_ml": 0.0,
+                          "nose_check": {"outside_ml": 10.3, "inside_ml": 3.2, "removed_pct": 70.4,
+                                         "nose_may_be_left": True, "source": "detector"}})
+    line, review = series_lines(s)
+    assert line.endswith("nose check 70 % removed, 1 warning(s)")
+    assert review == f"REVIEW SUBJ-0001/CT-1: the nose may be left — {warning}"
+    s.qa["nose_check"].update(removed_pct=99.6, nose_may_be_left=False)
+    s.warnings = []
+    assert series_lines(s) == (line.replace("70 %", "100 %").replace(", 1 warning(s)", ""), None)
 
 
 def test_no_identifier_in_any_output_byte_path_or_message(cohort):

@@ -57,12 +57,29 @@ def test_ge_face_outside_the_skeleton_removed_inside_kept(ge) -> None:
 
 
 @pytest.fixture(scope="module")
-def ge_labelled(ge):
-    """What ``deidentify``'s default method (``auto``: the anatomical zone plus the shipped
-    detector's boxes) removes in the labelled boxes."""
+def ge_auto(ge):
+    """``deidentify``'s default method (``auto``: the anatomical zone plus the shipped
+    detector's boxes) on ge-head-ct."""
     loaded, _ = ge
-    res = deface(loaded.volume, make_face_method("auto")[0])
-    return labelled_removal(loaded.volume, res.hu, load_labels(LABELS).slices)
+    return deface(loaded.volume, make_face_method("auto")[0])
+
+
+@pytest.fixture(scope="module")
+def ge_labelled(ge, ge_auto):
+    """What ``auto`` removes in the labelled boxes."""
+    loaded, _ = ge
+    return labelled_removal(loaded.volume, ge_auto.hu, load_labels(LABELS).slices)
+
+
+def test_ge_detector_nose_stands_in_for_the_anatomy_and_is_checked(ge_auto) -> None:
+    """The anatomy finds no nose ≥ 10 mm proud of the hull here (the bony pyramid under thin
+    skin); the detector's nose boxes are used, and the nose check finds the soft tissue outside
+    the skeleton in them (≈ 1 mL: slice 0's tip) removed."""
+    qa = ge_auto.qa
+    assert qa.details["source"] == "anatomical+model"
+    assert any(w.endswith("the detector's nose boxes are removed") for w in qa.warnings)
+    assert qa.nose_check["outside_ml"] >= 0.5 and qa.nose_check["removed_pct"] >= 90.0
+    assert not [w for w in qa.warnings if "the nose may be left" in w]
 
 
 def test_ge_labelled_eyelids_face_and_auricles_removed(ge_labelled) -> None:

@@ -298,6 +298,7 @@ def test_upload_process_and_download(client, db, settings, tmp_path, queue,
                                            .content.decode())))
     assert [r["subject"] for r in rows] == ["SUBJ-0001", "SUBJ-0002"]
     assert all(float(r["removed_ml"]) > 0 for r in rows)
+    assert all("nose_check_removed_pct" in r for r in rows)
     r = client.get(f"/cohorts/{cohort.pk}/download/deidentified.zip")
     data = b"".join(r.streaming_content)
     secrets = [s for i in idents for s in (i.patient_id, i.patient_name.split("^")[0],

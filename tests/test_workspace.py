@@ -64,6 +64,29 @@ def test_flags_limits_and_robust_outliers():
     assert [sorted(c.flags) for c in few] == [[], [], ["bone_dice"]]
 
 
+def test_a_detector_nose_left_behind_is_flagged():
+    """DefaceQA.nose_check → the card's "Nose check: removed" figure and its flag."""
+    from surveys.models import Series
+
+    def pct(check):
+        return Series(qa={"nose_check": check} if check is not None else {}).nose_check_removed_pct
+
+    assert pct(None) is None
+    assert pct({"outside_ml": 0.1, "inside_ml": 0.5, "removed_pct": None,
+                "nose_may_be_left": False}) is None  # a box with nothing to measure
+    assert pct({"outside_ml": 0.0, "inside_ml": 18.7, "removed_pct": None,
+                "nose_may_be_left": True}) == 0.0  # the hull swallowed the nose
+    assert pct({"outside_ml": 10.3, "inside_ml": 3.2, "removed_pct": 70.4,
+                "nose_may_be_left": True}) == 70.4
+    cards = [_card("OK", nose_check_pct=99.6), _card("NONE", nose_check_pct=None),
+             _card("LEFT", nose_check_pct=70.4), _card("SWALLOWED", nose_check_pct=0.0)]
+    flag_outliers(cards)
+    assert [sorted(c.flags) for c in cards] == [[], [], ["nose_check_pct"], ["nose_check_pct"]]
+    assert "the nose may be left" in cards[2].flags["nose_check_pct"]
+    row = next(r for r in cards[2].rows() if r["key"] == "nose_check_pct")
+    assert row["text"] == "70 %" and row["flag"]
+
+
 def test_cohort_page_has_a_qa_grid_with_thumbnails(client, site):
     from surveys.models import Series
 

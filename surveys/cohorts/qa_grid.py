@@ -3,7 +3,9 @@
 Each card shows the subject's primary series (the one renders and embeddings use): a
 thumbnail of its QA picture (removed voxels in red), removed volume, change inside the
 facial skeleton, change outside the body, bone Dice, warnings and the de-identification
-status. The cohort page sorts the cards by any figure (``static/surveys/cohort.js``).
+status, and the nose check: how much of the soft tissue outside the skeleton around the
+nose (the detector's nose boxes, else the anatomy's nose region) was removed. The cohort page sorts the cards by any figure
+(``static/surveys/cohort.js``).
 
 A figure is **flagged** when it breaks what a correct de-identification guarantees
 (:data:`LIMITS`: bone unchanged, nothing inside the skeleton or outside the body
@@ -26,6 +28,8 @@ LIMITS = [
     ("bone_dice", "<", 0.999, "bone changed (Dice at 300 HU below 0.999)"),
     ("inside_pct", ">", 1.0, "more than 1 % of the soft tissue inside the facial skeleton changed"),
     ("outside_ml", ">", 1.0, "more than 1 mL outside the body changed"),
+    ("nose_check_pct", "<", 90.0, "the nose may be left: less than 90 % of the soft tissue "
+     "outside the skeleton around the nose removed"),
 ]
 OUTLIER_Z = 3.0
 MIN_FOR_OUTLIERS = 5
@@ -33,6 +37,7 @@ MIN_FOR_OUTLIERS = 5
 FIGURES = [
     ("removed_ml", "Removed", "mL", 1),
     ("nose_ml", "Nose removed", "mL", 1),
+    ("nose_check_pct", "Nose check: removed", "%", 0),
     ("inside_pct", "Inside skeleton changed", "%", 2),
     ("outside_ml", "Outside body changed", "mL", 1),
     ("bone_dice", "Bone Dice", "", 4),
@@ -119,6 +124,7 @@ def cards(cohort: Cohort) -> list[Card]:
         figures = {
             "removed_ml": None if s is None else s.removed_ml,
             "nose_ml": None if s is None or not s.qa else s.removed_by_region.get("nose"),
+            "nose_check_pct": None if s is None else s.nose_check_removed_pct,
             "inside_pct": None if s is None else s.inside_changed_pct,
             "outside_ml": None if s is None else s.outside_body_ml,
             "bone_dice": None if s is None else s.bone_dice,

@@ -269,7 +269,8 @@ def reid_plot(request: HttpRequest, cohort: Cohort) -> FileResponse:
 REGIONS = ("nose", "lips", "chin", "cheeks", "eyelids", "forehead", "ears", "other")
 QA_COLUMNS = ["subject", "series", "slices", "method", "face_found", "no_face_reason",
               "removed_ml", *[f"removed_ml_{r}" for r in REGIONS], "inside_skeleton_changed_pct",
-              "outside_body_changed_ml", "bone_dice", "bone_dice_150", "warnings", "deid_status"]
+              "outside_body_changed_ml", "bone_dice", "bone_dice_150", "nose_check_removed_pct",
+              "warnings", "deid_status"]
 
 
 def qa_rows(cohort: Cohort) -> list[dict[str, object]]:
@@ -286,6 +287,7 @@ def qa_rows(cohort: Cohort) -> list[dict[str, object]]:
                          "inside_skeleton_changed_pct": s.inside_changed_pct,
                          "outside_body_changed_ml": s.outside_body_ml, "bone_dice": s.bone_dice,
                          "bone_dice_150": s.bone_dice_150,
+                         "nose_check_removed_pct": s.nose_check_removed_pct,
                          "warnings": " | ".join(s.warnings or []), "deid_status": deid})
     return rows
 

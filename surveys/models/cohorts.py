@@ -137,6 +137,16 @@ class Series(models.Model):
     def removed_by_region(self) -> dict[str, float]:
         return dict((self.qa or {}).get("removed_ml_by_region") or {})
 
+    @property
+    def nose_check_removed_pct(self) -> float | None:
+        """The nose check (``DefaceQA.nose_check``): of the soft tissue outside the skeleton
+        around the nose (the detector's nose boxes, else the anatomy's nose region), the %
+        removed (0 when the detector's boxes hold none outside the skeleton and the nose may be
+        left inside it); None without a nose or without tissue to measure."""
+        check = (self.qa or {}).get("nose_check") or {}
+        pct = check.get("removed_pct")
+        return 0.0 if pct is None and check.get("nose_may_be_left") else pct
+
 
 class StageRun(RowJob):
     """State of one pipeline stage of one subject (one row per subject and stage)."""

@@ -15,7 +15,14 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
-from pipeline.deidentify import DATE_MODES, METHODS, DeidentifyError, DeidOptions, deidentify_folder
+from pipeline.deidentify import (
+    DATE_MODES,
+    METHODS,
+    DeidentifyError,
+    DeidOptions,
+    SeriesOutcome,
+    deidentify_folder,
+)
 
 
 class Command(BaseCommand):
@@ -71,20 +78,10 @@ class Command(BaseCommand):
         written = [s for s in summary.series if s.status == "written"]
         out = self.stdout
         for s in written:
-            if s.face_found is False:
-                reason = s.qa.get("no_face_reason", "")
-                out.write(f"{s.output}: {s.slices} slices, method {s.method}: no face found "
-                          f"({reason}); pixels unchanged, header de-identified")
-                continue
-            dice = "n/a" if s.bone_dice is None else f"{s.bone_dice:.4f}"
-            removed = "n/a" if s.removed_ml is None else f"{s.removed_ml:.1f} mL"
-            inside = s.qa.get("inside_soft_changed_pct")
-            extra = "" if inside is None else (
-                f", inside the skeleton {inside:.2f} % changed, outside the body "
-                f"{s.qa.get('outside_body_changed_ml', 0):.1f} mL")
-            out.write(f"{s.output}: {s.slices} slices, method {s.method}, removed {removed}, "
-                      f"bone Dice {dice}{extra}"
-                      + (f", {len(s.warnings)} warning(s)" if s.warnings else ""))
+            line, review = series_lines(s)
+            out.write(line)
+            if review:
+                self.stderr.write(review)
         reasons: dict[str, int] = {}
         for f in summary.skipped_files:
             reasons[f["reason"]] = reasons.get(f["reason"], 0) + 1
@@ -102,3 +99,29 @@ class Command(BaseCommand):
         if not summary.ok:
             n_bad = len(summary.failures)
             raise CommandError(f"{n_bad} series failed" if n_bad else "DICOM files were unreadable")
+
+
+def series_lines(s: SeriesOutcome) -> tuple[str, str | None]:
+    """The summary line of one written series and, when
+    the nose check says the nose may be left, a line asking for review (for stderr); output
+    folders are pseudonymous, figures carry no identifier."""
+    if s.face_found is False:
+        reason = s.qa.get("no_face_reason", "")
+        return (f"{s.output}: {s.slices} slices, method {s.method}: no face found ({reason}); "
+                "pixels unchanged, header de-identified"), None
+    dice = "n/a" if s.bone_dice is None else f"{s.bone_dice:.4f}"
+    removed = "n/a" if s.removed_ml is None else f"{s.removed_ml:.1f} mL"
+    inside = s.qa.get("inside_soft_changed_pct")
+    extra = "" if inside is None else (
+        f", inside the skeleton {inside:.2f} % changed, outside the body "
+        f"{s.qa.get('outside_body_changed_ml', 0):.1f} mL")
+    check = s.qa.get("nose_check") or {}
+    if check.get("removed_pct") is not None:
+        extra += f", nose check {check['removed_pct']:.0f} % removed"
+    line = (f"{s.output}: {s.slices} slices, method {s.method}, removed {removed}, "
+            f"bone Dice {dice}{extra}" + (f", {len(s.warnings)} warning(s)" if s.warnings else ""))
+    review = None
+    if check.get("nose_may_be_left"):
+        why = next((w for w in s.warnings if "the nose may be left" in w), "")
+        review = f"REVIEW {s.output}: the nose may be left — {why}"
+    return line, review
