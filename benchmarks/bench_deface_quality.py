@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
               f"devices {m['devices_changed']} | "
               f"Dice300 {m['dice300']:.5f} Dice150 {m['dice150']:.5f} | {seconds[-1]:.2f} s"
               + (f" | shell removed {m['shell_removed']:.3f}" if shell else "")
-              + f" | nose check {'-' if m['nose_check'] is None else format(m['nose_check'], '.1f')}"
+              + f" | nose check {_pct(m['nose_check'])}"
               + (" FLAGGED" if m["nose_flagged"] else ""), flush=True)
     face = np.array([r["face"] for r in rows])
     what = "domain heads" if args.domain else (f"{args.acquisition}, pose {pose or 'random ±4°'}"
@@ -179,12 +179,17 @@ def main(argv: list[str] | None = None) -> int:
     # the QA's nose check (DefaceQA.nose_check) against the ground truth: does it flag the
     # heads whose nose was not removed, and only those?
     low = [r for r in rows if r["nose"] < 0.9]  # (NaN: no nose in the image)
+    flagged_low = sum(r["nose_flagged"] for r in low)
     print(f"  nose check: flagged {sum(r['nose_flagged'] for r in rows)}/{len(rows)} heads; "
-          f"of the {len(low)} with < 90 % of the nose removed, {sum(r['nose_flagged'] for r in low)} "
-          f"flagged; checked {sum(r['nose_check'] is not None for r in rows)}")
+          f"of the {len(low)} with < 90 % of the nose removed, {flagged_low} flagged; "
+          f"checked {sum(r['nose_check'] is not None for r in rows)}")
     print(f"  face found {sum(r['face_found'] for r in rows)}/{len(rows)}; "
           f"deface {np.mean(seconds):.2f} s per head")
     return 0
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
 
 
 if __name__ == "__main__":

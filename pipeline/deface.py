@@ -36,8 +36,9 @@ mL per facial region, soft tissue changed inside the skeleton (%), mL changed
 outside the body, bone Dice at 300 and at 150 HU, the landmarks, the fill, the
 geometry that was assumed, and the nose check (of the soft tissue outside the
 skeleton around the nose — the detector's nose boxes, else the anatomy's nose
-region — the share removed; a warning when the nose may be left). :func:`qa_picture` draws axial slices and a sagittal
-reformat, original beside de-identified, with the removed region overlaid.
+region — the share removed; a warning when the nose may be left).
+:func:`qa_picture` draws axial slices and a sagittal reformat, original beside
+de-identified, with the removed region overlaid.
 
 Array conventions: ``hu[k, j, i]`` (slice, row, column) in HU, DICOM LPS
 geometry from :class:`pipeline.volume.Volume` (irregular slice spacing and
@@ -101,6 +102,8 @@ MODEL_NOSE_NOTE = "the detector's nose boxes are removed"
 #: when there is none but at least ``NOSE_INSIDE_ML`` inside the hull under at least
 #: ``NOSE_DENSE_AIR_ML`` of dense material (≥ ``KEEP_SEED_HU``) at the air around the patient.
 NOSE_OUTSIDE_MIN_ML, NOSE_INSIDE_ML, NOSE_DENSE_AIR_ML, NOSE_REMOVED_PCT = 0.5, 2.0, 1.0, 90.0
+#: Where a nose is: its bounding box in array order and the bool mask within it.
+NoseBoxes = tuple[tuple[slice, slice, slice], np.ndarray]
 
 
 class DefaceError(ValueError):
@@ -119,10 +122,11 @@ class RegionResult:
     ``envelope``: the :class:`pipeline.envelope.Envelope` when the method
     computed it (else :func:`deface` does). ``warnings``: human-readable
     (never patient identifiers); ``details``: method-specific numbers;
-    ``bbox``: optional bounding box of ``mask`` in array order. ``nose``: optional
-    bool array shaped like ``volume.hu`` where the method found the nose (the detector's
-    nose boxes): :func:`deface` checks that the soft tissue outside the skeleton there
-    was removed (``DefaceQA.nose_check``).
+    ``bbox``: optional bounding box of ``mask`` in array order. ``nose``: optional, where
+    the method found the nose (the detector's nose boxes) — a bool array shaped like
+    ``volume.hu``, or :data:`NoseBoxes` (its bounding box and the mask within it):
+    :func:`deface` checks that the soft tissue outside the skeleton there was removed
+    (``DefaceQA.nose_check``).
     """
 
     mask: np.ndarray | None
@@ -131,7 +135,7 @@ class RegionResult:
     bbox: tuple[slice, slice, slice] | None = None
     envelope: Envelope | None = None
     use_zone: bool = False
-    nose: np.ndarray | None = None
+    nose: np.ndarray | NoseBoxes | None = None
 
 
 @runtime_checkable
@@ -563,10 +567,10 @@ def _deface(volume: Volume, method: FaceRegionMethod, settings: EnvelopeSettings
     if not face_found:
         warnings.append(f"no face found: {reason}; nothing removed")
     nose_check: dict[str, Any] = {}
-    nose, source = region.nose, "detector"
-    if face_found and (nose is None or not nose.any()):
+    nose, source = _nose_boxes(region.nose), "detector"
+    if face_found and nose is None:
         nose, source = _landmark_nose(volume, env), "anatomy"
-    if face_found and nose is not None and nose.any():
+    if face_found and nose is not None:
         nose_check, nose_warning = _nose_check(volume, env, nose, out, source)
         if nose_warning:  # what auto promised of the detector's nose did not happen
             warnings = [w.replace(MODEL_NOSE_NOTE, "the detector's nose boxes were used")
@@ -604,8 +608,22 @@ def _deface(volume: Volume, method: FaceRegionMethod, settings: EnvelopeSettings
     return DefaceResult(out, qa, region, tuple(changed_k))
 
 
-def _landmark_nose(volume: Volume, env: Envelope) -> np.ndarray | None:
-    """The anatomy's nose region shaped like ``volume.hu`` (None without the globes' centres):
+def _nose_boxes(nose: np.ndarray | NoseBoxes | None) -> NoseBoxes | None:
+    """``RegionResult.nose`` as :data:`NoseBoxes` (None when it holds no voxel)."""
+    if nose is None:
+        return None
+    if isinstance(nose, tuple):
+        box, sub = nose
+    else:
+        box = bbox_of(nose)
+        if box is None:
+            return None
+        sub = nose[box]
+    return (box, sub) if sub.any() else None
+
+
+def _landmark_nose(volume: Volume, env: Envelope) -> NoseBoxes | None:
+    """The anatomy's nose region as :data:`NoseBoxes` (None without the globes' centres):
     within 20 mm of the midline, in front of the globes' centres, from 10 mm below the nose tip
     to 8 mm below the globes' centres (the ``nose`` of the removed-volume figures), along the
     head's axes (:class:`pipeline.envelope.Landmarks`; LPS mm). Without a nose tip (none stood
@@ -621,7 +639,7 @@ def _landmark_nose(volume: Volume, env: Envelope) -> np.ndarray | None:
     jj = np.arange(nj, dtype=np.float32)[:, None] * np.float32(dj)
     ii = np.arange(ni, dtype=np.float32)[None, :] * np.float32(di)
     corners = np.array([[0.0, 0.0], [0.0, ni - 1.0], [nj - 1.0, 0.0], [nj - 1.0, ni - 1.0]])
-    out = np.zeros((nk, nj, ni), bool)
+    found: dict[int, np.ndarray] = {}
     for k in range(nk):
         o = st.origins[k] - lm.anchor
         # a linear function's range over the slice is its range over the corners
@@ -633,14 +651,25 @@ def _landmark_nose(volume: Volume, env: Envelope) -> np.ndarray | None:
             return np.float32(o @ ax) + ii * np.float32(st.row @ ax) + jj * np.float32(st.col @ ax)
 
         z = along(sup)
-        out[k] = (z >= z_lo) & (z < z_hi) & (np.abs(along(left)) <= 20.0) & (along(post) <= 0.0)
-    return out
+        m = (z >= z_lo) & (z < z_hi) & (np.abs(along(left)) <= 20.0) & (along(post) <= 0.0)
+        if m.any():
+            found[k] = m
+    if not found:
+        return None
+    ks = sorted(found)
+    rows = np.flatnonzero(np.any([m.any(1) for m in found.values()], axis=0))
+    cols = np.flatnonzero(np.any([m.any(0) for m in found.values()], axis=0))
+    rs, cs = slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+    sub = np.zeros((ks[-1] - ks[0] + 1, rs.stop - rs.start, cs.stop - cs.start), bool)
+    for k, m in found.items():
+        sub[k - ks[0]] = m[rs, cs]
+    return (slice(ks[0], ks[-1] + 1), rs, cs), sub
 
 
-def _nose_check(volume: Volume, env: Envelope, nose: np.ndarray, new_hu: np.ndarray,
+def _nose_check(volume: Volume, env: Envelope, nose: NoseBoxes, new_hu: np.ndarray,
                 source: str = "detector") -> tuple[dict[str, Any], str | None]:
-    """Was the soft tissue around the nose (``nose``, shaped like ``volume.hu``: the
-    detector's nose boxes or the anatomy's nose region, says ``source``) removed where it
+    """Was the soft tissue around the nose (``nose``: the detector's nose boxes or the
+    anatomy's nose region, says ``source``) removed where it
     lies outside the skeleton's hull? Returns the figures (mL, %) and a warning when the nose
     may be left: the boxes hold no soft tissue outside the hull but some inside it, under
     material as dense as bone at the air around the patient (a cast on the face joined the
@@ -648,27 +677,25 @@ def _nose_check(volume: Volume, env: Envelope, nose: np.ndarray, new_hu: np.ndar
     as bone, outside the region; see :data:`NOSE_REMOVED_PCT` and the others).
     Soft tissue: :data:`SOFT_RANGE_HU` in the input, in or out of the body mask (a device's
     margin is counted); removed: changed in ``new_hu``."""
-    box = bbox_of(nose)
+    (ks, rs, cs), where = nose
     voxel_ml = volume.slice_voxel_volumes_ml()
     outside_ml = removed_ml = inside_ml = dense_air_ml = 0.0
-    if box is not None:
-        rs, cs = box[1], box[2]
-        for k in range(box[0].start, box[0].stop):
-            m = nose[k, rs, cs]
-            if not m.any():
-                continue
-            sl = volume.hu[k]
-            outside = env.slice_masks(k, sl, rs, cs)[1]
-            sub = sl[rs, cs]
-            soft = m & (sub >= SOFT_RANGE_HU[0]) & (sub <= SOFT_RANGE_HU[1])
-            out_soft = soft & outside
-            outside_ml += np.count_nonzero(out_soft) * voxel_ml[k]
-            removed_ml += np.count_nonzero(out_soft & (new_hu[k, rs, cs] != sub)) * voxel_ml[k]
-            inside_ml += np.count_nonzero(soft & ~outside) * voxel_ml[k]
-            # dense material at the air around the patient: a cast or mask on the face (skin,
-            # even a sharpened skin edge, lies below it; bone lies under skin)
-            air = ndi.binary_dilation(env.exterior_air(k, sl, rs, cs), np.ones((3, 3), bool))
-            dense_air_ml += np.count_nonzero(air & m & (sub >= KEEP_SEED_HU)) * voxel_ml[k]
+    for k in range(ks.start, ks.stop):
+        m = where[k - ks.start]
+        if not m.any():
+            continue
+        sl = volume.hu[k]
+        outside = env.slice_masks(k, sl, rs, cs)[1]
+        sub = sl[rs, cs]
+        soft = m & (sub >= SOFT_RANGE_HU[0]) & (sub <= SOFT_RANGE_HU[1])
+        out_soft = soft & outside
+        outside_ml += np.count_nonzero(out_soft) * voxel_ml[k]
+        removed_ml += np.count_nonzero(out_soft & (new_hu[k, rs, cs] != sub)) * voxel_ml[k]
+        inside_ml += np.count_nonzero(soft & ~outside) * voxel_ml[k]
+        # dense material at the air around the patient: a cast or mask on the face (skin,
+        # even a sharpened skin edge, lies below it; bone lies under skin)
+        air = ndi.binary_dilation(env.exterior_air(k, sl, rs, cs), np.ones((3, 3), bool))
+        dense_air_ml += np.count_nonzero(air & m & (sub >= KEEP_SEED_HU)) * voxel_ml[k]
     pct = 100.0 * removed_ml / outside_ml if outside_ml > 0 else 0.0
     figures: dict[str, Any] = {
         "outside_ml": round(float(outside_ml), 2), "inside_ml": round(float(inside_ml), 2),
@@ -681,10 +708,10 @@ def _nose_check(volume: Volume, env: Envelope, nose: np.ndarray, new_hu: np.ndar
         if inside_ml < NOSE_INSIDE_ML or dense_air_ml < NOSE_DENSE_AIR_ML:
             figures["nose_may_be_left"] = False
             return figures, None
-        where = ("the detector found a nose, but its boxes hold" if source == "detector" else
-                 "where the anatomy places the nose there is")
+        lead = ("the detector found a nose, but its boxes hold" if source == "detector" else
+                "where the anatomy places the nose there is")
         return figures, (
-            f"{where} no soft tissue outside the facial skeleton ({inside_ml:.1f} mL inside the "
+            f"{lead} no soft tissue outside the facial skeleton ({inside_ml:.1f} mL inside the "
             f"skeleton's hull is kept) and {dense_air_ml:.1f} mL of material as dense as bone at "
             "the air over it: a cast or mask on the face may count as skeleton and the nose may "
             "be left; review this series")

@@ -48,7 +48,14 @@ from typing import Any
 
 import numpy as np
 
-from .deface import MODEL_NOSE_NOTE, AnatomicalFaceRegion, FaceRegionMethod, RegionResult, bbox_of
+from .deface import (
+    MODEL_NOSE_NOTE,
+    AnatomicalFaceRegion,
+    FaceRegionMethod,
+    NoseBoxes,
+    RegionResult,
+    bbox_of,
+)
 from .detector import DetectorError, load_detector
 from .envelope import NO_NOSE_NOTE
 from .slice_linking import detect_linked
@@ -137,11 +144,12 @@ class ModelFaceRegion:
 
     def detect_masks_and_nose(
         self, volume: Volume, s_range: tuple[int, int] | None = None
-    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    ) -> tuple[np.ndarray, ViewCrop, dict[str, Any]]:
         """:meth:`detect_masks` plus the ``nose`` boxes alone (enlarged and carried across
-        slices as the removal masks are): ``(masks, nose, details)``, both masks bool in the
-        canonical view. :func:`pipeline.deface.deface` checks that the soft tissue outside the
-        skeleton in the nose boxes was removed."""
+        slices as the removal masks are): ``(masks, nose, details)``; ``masks`` bool in the
+        canonical view, ``nose`` a :class:`ViewCrop` of it (the nose boxes are small: a whole
+        volume of them would add its size to the peak memory). :func:`pipeline.deface.deface`
+        checks that the soft tissue outside the skeleton in the nose boxes was removed."""
         t0 = time.perf_counter()
         axes, flips = _canonical(volume)
         view = _to_view(volume.hu, axes, flips)
@@ -159,7 +167,7 @@ class ModelFaceRegion:
         if cand.size and run[-1] != cand[-1]:
             run = np.append(run, cand[-1])
         masks = np.zeros(view.shape, bool)
-        nose = np.zeros(view.shape, bool)
+        nose = ViewCrop(slice(0, 0), slice(0, 0), np.zeros((ns, 0, 0), bool))
         details: dict[str, Any] = {"slices_run": int(run.size), "detect_stride": stride,
                                    "found": {}}
         if run.size == 0:
@@ -177,6 +185,7 @@ class ModelFaceRegion:
         mp, ml = self.box_margin_mm / dp, self.box_margin_mm / dl
         slice_masks = np.zeros((run.size, npp, nl), bool)
         slice_nose = np.zeros((run.size, npp, nl), bool)
+        nose_px = [npp, 0, nl, 0]  # the nose boxes' in-plane bounds (P, L)
         found: dict[str, int] = {}
         for r, det in enumerate(dets):
             spans: dict[str, list[tuple[int, int, int, int]]] = {}
@@ -193,6 +202,8 @@ class ModelFaceRegion:
                 slice_masks[r, a0:a1, b0:b1] = True
                 if name == "nose":
                     slice_nose[r, a0:a1, b0:b1] = True
+                    nose_px = [min(nose_px[0], a0), max(nose_px[1], a1),
+                               min(nose_px[2], b0), max(nose_px[3], b1)]
                 spans.setdefault("ears" if name == "ears" else "face", []).append((a0, a1, b0, b1))
             if self.bridge_ears and len(spans) == 2:  # face to the auricles: the cheeks and temples
                 allb = np.array(spans["ears"] + spans["face"])
@@ -206,7 +217,10 @@ class ModelFaceRegion:
                 right = r + 1 < run.size and anyr[r + 1]
                 keep[r] = left or right or run.size == 1
         _carry(slice_masks, keep, run, masks)
-        _carry(slice_nose, keep, run, nose)
+        if nose_px[1] > nose_px[0]:
+            p, q = slice(nose_px[0], nose_px[1]), slice(nose_px[2], nose_px[3])
+            nose = ViewCrop(p, q, np.zeros((ns, p.stop - p.start, q.stop - q.start), bool))
+            _carry(slice_nose[:, p, q], keep, run, nose.mask)
         details["found"] = found
         details["isolated_dropped"] = int(np.count_nonzero(anyr & ~keep))
         details["seconds_prepare"] = round(t1 - t0, 3)
@@ -238,9 +252,29 @@ class ModelFaceRegion:
         details["seconds"] = round(time.perf_counter() - t0, 3)
         return RegionResult(region, warnings, details, box, nose=self._nose_volume(volume, nose))
 
-    def _nose_volume(self, volume: Volume, nose_view: np.ndarray) -> np.ndarray | None:
-        """The nose boxes shaped like ``volume.hu`` (None: no nose box)."""
-        return self._to_volume(volume, nose_view)[0] if nose_view.any() else None
+    def _nose_volume(self, volume: Volume, nose: ViewCrop) -> NoseBoxes | None:
+        """The nose boxes in array order: ``(bbox, mask within it)`` (None: no nose box)."""
+        ks = np.flatnonzero(nose.mask.reshape(nose.mask.shape[0], -1).any(1))
+        if ks.size == 0:
+            return None
+        axes, flips = _canonical(volume)
+        crop = nose.mask[ks[0]:ks[-1] + 1]
+        view_box = (slice(int(ks[0]), int(ks[-1]) + 1), nose.rows, nose.cols)
+        box: list[slice] = [slice(0, 0)] * 3
+        for d, (ax, flip) in enumerate(zip(axes, flips)):
+            n, lo, hi = volume.hu.shape[ax], view_box[d].start, view_box[d].stop
+            box[ax] = slice(n - hi, n - lo) if flip else slice(lo, hi)
+        return (box[0], box[1], box[2]), np.ascontiguousarray(_from_view(crop, axes, flips))
+
+
+@dataclass
+class ViewCrop:
+    """A bool mask in the canonical view (S, P, L) stored within in-plane bounds: ``mask`` is
+    ``(n_S, rows, cols)`` of the view's ``[:, rows, cols]``."""
+
+    rows: slice
+    cols: slice
+    mask: np.ndarray
 
 
 def _carry(slice_masks: np.ndarray, keep: np.ndarray, run: np.ndarray, masks: np.ndarray) -> None:
@@ -319,7 +353,7 @@ class AutoFaceRegion:
         warnings = [f"{w} by the anatomical method; {MODEL_NOSE_NOTE}"
                     if w == NO_NOSE_NOTE else w for w in warnings]
         lo, hi = max(0, s_range[0]), min(ns, s_range[1])
-        masks[:lo] = masks[hi:] = nose[:lo] = nose[hi:] = False
+        masks[:lo] = masks[hi:] = nose.mask[:lo] = nose.mask[hi:] = False
         region, box = self.model._to_volume(volume, masks)
         details["source"] = "anatomical+model"
         details["seconds"] = round(time.perf_counter() - t0, 3)

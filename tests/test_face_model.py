@@ -248,6 +248,32 @@ def test_model_handles_flipped_orientation():
     assert np.count_nonzero(a & b) / np.count_nonzero(a | b) > 0.97
 
 
+def test_nose_boxes_come_as_a_crop_that_maps_to_the_same_voxels(head):
+    """``RegionResult.nose`` (the nose boxes, for the QA's nose check) is a bounding box and the
+    mask within it, cut in the canonical view and mapped back to the array's order: with nose
+    boxes only, it covers exactly the removal region, also when rows and columns are stored
+    the other way round."""
+    from pipeline.volume import Volume
+
+    table = {k: [r for r in rows if r[0] == "nose"] for k, rows in gt_boxes(head).items()}
+    table = {k: rows for k, rows in table.items() if rows}
+    assert len(table) >= 3
+    v = head.volume
+    flipped = Volume(np.ascontiguousarray(v.hu[:, ::-1, ::-1]), v.spacing_mm, v.origin_lps_mm,
+                     -v.row_cosine, -v.col_cosine)
+    masks = []
+    for vol in (v, flipped):
+        res = ModelFaceRegion(loaded_detector=OracleDetector(v.hu, table),
+                              detect_every_mm=1.0).face_region(vol)
+        box, sub = res.nose
+        full = np.zeros(vol.hu.shape, bool)
+        full[box] = sub
+        assert sub.shape == full[box].shape and sub.any() and sub.size < full.size / 20
+        assert np.array_equal(full, res.mask)
+        masks.append(full)
+    assert np.array_equal(masks[0], masks[1][:, ::-1, ::-1])
+
+
 class ScoredOracle(OracleDetector):
     """As :class:`OracleDetector`, with a score per box (``(class, score, i0, j0, i1, j1)``) and
     the detector's own threshold (score > conf)."""

@@ -4,8 +4,8 @@ Each card shows the subject's primary series (the one renders and embeddings use
 thumbnail of its QA picture (removed voxels in red), removed volume, change inside the
 facial skeleton, change outside the body, bone Dice, warnings and the de-identification
 status, and the nose check: how much of the soft tissue outside the skeleton around the
-nose (the detector's nose boxes, else the anatomy's nose region) was removed. The cohort page sorts the cards by any figure
-(``static/surveys/cohort.js``).
+nose (the detector's nose boxes, else the anatomy's nose region) was removed. The cohort
+page sorts the cards by any figure (``static/surveys/cohort.js``).
 
 A figure is **flagged** when it breaks what a correct de-identification guarantees
 (:data:`LIMITS`: bone unchanged, nothing inside the skeleton or outside the body

@@ -102,9 +102,9 @@ class Command(BaseCommand):
 
 
 def series_lines(s: SeriesOutcome) -> tuple[str, str | None]:
-    """The summary line of one written series and, when
-    the nose check says the nose may be left, a line asking for review (for stderr); output
-    folders are pseudonymous, figures carry no identifier."""
+    """The summary line of one written series and, when the nose check says the nose may be
+    left, a line asking for review (for stderr); output folders are pseudonymous, figures
+    carry no identifier."""
     if s.face_found is False:
         reason = s.qa.get("no_face_reason", "")
         return (f"{s.output}: {s.slices} slices, method {s.method}: no face found ({reason}); "
