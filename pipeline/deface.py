@@ -60,6 +60,7 @@ from .envelope import (
     BODY_THRESHOLD_HU,
     Envelope,
     EnvelopeSettings,
+    FaceZone,
     bbox_of,
     find_envelope,
     in_slabs,
@@ -633,36 +634,33 @@ def _landmark_nose(volume: Volume, env: Envelope) -> NoseBoxes | None:
         return None
     left, post, sup = lm.axes
     tip_z = -45.0 if lm.nose_tip is None else float((lm.nose_tip - lm.anchor) @ sup)
-    z_lo, z_hi = tip_z - 10.0, -8.0
-    dj, di = st.pixel_mm
+
+    def plane(normal: np.ndarray, limit: float) -> np.ndarray:
+        """Half-space ``normal · (x − anchor) <= limit``."""
+        return np.append(normal, -(normal @ lm.anchor) - limit)
+
+    region = FaceZone([np.array([plane(left, 20.0), plane(-left, 20.0), plane(post, 0.0),
+                                 plane(-sup, 10.0 - tip_z), plane(sup, -8.0)])], ["nose"])
     nk, nj, ni = volume.hu.shape
-    jj = np.arange(nj, dtype=np.float32)[:, None] * np.float32(dj)
-    ii = np.arange(ni, dtype=np.float32)[None, :] * np.float32(di)
-    corners = np.array([[0.0, 0.0], [0.0, ni - 1.0], [nj - 1.0, 0.0], [nj - 1.0, ni - 1.0]])
-    found: dict[int, np.ndarray] = {}
+    dj, di = st.pixel_mm
+    rows = np.arange(nj)
+    spans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for k in range(nk):
-        o = st.origins[k] - lm.anchor
-        # a linear function's range over the slice is its range over the corners
-        zc = o @ sup + corners[:, 1] * di * (st.row @ sup) + corners[:, 0] * dj * (st.col @ sup)
-        if zc.max() < z_lo or zc.min() >= z_hi:
-            continue
-
-        def along(ax: np.ndarray, o: np.ndarray = o) -> np.ndarray:
-            return np.float32(o @ ax) + ii * np.float32(st.row @ ax) + jj * np.float32(st.col @ ax)
-
-        z = along(sup)
-        m = (z >= z_lo) & (z < z_hi) & (np.abs(along(left)) <= 20.0) & (along(post) <= 0.0)
-        if m.any():
-            found[k] = m
-    if not found:
+        ((lo, hi),) = region.row_spans(st.origins[k], st.row, st.col, rows, dj, di, ni)
+        if (np.ceil(lo) <= hi).any():
+            spans[k] = (lo, hi)
+    if not spans:
         return None
-    ks = sorted(found)
-    rows = np.flatnonzero(np.any([m.any(1) for m in found.values()], axis=0))
-    cols = np.flatnonzero(np.any([m.any(0) for m in found.values()], axis=0))
-    rs, cs = slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+    ks = sorted(spans)
+    lo_all = np.min([lo for lo, _ in spans.values()], axis=0)
+    hi_all = np.max([hi for _, hi in spans.values()], axis=0)
+    hit = np.flatnonzero(np.ceil(lo_all) <= hi_all)
+    rs = slice(int(hit[0]), int(hit[-1]) + 1)
+    cs = slice(int(np.ceil(lo_all[rs].min())), int(np.floor(hi_all[rs].max())) + 1)
+    c = np.arange(cs.start, cs.stop)[None, :]
     sub = np.zeros((ks[-1] - ks[0] + 1, rs.stop - rs.start, cs.stop - cs.start), bool)
-    for k, m in found.items():
-        sub[k - ks[0]] = m[rs, cs]
+    for k, (lo, hi) in spans.items():  # the columns of each row within the region (as the zone)
+        sub[k - ks[0]] = (c >= lo[rs, None]) & (c <= hi[rs, None])
     return (slice(ks[0], ks[-1] + 1), rs, cs), sub
 
 
