@@ -1233,8 +1233,9 @@ def face_shell(head: SynthHead, shell_hu: float = 350.0, gap_mm: float = 0.0,
 
     The shell is ``thick_mm`` thick, ``gap_mm`` off the skin (0: pressed onto it), over the
     nose, the lips and the face within ``reach_mm`` of them; with a gap, a cushion along its
-    rim (its outer 3 mm) reaches down to the skin. Flat ``shell_hu``, no noise (a test
-    object). The ground truth of ``head`` still holds outside the shell's voxels.
+    rim (its outer 3 mm) reaches down to the skin. It lies in the air around the head, not in
+    the nostrils' or the mouth's air (labelled ``internal_air``). Flat ``shell_hu``, no noise (a
+    test object). The ground truth of ``head`` still holds outside the shell's voxels.
     """
     from scipy import ndimage as ndi
 
@@ -1248,6 +1249,7 @@ def face_shell(head: SynthHead, shell_hu: float = 350.0, gap_mm: float = 0.0,
     if gap_mm > 0:
         rim = (near <= reach_mm) & (near > reach_mm - 3.0)
         shell |= (off > 0) & (off <= gap_mm + thick_mm) & rim
+    shell &= head.labels == LABELS["air"]
     hu[shell] = np.asarray(shell_hu).astype(hu.dtype)
     return hu, shell
 
