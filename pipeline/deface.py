@@ -97,6 +97,9 @@ REGION_NAMES = ("nose", "lips", "chin", "cheeks", "eyelids", "forehead", "ears",
 #: What ``auto`` says when the detector's nose stands in for the anatomy's (kept only when the
 #: nose check below finds the soft tissue outside the skeleton in the nose boxes removed).
 MODEL_NOSE_NOTE = "the detector's nose boxes are removed"
+#: QA warning (its start) when the envelope found a mask, splint or cast on the face
+#: (:attr:`Envelope.plastic`): removed outside the hull, and worth a look where it meets bone.
+FACE_SHELL_NOTE = "a mask, splint or cast lies on the face"
 #: The nose check (the detector's nose boxes, else the anatomy's nose region): with less soft
 #: tissue than ``NOSE_OUTSIDE_MIN_ML`` outside the skeleton's hull there, there is none; the nose
 #: may be left (and the QA says so) when less than ``NOSE_REMOVED_PCT`` of it was removed, or
@@ -576,6 +579,12 @@ def _deface(volume: Volume, method: FaceRegionMethod, settings: EnvelopeSettings
         if nose_warning:  # what auto promised of the detector's nose did not happen
             warnings = [w.replace(MODEL_NOSE_NOTE, "the detector's nose boxes were used")
                         for w in warnings] + [nose_warning]
+    if face_found and env.plastic is not None and env.plastic.any():
+        shell_ml = float(env.plastic.sum()) * float(np.prod(env.grid.spacing_mm)) / 1000.0
+        warnings.append(
+            f"{FACE_SHELL_NOTE} ({shell_ml:.1f} mL, not counted as skeleton): it was removed with the face where it lies outside the "
+            "skeleton's hull; where it meets the bone part of it may stay and keep the face "
+            "under it; review this series")
     lm = env.landmarks
     qa = DefaceQA(
         method=method.name,

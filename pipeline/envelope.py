@@ -82,6 +82,11 @@ SHELL_EXPOSED = 0.6
 #: skin: 700-1000 HU on the real head's 4-mm slices; a 350-HU shell's inner fragments: < 500)
 SHELL_MIN_ML = 1.0
 SHELL_MAX_HU = 600.0
+#: a cast as dense as bone (plaster, a metal splint) pressed on the face: in a native slice, a
+#: piece of pixels at the bone threshold or more at least this share of which lie next to the
+#: air around the patient (a 3.5-mm cast on synthetic heads' 1.7-mm pixels: 0.6-0.9; bone lies
+#: under skin and has none, except teeth between parted lips, whose pieces reach into the jaw)
+CAST_EXPOSED = 0.25
 
 
 # --------------------------------------------------------------------------- geometry
@@ -568,6 +573,10 @@ class Envelope:
     thin: np.ndarray | None = None
     doubtful: bool = False  # no face located, yet soft tissue stands proud in front
     plastic: np.ndarray | None = None  # a shell on the face: neither bone nor device
+    #: a shell as dense as bone (:func:`_dense_casts`): its native pixels by native slice,
+    #: ``{k: (rows, cols, mask)}``, and the coarse voxels of ``plastic`` they stand for
+    casts: dict[int, tuple[slice, slice, np.ndarray]] = field(default_factory=dict)
+    cast_coarse: np.ndarray | None = None
 
     # ------------------------------------------------------------ per native slice
     def slice_masks(self, k: int, hu_slice: np.ndarray, rows: slice | None = None,
@@ -631,10 +640,23 @@ class Envelope:
 
     def plastic_pixels(self, k: int, rows: slice, cols: slice) -> np.ndarray:
         """Native pixels of slice ``k`` on ``[rows, cols]`` in :attr:`plastic` (a dense shell on
-        the skin that is not bone; all False when there is none)."""
+        the skin that is not bone; all False when there is none). Of a shell as dense as bone
+        only its own pixels (:attr:`casts`), not the skin and bone its coarse voxels pool."""
         if self.plastic is None or not self.plastic.any():
             return np.zeros((rows.stop - rows.start, cols.stop - cols.start), bool)
-        return _on_native(self.plastic[int(self.grid.native_k[k])], self.grid.f, rows, cols)
+        kc = int(self.grid.native_k[k])
+        coarse = self.plastic[kc]
+        if self.cast_coarse is not None:
+            coarse = coarse & ~self.cast_coarse[kc]
+        out = _on_native(coarse, self.grid.f, rows, cols)
+        if int(k) in self.casts:
+            rs, cs, m = self.casts[int(k)]
+            r0, r1 = max(rs.start, rows.start), min(rs.stop, rows.stop)
+            c0, c1 = max(cs.start, cols.start), min(cs.stop, cols.stop)
+            if r0 < r1 and c0 < c1:
+                out[r0 - rows.start:r1 - rows.start, c0 - cols.start:c1 - cols.start] |= \
+                    m[r0 - rs.start:r1 - rs.start, c0 - cs.start:c1 - cs.start]
+        return out
 
     def devices_near(self, k: int, rows: slice, cols: slice) -> np.ndarray:
         """Native pixels of slice ``k`` on ``[rows, cols]`` within one coarse voxel (in-plane)
@@ -850,9 +872,12 @@ def _dense_share(volume: Volume, grid: CoarseGrid, hu: float, st: EnvelopeSettin
 
 def _surface_plastic(volume: Volume, grid: CoarseGrid, stack: SliceStack, bone: np.ndarray,
                      clean: np.ndarray, st: EnvelopeSettings
-                     ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Coarse voxels of ``bone`` that are a dense shell on the skin, not bone; and the
-    :func:`_exterior_coarse` mask when it was computed (None otherwise). ``clean``: ``bone``
+                     ) -> tuple[np.ndarray, np.ndarray | None,
+                                dict[int, tuple[slice, slice, np.ndarray]], np.ndarray]:
+    """Coarse voxels of ``bone`` that are a dense shell on the skin, not bone; the
+    :func:`_exterior_coarse` mask when it was computed (None otherwise); the native pixels of
+    a shell as dense as bone (:func:`_dense_casts`, by native slice) and the coarse voxels of
+    the shell's pieces that hold them (which stand for those pixels only). ``clean``: ``bone``
     without metal streaks (:func:`_without_streaks`), for the hull.
 
     A mask, splint, cast or dressing pressed onto the face is as bright as bone on the
@@ -876,7 +901,7 @@ def _surface_plastic(volume: Volume, grid: CoarseGrid, stack: SliceStack, bone: 
     """
     empty = np.zeros(bone.shape, bool)
     if not bone.any():
-        return empty, None
+        return empty, None, {}, empty
     voxel_ml = float(np.prod(grid.spacing_mm)) / 1000.0
     exterior = _exterior_coarse(grid, st.body_threshold_hu)
     # bone beside the air around the patient (a voxel beside an exposed pixel lies next to
@@ -884,18 +909,33 @@ def _surface_plastic(volume: Volume, grid: CoarseGrid, stack: SliceStack, bone: 
     near = bone & in_slabs(ndi.binary_dilation, exterior, 0, structure=np.ones((1, 3, 3), bool))
     exposed = _exposed_dense(volume, grid, near, exterior, st)
     if exposed.sum() * voxel_ml < SHELL_EXPOSED * SHELL_MIN_ML:  # no shell can qualify
-        return empty, exterior
+        return empty, exterior, {}, empty
     soft = bone & (_dense_share(volume, grid, CORTEX_HU, st, bone) <= 0.0)
+    casts: dict[int, tuple[slice, slice, np.ndarray]] = {}
+    if (exposed & ~soft).sum() * voxel_ml >= SHELL_EXPOSED * SHELL_MIN_ML:
+        # a cortex beside the air: a cast as dense as bone — or bone bare to the air (teeth
+        # between parted lips), whose pieces in a slice reach into the skeleton, mostly away
+        # from the air
+        casts = _dense_casts(volume, grid, exposed & ~soft, exterior, st)
+        if casts:
+            pooled = _pooled_pixels(volume, grid, st, casts) & bone
+            # and the bone voxels within two voxels of it: the cast where, in a slice, it met
+            # the bone through skin thinner than a pixel (kept as bone, it held the hull open)
+            soft |= ndi.binary_dilation(pooled, structure=np.ones((3, 3, 3), bool),
+                                        iterations=2, mask=bone)
+            # its pieces were chosen for lying beside the air, on every coarse slice they
+            # fill (a thick native slice fills several; the test above marks one of them)
+            exposed |= pooled
     exposed &= soft
     if exposed.sum() * voxel_ml < SHELL_EXPOSED * SHELL_MIN_ML or not (clean & ~soft).any():
-        return empty, exterior
+        return empty, exterior, {}, empty
     hull = SkeletonHull.of_points(_hull_points(grid, clean & ~soft), st.hull_margin_mm)
     if hull is None:
-        return empty, exterior
+        return empty, exterior, {}, empty
     out = soft & ~_inside_coarse(grid, stack, hull)
     exposed &= out
     if exposed.sum() * voxel_ml < SHELL_EXPOSED * SHELL_MIN_ML:
-        return empty, exterior
+        return empty, exterior, {}, empty
 
     def exposure(lab: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         count = np.bincount(lab.ravel(), minlength=n + 1)
@@ -918,16 +958,86 @@ def _surface_plastic(volume: Volume, grid: CoarseGrid, stack: SliceStack, bone: 
         dense = ndi.maximum(dense, piece, np.arange(m + 1)) > 0
         in_shell &= (own > 0.0) | ~dense
     in_shell[0] = False
-    return in_shell[piece], exterior
+    plastic = in_shell[piece]
+    cast_coarse = empty
+    if casts and (plastic & pooled).any():
+        # the shell's pieces that hold a dense cast: on native pixels, the cast's pixels only
+        # (their coarse voxels also pool the skin and bone under the cast)
+        ids = np.unique(piece[plastic & pooled])
+        cast_coarse = np.isin(piece, ids[ids > 0])
+        casts = {k: (rs, cs, m & _on_native(cast_coarse[int(grid.native_k[k])], grid.f, rs, cs))
+                 for k, (rs, cs, m) in casts.items()}
+        casts = {k: c for k, c in casts.items() if c[2].any()}
+    else:
+        casts = {}
+    return plastic, exterior, casts, cast_coarse
+
+
+def _dense_casts(volume: Volume, grid: CoarseGrid, where: np.ndarray, exterior: np.ndarray,
+                 st: EnvelopeSettings) -> dict[int, tuple[slice, slice, np.ndarray]]:
+    """Native pixels of a cast as dense as bone (plaster, a metal splint) on the skin, per
+    native slice whose coarse slice holds voxels of ``where``: ``{k: (rows, cols, mask)}``,
+    ``mask`` on ``[rows, cols]``.
+
+    In the slice, the 8-connected pieces of pixels at ``bone_threshold_hu`` or more that hold
+    a pixel of ``CORTEX_HU`` and at least ``CAST_EXPOSED`` of whose pixels lie next to the air
+    around the patient (``exterior``, :func:`_exterior_coarse`; within the image's inscribed
+    circle less 5 mm, as :func:`_exposed_dense`). A cast on the skin is such a piece; bone is
+    not, for skin covers it — where the skin under the cast is thinner than a pixel the two are
+    one piece, mostly not beside the air, and that slice's cast stays (as bone) rather than
+    the bone going with it. On the coarse grid (2 mm) the skin's partial volume joins the cast
+    to the skull, which is why this is asked of native pixels."""
+    out: dict[int, tuple[slice, slice, np.ndarray]] = {}
+    nj, ni = volume.hu.shape[1:]
+    dj, di = (float(x) for x in volume.spacing_mm[1:])
+    radius = min(nj * dj, ni * di) / 2.0 - 5.0
+    y = (np.arange(nj) - (nj - 1) / 2.0)[:, None] * dj
+    x = (np.arange(ni) - (ni - 1) / 2.0)[None, :] * di
+    inner = np.hypot(y, x) <= radius
+    square = np.ones((3, 3), bool)
+    full = slice(0, nj), slice(0, ni)
+    for k in np.flatnonzero(np.isin(grid.native_k, np.flatnonzero(where.any(axis=(1, 2))))):
+        sl = volume.hu[k]
+        dense = sl >= st.bone_threshold_hu
+        lab, n = ndi.label(dense, structure=square)
+        if n == 0:
+            continue
+        air = _air_outside(exterior, grid, k, sl, *full, st.body_threshold_hu)
+        beside = dense & ndi.binary_dilation(air, square) & inner
+        count = np.bincount(lab.ravel(), minlength=n + 1)
+        share = np.bincount(lab[beside], minlength=n + 1) / np.maximum(count, 1)
+        ok = share >= CAST_EXPOSED
+        ok[0] = False
+        if not ok.any():
+            continue
+        ok[1:] &= ndi.maximum(sl, lab, np.arange(1, n + 1)) >= CORTEX_HU
+        if not ok.any():
+            continue
+        mask = ok[lab]
+        box = bbox_of(mask)
+        out[int(k)] = (box[0], box[1], mask[box])
+    return out
+
+
+def _pooled_pixels(volume: Volume, grid: CoarseGrid, st: EnvelopeSettings,
+                   pixels: dict[int, tuple[slice, slice, np.ndarray]]) -> np.ndarray:
+    """Coarse voxels holding a native pixel of ``pixels`` (``{k: (rows, cols, mask)}``),
+    pooled as the grid pools the volume (a thick slice fills every coarse slice it spans)."""
+    hot = np.zeros(volume.hu.shape, np.int16)
+    for k, (rs, cs, m) in pixels.items():
+        hot[k, rs, cs] = m
+    return coarse_grid(volume.with_hu(hot), st.grid_mm).hu > 0.0
 
 
 def _exposed_dense(volume: Volume, grid: CoarseGrid, where: np.ndarray, exterior: np.ndarray,
-                   st: EnvelopeSettings) -> np.ndarray:
+                   st: EnvelopeSettings, between: bool = False) -> np.ndarray:
     """Coarse voxels of ``where`` within one voxel (in-plane) of a native pixel of
     ``bone_threshold_hu`` or more next to (8-neighbourhood) air outside the patient
     (``exterior``: :func:`_exterior_coarse`; not a sinus, the nasal cavity or a nostril). Only
     pixels at least 5 mm inside the image's inscribed circle count: where the field of view
-    cuts a face, its bone meets the padding or the image's border."""
+    cuts a face, its bone meets the padding or the image's border. A native slice marks its
+    own coarse slice (``grid.native_k``); with ``between``, also the coarse slices between
+    native slices thicker than the grid (:func:`_between_natives`)."""
     out = np.zeros(where.shape, bool)
     square = np.ones((3, 3), bool)
     nj, ni = volume.hu.shape[1:]
@@ -951,7 +1061,20 @@ def _exposed_dense(volume: Volume, grid: CoarseGrid, where: np.ndarray, exterior
         if jj.size:
             out[kc, np.minimum((jj + rs.start) // f, out.shape[1] - 1),
                 np.minimum((ii + cs.start) // f, out.shape[2] - 1)] = True
+    if between:
+        out = _between_natives(grid, out)
     return in_slabs(ndi.binary_dilation, out, 0, structure=np.ones((1, 3, 3), bool)) & where
+
+
+def _between_natives(grid: CoarseGrid, coarse: np.ndarray) -> np.ndarray:
+    """``coarse`` (marked on the coarse slices of native slices, ``grid.native_k``) with each
+    coarse slice that no native slice maps to copied from the nearest one that does: a native
+    slice thicker than the grid fills several coarse slices (:func:`coarse_grid`)."""
+    hit = np.unique(grid.native_k)
+    if hit.size in (0, coarse.shape[0]):
+        return coarse
+    kc = np.arange(coarse.shape[0])
+    return coarse[hit[np.abs(kc[:, None] - hit[None, :]).argmin(axis=1)]]
 
 
 def _face_shells(volume: Volume, grid: CoarseGrid, stack: SliceStack, other: np.ndarray,
@@ -961,8 +1084,10 @@ def _face_shells(volume: Volume, grid: CoarseGrid, stack: SliceStack, other: np.
     are a shell on the face: ``SHELL_MIN_ML`` or more, at least half of their voxels in
     front of the globes' coronal plane and reaching within 15 mm of the midline there (over
     the nose or mouth; a holder's walls lie beside or behind the head), at least half in the
-    ``face`` zone, no native pixel of ``CORTEX_HU`` and at least ``SHELL_EXPOSED`` of their
-    voxels beside the air around the patient (:func:`_exposed_dense`). Cheapest tests first."""
+    ``face`` zone and at least ``SHELL_EXPOSED`` of their voxels beside the air around the
+    patient (:func:`_exposed_dense`). Cheapest tests first. However dense: not being bone
+    (:func:`_bone_and_rails`), such a piece is a plastic shell or a cast as dense as bone
+    (plaster, a metal splint) alike; eyeglasses stand off the face and do not qualify."""
     none = np.zeros(other.shape, bool)
     if lm.anchor is None:
         return none
@@ -987,13 +1112,8 @@ def _face_shells(volume: Volume, grid: CoarseGrid, stack: SliceStack, other: np.
     if not ok.any():
         return none
     cand = ok[lab]
-    ok &= ndi.sum_labels(_exposed_dense(volume, grid, cand, exterior, st), lab,
-                         np.arange(n + 1)) >= SHELL_EXPOSED * count
-    ok[0] = False
-    if not ok.any():
-        return none
-    cortex = _dense_share(volume, grid, CORTEX_HU, st, ok[lab])
-    ok &= ndi.maximum(cortex, lab, np.arange(n + 1)) == 0
+    exposed = _exposed_dense(volume, grid, cand, exterior, st, between=True)
+    ok &= ndi.sum_labels(exposed, lab, np.arange(n + 1)) >= SHELL_EXPOSED * count
     ok[0] = False
     return ok[lab]
 
@@ -1437,14 +1557,15 @@ def _find_envelope(volume: Volume, st: EnvelopeSettings, side: ThreadPoolExecuto
     empty = np.zeros(grid.hu.shape, bool)
     lm = Landmarks()
     devices = empty
-    plastic = exterior = None
+    plastic = exterior = cast_coarse = None
+    casts: dict[int, tuple[slice, slice, np.ndarray]] = {}
 
     def result(body, hull, inside, zone, found, reason, face_ml=0.0, thin=None) -> Envelope:
         env = Envelope(grid=grid, stack=stack, body=body, devices=devices, hull=hull,
                        inside=inside, landmarks=lm, zone=zone, face_found=found,
                        reason=reason, face_ml=round(face_ml, 2),
                        seconds=round(time.perf_counter() - t0, 3), settings=st, thin=thin,
-                       plastic=plastic)
+                       plastic=plastic, casts=casts, cast_coarse=cast_coarse)
         if exterior is not None:  # computed for the shell test: the same as the property's
             env._exterior_cache = exterior
         return env
@@ -1457,7 +1578,8 @@ def _find_envelope(volume: Volume, st: EnvelopeSettings, side: ThreadPoolExecuto
     voxel_ml = float(np.prod(grid.spacing_mm)) / 1000.0
     bone, other = _bone_and_rails(grid, body, st, voxel_ml)
     clean = _without_streaks(grid, bone)  # (the hull's points: not a metal streak's)
-    plastic, exterior = _surface_plastic(volume, grid, stack, bone, clean, st)
+    plastic, exterior, casts, cast_coarse = _surface_plastic(volume, grid, stack, bone, clean,
+                                                             st)
     bone &= ~plastic
     clean &= ~plastic
     devices_outside, body_with_other, device = devices, body.copy(), empty

@@ -117,6 +117,32 @@ def test_a_nose_that_may_be_left_asks_for_review():
     assert series_lines(s) == (line.replace("70 %", "100 %").replace(", 1 warning(s)", ""), None)
 
 
+def test_a_cast_on_the_face_asks_for_review():
+    """A series on whose face the envelope found a mask, splint or cast: its QA warning comes
+    back as a REVIEW line, after the nose check's when both apply."""
+    from pipeline.deface import FACE_SHELL_NOTE
+    from pipeline.deidentify import SeriesOutcome
+    from surveys.management.commands.deidentify import series_lines
+
+    shell = (f"{FACE_SHELL_NOTE} (24.0 mL, not counted as skeleton): it was removed with the face "
+             "where it lies outside the skeleton's hull; where it meets the bone part of it may "
+             "stay and keep the face under it; review this series")
+    nose = ("only 70 % of the soft tissue outside the facial skeleton in the detector's "
+            "nose region (10.3 mL) was removed: the nose may be left; review this series")
+    check = {"outside_ml": 10.3, "inside_ml": 3.2, "removed_pct": 99.8,
+             "nose_may_be_left": False, "source": "detector"}
+    s = SeriesOutcome(index=0, n_files=140, status="written", output="SUBJ-0002/CT-1",
+                      slices=140, method="auto", removed_ml=180.0, bone_dice=1.0,
+                      face_found=True, warnings=[shell],
+                      qa={"inside_soft_changed_pct": 0.0, "outside_body_changed_ml": 0.0,
+                          "nose_check": check})
+    assert series_lines(s)[1] == f"REVIEW SUBJ-0002/CT-1: {shell}"
+    check.update(removed_pct=70.4, nose_may_be_left=True)
+    s.warnings = [nose, shell]
+    assert series_lines(s)[1] == (f"REVIEW SUBJ-0002/CT-1: the nose may be left — {nose} | "
+                                  f"{shell}")
+
+
 def test_no_identifier_in_any_output_byte_path_or_message(cohort):
     ids = identifiers(cohort)
     assert len(ids) > 20

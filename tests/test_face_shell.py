@@ -40,7 +40,7 @@ def _plastic(vol: Volume) -> tuple[np.ndarray, np.ndarray, E.CoarseGrid]:
     stack = E.SliceStack.of(vol)
     body, _ = E._body_mask(grid, st.body_threshold_hu)
     bone, _ = E._bone_and_rails(grid, body, st, float(np.prod(grid.spacing_mm)) / 1000.0)
-    plastic, _ = E._surface_plastic(vol, grid, stack, bone, E._without_streaks(grid, bone), st)
+    plastic, *_ = E._surface_plastic(vol, grid, stack, bone, E._without_streaks(grid, bone), st)
     return plastic, bone, grid
 
 

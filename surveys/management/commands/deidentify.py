@@ -15,6 +15,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
+from pipeline.deface import FACE_SHELL_NOTE
 from pipeline.deidentify import (
     DATE_MODES,
     METHODS,
@@ -103,8 +104,8 @@ class Command(BaseCommand):
 
 def series_lines(s: SeriesOutcome) -> tuple[str, str | None]:
     """The summary line of one written series and, when the nose check says the nose may be
-    left, a line asking for review (for stderr); output folders are pseudonymous, figures
-    carry no identifier."""
+    left or a mask, splint or cast was found on the face, a line asking for review (for
+    stderr); output folders are pseudonymous, figures carry no identifier."""
     if s.face_found is False:
         reason = s.qa.get("no_face_reason", "")
         return (f"{s.output}: {s.slices} slices, method {s.method}: no face found ({reason}); "
@@ -120,8 +121,10 @@ def series_lines(s: SeriesOutcome) -> tuple[str, str | None]:
         extra += f", nose check {check['removed_pct']:.0f} % removed"
     line = (f"{s.output}: {s.slices} slices, method {s.method}, removed {removed}, "
             f"bone Dice {dice}{extra}" + (f", {len(s.warnings)} warning(s)" if s.warnings else ""))
-    review = None
+    reasons = []
     if check.get("nose_may_be_left"):
         why = next((w for w in s.warnings if "the nose may be left" in w), "")
-        review = f"REVIEW {s.output}: the nose may be left — {why}"
+        reasons.append(f"the nose may be left — {why}")
+    reasons += [w for w in s.warnings if w.startswith(FACE_SHELL_NOTE)]
+    review = f"REVIEW {s.output}: " + " | ".join(reasons) if reasons else None
     return line, review
