@@ -582,9 +582,9 @@ def _deface(volume: Volume, method: FaceRegionMethod, settings: EnvelopeSettings
     if face_found and env.plastic is not None and env.plastic.any():
         shell_ml = float(env.plastic.sum()) * float(np.prod(env.grid.spacing_mm)) / 1000.0
         warnings.append(
-            f"{FACE_SHELL_NOTE} ({shell_ml:.1f} mL, not counted as skeleton): it was removed with the face where it lies outside the "
-            "skeleton's hull; where it meets the bone part of it may stay and keep the face "
-            "under it; review this series")
+            f"{FACE_SHELL_NOTE} ({shell_ml:.1f} mL, not counted as skeleton): it was removed "
+            "with the face where it lies outside the skeleton's hull; where it meets the bone "
+            "part of it may stay and keep the face under it; review this series")
     lm = env.landmarks
     qa = DefaceQA(
         method=method.name,
