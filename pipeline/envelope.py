@@ -981,29 +981,19 @@ def _dense_casts(volume: Volume, grid: CoarseGrid, where: np.ndarray, exterior: 
 
     In the slice, the 8-connected pieces of pixels at ``bone_threshold_hu`` or more that hold
     a pixel of ``CORTEX_HU`` and at least ``CAST_EXPOSED`` of whose pixels lie next to the air
-    around the patient (``exterior``, :func:`_exterior_coarse`; within the image's inscribed
-    circle less 5 mm, as :func:`_exposed_dense`). A cast on the skin is such a piece; bone is
+    around the patient (:func:`_dense_beside_air`). A cast on the skin is such a piece; bone is
     not, for skin covers it — where the skin under the cast is thinner than a pixel the two are
     one piece, mostly not beside the air, and that slice's cast stays (as bone) rather than
     the bone going with it. On the coarse grid (2 mm) the skin's partial volume joins the cast
     to the skull, which is why this is asked of native pixels."""
     out: dict[int, tuple[slice, slice, np.ndarray]] = {}
-    nj, ni = volume.hu.shape[1:]
-    dj, di = (float(x) for x in volume.spacing_mm[1:])
-    radius = min(nj * dj, ni * di) / 2.0 - 5.0
-    y = (np.arange(nj) - (nj - 1) / 2.0)[:, None] * dj
-    x = (np.arange(ni) - (ni - 1) / 2.0)[None, :] * di
-    inner = np.hypot(y, x) <= radius
-    square = np.ones((3, 3), bool)
-    full = slice(0, nj), slice(0, ni)
+    full = slice(0, volume.hu.shape[1]), slice(0, volume.hu.shape[2])
     for k in np.flatnonzero(np.isin(grid.native_k, np.flatnonzero(where.any(axis=(1, 2))))):
         sl = volume.hu[k]
-        dense = sl >= st.bone_threshold_hu
-        lab, n = ndi.label(dense, structure=square)
+        dense, beside = _dense_beside_air(volume, grid, exterior, st, int(k), *full)
+        lab, n = ndi.label(dense, structure=np.ones((3, 3), bool))
         if n == 0:
             continue
-        air = _air_outside(exterior, grid, k, sl, *full, st.body_threshold_hu)
-        beside = dense & ndi.binary_dilation(air, square) & inner
         count = np.bincount(lab.ravel(), minlength=n + 1)
         share = np.bincount(lab[beside], minlength=n + 1) / np.maximum(count, 1)
         ok = share >= CAST_EXPOSED
@@ -1039,10 +1029,7 @@ def _exposed_dense(volume: Volume, grid: CoarseGrid, where: np.ndarray, exterior
     own coarse slice (``grid.native_k``); with ``between``, also the coarse slices between
     native slices thicker than the grid (:func:`_between_natives`)."""
     out = np.zeros(where.shape, bool)
-    square = np.ones((3, 3), bool)
     nj, ni = volume.hu.shape[1:]
-    dj, di = (float(x) for x in volume.spacing_mm[1:])
-    radius = min(nj * dj, ni * di) / 2.0 - 5.0
     f = grid.f
     for k in np.flatnonzero(np.isin(grid.native_k, np.flatnonzero(where.any(axis=(1, 2))))):
         kc = int(grid.native_k[k])
@@ -1051,19 +1038,32 @@ def _exposed_dense(volume: Volume, grid: CoarseGrid, where: np.ndarray, exterior
             continue
         rs = slice(max(0, (box[0].start - 2) * f), min(nj, (box[0].stop + 2) * f))
         cs = slice(max(0, (box[1].start - 2) * f), min(ni, (box[1].stop + 2) * f))
-        sl = volume.hu[k, rs, cs]
-        y = (np.arange(rs.start, rs.stop) - (nj - 1) / 2.0)[:, None] * dj
-        x = (np.arange(cs.start, cs.stop) - (ni - 1) / 2.0)[None, :] * di
-        air = _air_outside(exterior, grid, k, sl, rs, cs, st.body_threshold_hu)
-        hit = ((sl >= st.bone_threshold_hu) & ndi.binary_dilation(air, square)
-               & (np.hypot(y, x) <= radius))
-        jj, ii = np.nonzero(hit)
+        jj, ii = np.nonzero(_dense_beside_air(volume, grid, exterior, st, k, rs, cs)[1])
         if jj.size:
             out[kc, np.minimum((jj + rs.start) // f, out.shape[1] - 1),
                 np.minimum((ii + cs.start) // f, out.shape[2] - 1)] = True
     if between:
         out = _between_natives(grid, out)
     return in_slabs(ndi.binary_dilation, out, 0, structure=np.ones((1, 3, 3), bool)) & where
+
+
+def _dense_beside_air(volume: Volume, grid: CoarseGrid, exterior: np.ndarray,
+                      st: EnvelopeSettings, k: int, rows: slice, cols: slice
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Native pixels of slice ``k`` on ``[rows, cols]`` at ``bone_threshold_hu`` or more, and
+    those of them next to (8-neighbourhood) air outside the patient (``exterior``:
+    :func:`_exterior_coarse`) at least 5 mm inside the image's inscribed circle (where the field
+    of view cuts a face, its bone meets the padding or the image's border)."""
+    nj, ni = volume.hu.shape[1:]
+    dj, di = (float(x) for x in volume.spacing_mm[1:])
+    radius = min(nj * dj, ni * di) / 2.0 - 5.0
+    sl = volume.hu[k, rows, cols]
+    y = (np.arange(rows.start, rows.stop) - (nj - 1) / 2.0)[:, None] * dj
+    x = (np.arange(cols.start, cols.stop) - (ni - 1) / 2.0)[None, :] * di
+    air = _air_outside(exterior, grid, k, sl, rows, cols, st.body_threshold_hu)
+    dense = sl >= st.bone_threshold_hu
+    inner = np.hypot(y, x) <= radius
+    return dense, dense & ndi.binary_dilation(air, np.ones((3, 3), bool)) & inner
 
 
 def _between_natives(grid: CoarseGrid, coarse: np.ndarray) -> np.ndarray:
