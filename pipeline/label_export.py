@@ -7,9 +7,11 @@ series below a folder as an image *as the detector sees it* (axial, face at the
 top, patient left on the right of the image; the model's three HU windows as
 RGB) with **pre-labels** in YOLO format:
 
-* ``face``: per slice, the box of the anatomical method's removable region —
-  the face zone of :func:`pipeline.envelope.find_envelope` ∩ the patient's body ∩
-  outside the facial skeleton's hull, the auricles' flaps excluded;
+* ``face``: per slice, the detector's ``face`` box where it gives one (its class is
+  trained on the label's definition, :data:`MODEL_FIRST`); elsewhere, or without a
+  detector, the box of the anatomical method's removable region — the face zone of
+  :func:`pipeline.envelope.find_envelope` ∩ the patient's body ∩ outside the facial
+  skeleton's hull, the auricles' flaps excluded (a wider definition: forehead to cheeks);
 * ``ears``: the same region's ear parts (the auricles' thin flaps), per side;
 * ``eyes``: the globes found by the envelope (a 24 mm sphere each), cut by the
   slice plane, 2 mm of lids around them;
@@ -50,6 +52,8 @@ from .volume import Volume
 
 __all__ = ["ExportSummary", "export_folder", "series_prelabels"]
 
+#: Classes whose detector boxes, on a slice where the detector gives one, replace the anatomy's.
+MODEL_FIRST: frozenset[str] = frozenset({"face"})
 GLOBE_RADIUS_MM = 12.0
 LID_MM = 2.0
 
@@ -139,11 +143,12 @@ def series_prelabels(volume: Volume, *, detector: Any = None, conf: float = 0.25
         view = _to_view(hu, axes, flips)
         f = max(1, int(np.floor(max(view.shape[1:]) / detector.meta.imgsz)))
         dets = detect_linked(detector, np.ascontiguousarray(view[:, ::f, ::f]), conf=conf)
+        model_first: dict[tuple[int, str], list] = {}
         canon = [detector.meta.canonical(c) for c in range(len(detector.meta.classes))]
         for s, det in enumerate(dets):
             for box, cid in zip(det.boxes, det.class_ids):
                 name = canon[int(cid)]
-                if name is None or name == "face":
+                if name is None:
                     continue
                 m = np.zeros(view.shape[1:], bool)
                 i0, j0, i1, j1 = (int(round(float(x) * f)) for x in box)
@@ -159,9 +164,14 @@ def series_prelabels(volume: Volume, *, detector: Any = None, conf: float = 0.25
                 b = _bbox(nat[k])
                 if b is None:
                     continue
+                if name in MODEL_FIRST:
+                    model_first.setdefault((k, name), []).append((name, *b, "model"))
+                    continue
                 same = [q for q in out.get(k, []) if q[0] == name and box_iou(q[1:5], b) >= 0.3]
                 if not same:
                     out.setdefault(k, []).append((name, *b, "model"))
+        for (k, name), boxes in model_first.items():  # the model's boxes replace the anatomy's there
+            out[k] = [q for q in out.get(k, []) if q[0] != name] + boxes
         if not env.face_found:  # no face for the anatomy: keep the model's boxes only with eyes or a nose
             seen = any(q[0] in ("eyes", "nose") for v in out.values() for q in v)
             notes["face_found_by_model"] = seen
@@ -255,7 +265,8 @@ def export_folder(input_dir: Path, out_dir: Path, *, detector: Any = None, conf:
 def _write_meta(out_dir: Path, names: list[str], summary: ExportSummary) -> None:
     cls = "\n".join(CLASSES) + "\n"
     (out_dir / "classes.txt").write_text(cls)
-    yaml = [f"path: {out_dir.resolve()}", "train: images/train", "val: images/train", "test: images/train",
+    # no 'path': Ultralytics takes the yaml's folder, so the export can be moved (or renamed into place)
+    yaml = ["train: images/train", "val: images/train", "test: images/train",
             "names:"] + [f"  {i}: {n}" for i, n in enumerate(CLASSES)]
     (out_dir / "data.yaml").write_text("\n".join(yaml) + "\n")
     (out_dir / "export.json").write_text(json.dumps({
@@ -271,10 +282,12 @@ def _write_meta(out_dir: Path, names: list[str], summary: ExportSummary) -> None
     (out_dir / "README.txt").write_text(
         "Pre-labelled CT slices for the facial-feature detector (deidstudy manage.py label_export).\n\n"
         "The images show faces: keep this folder where the source CT may be kept.\n\n"
-        "Every box is a proposal (face and ears: the anatomical method's removable region; eyes: the\n"
-        "globes it found; nose, lips and further boxes: the detector). Check and correct every box.\n\n"
+        "Every box is a proposal (face: the detector's face box, else the anatomical method's removable\n"
+        "region; ears: that region's auricle flaps; eyes: the globes it found; nose, lips and further\n"
+        "boxes: the detector). Check and correct every box.\n\n"
         "CVAT: create a task with the images of images/train (labels: " + ", ".join(CLASSES) + "),\n"
         "then Actions > Upload annotations > 'YOLO 1.1' with cvat-yolo.zip. Export the corrected\n"
-        "annotations as 'YOLO 1.1' and copy its obj_train_data/*.txt over labels/train/.\n\n"
-        "Train (split the series into train and val folders first, by series, never by slice):\n"
-        "  .venv/bin/python manage.py train_detector --data data.yaml\n")
+        "annotations as 'YOLO 1.1' (a zip), then write the training dataset, its series split into\n"
+        "train and val (by series, never by slice), and train:\n"
+        "  .venv/bin/python manage.py label_import THIS-FOLDER CVAT-EXPORT.zip DATASET [--val-series 2]\n"
+        "  .venv/bin/python manage.py train_detector --data DATASET/data.yaml\n")

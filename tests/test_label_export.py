@@ -112,4 +112,6 @@ def test_export_with_the_detector_adds_model_boxes(ct_folder, tmp_path):
     summary = json.loads((out / "export.json").read_text())
     assert summary["boxes"]["nose"] > 0
     assert any(k.endswith(":model") for k in summary["pre_label_sources"])
+    # the face pre-labels are the detector's face boxes where it has one (the label's definition)
+    assert summary["pre_label_sources"].get("face:model", 0) > 0
     assert np.isfinite(summary["images"])

@@ -5,8 +5,9 @@ sees it, with pre-labels (the anatomical method's removable region as ``face`` a
 ``ears`` boxes, the globes it found as ``eyes``, and the detector's boxes), in
 Ultralytics' layout plus ``cvat-yolo.zip`` for CVAT's "YOLO 1.1" import, so a group
 corrects labels instead of drawing them from nothing
-(:mod:`pipeline.label_export`). Then ``manage.py train_detector --data
-OUTPUT/data.yaml`` (after splitting by series into train and val).
+(:mod:`pipeline.label_export`). OUTPUT appears whole or not at all. After the correction,
+``manage.py label_import OUTPUT CVAT-EXPORT.zip DATASET`` splits the series into train
+and val, then ``manage.py train_detector --data DATASET/data.yaml``.
 
 Messages name series by index only; file names hold series and slice numbers only.
 The images show faces: OUTPUT must stay where the source CT may be kept.
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from pipeline.atomic import atomic_dir
 from pipeline.detector import DetectorError, load_detector
 from pipeline.label_export import export_folder
 
@@ -63,10 +65,14 @@ class Command(BaseCommand):
             return tqdm(it, total=total, unit="series", disable=not show, file=sys.stderr)
 
         try:
-            summary = export_folder(src, out, detector=detector, conf=o["conf"], context=o["context"],
-                                    progress=progress)
+            with atomic_dir(out) as tmp:  # written whole or not at all
+                summary = export_folder(src, tmp, detector=detector, conf=o["conf"], context=o["context"],
+                                        progress=progress)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
+        except OSError as exc:  # no file name: the input's paths may carry identifiers
+            raise CommandError(f"cannot write OUTPUT ({exc.__class__.__name__}: {exc.strerror}); "
+                               f"nothing was written") from None
         for line in summary.failed:
             self.stderr.write(f"{line} failed; not exported")
         boxes = ", ".join(f"{c} {n}" for c, n in summary.boxes.items() if n)

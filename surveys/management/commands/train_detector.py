@@ -98,18 +98,31 @@ class Command(BaseCommand):
         metrics = None
         if o["data"] is None:
             metrics = detector.evaluate_yolo(onnx_path, data_yaml, split="test", imgsz=o["imgsz"])
+        elif _held_out_val(data_yaml):  # e.g. label_import's series split
+            metrics = detector.evaluate_yolo(onnx_path, data_yaml, split="val", imgsz=o["imgsz"])
         meta = write_metadata(onnx_path, classes=classes, imgsz=o["imgsz"], windows=windows,
                               seed=o["seed"], data=data_info, metrics=metrics, train_seconds=t_train,
                               model_yaml=o["model"], results_csv=out / "train" / "results.csv")
         self.stdout.write(f"weights: {onnx_path}")
         if metrics:
-            self.stdout.write(f"test mAP50 {metrics['mAP50']:.3f}  mAP50-95 {metrics['mAP50_95']:.3f}")
+            which = "test" if o["data"] is None else "validation (held-out images of your val split)"
+            self.stdout.write(f"{which} mAP50 {metrics['mAP50']:.3f}  mAP50-95 {metrics['mAP50_95']:.3f}")
+            for c, v in metrics["per_class"].items():
+                self.stdout.write(f"  {c:<6} mAP50 {v['mAP50']:.3f} ({v['instances']} boxes)")
         if o["install"]:
             dest = detector.MODELS_DIR
             shutil.copyfile(onnx_path, dest / onnx_path.name)
             shutil.copyfile(best, dest / onnx_path.with_suffix(".pt").name)
             (dest / onnx_path.with_suffix(".json").name).write_text(json.dumps(meta, indent=1) + "\n")
             self.stdout.write(f"installed into {dest}")
+
+
+def _held_out_val(path: Path) -> bool:
+    """Whether the dataset's ``val`` images differ from its ``train`` images."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    return isinstance(data, dict) and bool(data.get("val")) and data.get("val") != data.get("train")
 
 
 def _yaml_names(path: Path) -> list[str]:
