@@ -6,8 +6,10 @@ module reads what the tool exports after the correction and writes the dataset
 ``manage.py train_detector --data`` trains on:
 
 * :func:`read_annotations` reads a **YOLO 1.1** export (``obj.names`` +
-  ``obj_<subset>_data/<image>.txt``, CVAT's "YOLO 1.1") or an **Ultralytics YOLO**
-  export (``data.yaml`` + ``labels/<subset>/<image>.txt``), as a zip or a folder.
+  ``obj_<subset>_data/<image>.txt``, CVAT's "YOLO 1.1"), an **Ultralytics YOLO**
+  export (``data.yaml`` + ``labels/<subset>/<image>.txt``; also the export folder
+  itself, corrected in place) or a YOLO folder with ``classes.txt`` + ``labels/``
+  (Label Studio, labelImg), as a zip or a folder.
   Classes are matched **by name** (a tool may order them differently; case and
   spaces do not matter); a label name that is not a detector class, a malformed
   row, a box outside the image or an image named twice is refused with the file
@@ -170,11 +172,16 @@ def read_annotations(src: Path, classes: Sequence[str] = CLASSES) -> Annotations
             layout = "YOLO 1.1"
             names = [n for n in source.read(root + "obj.names").splitlines() if n.strip()]
             pattern = re.compile(re.escape(root) + r"obj_[^/]+_data/(?:.*/)?([^/]+)\.txt$")
+        elif _root_of(m, "data.yaml") is None and _root_of(m, "classes.txt") is not None:
+            root = _root_of(m, "classes.txt")  # Label Studio's and labelImg's YOLO
+            layout = "YOLO with classes.txt"
+            names = [n for n in source.read(root + "classes.txt").splitlines() if n.strip()]
+            pattern = re.compile(re.escape(root) + r"labels/(?:.*/)?([^/]+)\.txt$")
         else:
             root = _root_of(m, "data.yaml")
             if root is None:
-                raise LabelImportError("not a YOLO export: found neither obj.names (YOLO 1.1) nor "
-                                       "data.yaml (Ultralytics YOLO)")
+                raise LabelImportError("not a YOLO export: found none of obj.names (YOLO 1.1), "
+                                       "data.yaml (Ultralytics YOLO) or classes.txt")
             layout = "Ultralytics YOLO"
             import yaml
 

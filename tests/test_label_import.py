@@ -122,6 +122,27 @@ def test_ultralytics_layout_folder_and_a_drawn_split(export, tmp_path):
     assert sum(v["kept"] for v in s1.changes.values()) == sum(len(r) for r in rows.values())
 
 
+def test_the_export_corrected_in_place_and_a_classes_txt_export(export, tmp_path):
+    """A labeller may correct the export's own labels/ (labelImg) or export from Label Studio
+    (classes.txt + labels/); both read as the export's labels."""
+    exp, _ = export
+    ann = li.read_annotations(exp)
+    pre = _pre(exp)
+    assert ann.layout == "Ultralytics YOLO" and set(ann.rows) == set(pre)
+    for k, rows in pre.items():
+        assert [r[0] for r in ann.rows[k]] == [r[0] for r in rows]
+        for a, b in zip(ann.rows[k], rows):
+            assert a[1:] == pytest.approx(b[1:], abs=1e-9)
+    ls = tmp_path / "ls"
+    (ls / "labels").mkdir(parents=True)
+    (ls / "classes.txt").write_text("nose\nface\n")
+    (ls / "labels" / "series-01_slice-004.txt").write_text("1 0.5 0.5 0.2 0.2\n0 0.5 0.2 0.1 0.1\n")
+    ann = li.read_annotations(ls)
+    assert ann.layout == "YOLO with classes.txt"
+    assert [r[0] for r in ann.rows["series-01_slice-004"]] == [FACE, NOSE]
+    assert sorted(ann.unused_names) == []
+
+
 def test_split_series_rules():
     assert li.split_series([1, 2, 3, 4], val_series=[4]) == ([1, 2, 3], [4])
     train, val = li.split_series(range(1, 9), val_fraction=0.25, seed=1)
@@ -147,7 +168,7 @@ NAMES = "".join(f"{c}\n" for c in CLASSES)
 
 
 @pytest.mark.parametrize("files, msg", [
-    ({"readme.txt": "x"}, "neither obj.names"),
+    ({"readme.txt": "x"}, "found none of obj.names"),
     ({"obj.names": NAMES}, "no annotation files"),
     ({"obj.names": NAMES + "chin\n", "obj_train_data/series-01_slice-003.txt": "5 0.5 0.5 0.1 0.1\n"},
      r"'series-01_slice-003', line 1: label 'chin' is not a detector class"),

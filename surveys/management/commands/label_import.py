@@ -1,7 +1,8 @@
 """``python manage.py label_import EXPORT ANNOTATIONS OUTPUT`` — corrected labels into a dataset.
 
 After ``manage.py label_export`` and a correction in CVAT (or any tool that exports
-"YOLO 1.1" or "Ultralytics YOLO"), this reads the tool's export (zip or folder), checks
+"YOLO 1.1", "Ultralytics YOLO" or YOLO with ``classes.txt``; or the export folder itself,
+corrected in place), this reads the tool's export (zip or folder), checks
 it against the EXPORT folder, splits the series (never the slices of one series) into
 train and val, and writes OUTPUT for ``manage.py train_detector --data OUTPUT/data.yaml``
 (:mod:`pipeline.label_import`). OUTPUT appears whole or not at all.
@@ -29,7 +30,8 @@ def _series_list(text: str) -> list[int]:
 
 
 class Command(BaseCommand):
-    help = "Import corrected labels (CVAT YOLO 1.1 or Ultralytics YOLO) into a training dataset split by series."
+    help = ("Import corrected labels (CVAT YOLO 1.1, Ultralytics YOLO, YOLO with classes.txt) into a "
+            "training dataset split by series.")
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("export", type=Path, help="the label_export folder the labels were made on")
