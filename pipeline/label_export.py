@@ -64,12 +64,13 @@ class ExportSummary:
 
     series: int = 0
     failed: list[str] = field(default_factory=list)
+    no_face: list[int] = field(default_factory=list)  # series (by index) with nothing to label
     images: int = 0
     boxes: dict[str, int] = field(default_factory=lambda: {c: 0 for c in CLASSES})
     sources: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"series": self.series, "failed": self.failed, "images": self.images,
+        return {"series": self.series, "failed": self.failed, "no_face": self.no_face, "images": self.images,
                 "boxes": self.boxes, "pre_label_sources": self.sources}
 
 
@@ -172,8 +173,11 @@ def series_prelabels(volume: Volume, *, detector: Any = None, conf: float = 0.25
                     out.setdefault(k, []).append((name, *b, "model"))
         for (k, name), boxes in model_first.items():  # the model's boxes replace the anatomy's there
             out[k] = [q for q in out.get(k, []) if q[0] != name] + boxes
-        if not env.face_found:  # no face for the anatomy: keep the model's boxes only with eyes or a nose
-            seen = any(q[0] in ("eyes", "nose") for v in out.values() for q in v)
+        if not env.face_found:  # no face for the anatomy: the model's boxes only where it found a
+            # face by the model method's own rule (a nose, and eyes or lips; a skull phantom's
+            # "nose" alone is not one)
+            found = {q[0] for v in out.values() for q in v}
+            seen = "nose" in found and bool(found & {"eyes", "lips"})
             notes["face_found_by_model"] = seen
             if not seen:
                 out = {}
@@ -215,7 +219,8 @@ def export_folder(input_dir: Path, out_dir: Path, *, detector: Any = None, conf:
 
     ``detector``: a loaded detector for model pre-labels (None: anatomy only).
     ``context``: slices exported beyond the first and last pre-labelled one.
-    A series that cannot be loaded is listed by index in ``summary.failed``.
+    A series that cannot be loaded is listed by index in ``summary.failed``; one with no face
+    (no pre-label: neither the anatomy nor the detector found one) in ``summary.no_face``.
     """
     from PIL import Image
 
@@ -239,6 +244,7 @@ def export_folder(input_dir: Path, out_dir: Path, *, detector: Any = None, conf:
             continue
         summary.series += 1
         if not pre:
+            summary.no_face.append(ref.index)
             continue
         ks = sorted(pre)
         lo, hi = max(0, ks[0] - context), min(vol.hu.shape[0], ks[-1] + 1 + context)

@@ -115,3 +115,27 @@ def test_export_with_the_detector_adds_model_boxes(ct_folder, tmp_path):
     # the face pre-labels are the detector's face boxes where it has one (the label's definition)
     assert summary["pre_label_sources"].get("face:model", 0) > 0
     assert np.isfinite(summary["images"])
+
+
+REALCT = Path(__file__).resolve().parents[2] / "shared" / "realct"
+
+
+@pytest.mark.skipif(not REALCT.is_dir(), reason="../shared/realct not beside the checkout")
+def test_real_head_exported_and_the_skull_phantom_said_to_have_no_face(tmp_path):
+    """The detector's lone 'nose' on the skull phantom is no face (the model method's rule: a
+    nose and eyes or lips), so the phantom gets no proposals to delete, and the command says so."""
+    from pipeline.detector import DEFAULT_WEIGHTS
+
+    if not DEFAULT_WEIGHTS.is_file():
+        pytest.skip("shipped model missing")
+    stdout = StringIO()
+    call_command("label_export", str(REALCT), str(tmp_path / "x"), stdout=stdout)
+    import json
+
+    summary = json.loads((tmp_path / "x" / "export.json").read_text())
+    assert summary["series"] == 2 and len(summary["no_face"]) == 1
+    phantom = f"series-{summary['no_face'][0]:02d}"
+    names = [p.name for p in (tmp_path / "x" / "images" / "train").glob("*.png")]
+    assert names and not [n for n in names if n.startswith(phantom)]
+    assert f"input series #{summary['no_face'][0]}: no face found" in stdout.getvalue()
+    assert summary["boxes"]["nose"] >= 6 and summary["boxes"]["face"] >= 16  # the real head's

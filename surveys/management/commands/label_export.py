@@ -75,6 +75,9 @@ class Command(BaseCommand):
                                f"nothing was written") from None
         for line in summary.failed:
             self.stderr.write(f"{line} failed; not exported")
+        for index in summary.no_face:
+            self.stdout.write(f"input series #{index}: no face found (by the anatomy or the detector); "
+                              f"not exported")
         boxes = ", ".join(f"{c} {n}" for c, n in summary.boxes.items() if n)
         self.stdout.write(f"{summary.series} series, {summary.images} slices exported ({boxes or 'no boxes'})")
         self.stdout.write(f"written: {out / 'data.yaml'} and {out / 'cvat-yolo.zip'} (see {out / 'README.txt'})")
