@@ -491,6 +491,48 @@ def test_train_detector_domain_options_reach_the_dataset(tmp_path, settings, mon
         assert seen["spec"].min_visible_fraction == want
 
 
+def test_train_detector_fine_tunes_the_shipped_model_on_a_groups_own_data(tmp_path, settings, monkeypatch):
+    """With --data (real labelled CT) the default start is the shipped weights at their image
+    size; --model yolov8n.yaml trains from scratch; the synthetic default stays from scratch."""
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    from pipeline import detector, detector_data
+
+    seen = {}
+
+    def fake_train(data_yaml, out, *, model_yaml, imgsz, **_):
+        seen.update(model=str(model_yaml), imgsz=imgsz)
+        raise RuntimeError("stop before training")
+
+    def fake_build(out_dir, spec, **_):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "spec.json").write_text(json.dumps({"counts": {}}))
+        return out_dir / "data.yaml"
+
+    settings.VAR_DIR = tmp_path
+    monkeypatch.setattr(detector, "train_yolo", fake_train)
+    monkeypatch.setattr(detector_data, "build_dataset", fake_build)
+    data = tmp_path / "data.yaml"
+    data.write_text("train: images/train\nval: images/val\nnames:\n  0: face\n")
+    shipped = detector.MODELS_DIR / "face_yolov8n.pt"
+    out = StringIO()
+    with pytest.raises(RuntimeError, match="stop before training"):
+        call_command("train_detector", "--data", str(data), "--out", str(tmp_path / "r"), stdout=out)
+    if shipped.is_file():
+        card = json.loads(shipped.with_suffix(".json").read_text())
+        assert seen == {"model": str(shipped), "imgsz": card["imgsz"]}
+        assert "fine-tuning the shipped model" in out.getvalue()
+    with pytest.raises(RuntimeError, match="stop before training"):
+        call_command("train_detector", "--data", str(data), "--model", "yolov8n.yaml", "--out",
+                     str(tmp_path / "r"), stdout=StringIO())
+    assert seen == {"model": "yolov8n.yaml", "imgsz": 256}
+    with pytest.raises(RuntimeError, match="stop before training"):
+        call_command("train_detector", "--out", str(tmp_path / "r"), stdout=StringIO())
+    assert seen == {"model": "yolov8n.yaml", "imgsz": 256}  # synthetic heads: from scratch
+
+
 @pytest.mark.parametrize("bad", ["x", "0.2,0.3", "nose=1.5", "0.2,noze=0.1", ""])
 def test_train_detector_rejects_a_bad_visible_fraction(tmp_path, settings, bad):
     from django.core.management import CommandError, call_command

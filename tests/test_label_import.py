@@ -274,6 +274,10 @@ def test_exported_corrected_imported_and_trained_on(export, tmp_path, settings):
     text = stdout.getvalue()
     assert (tmp_path / "run" / "face_yolov8n.onnx").is_file()
     assert "validation (held-out images of your val split) mAP50" in text
+    from pipeline.detector import MODELS_DIR
+
+    if (MODELS_DIR / "face_yolov8n.pt").is_file():
+        assert "fine-tuning the shipped model" in text
     meta = json.loads((tmp_path / "run" / "face_yolov8n.json").read_text())
     assert meta["metrics"]["split"] == "val"
 

@@ -48,11 +48,16 @@ class Command(BaseCommand):
                             help="label a feature on a slice only when its area is at least this "
                                  "fraction of its largest cross-section (synthetic data): a number, or "
                                  "per class as '0.2,nose=0.05,ears=0.05' (default: %(default)s)")
-        parser.add_argument("--model", default="yolov8n.yaml", help="Ultralytics model yaml")
+        parser.add_argument("--model", default=None,
+                            help="Ultralytics model yaml (from scratch) or .pt weights to start from "
+                                 "(default: with --data the shipped model's weights, fine-tuned; "
+                                 "otherwise yolov8n.yaml)")
         parser.add_argument("--epochs", type=int, default=60)
         parser.add_argument("--time-hours", type=float, default=None,
                             help="wall-time cap; Ultralytics fits the schedule to it")
-        parser.add_argument("--imgsz", type=int, default=256)
+        parser.add_argument("--imgsz", type=int, default=None,
+                            help="training image size (default: the shipped model's when fine-tuning "
+                                 "it, otherwise 256)")
         parser.add_argument("--batch", type=int, default=32)
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--install", action="store_true",
@@ -63,6 +68,11 @@ class Command(BaseCommand):
             fraction = detector_data.parse_visible_fraction(o["min_visible_fraction"])
         except detector_data.DatasetError as exc:
             raise CommandError(str(exc)) from None
+        shipped = detector.MODELS_DIR / "face_yolov8n.pt"
+        if o["model"] is None:  # a group's own labels: fine-tune what already finds faces
+            o["model"] = str(shipped) if o["data"] is not None and shipped.is_file() else "yolov8n.yaml"
+        if o["imgsz"] is None:
+            o["imgsz"] = _card_imgsz(shipped) if o["model"] == str(shipped) else 256
         out = (o["out"] or Path(settings.VAR_DIR) / "detector" / "run").resolve()
         out.mkdir(parents=True, exist_ok=True)
         detector.configure_ultralytics(Path(settings.VAR_DIR) / "ultralytics")
@@ -86,7 +96,9 @@ class Command(BaseCommand):
                          "counts": counts}
             classes = list(spec.classes)
             windows = detector_data.HU_WINDOWS
-        self.stdout.write("training (this takes a while on CPU)")
+        start = ("fine-tuning the shipped model" if o["model"] == str(shipped)
+                 else f"starting from {Path(o['model']).name}")
+        self.stdout.write(f"training (this takes a while on CPU): {start}, imgsz {o['imgsz']}")
         try:
             best = detector.train_yolo(data_yaml, out / "train", model_yaml=o["model"], epochs=o["epochs"],
                                        imgsz=o["imgsz"], batch=o["batch"], seed=o["seed"],
@@ -115,6 +127,14 @@ class Command(BaseCommand):
             shutil.copyfile(best, dest / onnx_path.with_suffix(".pt").name)
             (dest / onnx_path.with_suffix(".json").name).write_text(json.dumps(meta, indent=1) + "\n")
             self.stdout.write(f"installed into {dest}")
+
+
+def _card_imgsz(weights: Path) -> int:
+    """The image size the weights were trained at (their card), 160 if unknown."""
+    try:
+        return int(json.loads(weights.with_suffix(".json").read_text())["imgsz"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 160
 
 
 def _held_out_val(path: Path) -> bool:
