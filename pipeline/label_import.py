@@ -41,6 +41,7 @@ import os
 import re
 import shutil
 import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -107,7 +108,12 @@ class _Source:
             raise LabelImportError("ANNOTATIONS not found")
 
     def read(self, member: str) -> str:
-        data = self.zip.read(member) if self.zip is not None else (self.src / member).read_bytes()
+        try:
+            data = self.zip.read(member) if self.zip is not None else (self.src / member).read_bytes()
+        except (zipfile.BadZipFile, zlib.error, EOFError):
+            raise LabelImportError(f"{PurePosixPath(member).name}: damaged in the zip (export it again)") from None
+        except OSError as exc:
+            raise LabelImportError(f"{PurePosixPath(member).name}: cannot be read ({exc.strerror})") from None
         try:
             return data.decode("utf-8-sig")
         except UnicodeDecodeError:

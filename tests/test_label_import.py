@@ -188,6 +188,21 @@ def test_bad_annotations_are_refused_with_file_and_line(tmp_path, files, msg):
         li.read_annotations(_zip(tmp_path, files))
 
 
+def test_a_damaged_zip_is_refused_plainly(tmp_path):
+    good = li.yolo11_zip({"series-01_slice-003": [(FACE, 0.5, 0.5, 0.2, 0.2)] * 50})
+    member = b"obj_train_data/series-01_slice-003.txt"
+    at = good.index(member) + len(member)  # the member's data follows its local header's name
+    bad = good[:at + 20] + bytes(b ^ 0xFF for b in good[at + 20:at + 40]) + good[at + 40:]
+    (tmp_path / "d.zip").write_bytes(bad)
+    with pytest.raises(li.LabelImportError, match="damaged in the zip"):
+        li.read_annotations(tmp_path / "d.zip")
+    (tmp_path / "n.zip").write_bytes(b"PK not a zip")
+    with pytest.raises(li.LabelImportError, match="neither a folder nor a zip"):
+        li.read_annotations(tmp_path / "n.zip")
+    with pytest.raises(li.LabelImportError, match="not found"):
+        li.read_annotations(tmp_path / "missing.zip")
+
+
 def test_unused_tool_labels_are_reported_and_edges_clipped(tmp_path):
     ann = li.read_annotations(_zip(tmp_path, {
         "obj.names": "Ears\nchin\nFace\n",

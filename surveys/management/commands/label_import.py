@@ -66,6 +66,9 @@ class Command(BaseCommand):
                               seed=o["seed"], allow_missing=o["allow_missing"], no_val=o["no_val"])
         except LabelImportError as exc:
             raise CommandError(str(exc)) from None
+        except OSError as exc:  # writing OUTPUT (disk full, permissions); nothing is left behind
+            raise CommandError(f"cannot write OUTPUT ({exc.__class__.__name__}: {exc.strerror}); "
+                               f"nothing was written") from None
         w = self.stdout.write
         w(f"{ann.layout} annotations: {sum(s.images.values())} slices")
         for sp, series in (("train", s.train_series), ("val", s.val_series)):
