@@ -1,8 +1,9 @@
 """``python manage.py label_export INPUT OUTPUT`` — a pre-labelled YOLO dataset of your own CT.
 
 Writes every slice through the face of each CT series below INPUT as the detector
-sees it, with pre-labels (the anatomical method's removable region as ``face`` and
-``ears`` boxes, the globes it found as ``eyes``, and the detector's boxes), in
+sees it, with pre-labels (the detector's ``face`` boxes, else the anatomical method's
+removable region; that region's auricle flaps as ``ears``; the globes it found as
+``eyes``; the detector's other boxes), in
 Ultralytics' layout plus ``cvat-yolo.zip`` for CVAT's "YOLO 1.1" import, so a group
 corrects labels instead of drawing them from nothing
 (:mod:`pipeline.label_export`). OUTPUT appears whole or not at all. After the correction,
