@@ -65,12 +65,14 @@ class ExportSummary:
     series: int = 0
     failed: list[str] = field(default_factory=list)
     no_face: list[int] = field(default_factory=list)  # series (by index) with nothing to label
+    not_exported: list[str] = field(default_factory=list)  # why other series and files were left out
     images: int = 0
     boxes: dict[str, int] = field(default_factory=lambda: {c: 0 for c in CLASSES})
     sources: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"series": self.series, "failed": self.failed, "no_face": self.no_face, "images": self.images,
+        return {"series": self.series, "failed": self.failed, "no_face": self.no_face,
+                "not_exported": self.not_exported, "images": self.images,
                 "boxes": self.boxes, "pre_label_sources": self.sources}
 
 
@@ -192,7 +194,7 @@ def _canonical_image(volume: Volume, k: int) -> tuple[np.ndarray, Any]:
 
     axes, flips = _canonical(volume)
     sl = volume.hu[k]
-    if axes[0] != 0:  # not an axial stack: export the native slice as it is
+    if axes[0] != 0:  # not an axial stack (export_folder leaves those out): the native slice
         return sl, lambda b: b
     flip_r, flip_c = flips[1], flips[2]
     transpose = axes[1] == 2  # rows of the view are the native columns
@@ -220,7 +222,9 @@ def export_folder(input_dir: Path, out_dir: Path, *, detector: Any = None, conf:
     ``detector``: a loaded detector for model pre-labels (None: anatomy only).
     ``context``: slices exported beyond the first and last pre-labelled one.
     A series that cannot be loaded is listed by index in ``summary.failed``; one with no face
-    (no pre-label: neither the anatomy nor the detector found one) in ``summary.no_face``.
+    (no pre-label: neither the anatomy nor the detector found one) in ``summary.no_face``; a
+    series that is not CT or not axial (the detector reads axial slices), and damaged image
+    files, in ``summary.not_exported`` (by index or count: paths may hold identifiers).
     """
     from PIL import Image
 
@@ -230,14 +234,28 @@ def export_folder(input_dir: Path, out_dir: Path, *, detector: Any = None, conf:
     img_dir.mkdir(parents=True, exist_ok=True)
     lab_dir.mkdir(parents=True, exist_ok=True)
     summary = ExportSummary()
+    # loaded on first use: pulls in scipy
+    from .face_model import _canonical
+
     scan = scan_folder(Path(input_dir))
     refs = [r for r in scan.series if r.modality in ("CT", "")]
+    for r in scan.series:
+        if r.modality not in ("CT", ""):
+            summary.not_exported.append(f"input series #{r.index}: {r.modality}, not CT")
+    image_problems = sum(1 for p in scan.problems if p.lost_data)
+    if image_problems:
+        summary.not_exported.append(f"{image_problems} damaged or unreadable DICOM image file(s)")
     it = progress(refs, len(refs)) if progress is not None else refs
     names: list[str] = []
     for ref in it:
         tag = f"series-{ref.index:02d}"
         try:
             vol = load_series(ref).volume
+            if _canonical(vol)[0][0] != 0:  # the detector reads axial slices: a reformat's
+                # coronal or sagittal images would teach it another view
+                summary.not_exported.append(f"input series #{ref.index}: not axial slices (a coronal or "
+                                            f"sagittal series)")
+                continue
             pre, _ = series_prelabels(vol, detector=detector, conf=conf)
         except Exception as exc:  # noqa: BLE001 - one bad series must not stop the export
             summary.failed.append(f"input series #{ref.index}: {exc.__class__.__name__}")

@@ -155,3 +155,20 @@ def enhanced_ct_dataset(volume: Volume, *, frame_order: Sequence[int] | None = N
     ds.PixelData = stored.tobytes()
     ds["PixelData"].VR = "OW"
     return ds
+
+
+def reorient_volume(vol: Volume, perm: tuple[int, int, int], flips: tuple[bool, bool, bool]) -> Volume:
+    """Same patient, other storage: array axes transposed by ``perm``, then flipped."""
+    dirs = [vol.normal, vol.col_cosine, vol.row_cosine]  # array axes k, j, i
+    sp = vol.spacing_mm
+    hu = np.transpose(vol.hu, perm)
+    new_dirs = [dirs[p] for p in perm]
+    new_sp = [sp[p] for p in perm]
+    origin = vol.origin_lps_mm.copy()
+    for ax, f in enumerate(flips):
+        if f:
+            hu = np.flip(hu, axis=ax)
+            origin = origin + (hu.shape[ax] - 1) * new_sp[ax] * new_dirs[ax]
+            new_dirs[ax] = -new_dirs[ax]
+    return Volume(hu=np.ascontiguousarray(hu), spacing_mm=tuple(new_sp), origin_lps_mm=origin,
+                  row_cosine=new_dirs[2], col_cosine=new_dirs[1], normal=new_dirs[0])

@@ -139,3 +139,42 @@ def test_real_head_exported_and_the_skull_phantom_said_to_have_no_face(tmp_path)
     assert names and not [n for n in names if n.startswith(phantom)]
     assert f"input series #{summary['no_face'][0]}: no face found" in stdout.getvalue()
     assert summary["boxes"]["nose"] >= 6 and summary["boxes"]["face"] >= 16  # the real head's
+
+
+def test_series_the_detector_cannot_learn_from_are_named_not_exported(ct_folder, tmp_path):
+    """A sagittal series of the same head (the detector reads axial slices), an MR series and a
+    damaged image file are each named in the output (by index or count) and left out; nothing
+    of them reaches the dataset."""
+    from pipeline import dicom_io
+    from tests.dicom_factory import reorient_volume
+
+    root, phi, head = ct_folder
+    src = tmp_path / "in"
+    src.mkdir()
+    import shutil
+
+    shutil.copytree(next(root.iterdir()), src / "axial")
+    sag = reorient_volume(head.volume, (2, 0, 1), (False, True, False))
+    dicom_io.write_datasets(dicom_io.volume_to_datasets(sag), src / "sagittal")
+    mr = dicom_io.volume_to_datasets(head.volume)[:4]
+    for ds in mr:
+        ds.Modality = "MR"
+    dicom_io.write_datasets(mr, src / "mr")
+    whole = (src / "axial").iterdir().__next__().read_bytes()
+    (src / "broken.dcm").write_bytes(whole[: len(whole) // 2])
+    stdout = StringIO()
+    call_command("label_export", str(src), str(tmp_path / "out"), "--no-model", stdout=stdout)
+    text = stdout.getvalue()
+    import json
+
+    summary = json.loads((tmp_path / "out" / "export.json").read_text())
+    lines = summary["not_exported"]
+    assert any("not axial slices" in x for x in lines) and any("MR, not CT" in x for x in lines)
+    assert "1 damaged or unreadable DICOM image file(s)" in lines
+    for x in lines:
+        assert f"{x}; not exported" in text
+    # only the axial series' slices, and the paths' names nowhere
+    exported = {p.name.split("_")[0] for p in (tmp_path / "out" / "images" / "train").glob("*.png")}
+    assert len(exported) == 1 and summary["series"] == 1
+    for ident in phi.identifiers():
+        assert ident not in text

@@ -76,6 +76,8 @@ class Command(BaseCommand):
                                f"nothing was written") from None
         for line in summary.failed:
             self.stderr.write(f"{line} failed; not exported")
+        for line in summary.not_exported:
+            self.stdout.write(f"{line}; not exported")
         for index in summary.no_face:
             self.stdout.write(f"input series #{index}: no face found (by the anatomy or the detector); "
                               f"not exported")
