@@ -20,13 +20,17 @@ module reads what the tool exports after the correction and writes the dataset
   ``train`` and ``val``, and writes, through a temporary folder renamed at the end::
 
       images/{train,val}/series-NN_slice-KKK.png   labels/{train,val}/series-NN_slice-KKK.txt
-      data.yaml  split.json  README.txt
+      data.yaml  split.json  README.txt  real-labels/series-NN.json
 
   ``data.yaml`` has no ``path`` (Ultralytics takes the folder it lies in, so the
   dataset can be moved). ``split.json`` lists the series of each split, the boxes
   per class, and how the correction changed the pre-labels per class: ``kept``
   (a corrected box at IoU ≥ 0.9 with a pre-label), ``adjusted`` (IoU 0.5–0.9),
-  ``added`` and ``removed`` (no partner at IoU ≥ 0.5).
+  ``added`` and ``removed`` (no partner at IoU ≥ 0.5). ``real-labels/series-NN.json``
+  holds each series' labels as :mod:`pipeline.real_labels` reads them (in the exported
+  images' pixels, ``"frame": "detector view"``), for ``manage.py eval_detector
+  --real-labels … --real-root INPUT``: the per-slice figures with boxes linked across
+  slices, as the model method uses them.
 
 Box rows are YOLO's ``class cx cy w h`` in image fractions (0…1). File names and
 messages carry series and slice numbers only, as the export's.
@@ -356,6 +360,7 @@ def import_labels(export_dir: Path, annotations: Annotations, out_dir: Path, *,
                 boxes[sp][CLASSES[r[0]]] += 1
             pre = pre_dir / f"{stem}.txt"
             _changes(_read_rows(pre) if pre.is_file() else [], rows, changes)
+        _write_real_labels(tmp / "real-labels", images, annotations, series_of, annotations.layout)
         val_dir = "images/val" if val else "images/train"
         (tmp / "data.yaml").write_text("\n".join(
             ["# no 'path': Ultralytics takes this file's folder", "train: images/train", f"val: {val_dir}",
@@ -372,6 +377,36 @@ def import_labels(export_dir: Path, annotations: Annotations, out_dir: Path, *,
                "No series is held out (--no-val): validation figures are on the training images.\n")
             + "\nTrain:  .venv/bin/python manage.py train_detector --data data.yaml\n")
     return summary
+
+
+def _write_real_labels(folder: Path, images: dict[str, Path], annotations: Annotations,
+                       series_of: dict[str, int], layout: str) -> None:
+    """Per series, a label file of :mod:`pipeline.real_labels` (``real-labels/series-NN.json``):
+    boxes in pixels of the exported images (``"frame": "detector view"``: the axial slice as
+    the detector sees it), keyed by the native slice number, every exported slice listed."""
+    from PIL import Image
+
+    folder.mkdir()
+    per: dict[int, dict[str, Any]] = {}
+    for stem in sorted(images):
+        n = series_of[stem]
+        k = int(STEM.match(stem).group(2))  # type: ignore[union-attr]
+        with Image.open(images[stem]) as im:
+            w, h = im.size
+        d = per.setdefault(n, {"series": f"series-{n:02d}", "frame": "detector view",
+                               "how": f"label_import of a {layout} export; boxes in pixels of the "
+                                      f"exported images (axial, face at the top, patient left on the right)",
+                               "slices": {}, "visible": {c: [] for c in CLASSES}})
+        boxes = []
+        for c, x, y, bw, bh in annotations.rows.get(stem, []):
+            i0, j0 = round((x - bw / 2) * w), round((y - bh / 2) * h)
+            i1, j1 = max(i0 + 1, round((x + bw / 2) * w)), max(j0 + 1, round((y + bh / 2) * h))
+            boxes.append([CLASSES[c], i0, j0, i1, j1])
+            if k not in d["visible"][CLASSES[c]]:
+                d["visible"][CLASSES[c]].append(k)
+        d["slices"][str(k)] = boxes
+    for n, d in per.items():
+        (folder / f"series-{n:02d}.json").write_text(json.dumps(d, indent=1) + "\n")
 
 
 def yolo11_zip(rows: dict[str, list[Row]], names: Sequence[str] = CLASSES) -> bytes:

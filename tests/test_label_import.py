@@ -59,7 +59,7 @@ def _rows_of(path: Path) -> list:
     return [(int(v[0]), *map(float, v[1:])) for v in (ln.split() for ln in path.read_text().splitlines())]
 
 
-def test_cvat_export_in_another_label_order_becomes_a_dataset_split_by_series(export, tmp_path):
+def test_cvat_export_in_another_label_order_becomes_a_dataset_split_by_series(export, tmp_path, settings):
     exp, phis = export
     rows = _corrected(exp)
     # CVAT numbers labels in the task's order, not ours: reversed here
@@ -90,6 +90,22 @@ def test_cvat_export_in_another_label_order_becomes_a_dataset_split_by_series(ex
     ch = split["changes_from_pre_labels"]
     assert ch["face"]["adjusted"] == 1 and ch["nose"]["added"] == 1 and ch["eyes"]["removed"] == 1
     assert ch["ears"]["adjusted"] == ch["ears"]["added"] == ch["ears"]["removed"] == 0
+    # each series' labels also as a real-label file (pipeline.real_labels), for eval_detector
+    from pipeline.real_labels import load_labels
+
+    for n in (1, 2, 3):
+        lab = load_labels(out / "real-labels" / f"series-{n:02d}.json")
+        stems = [st for st in rows if st.startswith(f"series-{n:02d}_")]
+        assert lab.info["frame"] == "detector view" and len(lab.slices) == len(stems)
+        assert sum(len(v) for v in lab.slices.values()) == sum(len(rows[st]) for st in stems)
+    settings.VAR_DIR = tmp_path / "var"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CommandError, match="'series-02' not found under --real-root"):
+        call_command("eval_detector", "--real-labels", str(out / "real-labels" / "series-02.json"),
+                     "--real-root", str(tmp_path / "nowhere"), "--no-synthetic", stdout=StringIO())
+    with pytest.raises(CommandError, match="no series #2 below --real-root"):
+        call_command("eval_detector", "--real-labels", str(out / "real-labels" / "series-02.json"),
+                     "--real-root", str(tmp_path / "empty"), "--no-synthetic", stdout=StringIO())
     data = (out / "data.yaml").read_text()
     assert "val: images/val" in data and "path:" not in data.replace("'path'", "")
     # nothing of the patients in any name or text written
@@ -298,6 +314,7 @@ def test_exported_corrected_imported_and_trained_on(export, tmp_path, settings):
 
 
 REALCT = Path(__file__).resolve().parents[2] / "shared" / "realct"
+LABELS = Path(__file__).resolve().parent / "data" / "realct_labels" / "ge-head-ct.json"
 
 
 @pytest.mark.skipif(not (REALCT / "ge-head-ct").is_dir(), reason="../shared/realct not beside the checkout")
@@ -311,7 +328,7 @@ def test_real_series_hand_labels_round_trip_and_the_face_pre_labels_fit(tmp_path
     from pipeline import label_export as le
     from pipeline.real_labels import load_labels
 
-    labels = load_labels(Path(__file__).resolve().parent / "data" / "realct_labels" / "ge-head-ct.json")
+    labels = load_labels(LABELS)
     vol = dicom_io.load_series(dicom_io.scan_folder(REALCT / "ge-head-ct").series[0]).volume
     from pipeline.detector import load_detector
 
@@ -344,6 +361,35 @@ def test_real_series_hand_labels_round_trip_and_the_face_pre_labels_fit(tmp_path
             for (c, x, y, bw, bh), (c2, a, b, cc, d) in zip(got, want):
                 assert c == c2 and abs((x - bw / 2) * w - a) < 0.01 and abs((y + bh / 2) * h - d) < 0.01
         figures[name] = s.changes
+    # the import's label file of the series is the hand labels again (on this series the
+    # detector's view is the native slice), and eval_detector reads it against the CT folder
+    # the export read, giving the figures it gives with the hand-label file
+    mine = load_labels(tmp_path / "ds-0" / "real-labels" / "series-01.json")
+    assert mine.series == "series-01" and mine.info["frame"] == "detector view"
+    for k in mine.slices:
+        assert sorted(mine.slices[k]) == sorted(labels.slices.get(k, [])), k
+    assert {c: sorted(v) for c, v in mine.visible.items() if v} == \
+        {c: sorted(v) for c, v in labels.visible.items() if v}
+    import shutil
+
+    from django.conf import settings
+
+    from pipeline.detector import DEFAULT_WEIGHTS
+
+    settings.VAR_DIR = tmp_path / "var"
+    w = tmp_path / "w" / "m.onnx"
+    w.parent.mkdir()
+    shutil.copyfile(DEFAULT_WEIGHTS, w)
+    shutil.copyfile(DEFAULT_WEIGHTS.with_suffix(".json"), w.with_suffix(".json"))
+    call_command("eval_detector", "--weights", str(w), "--real-labels",
+                 str(tmp_path / "ds-0" / "real-labels" / "series-01.json"), "--real-root",
+                 str(REALCT / "ge-head-ct"), "--no-synthetic", stdout=StringIO())
+    real = json.loads(w.with_name("m.eval.json").read_text())["real"]["series-01"]["at_threshold"]
+    from pipeline.face_model import ModelFaceRegion
+    from pipeline.real_labels import detection_report
+
+    hand = detection_report(load_detector(w), vol.hu, labels, conf=ModelFaceRegion.conf)["per_class"]
+    assert real["per_class"] == hand and hand["ears"]["instances"] == 32
     face = figures["model face"]["face"]
     assert face["kept"] + face["adjusted"] >= 12, face
     anat = figures["anatomical face"]["face"]

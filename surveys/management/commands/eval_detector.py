@@ -8,7 +8,9 @@ weights as ``<weights stem>.eval.json``.
 
 ``--real-labels FILE`` (repeatable) adds a labelled real series
 (:mod:`pipeline.real_labels`; the series folder is ``--real-root/<series>``,
-default ``../shared/realct``): Ultralytics mAP50 per class on its slices as the
+default ``../shared/realct``; a group's own labels from ``manage.py label_import``,
+``DATASET/real-labels/series-NN.json``, with ``--real-root`` the folder ``label_export``
+read): Ultralytics mAP50 per class on its slices as the
 detector sees them, and, at the method's score threshold ``--conf``, per class
 the labelled boxes found (IoU ≥ 0.5) and the slices where the class is visible
 and found, and why each labelled box that was not found was missed (no box, a
@@ -20,9 +22,12 @@ not real-world figures.**
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
@@ -31,6 +36,32 @@ from pipeline.real_labels import detection_report, load_labels, yolo_dataset
 
 #: score down to which boxes are looked for when explaining a missed labelled box ("weak")
 MISS_FLOOR = 0.05
+
+
+def _labelled_hu(root: Path, labels: Any) -> np.ndarray:
+    """The HU slices ``[k, row, column]`` a label file describes, in the labels' frame: the series folder
+    ``root/<series>``, or for ``series-NN`` (``manage.py label_import``) the NN-th series that
+    :func:`pipeline.dicom_io.scan_folder` finds below ``root`` (the export's INPUT, numbered as
+    ``label_export`` numbered it). Labels in the ``"detector view"`` frame get the slices as
+    the export wrote them (axial, face at the top, patient left on the right)."""
+    folder = root / labels.series
+    number = re.fullmatch(r"series-(\d+)", labels.series)
+    if folder.is_dir():
+        ref = dicom_io.scan_folder(folder).series[0]
+    elif number is not None and root.is_dir():
+        refs = [r for r in dicom_io.scan_folder(root).series if r.index == int(number.group(1))]
+        if not refs:
+            raise CommandError(f"no series #{int(number.group(1))} below --real-root (give the folder "
+                               f"label_export read)")
+        ref = refs[0]
+    else:
+        raise CommandError(f"labelled series {labels.series!r} not found under --real-root")
+    vol = dicom_io.load_series(ref).volume
+    if labels.info.get("frame") != "detector view":
+        return vol.hu
+    from pipeline.label_export import _canonical_image
+
+    return np.stack([_canonical_image(vol, k)[0] for k in range(vol.hu.shape[0])])
 
 
 class Command(BaseCommand):
@@ -48,7 +79,8 @@ class Command(BaseCommand):
         parser.add_argument("--real-labels", type=Path, action="append", default=[],
                             help="label file of a real series (e.g. tests/data/realct_labels/ge-head-ct.json)")
         parser.add_argument("--real-root", type=Path, default=None,
-                            help="folder holding the labelled series (default ../shared/realct)")
+                            help="folder holding the labelled series (default ../shared/realct; for "
+                                 "label_import's real-labels/series-NN.json the folder label_export read)")
         parser.add_argument("--conf", type=float, default=None,
                             help="score threshold of the real-series figures (default: the model "
                                  "method's, pipeline.face_model.ModelFaceRegion.conf)")
@@ -120,16 +152,13 @@ class Command(BaseCommand):
                 labels = load_labels(path)
             except (OSError, ValueError, KeyError) as exc:
                 raise CommandError(f"cannot read the label file ({exc.__class__.__name__})") from None
-            folder = root / labels.series
-            if not folder.is_dir():
-                raise CommandError(f"labelled series {labels.series!r} not found under --real-root")
-            vol = dicom_io.load_series(dicom_io.scan_folder(folder).series[0]).volume
+            hu = _labelled_hu(root, labels)
             with tempfile.TemporaryDirectory(prefix="eval-real-") as tmp:
-                y = yolo_dataset(vol.hu, labels, Path(tmp), imgsz=imgsz, windows=det.meta.hu_windows)
+                y = yolo_dataset(hu, labels, Path(tmp), imgsz=imgsz, windows=det.meta.hu_windows)
                 m = detector.evaluate_yolo(weights, y, split="test", imgsz=imgsz)
-            rep = detection_report(det, vol.hu, labels, conf=conf,
+            rep = detection_report(det, hu, labels, conf=conf,
                                    diagnose=min(MISS_FLOOR, conf / 2) if conf > 0 else None)
-            alone = detection_report(det, vol.hu, labels, conf=conf, link=False)
+            alone = detection_report(det, hu, labels, conf=conf, link=False)
             for r in (rep, alone):
                 r.pop("boxes", None)
             res[labels.series] = {"mAP50": m["mAP50"], "mAP50_95": m["mAP50_95"],
