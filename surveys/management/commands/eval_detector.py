@@ -39,8 +39,8 @@ MISS_FLOOR = 0.05
 
 
 def _labelled_hu(root: Path, labels: Any) -> np.ndarray:
-    """The HU slices ``[k, row, column]`` a label file describes, in the labels' frame: the series folder
-    ``root/<series>``, or for ``series-NN`` (``manage.py label_import``) the NN-th series that
+    """The HU slices ``[k, row, column]`` a label file describes, in the labels' frame: the
+    series folder ``root/<series>``, or for ``series-NN`` (``manage.py label_import``) the NN-th series that
     :func:`pipeline.dicom_io.scan_folder` finds below ``root`` (the export's INPUT, numbered as
     ``label_export`` numbered it). Labels in the ``"detector view"`` frame get the slices as
     the export wrote them (axial, face at the top, patient left on the right)."""
