@@ -79,7 +79,7 @@ class LabelImportError(ValueError):
 class Annotations:
     """Boxes per image stem (``rows[stem] = [(class index in CLASSES, cx, cy, w, h), …]``)."""
 
-    layout: str  # "YOLO 1.1" or "Ultralytics YOLO"
+    layout: str  # "YOLO 1.1", "Ultralytics YOLO" or "YOLO with classes.txt"
     names: list[str]  # the tool's label names, in its order
     rows: dict[str, list[Row]]
     unused_names: list[str] = field(default_factory=list)
@@ -88,6 +88,12 @@ class Annotations:
 def _describe(stem: str) -> str:
     """A file's name in a message, only when it is one of the export's (no foreign names)."""
     return f"'{stem}'" if STEM.match(stem) else "a file not named as the export's slices"
+
+
+def _member(member: str) -> str:
+    """A member in a message: the layout's own file names, else as :func:`_describe`."""
+    p = PurePosixPath(member)
+    return p.name if p.name in ("obj.names", "data.yaml", "classes.txt") else _describe(p.stem)
 
 
 class _Source:
@@ -115,13 +121,13 @@ class _Source:
         try:
             data = self.zip.read(member) if self.zip is not None else (self.src / member).read_bytes()
         except (zipfile.BadZipFile, zlib.error, EOFError):
-            raise LabelImportError(f"{PurePosixPath(member).name}: damaged in the zip (export it again)") from None
+            raise LabelImportError(f"{_member(member)}: damaged in the zip (export it again)") from None
         except OSError as exc:
-            raise LabelImportError(f"{PurePosixPath(member).name}: cannot be read ({exc.strerror})") from None
+            raise LabelImportError(f"{_member(member)}: cannot be read ({exc.strerror})") from None
         try:
             return data.decode("utf-8-sig")
         except UnicodeDecodeError:
-            raise LabelImportError(f"{PurePosixPath(member).name}: not UTF-8 text") from None
+            raise LabelImportError(f"{_member(member)}: not UTF-8 text") from None
 
     def close(self) -> None:
         if self.zip is not None:

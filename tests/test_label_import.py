@@ -210,8 +210,14 @@ def test_a_damaged_zip_is_refused_plainly(tmp_path):
     at = good.index(member) + len(member)  # the member's data follows its local header's name
     bad = good[:at + 20] + bytes(b ^ 0xFF for b in good[at + 20:at + 40]) + good[at + 40:]
     (tmp_path / "d.zip").write_bytes(bad)
-    with pytest.raises(li.LabelImportError, match="damaged in the zip"):
+    with pytest.raises(li.LabelImportError, match="'series-01_slice-003': damaged in the zip"):
         li.read_annotations(tmp_path / "d.zip")
+    with zipfile.ZipFile(tmp_path / "u.zip", "w") as z:  # a foreign file name is never echoed
+        z.writestr("obj.names", NAMES)
+        z.writestr("obj_train_data/Doe_John.txt", b"0 0.5 0.5 0.1 0.1 \xff\n")
+    with pytest.raises(li.LabelImportError, match="a file not named as the export's slices: not UTF-8") as e:
+        li.read_annotations(tmp_path / "u.zip")
+    assert "Doe" not in str(e.value)
     (tmp_path / "n.zip").write_bytes(b"PK not a zip")
     with pytest.raises(li.LabelImportError, match="neither a folder nor a zip"):
         li.read_annotations(tmp_path / "n.zip")
