@@ -140,6 +140,14 @@ def _root_of(members: Sequence[str], marker: str) -> str | None:
     return None if not hits else hits[0][: -len(marker)]
 
 
+def _name_lines(text: str) -> list[str]:
+    """One label name per line; line n is class n (a blank line keeps its number)."""
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return lines
+
+
 def _class_map(names: Sequence[str], classes: Sequence[str]) -> dict[int, int]:
     ours = {c.strip().lower(): i for i, c in enumerate(classes)}
     return {j: ours[n.strip().lower()] for j, n in enumerate(names) if n.strip().lower() in ours}
@@ -186,12 +194,12 @@ def read_annotations(src: Path, classes: Sequence[str] = CLASSES) -> Annotations
         root = _root_of(m, "obj.names")
         if root is not None:
             layout = "YOLO 1.1"
-            names = [n for n in source.read(root + "obj.names").splitlines() if n.strip()]
+            names = _name_lines(source.read(root + "obj.names"))
             pattern = re.compile(re.escape(root) + r"obj_[^/]+_data/(?:.*/)?([^/]+)\.txt$")
         elif _root_of(m, "data.yaml") is None and _root_of(m, "classes.txt") is not None:
             root = _root_of(m, "classes.txt")  # Label Studio's and labelImg's YOLO
             layout = "YOLO with classes.txt"
-            names = [n for n in source.read(root + "classes.txt").splitlines() if n.strip()]
+            names = _name_lines(source.read(root + "classes.txt"))
             pattern = re.compile(re.escape(root) + r"labels/(?:.*/)?([^/]+)\.txt$")
         else:
             root = _root_of(m, "data.yaml")
@@ -206,17 +214,20 @@ def read_annotations(src: Path, classes: Sequence[str] = CLASSES) -> Annotations
             except yaml.YAMLError:
                 raise LabelImportError("data.yaml is not valid YAML") from None
             raw = data.get("names") if isinstance(data, dict) else None
-            if isinstance(raw, dict):
+            if isinstance(raw, dict):  # {number: name}; numbers need not be contiguous
                 try:
-                    names = [str(raw[k]) for k in sorted(raw, key=int)]
+                    numbered = {int(k): str(v) for k, v in raw.items()}
                 except (TypeError, ValueError):
                     raise LabelImportError("data.yaml: names must be numbered 0, 1, …") from None
+                if not numbered or min(numbered) < 0 or max(numbered) > 10_000:
+                    raise LabelImportError("data.yaml: names must be numbered 0, 1, …")
+                names = [numbered.get(j, "") for j in range(max(numbered) + 1)]
             elif isinstance(raw, list):
                 names = [str(n) for n in raw]
             else:
                 raise LabelImportError("data.yaml has no class names")
             pattern = re.compile(re.escape(root) + r"labels/(?:.*/)?([^/]+)\.txt$")
-        if not names:
+        if not any(n.strip() for n in names):
             raise LabelImportError(f"the {layout} export names no classes")
         cmap = _class_map(names, classes)
         rows: dict[str, list[Row]] = {}
@@ -232,7 +243,7 @@ def read_annotations(src: Path, classes: Sequence[str] = CLASSES) -> Annotations
             raise LabelImportError(f"the {layout} export holds no annotation files")
     finally:
         source.close()
-    unused = [n for j, n in enumerate(names) if j not in cmap]
+    unused = [n for j, n in enumerate(names) if j not in cmap and n.strip()]
     return Annotations(layout=layout, names=names, rows=rows, unused_names=unused)
 
 

@@ -155,6 +155,11 @@ def test_the_export_corrected_in_place_and_a_classes_txt_export(export, tmp_path
     (ls / "labels" / "series-01_slice-004.txt").write_text("1 0.5 0.5 0.2 0.2\n0 0.5 0.2 0.1 0.1\n")
     ann = li.read_annotations(ls)
     assert ann.layout == "YOLO with classes.txt"
+    gap = tmp_path / "gap"  # Ultralytics names numbered with a gap: numbers, not positions
+    (gap / "labels" / "train").mkdir(parents=True)
+    (gap / "data.yaml").write_text("names:\n  0: eyes\n  3: ears\n")
+    (gap / "labels" / "train" / "series-01_slice-004.txt").write_text("3 0.5 0.5 0.2 0.2\n")
+    assert [r[0] for r in li.read_annotations(gap).rows["series-01_slice-004"]] == [EARS]
     assert [r[0] for r in ann.rows["series-01_slice-004"]] == [FACE, NOSE]
     assert sorted(ann.unused_names) == []
 
