@@ -50,7 +50,7 @@ from .real_labels import box_iou
 from .slice_linking import detect_linked
 from .volume import Volume
 
-__all__ = ["ExportSummary", "export_folder", "series_prelabels"]
+__all__ = ["ExportSummary", "canonical_image", "export_folder", "series_prelabels"]
 
 #: Classes whose detector boxes, on a slice where the detector gives one, replace the anatomy's.
 MODEL_FIRST: frozenset[str] = frozenset({"face"})
@@ -186,7 +186,7 @@ def series_prelabels(volume: Volume, *, detector: Any = None, conf: float = 0.25
     return out, notes
 
 
-def _canonical_image(volume: Volume, k: int) -> tuple[np.ndarray, Any]:
+def canonical_image(volume: Volume, k: int) -> tuple[np.ndarray, Any]:
     """Native slice ``k`` as the detector sees it (face at the top, patient left on the
     right) and the function mapping a native box to that image."""
     # loaded on first use: pulls in scipy
@@ -267,7 +267,7 @@ def export_folder(input_dir: Path, out_dir: Path, *, detector: Any = None, conf:
         ks = sorted(pre)
         lo, hi = max(0, ks[0] - context), min(vol.hu.shape[0], ks[-1] + 1 + context)
         for k in range(lo, hi):
-            img, to_img = _canonical_image(vol, k)
+            img, to_img = canonical_image(vol, k)
             rgb = hu_to_rgb8(img, HU_WINDOWS)
             stem = f"{tag}_slice-{k:03d}"
             Image.fromarray(rgb).save(img_dir / f"{stem}.png")

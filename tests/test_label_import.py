@@ -353,7 +353,7 @@ def test_real_series_hand_labels_round_trip_and_the_face_pre_labels_fit(tmp_path
         rows, back = {}, {}
         for stem in stems:
             k = int(stem.rsplit("-", 1)[1])
-            img, to_img = le._canonical_image(vol, k)
+            img, to_img = le.canonical_image(vol, k)
             h, w = img.shape
             rows[stem] = []
             for c, i0, j0, i1, j1 in labels.slices.get(k, []):

@@ -32,6 +32,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from pipeline import detector, detector_data, dicom_io
+from pipeline.label_export import canonical_image
 from pipeline.real_labels import detection_report, load_labels, yolo_dataset
 
 #: score down to which boxes are looked for when explaining a missed labelled box ("weak")
@@ -59,9 +60,7 @@ def _labelled_hu(root: Path, labels: Any) -> np.ndarray:
     vol = dicom_io.load_series(ref).volume
     if labels.info.get("frame") != "detector view":
         return vol.hu
-    from pipeline.label_export import _canonical_image
-
-    return np.stack([_canonical_image(vol, k)[0] for k in range(vol.hu.shape[0])])
+    return np.stack([canonical_image(vol, k)[0] for k in range(vol.hu.shape[0])])
 
 
 class Command(BaseCommand):
