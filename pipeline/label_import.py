@@ -191,22 +191,20 @@ def read_annotations(src: Path, classes: Sequence[str] = CLASSES) -> Annotations
     source = _Source(Path(src))
     try:
         m = source.members
-        root = _root_of(m, "obj.names")
-        if root is not None:
-            layout = "YOLO 1.1"
+        obj_names, data_yaml, classes_txt = (_root_of(m, f) for f in ("obj.names", "data.yaml", "classes.txt"))
+        if obj_names is not None:
+            root, layout = obj_names, "YOLO 1.1"
             names = _name_lines(source.read(root + "obj.names"))
             pattern = re.compile(re.escape(root) + r"obj_[^/]+_data/(?:.*/)?([^/]+)\.txt$")
-        elif _root_of(m, "data.yaml") is None and _root_of(m, "classes.txt") is not None:
-            root = _root_of(m, "classes.txt")  # Label Studio's and labelImg's YOLO
-            layout = "YOLO with classes.txt"
+        elif data_yaml is None and classes_txt is not None:
+            root, layout = classes_txt, "YOLO with classes.txt"  # Label Studio's and labelImg's YOLO
             names = _name_lines(source.read(root + "classes.txt"))
             pattern = re.compile(re.escape(root) + r"labels/(?:.*/)?([^/]+)\.txt$")
         else:
-            root = _root_of(m, "data.yaml")
-            if root is None:
+            if data_yaml is None:
                 raise LabelImportError("not a YOLO export: found none of obj.names (YOLO 1.1), "
                                        "data.yaml (Ultralytics YOLO) or classes.txt")
-            layout = "Ultralytics YOLO"
+            root, layout = data_yaml, "Ultralytics YOLO"
             import yaml
 
             try:
@@ -284,7 +282,11 @@ class ImportSummary:
     changes: dict[str, dict[str, int]]
     missing_taken_as_empty: int = 0
     unused_names: list[str] = field(default_factory=list)
-    held_out: bool = True
+
+    @property
+    def held_out(self) -> bool:
+        """Whether some series are held out for validation (not ``--no-val``)."""
+        return bool(self.val_series)
 
     def as_dict(self) -> dict[str, Any]:
         return {"layout": self.layout, "train_series": self.train_series, "val_series": self.val_series,
@@ -292,15 +294,6 @@ class ImportSummary:
                 "changes_from_pre_labels": self.changes,
                 "images_without_annotation_file_taken_as_empty": self.missing_taken_as_empty,
                 "tool_labels_not_detector_classes": self.unused_names}
-
-
-def _read_rows(path: Path) -> list[Row]:
-    out = []
-    for line in path.read_text().splitlines():
-        p = line.split()
-        if len(p) == 5:
-            out.append((int(p[0]), *(float(v) for v in p[1:])))  # type: ignore[misc]
-    return out
 
 
 def _corners(r: Row) -> tuple[float, float, float, float]:
@@ -362,6 +355,7 @@ def import_labels(export_dir: Path, annotations: Annotations, out_dir: Path, *,
     boxes = {sp: {c: 0 for c in CLASSES} for sp in splits}
     counts = {sp: 0 for sp in splits}
     changes = {c: {"kept": 0, "adjusted": 0, "added": 0, "removed": 0} for c in CLASSES}
+    same = {i: i for i in range(len(CLASSES))}  # the export's class numbers are ours
     with atomic_dir(out_dir) as tmp:
         for sp in splits:
             (tmp / "images" / sp).mkdir(parents=True)
@@ -376,7 +370,9 @@ def import_labels(export_dir: Path, annotations: Annotations, out_dir: Path, *,
             for r in rows:
                 boxes[sp][CLASSES[r[0]]] += 1
             pre = pre_dir / f"{stem}.txt"
-            _changes(_read_rows(pre) if pre.is_file() else [], rows, changes)
+            # the pre-labels are the export's own rows, in our class numbers
+            ours = _parse_rows(pre.read_text(), stem, len(CLASSES), same, CLASSES) if pre.is_file() else []
+            _changes(ours, rows, changes)
         _write_real_labels(tmp / "real-labels", images, annotations, series_of, annotations.layout)
         val_dir = "images/val" if val else "images/train"
         (tmp / "data.yaml").write_text("\n".join(
@@ -384,7 +380,7 @@ def import_labels(export_dir: Path, annotations: Annotations, out_dir: Path, *,
              f"test: {val_dir}", "names:"] + [f"  {i}: {n}" for i, n in enumerate(CLASSES)]) + "\n")
         summary = ImportSummary(layout=annotations.layout, train_series=train, val_series=val, images=counts,
                                 boxes=boxes, changes=changes, missing_taken_as_empty=len(missing),
-                                unused_names=annotations.unused_names, held_out=bool(val))
+                                unused_names=annotations.unused_names)
         (tmp / "split.json").write_text(json.dumps(summary.as_dict(), indent=1) + "\n")
         (tmp / "README.txt").write_text(
             "Corrected CT slice labels for the facial-feature detector (deidstudy manage.py label_import).\n\n"
